@@ -1,0 +1,53 @@
+# kiln — top-level tasks. `make demo` and `make test` do all set-up on a fresh Debian/Ubuntu host.
+SHELL := /bin/bash
+CARGO ?= cargo
+DATA_DIR ?= $(CURDIR)/.kiln-data
+AGENT_TARGET := x86_64-unknown-linux-gnu
+AGENT_BIN := target/$(AGENT_TARGET)/agent/kiln-agent
+KILN := target/release/kiln
+export KILN_DATA_DIR := $(DATA_DIR)
+
+.PHONY: all deps build agent images image-tiny image-base demo test test-unit test-integration bench lint fmt clean
+
+all: build
+
+deps:
+	@bash scripts/install-deps.sh
+
+agent:
+	@echo "==> building the static guest agent"
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build -p kiln-agent --profile agent --target $(AGENT_TARGET)
+
+build: agent
+	@echo "==> building kiln"
+	$(CARGO) build --release -p kiln-cli
+
+image-tiny: build
+	$(KILN) image build tiny --agent $(AGENT_BIN)
+
+image-base: build
+	$(KILN) image build base --agent $(AGENT_BIN)
+
+images: image-tiny image-base
+
+demo: deps images
+	@bash scripts/demo.sh
+
+test: deps images
+	@bash scripts/test.sh
+
+test-unit:
+	$(CARGO) test --workspace --lib --bins
+
+bench: deps image-tiny
+	@bash bench/run.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean

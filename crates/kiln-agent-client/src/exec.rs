@@ -1,0 +1,206 @@
+//! Running processes in the guest.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use kiln_proto::{Event, ExecRequest, ExitStatus, FrameKind, Request, Response, DATA_CHUNK};
+
+use crate::conn::StreamRx;
+use crate::{parse_response, unexpected, AgentClient, AgentError, REQUEST_TIMEOUT};
+
+/// Something that happened to a running process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    /// The process was spawned; it leads its own process group.
+    Started {
+        pid: u32,
+    },
+    Stdout(Bytes),
+    Stderr(Bytes),
+    /// The process ended and its output is complete; always the last event.
+    Exit(ExitStatus),
+}
+
+/// Everything a finished process printed, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub status: ExitStatus,
+}
+
+impl ExecOutput {
+    pub fn stdout_lossy(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    pub fn stderr_lossy(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+/// A running process. Dropping the handle leaves the process running; its output is discarded.
+pub struct ExecHandle {
+    client: AgentClient,
+    stream: StreamRx,
+    pid: u32,
+    started_pending: bool,
+    finished: bool,
+    error: Option<AgentError>,
+    stdin_sent: AtomicU64,
+}
+
+impl AgentClient {
+    /// Starts a process; returns once the guest has spawned it (spawn failures are `Err`).
+    pub async fn exec(&self, req: ExecRequest) -> Result<ExecHandle, AgentError> {
+        let mut stream = self.conn.request(&Request::Exec(req)).await?;
+        let first = tokio::time::timeout(REQUEST_TIMEOUT, stream.recv())
+            .await
+            .map_err(|_| {
+                AgentError::timeout("the guest agent to start the process", REQUEST_TIMEOUT)
+            })?
+            .ok_or(AgentError::Disconnected)?;
+        let pid = match first.kind {
+            FrameKind::Event => match first.json::<Event>() {
+                Ok(Event::Started { pid }) => pid,
+                other => {
+                    return Err(AgentError::Protocol(format!(
+                        "unexpected first exec event: {other:?}"
+                    )))
+                }
+            },
+            FrameKind::Response => {
+                let resp = parse_response(&first)?;
+                return Err(unexpected("exec", &resp));
+            }
+            kind => {
+                return Err(AgentError::Protocol(format!(
+                    "unexpected first exec frame: {kind:?}"
+                )))
+            }
+        };
+        Ok(ExecHandle {
+            client: self.clone(),
+            stream,
+            pid,
+            started_pending: true,
+            finished: false,
+            error: None,
+            stdin_sent: AtomicU64::new(0),
+        })
+    }
+
+    /// Runs a process to completion and collects its output. If `req.stdin` is set, stdin is
+    /// closed right away.
+    pub async fn exec_collect(&self, req: ExecRequest) -> Result<ExecOutput, AgentError> {
+        let stdin = req.stdin;
+        let handle = self.exec(req).await?;
+        if stdin {
+            handle.close_stdin().await?;
+        }
+        handle.collect().await
+    }
+}
+
+impl ExecHandle {
+    /// The process id (also its process group id) in the guest.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The next event; `None` after `Exit`, or if the stream ended early (see [`error`](Self::error)).
+    pub async fn next_event(&mut self) -> Option<ExecEvent> {
+        if std::mem::take(&mut self.started_pending) {
+            return Some(ExecEvent::Started { pid: self.pid });
+        }
+        while !self.finished {
+            let Some(frame) = self.stream.recv().await else {
+                self.fail(AgentError::Disconnected);
+                break;
+            };
+            match frame.kind {
+                FrameKind::Stdout => return Some(ExecEvent::Stdout(Bytes::from(frame.payload))),
+                FrameKind::Stderr => return Some(ExecEvent::Stderr(Bytes::from(frame.payload))),
+                FrameKind::Response => {
+                    self.finished = true;
+                    match parse_response(&frame) {
+                        Ok(Response::Exit(status)) => return Some(ExecEvent::Exit(status)),
+                        Ok(other) => self.error = Some(unexpected("exec", &other)),
+                        Err(e) => self.error = Some(e),
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// Why the event stream ended without `Exit`, if it did.
+    pub fn error(&self) -> Option<&AgentError> {
+        self.error.as_ref()
+    }
+
+    /// Sends bytes to the process's stdin (the request must have had `stdin: true`). Waits
+    /// while the guest holds too much unconsumed input; bytes for a process that has already
+    /// exited are discarded.
+    pub async fn write_stdin(&self, data: Bytes) -> Result<(), AgentError> {
+        for chunk in data.chunks(DATA_CHUNK) {
+            let len = chunk.len() as u64;
+            let sent = self.stdin_sent.fetch_add(len, Ordering::SeqCst);
+            if !self.stream.window.reserve(sent, len).await {
+                return if self.client.is_connected() {
+                    Ok(())
+                } else {
+                    Err(AgentError::Disconnected)
+                };
+            }
+            self.send(FrameKind::Stdin, chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the process's stdin, so it reads EOF.
+    pub async fn close_stdin(&self) -> Result<(), AgentError> {
+        self.send(FrameKind::StdinClose, &[]).await
+    }
+
+    /// Kills the process's whole process group (SIGKILL); `Exit` still follows.
+    pub async fn cancel(&self) -> Result<(), AgentError> {
+        self.send(FrameKind::Cancel, &[]).await
+    }
+
+    /// Waits for the process to end, collecting its output.
+    pub async fn collect(mut self) -> Result<ExecOutput, AgentError> {
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        while let Some(event) = self.next_event().await {
+            match event {
+                ExecEvent::Started { .. } => {}
+                ExecEvent::Stdout(b) => stdout.extend_from_slice(&b),
+                ExecEvent::Stderr(b) => stderr.extend_from_slice(&b),
+                ExecEvent::Exit(status) => {
+                    return Ok(ExecOutput {
+                        stdout,
+                        stderr,
+                        status,
+                    })
+                }
+            }
+        }
+        Err(self.error.take().unwrap_or(AgentError::Disconnected))
+    }
+
+    async fn send(&self, kind: FrameKind, payload: &[u8]) -> Result<(), AgentError> {
+        if self.finished {
+            return Ok(());
+        }
+        self.client
+            .conn
+            .send_frame(kind, self.stream.id, payload)
+            .await
+    }
+
+    fn fail(&mut self, err: AgentError) {
+        self.finished = true;
+        self.error.get_or_insert(err);
+    }
+}

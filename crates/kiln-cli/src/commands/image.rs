@@ -1,0 +1,148 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_image::{BuildOptions, BuildProgress, ImageStore};
+
+use crate::output::{confirm, human_bytes, table};
+use crate::Cli;
+
+#[derive(Subcommand)]
+pub enum ImageCmd {
+    /// Build a guest image: `tiny` (busybox, seconds) or `base` (Debian bookworm with python3, minutes).
+    Build {
+        name: String,
+        /// The static guest agent binary (default: found beside `kiln`, or KILN_AGENT_BIN).
+        #[arg(long, env = "KILN_AGENT_BIN")]
+        agent: Option<PathBuf>,
+        /// Rebuild even if the image exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List built images.
+    #[command(alias = "ls")]
+    List,
+    /// Remove an image.
+    Rm {
+        name: String,
+        #[arg(short = 'y', long)]
+        yes: bool,
+    },
+}
+
+struct Spinner(ProgressBar);
+
+impl BuildProgress for Spinner {
+    fn step(&self, msg: &str) {
+        self.0.println(format!("==> {msg}"));
+        self.0.set_message(msg.to_string());
+    }
+    fn detail(&self, msg: &str) {
+        self.0.set_message(msg.to_string());
+    }
+}
+
+/// The agent binary: built by `make agent` into the cargo target dir, or installed beside `kiln`.
+fn find_agent() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    let candidates = [
+        dir.join("kiln-agent"),
+        dir.join("../x86_64-unknown-linux-gnu/agent/kiln-agent"),
+        dir.join("../../x86_64-unknown-linux-gnu/agent/kiln-agent"),
+    ];
+    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+        anyhow::anyhow!(
+            "cannot find the guest agent binary (looked beside {}); build it with `make agent` or pass --agent PATH",
+            exe.display()
+        )
+    })
+}
+
+fn image_json(i: &kiln_image::ImageInfo) -> serde_json::Value {
+    serde_json::json!({
+        "name": i.name,
+        "dir": i.dir,
+        "disk_usage_bytes": i.disk_usage_bytes,
+        "manifest": serde_json::to_value(&i.manifest).unwrap_or_default(),
+    })
+}
+
+pub async fn run(cli: &Cli, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
+    let data = cli.data_dir();
+    let store = ImageStore::new(data.join("images"), data.join("cache"));
+    match cmd {
+        ImageCmd::Build { name, agent, force } => {
+            let agent_bin = match agent {
+                Some(p) => p.clone(),
+                None => find_agent()?,
+            };
+            let opts = BuildOptions {
+                agent_bin,
+                force: *force,
+                rootfs_size_mib: None,
+            };
+            let name = name.clone();
+            let started = std::time::Instant::now();
+            let info = tokio::task::spawn_blocking(move || {
+                let pb = ProgressBar::new_spinner();
+                pb.set_style(
+                    ProgressStyle::with_template("{spinner} [{elapsed}] {msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                );
+                pb.enable_steady_tick(Duration::from_millis(120));
+                let spinner = Spinner(pb);
+                let res = store.build(&name, &opts, &spinner);
+                spinner.0.finish_and_clear();
+                res
+            })
+            .await??;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&image_json(&info))?);
+            } else {
+                println!(
+                    "built image {} in {:.1} s ({} rootfs, kernel {})",
+                    info.name,
+                    started.elapsed().as_secs_f64(),
+                    human_bytes(info.manifest.rootfs_size_bytes),
+                    info.manifest.kernel_version
+                );
+            }
+        }
+        ImageCmd::List => {
+            let list = store.list()?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list.iter().map(image_json).collect::<Vec<_>>())?
+                );
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.name.clone(),
+                            i.manifest.kernel_version.clone(),
+                            human_bytes(i.manifest.rootfs_size_bytes),
+                            human_bytes(i.disk_usage_bytes),
+                            i.manifest.created_at.to_rfc3339(),
+                        ]
+                    })
+                    .collect();
+                table(&["NAME", "KERNEL", "ROOTFS", "ON DISK", "CREATED"], &rows);
+            }
+        }
+        ImageCmd::Rm { name, yes } => {
+            if !confirm(&format!("remove image {name}?"), *yes)? {
+                return Ok(ExitCode::from(1));
+            }
+            store.remove(name)?;
+            if !cli.json {
+                println!("removed image {name}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

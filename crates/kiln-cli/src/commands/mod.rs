@@ -1,0 +1,5 @@
+pub mod exec;
+pub mod files;
+pub mod image;
+pub mod sandbox;
+pub mod serve;

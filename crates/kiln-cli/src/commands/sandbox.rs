@@ -1,0 +1,244 @@
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use hyper::Method;
+use serde_json::{json, Value};
+
+use crate::client::encode;
+use crate::output::{confirm, human_bytes, print_json_or, table};
+use crate::Cli;
+
+#[derive(Subcommand)]
+pub enum SandboxCmd {
+    /// Create a sandbox and wait until it answers.
+    Create(CreateArgs),
+    /// List sandboxes.
+    #[command(alias = "ls")]
+    List {
+        /// Only sandboxes with this label (KEY=VALUE); repeatable.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+    },
+    /// Show one sandbox.
+    Inspect { sandbox: String },
+    /// Delete sandboxes and free their resources.
+    #[command(alias = "rm")]
+    Delete {
+        #[arg(required = true)]
+        sandboxes: Vec<String>,
+        /// Do not ask for confirmation.
+        #[arg(short = 'y', long)]
+        yes: bool,
+    },
+    /// Print a sandbox's serial console log.
+    Logs { sandbox: String },
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    #[arg(long, short = 't')]
+    template: Option<String>,
+    #[arg(long, short = 'n')]
+    name: Option<String>,
+    /// Guest RAM in MiB.
+    #[arg(long)]
+    memory: Option<u64>,
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Disk size in GiB.
+    #[arg(long)]
+    disk_size: Option<u64>,
+    /// Environment for every command (KEY=VALUE); repeatable.
+    #[arg(long = "env", short = 'e')]
+    env: Vec<String>,
+    /// Label (KEY=VALUE); repeatable.
+    #[arg(long = "label", short = 'l')]
+    labels: Vec<String>,
+    /// Forward a host loopback port to the guest (HOST:GUEST); repeatable.
+    #[arg(long = "port", short = 'p')]
+    ports: Vec<String>,
+}
+
+fn key_values(items: &[String], what: &str) -> anyhow::Result<serde_json::Map<String, Value>> {
+    let mut m = serde_json::Map::new();
+    for item in items {
+        let (k, v) = item
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("{what} '{item}' must look like KEY=VALUE"))?;
+        m.insert(k.to_string(), Value::String(v.to_string()));
+    }
+    Ok(m)
+}
+
+pub fn summary_row(s: &Value) -> Vec<String> {
+    vec![
+        s["id"].as_str().unwrap_or("").to_string(),
+        s["name"].as_str().unwrap_or("").to_string(),
+        s["state"].as_str().unwrap_or("").to_string(),
+        s["template"].as_str().unwrap_or("").to_string(),
+        format!("{} MiB", s["memory_mib"]),
+        s["cpus"].to_string(),
+        s["created_at"].as_str().unwrap_or("").to_string(),
+    ]
+}
+
+pub const SUMMARY_HEADERS: [&str; 7] = [
+    "ID", "NAME", "STATE", "TEMPLATE", "MEMORY", "CPUS", "CREATED",
+];
+
+pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
+    let client = cli.client()?;
+    match cmd {
+        SandboxCmd::Create(a) => {
+            let mut body = json!({
+                "env": key_values(&a.env, "--env")?,
+                "labels": key_values(&a.labels, "--label")?,
+            });
+            if let Some(t) = &a.template {
+                body["template"] = json!(t);
+            }
+            if let Some(n) = &a.name {
+                body["name"] = json!(n);
+            }
+            if let Some(m) = a.memory {
+                body["memory_mib"] = json!(m);
+            }
+            if let Some(c) = a.cpus {
+                body["cpus"] = json!(c);
+            }
+            if let Some(d) = a.disk_size {
+                body["disk_size_gib"] = json!(d);
+            }
+            let mut ports = Vec::new();
+            for p in &a.ports {
+                let (h, g) = p
+                    .split_once(':')
+                    .ok_or_else(|| anyhow::anyhow!("--port '{p}' must look like HOST:GUEST"))?;
+                ports.push(json!({"host": h.parse::<u16>()?, "guest": g.parse::<u16>()?}));
+            }
+            body["ports"] = Value::Array(ports);
+            let sb: Value = client
+                .json(Method::POST, "/v1/sandboxes", Some(body))
+                .await?;
+            print_json_or(cli, &sb, || {
+                println!(
+                    "created sandbox {} ({})",
+                    sb["name"].as_str().unwrap_or(""),
+                    sb["id"].as_str().unwrap_or("")
+                );
+            });
+        }
+        SandboxCmd::List { labels } => {
+            let mut path = "/v1/sandboxes".to_string();
+            let q: Vec<String> = labels
+                .iter()
+                .map(|l| format!("label={}", encode(l)))
+                .collect();
+            if !q.is_empty() {
+                path = format!("{path}?{}", q.join("&"));
+            }
+            let list: Value = client.json(Method::GET, &path, None).await?;
+            print_json_or(cli, &list, || {
+                let rows: Vec<Vec<String>> = list
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(summary_row)
+                    .collect();
+                table(&SUMMARY_HEADERS, &rows);
+            });
+        }
+        SandboxCmd::Inspect { sandbox } => {
+            let s: Value = client
+                .json(
+                    Method::GET,
+                    &format!("/v1/sandboxes/{}", encode(sandbox)),
+                    None,
+                )
+                .await?;
+            print_json_or(cli, &s, || {
+                for key in [
+                    "id",
+                    "name",
+                    "state",
+                    "template",
+                    "hostname",
+                    "mac",
+                    "accel",
+                    "pid",
+                    "created_at",
+                    "updated_at",
+                ] {
+                    println!(
+                        "{:<12} {}",
+                        format!("{key}:"),
+                        s[key]
+                            .as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| s[key].to_string())
+                    );
+                }
+                println!(
+                    "{:<12} {} MiB, {} vCPU, disk {}",
+                    "resources:",
+                    s["memory_mib"],
+                    s["cpus"],
+                    human_bytes(s["disk_size_bytes"].as_u64().unwrap_or(0))
+                );
+                for (k, label) in [("labels", "labels:"), ("env", "env:")] {
+                    if let Some(m) = s[k].as_object().filter(|m| !m.is_empty()) {
+                        let parts: Vec<String> = m
+                            .iter()
+                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                            .collect();
+                        println!("{label:<12} {}", parts.join(", "));
+                    }
+                }
+                if let Some(e) = s["error"].as_str() {
+                    println!("error:\n{e}");
+                }
+            });
+        }
+        SandboxCmd::Delete { sandboxes, yes } => {
+            if !confirm(
+                &format!(
+                    "delete {} sandbox(es): {}?",
+                    sandboxes.len(),
+                    sandboxes.join(", ")
+                ),
+                *yes,
+            )? {
+                return Ok(ExitCode::from(1));
+            }
+            for sb in sandboxes {
+                client
+                    .call(
+                        Method::DELETE,
+                        &format!("/v1/sandboxes/{}", encode(sb)),
+                        None,
+                        crate::client::empty(),
+                    )
+                    .await?;
+                if !cli.json {
+                    println!("deleted {sb}");
+                }
+            }
+        }
+        SandboxCmd::Logs { sandbox } => {
+            let resp = client
+                .call(
+                    Method::GET,
+                    &format!("/v1/sandboxes/{}/logs", encode(sandbox)),
+                    None,
+                    crate::client::empty(),
+                )
+                .await?;
+            let bytes = http_body_util::BodyExt::collect(resp.into_body())
+                .await?
+                .to_bytes();
+            print!("{}", String::from_utf8_lossy(&bytes));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

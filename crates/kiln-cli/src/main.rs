@@ -1,0 +1,132 @@
+//! `kiln`: the daemon (`kiln serve`) and its command-line client.
+
+mod client;
+mod commands;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::client::{Client, Target};
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Self-hosted microVM sandboxes with snapshots, restore and fork"
+)]
+pub struct Cli {
+    /// The daemon's unix socket (default: kiln.sock in the data directory).
+    #[arg(long, global = true, env = "KILN_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Reach the daemon over TCP instead (HOST:PORT); needs --token or KILN_TOKEN.
+    #[arg(long, global = true, env = "KILN_URL")]
+    url: Option<String>,
+    #[arg(long, global = true, env = "KILN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// kiln's data directory (state database, images, sandboxes).
+    #[arg(long, global = true, env = "KILN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the kiln daemon.
+    Serve(commands::serve::ServeArgs),
+    /// Create, list, inspect and delete sandboxes.
+    #[command(subcommand, alias = "sb")]
+    Sandbox(commands::sandbox::SandboxCmd),
+    /// Run a command in a sandbox: `kiln exec SANDBOX -- CMD...` (exits with the command's exit code).
+    Exec(commands::exec::ExecArgs),
+    /// Move files in and out of a sandbox.
+    #[command(subcommand)]
+    Files(commands::files::FilesCmd),
+    /// Copy a file: `kiln cp LOCAL SANDBOX:/path` or `kiln cp SANDBOX:/path LOCAL`.
+    Cp(commands::files::CpArgs),
+    /// Build, list and remove guest images (templates). Runs locally, not through the daemon.
+    #[command(subcommand)]
+    Image(commands::image::ImageCmd),
+    /// Show the daemon's version and accelerator.
+    Info,
+}
+
+impl Cli {
+    fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(kiln_core::config::default_data_dir)
+    }
+
+    fn client(&self) -> anyhow::Result<Client> {
+        if let Some(url) = &self.url {
+            let addr = url
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_string();
+            let token = self.token.clone().ok_or_else(|| {
+                anyhow::anyhow!("--url needs a token: pass --token or set KILN_TOKEN")
+            })?;
+            return Ok(Client::new(Target::Tcp { addr, token }));
+        }
+        let socket = self
+            .socket
+            .clone()
+            .unwrap_or_else(|| kiln_core::config::default_socket_for(&self.data_dir()));
+        Ok(Client::new(Target::Unix(socket)))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Serve(args) => commands::serve::run(&cli, args).await,
+        Command::Sandbox(cmd) => commands::sandbox::run(&cli, cmd).await,
+        Command::Exec(args) => commands::exec::run(&cli, args).await,
+        Command::Files(cmd) => commands::files::run(&cli, cmd).await,
+        Command::Cp(args) => commands::files::cp(&cli, args).await,
+        Command::Image(cmd) => commands::image::run(&cli, cmd).await,
+        Command::Info => {
+            let v: serde_json::Value = cli
+                .client()?
+                .json(hyper::Method::GET, "/v1/info", None)
+                .await?;
+            output::print_json_or(&cli, &v, || {
+                println!("kiln daemon {}", v["version"].as_str().unwrap_or("?"));
+                println!(
+                    "accelerator: {} ({})",
+                    v["accel"].as_str().unwrap_or("?"),
+                    v["accel_reason"].as_str().unwrap_or("")
+                );
+                println!("data dir:    {}", v["data_dir"].as_str().unwrap_or("?"));
+            });
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

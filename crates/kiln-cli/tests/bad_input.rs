@@ -1,0 +1,339 @@
+//! Bad input gets a clear error with a stable code, and loses nothing.
+
+mod common;
+
+use common::{require_image, Daemon};
+use serde_json::json;
+
+fn expect_error(
+    d: &Daemon,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+    status: u16,
+    code: &str,
+) -> String {
+    let (got, v) = d.api(method, path, body);
+    assert_eq!(got, status, "{method} {path}: {v}");
+    assert_eq!(v["error"]["code"], code, "{method} {path}: {v}");
+    let msg = v["error"]["message"].as_str().unwrap_or("").to_string();
+    assert!(!msg.is_empty());
+    msg
+}
+
+#[test]
+fn requests_are_validated_before_anything_starts() {
+    require_image("tiny");
+    let d = Daemon::start();
+    expect_error(
+        &d,
+        "GET",
+        "/v1/sandboxes/nope",
+        None,
+        404,
+        "sandbox_not_found",
+    );
+    expect_error(
+        &d,
+        "DELETE",
+        "/v1/sandboxes/nope",
+        None,
+        404,
+        "sandbox_not_found",
+    );
+    expect_error(
+        &d,
+        "POST",
+        "/v1/sandboxes/nope/exec",
+        Some(json!({"argv": ["true"]})),
+        404,
+        "sandbox_not_found",
+    );
+    expect_error(
+        &d,
+        "GET",
+        "/v1/sandboxes/nope/files?path=/etc/hosts",
+        None,
+        404,
+        "sandbox_not_found",
+    );
+    let msg = expect_error(
+        &d,
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"name": "Bad Name"})),
+        400,
+        "invalid_request",
+    );
+    assert!(msg.contains("lowercase"), "{msg}");
+    expect_error(
+        &d,
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"name": "../etc"})),
+        400,
+        "invalid_request",
+    );
+    let msg = expect_error(
+        &d,
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"memory_mib": 1})),
+        400,
+        "invalid_request",
+    );
+    assert!(msg.contains("64 MiB to 65536 MiB"), "{msg}");
+    let msg = expect_error(
+        &d,
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"cpus": 0})),
+        400,
+        "invalid_request",
+    );
+    assert!(msg.contains("1 to 16"), "{msg}");
+    expect_error(
+        &d,
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"cpus": 99})),
+        400,
+        "invalid_request",
+    );
+    expect_error(
+        &d,
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"disk_size_gib": 0})),
+        400,
+        "invalid_request",
+    );
+    expect_error(
+        &d,
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"env": {"1X": "y"}})),
+        400,
+        "invalid_request",
+    );
+    let msg = expect_error(
+        &d,
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"template": "nosuch"})),
+        404,
+        "image_not_found",
+    );
+    assert!(msg.contains("kiln image build nosuch"), "{msg}");
+    expect_error(
+        &d,
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"template": "../../etc"})),
+        400,
+        "invalid_request",
+    );
+    expect_error(
+        &d,
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"memory_mib": "lots"})),
+        400,
+        "invalid_request",
+    );
+    expect_error(
+        &d,
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"unknown_field": 1})),
+        400,
+        "invalid_request",
+    );
+    let (status, body) = d.http(
+        "POST",
+        "/v1/sandboxes",
+        Some(b"{not json"),
+        "application/json",
+    );
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    expect_error(&d, "GET", "/v1/nothing-here", None, 404, "route_not_found");
+    // Nothing was created by any of that.
+    let (_, list) = d.api("GET", "/v1/sandboxes", None);
+    assert_eq!(list.as_array().map(Vec::len), Some(0));
+    assert!(d.qemu_pids().is_empty());
+
+    // With one sandbox: duplicate names, bad exec bodies, relative guest paths.
+    d.create(&["--name", "one"]);
+    expect_error(
+        &d,
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"name": "one"})),
+        409,
+        "sandbox_name_taken",
+    );
+    expect_error(
+        &d,
+        "POST",
+        "/v1/sandboxes/one/exec",
+        Some(json!({})),
+        400,
+        "invalid_request",
+    );
+    expect_error(
+        &d,
+        "POST",
+        "/v1/sandboxes/one/exec",
+        Some(json!({"argv": ["a"], "cmd": "b"})),
+        400,
+        "invalid_request",
+    );
+    expect_error(
+        &d,
+        "POST",
+        "/v1/sandboxes/one/exec",
+        Some(json!({"argv": []})),
+        400,
+        "invalid_request",
+    );
+    expect_error(
+        &d,
+        "GET",
+        "/v1/sandboxes/one/files?path=etc/passwd",
+        None,
+        400,
+        "invalid_request",
+    );
+    expect_error(
+        &d,
+        "GET",
+        "/v1/sandboxes/one/files",
+        None,
+        400,
+        "invalid_request",
+    );
+    expect_error(
+        &d,
+        "PUT",
+        "/v1/sandboxes/one/files?path=/x&mode=99999",
+        None,
+        400,
+        "invalid_request",
+    );
+    // The CLI reports the code and exits non-zero.
+    let out = d.kiln(&["sandbox", "inspect", "ghost"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sandbox_not_found"));
+    // The sandbox is unharmed by all of the above.
+    assert_eq!(d.kiln_ok(&["exec", "one", "--", "echo", "fine"]), "fine\n");
+    d.kiln_ok(&["sandbox", "delete", "-y", "one"]);
+}
+
+#[test]
+fn qemu_dying_at_boot_marks_the_sandbox_failed_with_console_lines() {
+    require_image("tiny");
+    let d = Daemon::start();
+    // An image whose kernel cannot find its root filesystem: the guest kernel panics and QEMU exits.
+    let images = d.data_dir().join("images");
+    let real = std::fs::read_link(&images).unwrap();
+    std::fs::remove_file(&images).unwrap();
+    std::fs::create_dir(&images).unwrap();
+    std::os::unix::fs::symlink(real.join("tiny"), images.join("tiny")).unwrap();
+    let broken = images.join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    for f in std::fs::read_dir(real.join("tiny")).unwrap().flatten() {
+        std::fs::copy(f.path(), broken.join(f.file_name())).unwrap();
+    }
+    // Garbage initramfs: the kernel panics ("Unable to mount root fs" / bad initramfs).
+    std::fs::write(broken.join("initrd.img"), vec![0x5a; 4096]).unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(broken.join("image.json")).unwrap()).unwrap();
+    manifest["name"] = json!("broken");
+    std::fs::write(broken.join("image.json"), manifest.to_string()).unwrap();
+
+    let (status, v) = d.api(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"template": "broken", "name": "doomed"})),
+    );
+    assert_eq!(status, 500, "{v}");
+    assert_eq!(v["error"]["code"], "boot_failed", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("console"), "{msg}");
+    assert!(
+        msg.to_lowercase().contains("panic") || msg.contains("initramfs"),
+        "{msg}"
+    );
+    let (_, sb) = d.api("GET", "/v1/sandboxes/doomed", None);
+    assert_eq!(sb["state"], "failed");
+    assert!(sb["error"].as_str().unwrap().contains("console"));
+    assert!(d.qemu_pids().is_empty(), "QEMU left running");
+    d.kiln_ok(&["sandbox", "delete", "-y", "doomed"]);
+}
+
+#[test]
+fn a_boot_that_never_reaches_the_agent_times_out_with_console_lines() {
+    require_image("tiny");
+    let d = Daemon::start_with(&["--boot-timeout", "1"]);
+    let (status, v) = d.api("POST", "/v1/sandboxes", Some(json!({"name": "slow"})));
+    assert_eq!(status, 504, "{v}");
+    assert_eq!(v["error"]["code"], "timeout");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer within 1 s"),
+        "{v}"
+    );
+    let (_, sb) = d.api("GET", "/v1/sandboxes/slow", None);
+    assert_eq!(sb["state"], "failed");
+    assert!(
+        d.qemu_pids().is_empty(),
+        "QEMU left running after a boot timeout"
+    );
+}
+
+#[test]
+fn tcp_listener_requires_the_token() {
+    require_image("tiny");
+    let dir = tempfile::Builder::new()
+        .prefix("kt")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let tcp = Daemon::start_with(&["--listen", &addr, "--token-file", token.to_str().unwrap()]);
+    let get = |auth: Option<&str>| -> u16 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        let auth = auth
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            s,
+            "GET /v1/sandboxes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\r\n"
+        )
+        .unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    assert_eq!(get(None), 401);
+    assert_eq!(get(Some("wrong")), 401);
+    assert_eq!(get(Some("0123456789abcdef0123456789abcdef")), 200);
+    // The unix socket is private to its owner.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&tcp.socket).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // And the API describes itself.
+    let (status, doc) = tcp.api("GET", "/v1/openapi.json", None);
+    assert_eq!(status, 200);
+    assert!(doc["paths"]["/v1/sandboxes/{id}/exec"].is_object());
+}

@@ -1,0 +1,290 @@
+//! Test harness: a real `kiln serve` daemon in a temporary data directory, real QEMU VMs, and helpers to
+//! drive it through the CLI and the raw HTTP API.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+
+/// Built images shared by all tests (`make image-tiny` puts them in .kiln-data/images).
+pub fn images_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("KILN_TEST_IMAGES") {
+        return PathBuf::from(dir);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.kiln-data/images")
+}
+
+pub fn require_image(name: &str) {
+    let manifest = images_dir().join(name).join("image.json");
+    assert!(
+        manifest.is_file(),
+        "image '{name}' is not built ({} missing): run `make image-{name}` first",
+        manifest.display()
+    );
+}
+
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    child: Option<Child>,
+    extra_args: Vec<String>,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Daemon::start_with(&[])
+    }
+
+    pub fn start_with(extra_args: &[&str]) -> Daemon {
+        // Short paths: unix socket paths are limited to 107 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("kt")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        std::os::unix::fs::symlink(
+            images_dir().canonicalize().expect("images dir"),
+            dir.path().join("images"),
+        )
+        .expect("link images");
+        let socket = dir.path().join("kiln.sock");
+        let mut d = Daemon {
+            dir,
+            socket,
+            child: None,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        d.spawn();
+        d
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .expect("daemon log");
+        let child = Command::new(KILN)
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("serve")
+            .args(&self.extra_args)
+            .env("KILN_LOG", "info,kiln=debug")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn kiln serve");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("kiln serve exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not listen within 30 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Stops the daemon with SIGKILL (VMs survive) and starts it again.
+    pub fn restart_hard(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn();
+    }
+
+    /// Runs the CLI against this daemon.
+    pub fn kiln(&self, args: &[&str]) -> Output {
+        self.kiln_stdin(args, None)
+    }
+
+    pub fn kiln_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut child = Command::new(KILN)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run kiln");
+        if let Some(data) = stdin {
+            let mut pipe = child.stdin.take().expect("stdin");
+            let data = data.to_vec();
+            std::thread::spawn(move || {
+                let _ = pipe.write_all(&data);
+            });
+        }
+        child.wait_with_output().expect("kiln output")
+    }
+
+    /// Runs the CLI and asserts success; returns stdout.
+    pub fn kiln_ok(&self, args: &[&str]) -> String {
+        let out = self.kiln(args);
+        assert!(
+            out.status.success(),
+            "kiln {args:?} failed ({}):\nstdout: {}\nstderr: {}\ndaemon log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log(), 30)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Creates a sandbox through the CLI and returns its JSON.
+    pub fn create(&self, extra: &[&str]) -> Value {
+        let mut args = vec!["--json", "sandbox", "create"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&self.kiln_ok(&args)).expect("create JSON")
+    }
+
+    /// A raw HTTP request over the unix socket: (status, body bytes).
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        content_type: &str,
+    ) -> (u16, Vec<u8>) {
+        http_unix(&self.socket, method, path, body, content_type)
+    }
+
+    pub fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let bytes = body.map(|b| b.to_string().into_bytes());
+        let (status, resp) = self.http(method, path, bytes.as_deref(), "application/json");
+        let v = if resp.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&resp)
+                .unwrap_or(Value::String(String::from_utf8_lossy(&resp).into_owned()))
+        };
+        (status, v)
+    }
+
+    /// Pids of QEMU processes whose command line mentions this daemon's data directory.
+    pub fn qemu_pids(&self) -> Vec<u32> {
+        qemu_pids_under(self.dir.path())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for pid in self.qemu_pids() {
+            // SAFETY: plain kill(2).
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+pub fn qemu_pids_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.starts_with("qemu-system") && cmd.contains(&needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Minimal HTTP/1.1 over a unix socket (Connection: close), decoding chunked responses.
+pub fn http_unix(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    content_type: &str,
+) -> (u16, Vec<u8>) {
+    let mut s = UnixStream::connect(socket).expect("connect daemon");
+    let body = body.unwrap_or(b"");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: kiln\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("write");
+    s.write_all(body).expect("write body");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("header end");
+    let headers = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let status: u16 = headers
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    let mut rest = raw[split + 4..].to_vec();
+    if headers.contains("transfer-encoding: chunked") {
+        let mut out = Vec::new();
+        loop {
+            let nl = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .expect("chunk size");
+            let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..nl]).trim(), 16)
+                .expect("hex");
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[nl + 2..nl + 2 + size]);
+            rest = rest[nl + 2 + size + 2..].to_vec();
+        }
+        rest = out;
+    }
+    (status, rest)
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}

@@ -1,0 +1,92 @@
+//! Daemon configuration: where state lives, which accelerator to use, and limits.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kiln_vmm::Accel;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    /// `None` probes for KVM and falls back to TCG.
+    pub accel: Option<Accel>,
+    /// How long a cold boot may take before the agent must answer.
+    pub boot_timeout: Duration,
+    /// Sandboxes with a VM (running or paused) allowed at once.
+    pub max_sandboxes: usize,
+    /// Sum of guest RAM of all VMs, in MiB.
+    pub max_total_memory_mib: u64,
+    pub default_template: String,
+    pub default_memory_mib: u64,
+    pub default_cpus: u32,
+}
+
+impl Config {
+    pub fn new(data_dir: PathBuf) -> Config {
+        Config {
+            data_dir,
+            accel: None,
+            boot_timeout: Duration::from_secs(60),
+            max_sandboxes: 64,
+            max_total_memory_mib: host_memory_mib().saturating_mul(2),
+            default_template: "tiny".to_string(),
+            default_memory_mib: 256,
+            default_cpus: 1,
+        }
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("kiln.db")
+    }
+    pub fn images_dir(&self) -> PathBuf {
+        self.data_dir.join("images")
+    }
+    pub fn cache_dir(&self) -> PathBuf {
+        self.data_dir.join("cache")
+    }
+    pub fn sandboxes_dir(&self) -> PathBuf {
+        self.data_dir.join("sandboxes")
+    }
+    pub fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.sandboxes_dir().join(id)
+    }
+    pub fn default_socket(&self) -> PathBuf {
+        default_socket_for(&self.data_dir)
+    }
+}
+
+/// The data directory when none is given: `$KILN_DATA_DIR`, else `/var/lib/kiln` for root, else
+/// `$XDG_DATA_HOME/kiln` or `~/.local/share/kiln`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("KILN_DATA_DIR") {
+        return PathBuf::from(dir);
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/kiln");
+    }
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(xdg).join("kiln");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".local/share/kiln")
+}
+
+pub fn default_socket_for(data_dir: &Path) -> PathBuf {
+    data_dir.join("kiln.sock")
+}
+
+pub fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(4096)
+}

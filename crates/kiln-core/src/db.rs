@@ -1,0 +1,233 @@
+//! The state database (SQLite, WAL). One connection behind a mutex: every statement is short.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use crate::error::{Error, Result};
+use crate::model::{Sandbox, SandboxState};
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE sandboxes (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    template TEXT NOT NULL,
+    state TEXT NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    cpus INTEGER NOT NULL,
+    disk_size_bytes INTEGER NOT NULL,
+    env TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    ports TEXT NOT NULL,
+    hostname TEXT NOT NULL,
+    mac TEXT NOT NULL,
+    accel TEXT NOT NULL,
+    pid INTEGER,
+    error TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+"#];
+
+pub struct Db {
+    conn: Mutex<Connection>,
+}
+
+impl Db {
+    pub fn open(path: &Path) -> Result<Db> {
+        let conn = Connection::open(path).map_err(|e| {
+            Error::internal(format!(
+                "cannot open state database {}: {e}",
+                path.display()
+            ))
+        })?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let db = Db {
+            conn: Mutex::new(conn),
+        };
+        db.migrate()?;
+        Ok(db)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite itself inconsistent, so poisoning is ignored.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn migrate(&self) -> Result<()> {
+        let mut conn = self.lock();
+        let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > MIGRATIONS.len() {
+            return Err(Error::internal(format!(
+                "the state database has schema version {version}, newer than this kiln understands ({}); upgrade kiln",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", i + 1)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    pub fn insert_sandbox(&self, s: &Sandbox) -> Result<()> {
+        let conn = self.lock();
+        conn.execute(
+            "INSERT INTO sandboxes (id, name, template, state, memory_mib, cpus, disk_size_bytes, env, labels,
+               ports, hostname, mac, accel, pid, error, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+            params![
+                s.id,
+                s.name,
+                s.template,
+                s.state.as_str(),
+                s.memory_mib,
+                s.cpus,
+                s.disk_size_bytes,
+                to_json(&s.env),
+                to_json(&s.labels),
+                to_json(&s.ports),
+                s.hostname,
+                s.mac,
+                s.accel,
+                s.pid,
+                s.error,
+                s.created_at,
+                s.updated_at
+            ],
+        )
+        .map_err(|e| match e {
+            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                Error::new(
+                    crate::ErrorCode::SandboxNameTaken,
+                    format!("a sandbox named '{}' already exists; pick another name or delete it first", s.name),
+                )
+            }
+            other => other.into(),
+        })?;
+        Ok(())
+    }
+
+    /// Looks a sandbox up by id, then by name.
+    pub fn find_sandbox(&self, id_or_name: &str) -> Result<Option<Sandbox>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT * FROM sandboxes WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC LIMIT 1",
+        )?;
+        Ok(stmt.query_row([id_or_name], row_to_sandbox).optional()?)
+    }
+
+    pub fn list_sandboxes(&self) -> Result<Vec<Sandbox>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached("SELECT * FROM sandboxes ORDER BY created_at, id")?;
+        let rows = stmt.query_map([], row_to_sandbox)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    pub fn set_state(
+        &self,
+        id: &str,
+        state: SandboxState,
+        pid: Option<u32>,
+        error: Option<&str>,
+    ) -> Result<()> {
+        let conn = self.lock();
+        conn.execute(
+            "UPDATE sandboxes SET state = ?2, pid = ?3, error = ?4, updated_at = ?5 WHERE id = ?1",
+            params![id, state.as_str(), pid, error, crate::model::now_rfc3339()],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_sandbox(&self, id: &str) -> Result<()> {
+        self.lock()
+            .execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
+        Ok(())
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".to_string())
+}
+
+fn from_json<T: serde::de::DeserializeOwned + Default>(s: String) -> T {
+    serde_json::from_str(&s).unwrap_or_default()
+}
+
+fn row_to_sandbox(r: &Row<'_>) -> rusqlite::Result<Sandbox> {
+    let state: String = r.get("state")?;
+    Ok(Sandbox {
+        id: r.get("id")?,
+        name: r.get("name")?,
+        template: r.get("template")?,
+        // An unknown state (a row written by a newer kiln, or edited by hand) is reported as failed rather
+        // than crashing the daemon.
+        state: SandboxState::parse(&state).unwrap_or(SandboxState::Failed),
+        memory_mib: r.get("memory_mib")?,
+        cpus: r.get("cpus")?,
+        disk_size_bytes: r.get("disk_size_bytes")?,
+        env: from_json(r.get("env")?),
+        labels: from_json(r.get("labels")?),
+        ports: from_json(r.get("ports")?),
+        hostname: r.get("hostname")?,
+        mac: r.get("mac")?,
+        accel: r.get("accel")?,
+        pid: r.get("pid")?,
+        error: r.get("error")?,
+        created_at: r.get("created_at")?,
+        updated_at: r.get("updated_at")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(id: &str, name: &str) -> Sandbox {
+        Sandbox {
+            id: id.into(),
+            name: name.into(),
+            template: "tiny".into(),
+            state: SandboxState::Creating,
+            memory_mib: 256,
+            cpus: 1,
+            disk_size_bytes: 1 << 30,
+            env: [("A".to_string(), "1".to_string())].into(),
+            labels: Default::default(),
+            ports: vec![],
+            hostname: name.into(),
+            mac: "52:54:00:00:00:01".into(),
+            accel: "tcg".into(),
+            pid: None,
+            error: None,
+            created_at: crate::model::now_rfc3339(),
+            updated_at: crate::model::now_rfc3339(),
+        }
+    }
+
+    #[test]
+    fn insert_find_update_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("kiln.db")).unwrap();
+        db.insert_sandbox(&sample("sb-1", "one")).unwrap();
+        let err = db.insert_sandbox(&sample("sb-2", "one")).unwrap_err();
+        assert_eq!(err.code, crate::ErrorCode::SandboxNameTaken);
+        assert_eq!(db.find_sandbox("one").unwrap().unwrap().id, "sb-1");
+        assert_eq!(db.find_sandbox("sb-1").unwrap().unwrap().env["A"], "1");
+        db.set_state("sb-1", SandboxState::Running, Some(42), None)
+            .unwrap();
+        let s = db.find_sandbox("sb-1").unwrap().unwrap();
+        assert_eq!((s.state, s.pid), (SandboxState::Running, Some(42)));
+        db.delete_sandbox("sb-1").unwrap();
+        assert!(db.find_sandbox("sb-1").unwrap().is_none());
+        // Reopening runs no migration twice.
+        drop(db);
+        Db::open(&dir.path().join("kiln.db")).unwrap();
+    }
+}

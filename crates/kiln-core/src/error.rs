@@ -1,0 +1,122 @@
+//! Errors with stable machine-readable codes. The HTTP layer maps each code to a status; the message always
+//! says what went wrong and what to do about it.
+
+use std::fmt;
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidRequest,
+    SandboxNotFound,
+    SandboxNameTaken,
+    SandboxNotRunning,
+    SandboxBusy,
+    SnapshotNotFound,
+    SnapshotAlreadyExists,
+    ImageNotFound,
+    GuestPathNotFound,
+    GuestError,
+    CapacityExceeded,
+    BootFailed,
+    VmFailed,
+    Timeout,
+    AgentUnavailable,
+    Unauthorized,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::SandboxNotFound => "sandbox_not_found",
+            ErrorCode::SandboxNameTaken => "sandbox_name_taken",
+            ErrorCode::SandboxNotRunning => "sandbox_not_running",
+            ErrorCode::SandboxBusy => "sandbox_busy",
+            ErrorCode::SnapshotNotFound => "snapshot_not_found",
+            ErrorCode::SnapshotAlreadyExists => "snapshot_already_exists",
+            ErrorCode::ImageNotFound => "image_not_found",
+            ErrorCode::GuestPathNotFound => "guest_path_not_found",
+            ErrorCode::GuestError => "guest_error",
+            ErrorCode::CapacityExceeded => "capacity_exceeded",
+            ErrorCode::BootFailed => "boot_failed",
+            ErrorCode::VmFailed => "vm_failed",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::AgentUnavailable => "agent_unavailable",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// The HTTP status this error is reported with.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::InvalidRequest => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::SandboxNotFound
+            | ErrorCode::SnapshotNotFound
+            | ErrorCode::ImageNotFound
+            | ErrorCode::GuestPathNotFound => 404,
+            ErrorCode::SandboxNameTaken
+            | ErrorCode::SandboxNotRunning
+            | ErrorCode::SandboxBusy
+            | ErrorCode::SnapshotAlreadyExists => 409,
+            ErrorCode::CapacityExceeded => 429,
+            ErrorCode::GuestError | ErrorCode::AgentUnavailable => 502,
+            ErrorCode::Timeout => 504,
+            ErrorCode::BootFailed | ErrorCode::VmFailed | ErrorCode::Internal => 500,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Error {
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Error::new(ErrorCode::InvalidRequest, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Error::new(ErrorCode::Internal, message)
+    }
+    pub fn sandbox_not_found(id: &str) -> Self {
+        Error::new(
+            ErrorCode::SandboxNotFound,
+            format!(
+                "no sandbox has the id or name '{id}'; list sandboxes with `kiln sandbox list`"
+            ),
+        )
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Error::internal(format!("state database error: {e}"))
+    }
+}
+
+impl From<kiln_vmm::VmmError> for Error {
+    fn from(e: kiln_vmm::VmmError) -> Self {
+        Error::new(ErrorCode::VmFailed, e.to_string())
+    }
+}

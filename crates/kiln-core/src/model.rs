@@ -1,0 +1,138 @@
+//! The sandbox record as stored and as returned by the API.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxState {
+    /// Being created: disk prepared, VM booting, agent not yet answering.
+    Creating,
+    Running,
+    /// Frozen in memory (vCPUs stopped); no disk write.
+    Paused,
+    /// Hibernated to disk; no VM process.
+    Stopped,
+    /// The VM died or never came up; `error` says why. Delete it or look at its console log.
+    Failed,
+    Deleting,
+}
+
+impl SandboxState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Creating => "creating",
+            SandboxState::Running => "running",
+            SandboxState::Paused => "paused",
+            SandboxState::Stopped => "stopped",
+            SandboxState::Failed => "failed",
+            SandboxState::Deleting => "deleting",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "creating" => SandboxState::Creating,
+            "running" => SandboxState::Running,
+            "paused" => SandboxState::Paused,
+            "stopped" => SandboxState::Stopped,
+            "failed" => SandboxState::Failed,
+            "deleting" => SandboxState::Deleting,
+            _ => return None,
+        })
+    }
+
+    /// A VM process should exist in these states.
+    pub fn has_vm(self) -> bool {
+        matches!(self, SandboxState::Running | SandboxState::Paused)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PortMapping {
+    /// Port on the host's loopback interface.
+    pub host: u16,
+    /// Port inside the guest.
+    pub guest: u16,
+}
+
+impl std::str::FromStr for PortMapping {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            crate::Error::invalid(format!(
+                "invalid port mapping '{s}': use HOST:GUEST, e.g. 8080:80"
+            ))
+        };
+        let (h, g) = s.split_once(':').ok_or_else(bad)?;
+        let host: u16 = h.parse().map_err(|_| bad())?;
+        let guest: u16 = g.parse().map_err(|_| bad())?;
+        if host == 0 || guest == 0 {
+            return Err(bad());
+        }
+        Ok(PortMapping { host, guest })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Sandbox {
+    pub id: String,
+    pub name: String,
+    pub template: String,
+    pub state: SandboxState,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub disk_size_bytes: u64,
+    pub env: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    pub ports: Vec<PortMapping>,
+    pub hostname: String,
+    pub mac: String,
+    pub accel: String,
+    /// Pid of the QEMU process while the VM runs.
+    pub pid: Option<u32>,
+    /// Why the sandbox failed, with the last lines of its console.
+    pub error: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl Sandbox {
+    pub fn matches_labels(&self, filter: &BTreeMap<String, String>) -> bool {
+        filter.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
+}
+
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_mappings_parse() {
+        let p: PortMapping = "8080:80".parse().unwrap();
+        assert_eq!((p.host, p.guest), (8080, 80));
+        for bad in ["8080", "a:80", "0:80", "70000:1", ":"] {
+            assert!(bad.parse::<PortMapping>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn states_round_trip() {
+        for s in [
+            SandboxState::Creating,
+            SandboxState::Running,
+            SandboxState::Paused,
+            SandboxState::Stopped,
+            SandboxState::Failed,
+            SandboxState::Deleting,
+        ] {
+            assert_eq!(SandboxState::parse(s.as_str()), Some(s));
+        }
+    }
+}

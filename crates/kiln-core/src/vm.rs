@@ -1,0 +1,97 @@
+//! A running VM as the engine sees it: its QEMU process, its QMP socket and its guest agent connection.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kiln_agent_client::{AgentClient, AgentError};
+use kiln_vmm::Qmp;
+use tokio::sync::Mutex;
+
+use crate::error::{Error, ErrorCode, Result};
+
+pub struct Vm {
+    pub name: String,
+    pub run_dir: PathBuf,
+    pub pid: u32,
+    agent: Mutex<Option<AgentClient>>,
+}
+
+impl Vm {
+    pub fn new(name: String, run_dir: PathBuf, pid: u32, agent: Option<AgentClient>) -> Vm {
+        Vm {
+            name,
+            run_dir,
+            pid,
+            agent: Mutex::new(agent),
+        }
+    }
+
+    pub fn agent_socket(&self) -> PathBuf {
+        self.run_dir.join("agent.sock")
+    }
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.run_dir.join("qmp.sock")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.run_dir.join("console.log")
+    }
+
+    pub fn is_alive(&self) -> bool {
+        kiln_vmm::process::is_our_qemu(self.pid, &self.name)
+    }
+
+    /// The agent connection, reconnecting when it was lost (e.g. after a daemon restart).
+    pub async fn agent(&self, timeout: Duration) -> Result<AgentClient> {
+        let mut slot = self.agent.lock().await;
+        if let Some(client) = slot.as_ref() {
+            if client.is_connected() {
+                return Ok(client.clone());
+            }
+        }
+        if !self.is_alive() {
+            return Err(self.died_error());
+        }
+        let (client, _hello) = AgentClient::connect(&self.agent_socket(), timeout)
+            .await
+            .map_err(|e| agent_error(e, &self.name))?;
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    pub async fn qmp(&self) -> Result<Qmp> {
+        Ok(Qmp::connect(&self.qmp_socket(), Duration::from_secs(5)).await?)
+    }
+
+    pub fn died_error(&self) -> Error {
+        let tail = kiln_vmm::qemu::tail_lines(&self.console_log(), 15);
+        Error::new(
+            ErrorCode::VmFailed,
+            format!(
+                "the VM process of {} is gone (QEMU exited). Last console lines:\n{}",
+                self.name, tail
+            ),
+        )
+    }
+
+    pub async fn terminate(&self) {
+        *self.agent.lock().await = None;
+        kiln_vmm::process::terminate(self.pid, &self.name, Duration::from_secs(3)).await;
+    }
+}
+
+pub fn agent_error(e: AgentError, what: &str) -> Error {
+    match e {
+        AgentError::Guest { code, message } => {
+            let code = match code {
+                kiln_agent_client::ErrorCode::NotFound => ErrorCode::GuestPathNotFound,
+                _ => ErrorCode::GuestError,
+            };
+            Error::new(code, message)
+        }
+        AgentError::Timeout { .. } => Error::new(ErrorCode::Timeout, format!("{what}: {e}")),
+        other => Error::new(
+            ErrorCode::AgentUnavailable,
+            format!("the guest agent of {what} is not answering: {other}"),
+        ),
+    }
+}

@@ -1,0 +1,276 @@
+//! Building an image: kernel, initramfs and root filesystem are assembled in
+//! `<images_root>/.build-<name>-<pid>` and only renamed into place once complete.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::cmdline::CMDLINE_BASE;
+use crate::debootstrap;
+use crate::elf::Elf;
+use crate::error::{ImageError, IoContext, Result};
+use crate::initramfs::{write_initramfs, COMPRESSION};
+use crate::kernel::ensure_kernel;
+use crate::manifest::{
+    sha256_file, AgentInfo, FileDigest, ImageFiles, ImageManifest, FORMAT_VERSION, INITRD_FILE, KERNEL_FILE,
+    MANIFEST_FILE, ROOTFS_FILE,
+};
+use crate::modules::{ModuleTree, GUEST_MODULES};
+use crate::progress::BuildProgress;
+use crate::rootfs::{install_kiln_files, make_ext4, stage_tiny};
+use crate::tools::{self, BUSYBOX, MKFS_EXT4};
+use crate::BuildOptions;
+
+/// The images kiln knows how to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Template {
+    Tiny,
+    Base,
+}
+
+pub(crate) const TEMPLATES: &[(&str, &str)] = &[
+    ("tiny", "busybox and the kiln agent; builds in seconds, boots fastest"),
+    ("base", "Debian bookworm (minbase) with python3, bash and coreutils"),
+];
+
+impl Template {
+    pub(crate) fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "tiny" => Some(Template::Tiny),
+            "base" => Some(Template::Base),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Template::Tiny => "tiny",
+            Template::Base => "base",
+        }
+    }
+
+    fn description(self) -> &'static str {
+        TEMPLATES.iter().find(|(n, _)| *n == self.name()).map_or("", |(_, d)| d)
+    }
+
+    /// Enough free space for a sandbox to work in; the file is sparse, so unused space costs nothing.
+    fn default_size_mib(self) -> u64 {
+        match self {
+            Template::Tiny => 1024,
+            Template::Base => 4096,
+        }
+    }
+}
+
+/// Smallest root filesystem we accept: below this mkfs and the journal leave no room to work.
+const MIN_SIZE_MIB: u64 = 64;
+
+/// Removes the build directory unless the build succeeded and moved it away.
+struct BuildDir {
+    path: PathBuf,
+}
+
+impl Drop for BuildDir {
+    fn drop(&mut self) {
+        if self.path.exists() {
+            if let Err(e) = fs::remove_dir_all(&self.path) {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove build directory");
+            }
+        }
+    }
+}
+
+pub(crate) fn build(
+    images_root: &Path,
+    cache_root: &Path,
+    template: Template,
+    opts: &BuildOptions,
+    progress: &dyn BuildProgress,
+) -> Result<ImageManifest> {
+    let name = template.name();
+    let final_dir = images_root.join(name);
+    if final_dir.join(MANIFEST_FILE).is_file() && !opts.force {
+        return Err(ImageError::AlreadyExists { name: name.to_string(), dir: final_dir });
+    }
+    let size_mib = opts.rootfs_size_mib.unwrap_or(template.default_size_mib());
+    if size_mib < MIN_SIZE_MIB {
+        return Err(ImageError::Build(format!("a root filesystem of {size_mib} MiB is too small; use at least {MIN_SIZE_MIB} MiB")));
+    }
+
+    progress.step("Checking the host tools and the agent");
+    tools::find_tool(&MKFS_EXT4)?;
+    let (busybox_path, busybox) = host_busybox()?;
+    let agent = read_agent(&opts.agent_bin, template, progress)?;
+    let agent_version = agent_version(&opts.agent_bin);
+
+    progress.step("Fetching the guest kernel");
+    let kernel = ensure_kernel(cache_root, progress)?;
+
+    fs::create_dir_all(images_root).at("create", images_root)?;
+    remove_stale_builds(images_root);
+    let build_dir = BuildDir { path: images_root.join(format!(".build-{name}-{}", std::process::id())) };
+    let _ = fs::remove_dir_all(&build_dir.path);
+    fs::create_dir(&build_dir.path).at("create", &build_dir.path)?;
+    let dir = &build_dir.path;
+
+    fs::copy(&kernel.vmlinuz, dir.join(KERNEL_FILE)).at("copy", &kernel.vmlinuz)?;
+
+    progress.step("Building the initramfs");
+    let modules = ModuleTree::open(&kernel.modules_dir)?.resolve(GUEST_MODULES)?;
+    progress.detail(&format!("modules: {}", modules.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(" ")));
+    write_initramfs(&dir.join(INITRD_FILE), &busybox, &modules, COMPRESSION)?;
+
+    progress.step(match template {
+        Template::Tiny => "Assembling the busybox root filesystem",
+        Template::Base => "Assembling the Debian root filesystem",
+    });
+    let staging = dir.join("staging");
+    match template {
+        Template::Tiny => stage_tiny(&staging, &busybox_path, &busybox)?,
+        Template::Base => debootstrap::stage_base(&staging, cache_root, progress)?,
+    }
+    install_kiln_files(&staging, &busybox, &agent)?;
+
+    progress.step(&format!("Creating the {size_mib} MiB ext4 root filesystem"));
+    let uuid = uuid::Uuid::new_v4().to_string();
+    make_ext4(&staging, &dir.join(ROOTFS_FILE), size_mib << 20, &uuid)?;
+    fs::remove_dir_all(&staging).at("remove", &staging)?;
+
+    progress.step("Writing the manifest");
+    let manifest = ImageManifest {
+        format: FORMAT_VERSION,
+        name: name.to_string(),
+        description: template.description().to_string(),
+        kernel_version: kernel.info.release.clone(),
+        kernel_package: format!("{} {}", kernel.info.package, kernel.info.package_version),
+        cmdline_base: CMDLINE_BASE.to_string(),
+        rootfs_size_bytes: size_mib << 20,
+        rootfs_uuid: uuid,
+        agent: AgentInfo { version: agent_version, sha256: sha256_file(&opts.agent_bin)?.0 },
+        created_at: chrono::Utc::now(),
+        builder_version: env!("CARGO_PKG_VERSION").to_string(),
+        files: ImageFiles {
+            kernel: FileDigest::of(&dir.join(KERNEL_FILE))?,
+            initrd: FileDigest::of(&dir.join(INITRD_FILE))?,
+            rootfs: FileDigest::of(&dir.join(ROOTFS_FILE))?,
+        },
+    };
+    manifest.save(&dir.join(MANIFEST_FILE))?;
+
+    install(dir, &final_dir)?;
+    Ok(manifest)
+}
+
+/// Moves the finished build to `final_dir`. An existing image is swapped out atomically with
+/// renameat2(RENAME_EXCHANGE), so readers see either the old or the new image, never neither; the old
+/// one then sits at the build path and is removed with it.
+fn install(build_dir: &Path, final_dir: &Path) -> Result<()> {
+    match fs::rename(build_dir, final_dir) {
+        Ok(()) => return Ok(()),
+        // Renaming onto a non-empty directory fails; anything else is a real problem.
+        Err(e) if !matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST)) => {
+            return Err(ImageError::path("move the new image to", final_dir, e));
+        }
+        Err(_) => {}
+    }
+    let c_path = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+            .map_err(|_| ImageError::Build(format!("path {} contains a NUL byte", p.display())))
+    };
+    let (from, to) = (c_path(build_dir)?, c_path(final_dir)?);
+    // SAFETY: both pointers are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_EXCHANGE)
+    };
+    if rc != 0 {
+        return Err(ImageError::path("replace the old image at", final_dir, std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Deletes `.build-*` directories left behind by builds whose process is gone (crashed or killed).
+fn remove_stale_builds(images_root: &Path) {
+    let Ok(entries) = fs::read_dir(images_root) else { return };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(".build-")) else { continue };
+        let Some(pid) = rest.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!(path = %entry.path().display(), "removing leftover build directory");
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// The host's static busybox (from busybox-static): it runs in the initramfs and the tiny image, where
+/// there is no C library.
+fn host_busybox() -> Result<(PathBuf, Vec<u8>)> {
+    let path = ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| tools::is_executable(p))
+        .map_or_else(|| tools::find_tool(&BUSYBOX), Ok)?;
+    let data = fs::read(&path).at("read", &path)?;
+    let is_static = Elf::parse(&data).and_then(|elf| elf.is_static()).unwrap_or(false);
+    if !is_static {
+        return Err(ImageError::Build(format!(
+            "{} is not a statically linked busybox; install the static build with `apt-get install busybox-static`",
+            path.display()
+        )));
+    }
+    Ok((path, data))
+}
+
+/// Reads and checks the agent binary: an x86-64 executable, statically linked for the tiny image.
+fn read_agent(path: &Path, template: Template, progress: &dyn BuildProgress) -> Result<Vec<u8>> {
+    const HOW: &str = "build it with `RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build -p kiln-agent \
+                       --profile agent --target x86_64-unknown-linux-gnu`";
+    if !path.is_file() {
+        return Err(ImageError::Build(format!("the kiln agent binary {} does not exist; {HOW}", path.display())));
+    }
+    let data = fs::read(path).at("read the agent binary", path)?;
+    let elf = Elf::parse(&data)
+        .map_err(|e| ImageError::Build(format!("the agent {} is not a Linux executable ({e}); {HOW}", path.display())))?;
+    if elf.machine() != Some(62) {
+        return Err(ImageError::Build(format!("the agent {} is not an x86-64 executable; {HOW}", path.display())));
+    }
+    let is_static = elf.is_static().map_err(|e| ImageError::Build(format!("the agent {} is damaged: {e}", path.display())))?;
+    match (is_static, template) {
+        (true, _) => {}
+        (false, Template::Tiny) => {
+            return Err(ImageError::Build(format!(
+                "the agent {} is dynamically linked, but the tiny image has no C library; {HOW}",
+                path.display()
+            )))
+        }
+        (false, Template::Base) => progress.detail(
+            "warning: the agent is dynamically linked; it will only run if Debian bookworm's libraries suit it",
+        ),
+    }
+    Ok(data)
+}
+
+/// Asks the agent for its version (`--version`), giving up after two seconds: the manifest records it
+/// when available, but an agent that does not implement the flag must not stall the build.
+fn agent_version(path: &Path) -> Option<String> {
+    let mut child =
+        Command::new(path).arg("--version").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().ok()?;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    };
+    let mut out = String::new();
+    child.stdout.take()?.take(4096).read_to_string(&mut out).ok()?;
+    let line = out.lines().next()?.trim();
+    (status.success() && !line.is_empty() && line.len() <= 100).then(|| line.to_string())
+}

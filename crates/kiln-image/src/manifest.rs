@@ -1,0 +1,176 @@
+//! `image.json`: what an image is made of, written last so that its presence marks a complete image.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{ImageError, IoContext, Result};
+
+pub const MANIFEST_FILE: &str = "image.json";
+pub const KERNEL_FILE: &str = "vmlinuz";
+pub const INITRD_FILE: &str = "initrd.img";
+pub const ROOTFS_FILE: &str = "rootfs.img";
+
+/// Bumped when the layout of an image changes incompatibly.
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageManifest {
+    pub format: u32,
+    pub name: String,
+    pub description: String,
+    /// `uname -r` of the guest kernel.
+    pub kernel_version: String,
+    /// The Debian package the kernel came from, with its version.
+    pub kernel_package: String,
+    /// Kernel command line the host starts from; see [`crate::kernel_cmdline`].
+    pub cmdline_base: String,
+    /// Size of the ext4 filesystem in rootfs.img (the file is sparse, so it uses less disk).
+    pub rootfs_size_bytes: u64,
+    /// UUID of the root filesystem; identifies exactly which template an overlay was made from.
+    pub rootfs_uuid: String,
+    pub agent: AgentInfo,
+    pub created_at: DateTime<Utc>,
+    /// Version of kiln-image that built the image.
+    pub builder_version: String,
+    pub files: ImageFiles,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// First line of `kiln-agent --version`, when the agent answers it.
+    pub version: Option<String>,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageFiles {
+    pub kernel: FileDigest,
+    pub initrd: FileDigest,
+    pub rootfs: FileDigest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    pub file: String,
+    /// Apparent size in bytes.
+    pub size: u64,
+    pub sha256: String,
+}
+
+impl FileDigest {
+    pub(crate) fn of(path: &Path) -> Result<Self> {
+        let file = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let (sha256, size) = sha256_file(path)?;
+        Ok(FileDigest { file, size, sha256 })
+    }
+}
+
+impl ImageManifest {
+    pub fn load(name: &str, path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).at("read", path)?;
+        serde_json::from_slice(&bytes).map_err(|source| ImageError::Manifest {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    pub(crate) fn save(&self, path: &Path) -> Result<()> {
+        let mut json = serde_json::to_vec_pretty(self).map_err(|e| ImageError::io("cannot encode image.json", e.into()))?;
+        json.push(b'\n');
+        std::fs::write(path, json).at("write", path)
+    }
+}
+
+/// Hex SHA-256 and length of a file, streamed so multi-GiB root filesystems do not need memory.
+pub(crate) fn sha256_file(path: &Path) -> Result<(String, u64)> {
+    let mut file = std::fs::File::open(path).at("open", path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = file.read(&mut buf).at("read", path)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((hex::encode(hasher.finalize()), total))
+}
+
+/// A built image as listed by [`crate::ImageStore::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub name: String,
+    pub dir: PathBuf,
+    pub manifest: ImageManifest,
+    /// Space the image really occupies on the host (the root filesystem is sparse).
+    pub disk_usage_bytes: u64,
+}
+
+/// A built image, with the paths QEMU needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    pub name: String,
+    pub dir: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub rootfs: PathBuf,
+    pub manifest: ImageManifest,
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> ImageManifest {
+        let digest = |file: &str| FileDigest { file: file.into(), size: 3, sha256: "ab".repeat(32) };
+        ImageManifest {
+            format: FORMAT_VERSION,
+            name: "tiny".into(),
+            description: "busybox".into(),
+            kernel_version: "6.12.117+deb12-cloud-amd64".into(),
+            kernel_package: "linux-image-6.12.117+deb12-cloud-amd64 6.12.117-1~deb12u1".into(),
+            cmdline_base: "console=ttyS0".into(),
+            rootfs_size_bytes: 1 << 30,
+            rootfs_uuid: "2f7a0c52-8a43-4c36-a1c1-2a3c4d5e6f70".into(),
+            agent: AgentInfo { version: Some("kiln-agent 0.1.0".into()), sha256: "cd".repeat(32) },
+            created_at: DateTime::parse_from_rfc3339("2025-01-02T03:04:05Z").unwrap().with_timezone(&Utc),
+            builder_version: "0.1.0".into(),
+            files: ImageFiles { kernel: digest("vmlinuz"), initrd: digest("initrd.img"), rootfs: digest("rootfs.img") },
+        }
+    }
+
+    #[test]
+    fn manifest_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(MANIFEST_FILE);
+        let manifest = sample();
+        manifest.save(&path).unwrap();
+        assert_eq!(ImageManifest::load("tiny", &path).unwrap(), manifest);
+    }
+
+    #[test]
+    fn corrupt_manifest_suggests_rebuild() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(MANIFEST_FILE);
+        std::fs::write(&path, b"{\"name\": ").unwrap();
+        let err = ImageManifest::load("tiny", &path).unwrap_err().to_string();
+        assert!(err.contains("kiln image build --force tiny"), "{err}");
+    }
+
+    #[test]
+    fn hashes_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"abc").unwrap();
+        let digest = FileDigest::of(&path).unwrap();
+        assert_eq!(digest.sha256, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!((digest.file.as_str(), digest.size), ("f", 3));
+    }
+}

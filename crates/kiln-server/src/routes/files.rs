@@ -1,0 +1,212 @@
+//! Files in the guest: raw bytes in and out (streamed), listing, stat, mkdir, remove.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::Response;
+use axum::Json;
+use futures::TryStreamExt;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::AppState;
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::extract::{ApiJson, QueryPairs};
+
+/// Metadata of a guest path.
+#[derive(Serialize, ToSchema)]
+pub struct FileStat {
+    pub size: u64,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    /// `file`, `dir`, `symlink` or `other`.
+    pub kind: String,
+    /// Modification time, seconds since the epoch.
+    pub mtime_unix: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DirEntry {
+    pub name: String,
+    pub kind: String,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime_unix: i64,
+}
+
+fn kind_name(k: kiln_core::agent::FileKind) -> String {
+    serde_json::to_value(k)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| "other".into())
+}
+
+impl From<kiln_core::agent::FileStat> for FileStat {
+    fn from(s: kiln_core::agent::FileStat) -> Self {
+        FileStat {
+            size: s.size,
+            mode: s.mode,
+            kind: kind_name(s.kind),
+            mtime_unix: s.mtime_unix,
+        }
+    }
+}
+
+impl From<kiln_core::agent::DirEntry> for DirEntry {
+    fn from(e: kiln_core::agent::DirEntry) -> Self {
+        DirEntry {
+            name: e.name,
+            kind: kind_name(e.kind),
+            size: e.size,
+            mode: e.mode,
+            mtime_unix: e.mtime_unix,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct WriteResult {
+    pub path: String,
+    pub bytes: u64,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MkdirBody {
+    /// Directory to create, with missing parents.
+    pub path: String,
+}
+
+fn parse_mode(s: &str) -> Result<u32, ApiError> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "mode '{s}' is not an octal file mode such as 644 or 0755"
+            ))
+        })
+}
+
+/// Downloads a file from the guest (streamed).
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files",
+    params(("id" = String, Path, description = "id or name"), ("path" = String, Query, description = "absolute guest path")),
+    responses((status = 200, description = "file content", content_type = "application/octet-stream"),
+              (status = 404, body = ErrorBody)))]
+pub async fn read(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+    q: QueryPairs,
+) -> ApiResult<Response> {
+    let path = q.require("path")?;
+    let download = engine.read_file(&id, path).await?;
+    let size = download.size;
+    let stream = futures::stream::unfold(Some(download), |state| async move {
+        let mut d = state?;
+        match d.next_chunk().await {
+            Some(Ok(chunk)) => Some((Ok::<_, std::io::Error>(chunk), Some(d))),
+            Some(Err(e)) => Some((Err(std::io::Error::other(e.to_string())), None)),
+            None => None,
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, size)
+        .body(Body::from_stream(stream))
+        .map_err(|e| kiln_core::Error::internal(e.to_string()).into())
+}
+
+/// Uploads a file into the guest (streamed, atomic replace; parents are created).
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/files",
+    params(("id" = String, Path, description = "id or name"), ("path" = String, Query, description = "absolute guest path"),
+           ("mode" = Option<String>, Query, description = "octal mode, e.g. 0644")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, body = WriteResult), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn write(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+    q: QueryPairs,
+    body: Body,
+) -> ApiResult<Json<WriteResult>> {
+    let path = q.require("path")?.to_string();
+    let mode = q.get("mode").map(parse_mode).transpose()?;
+    let reader =
+        tokio_util::io::StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
+    let bytes = engine.write_file(&id, &path, mode, reader).await?;
+    Ok(Json(WriteResult { path, bytes }))
+}
+
+/// Removes a file, or a directory (with `recursive=true` when not empty).
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}/files",
+    params(("id" = String, Path, description = "id or name"), ("path" = String, Query, description = "absolute guest path"),
+           ("recursive" = Option<bool>, Query, description = "remove directories with their contents")),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn remove(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+    q: QueryPairs,
+) -> ApiResult<StatusCode> {
+    let path = q.require("path")?;
+    engine.remove(&id, path, q.flag("recursive")?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Lists a guest directory.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/list",
+    params(("id" = String, Path, description = "id or name"), ("path" = String, Query, description = "absolute guest directory")),
+    responses((status = 200, body = [DirEntry]), (status = 404, body = ErrorBody)))]
+pub async fn list(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+    q: QueryPairs,
+) -> ApiResult<Json<Vec<DirEntry>>> {
+    let path = q.require("path")?;
+    Ok(Json(
+        engine
+            .list_dir(&id, path)
+            .await?
+            .into_iter()
+            .map(DirEntry::from)
+            .collect(),
+    ))
+}
+
+/// Size, mode, kind and modification time of a guest path.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/stat",
+    params(("id" = String, Path, description = "id or name"), ("path" = String, Query, description = "absolute guest path")),
+    responses((status = 200, body = FileStat), (status = 404, body = ErrorBody)))]
+pub async fn stat(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+    q: QueryPairs,
+) -> ApiResult<Json<FileStat>> {
+    let path = q.require("path")?;
+    Ok(Json(engine.stat(&id, path).await?.into()))
+}
+
+/// Creates a directory and its missing parents.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/mkdir", request_body = MkdirBody,
+    params(("id" = String, Path, description = "id or name")),
+    responses((status = 204), (status = 400, body = ErrorBody)))]
+pub async fn mkdir(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(b): ApiJson<MkdirBody>,
+) -> ApiResult<StatusCode> {
+    engine.mkdir(&id, &b.path).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_mode;
+
+    #[test]
+    fn modes_are_octal() {
+        assert_eq!(parse_mode("644").ok(), Some(0o644));
+        assert_eq!(parse_mode("0o755").ok(), Some(0o755));
+        assert!(parse_mode("999").is_err());
+        assert!(parse_mode("17777").is_err());
+    }
+}

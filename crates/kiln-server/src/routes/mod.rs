@@ -1,0 +1,10 @@
+pub mod exec;
+pub mod files;
+pub mod sandboxes;
+pub mod system;
+
+use std::sync::Arc;
+
+use kiln_core::Engine;
+
+pub type AppState = Arc<Engine>;

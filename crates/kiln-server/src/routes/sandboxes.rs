@@ -1,0 +1,71 @@
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use kiln_core::{CreateSandbox, Sandbox};
+
+use super::AppState;
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::extract::{ApiJson, QueryPairs};
+
+/// Creates a sandbox and boots it; answers once its guest agent is ready.
+#[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandbox,
+    responses((status = 201, body = Sandbox), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody), (status = 429, body = ErrorBody), (status = 500, body = ErrorBody)))]
+pub async fn create(
+    State(engine): State<AppState>,
+    ApiJson(req): ApiJson<CreateSandbox>,
+) -> ApiResult<(StatusCode, Json<Sandbox>)> {
+    let sb = engine.create(req).await?;
+    Ok((StatusCode::CREATED, Json(sb)))
+}
+
+/// Lists sandboxes, optionally only those carrying every `label=KEY=VALUE` given.
+#[utoipa::path(get, path = "/v1/sandboxes",
+    params(("label" = Option<String>, Query, description = "KEY=VALUE; repeat to require several")),
+    responses((status = 200, body = [Sandbox]), (status = 400, body = ErrorBody)))]
+pub async fn list(State(engine): State<AppState>, q: QueryPairs) -> ApiResult<Json<Vec<Sandbox>>> {
+    let mut filter = BTreeMap::new();
+    for kv in q.all("label") {
+        let (k, v) = kiln_core::validate::parse_key_value(kv)?;
+        filter.insert(k, v);
+    }
+    Ok(Json(engine.list(&filter)?))
+}
+
+/// One sandbox, by id or name.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", params(("id" = String, Path, description = "id or name")),
+    responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody)))]
+pub async fn get(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Sandbox>> {
+    Ok(Json(engine.get(&id)?))
+}
+
+/// Deletes a sandbox: its VM, disk and memory are freed.
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", params(("id" = String, Path, description = "id or name")),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn delete(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    engine.delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The sandbox's serial console output (kernel and init messages).
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/logs", params(("id" = String, Path, description = "id or name")),
+    responses((status = 200, body = String, content_type = "text/plain"), (status = 404, body = ErrorBody)))]
+pub async fn logs(State(engine): State<AppState>, Path(id): Path<String>) -> ApiResult<String> {
+    let path = engine.console_log(&id)?;
+    match tokio::fs::read(&path).await {
+        Ok(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(ApiError::from(kiln_core::Error::internal(format!(
+            "cannot read {}: {e}",
+            path.display()
+        )))),
+    }
+}

@@ -1,0 +1,83 @@
+//! Finding, checking and stopping QEMU processes by pid, safely against pid reuse.
+
+use std::time::Duration;
+
+/// True when `pid` is alive and its command line carries `name` (so a recycled pid is not mistaken for
+/// our QEMU).
+pub fn is_our_qemu(pid: u32, name: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    if is_zombie(pid) {
+        return false;
+    }
+    cmdline
+        .split(|b| *b == 0)
+        .any(|arg| arg.starts_with(format!("{name},").as_bytes()) || arg == name.as_bytes())
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+/// Sends SIGTERM, waits up to `grace`, then SIGKILL; returns once the process is gone.
+pub async fn terminate(pid: u32, name: &str, grace: Duration) {
+    if !is_our_qemu(pid, name) {
+        return;
+    }
+    signal(pid, libc::SIGTERM);
+    let deadline = tokio::time::Instant::now() + grace;
+    while is_our_qemu(pid, name) {
+        if tokio::time::Instant::now() >= deadline {
+            signal(pid, libc::SIGKILL);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        if tokio::time::Instant::now() >= deadline + Duration::from_secs(5) {
+            break;
+        }
+    }
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    let Ok(pid) = i32::try_from(pid) else { return };
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// Resident and proportional set size of a process in bytes, from /proc/PID/smaps_rollup.
+pub fn memory_usage(pid: u32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    };
+    Some((field("Rss:")?, field("Pss:")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_is_not_mistaken_for_a_vm() {
+        assert!(!is_our_qemu(std::process::id(), "kiln-nonexistent"));
+        assert!(!is_our_qemu(u32::MAX - 1, "kiln-x"));
+    }
+
+    #[test]
+    fn reads_memory_of_self() {
+        let (rss, pss) = memory_usage(std::process::id()).expect("smaps_rollup");
+        assert!(rss > 0 && pss > 0);
+    }
+}

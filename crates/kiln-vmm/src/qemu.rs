@@ -1,0 +1,337 @@
+//! The QEMU command line for a kiln VM, and launching it.
+//!
+//! Every VM has the same snapshot-friendly shape: a `microvm` machine whose RAM is a `memory-backend-file`
+//! in the sandbox's directory (so a snapshot can keep RAM in a file and migrate only device state), only
+//! migratable virtio-mmio devices, a QMP socket, a virtio-serial port for the guest agent, and the serial
+//! console in a log file. QEMU runs daemonized so it outlives the kiln daemon and can be re-adopted.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::accel::Accel;
+use crate::error::VmmError;
+
+/// The virtio-serial port name the guest agent looks for.
+pub const AGENT_PORT_NAME: &str = "kiln.agent";
+
+/// Unix socket paths are limited to 107 bytes plus a NUL by the kernel.
+const MAX_SOCKET_PATH: usize = 107;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PortForward {
+    pub host: u16,
+    pub guest: u16,
+}
+
+/// Everything needed to start (or restore) one VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Process and guest name, `kiln-<sandbox id>`; also how a re-adopted process is recognised.
+    pub name: String,
+    /// Where the QMP and agent sockets, pid file and logs live.
+    pub run_dir: PathBuf,
+    pub accel: Accel,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    /// Backing file of guest RAM.
+    pub memory_file: PathBuf,
+    /// `share=on` writes guest RAM through to `memory_file`; `false` maps it privately (copy-on-write), which
+    /// is how restored VMs share an immutable snapshot memory file.
+    pub memory_shared: bool,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    /// The VM's writable qcow2 disk.
+    pub disk: PathBuf,
+    pub mac: String,
+    pub forwards: Vec<PortForward>,
+    /// Start with `-incoming defer` to receive migrated device state over QMP.
+    pub incoming: bool,
+    /// Start with vCPUs stopped (`-S`).
+    pub start_paused: bool,
+}
+
+impl VmSpec {
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.run_dir.join("qmp.sock")
+    }
+    pub fn agent_socket(&self) -> PathBuf {
+        self.run_dir.join("agent.sock")
+    }
+    pub fn pid_file(&self) -> PathBuf {
+        self.run_dir.join("qemu.pid")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.run_dir.join("console.log")
+    }
+    pub fn qemu_log(&self) -> PathBuf {
+        self.run_dir.join("qemu.log")
+    }
+
+    /// The full QEMU argument list (without the binary). Pure, so it is unit-tested.
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = Vec::with_capacity(64);
+        let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+        push(&["-name", &format!("{},process={}", self.name, self.name)]);
+        push(&["-accel", self.accel.as_str()]);
+        // The PIT and PIC must stay on under TCG: without them the kernel hangs calibrating the TSC.
+        push(&[
+            "-M",
+            "microvm,acpi=on,pit=on,pic=on,rtc=on,isa-serial=on,memory-backend=mem",
+        ]);
+        push(&[
+            "-cpu",
+            match self.accel {
+                Accel::Kvm => "host",
+                Accel::Tcg => "max",
+            },
+        ]);
+        push(&["-smp", &self.vcpus.to_string()]);
+        push(&["-m", &format!("{}M", self.memory_mib)]);
+        push(&[
+            "-object",
+            &format!(
+                "memory-backend-file,id=mem,size={}M,mem-path={},share={},prealloc=off",
+                self.memory_mib,
+                qemu_opt_path(&self.memory_file),
+                if self.memory_shared { "on" } else { "off" }
+            ),
+        ]);
+        // A guest reboot or panic ends the VM instead of looping, so a crash is seen as one.
+        push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        push(&[
+            "-chardev",
+            &format!(
+                "file,id=console,path={}",
+                qemu_opt_path(&self.console_log())
+            ),
+        ]);
+        push(&["-serial", "chardev:console"]);
+        push(&["-kernel", &self.kernel.to_string_lossy()]);
+        push(&["-initrd", &self.initrd.to_string_lossy()]);
+        push(&["-append", &self.cmdline]);
+        push(&[
+            "-blockdev",
+            &format!(
+                "driver=qcow2,node-name=disk0,file.driver=file,file.filename={},discard=unmap",
+                qemu_opt_path(&self.disk)
+            ),
+        ]);
+        push(&["-device", "virtio-blk-device,drive=disk0"]);
+        let mut netdev = "user,id=net0".to_string();
+        for f in &self.forwards {
+            netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:{}", f.host, f.guest));
+        }
+        push(&["-netdev", &netdev]);
+        push(&[
+            "-device",
+            &format!("virtio-net-device,netdev=net0,mac={}", self.mac),
+        ]);
+        push(&["-device", "virtio-serial-device"]);
+        push(&[
+            "-chardev",
+            &format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                qemu_opt_path(&self.agent_socket())
+            ),
+        ]);
+        push(&[
+            "-device",
+            &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
+        ]);
+        push(&[
+            "-qmp",
+            &format!(
+                "unix:{},server=on,wait=off",
+                qemu_opt_path(&self.qmp_socket())
+            ),
+        ]);
+        push(&["-pidfile", &self.pid_file().to_string_lossy()]);
+        push(&["-D", &self.qemu_log().to_string_lossy()]);
+        push(&["-daemonize"]);
+        if self.incoming {
+            push(&["-incoming", "defer"]);
+        }
+        if self.start_paused {
+            push(&["-S"]);
+        }
+        a
+    }
+
+    fn check_paths(&self) -> Result<(), VmmError> {
+        for sock in [self.qmp_socket(), self.agent_socket()] {
+            if sock.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(VmmError::LaunchFailed {
+                    detail: format!(
+                        "socket path {} is longer than the kernel's {MAX_SOCKET_PATH}-byte limit; use a shorter --data-dir",
+                        sock.display()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// QEMU's option syntax uses ',' as separator; a literal comma in a value is written ",,".
+fn qemu_opt_path(p: &Path) -> String {
+    p.to_string_lossy().replace(',', ",,")
+}
+
+/// Starts QEMU daemonized and returns its pid once QEMU reports it initialised (QMP is then listening).
+/// On failure the error carries QEMU's own stderr.
+pub fn launch(spec: &VmSpec) -> Result<u32, VmmError> {
+    spec.check_paths()?;
+    std::fs::create_dir_all(&spec.run_dir)
+        .map_err(|e| VmmError::io(format!("creating {}", spec.run_dir.display()), e))?;
+    for stale in [spec.qmp_socket(), spec.agent_socket(), spec.pid_file()] {
+        let _ = std::fs::remove_file(stale);
+    }
+    let stderr_path = spec.run_dir.join("qemu.stderr");
+    let stderr = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&stderr_path)
+        .map_err(|e| VmmError::io(format!("creating {}", stderr_path.display()), e))?;
+    let binary = crate::qemu_binary();
+    let status = Command::new(&binary)
+        .args(spec.args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .status()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => VmmError::MissingTool {
+                tool: binary.clone(),
+                hint: "install QEMU: sudo apt-get install -t bookworm-backports qemu-system-x86 (or run scripts/install-deps.sh)".into(),
+            },
+            _ => VmmError::io(format!("running {binary}"), e),
+        })?;
+    let stderr_text = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    if !status.success() {
+        return Err(VmmError::LaunchFailed {
+            detail: format!("{status}: {}", stderr_text.trim()),
+        });
+    }
+    read_pid_file(&spec.pid_file())
+}
+
+pub fn read_pid_file(path: &Path) -> Result<u32, VmmError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| VmmError::io(format!("reading {}", path.display()), e))?;
+    text.trim().parse().map_err(|_| VmmError::LaunchFailed {
+        detail: format!("pid file {} holds '{}'", path.display(), text.trim()),
+    })
+}
+
+/// The last `lines` lines of a (console) log, for error messages.
+pub fn tail_lines(path: &Path, lines: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(16 * 1024);
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(start)).is_err() || f.read_to_end(&mut buf).is_err() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            name: "kiln-sb1".into(),
+            run_dir: "/data/sb1".into(),
+            accel: Accel::Tcg,
+            memory_mib: 256,
+            vcpus: 2,
+            memory_file: "/data/sb1/mem,x".into(),
+            memory_shared: true,
+            kernel: "/img/vmlinuz".into(),
+            initrd: "/img/initrd.img".into(),
+            cmdline: "console=ttyS0 root=/dev/vda".into(),
+            disk: "/data/sb1/disk.qcow2".into(),
+            mac: "52:54:00:12:34:56".into(),
+            forwards: vec![PortForward {
+                host: 8080,
+                guest: 80,
+            }],
+            incoming: false,
+            start_paused: false,
+        }
+    }
+
+    fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn memory_is_a_shared_file_backend_with_escaped_path() {
+        let args = spec().args();
+        let objects = value_after(&args, "-object");
+        assert_eq!(
+            objects,
+            ["memory-backend-file,id=mem,size=256M,mem-path=/data/sb1/mem,,x,share=on,prealloc=off"]
+        );
+        assert!(value_after(&args, "-M")[0].contains("memory-backend=mem"));
+    }
+
+    #[test]
+    fn restored_vm_maps_memory_privately_and_waits_for_incoming() {
+        let mut s = spec();
+        s.memory_shared = false;
+        s.incoming = true;
+        s.start_paused = true;
+        let args = s.args();
+        assert!(value_after(&args, "-object")[0].contains("share=off"));
+        assert_eq!(value_after(&args, "-incoming"), ["defer"]);
+        assert!(args.iter().any(|a| a == "-S"));
+    }
+
+    #[test]
+    fn port_forwards_bind_loopback_only() {
+        let args = spec().args();
+        assert_eq!(
+            value_after(&args, "-netdev"),
+            ["user,id=net0,hostfwd=tcp:127.0.0.1:8080-:80"]
+        );
+    }
+
+    #[test]
+    fn cpu_model_follows_accelerator() {
+        let mut s = spec();
+        assert_eq!(value_after(&s.args(), "-cpu"), ["max"]);
+        s.accel = Accel::Kvm;
+        assert_eq!(value_after(&s.args(), "-cpu"), ["host"]);
+        assert_eq!(value_after(&s.args(), "-accel"), ["kvm"]);
+    }
+
+    #[test]
+    fn overlong_socket_paths_are_refused() {
+        let mut s = spec();
+        s.run_dir = PathBuf::from(format!("/{}", "d".repeat(120)));
+        let err = s.check_paths().unwrap_err().to_string();
+        assert!(err.contains("shorter --data-dir"), "{err}");
+    }
+
+    #[test]
+    fn tail_keeps_last_nonempty_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log");
+        std::fs::write(&p, "a\n\nb\nc\nd\n").unwrap();
+        assert_eq!(tail_lines(&p, 2), "c\nd");
+        assert_eq!(tail_lines(&dir.path().join("missing"), 2), "");
+    }
+}

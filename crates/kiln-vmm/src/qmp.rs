@@ -1,0 +1,139 @@
+//! A small async QMP client: one command in flight at a time, events collected on the side.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::Mutex;
+
+use crate::error::VmmError;
+
+pub struct Qmp {
+    inner: Mutex<Conn>,
+}
+
+struct Conn {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    events: Vec<Value>,
+    next_id: u64,
+}
+
+impl Qmp {
+    /// Connects to a QMP socket, retrying until `timeout` (QEMU may still be creating it), and negotiates
+    /// capabilities.
+    pub async fn connect(path: &Path, timeout: Duration) -> Result<Qmp, VmmError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path).await {
+                Ok(s) => break s,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(VmmError::QmpConnect {
+                        path: path.to_path_buf(),
+                        source: e,
+                    })
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        };
+        let (r, w) = stream.into_split();
+        let mut conn = Conn {
+            reader: BufReader::new(r),
+            writer: w,
+            events: Vec::new(),
+            next_id: 1,
+        };
+        let greeting = tokio::time::timeout(timeout, conn.read_message())
+            .await
+            .map_err(|_| VmmError::Timeout {
+                what: "the QMP greeting".into(),
+                after_ms: timeout.as_millis() as u64,
+            })??;
+        if greeting.get("QMP").is_none() {
+            return Err(VmmError::QmpProtocol(format!(
+                "expected a QMP greeting, got {greeting}"
+            )));
+        }
+        let qmp = Qmp {
+            inner: Mutex::new(conn),
+        };
+        qmp.execute("qmp_capabilities", None).await?;
+        Ok(qmp)
+    }
+
+    /// Runs one command and returns its `return` value.
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, VmmError> {
+        let mut conn = self.inner.lock().await;
+        let id = conn.next_id;
+        conn.next_id += 1;
+        let mut msg = json!({ "execute": command, "id": id });
+        if let Some(args) = arguments {
+            msg["arguments"] = args;
+        }
+        let mut line = msg.to_string();
+        line.push('\n');
+        conn.writer
+            .write_all(line.as_bytes())
+            .await
+            .map_err(|_| VmmError::QmpClosed)?;
+        loop {
+            let reply = conn.read_message().await?;
+            if reply.get("event").is_some() {
+                conn.events.push(reply);
+                continue;
+            }
+            if reply.get("id").and_then(Value::as_u64) != Some(id) {
+                continue;
+            }
+            if let Some(ret) = reply.get("return") {
+                return Ok(ret.clone());
+            }
+            let err = reply.get("error").cloned().unwrap_or(Value::Null);
+            return Err(VmmError::QmpCommand {
+                command: command.to_string(),
+                class: err["class"].as_str().unwrap_or("unknown").to_string(),
+                desc: err["desc"].as_str().unwrap_or("no description").to_string(),
+            });
+        }
+    }
+
+    /// `query-status`'s `status` field: "running", "paused", "inmigrate", "postmigrate", ...
+    pub async fn status(&self) -> Result<String, VmmError> {
+        let v = self.execute("query-status", None).await?;
+        Ok(v["status"].as_str().unwrap_or("unknown").to_string())
+    }
+
+    /// Events received so far (drained).
+    pub async fn take_events(&self) -> Vec<Value> {
+        std::mem::take(&mut self.inner.lock().await.events)
+    }
+}
+
+impl Conn {
+    async fn read_message(&mut self) -> Result<Value, VmmError> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self
+                .reader
+                .read_line(&mut line)
+                .await
+                .map_err(|_| VmmError::QmpClosed)?;
+            if n == 0 {
+                return Err(VmmError::QmpClosed);
+            }
+            if line.trim().is_empty() {
+                continue;
+            }
+            return serde_json::from_str(line.trim())
+                .map_err(|e| VmmError::QmpProtocol(format!("bad JSON from QEMU ({e}): {line}")));
+        }
+    }
+}

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Installs the host packages kiln needs on Debian/Ubuntu: QEMU 10 (bookworm-backports on Debian 12),
+# qemu-utils, busybox-static, debootstrap, e2fsprogs, cpio, and the tools used to unpack the guest kernel.
+# Idempotent: does nothing when everything is already there.
+set -euo pipefail
+
+say() { printf '\033[1m[kiln setup]\033[0m %s\n' "$*"; }
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx ip && file -L /bin/busybox 2>/dev/null | grep -q static || need+=(busybox-static)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v cpio >/dev/null || need+=(cpio)
+command -v zstd >/dev/null || need+=(zstd)
+command -v file >/dev/null || need+=(file)
+command -v sqlite3 >/dev/null || need+=(sqlite3)
+command -v python3 >/dev/null || need+=(python3)
+
+qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -n1; }
+if command -v qemu-system-x86_64 >/dev/null && [ "$(qemu_major)" -lt 9 ]; then
+  say "QEMU $(qemu_major) is too old; kiln needs QEMU >= 9 (upgrading)"
+  need+=(qemu-system-x86)
+fi
+
+if [ ${#need[@]} -eq 0 ]; then
+  say "host packages: all present ($(qemu-system-x86_64 --version | head -n1))"
+  exit 0
+fi
+
+. /etc/os-release
+backports=""
+if [ "${ID:-}" = debian ] && [ "${VERSION_CODENAME:-}" = bookworm ]; then
+  backports="bookworm-backports"
+  if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    say "adding the bookworm-backports suite (for QEMU 10)"
+    echo "deb http://deb.debian.org/debian bookworm-backports main" | $SUDO tee /etc/apt/sources.list.d/kiln-backports.list >/dev/null
+  fi
+fi
+say "apt-get update"
+$SUDO apt-get update -qq
+say "installing: ${need[*]}"
+qemu_pkgs=(); other=()
+for p in "${need[@]}"; do
+  case "$p" in qemu-system-x86|qemu-utils) qemu_pkgs+=("$p");; *) other+=("$p");; esac
+done
+export DEBIAN_FRONTEND=noninteractive
+if [ ${#other[@]} -gt 0 ]; then $SUDO apt-get install -y -qq --no-install-recommends "${other[@]}"; fi
+if [ ${#qemu_pkgs[@]} -gt 0 ]; then
+  if [ -n "$backports" ]; then
+    $SUDO apt-get install -y -qq --no-install-recommends -t "$backports" qemu-system-x86 qemu-utils
+  else
+    $SUDO apt-get install -y -qq --no-install-recommends qemu-system-x86 qemu-utils
+  fi
+fi
+say "host packages ready: $(qemu-system-x86_64 --version | head -n1)"
