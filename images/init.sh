@@ -49,6 +49,15 @@ mount_api_filesystems() {
     mounted /run || mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run
 }
 
+load_late_modules() {
+    # Modules no boot step needs (overlay, vsock) are loaded after the agent starts; see LATE_MODULES in
+    # crates/kiln-image/src/modules.rs.
+    for module in /kiln/modules/*.ko; do
+        [ -e "$module" ] || return 0
+        insmod "$module" || say "cannot load kernel module $module"
+    done
+}
+
 link_std_fds() {
     # udev would normally create these; shells need /dev/fd for process substitution. Not needed by the
     # agent itself, so this runs after it has started.
@@ -217,6 +226,7 @@ if [ -x /kiln/kiln-agent ]; then
 else
     say "/kiln/kiln-agent is missing or not executable; the host cannot control this VM"
 fi
+load_late_modules &
 link_std_fds
 print_debug
 

@@ -43,6 +43,29 @@ enum Command {
     /// Create, list, inspect and delete sandboxes.
     #[command(subcommand, alias = "sb")]
     Sandbox(commands::sandbox::SandboxCmd),
+    /// Checkpoint sandboxes and bring them back.
+    #[command(subcommand, alias = "snap")]
+    Snapshot(commands::snapshot::SnapshotCmd),
+    /// Hibernate sandboxes: save them to disk and free their RAM.
+    Stop {
+        #[arg(required = true)]
+        sandboxes: Vec<String>,
+    },
+    /// Bring hibernated sandboxes back where they were.
+    Start {
+        #[arg(required = true)]
+        sandboxes: Vec<String>,
+    },
+    /// Freeze sandboxes in memory.
+    Pause {
+        #[arg(required = true)]
+        sandboxes: Vec<String>,
+    },
+    /// Continue paused sandboxes.
+    Resume {
+        #[arg(required = true)]
+        sandboxes: Vec<String>,
+    },
     /// Run a command in a sandbox: `kiln exec SANDBOX -- CMD...` (exits with the command's exit code).
     Exec(commands::exec::ExecArgs),
     /// Move files in and out of a sandbox.
@@ -108,6 +131,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Serve(args) => commands::serve::run(&cli, args).await,
         Command::Sandbox(cmd) => commands::sandbox::run(&cli, cmd).await,
+        Command::Snapshot(cmd) => commands::snapshot::run(&cli, cmd).await,
+        Command::Stop { sandboxes } => commands::snapshot::lifecycle(&cli, "stop", sandboxes).await,
+        Command::Start { sandboxes } => {
+            commands::snapshot::lifecycle(&cli, "start", sandboxes).await
+        }
+        Command::Pause { sandboxes } => {
+            commands::snapshot::lifecycle(&cli, "pause", sandboxes).await
+        }
+        Command::Resume { sandboxes } => {
+            commands::snapshot::lifecycle(&cli, "resume", sandboxes).await
+        }
         Command::Exec(args) => commands::exec::run(&cli, args).await,
         Command::Files(cmd) => commands::files::run(&cli, cmd).await,
         Command::Cp(args) => commands::files::cp(&cli, args).await,

@@ -50,6 +50,12 @@ impl Config {
     pub fn sandbox_dir(&self, id: &str) -> PathBuf {
         self.sandboxes_dir().join(id)
     }
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.data_dir.join("snapshots")
+    }
+    pub fn snapshot_dir(&self, id: &str) -> PathBuf {
+        self.snapshots_dir().join(id)
+    }
     pub fn default_socket(&self) -> PathBuf {
         default_socket_for(&self.data_dir)
     }

@@ -8,7 +8,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use crate::error::{Error, Result};
 use crate::model::{Sandbox, SandboxState};
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE sandboxes (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -28,7 +29,31 @@ CREATE TABLE sandboxes (
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
-"#];
+"#,
+    r#"
+ALTER TABLE sandboxes ADD COLUMN layout TEXT;
+ALTER TABLE sandboxes ADD COLUMN origin TEXT NOT NULL DEFAULT '';
+ALTER TABLE sandboxes ADD COLUMN restored_from TEXT;
+CREATE TABLE snapshots (
+    id TEXT PRIMARY KEY,
+    sandbox_id TEXT NOT NULL,
+    sandbox_name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    parent TEXT,
+    template TEXT NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    cpus INTEGER NOT NULL,
+    disk_size_bytes INTEGER NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    labels TEXT NOT NULL,
+    restored INTEGER NOT NULL DEFAULT 0,
+    restored_at TEXT,
+    ephemeral INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX snapshots_by_sandbox ON snapshots(sandbox_id);
+"#,
+];
 
 pub struct Db {
     conn: Mutex<Connection>,
@@ -51,6 +76,10 @@ impl Db {
         };
         db.migrate()?;
         Ok(db)
+    }
+
+    pub(crate) fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.lock()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -80,8 +109,8 @@ impl Db {
         let conn = self.lock();
         conn.execute(
             "INSERT INTO sandboxes (id, name, template, state, memory_mib, cpus, disk_size_bytes, env, labels,
-               ports, hostname, mac, accel, pid, error, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+               ports, hostname, mac, accel, pid, error, created_at, updated_at, origin)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
             params![
                 s.id,
                 s.name,
@@ -99,7 +128,8 @@ impl Db {
                 s.pid,
                 s.error,
                 s.created_at,
-                s.updated_at
+                s.updated_at,
+                s.origin
             ],
         )
         .map_err(|e| match e {
@@ -145,6 +175,39 @@ impl Db {
         Ok(())
     }
 
+    pub fn set_layout(&self, id: &str, layout: &crate::layout::Layout) -> Result<()> {
+        self.lock().execute(
+            "UPDATE sandboxes SET layout = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, to_json(layout), crate::model::now_rfc3339()],
+        )?;
+        Ok(())
+    }
+
+    pub fn layout(&self, id: &str) -> Result<Option<crate::layout::Layout>> {
+        let conn = self.lock();
+        let raw: Option<Option<String>> = conn
+            .query_row("SELECT layout FROM sandboxes WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match raw.flatten() {
+            None => Ok(None),
+            Some(json) => serde_json::from_str(&json).map(Some).map_err(|e| {
+                Error::internal(format!(
+                    "the stored layout of sandbox {id} is unreadable ({e}); run `kiln doctor`"
+                ))
+            }),
+        }
+    }
+
+    pub fn set_restored_from(&self, id: &str, snapshot: Option<&str>) -> Result<()> {
+        self.lock().execute(
+            "UPDATE sandboxes SET restored_from = ?2 WHERE id = ?1",
+            params![id, snapshot],
+        )?;
+        Ok(())
+    }
+
     pub fn delete_sandbox(&self, id: &str) -> Result<()> {
         self.lock()
             .execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
@@ -182,6 +245,8 @@ fn row_to_sandbox(r: &Row<'_>) -> rusqlite::Result<Sandbox> {
         error: r.get("error")?,
         created_at: r.get("created_at")?,
         updated_at: r.get("updated_at")?,
+        origin: r.get("origin")?,
+        restored_from: r.get("restored_from")?,
     })
 }
 
@@ -208,6 +273,8 @@ mod tests {
             error: None,
             created_at: crate::model::now_rfc3339(),
             updated_at: crate::model::now_rfc3339(),
+            origin: "template:tiny".into(),
+            restored_from: None,
         }
     }
 

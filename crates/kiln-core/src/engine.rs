@@ -3,13 +3,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use kiln_agent_client::{ExecHandle, ExecRequest, FileDownload};
 use kiln_image::{Image, ImageStore};
-use kiln_vmm::{AccelChoice, VmSpec};
+use kiln_vmm::AccelChoice;
 use serde::Deserialize;
-use tokio::io::AsyncRead;
 use tokio::sync::RwLock;
 use tracing::{info, warn};
 use utoipa::ToSchema;
@@ -18,7 +16,7 @@ use crate::config::Config;
 use crate::db::Db;
 use crate::error::{Error, ErrorCode, Result};
 use crate::model::{now_rfc3339, PortMapping, Sandbox, SandboxState};
-use crate::vm::{agent_error, Vm};
+use crate::vm::Vm;
 use crate::{ids, validate};
 
 pub const MIN_MEMORY_MIB: u64 = 64;
@@ -43,6 +41,8 @@ pub struct CreateSandbox {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub ports: Vec<PortMapping>,
+    /// Make the sandbox from this snapshot instead of a template (same as `POST /v1/snapshots/{id}/resume`).
+    pub snapshot: Option<String>,
 }
 
 /// A command to run in a sandbox.
@@ -60,10 +60,10 @@ pub struct ExecSpec {
     pub timeout_ms: Option<u64>,
 }
 
-struct Slot {
+pub(crate) struct Slot {
     /// Lifecycle operations take it exclusively; commands and file transfers share it.
-    op: RwLock<()>,
-    vm: tokio::sync::Mutex<Option<Arc<Vm>>>,
+    pub(crate) op: RwLock<()>,
+    pub(crate) vm: tokio::sync::Mutex<Option<Arc<Vm>>>,
 }
 
 pub struct Engine {
@@ -72,6 +72,8 @@ pub struct Engine {
     images: ImageStore,
     accel: AccelChoice,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
+    /// Snapshots whose checksums this daemon has verified (or written) already.
+    verified: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Engine {
@@ -80,6 +82,7 @@ impl Engine {
         for dir in [
             cfg.data_dir.clone(),
             cfg.sandboxes_dir(),
+            cfg.snapshots_dir(),
             cfg.images_dir(),
             cfg.cache_dir(),
         ] {
@@ -101,7 +104,9 @@ impl Engine {
             images,
             accel,
             slots: Mutex::new(HashMap::new()),
+            verified: Mutex::new(Default::default()),
         });
+        engine.clean_snapshot_debris();
         engine.adopt().await?;
         Ok(engine)
     }
@@ -115,8 +120,29 @@ impl Engine {
     pub fn images(&self) -> &ImageStore {
         &self.images
     }
+    pub(crate) fn is_verified(&self, snapshot: &str) -> bool {
+        self.verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(snapshot)
+    }
+    pub(crate) fn mark_verified(&self, snapshot: &str) {
+        self.verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(snapshot.to_string());
+    }
+    pub(crate) fn forget_verified(&self, snapshot: &str) {
+        self.verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(snapshot);
+    }
+    pub(crate) fn db(&self) -> &Db {
+        &self.db
+    }
 
-    fn slot(&self, id: &str) -> Arc<Slot> {
+    pub(crate) fn slot(&self, id: &str) -> Arc<Slot> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots
             .entry(id.to_string())
@@ -155,6 +181,12 @@ impl Engine {
                     *self.slot(&sb.id).vm.lock().await = Some(Arc::new(vm));
                     info!(sandbox = %sb.id, pid = ?sb.pid, "re-adopted running VM");
                 }
+                s if s.has_vm() && self.has_saved_state(&sb.id) => {
+                    // A stop (hibernation) finished saving before kiln went down.
+                    self.db
+                        .set_state(&sb.id, SandboxState::Stopped, None, None)?;
+                    info!(sandbox = %sb.id, "sandbox was hibernated while kiln was down");
+                }
                 s if s.has_vm() => {
                     let vm = Vm::new(name, self.cfg.sandbox_dir(&sb.id), 0, None);
                     let err = vm.died_error().message;
@@ -181,7 +213,7 @@ impl Engine {
                     if let Some(pid) = sb.pid.filter(|_| alive) {
                         kiln_vmm::process::terminate(pid, &name, Duration::from_secs(3)).await;
                     }
-                    self.remove_files(&sb.id);
+                    self.remove_sandbox_files(&sb.id);
                     self.db.delete_sandbox(&sb.id)?;
                 }
                 _ => {}
@@ -215,7 +247,7 @@ impl Engine {
         })
     }
 
-    fn check_capacity(&self, memory_mib: u64) -> Result<()> {
+    pub(crate) fn check_capacity(&self, memory_mib: u64) -> Result<()> {
         let active: Vec<Sandbox> = self
             .db
             .list_sandboxes()?
@@ -248,6 +280,25 @@ impl Engine {
 
     /// Creates a sandbox and boots it; returns once its agent answers.
     pub async fn create(&self, req: CreateSandbox) -> Result<Sandbox> {
+        if let Some(snapshot) = req.snapshot.clone() {
+            if req.template.is_some() || !req.env.is_empty() || !req.ports.is_empty() {
+                return Err(Error::invalid(
+                    "a sandbox made from a snapshot takes its template, environment and ports from the snapshot; drop 'template', 'env' and 'ports'",
+                ));
+            }
+            return self
+                .resume_snapshot(
+                    &snapshot,
+                    crate::ResumeSnapshot {
+                        name: req.name,
+                        memory_mib: req.memory_mib,
+                        cpus: req.cpus,
+                        disk_size_gib: req.disk_size_gib,
+                        labels: req.labels,
+                    },
+                )
+                .await;
+        }
         let template = req
             .template
             .clone()
@@ -309,11 +360,30 @@ impl Engine {
             error: None,
             created_at: now.clone(),
             updated_at: now,
+            origin: format!("template:{template}"),
+            restored_from: None,
         };
         self.db.insert_sandbox(&sandbox)?;
         let slot = self.slot(&id);
         let _guard = slot.op.write().await;
-        match self.boot(&sandbox, &image).await {
+        let cmdline = kiln_image::kernel_cmdline(
+            &image,
+            &kiln_image::CmdlineParams {
+                hostname: Some(sandbox.hostname.clone()),
+                resize: disk_size_bytes > template_size,
+                // Extra guest kernel parameters for debugging boots, e.g. `loglevel=7`.
+                extra: std::env::var("KILN_GUEST_CMDLINE_EXTRA")
+                    .map(|s| s.split_whitespace().map(str::to_string).collect())
+                    .unwrap_or_default(),
+                ..Default::default()
+            },
+        );
+        let booted = async {
+            let layout = self.provision_from_template(&sandbox, &image, cmdline)?;
+            self.db.set_layout(&id, &layout)?;
+            self.start_vm(&sandbox, &layout, None).await
+        };
+        match booted.await {
             Ok(vm) => {
                 let pid = vm.pid;
                 *slot.vm.lock().await = Some(vm);
@@ -334,278 +404,6 @@ impl Engine {
         }
     }
 
-    async fn boot(&self, sb: &Sandbox, image: &Image) -> Result<Arc<Vm>> {
-        let dir = self.cfg.sandbox_dir(&sb.id);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::internal(format!("cannot create {}: {e}", dir.display())))?;
-        let disk = dir.join("disk.qcow2");
-        let grow = sb.disk_size_bytes > image.manifest.rootfs_size_bytes;
-        {
-            let (disk, rootfs, size) = (disk.clone(), image.rootfs.clone(), sb.disk_size_bytes);
-            tokio::task::spawn_blocking(move || {
-                kiln_vmm::img::create_overlay(&disk, &rootfs, "raw", Some(size))
-            })
-            .await
-            .map_err(|e| Error::internal(e.to_string()))??;
-        }
-        let cmdline = kiln_image::kernel_cmdline(
-            image,
-            &kiln_image::CmdlineParams {
-                hostname: Some(sb.hostname.clone()),
-                resize: grow,
-                // Extra guest kernel parameters for debugging boots, e.g. `loglevel=7`.
-                extra: std::env::var("KILN_GUEST_CMDLINE_EXTRA")
-                    .map(|s| s.split_whitespace().map(str::to_string).collect())
-                    .unwrap_or_default(),
-                ..Default::default()
-            },
-        );
-        let spec = VmSpec {
-            name: vm_name(&sb.id),
-            run_dir: dir.clone(),
-            accel: self.accel.accel,
-            memory_mib: sb.memory_mib,
-            vcpus: sb.cpus,
-            memory_file: dir.join("memory"),
-            memory_shared: true,
-            kernel: image.kernel.clone(),
-            initrd: image.initrd.clone(),
-            cmdline,
-            disk,
-            mac: sb.mac.clone(),
-            forwards: sb
-                .ports
-                .iter()
-                .map(|p| kiln_vmm::PortForward {
-                    host: p.host,
-                    guest: p.guest,
-                })
-                .collect(),
-            incoming: false,
-            start_paused: false,
-        };
-        let pid = {
-            let spec = spec.clone();
-            tokio::task::spawn_blocking(move || kiln_vmm::qemu::launch(&spec))
-                .await
-                .map_err(|e| Error::internal(e.to_string()))?
-                .map_err(|e| Error::new(ErrorCode::BootFailed, e.to_string()))?
-        };
-        self.db
-            .set_state(&sb.id, SandboxState::Creating, Some(pid), None)?;
-        let vm = Arc::new(Vm::new(spec.name.clone(), dir, pid, None));
-        match self.wait_for_agent(&vm).await {
-            Ok(()) => Ok(vm),
-            Err(e) => {
-                vm.terminate().await;
-                Err(e)
-            }
-        }
-    }
-
-    /// Waits for the guest agent, failing early (with the console's last lines) if QEMU dies.
-    async fn wait_for_agent(&self, vm: &Vm) -> Result<()> {
-        let timeout = self.cfg.boot_timeout;
-        let watch = async {
-            loop {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                if !vm.is_alive() {
-                    return;
-                }
-            }
-        };
-        tokio::select! {
-            res = vm.agent(timeout) => {
-                let agent = res.map_err(|e| {
-                    let tail = kiln_vmm::qemu::tail_lines(&vm.console_log(), 15);
-                    let code = if e.code == ErrorCode::Timeout { ErrorCode::Timeout } else { ErrorCode::BootFailed };
-                    Error::new(code, format!(
-                        "the guest agent did not answer within {} s ({}). Last console lines:\n{tail}",
-                        timeout.as_secs(), e.message
-                    ))
-                })?;
-                // The guest's clock starts from the RTC at boot; set it precisely anyway.
-                agent.set_clock(SystemTime::now()).await.map_err(|e| agent_error(e, &vm.name))?;
-                Ok(())
-            }
-            () = watch => {
-                let tail = kiln_vmm::qemu::tail_lines(&vm.console_log(), 15);
-                let qemu_log = std::fs::read_to_string(vm.run_dir.join("qemu.log")).unwrap_or_default();
-                Err(Error::new(ErrorCode::BootFailed, format!(
-                    "QEMU exited during boot. {}Last console lines:\n{tail}",
-                    if qemu_log.trim().is_empty() { String::new() } else { format!("QEMU said: {}. ", qemu_log.trim()) }
-                )))
-            }
-        }
-    }
-
-    /// The live VM of a running sandbox.
-    async fn running_vm(&self, sb: &Sandbox) -> Result<Arc<Vm>> {
-        match sb.state {
-            SandboxState::Running => {}
-            SandboxState::Paused => {
-                return Err(Error::new(
-                    ErrorCode::SandboxNotRunning,
-                    format!(
-                        "sandbox {} is paused; resume it first (`kiln resume {}`)",
-                        sb.name, sb.name
-                    ),
-                ))
-            }
-            SandboxState::Stopped => {
-                return Err(Error::new(
-                    ErrorCode::SandboxNotRunning,
-                    format!(
-                        "sandbox {} is stopped; start it first (`kiln start {}`)",
-                        sb.name, sb.name
-                    ),
-                ))
-            }
-            other => {
-                return Err(Error::new(
-                    ErrorCode::SandboxNotRunning,
-                    format!(
-                        "sandbox {} is {}{}",
-                        sb.name,
-                        other.as_str(),
-                        sb.error
-                            .as_deref()
-                            .map(|e| format!(": {e}"))
-                            .unwrap_or_default()
-                    ),
-                ))
-            }
-        }
-        let vm = self.slot(&sb.id).vm.lock().await.clone();
-        match vm {
-            Some(vm) if vm.is_alive() => Ok(vm),
-            Some(vm) => {
-                let err = vm.died_error();
-                self.db
-                    .set_state(&sb.id, SandboxState::Failed, None, Some(&err.message))?;
-                Err(err)
-            }
-            None => Err(Error::internal(format!(
-                "sandbox {} has no VM handle",
-                sb.id
-            ))),
-        }
-    }
-
-    async fn agent_of(&self, sb: &Sandbox) -> Result<kiln_agent_client::AgentClient> {
-        let vm = self.running_vm(sb).await?;
-        vm.agent(Duration::from_secs(10)).await
-    }
-
-    /// Starts a command; the handle streams its output and exit status.
-    pub async fn exec(&self, id_or_name: &str, spec: ExecSpec, stdin: bool) -> Result<ExecHandle> {
-        let sb = self.get(id_or_name)?;
-        let req = self.exec_request(&sb, spec, stdin)?;
-        let agent = self.agent_of(&sb).await?;
-        agent.exec(req).await.map_err(|e| agent_error(e, &sb.name))
-    }
-
-    fn exec_request(&self, sb: &Sandbox, spec: ExecSpec, stdin: bool) -> Result<ExecRequest> {
-        validate::env(&spec.env)?;
-        match (&spec.argv, &spec.cmd) {
-            (Some(argv), None) if !argv.is_empty() && !argv[0].is_empty() => {}
-            (None, Some(cmd)) if !cmd.trim().is_empty() => {}
-            _ => {
-                return Err(Error::invalid(
-                    "give exactly one of 'argv' (a non-empty list) or 'cmd' (a shell command line)",
-                ))
-            }
-        }
-        if let Some(cwd) = &spec.cwd {
-            validate::guest_path(cwd)?;
-        }
-        let mut env = sb.env.clone();
-        env.extend(spec.env);
-        Ok(ExecRequest {
-            argv: spec.argv,
-            shell: spec.cmd,
-            env,
-            cwd: spec.cwd,
-            stdin,
-            timeout_ms: spec.timeout_ms,
-        })
-    }
-
-    pub async fn read_file(&self, id_or_name: &str, path: &str) -> Result<FileDownload> {
-        validate::guest_path(path)?;
-        let sb = self.get(id_or_name)?;
-        let agent = self.agent_of(&sb).await?;
-        agent
-            .read_file(path)
-            .await
-            .map_err(|e| agent_error(e, &sb.name))
-    }
-
-    pub async fn write_file<R: AsyncRead + Unpin + Send>(
-        &self,
-        id_or_name: &str,
-        path: &str,
-        mode: Option<u32>,
-        body: R,
-    ) -> Result<u64> {
-        validate::guest_path(path)?;
-        if mode.is_some_and(|m| m > 0o7777) {
-            return Err(Error::invalid("file mode must be at most 0o7777"));
-        }
-        let sb = self.get(id_or_name)?;
-        let agent = self.agent_of(&sb).await?;
-        agent
-            .write_file(path, mode, true, body)
-            .await
-            .map_err(|e| agent_error(e, &sb.name))
-    }
-
-    pub async fn list_dir(
-        &self,
-        id_or_name: &str,
-        path: &str,
-    ) -> Result<Vec<kiln_agent_client::DirEntry>> {
-        validate::guest_path(path)?;
-        let sb = self.get(id_or_name)?;
-        let agent = self.agent_of(&sb).await?;
-        agent
-            .list_dir(path)
-            .await
-            .map_err(|e| agent_error(e, &sb.name))
-    }
-
-    pub async fn stat(&self, id_or_name: &str, path: &str) -> Result<kiln_agent_client::FileStat> {
-        validate::guest_path(path)?;
-        let sb = self.get(id_or_name)?;
-        let agent = self.agent_of(&sb).await?;
-        agent.stat(path).await.map_err(|e| agent_error(e, &sb.name))
-    }
-
-    pub async fn mkdir(&self, id_or_name: &str, path: &str) -> Result<()> {
-        validate::guest_path(path)?;
-        let sb = self.get(id_or_name)?;
-        let agent = self.agent_of(&sb).await?;
-        agent
-            .mkdir(path, true, None)
-            .await
-            .map_err(|e| agent_error(e, &sb.name))
-    }
-
-    pub async fn remove(&self, id_or_name: &str, path: &str, recursive: bool) -> Result<()> {
-        validate::guest_path(path)?;
-        if path == "/" {
-            return Err(Error::invalid(
-                "refusing to remove the guest's root directory",
-            ));
-        }
-        let sb = self.get(id_or_name)?;
-        let agent = self.agent_of(&sb).await?;
-        agent
-            .remove(path, recursive)
-            .await
-            .map_err(|e| agent_error(e, &sb.name))
-    }
-
     /// Deletes a sandbox: stops its VM and frees its disk, memory file and sockets.
     pub async fn delete(&self, id_or_name: &str) -> Result<()> {
         let sb = self.get(id_or_name)?;
@@ -623,7 +421,7 @@ impl Engine {
                 }
             }
         }
-        self.remove_files(&sb.id);
+        self.remove_sandbox_files(&sb.id);
         self.db.delete_sandbox(&sb.id)?;
         self.slots
             .lock()
@@ -631,15 +429,6 @@ impl Engine {
             .remove(&sb.id);
         info!(sandbox = %sb.id, "sandbox deleted");
         Ok(())
-    }
-
-    fn remove_files(&self, id: &str) {
-        let dir = self.cfg.sandbox_dir(id);
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                warn!(dir = %dir.display(), error = %e, "could not remove sandbox directory");
-            }
-        }
     }
 
     /// Path of a sandbox's console log, for `kiln sandbox logs`.

@@ -19,6 +19,12 @@ pub enum ErrorCode {
     GuestPathNotFound,
     GuestError,
     CapacityExceeded,
+    InsufficientStorage,
+    SnapshotInUse,
+    SnapshotCorrupt,
+    SnapshotBaseMissing,
+    SnapshotIncompatible,
+    SnapshotAlreadyRestored,
     BootFailed,
     VmFailed,
     Timeout,
@@ -41,6 +47,12 @@ impl ErrorCode {
             ErrorCode::GuestPathNotFound => "guest_path_not_found",
             ErrorCode::GuestError => "guest_error",
             ErrorCode::CapacityExceeded => "capacity_exceeded",
+            ErrorCode::InsufficientStorage => "insufficient_storage",
+            ErrorCode::SnapshotInUse => "snapshot_in_use",
+            ErrorCode::SnapshotCorrupt => "snapshot_corrupt",
+            ErrorCode::SnapshotBaseMissing => "snapshot_base_missing",
+            ErrorCode::SnapshotIncompatible => "snapshot_incompatible",
+            ErrorCode::SnapshotAlreadyRestored => "snapshot_already_restored",
             ErrorCode::BootFailed => "boot_failed",
             ErrorCode::VmFailed => "vm_failed",
             ErrorCode::Timeout => "timeout",
@@ -62,7 +74,12 @@ impl ErrorCode {
             ErrorCode::SandboxNameTaken
             | ErrorCode::SandboxNotRunning
             | ErrorCode::SandboxBusy
-            | ErrorCode::SnapshotAlreadyExists => 409,
+            | ErrorCode::SnapshotAlreadyExists
+            | ErrorCode::SnapshotInUse
+            | ErrorCode::SnapshotBaseMissing
+            | ErrorCode::SnapshotAlreadyRestored => 409,
+            ErrorCode::SnapshotCorrupt | ErrorCode::SnapshotIncompatible => 422,
+            ErrorCode::InsufficientStorage => 507,
             ErrorCode::CapacityExceeded => 429,
             ErrorCode::GuestError | ErrorCode::AgentUnavailable => 502,
             ErrorCode::Timeout => 504,
@@ -98,6 +115,12 @@ impl Error {
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Error::new(ErrorCode::Internal, message)
+    }
+    pub fn snapshot_not_found(id: &str) -> Self {
+        Error::new(
+            ErrorCode::SnapshotNotFound,
+            format!("no snapshot has the id '{id}'; list snapshots with `kiln snapshot list`"),
+        )
     }
     pub fn sandbox_not_found(id: &str) -> Self {
         Error::new(

@@ -6,8 +6,14 @@ pub mod config;
 pub mod db;
 pub mod engine;
 pub mod error;
+pub mod fsutil;
+mod guest;
 pub mod ids;
+pub mod layout;
+mod lifecycle;
+mod machine;
 pub mod model;
+pub mod snapshot;
 pub mod validate;
 mod vm;
 
@@ -15,5 +21,8 @@ pub use config::Config;
 pub use engine::{CreateSandbox, Engine, ExecSpec};
 pub use error::{Error, ErrorCode, Result};
 pub use model::{PortMapping, Sandbox, SandboxState};
+pub use snapshot::capture::CreateSnapshot;
+pub use snapshot::restore::{ResumeSnapshot, SnapshotDeleted};
+pub use snapshot::{Snapshot, SnapshotType};
 
 pub use kiln_agent_client as agent;

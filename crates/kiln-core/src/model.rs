@@ -97,6 +97,10 @@ pub struct Sandbox {
     pub error: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+    /// What the sandbox was made from: `template:NAME` or `snapshot:ID`.
+    pub origin: String,
+    /// The snapshot this sandbox was last rolled back to (`kiln snapshot restore`), if any.
+    pub restored_from: Option<String>,
 }
 
 impl Sandbox {

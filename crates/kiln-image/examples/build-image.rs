@@ -32,7 +32,11 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let store = ImageStore::new(images, cache);
-    let opts = BuildOptions { agent_bin, force, rootfs_size_mib: size };
+    let opts = BuildOptions {
+        agent_bin,
+        force,
+        rootfs_size_mib: size,
+    };
     let started = std::time::Instant::now();
     let result = {
         let progress = StderrProgress::new();

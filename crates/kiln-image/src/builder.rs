@@ -11,15 +11,15 @@ use crate::cmdline::CMDLINE_BASE;
 use crate::debootstrap;
 use crate::elf::Elf;
 use crate::error::{ImageError, IoContext, Result};
-use crate::initramfs::{write_initramfs, COMPRESSION};
+use crate::initramfs::write_initramfs;
 use crate::kernel::ensure_kernel;
 use crate::manifest::{
-    sha256_file, AgentInfo, FileDigest, ImageFiles, ImageManifest, FORMAT_VERSION, INITRD_FILE, KERNEL_FILE,
-    MANIFEST_FILE, ROOTFS_FILE,
+    sha256_file, AgentInfo, FileDigest, ImageFiles, ImageManifest, FORMAT_VERSION, INITRD_FILE,
+    KERNEL_FILE, MANIFEST_FILE, ROOTFS_FILE, VMLINUX_FILE,
 };
-use crate::modules::{ModuleTree, GUEST_MODULES};
+use crate::modules::{ModuleFile, ModuleTree, BOOT_MODULES, LATE_MODULES};
 use crate::progress::BuildProgress;
-use crate::rootfs::{install_kiln_files, make_ext4, stage_tiny};
+use crate::rootfs::{install_kiln_files, install_late_modules, make_ext4, stage_tiny};
 use crate::tools::{self, BUSYBOX, MKFS_EXT4};
 use crate::BuildOptions;
 
@@ -31,8 +31,14 @@ pub(crate) enum Template {
 }
 
 pub(crate) const TEMPLATES: &[(&str, &str)] = &[
-    ("tiny", "busybox and the kiln agent; builds in seconds, boots fastest"),
-    ("base", "Debian bookworm (minbase) with python3, bash and coreutils"),
+    (
+        "tiny",
+        "busybox and the kiln agent; builds in seconds, boots fastest",
+    ),
+    (
+        "base",
+        "Debian bookworm (minbase) with python3, bash and coreutils",
+    ),
 ];
 
 impl Template {
@@ -52,7 +58,10 @@ impl Template {
     }
 
     fn description(self) -> &'static str {
-        TEMPLATES.iter().find(|(n, _)| *n == self.name()).map_or("", |(_, d)| d)
+        TEMPLATES
+            .iter()
+            .find(|(n, _)| *n == self.name())
+            .map_or("", |(_, d)| d)
     }
 
     /// Enough free space for a sandbox to work in; the file is sparse, so unused space costs nothing.
@@ -92,11 +101,16 @@ pub(crate) fn build(
     let name = template.name();
     let final_dir = images_root.join(name);
     if final_dir.join(MANIFEST_FILE).is_file() && !opts.force {
-        return Err(ImageError::AlreadyExists { name: name.to_string(), dir: final_dir });
+        return Err(ImageError::AlreadyExists {
+            name: name.to_string(),
+            dir: final_dir,
+        });
     }
     let size_mib = opts.rootfs_size_mib.unwrap_or(template.default_size_mib());
     if size_mib < MIN_SIZE_MIB {
-        return Err(ImageError::Build(format!("a root filesystem of {size_mib} MiB is too small; use at least {MIN_SIZE_MIB} MiB")));
+        return Err(ImageError::Build(format!(
+            "a root filesystem of {size_mib} MiB is too small; use at least {MIN_SIZE_MIB} MiB"
+        )));
     }
 
     progress.step("Checking the host tools and the agent");
@@ -110,17 +124,35 @@ pub(crate) fn build(
 
     fs::create_dir_all(images_root).at("create", images_root)?;
     remove_stale_builds(images_root);
-    let build_dir = BuildDir { path: images_root.join(format!(".build-{name}-{}", std::process::id())) };
+    let build_dir = BuildDir {
+        path: images_root.join(format!(".build-{name}-{}", std::process::id())),
+    };
     let _ = fs::remove_dir_all(&build_dir.path);
     fs::create_dir(&build_dir.path).at("create", &build_dir.path)?;
     let dir = &build_dir.path;
 
-    fs::copy(&kernel.vmlinuz, dir.join(KERNEL_FILE)).at("copy", &kernel.vmlinuz)?;
+    link_or_copy(&kernel.vmlinuz, &dir.join(KERNEL_FILE))?;
+    if let Some(vmlinux) = &kernel.vmlinux {
+        link_or_copy(vmlinux, &dir.join(VMLINUX_FILE))?;
+    }
 
     progress.step("Building the initramfs");
-    let modules = ModuleTree::open(&kernel.modules_dir)?.resolve(GUEST_MODULES)?;
-    progress.detail(&format!("modules: {}", modules.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(" ")));
-    write_initramfs(&dir.join(INITRD_FILE), &busybox, &modules, COMPRESSION)?;
+    let tree = ModuleTree::open(&kernel.modules_dir)?;
+    let boot_modules = tree.resolve(BOOT_MODULES, &[])?;
+    let late_modules = tree.resolve(LATE_MODULES, &boot_modules)?;
+    let names = |modules: &[ModuleFile]| {
+        modules
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    progress.detail(&format!("boot modules: {}", names(&boot_modules)));
+    progress.detail(&format!(
+        "modules loaded after boot: {}",
+        names(&late_modules)
+    ));
+    write_initramfs(&dir.join(INITRD_FILE), &busybox, &boot_modules)?;
 
     progress.step(match template {
         Template::Tiny => "Assembling the busybox root filesystem",
@@ -132,6 +164,7 @@ pub(crate) fn build(
         Template::Base => debootstrap::stage_base(&staging, cache_root, progress)?,
     }
     install_kiln_files(&staging, &busybox, &agent)?;
+    install_late_modules(&staging, &late_modules)?;
 
     progress.step(&format!("Creating the {size_mib} MiB ext4 root filesystem"));
     let uuid = uuid::Uuid::new_v4().to_string();
@@ -148,11 +181,19 @@ pub(crate) fn build(
         cmdline_base: CMDLINE_BASE.to_string(),
         rootfs_size_bytes: size_mib << 20,
         rootfs_uuid: uuid,
-        agent: AgentInfo { version: agent_version, sha256: sha256_file(&opts.agent_bin)?.0 },
+        agent: AgentInfo {
+            version: agent_version,
+            sha256: sha256_file(&opts.agent_bin)?.0,
+        },
         created_at: chrono::Utc::now(),
         builder_version: env!("CARGO_PKG_VERSION").to_string(),
         files: ImageFiles {
             kernel: FileDigest::of(&dir.join(KERNEL_FILE))?,
+            vmlinux: kernel
+                .vmlinux
+                .as_ref()
+                .map(|_| FileDigest::of(&dir.join(VMLINUX_FILE)))
+                .transpose()?,
             initrd: FileDigest::of(&dir.join(INITRD_FILE))?,
             rootfs: FileDigest::of(&dir.join(ROOTFS_FILE))?,
         },
@@ -161,6 +202,15 @@ pub(crate) fn build(
 
     install(dir, &final_dir)?;
     Ok(manifest)
+}
+
+/// Hard-links a cached file into the image (the kernels are large and never modified in place), or
+/// copies it when the cache is on another filesystem.
+fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
+    if fs::hard_link(from, to).is_ok() {
+        return Ok(());
+    }
+    fs::copy(from, to).at("copy", from).map(|_| ())
 }
 
 /// Moves the finished build to `final_dir`. An existing image is swapped out atomically with
@@ -182,21 +232,37 @@ fn install(build_dir: &Path, final_dir: &Path) -> Result<()> {
     let (from, to) = (c_path(build_dir)?, c_path(final_dir)?);
     // SAFETY: both pointers are valid NUL-terminated strings that outlive the call.
     let rc = unsafe {
-        libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_EXCHANGE)
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
     };
     if rc != 0 {
-        return Err(ImageError::path("replace the old image at", final_dir, std::io::Error::last_os_error()));
+        return Err(ImageError::path(
+            "replace the old image at",
+            final_dir,
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }
 
 /// Deletes `.build-*` directories left behind by builds whose process is gone (crashed or killed).
 fn remove_stale_builds(images_root: &Path) {
-    let Ok(entries) = fs::read_dir(images_root) else { return };
+    let Ok(entries) = fs::read_dir(images_root) else {
+        return;
+    };
     for entry in entries.flatten() {
         let file_name = entry.file_name();
-        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(".build-")) else { continue };
-        let Some(pid) = rest.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(".build-")) else {
+            continue;
+        };
+        let Some(pid) = rest.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
         if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
             tracing::info!(path = %entry.path().display(), "removing leftover build directory");
             let _ = fs::remove_dir_all(entry.path());
@@ -213,7 +279,9 @@ fn host_busybox() -> Result<(PathBuf, Vec<u8>)> {
         .find(|p| tools::is_executable(p))
         .map_or_else(|| tools::find_tool(&BUSYBOX), Ok)?;
     let data = fs::read(&path).at("read", &path)?;
-    let is_static = Elf::parse(&data).and_then(|elf| elf.is_static()).unwrap_or(false);
+    let is_static = Elf::parse(&data)
+        .and_then(|elf| elf.is_static())
+        .unwrap_or(false);
     if !is_static {
         return Err(ImageError::Build(format!(
             "{} is not a statically linked busybox; install the static build with `apt-get install busybox-static`",
@@ -225,18 +293,31 @@ fn host_busybox() -> Result<(PathBuf, Vec<u8>)> {
 
 /// Reads and checks the agent binary: an x86-64 executable, statically linked for the tiny image.
 fn read_agent(path: &Path, template: Template, progress: &dyn BuildProgress) -> Result<Vec<u8>> {
-    const HOW: &str = "build it with `RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build -p kiln-agent \
+    const HOW: &str =
+        "build it with `RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build -p kiln-agent \
                        --profile agent --target x86_64-unknown-linux-gnu`";
     if !path.is_file() {
-        return Err(ImageError::Build(format!("the kiln agent binary {} does not exist; {HOW}", path.display())));
+        return Err(ImageError::Build(format!(
+            "the kiln agent binary {} does not exist; {HOW}",
+            path.display()
+        )));
     }
     let data = fs::read(path).at("read the agent binary", path)?;
-    let elf = Elf::parse(&data)
-        .map_err(|e| ImageError::Build(format!("the agent {} is not a Linux executable ({e}); {HOW}", path.display())))?;
+    let elf = Elf::parse(&data).map_err(|e| {
+        ImageError::Build(format!(
+            "the agent {} is not a Linux executable ({e}); {HOW}",
+            path.display()
+        ))
+    })?;
     if elf.machine() != Some(62) {
-        return Err(ImageError::Build(format!("the agent {} is not an x86-64 executable; {HOW}", path.display())));
+        return Err(ImageError::Build(format!(
+            "the agent {} is not an x86-64 executable; {HOW}",
+            path.display()
+        )));
     }
-    let is_static = elf.is_static().map_err(|e| ImageError::Build(format!("the agent {} is damaged: {e}", path.display())))?;
+    let is_static = elf
+        .is_static()
+        .map_err(|e| ImageError::Build(format!("the agent {} is damaged: {e}", path.display())))?;
     match (is_static, template) {
         (true, _) => {}
         (false, Template::Tiny) => {
@@ -255,8 +336,13 @@ fn read_agent(path: &Path, template: Template, progress: &dyn BuildProgress) -> 
 /// Asks the agent for its version (`--version`), giving up after two seconds: the manifest records it
 /// when available, but an agent that does not implement the flag must not stall the build.
 fn agent_version(path: &Path) -> Option<String> {
-    let mut child =
-        Command::new(path).arg("--version").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().ok()?;
+    let mut child = Command::new(path)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
     let deadline = Instant::now() + Duration::from_secs(2);
     let status = loop {
         match child.try_wait() {
@@ -270,7 +356,12 @@ fn agent_version(path: &Path) -> Option<String> {
         }
     };
     let mut out = String::new();
-    child.stdout.take()?.take(4096).read_to_string(&mut out).ok()?;
+    child
+        .stdout
+        .take()?
+        .take(4096)
+        .read_to_string(&mut out)
+        .ok()?;
     let line = out.lines().next()?.trim();
     (status.success() && !line.is_empty() && line.len() <= 100).then(|| line.to_string())
 }

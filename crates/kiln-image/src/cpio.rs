@@ -19,7 +19,12 @@ pub(crate) struct CpioWriter<W: Write> {
 impl<W: Write> CpioWriter<W> {
     pub(crate) fn new(out: W, mtime: u32) -> Self {
         // Inode 0 is avoided: some unpackers treat it specially when detecting hard links.
-        CpioWriter { out, written: 0, next_ino: 1, mtime }
+        CpioWriter {
+            out,
+            written: 0,
+            next_ino: 1,
+            mtime,
+        }
     }
 
     pub(crate) fn dir(&mut self, path: &str, perm: u32) -> io::Result<()> {
@@ -34,7 +39,13 @@ impl<W: Write> CpioWriter<W> {
         self.entry(path, S_IFLNK | 0o777, 1, (0, 0), target.as_bytes())
     }
 
-    pub(crate) fn char_device(&mut self, path: &str, perm: u32, major: u32, minor: u32) -> io::Result<()> {
+    pub(crate) fn char_device(
+        &mut self,
+        path: &str,
+        perm: u32,
+        major: u32,
+        minor: u32,
+    ) -> io::Result<()> {
         self.entry(path, S_IFCHR | perm, 1, (major, minor), &[])
     }
 
@@ -47,19 +58,35 @@ impl<W: Write> CpioWriter<W> {
         Ok(self.out)
     }
 
-    fn entry(&mut self, path: &str, mode: u32, nlink: u32, rdev: (u32, u32), data: &[u8]) -> io::Result<()> {
+    fn entry(
+        &mut self,
+        path: &str,
+        mode: u32,
+        nlink: u32,
+        rdev: (u32, u32),
+        data: &[u8],
+    ) -> io::Result<()> {
         // Archive paths are relative ("bin/sh"); the kernel unpacks them under /.
         let name = path.trim_start_matches('/');
         if name.is_empty() || name.contains('\0') {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad cpio path {path:?}")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad cpio path {path:?}"),
+            ));
         }
-        let size = u32::try_from(data.len())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{path} is larger than 4 GiB")))?;
+        let size = u32::try_from(data.len()).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{path} is larger than 4 GiB"),
+            )
+        })?;
         let namesize = u32::try_from(name.len() + 1)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "cpio path too long"))?;
         let ino = self.next_ino;
         self.next_ino = self.next_ino.wrapping_add(1).max(1);
-        let fields = [ino, mode, 0, 0, nlink, self.mtime, size, 0, 0, rdev.0, rdev.1, namesize, 0];
+        let fields = [
+            ino, mode, 0, 0, nlink, self.mtime, size, 0, 0, rdev.0, rdev.1, namesize, 0,
+        ];
         let mut header = String::with_capacity(110);
         header.push_str("070701");
         for field in fields {
@@ -90,14 +117,32 @@ impl<W: Write> CpioWriter<W> {
 mod tests {
     use super::*;
 
-    /// Parses a newc archive back into (name, mode, rdev, data) tuples.
-    fn parse(mut buf: &[u8]) -> Vec<(String, u32, (u32, u32), Vec<u8>)> {
+    struct Entry {
+        name: String,
+        mode: u32,
+        rdev: (u32, u32),
+        data: Vec<u8>,
+    }
+
+    /// Parses a newc archive back into its entries.
+    fn parse(mut buf: &[u8]) -> Vec<Entry> {
         let mut out = Vec::new();
         let mut offset = 0usize;
         loop {
             assert_eq!(&buf[..6], b"070701", "bad magic at offset {offset}");
-            let field = |i: usize| u32::from_str_radix(std::str::from_utf8(&buf[6 + i * 8..14 + i * 8]).unwrap(), 16).unwrap();
-            let (mode, size, rdev, namesize) = (field(1), field(6) as usize, (field(9), field(10)), field(11) as usize);
+            let field = |i: usize| {
+                u32::from_str_radix(
+                    std::str::from_utf8(&buf[6 + i * 8..14 + i * 8]).unwrap(),
+                    16,
+                )
+                .unwrap()
+            };
+            let (mode, size, rdev, namesize) = (
+                field(1),
+                field(6) as usize,
+                (field(9), field(10)),
+                field(11) as usize,
+            );
             let name = String::from_utf8(buf[110..110 + namesize - 1].to_vec()).unwrap();
             let data_start = (110 + namesize).div_ceil(4) * 4;
             let data = buf[data_start..data_start + size].to_vec();
@@ -108,7 +153,12 @@ mod tests {
                 assert!(buf.is_empty());
                 return out;
             }
-            out.push((name, mode, rdev, data));
+            out.push(Entry {
+                name,
+                mode,
+                rdev,
+                data,
+            });
         }
     }
 
@@ -123,19 +173,22 @@ mod tests {
         assert_eq!(bytes.len() % 4, 0);
         let entries = parse(&bytes);
         assert_eq!(entries.len(), 4);
-        assert_eq!(entries[0].0, "bin");
-        assert_eq!(entries[0].1, S_IFDIR | 0o755);
-        assert_eq!(entries[1].3, b"12345");
-        assert_eq!(entries[2].3, b"busybox");
-        assert_eq!(entries[2].1, S_IFLNK | 0o777);
-        assert_eq!(entries[3].2, (5, 1));
+        assert_eq!(entries[0].name, "bin");
+        assert_eq!(entries[0].mode, S_IFDIR | 0o755);
+        assert_eq!(entries[1].data, b"12345");
+        assert_eq!(entries[2].data, b"busybox");
+        assert_eq!(entries[2].mode, S_IFLNK | 0o777);
+        assert_eq!(entries[3].rdev, (5, 1));
     }
 
     #[test]
     fn host_cpio_accepts_archive() {
         // Cross-check with GNU cpio when the host has it; the format is easy to get subtly wrong.
-        let Ok(cpio) = crate::tools::find_tool(&crate::tools::Tool { name: "cpio", package: "cpio", purpose: "test" })
-        else {
+        let Ok(cpio) = crate::tools::find_tool(&crate::tools::Tool {
+            name: "cpio",
+            package: "cpio",
+            purpose: "test",
+        }) else {
             return;
         };
         let mut w = CpioWriter::new(Vec::new(), 0);
@@ -152,7 +205,10 @@ mod tests {
         child.stdin.take().unwrap().write_all(&bytes).unwrap();
         let output = child.wait_with_output().unwrap();
         assert!(output.status.success());
-        assert_eq!(String::from_utf8_lossy(&output.stdout), "etc\netc/hello\netc/link\n");
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            "etc\netc/hello\netc/link\n"
+        );
     }
 
     #[test]

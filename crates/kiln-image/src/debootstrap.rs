@@ -15,23 +15,44 @@ use crate::tools::{self, DEBOOTSTRAP, TAR};
 const SUITE: &str = "bookworm";
 const MIRROR: &str = "http://deb.debian.org/debian";
 /// busybox provides `ip` for /kiln/init (minbase has no iproute2); e2fsprogs provides resize2fs.
-const PACKAGES: &[&str] = &["python3", "bash", "coreutils", "ca-certificates", "e2fsprogs", "procps", "busybox"];
+const PACKAGES: &[&str] = &[
+    "python3",
+    "bash",
+    "coreutils",
+    "ca-certificates",
+    "e2fsprogs",
+    "procps",
+    "busybox",
+];
 /// Bump when [`customize`] changes, so cached trees built by older code are not reused.
 const RECIPE_VERSION: u32 = 1;
 
 /// Unpacks the cached debootstrap tree into `root`, creating the cache first if needed.
-pub(crate) fn stage_base(root: &Path, cache_root: &Path, progress: &dyn BuildProgress) -> Result<()> {
+pub(crate) fn stage_base(
+    root: &Path,
+    cache_root: &Path,
+    progress: &dyn BuildProgress,
+) -> Result<()> {
     let tarball = ensure_tarball(cache_root, progress)?;
     progress.detail(&format!("unpacking {}", tarball.display()));
     fs::create_dir_all(root).at("create", root)?;
     let tar = tools::find_tool(&TAR)?;
-    tools::run(Command::new(tar).args(["--numeric-owner", "--xattrs", "-xpf"]).arg(&tarball).arg("-C").arg(root))?;
+    tools::run(
+        Command::new(tar)
+            .args(["--numeric-owner", "--xattrs", "-xpf"])
+            .arg(&tarball)
+            .arg("-C")
+            .arg(root),
+    )?;
     Ok(())
 }
 
 fn cache_key() -> String {
     let mut hasher = Sha256::new();
-    hasher.update(format!("{RECIPE_VERSION}\n{SUITE}\n{MIRROR}\nminbase\n{}", PACKAGES.join(",")));
+    hasher.update(format!(
+        "{RECIPE_VERSION}\n{SUITE}\n{MIRROR}\nminbase\n{}",
+        PACKAGES.join(",")
+    ));
     hex::encode(hasher.finalize())[..12].to_string()
 }
 
@@ -111,16 +132,31 @@ fn customize(tree: &Path) -> Result<()> {
          deb {MIRROR} {SUITE}-updates main\n\
          deb http://security.debian.org/debian-security {SUITE}-security main\n"
     );
-    write_file(&tree.join("etc/apt/sources.list"), sources.as_bytes(), 0o644)?;
+    write_file(
+        &tree.join("etc/apt/sources.list"),
+        sources.as_bytes(),
+        0o644,
+    )?;
     // debootstrap leaves the build host's resolv.conf and hostname behind; /kiln/init writes the guest's.
     write_file(&tree.join("etc/resolv.conf"), b"", 0o644)?;
     write_file(&tree.join("etc/hostname"), b"kiln\n", 0o644)?;
-    write_file(&tree.join("etc/hosts"), b"127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n", 0o644)?;
-    write_file(&tree.join("etc/fstab"), b"# kiln: /kiln/init mounts the root and API filesystems\n", 0o644)?;
+    write_file(
+        &tree.join("etc/hosts"),
+        b"127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n",
+        0o644,
+    )?;
+    write_file(
+        &tree.join("etc/fstab"),
+        b"# kiln: /kiln/init mounts the root and API filesystems\n",
+        0o644,
+    )?;
     for dir in ["var/lib/apt/lists", "var/cache/apt/archives"] {
         remove_contents(&tree.join(dir))?;
     }
-    for file in ["var/cache/apt/pkgcache.bin", "var/cache/apt/srcpkgcache.bin"] {
+    for file in [
+        "var/cache/apt/pkgcache.bin",
+        "var/cache/apt/srcpkgcache.bin",
+    ] {
         let _ = fs::remove_file(tree.join(file));
     }
     Ok(())
@@ -128,7 +164,9 @@ fn customize(tree: &Path) -> Result<()> {
 
 /// Removes the files (not subdirectories such as `partial/`, which apt expects) in `dir`.
 fn remove_contents(dir: &Path) -> Result<()> {
-    let Ok(entries) = fs::read_dir(dir) else { return Ok(()) };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(());
+    };
     for entry in entries {
         let path = entry.at("read directory", dir)?.path();
         if !path.is_dir() {

@@ -2,6 +2,7 @@
 //! initramfs have no C library), and what does a kernel module's `.modinfo` section say.
 
 const PT_INTERP: u32 = 3;
+const PT_NOTE: u32 = 4;
 
 /// A little-endian 64-bit ELF file held in memory.
 pub(crate) struct Elf<'a> {
@@ -20,11 +21,15 @@ impl<'a> Elf<'a> {
     }
 
     fn u16_at(&self, off: usize) -> Option<u16> {
-        Some(u16::from_le_bytes(self.data.get(off..off + 2)?.try_into().ok()?))
+        Some(u16::from_le_bytes(
+            self.data.get(off..off + 2)?.try_into().ok()?,
+        ))
     }
 
     fn u32_at(&self, off: usize) -> Option<u32> {
-        Some(u32::from_le_bytes(self.data.get(off..off + 4)?.try_into().ok()?))
+        Some(u32::from_le_bytes(
+            self.data.get(off..off + 4)?.try_into().ok()?,
+        ))
     }
 
     fn u64_at(&self, off: usize) -> Option<usize> {
@@ -53,6 +58,30 @@ impl<'a> Elf<'a> {
         Ok(true)
     }
 
+    /// True when a PT_NOTE segment holds a note with this owner name and type.
+    pub(crate) fn has_note(&self, owner: &str, note_type: u32) -> Result<bool, String> {
+        let bad = || "truncated program headers".to_string();
+        let phoff = self.u64_at(32).ok_or_else(bad)?;
+        let phentsize = usize::from(self.u16_at(54).ok_or_else(bad)?);
+        let phnum = usize::from(self.u16_at(56).ok_or_else(bad)?);
+        for i in 0..phnum {
+            let header = phoff + i * phentsize;
+            if self.u32_at(header).ok_or_else(bad)? != PT_NOTE {
+                continue;
+            }
+            let offset = self.u64_at(header + 8).ok_or_else(bad)?;
+            let size = self.u64_at(header + 32).ok_or_else(bad)?;
+            let notes = self
+                .data
+                .get(offset..offset.saturating_add(size))
+                .ok_or("truncated note segment")?;
+            if notes_contain(notes, owner, note_type) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// The contents of the section called `name`, if present.
     pub(crate) fn section(&self, name: &str) -> Result<Option<&'a [u8]>, String> {
         let bad = || "truncated section headers".to_string();
@@ -69,7 +98,9 @@ impl<'a> Elf<'a> {
         let names = body(shstrndx).ok_or_else(bad)?;
         for i in 0..shnum {
             let name_off = self.u32_at(header(i)).ok_or_else(bad)? as usize;
-            let Some(rest) = names.get(name_off..) else { continue };
+            let Some(rest) = names.get(name_off..) else {
+                continue;
+            };
             let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
             if &rest[..end] == name.as_bytes() {
                 return body(i).map(Some).ok_or_else(bad);
@@ -77,6 +108,30 @@ impl<'a> Elf<'a> {
         }
         Ok(None)
     }
+}
+
+/// Walks ELF notes (namesz, descsz, type, name, desc; name and desc padded to 4 bytes).
+fn notes_contain(mut notes: &[u8], owner: &str, note_type: u32) -> bool {
+    let word = |b: &[u8], i: usize| {
+        b.get(i..i + 4)
+            .and_then(|w| w.try_into().ok())
+            .map(u32::from_le_bytes)
+    };
+    while let (Some(namesz), Some(descsz), Some(kind)) =
+        (word(notes, 0), word(notes, 4), word(notes, 8))
+    {
+        let (namesz, descsz) = (namesz as usize, descsz as usize);
+        let name = notes.get(12..12 + namesz).unwrap_or_default();
+        if kind == note_type && name.strip_suffix(b"\0").unwrap_or(name) == owner.as_bytes() {
+            return true;
+        }
+        let next = 12 + namesz.next_multiple_of(4) + descsz.next_multiple_of(4);
+        let Some(rest) = notes.get(next..) else {
+            return false;
+        };
+        notes = rest;
+    }
+    false
 }
 
 /// The value of `key` in a `.modinfo` section (NUL-separated `key=value` strings).
@@ -150,10 +205,36 @@ mod tests {
     fn finds_modinfo_depends() {
         let info = b"license=GPL\0depends=net_failover,failover\0name=virtio_net\0";
         let elf = fake_elf(&[], &[(".text", b"code"), (".modinfo", info)]);
-        let section = Elf::parse(&elf).unwrap().section(".modinfo").unwrap().unwrap();
-        assert_eq!(modinfo_value(section, "depends"), Some("net_failover,failover"));
+        let section = Elf::parse(&elf)
+            .unwrap()
+            .section(".modinfo")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            modinfo_value(section, "depends"),
+            Some("net_failover,failover")
+        );
         assert_eq!(modinfo_value(section, "name"), Some("virtio_net"));
         assert_eq!(modinfo_value(section, "vermagic"), None);
+    }
+
+    #[test]
+    fn finds_notes() {
+        let mut notes = Vec::new();
+        for (name, kind, desc) in [
+            (&b"GNU\0"[..], 3u32, &b"buildid!"[..]),
+            (b"Xen\0", 18, b"\x00\x10\x00\x01"),
+        ] {
+            notes.extend((name.len() as u32).to_le_bytes());
+            notes.extend((desc.len() as u32).to_le_bytes());
+            notes.extend(kind.to_le_bytes());
+            notes.extend(name);
+            notes.extend(desc);
+        }
+        assert!(notes_contain(&notes, "Xen", 18));
+        assert!(notes_contain(&notes, "GNU", 3));
+        assert!(!notes_contain(&notes, "Xen", 3));
+        assert!(!notes_contain(&notes[..20], "Xen", 18));
     }
 
     #[test]

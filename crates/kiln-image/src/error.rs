@@ -18,10 +18,18 @@ pub enum ImageError {
     AlreadyExists { name: String, dir: PathBuf },
 
     #[error("`{tool}` was not found; it is needed to {purpose}. Install it with `apt-get install {package}`")]
-    MissingTool { tool: String, package: String, purpose: String },
+    MissingTool {
+        tool: String,
+        package: String,
+        purpose: String,
+    },
 
     #[error("`{command}` failed ({status}){}", format_stderr(stderr))]
-    CommandFailed { command: String, status: String, stderr: String },
+    CommandFailed {
+        command: String,
+        status: String,
+        stderr: String,
+    },
 
     #[error("{context}: {source}")]
     Io {
@@ -54,7 +62,10 @@ fn format_stderr(stderr: &str) -> String {
 
 impl ImageError {
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
-        ImageError::Io { context: context.into(), source }
+        ImageError::Io {
+            context: context.into(),
+            source,
+        }
     }
 
     /// An I/O error about a path, phrased as "cannot <action> <path>".

@@ -1,7 +1,8 @@
 //! kiln-image builds and manages guest images ("templates"). Each image is a directory
 //! `<images_root>/<name>/` with:
 //!
-//! * `vmlinuz`: Debian's 6.12 cloud kernel,
+//! * `vmlinuz`: Debian's 6.12 cloud kernel, and `vmlinux`, the same kernel uncompressed for faster PVH
+//!   boot (see [`Image::vmlinux`]),
 //! * `initrd.img`: a small initramfs (static busybox + virtio/overlay/vsock modules) that mounts
 //!   `/dev/vda` and runs `/kiln/init` from it,
 //! * `rootfs.img`: a sparse raw ext4 image, used read-only as the backing file of each sandbox's overlay,
@@ -11,6 +12,7 @@
 //! `cache_root` so rebuilds are fast.
 
 mod builder;
+mod bzimage;
 mod cmdline;
 mod cpio;
 mod debootstrap;
@@ -31,8 +33,8 @@ use std::path::{Path, PathBuf};
 pub use cmdline::{kernel_cmdline, CmdlineParams, CMDLINE_BASE};
 pub use error::ImageError;
 pub use manifest::{
-    AgentInfo, FileDigest, Image, ImageFiles, ImageInfo, ImageManifest, INITRD_FILE, KERNEL_FILE, MANIFEST_FILE,
-    ROOTFS_FILE,
+    AgentInfo, FileDigest, Image, ImageFiles, ImageInfo, ImageManifest, INITRD_FILE, KERNEL_FILE,
+    MANIFEST_FILE, ROOTFS_FILE, VMLINUX_FILE,
 };
 pub use progress::{BuildProgress, NoProgress, StderrProgress};
 
@@ -57,15 +59,25 @@ pub fn known_images() -> &'static [(&'static str, &'static str)] {
 /// Checks that `name` can be used as an image directory name: `^[a-z0-9][a-z0-9_-]{0,62}$`, which also
 /// rules out path separators, `..` and hidden names.
 pub fn validate_image_name(name: &str) -> Result<(), ImageError> {
-    let invalid = |reason| Err(ImageError::InvalidName { name: name.to_string(), reason });
-    let Some(first) = name.chars().next() else { return invalid("the name is empty") };
+    let invalid = |reason| {
+        Err(ImageError::InvalidName {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    let Some(first) = name.chars().next() else {
+        return invalid("the name is empty");
+    };
     if name.len() > 63 {
         return invalid("names are at most 63 characters long");
     }
     if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
         return invalid("names start with a lowercase letter or a digit");
     }
-    if !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_') {
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+    {
         return invalid("names may only contain lowercase letters, digits, '-' and '_'");
     }
     Ok(())
@@ -80,7 +92,10 @@ pub struct ImageStore {
 
 impl ImageStore {
     pub fn new(images_root: PathBuf, cache_root: PathBuf) -> Self {
-        ImageStore { images_root, cache_root }
+        ImageStore {
+            images_root,
+            cache_root,
+        }
     }
 
     pub fn images_root(&self) -> &Path {
@@ -102,14 +117,23 @@ impl ImageStore {
         let mut images = Vec::new();
         for entry in entries {
             let entry = entry.at("read directory", &self.images_root)?;
-            let Some(name) = entry.file_name().to_str().map(str::to_string) else { continue };
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
             let dir = entry.path();
             if validate_image_name(&name).is_err() || !dir.join(MANIFEST_FILE).is_file() {
                 continue;
             }
             match ImageManifest::load(&name, &dir.join(MANIFEST_FILE)) {
-                Ok(manifest) => images.push(ImageInfo { disk_usage_bytes: disk_usage(&dir), name, dir, manifest }),
-                Err(e) => tracing::warn!(image = %name, error = %e, "skipping image with unreadable manifest"),
+                Ok(manifest) => images.push(ImageInfo {
+                    disk_usage_bytes: disk_usage(&dir),
+                    name,
+                    dir,
+                    manifest,
+                }),
+                Err(e) => {
+                    tracing::warn!(image = %name, error = %e, "skipping image with unreadable manifest")
+                }
             }
         }
         images.sort_by(|a, b| a.name.cmp(&b.name));
@@ -122,18 +146,29 @@ impl ImageStore {
         let dir = self.images_root.join(name);
         let manifest_path = dir.join(MANIFEST_FILE);
         if !manifest_path.is_file() {
-            return Err(ImageError::NotFound { name: name.to_string(), dir });
+            return Err(ImageError::NotFound {
+                name: name.to_string(),
+                dir,
+            });
         }
         let manifest = ImageManifest::load(name, &manifest_path)?;
         let image = Image {
             name: name.to_string(),
             kernel: dir.join(KERNEL_FILE),
+            vmlinux: manifest
+                .files
+                .vmlinux
+                .as_ref()
+                .map(|_| dir.join(VMLINUX_FILE)),
             initrd: dir.join(INITRD_FILE),
             rootfs: dir.join(ROOTFS_FILE),
             dir,
             manifest,
         };
-        for file in [&image.kernel, &image.initrd, &image.rootfs] {
+        for file in [&image.kernel, &image.initrd, &image.rootfs]
+            .into_iter()
+            .chain(image.vmlinux.as_ref())
+        {
             if !file.is_file() {
                 return Err(ImageError::Build(format!(
                     "image {name} is incomplete: {} is missing; rebuild it with `kiln image build --force {name}`",
@@ -150,25 +185,51 @@ impl ImageStore {
         validate_image_name(name)?;
         let dir = self.images_root.join(name);
         if !dir.is_dir() {
-            return Err(ImageError::NotFound { name: name.to_string(), dir });
+            return Err(ImageError::NotFound {
+                name: name.to_string(),
+                dir,
+            });
         }
         // Rename first so the image disappears at once, even if deleting its files takes a while.
-        let doomed = self.images_root.join(format!(".remove-{name}-{}", std::process::id()));
+        let doomed = self
+            .images_root
+            .join(format!(".remove-{name}-{}", std::process::id()));
         fs::rename(&dir, &doomed).at("move away", &dir)?;
         fs::remove_dir_all(&doomed).at("remove", &doomed)
     }
 
     /// Builds (or with `opts.force`, rebuilds) the image called `name`, which must be one of
     /// [`known_images`]. The build happens beside the images and replaces the old one only on success.
-    pub fn build(&self, name: &str, opts: &BuildOptions, progress: &dyn BuildProgress) -> Result<ImageInfo, ImageError> {
+    pub fn build(
+        &self,
+        name: &str,
+        opts: &BuildOptions,
+        progress: &dyn BuildProgress,
+    ) -> Result<ImageInfo, ImageError> {
         validate_image_name(name)?;
-        let template = builder::Template::from_name(name).ok_or_else(|| ImageError::UnknownTemplate {
-            name: name.to_string(),
-            known: known_images().iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
-        })?;
-        let manifest = builder::build(&self.images_root, &self.cache_root, template, opts, progress)?;
+        let template =
+            builder::Template::from_name(name).ok_or_else(|| ImageError::UnknownTemplate {
+                name: name.to_string(),
+                known: known_images()
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        let manifest = builder::build(
+            &self.images_root,
+            &self.cache_root,
+            template,
+            opts,
+            progress,
+        )?;
         let dir = self.images_root.join(name);
-        Ok(ImageInfo { name: name.to_string(), disk_usage_bytes: disk_usage(&dir), dir, manifest })
+        Ok(ImageInfo {
+            name: name.to_string(),
+            disk_usage_bytes: disk_usage(&dir),
+            dir,
+            manifest,
+        })
     }
 }
 
@@ -192,7 +253,19 @@ mod tests {
         for ok in ["tiny", "base", "0", "py-3_11", &"a".repeat(63)] {
             assert!(validate_image_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "Tiny", "-x", "_x", "a/b", "..", ".hidden", "a b", "é", &"a".repeat(64), "x\0"] {
+        for bad in [
+            "",
+            "Tiny",
+            "-x",
+            "_x",
+            "a/b",
+            "..",
+            ".hidden",
+            "a b",
+            "é",
+            &"a".repeat(64),
+            "x\0",
+        ] {
             assert!(validate_image_name(bad).is_err(), "{bad:?}");
         }
     }
@@ -204,15 +277,25 @@ mod tests {
         let err = store.get("tiny").unwrap_err().to_string();
         assert!(err.contains("kiln image build tiny"), "{err}");
         assert!(store.list().unwrap().is_empty());
-        assert!(matches!(store.remove("tiny"), Err(ImageError::NotFound { .. })));
+        assert!(matches!(
+            store.remove("tiny"),
+            Err(ImageError::NotFound { .. })
+        ));
     }
 
     #[test]
     fn unknown_template_lists_known_ones() {
         let dir = tempfile::tempdir().unwrap();
         let store = ImageStore::new(dir.path().join("images"), dir.path().join("cache"));
-        let opts = BuildOptions { agent_bin: "/nonexistent".into(), force: false, rootfs_size_mib: None };
-        let err = store.build("fancy", &opts, &NoProgress).unwrap_err().to_string();
+        let opts = BuildOptions {
+            agent_bin: "/nonexistent".into(),
+            force: false,
+            rootfs_size_mib: None,
+        };
+        let err = store
+            .build("fancy", &opts, &NoProgress)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("tiny, base"), "{err}");
     }
 
@@ -223,15 +306,27 @@ mod tests {
         let image_dir = dir.path().join("tiny");
         fs::create_dir_all(&image_dir).unwrap();
         fs::create_dir_all(dir.path().join("half-built")).unwrap();
-        manifest::tests::sample().save(&image_dir.join(MANIFEST_FILE)).unwrap();
+        manifest::tests::sample()
+            .save(&image_dir.join(MANIFEST_FILE))
+            .unwrap();
         let listed = store.list().unwrap();
-        assert_eq!(listed.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), ["tiny"]);
+        assert_eq!(
+            listed.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+            ["tiny"]
+        );
         // The manifest alone is not enough to boot.
-        assert!(store.get("tiny").unwrap_err().to_string().contains("incomplete"));
-        for file in [KERNEL_FILE, INITRD_FILE, ROOTFS_FILE] {
+        assert!(store
+            .get("tiny")
+            .unwrap_err()
+            .to_string()
+            .contains("incomplete"));
+        for file in [KERNEL_FILE, VMLINUX_FILE, INITRD_FILE, ROOTFS_FILE] {
             fs::write(image_dir.join(file), b"x").unwrap();
         }
-        assert_eq!(store.get("tiny").unwrap().rootfs, image_dir.join(ROOTFS_FILE));
+        assert_eq!(
+            store.get("tiny").unwrap().rootfs,
+            image_dir.join(ROOTFS_FILE)
+        );
         store.remove("tiny").unwrap();
         assert!(!image_dir.exists());
         assert!(store.list().unwrap().is_empty());

@@ -14,16 +14,22 @@ use crate::elf::{modinfo_value, Elf};
 use crate::error::{ImageError, IoContext, Result};
 use crate::tools;
 
-/// Modules the guest loads from the initramfs. Everything else it needs (virtio-pci, virtio-console,
-/// ext4, 8250 serial) is built into Debian's cloud kernel.
-pub(crate) const GUEST_MODULES: &[&str] = &[
+/// Modules the initramfs loads before mounting the root filesystem. Everything else boot needs
+/// (virtio-pci, virtio-console, ext4, 8250 serial) is built into Debian's cloud kernel.
+pub(crate) const BOOT_MODULES: &[&str] = &[
     // microvm describes its virtio-mmio devices in ACPI; without this driver no device is visible.
     "virtio_mmio",
     "virtio_blk",
+    // /kiln/init configures eth0 before it reports ready.
     "virtio_net",
+];
+
+/// Modules /kiln/init loads in the background once the agent runs: nothing at boot needs them, and
+/// loading them costs about 0.15 s of emulated CPU under TCG.
+pub(crate) const LATE_MODULES: &[&str] = &[
     // Sandboxed workloads (container tools, layered installs) expect overlayfs.
     "overlay",
-    // vsock for a future host<->guest transport; cheap to load and avoids an image rebuild later.
+    // vsock for a future host<->guest transport; cheap to have and avoids an image rebuild later.
     "vsock",
     "vmw_vsock_virtio_transport",
 ];
@@ -51,10 +57,16 @@ pub(crate) fn module_name(path: &str) -> Option<String> {
     (!stem.is_empty()).then(|| stem.replace('-', "_"))
 }
 
-/// Parses modules.dep (`path: dep-path dep-path ...`) into name -> path and name -> dependency names.
-pub(crate) fn parse_modules_dep(
-    text: &str,
-) -> Result<(HashMap<String, PathBuf>, HashMap<String, Vec<String>>), String> {
+/// The contents of a modules.dep file, by module name.
+#[derive(Debug, Default)]
+pub(crate) struct ModulesDep {
+    /// Module file, relative to the modules directory.
+    pub paths: HashMap<String, PathBuf>,
+    pub deps: HashMap<String, Vec<String>>,
+}
+
+/// Parses modules.dep (`path: dep-path dep-path ...`).
+pub(crate) fn parse_modules_dep(text: &str) -> Result<ModulesDep, String> {
     let mut paths = HashMap::new();
     let mut deps = HashMap::new();
     for (lineno, line) in text.lines().enumerate() {
@@ -62,17 +74,21 @@ pub(crate) fn parse_modules_dep(
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (module, rest) =
-            line.split_once(':').ok_or_else(|| format!("line {}: missing ':'", lineno + 1))?;
-        let name = module_name(module).ok_or_else(|| format!("line {}: bad module path {module:?}", lineno + 1))?;
+        let (module, rest) = line
+            .split_once(':')
+            .ok_or_else(|| format!("line {}: missing ':'", lineno + 1))?;
+        let name = module_name(module)
+            .ok_or_else(|| format!("line {}: bad module path {module:?}", lineno + 1))?;
         let dep_names = rest
             .split_whitespace()
-            .map(|d| module_name(d).ok_or_else(|| format!("line {}: bad dependency {d:?}", lineno + 1)))
+            .map(|d| {
+                module_name(d).ok_or_else(|| format!("line {}: bad dependency {d:?}", lineno + 1))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         paths.insert(name.clone(), PathBuf::from(module));
         deps.insert(name, dep_names);
     }
-    Ok((paths, deps))
+    Ok(ModulesDep { paths, deps })
 }
 
 /// Orders `wanted` plus their transitive dependencies so every module comes after its dependencies.
@@ -81,7 +97,12 @@ pub(crate) fn load_order<F>(wanted: &[&str], mut deps_of: F) -> Result<Vec<Strin
 where
     F: FnMut(&str) -> Result<Vec<String>>,
 {
-    fn visit<F>(name: &str, deps_of: &mut F, done: &mut Vec<String>, stack: &mut Vec<String>) -> Result<()>
+    fn visit<F>(
+        name: &str,
+        deps_of: &mut F,
+        done: &mut Vec<String>,
+        stack: &mut Vec<String>,
+    ) -> Result<()>
     where
         F: FnMut(&str) -> Result<Vec<String>>,
     {
@@ -106,7 +127,12 @@ where
 
     let mut done = Vec::new();
     for name in wanted {
-        visit(&name.replace('-', "_"), &mut deps_of, &mut done, &mut Vec::new())?;
+        visit(
+            &name.replace('-', "_"),
+            &mut deps_of,
+            &mut done,
+            &mut Vec::new(),
+        )?;
     }
     Ok(done)
 }
@@ -116,25 +142,40 @@ impl ModuleTree {
         let dep_file = dir.join("modules.dep");
         if dep_file.is_file() {
             let text = std::fs::read_to_string(&dep_file).at("read", &dep_file)?;
-            let (paths, deps) = parse_modules_dep(&text)
-                .map_err(|e| ImageError::Build(format!("{} is malformed: {e}", dep_file.display())))?;
-            return Ok(ModuleTree { dir: dir.to_path_buf(), paths, deps: Some(deps) });
+            let ModulesDep { paths, deps } = parse_modules_dep(&text).map_err(|e| {
+                ImageError::Build(format!("{} is malformed: {e}", dep_file.display()))
+            })?;
+            return Ok(ModuleTree {
+                dir: dir.to_path_buf(),
+                paths,
+                deps: Some(deps),
+            });
         }
         let mut paths = HashMap::new();
         collect_modules(dir, dir, &mut paths)?;
         if paths.is_empty() {
-            return Err(ImageError::Build(format!("no kernel modules found under {}", dir.display())));
+            return Err(ImageError::Build(format!(
+                "no kernel modules found under {}",
+                dir.display()
+            )));
         }
-        Ok(ModuleTree { dir: dir.to_path_buf(), paths, deps: None })
+        Ok(ModuleTree {
+            dir: dir.to_path_buf(),
+            paths,
+            deps: None,
+        })
     }
 
     fn path(&self, name: &str) -> Result<PathBuf> {
-        self.paths.get(name).map(|p| self.dir.join(p)).ok_or_else(|| {
-            ImageError::Build(format!(
-                "kernel module {name} is not in {}; the guest kernel was built without it",
-                self.dir.display()
-            ))
-        })
+        self.paths
+            .get(name)
+            .map(|p| self.dir.join(p))
+            .ok_or_else(|| {
+                ImageError::Build(format!(
+                    "kernel module {name} is not in {}; the guest kernel was built without it",
+                    self.dir.display()
+                ))
+            })
     }
 
     fn dependencies(&self, name: &str) -> Result<Vec<String>> {
@@ -143,18 +184,40 @@ impl ModuleTree {
         }
         let path = self.path(name)?;
         let data = read_module(&path)?;
-        let bad = |what: String| ImageError::Build(format!("{} is not a valid kernel module: {what}", path.display()));
+        let bad = |what: String| {
+            ImageError::Build(format!(
+                "{} is not a valid kernel module: {what}",
+                path.display()
+            ))
+        };
         let elf = Elf::parse(&data).map_err(bad)?;
-        let modinfo = elf.section(".modinfo").map_err(bad)?.ok_or_else(|| bad("no .modinfo section".into()))?;
+        let modinfo = elf
+            .section(".modinfo")
+            .map_err(bad)?
+            .ok_or_else(|| bad("no .modinfo section".into()))?;
         let depends = modinfo_value(modinfo, "depends").unwrap_or("");
-        Ok(depends.split(',').filter(|d| !d.is_empty()).map(|d| d.replace('-', "_")).collect())
+        Ok(depends
+            .split(',')
+            .filter(|d| !d.is_empty())
+            .map(|d| d.replace('-', "_"))
+            .collect())
     }
 
-    /// The modules to load for `wanted`, dependencies first.
-    pub(crate) fn resolve(&self, wanted: &[&str]) -> Result<Vec<ModuleFile>> {
+    /// The modules to load for `wanted`, dependencies first, leaving out those in `already_loaded`.
+    pub(crate) fn resolve(
+        &self,
+        wanted: &[&str],
+        already_loaded: &[ModuleFile],
+    ) -> Result<Vec<ModuleFile>> {
         load_order(wanted, |name| self.dependencies(name))?
             .into_iter()
-            .map(|name| Ok(ModuleFile { path: self.path(&name)?, name }))
+            .filter(|name| !already_loaded.iter().any(|m| &m.name == name))
+            .map(|name| {
+                Ok(ModuleFile {
+                    path: self.path(&name)?,
+                    name,
+                })
+            })
             .collect()
     }
 }
@@ -186,7 +249,9 @@ pub(crate) fn read_module(path: &Path) -> Result<Vec<u8>> {
             .map_err(|e| ImageError::Build(format!("cannot decompress {}: {e}", path.display())))?;
     } else if name.ends_with(".gz") {
         let file = std::fs::File::open(path).at("open", path)?;
-        flate2::read::GzDecoder::new(file).read_to_end(&mut out).at("decompress", path)?;
+        flate2::read::GzDecoder::new(file)
+            .read_to_end(&mut out)
+            .at("decompress", path)?;
     } else if name.ends_with(".zst") {
         let zstd = tools::find_tool(&tools::ZSTD)?;
         out = tools::run(Command::new(zstd).arg("-dcq").arg(path))?.stdout;
@@ -194,6 +259,18 @@ pub(crate) fn read_module(path: &Path) -> Result<Vec<u8>> {
         out = std::fs::read(path).at("read", path)?;
     }
     Ok(out)
+}
+
+/// The module's bytes as they go into the image: decompressed and without signature.
+pub(crate) fn load_module_unsigned(module: &ModuleFile) -> Result<Vec<u8>> {
+    let mut data = read_module(&module.path)?;
+    strip_signature(&mut data).map_err(|e| {
+        ImageError::Build(format!(
+            "{} has a malformed signature: {e}",
+            module.path.display()
+        ))
+    })?;
+    Ok(data)
 }
 
 /// Trailer of a signed module: `<module><signature><struct module_signature (12 bytes)><MAGIC>`.
@@ -205,15 +282,23 @@ const SIGNATURE_MAGIC: &[u8] = b"~Module signature appended~\n";
 /// about a quarter of a second per boot for the modules we load. Unsigned modules still load (Debian does
 /// not enforce signatures outside secure-boot lockdown); the kernel only marks itself tainted ('E').
 pub(crate) fn strip_signature(module: &mut Vec<u8>) -> Result<(), String> {
-    let Some(body_end) = module.len().checked_sub(SIGNATURE_MAGIC.len()) else { return Ok(()) };
+    let Some(body_end) = module.len().checked_sub(SIGNATURE_MAGIC.len()) else {
+        return Ok(());
+    };
     if &module[body_end..] != SIGNATURE_MAGIC {
         return Ok(());
     }
     // struct module_signature ends with the signature length as a big-endian u32.
-    let info_start = body_end.checked_sub(12).ok_or("truncated module signature")?;
-    let len_bytes: [u8; 4] = module[body_end - 4..body_end].try_into().map_err(|_| "truncated module signature")?;
+    let info_start = body_end
+        .checked_sub(12)
+        .ok_or("truncated module signature")?;
+    let len_bytes: [u8; 4] = module[body_end - 4..body_end]
+        .try_into()
+        .map_err(|_| "truncated module signature")?;
     let sig_len = u32::from_be_bytes(len_bytes) as usize;
-    let new_len = info_start.checked_sub(sig_len).ok_or("module signature is longer than the module")?;
+    let new_len = info_start
+        .checked_sub(sig_len)
+        .ok_or("module signature is longer than the module")?;
     module.truncate(new_len);
     Ok(())
 }
@@ -222,7 +307,9 @@ pub(crate) fn strip_signature(module: &mut Vec<u8>) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    fn graph(edges: &[(&str, &[&str])]) -> impl FnMut(&str) -> Result<Vec<String>> + '_ {
+    fn graph<'a>(
+        edges: &'a [(&'a str, &'a [&'a str])],
+    ) -> impl FnMut(&str) -> Result<Vec<String>> + 'a {
         move |name| {
             edges
                 .iter()
@@ -239,12 +326,23 @@ mod tests {
             ("virtio_net", &["net_failover"]),
             ("net_failover", &["failover"]),
             ("failover", &[]),
-            ("vmw_vsock_virtio_transport", &["vmw_vsock_virtio_transport_common", "vsock"]),
+            (
+                "vmw_vsock_virtio_transport",
+                &["vmw_vsock_virtio_transport_common", "vsock"],
+            ),
             ("vmw_vsock_virtio_transport_common", &["vsock"]),
             ("vsock", &[]),
         ];
-        let order = load_order(&["virtio_mmio", "virtio_net", "vmw_vsock_virtio_transport", "vsock"], graph(edges))
-            .unwrap();
+        let order = load_order(
+            &[
+                "virtio_mmio",
+                "virtio_net",
+                "vmw_vsock_virtio_transport",
+                "vsock",
+            ],
+            graph(edges),
+        )
+        .unwrap();
         assert_eq!(
             order,
             [
@@ -273,8 +371,11 @@ mod tests {
                     kernel/drivers/net/net_failover.ko.xz: kernel/net/core/failover.ko.xz\n\
                     kernel/net/core/failover.ko.xz:\n\
                     kernel/drivers/hid/hid-generic.ko:\n";
-        let (paths, deps) = parse_modules_dep(text).unwrap();
-        assert_eq!(paths["virtio_net"], PathBuf::from("kernel/drivers/net/virtio_net.ko.xz"));
+        let ModulesDep { paths, deps } = parse_modules_dep(text).unwrap();
+        assert_eq!(
+            paths["virtio_net"],
+            PathBuf::from("kernel/drivers/net/virtio_net.ko.xz")
+        );
         assert_eq!(deps["virtio_net"], ["net_failover", "failover"]);
         assert!(deps["failover"].is_empty());
         assert!(paths.contains_key("hid_generic"));
@@ -302,8 +403,14 @@ mod tests {
 
     #[test]
     fn module_names_from_paths() {
-        assert_eq!(module_name("kernel/fs/overlayfs/overlay.ko.xz").as_deref(), Some("overlay"));
-        assert_eq!(module_name("hid-generic.ko").as_deref(), Some("hid_generic"));
+        assert_eq!(
+            module_name("kernel/fs/overlayfs/overlay.ko.xz").as_deref(),
+            Some("overlay")
+        );
+        assert_eq!(
+            module_name("hid-generic.ko").as_deref(),
+            Some("hid_generic")
+        );
         assert_eq!(module_name("modules.order"), None);
     }
 }

@@ -26,7 +26,9 @@ pub struct StderrProgress {
 
 impl StderrProgress {
     pub fn new() -> Self {
-        StderrProgress { last: Mutex::new(None) }
+        StderrProgress {
+            last: Mutex::new(None),
+        }
     }
 
     fn finish_previous(&self, last: &mut Option<(String, Instant)>) {

@@ -8,13 +8,22 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::error::{ImageError, IoContext, Result};
+use crate::modules::{load_module_unsigned, ModuleFile};
 use crate::tools::{self, Tool, MKFS_EXT4};
 
 /// The guest init (images/init.sh), installed as /kiln/init.
 pub(crate) const GUEST_INIT: &str = include_str!("../../../images/init.sh");
 
-const LDD: Tool = Tool { name: "ldd", package: "libc-bin", purpose: "find the libraries resize2fs needs" };
-const RESIZE2FS: Tool = Tool { name: "resize2fs", package: "e2fsprogs", purpose: "grow the root filesystem at boot" };
+const LDD: Tool = Tool {
+    name: "ldd",
+    package: "libc-bin",
+    purpose: "find the libraries resize2fs needs",
+};
+const RESIZE2FS: Tool = Tool {
+    name: "resize2fs",
+    package: "e2fsprogs",
+    purpose: "grow the root filesystem at boot",
+};
 
 pub(crate) fn create_dir(path: &Path, mode: u32) -> Result<()> {
     fs::create_dir_all(path).at("create", path)?;
@@ -60,7 +69,9 @@ pub(crate) fn install_kiln_files(root: &Path, busybox: &[u8], agent: &[u8]) -> R
     let kiln_busybox = root.join("kiln/busybox");
     let bin_busybox = root.join("bin/busybox");
     // The tiny image already has this very binary as /bin/busybox: share it instead of a second copy.
-    if fs::read(&bin_busybox).is_ok_and(|existing| existing == busybox) {
+    if tools::is_executable(&bin_busybox)
+        && fs::read(&bin_busybox).is_ok_and(|existing| existing == busybox)
+    {
         let _ = fs::remove_file(&kiln_busybox);
         fs::hard_link(&bin_busybox, &kiln_busybox).at("link", &kiln_busybox)?;
     } else {
@@ -70,16 +81,38 @@ pub(crate) fn install_kiln_files(root: &Path, busybox: &[u8], agent: &[u8]) -> R
     write_file(&root.join("kiln/kiln-agent"), agent, 0o755)
 }
 
+/// Puts the modules /kiln/init loads after boot into /kiln/modules, named `NN-name.ko` so a shell glob
+/// lists them in load order.
+pub(crate) fn install_late_modules(root: &Path, modules: &[ModuleFile]) -> Result<()> {
+    let dir = root.join("kiln/modules");
+    create_dir(&dir, 0o755)?;
+    for (index, module) in modules.iter().enumerate() {
+        let data = load_module_unsigned(module)?;
+        write_file(
+            &dir.join(format!("{:02}-{}.ko", index + 1, module.name)),
+            &data,
+            0o644,
+        )?;
+    }
+    Ok(())
+}
+
 /// Stages the tiny image: static busybox with a link per applet, minimal /etc, and resize2fs with its
 /// libraries so `kiln.resize=1` works here too.
 pub(crate) fn stage_tiny(root: &Path, busybox_path: &Path, busybox: &[u8]) -> Result<()> {
     create_skeleton(root)?;
-    for dir in ["bin", "sbin", "usr/bin", "usr/sbin", "home", "mnt", "var/log"] {
+    for dir in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "home", "mnt", "var/log",
+    ] {
         create_dir(&root.join(dir), 0o755)?;
     }
     write_file(&root.join("bin/busybox"), busybox, 0o755)?;
     let applets = tools::run_stdout(Command::new(busybox_path).arg("--list-full"))?;
-    for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty() && *a != "bin/busybox") {
+    for applet in applets
+        .lines()
+        .map(str::trim)
+        .filter(|a| !a.is_empty() && *a != "bin/busybox")
+    {
         let link = root.join(applet);
         if !link.exists() {
             if let Some(parent) = link.parent() {
@@ -195,14 +228,20 @@ mod tests {
     fn installs_kiln_files() {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join("bin")).unwrap();
-        fs::write(dir.path().join("bin/busybox"), b"bb").unwrap();
+        write_file(&dir.path().join("bin/busybox"), b"bb", 0o755).unwrap();
         install_kiln_files(dir.path(), b"bb", b"agent").unwrap();
         assert!(tools::is_executable(&dir.path().join("kiln/init")));
         assert!(tools::is_executable(&dir.path().join("kiln/busybox")));
         let linked = |p: &str| fs::metadata(dir.path().join(p)).unwrap().nlink();
         assert_eq!((linked("bin/busybox"), linked("kiln/busybox")), (2, 2));
-        assert_eq!(fs::read(dir.path().join("kiln/kiln-agent")).unwrap(), b"agent");
-        let tmp_mode = fs::metadata(dir.path().join("tmp")).unwrap().permissions().mode();
+        assert_eq!(
+            fs::read(dir.path().join("kiln/kiln-agent")).unwrap(),
+            b"agent"
+        );
+        let tmp_mode = fs::metadata(dir.path().join("tmp"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(tmp_mode & 0o7777, 0o1777);
     }
 }

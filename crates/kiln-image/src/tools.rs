@@ -15,25 +15,46 @@ pub(crate) struct Tool {
     pub purpose: &'static str,
 }
 
-pub(crate) const APT_GET: Tool =
-    Tool { name: "apt-get", package: "apt", purpose: "download the Debian guest kernel" };
-pub(crate) const APT_CACHE: Tool =
-    Tool { name: "apt-cache", package: "apt", purpose: "find the current Debian guest kernel package" };
-pub(crate) const DPKG_DEB: Tool =
-    Tool { name: "dpkg-deb", package: "dpkg", purpose: "unpack the Debian guest kernel package" };
-pub(crate) const MKFS_EXT4: Tool =
-    Tool { name: "mkfs.ext4", package: "e2fsprogs", purpose: "create the ext4 root filesystem image" };
-pub(crate) const DEBOOTSTRAP: Tool =
-    Tool { name: "debootstrap", package: "debootstrap", purpose: "install Debian into the base image" };
-pub(crate) const TAR: Tool =
-    Tool { name: "tar", package: "tar", purpose: "cache the debootstrap tree of the base image" };
+pub(crate) const APT_GET: Tool = Tool {
+    name: "apt-get",
+    package: "apt",
+    purpose: "download the Debian guest kernel",
+};
+pub(crate) const APT_CACHE: Tool = Tool {
+    name: "apt-cache",
+    package: "apt",
+    purpose: "find the current Debian guest kernel package",
+};
+pub(crate) const DPKG_DEB: Tool = Tool {
+    name: "dpkg-deb",
+    package: "dpkg",
+    purpose: "unpack the Debian guest kernel package",
+};
+pub(crate) const MKFS_EXT4: Tool = Tool {
+    name: "mkfs.ext4",
+    package: "e2fsprogs",
+    purpose: "create the ext4 root filesystem image",
+};
+pub(crate) const DEBOOTSTRAP: Tool = Tool {
+    name: "debootstrap",
+    package: "debootstrap",
+    purpose: "install Debian into the base image",
+};
+pub(crate) const TAR: Tool = Tool {
+    name: "tar",
+    package: "tar",
+    purpose: "cache the debootstrap tree of the base image",
+};
 pub(crate) const BUSYBOX: Tool = Tool {
     name: "busybox",
     package: "busybox-static",
     purpose: "provide the shell and tools of the initramfs and the tiny image",
 };
-pub(crate) const ZSTD: Tool =
-    Tool { name: "zstd", package: "zstd", purpose: "decompress zstd-compressed kernel modules" };
+pub(crate) const ZSTD: Tool = Tool {
+    name: "zstd",
+    package: "zstd",
+    purpose: "decompress zstd-compressed kernel modules",
+};
 
 /// Root-only tools live in sbin directories that a normal user's PATH often lacks.
 const EXTRA_DIRS: &[&str] = &["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"];
@@ -65,13 +86,20 @@ pub(crate) fn is_executable(path: &Path) -> bool {
 pub(crate) fn describe(cmd: &Command) -> String {
     let quote = |s: &OsStr| {
         let s = s.to_string_lossy();
-        if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@".contains(c)) {
+        if !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@".contains(c))
+        {
             s.into_owned()
         } else {
             format!("'{}'", s.replace('\'', r"'\''"))
         }
     };
-    std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(quote).collect::<Vec<_>>().join(" ")
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(quote)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Runs `cmd` to completion with stdin closed, capturing its output; a non-zero exit becomes
@@ -113,7 +141,10 @@ mod tests {
     fn describe_quotes_only_when_needed() {
         let mut cmd = Command::new("mkfs.ext4");
         cmd.args(["-L", "kiln root", "/tmp/x.img", "it's"]);
-        assert_eq!(describe(&cmd), r"mkfs.ext4 -L 'kiln root' /tmp/x.img 'it'\''s'");
+        assert_eq!(
+            describe(&cmd),
+            r"mkfs.ext4 -L 'kiln root' /tmp/x.img 'it'\''s'"
+        );
     }
 
     #[test]
@@ -126,7 +157,11 @@ mod tests {
 
     #[test]
     fn missing_tool_names_the_package() {
-        let tool = Tool { name: "kiln-no-such-tool", package: "kiln-pkg", purpose: "test" };
+        let tool = Tool {
+            name: "kiln-no-such-tool",
+            package: "kiln-pkg",
+            purpose: "test",
+        };
         let text = find_tool(&tool).unwrap_err().to_string();
         assert!(text.contains("apt-get install kiln-pkg"), "{text}");
     }

@@ -18,7 +18,7 @@ use tracing::info;
 use utoipa::OpenApi;
 
 use crate::error::ApiError;
-use crate::routes::{exec, files, sandboxes, system};
+use crate::routes::{exec, files, lifecycle, sandboxes, snapshots, system};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -36,6 +36,16 @@ use crate::routes::{exec, files, sandboxes, system};
         sandboxes::delete,
         sandboxes::logs,
         exec::exec,
+        lifecycle::pause,
+        lifecycle::resume,
+        lifecycle::stop,
+        lifecycle::start,
+        snapshots::create,
+        snapshots::list,
+        snapshots::get,
+        snapshots::delete,
+        snapshots::resume,
+        snapshots::restore,
         files::read,
         files::write,
         files::remove,
@@ -66,6 +76,18 @@ pub fn router(engine: Arc<Engine>) -> Router {
         )
         .route("/v1/sandboxes/{id}/logs", get(sandboxes::logs))
         .route("/v1/sandboxes/{id}/exec", post(exec::exec))
+        .route("/v1/sandboxes/{id}/pause", post(lifecycle::pause))
+        .route("/v1/sandboxes/{id}/resume", post(lifecycle::resume))
+        .route("/v1/sandboxes/{id}/stop", post(lifecycle::stop))
+        .route("/v1/sandboxes/{id}/start", post(lifecycle::start))
+        .route("/v1/sandboxes/{id}/snapshots", post(snapshots::create))
+        .route("/v1/snapshots", get(snapshots::list))
+        .route(
+            "/v1/snapshots/{id}",
+            get(snapshots::get).delete(snapshots::delete),
+        )
+        .route("/v1/snapshots/{id}/resume", post(snapshots::resume))
+        .route("/v1/snapshots/{id}/restore", post(snapshots::restore))
         .route(
             "/v1/sandboxes/{id}/files",
             get(files::read).put(files::write).delete(files::remove),

@@ -12,7 +12,7 @@ pub mod qmp;
 
 pub use accel::{Accel, AccelChoice};
 pub use error::VmmError;
-pub use qemu::{PortForward, VmSpec};
+pub use qemu::{DiskLayer, PortForward, VmSpec};
 pub use qmp::Qmp;
 
 /// The QEMU system emulator binary; `KILN_QEMU` overrides it (useful for testing another build).
@@ -23,4 +23,20 @@ pub fn qemu_binary() -> String {
 /// The `qemu-img` binary; `KILN_QEMU_IMG` overrides it.
 pub fn qemu_img_binary() -> String {
     std::env::var("KILN_QEMU_IMG").unwrap_or_else(|_| "qemu-img".to_string())
+}
+
+/// `qemu-system-x86_64 --version`'s first line (cached), recorded in snapshot manifests.
+pub fn qemu_version() -> String {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION
+        .get_or_init(|| {
+            std::process::Command::new(qemu_binary())
+                .arg("--version")
+                .output()
+                .ok()
+                .and_then(|o| String::from_utf8(o.stdout).ok())
+                .and_then(|s| s.lines().next().map(str::to_string))
+                .unwrap_or_else(|| "unknown".to_string())
+        })
+        .clone()
 }

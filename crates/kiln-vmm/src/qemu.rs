@@ -18,6 +18,14 @@ pub const AGENT_PORT_NAME: &str = "kiln.agent";
 /// Unix socket paths are limited to 107 bytes plus a NUL by the kernel.
 const MAX_SOCKET_PATH: usize = 107;
 
+/// One image of a disk chain.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskLayer {
+    pub path: PathBuf,
+    /// `raw` or `qcow2`.
+    pub format: String,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PortForward {
     pub host: u16,
@@ -42,8 +50,9 @@ pub struct VmSpec {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub cmdline: String,
-    /// The VM's writable qcow2 disk.
-    pub disk: PathBuf,
+    /// The root disk as a chain of images, bottom (the template) first. Only the last is writable; lower
+    /// layers are immutable and may be shared with snapshots and other sandboxes.
+    pub disk_layers: Vec<DiskLayer>,
     pub mac: String,
     pub forwards: Vec<PortForward>,
     /// Start with `-incoming defer` to receive migrated device state over QMP.
@@ -111,14 +120,10 @@ impl VmSpec {
         push(&["-kernel", &self.kernel.to_string_lossy()]);
         push(&["-initrd", &self.initrd.to_string_lossy()]);
         push(&["-append", &self.cmdline]);
-        push(&[
-            "-blockdev",
-            &format!(
-                "driver=qcow2,node-name=disk0,file.driver=file,file.filename={},discard=unmap",
-                qemu_opt_path(&self.disk)
-            ),
-        ]);
-        push(&["-device", "virtio-blk-device,drive=disk0"]);
+        for blockdev in disk_chain_blockdevs(&self.disk_layers) {
+            push(&["-blockdev", &blockdev]);
+        }
+        push(&["-device", "virtio-blk-device,drive=disk0,id=rootdisk"]);
         let mut netdev = "user,id=net0".to_string();
         for f in &self.forwards {
             netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:{}", f.host, f.guest));
@@ -172,6 +177,42 @@ impl VmSpec {
         }
         Ok(())
     }
+}
+
+/// `-blockdev` values for a disk chain. Each layer names its backing node explicitly, so the backing paths
+/// recorded inside qcow2 headers are never used: a chain can be assembled from hard links anywhere. The top
+/// layer is node `disk0`.
+pub fn disk_chain_blockdevs(layers: &[DiskLayer]) -> Vec<String> {
+    let last = layers.len().saturating_sub(1);
+    layers
+        .iter()
+        .enumerate()
+        .map(|(i, layer)| {
+            let node = if i == last {
+                "disk0".to_string()
+            } else {
+                format!("layer{i}")
+            };
+            let mut v = format!(
+                "driver={},node-name={node},file.driver=file,file.filename={}",
+                layer.format,
+                qemu_opt_path(&layer.path)
+            );
+            if layer.format == "qcow2" {
+                if i == 0 {
+                    v.push_str(",backing=null");
+                } else {
+                    v.push_str(&format!(",backing=layer{}", i - 1));
+                }
+            }
+            if i == last {
+                v.push_str(",discard=unmap");
+            } else {
+                v.push_str(",read-only=on");
+            }
+            v
+        })
+        .collect()
 }
 
 /// QEMU's option syntax uses ',' as separator; a literal comma in a value is written ",,".
@@ -259,7 +300,16 @@ mod tests {
             kernel: "/img/vmlinuz".into(),
             initrd: "/img/initrd.img".into(),
             cmdline: "console=ttyS0 root=/dev/vda".into(),
-            disk: "/data/sb1/disk.qcow2".into(),
+            disk_layers: vec![
+                DiskLayer {
+                    path: "/img/rootfs.img".into(),
+                    format: "raw".into(),
+                },
+                DiskLayer {
+                    path: "/data/sb1/disk.qcow2".into(),
+                    format: "qcow2".into(),
+                },
+            ],
             mac: "52:54:00:12:34:56".into(),
             forwards: vec![PortForward {
                 host: 8080,
@@ -298,6 +348,32 @@ mod tests {
         assert!(value_after(&args, "-object")[0].contains("share=off"));
         assert_eq!(value_after(&args, "-incoming"), ["defer"]);
         assert!(args.iter().any(|a| a == "-S"));
+    }
+
+    #[test]
+    fn disk_chain_names_backing_nodes_explicitly() {
+        let layers = vec![
+            DiskLayer {
+                path: "/i/root.img".into(),
+                format: "raw".into(),
+            },
+            DiskLayer {
+                path: "/s/a.qcow2".into(),
+                format: "qcow2".into(),
+            },
+            DiskLayer {
+                path: "/s/b.qcow2".into(),
+                format: "qcow2".into(),
+            },
+        ];
+        assert_eq!(
+            disk_chain_blockdevs(&layers),
+            [
+                "driver=raw,node-name=layer0,file.driver=file,file.filename=/i/root.img,read-only=on",
+                "driver=qcow2,node-name=layer1,file.driver=file,file.filename=/s/a.qcow2,backing=layer0,read-only=on",
+                "driver=qcow2,node-name=disk0,file.driver=file,file.filename=/s/b.qcow2,backing=layer1,discard=unmap",
+            ]
+        );
     }
 
     #[test]

@@ -137,3 +137,48 @@ impl Conn {
         }
     }
 }
+
+impl Qmp {
+    /// Node name of the active (top) image behind the block device whose qdev path contains `device_id`.
+    pub async fn active_node(&self, device_id: &str) -> Result<String, VmmError> {
+        let blocks = self.execute("query-block", None).await?;
+        blocks
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| b["qdev"].as_str().is_some_and(|q| q.contains(device_id)))
+            .and_then(|b| b["inserted"]["node-name"].as_str())
+            .map(str::to_string)
+            .ok_or_else(|| {
+                VmmError::QmpProtocol(format!("no block device '{device_id}' in query-block"))
+            })
+    }
+
+    /// Makes `overlay_path` (a qcow2 file already created on top of the current top image) the new
+    /// active layer: QEMU writes there from now on and the old top becomes a read-only backing file.
+    pub async fn snapshot_disk(
+        &self,
+        device_id: &str,
+        overlay_path: &std::path::Path,
+        overlay_node: &str,
+    ) -> Result<(), VmmError> {
+        let current = self.active_node(device_id).await?;
+        self.execute(
+            "blockdev-add",
+            Some(serde_json::json!({
+                "driver": "qcow2",
+                "node-name": overlay_node,
+                "file": {"driver": "file", "filename": overlay_path.to_string_lossy()},
+                "backing": null,
+                "discard": "unmap",
+            })),
+        )
+        .await?;
+        self.execute(
+            "blockdev-snapshot",
+            Some(serde_json::json!({"node": current, "overlay": overlay_node})),
+        )
+        .await
+        .map(|_| ())
+    }
+}

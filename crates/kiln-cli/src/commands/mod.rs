@@ -3,3 +3,4 @@ pub mod files;
 pub mod image;
 pub mod sandbox;
 pub mod serve;
+pub mod snapshot;

@@ -54,6 +54,9 @@ pub struct CreateArgs {
     /// Label (KEY=VALUE); repeatable.
     #[arg(long = "label", short = 'l')]
     labels: Vec<String>,
+    /// Make the sandbox from this snapshot (same as `kiln snapshot resume`).
+    #[arg(long)]
+    snapshot: Option<String>,
     /// Forward a host loopback port to the guest (HOST:GUEST); repeatable.
     #[arg(long = "port", short = 'p')]
     ports: Vec<String>,
@@ -91,10 +94,13 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
     let client = cli.client()?;
     match cmd {
         SandboxCmd::Create(a) => {
-            let mut body = json!({
-                "env": key_values(&a.env, "--env")?,
-                "labels": key_values(&a.labels, "--label")?,
-            });
+            let mut body = json!({ "labels": key_values(&a.labels, "--label")? });
+            if !a.env.is_empty() {
+                body["env"] = Value::Object(key_values(&a.env, "--env")?);
+            }
+            if let Some(s) = &a.snapshot {
+                body["snapshot"] = json!(s);
+            }
             if let Some(t) = &a.template {
                 body["template"] = json!(t);
             }
@@ -117,7 +123,9 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
                     .ok_or_else(|| anyhow::anyhow!("--port '{p}' must look like HOST:GUEST"))?;
                 ports.push(json!({"host": h.parse::<u16>()?, "guest": g.parse::<u16>()?}));
             }
-            body["ports"] = Value::Array(ports);
+            if !ports.is_empty() {
+                body["ports"] = Value::Array(ports);
+            }
             let sb: Value = client
                 .json(Method::POST, "/v1/sandboxes", Some(body))
                 .await?;

@@ -1,6 +1,8 @@
 pub mod exec;
 pub mod files;
+pub mod lifecycle;
 pub mod sandboxes;
+pub mod snapshots;
 pub mod system;
 
 use std::sync::Arc;

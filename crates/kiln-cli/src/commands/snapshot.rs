@@ -1,0 +1,303 @@
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use hyper::Method;
+use serde_json::{json, Value};
+
+use crate::client::encode;
+use crate::output::{confirm, human_bytes, print_json_or, table};
+use crate::Cli;
+
+#[derive(Subcommand)]
+pub enum SnapshotCmd {
+    /// Checkpoint a running or paused sandbox: memory, vCPUs, devices and disk.
+    Create {
+        sandbox: String,
+        /// Snapshot id (default: snap-<sandbox>-<unix time>).
+        #[arg(long)]
+        name: Option<String>,
+        /// full (self-contained), diff (only what changed since its parent) or disk (filesystem only).
+        #[arg(long = "type", default_value = "full")]
+        kind: String,
+        /// Leave the sandbox paused after the capture (continue it with `kiln resume`).
+        #[arg(long)]
+        leave_paused: bool,
+        #[arg(long = "label", short = 'l')]
+        labels: Vec<String>,
+    },
+    /// List snapshots.
+    #[command(alias = "ls")]
+    List {
+        /// Only snapshots of this source sandbox.
+        #[arg(long)]
+        sandbox: Option<String>,
+        #[arg(long = "label")]
+        labels: Vec<String>,
+    },
+    /// Show one snapshot.
+    #[command(alias = "inspect")]
+    Get { snapshot: String },
+    /// Delete snapshots.
+    #[command(alias = "rm")]
+    Delete {
+        #[arg(required = true)]
+        snapshots: Vec<String>,
+        #[arg(short = 'y', long)]
+        yes: bool,
+    },
+    /// Start a new sandbox from a snapshot, exactly where it was (no boot).
+    Resume {
+        snapshot: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        memory: Option<u64>,
+        #[arg(long)]
+        cpus: Option<u32>,
+        #[arg(long)]
+        disk_size: Option<u64>,
+    },
+    /// Roll the snapshot's source sandbox back to it (same id and name); paused unless --resume.
+    Restore {
+        snapshot: String,
+        #[arg(long)]
+        resume: bool,
+        /// Restore a snapshot that was restored before.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+pub fn snapshot_row(s: &Value) -> Vec<String> {
+    vec![
+        s["id"].as_str().unwrap_or("").to_string(),
+        s["sandbox_name"].as_str().unwrap_or("").to_string(),
+        s["type"].as_str().unwrap_or("").to_string(),
+        s["parent"].as_str().unwrap_or("-").to_string(),
+        human_bytes(s["size_bytes"].as_u64().unwrap_or(0)),
+        if s["restored"].as_bool() == Some(true) {
+            "yes".into()
+        } else {
+            "no".into()
+        },
+        s["created_at"].as_str().unwrap_or("").to_string(),
+    ]
+}
+
+const HEADERS: [&str; 7] = [
+    "ID", "SANDBOX", "TYPE", "PARENT", "SIZE", "RESTORED", "CREATED",
+];
+
+fn labels_map(items: &[String]) -> anyhow::Result<serde_json::Map<String, Value>> {
+    let mut m = serde_json::Map::new();
+    for item in items {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--label '{item}' must look like KEY=VALUE"))?;
+        m.insert(k.to_string(), json!(v));
+    }
+    Ok(m)
+}
+
+pub async fn run(cli: &Cli, cmd: &SnapshotCmd) -> anyhow::Result<ExitCode> {
+    let client = cli.client()?;
+    match cmd {
+        SnapshotCmd::Create {
+            sandbox,
+            name,
+            kind,
+            leave_paused,
+            labels,
+        } => {
+            let mut body =
+                json!({"type": kind, "leave_paused": leave_paused, "labels": labels_map(labels)?});
+            if let Some(n) = name {
+                body["name"] = json!(n);
+            }
+            let s: Value = client
+                .json(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{}/snapshots", encode(sandbox)),
+                    Some(body),
+                )
+                .await?;
+            print_json_or(cli, &s, || {
+                println!(
+                    "created {} snapshot {} of {} ({})",
+                    s["type"].as_str().unwrap_or(""),
+                    s["id"].as_str().unwrap_or(""),
+                    sandbox,
+                    human_bytes(s["size_bytes"].as_u64().unwrap_or(0))
+                );
+            });
+        }
+        SnapshotCmd::List { sandbox, labels } => {
+            let mut q: Vec<String> = labels
+                .iter()
+                .map(|l| format!("label={}", encode(l)))
+                .collect();
+            if let Some(sb) = sandbox {
+                q.push(format!("sandbox={}", encode(sb)));
+            }
+            let path = if q.is_empty() {
+                "/v1/snapshots".to_string()
+            } else {
+                format!("/v1/snapshots?{}", q.join("&"))
+            };
+            let list: Value = client.json(Method::GET, &path, None).await?;
+            print_json_or(cli, &list, || {
+                let rows: Vec<Vec<String>> = list
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(snapshot_row)
+                    .collect();
+                table(&HEADERS, &rows);
+            });
+        }
+        SnapshotCmd::Get { snapshot } => {
+            let s: Value = client
+                .json(
+                    Method::GET,
+                    &format!("/v1/snapshots/{}", encode(snapshot)),
+                    None,
+                )
+                .await?;
+            print_json_or(cli, &s, || {
+                for key in [
+                    "id",
+                    "sandbox_id",
+                    "sandbox_name",
+                    "type",
+                    "parent",
+                    "template",
+                    "memory_mib",
+                    "cpus",
+                    "size_bytes",
+                    "restored",
+                    "restored_at",
+                    "created_at",
+                    "labels",
+                ] {
+                    let v = &s[key];
+                    println!(
+                        "{:<14} {}",
+                        format!("{key}:"),
+                        v.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string())
+                    );
+                }
+            });
+        }
+        SnapshotCmd::Delete { snapshots, yes } => {
+            if !confirm(
+                &format!("delete snapshot(s) {}?", snapshots.join(", ")),
+                *yes,
+            )? {
+                return Ok(ExitCode::from(1));
+            }
+            for id in snapshots {
+                let v: Value = client
+                    .json(
+                        Method::DELETE,
+                        &format!("/v1/snapshots/{}", encode(id)),
+                        None,
+                    )
+                    .await?;
+                print_json_or(cli, &v, || {
+                    let kept: Vec<&str> = v["files_kept_for"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .collect();
+                    if kept.is_empty() {
+                        println!("deleted snapshot {id}");
+                    } else {
+                        println!("deleted snapshot {id}; its files stay until these sandboxes are gone: {}", kept.join(", "));
+                    }
+                });
+            }
+        }
+        SnapshotCmd::Resume {
+            snapshot,
+            name,
+            memory,
+            cpus,
+            disk_size,
+        } => {
+            let mut body = json!({});
+            if let Some(n) = name {
+                body["name"] = json!(n);
+            }
+            if let Some(m) = memory {
+                body["memory_mib"] = json!(m);
+            }
+            if let Some(c) = cpus {
+                body["cpus"] = json!(c);
+            }
+            if let Some(d) = disk_size {
+                body["disk_size_gib"] = json!(d);
+            }
+            let sb: Value = client
+                .json(
+                    Method::POST,
+                    &format!("/v1/snapshots/{}/resume", encode(snapshot)),
+                    Some(body),
+                )
+                .await?;
+            print_json_or(cli, &sb, || {
+                println!(
+                    "resumed snapshot {snapshot} as sandbox {} ({})",
+                    sb["name"].as_str().unwrap_or(""),
+                    sb["id"].as_str().unwrap_or("")
+                );
+            });
+        }
+        SnapshotCmd::Restore {
+            snapshot,
+            resume,
+            force,
+        } => {
+            let body = json!({"resume": resume, "force": force});
+            let sb: Value = client
+                .json(
+                    Method::POST,
+                    &format!("/v1/snapshots/{}/restore", encode(snapshot)),
+                    Some(body),
+                )
+                .await?;
+            print_json_or(cli, &sb, || {
+                println!(
+                    "restored {} to snapshot {snapshot}; it is {}",
+                    sb["name"].as_str().unwrap_or(""),
+                    sb["state"].as_str().unwrap_or("")
+                );
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln stop|start|pause|resume SANDBOX`.
+pub async fn lifecycle(cli: &Cli, action: &str, sandboxes: &[String]) -> anyhow::Result<ExitCode> {
+    let client = cli.client()?;
+    for sb in sandboxes {
+        let v: Value = client
+            .json(
+                Method::POST,
+                &format!("/v1/sandboxes/{}/{action}", encode(sb)),
+                None,
+            )
+            .await?;
+        print_json_or(cli, &v, || {
+            println!(
+                "{} is {}",
+                v["name"].as_str().unwrap_or(sb),
+                v["state"].as_str().unwrap_or("?")
+            )
+        });
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,150 @@
+//! File helpers for immutable layers: hard links (falling back to sparse copies across filesystems),
+//! checksums, and durable writes.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// Makes `dst` refer to the same immutable content as `src`: a hard link when both are on one filesystem
+/// (O(1), and the data lives as long as any link does), else a hole-preserving copy.
+pub fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
+    match std::fs::hard_link(src, dst) {
+        Ok(()) => Ok(()),
+        Err(e)
+            if e.raw_os_error() == Some(libc::EXDEV)
+                || e.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            kiln_vmm::memory::sparse_copy(src, dst)
+                .map(|_| ())
+                .map_err(|e| {
+                    Error::internal(format!(
+                        "copying {} to {}: {e}",
+                        src.display(),
+                        dst.display()
+                    ))
+                })
+        }
+        Err(e) => Err(io_error(
+            &format!("linking {} to {}", src.display(), dst.display()),
+            e,
+        )),
+    }
+}
+
+pub fn io_error(context: &str, e: std::io::Error) -> Error {
+    if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
+        return Error::new(
+            crate::ErrorCode::InsufficientStorage,
+            format!("{context}: the disk holding kiln's data directory is full; free space and try again"),
+        );
+    }
+    Error::internal(format!("{context}: {e}"))
+}
+
+fn read_chunks(path: &Path, mut f: impl FnMut(&[u8])) -> Result<()> {
+    let mut file =
+        File::open(path).map_err(|e| io_error(&format!("opening {}", path.display()), e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| io_error(&format!("reading {}", path.display()), e))?;
+        if n == 0 {
+            return Ok(());
+        }
+        f(&buf[..n]);
+    }
+}
+
+/// `xxh3:` and 16 hex digits of xxh3-64 over a whole file: fast enough (GB/s) to run on every snapshot.
+pub fn checksum(path: &Path) -> Result<String> {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    read_chunks(path, |b| h.update(b))?;
+    Ok(format!("xxh3:{:016x}", h.digest()))
+}
+
+pub fn checksum_bytes(data: &[u8]) -> String {
+    format!("xxh3:{:016x}", xxhash_rust::xxh3::xxh3_64(data))
+}
+
+/// Checks a file against a checksum written by [`checksum`] (`xxh3:`) or by the image builder (`sha256:`).
+pub fn matches_checksum(path: &Path, expected: &str) -> Result<bool> {
+    match expected.split_once(':') {
+        Some(("xxh3", _)) => Ok(checksum(path)? == expected),
+        Some(("sha256", hex_digest)) => {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            read_chunks(path, |b| h.update(b))?;
+            Ok(hex::encode(h.finalize()) == hex_digest)
+        }
+        _ => Err(Error::internal(format!(
+            "unknown checksum format '{expected}'"
+        ))),
+    }
+}
+
+/// Writes `data` to `path` via a temporary file, fsync and rename, so readers see all or nothing.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let ctx = |what: &str| format!("{what} {}", tmp.display());
+    let mut f = File::create(&tmp).map_err(|e| io_error(&ctx("creating"), e))?;
+    f.write_all(data)
+        .map_err(|e| io_error(&ctx("writing"), e))?;
+    f.sync_all().map_err(|e| io_error(&ctx("syncing"), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io_error(&ctx("renaming"), e))?;
+    Ok(())
+}
+
+pub fn fsync_path(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_error(&format!("syncing {}", path.display()), e))
+}
+
+/// Space a file really occupies (sparse files count only their data).
+pub fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
+pub fn dir_allocated_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                dir_allocated_bytes(&p)
+            } else {
+                allocated_bytes(&p)
+            }
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_checksums_and_atomic_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        write_atomic(&a, b"hello").unwrap();
+        let b = dir.path().join("b");
+        link_or_copy(&a, &b).unwrap();
+        assert_eq!(std::fs::read(&b).unwrap(), b"hello");
+        assert_eq!(checksum(&a).unwrap(), checksum_bytes(b"hello"));
+        assert!(matches_checksum(&a, &checksum_bytes(b"hello")).unwrap());
+        let sha = "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+        assert!(matches_checksum(&a, sha).unwrap());
+        assert!(!matches_checksum(&a, &checksum_bytes(b"other")).unwrap());
+        assert_ne!(checksum_bytes(b"hello"), checksum_bytes(b"hellp"));
+        assert!(checksum(&dir.path().join("missing")).is_err());
+    }
+}

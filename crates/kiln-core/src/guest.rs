@@ -1,0 +1,128 @@
+//! Working inside a running sandbox through its guest agent: commands and files.
+
+use std::time::Duration;
+
+use kiln_agent_client::{ExecHandle, ExecRequest, FileDownload};
+use tokio::io::AsyncRead;
+
+use crate::engine::{Engine, ExecSpec};
+use crate::error::{Error, Result};
+use crate::model::Sandbox;
+use crate::validate;
+use crate::vm::agent_error;
+
+impl Engine {
+    pub(crate) async fn agent_of(&self, sb: &Sandbox) -> Result<kiln_agent_client::AgentClient> {
+        let vm = self.running_vm(sb).await?;
+        vm.agent(Duration::from_secs(10)).await
+    }
+
+    /// Starts a command; the handle streams its output and exit status.
+    pub async fn exec(&self, id_or_name: &str, spec: ExecSpec, stdin: bool) -> Result<ExecHandle> {
+        let sb = self.get(id_or_name)?;
+        let req = self.exec_request(&sb, spec, stdin)?;
+        let agent = self.agent_of(&sb).await?;
+        agent.exec(req).await.map_err(|e| agent_error(e, &sb.name))
+    }
+
+    fn exec_request(&self, sb: &Sandbox, spec: ExecSpec, stdin: bool) -> Result<ExecRequest> {
+        validate::env(&spec.env)?;
+        match (&spec.argv, &spec.cmd) {
+            (Some(argv), None) if !argv.is_empty() && !argv[0].is_empty() => {}
+            (None, Some(cmd)) if !cmd.trim().is_empty() => {}
+            _ => {
+                return Err(Error::invalid(
+                    "give exactly one of 'argv' (a non-empty list) or 'cmd' (a shell command line)",
+                ))
+            }
+        }
+        if let Some(cwd) = &spec.cwd {
+            validate::guest_path(cwd)?;
+        }
+        let mut env = sb.env.clone();
+        env.extend(spec.env);
+        Ok(ExecRequest {
+            argv: spec.argv,
+            shell: spec.cmd,
+            env,
+            cwd: spec.cwd,
+            stdin,
+            timeout_ms: spec.timeout_ms,
+        })
+    }
+
+    pub async fn read_file(&self, id_or_name: &str, path: &str) -> Result<FileDownload> {
+        validate::guest_path(path)?;
+        let sb = self.get(id_or_name)?;
+        let agent = self.agent_of(&sb).await?;
+        agent
+            .read_file(path)
+            .await
+            .map_err(|e| agent_error(e, &sb.name))
+    }
+
+    pub async fn write_file<R: AsyncRead + Unpin + Send>(
+        &self,
+        id_or_name: &str,
+        path: &str,
+        mode: Option<u32>,
+        body: R,
+    ) -> Result<u64> {
+        validate::guest_path(path)?;
+        if mode.is_some_and(|m| m > 0o7777) {
+            return Err(Error::invalid("file mode must be at most 0o7777"));
+        }
+        let sb = self.get(id_or_name)?;
+        let agent = self.agent_of(&sb).await?;
+        agent
+            .write_file(path, mode, true, body)
+            .await
+            .map_err(|e| agent_error(e, &sb.name))
+    }
+
+    pub async fn list_dir(
+        &self,
+        id_or_name: &str,
+        path: &str,
+    ) -> Result<Vec<kiln_agent_client::DirEntry>> {
+        validate::guest_path(path)?;
+        let sb = self.get(id_or_name)?;
+        let agent = self.agent_of(&sb).await?;
+        agent
+            .list_dir(path)
+            .await
+            .map_err(|e| agent_error(e, &sb.name))
+    }
+
+    pub async fn stat(&self, id_or_name: &str, path: &str) -> Result<kiln_agent_client::FileStat> {
+        validate::guest_path(path)?;
+        let sb = self.get(id_or_name)?;
+        let agent = self.agent_of(&sb).await?;
+        agent.stat(path).await.map_err(|e| agent_error(e, &sb.name))
+    }
+
+    pub async fn mkdir(&self, id_or_name: &str, path: &str) -> Result<()> {
+        validate::guest_path(path)?;
+        let sb = self.get(id_or_name)?;
+        let agent = self.agent_of(&sb).await?;
+        agent
+            .mkdir(path, true, None)
+            .await
+            .map_err(|e| agent_error(e, &sb.name))
+    }
+
+    pub async fn remove(&self, id_or_name: &str, path: &str, recursive: bool) -> Result<()> {
+        validate::guest_path(path)?;
+        if path == "/" {
+            return Err(Error::invalid(
+                "refusing to remove the guest's root directory",
+            ));
+        }
+        let sb = self.get(id_or_name)?;
+        let agent = self.agent_of(&sb).await?;
+        agent
+            .remove(path, recursive)
+            .await
+            .map_err(|e| agent_error(e, &sb.name))
+    }
+}

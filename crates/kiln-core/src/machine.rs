@@ -1,0 +1,289 @@
+//! Starting a sandbox's VM from its layout: a cold boot, or a restore of saved state (device state plus
+//! guest RAM as a base file and an optional delta). Also preparing a fresh sandbox's files from a template.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use kiln_image::Image;
+use kiln_vmm::VmSpec;
+
+use crate::engine::{vm_name, Engine};
+use crate::error::{Error, ErrorCode, Result};
+use crate::fsutil;
+use crate::layout::{Layer, Layout, Memory, Origin};
+use crate::model::{Sandbox, SandboxState};
+use crate::vm::{agent_error, Vm};
+
+/// Saved state to restore instead of booting.
+pub struct Incoming {
+    /// QEMU device state (migration stream without RAM).
+    pub state: PathBuf,
+    /// Continue the vCPUs once loaded (otherwise the sandbox stays paused).
+    pub resume: bool,
+}
+
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Engine {
+    /// Creates the sandbox directory for a cold boot from `image`: hard links to the kernel, initramfs and
+    /// root filesystem (so the sandbox survives the image being removed or rebuilt), a qcow2 top layer and
+    /// an owned RAM file.
+    pub(crate) fn provision_from_template(
+        &self,
+        sb: &Sandbox,
+        image: &Image,
+        cmdline: String,
+    ) -> Result<Layout> {
+        let dir = self.config().sandbox_dir(&sb.id);
+        std::fs::create_dir_all(dir.join("layers"))
+            .map_err(|e| fsutil::io_error(&format!("creating {}", dir.display()), e))?;
+        fsutil::link_or_copy(&image.kernel, &dir.join("kernel"))?;
+        fsutil::link_or_copy(&image.initrd, &dir.join("initrd"))?;
+        let base = dir.join("layers/0.raw");
+        fsutil::link_or_copy(&image.rootfs, &base)?;
+        let mut layout = Layout {
+            kernel: dir.join("kernel"),
+            initrd: dir.join("initrd"),
+            kernel_version: image.manifest.kernel_version.clone(),
+            cmdline,
+            disk_layers: vec![Layer {
+                path: base,
+                format: "raw".into(),
+                checksum: Some(format!("sha256:{}", image.manifest.files.rootfs.sha256)),
+            }],
+            memory: Memory::Owned {
+                file: dir.join("memory"),
+            },
+            origin: Origin::Template {
+                name: sb.template.clone(),
+            },
+            inherited_layers: 1,
+            generation: 0,
+        };
+        let top = layout.next_top_path(&dir);
+        create_top_layer(&top, &layout.disk_layers[0], sb.disk_size_bytes)?;
+        layout.disk_layers.push(Layer {
+            path: top,
+            format: "qcow2".into(),
+            checksum: None,
+        });
+        Ok(layout)
+    }
+
+    pub(crate) fn vm_spec(&self, sb: &Sandbox, layout: &Layout, incoming: bool) -> VmSpec {
+        let (memory_file, memory_shared) = match &layout.memory {
+            Memory::Owned { file } => (file.clone(), true),
+            Memory::Private { base, .. } => (base.clone(), false),
+        };
+        VmSpec {
+            name: vm_name(&sb.id),
+            run_dir: self.config().sandbox_dir(&sb.id),
+            accel: self.accel().accel,
+            memory_mib: sb.memory_mib,
+            vcpus: sb.cpus,
+            memory_file,
+            memory_shared,
+            kernel: layout.kernel.clone(),
+            initrd: layout.initrd.clone(),
+            cmdline: layout.cmdline.clone(),
+            disk_layers: layout.vm_layers(),
+            mac: sb.mac.clone(),
+            forwards: sb
+                .ports
+                .iter()
+                .map(|p| kiln_vmm::PortForward {
+                    host: p.host,
+                    guest: p.guest,
+                })
+                .collect(),
+            incoming,
+            start_paused: incoming,
+        }
+    }
+
+    /// Starts the VM: a cold boot (waiting for the agent), or a restore of `incoming` state.
+    pub(crate) async fn start_vm(
+        &self,
+        sb: &Sandbox,
+        layout: &Layout,
+        incoming: Option<Incoming>,
+    ) -> Result<Arc<Vm>> {
+        let spec = self.vm_spec(sb, layout, incoming.is_some());
+        let pid = {
+            let spec = spec.clone();
+            tokio::task::spawn_blocking(move || kiln_vmm::qemu::launch(&spec))
+                .await
+                .map_err(|e| Error::internal(e.to_string()))?
+                .map_err(|e| Error::new(ErrorCode::BootFailed, e.to_string()))?
+        };
+        self.db().set_state(&sb.id, sb.state, Some(pid), None)?;
+        let vm = Arc::new(Vm::new(spec.name.clone(), spec.run_dir.clone(), pid, None));
+        let result = match incoming {
+            None => self.wait_for_agent(&vm).await,
+            Some(inc) => self.restore_into(&vm, &inc).await,
+        };
+        match result {
+            Ok(()) => Ok(vm),
+            Err(e) => {
+                vm.terminate().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn restore_into(&self, vm: &Vm, inc: &Incoming) -> Result<()> {
+        let qmp = vm.qmp().await?;
+        kiln_vmm::migration::load_state(&qmp, &inc.state, RESTORE_TIMEOUT)
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorCode::SnapshotIncompatible,
+                    format!("QEMU refused the saved state: {e}"),
+                )
+            })?;
+        if inc.resume {
+            qmp.execute("cont", None).await?;
+            self.after_resume(vm).await?;
+        }
+        Ok(())
+    }
+
+    /// After vCPUs run again: reconnect the agent and set the guest's wall clock (it stood still while the
+    /// state sat on disk).
+    pub(crate) async fn after_resume(&self, vm: &Vm) -> Result<()> {
+        let agent = vm.agent(Duration::from_secs(20)).await?;
+        agent
+            .set_clock(SystemTime::now())
+            .await
+            .map_err(|e| agent_error(e, &vm.name))?;
+        Ok(())
+    }
+
+    /// Waits for the guest agent, failing early (with the console's last lines) if QEMU dies.
+    async fn wait_for_agent(&self, vm: &Vm) -> Result<()> {
+        let timeout = self.config().boot_timeout;
+        let watch = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if !vm.is_alive() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            res = vm.agent(timeout) => {
+                let agent = res.map_err(|e| {
+                    let tail = kiln_vmm::qemu::tail_lines(&vm.console_log(), 15);
+                    let code = if e.code == ErrorCode::Timeout { ErrorCode::Timeout } else { ErrorCode::BootFailed };
+                    Error::new(code, format!(
+                        "the guest agent did not answer within {} s ({}). Last console lines:\n{tail}",
+                        timeout.as_secs(), e.message
+                    ))
+                })?;
+                // The guest's clock starts from the RTC at boot; set it precisely anyway.
+                agent.set_clock(SystemTime::now()).await.map_err(|e| agent_error(e, &vm.name))?;
+                Ok(())
+            }
+            () = watch => {
+                let tail = kiln_vmm::qemu::tail_lines(&vm.console_log(), 15);
+                let qemu_log = std::fs::read_to_string(vm.run_dir.join("qemu.log")).unwrap_or_default();
+                Err(Error::new(ErrorCode::BootFailed, format!(
+                    "QEMU exited during boot. {}Last console lines:\n{tail}",
+                    if qemu_log.trim().is_empty() { String::new() } else { format!("QEMU said: {}. ", qemu_log.trim()) }
+                )))
+            }
+        }
+    }
+
+    /// The live VM of a running sandbox.
+    pub(crate) async fn running_vm(&self, sb: &Sandbox) -> Result<Arc<Vm>> {
+        self.require_state(sb, &[SandboxState::Running])?;
+        self.live_vm(sb).await
+    }
+
+    /// The live VM of a running or paused sandbox.
+    pub(crate) async fn live_vm(&self, sb: &Sandbox) -> Result<Arc<Vm>> {
+        let vm = self.slot(&sb.id).vm.lock().await.clone();
+        match vm {
+            Some(vm) if vm.is_alive() => Ok(vm),
+            Some(vm) => {
+                let err = vm.died_error();
+                self.db()
+                    .set_state(&sb.id, SandboxState::Failed, None, Some(&err.message))?;
+                Err(err)
+            }
+            None => Err(Error::internal(format!(
+                "sandbox {} has no VM handle",
+                sb.id
+            ))),
+        }
+    }
+
+    pub(crate) fn require_state(&self, sb: &Sandbox, allowed: &[SandboxState]) -> Result<()> {
+        if allowed.contains(&sb.state) {
+            return Ok(());
+        }
+        let hint = match sb.state {
+            SandboxState::Paused => format!("resume it first (`kiln resume {}`)", sb.name),
+            SandboxState::Stopped => format!("start it first (`kiln start {}`)", sb.name),
+            SandboxState::Running => format!("pause or stop it first (`kiln pause {}`)", sb.name),
+            SandboxState::Failed => format!(
+                "it failed{}; delete it",
+                sb.error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ),
+            SandboxState::Creating | SandboxState::Deleting => {
+                "wait for the operation in progress".to_string()
+            }
+        };
+        let wanted: Vec<&str> = allowed.iter().map(|s| s.as_str()).collect();
+        Err(Error::new(
+            ErrorCode::SandboxNotRunning,
+            format!(
+                "sandbox {} is {}, not {}; {hint}",
+                sb.name,
+                sb.state.as_str(),
+                wanted.join(" or ")
+            ),
+        ))
+    }
+}
+
+/// A new writable qcow2 layer on top of `below`, of the sandbox's disk size. `-u`: the backing file is
+/// not opened (it may be in use), the chain is given explicitly when QEMU starts.
+pub(crate) fn create_top_layer(path: &Path, below: &Layer, size: u64) -> Result<()> {
+    let out = std::process::Command::new(kiln_vmm::qemu_img_binary())
+        .args([
+            "create",
+            "-q",
+            "-u",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=65536,lazy_refcounts=on",
+            "-F",
+        ])
+        .arg(&below.format)
+        .arg("-b")
+        .arg(&below.path)
+        .arg(path)
+        .arg(size.to_string())
+        .output()
+        .map_err(|e| Error::internal(format!("running qemu-img: {e} (install qemu-utils)")))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let code = if err.contains("No space left") {
+            ErrorCode::InsufficientStorage
+        } else {
+            ErrorCode::Internal
+        };
+        return Err(Error::new(
+            code,
+            format!("creating disk layer {}: {}", path.display(), err.trim()),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,470 @@
+//! Taking a snapshot of a running or paused sandbox.
+//!
+//! The VM is paused only while its device state is saved (milliseconds), its disk's top layer is frozen
+//! (a new qcow2 layer becomes the active one, O(1)) and its RAM is captured: copied when the sandbox owns a
+//! RAM file, or — for a sandbox restored from a snapshot — reduced to the pages it changed since its base.
+//! Everything else (checksums, manifest, fsync) happens after the VM runs again.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tracing::info;
+use utoipa::ToSchema;
+
+use super::manifest::{FileEntry, Manifest, Role, Source, FORMAT_VERSION};
+use super::{Snapshot, SnapshotType};
+use crate::engine::Engine;
+use crate::error::{Error, ErrorCode, Result};
+use crate::fsutil;
+use crate::layout::{Layer, Layout, Memory, Origin};
+use crate::machine::create_top_layer;
+use crate::model::{now_rfc3339, Sandbox, SandboxState};
+use crate::validate;
+use crate::vm::{agent_error, Vm};
+
+/// What a client asks for when taking a snapshot.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    /// Snapshot id; default `snap-<sandbox>-<unix time>`.
+    pub name: Option<String>,
+    #[serde(rename = "type", default)]
+    pub kind: SnapshotType,
+    /// Keep the source paused after the capture (default: it continues running).
+    #[serde(default)]
+    pub leave_paused: bool,
+    #[serde(default, alias = "metadata")]
+    pub labels: BTreeMap<String, String>,
+}
+
+const SAVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Engine {
+    fn snapshot_id(&self, sb: &Sandbox, requested: Option<String>) -> Result<String> {
+        if let Some(id) = requested {
+            validate::name("snapshot", &id)?;
+            return Ok(id);
+        }
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let base: String = format!("snap-{}-{unix}", sb.name)
+            .chars()
+            .take(60)
+            .collect();
+        let mut id = base.clone();
+        let mut n = 2;
+        while self.db().find_snapshot(&id)?.is_some() {
+            id = format!("{base}-{n}");
+            n += 1;
+        }
+        Ok(id)
+    }
+
+    /// Takes a snapshot of a running or paused sandbox.
+    pub async fn create_snapshot(&self, sandbox: &str, req: CreateSnapshot) -> Result<Snapshot> {
+        validate::labels(&req.labels)?;
+        let sb = self.get(sandbox)?;
+        let id = self.snapshot_id(&sb, req.name.clone())?;
+        if self.db().find_snapshot(&id)?.is_some() {
+            return Err(Error::new(
+                ErrorCode::SnapshotAlreadyExists,
+                format!(
+                    "a snapshot named '{id}' already exists; pick another name or delete it first"
+                ),
+            ));
+        }
+        let slot = self.slot(&sb.id);
+        let _guard = slot.op.write().await;
+        let sb = self.get(&sb.id)?;
+        self.require_state(&sb, &[SandboxState::Running, SandboxState::Paused])?;
+        let vm = self.live_vm(&sb).await?;
+        let started = Instant::now();
+        let tmp = self
+            .config()
+            .snapshots_dir()
+            .join(format!(".tmp-{id}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)
+            .map_err(|e| fsutil::io_error(&format!("creating {}", tmp.display()), e))?;
+        let result = self.capture(&sb, &vm, &id, &req, &tmp).await;
+        match result {
+            Ok(snapshot) => {
+                info!(snapshot = %id, sandbox = %sb.id, kind = snapshot.kind.as_str(), ms = started.elapsed().as_millis() as u64, "snapshot created");
+                Ok(snapshot)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    async fn capture(
+        &self,
+        sb: &Sandbox,
+        vm: &Vm,
+        id: &str,
+        req: &CreateSnapshot,
+        tmp: &Path,
+    ) -> Result<Snapshot> {
+        let mut layout = self
+            .db()
+            .layout(&sb.id)?
+            .ok_or_else(|| Error::internal(format!("sandbox {} has no recorded layout", sb.id)))?;
+        if req.kind == SnapshotType::Disk {
+            // Flush the guest's page cache so the disk holds what its programs wrote.
+            let agent = vm.agent(Duration::from_secs(10)).await?;
+            agent.sync().await.map_err(|e| agent_error(e, &sb.name))?;
+        }
+        let qmp = vm.qmp().await?;
+        let was_running = qmp.status().await? == "running";
+        if was_running {
+            qmp.execute("stop", None).await?;
+        }
+        let paused_at = Instant::now();
+        let frozen = self.freeze(sb, &qmp, &mut layout, req.kind, tmp).await;
+        let keep_paused = req.leave_paused || !was_running;
+        let resumed = if keep_paused {
+            Ok(serde_json::Value::Null)
+        } else {
+            qmp.execute("cont", None).await.map_err(Error::from)
+        };
+        let pause_ms = paused_at.elapsed().as_millis() as u64;
+        if req.leave_paused && was_running {
+            self.db()
+                .set_state(&sb.id, SandboxState::Paused, Some(vm.pid), None)?;
+        }
+        let captured = frozen?;
+        resumed?;
+        tracing::debug!(snapshot = id, pause_ms, "source paused for capture");
+        self.finish_snapshot(sb, &layout, id, req, tmp, captured)
+            .await
+    }
+
+    /// While the VM is stopped: saves device state, freezes the disk's top layer and captures RAM.
+    async fn freeze(
+        &self,
+        sb: &Sandbox,
+        qmp: &kiln_vmm::Qmp,
+        layout: &mut Layout,
+        kind: SnapshotType,
+        tmp: &Path,
+    ) -> Result<Captured> {
+        if kind.has_memory() {
+            kiln_vmm::migration::save_state(qmp, &tmp.join("state"), SAVE_TIMEOUT).await?;
+        }
+        // Freeze the disk: a new empty top layer takes the writes from now on; the old top is immutable.
+        let dir = self.config().sandbox_dir(&sb.id);
+        let below = layout
+            .top()
+            .cloned()
+            .ok_or_else(|| Error::internal("sandbox has no disk layers"))?;
+        let new_top = layout.next_top_path(&dir);
+        create_top_layer(&new_top, &below, sb.disk_size_bytes)?;
+        let node = format!("top{}", layout.generation);
+        if let Err(e) = qmp.snapshot_disk("rootdisk", &new_top, &node).await {
+            let _ = std::fs::remove_file(&new_top);
+            return Err(e.into());
+        }
+        layout.disk_layers.push(Layer {
+            path: new_top,
+            format: "qcow2".into(),
+            checksum: None,
+        });
+        // Persist at once: QEMU now writes to the new layer, and a restart must use it.
+        self.db().set_layout(&sb.id, layout)?;
+
+        let memory = if !kind.has_memory() {
+            CapturedMemory::None
+        } else {
+            match &layout.memory {
+                Memory::Owned { file } => {
+                    let (src, dst) = (file.clone(), tmp.join("memory"));
+                    tokio::task::spawn_blocking(move || kiln_vmm::memory::sparse_copy(&src, &dst))
+                        .await
+                        .map_err(|e| Error::internal(e.to_string()))?
+                        .map_err(storage_error)?;
+                    CapturedMemory::Copied
+                }
+                // QEMU migrates a privately mapped RAM block in full (only shared file-backed RAM can be
+                // skipped), so the saved state already holds every page; the base is kept for the mapping.
+                Memory::Private {
+                    base,
+                    base_checksum,
+                } => CapturedMemory::OnBase {
+                    base: base.clone(),
+                    base_checksum: base_checksum.clone(),
+                },
+            }
+        };
+        Ok(Captured { memory })
+    }
+
+    /// After the VM runs again: links and checksums the files, writes the manifest and moves the snapshot
+    /// into place.
+    async fn finish_snapshot(
+        &self,
+        sb: &Sandbox,
+        layout: &Layout,
+        id: &str,
+        req: &CreateSnapshot,
+        tmp: &Path,
+        captured: Captured,
+    ) -> Result<Snapshot> {
+        let mut layout = layout.clone();
+        let frozen_top = layout.disk_layers.len() - 2;
+        let mut files = Vec::new();
+        let parent = match (&layout.origin, req.kind) {
+            (_, SnapshotType::Full) => None,
+            (Origin::Template { name }, _) => Some(format!("template:{name}")),
+            (Origin::Snapshot { id }, _) => Some(format!("snapshot:{id}")),
+        };
+        let engine_files = FileCtx {
+            tmp: tmp.to_path_buf(),
+        };
+        if req.kind.has_memory() {
+            files.push(engine_files.internal(Role::State, "state", None)?);
+        }
+        match captured.memory {
+            CapturedMemory::None => {}
+            CapturedMemory::Copied => {
+                files.push(engine_files.internal(Role::Memory, "memory", None)?)
+            }
+            CapturedMemory::OnBase {
+                base,
+                base_checksum,
+            } => {
+                let external_base = if req.kind == SnapshotType::Diff {
+                    self.origin_memory(&layout.origin)?
+                } else {
+                    None
+                };
+                match external_base {
+                    Some(entry) => files.push(entry),
+                    None => {
+                        fsutil::link_or_copy(&base, &tmp.join("memory"))?;
+                        let checksum = match base_checksum {
+                            Some(c) => c,
+                            None => fsutil::checksum(&base)?,
+                        };
+                        files.push(engine_files.internal_known(
+                            Role::Memory,
+                            "memory",
+                            None,
+                            checksum,
+                        )?);
+                    }
+                }
+            }
+        }
+        // Disk layers, bottom first. The layer frozen just now gets its checksum here, once.
+        let top_sum = fsutil::checksum(&layout.disk_layers[frozen_top].path)?;
+        layout.disk_layers[frozen_top].checksum = Some(top_sum);
+        let external_layers = if req.kind == SnapshotType::Full {
+            0
+        } else {
+            layout.inherited_layers.min(frozen_top + 1)
+        };
+        let origin_disks = if external_layers > 0 {
+            self.origin_disks(&layout.origin)?
+        } else {
+            Vec::new()
+        };
+        for (i, layer) in layout.disk_layers[..=frozen_top].iter().enumerate() {
+            if i < external_layers {
+                let entry = origin_disks.get(i).cloned().ok_or_else(|| {
+                    Error::internal("origin has fewer disk layers than the sandbox inherited")
+                })?;
+                files.push(entry);
+                continue;
+            }
+            let name = format!("disk-{i}.{}", layer.format);
+            fsutil::link_or_copy(&layer.path, &tmp.join(&name))?;
+            let checksum = match &layer.checksum {
+                Some(c) => c.clone(),
+                None => fsutil::checksum(&layer.path)?,
+            };
+            files.push(engine_files.internal_known(
+                Role::Disk,
+                &name,
+                Some(layer.format.clone()),
+                checksum,
+            )?);
+        }
+        fsutil::link_or_copy(&layout.kernel, &tmp.join("kernel"))?;
+        files.push(engine_files.internal(Role::Kernel, "kernel", None)?);
+        fsutil::link_or_copy(&layout.initrd, &tmp.join("initrd"))?;
+        files.push(engine_files.internal(Role::Initrd, "initrd", None)?);
+        self.db().set_layout(&sb.id, &layout)?;
+
+        let created_at = now_rfc3339();
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            id: id.to_string(),
+            kind: req.kind,
+            created_at: created_at.clone(),
+            kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+            qemu_version: kiln_vmm::qemu_version(),
+            machine: "microvm".into(),
+            cpu_model: match self.accel().accel {
+                kiln_vmm::Accel::Kvm => "host".into(),
+                kiln_vmm::Accel::Tcg => "max".into(),
+            },
+            accel: self.accel().accel.to_string(),
+            kernel_version: layout.kernel_version.clone(),
+            cmdline: layout.cmdline.clone(),
+            memory_mib: sb.memory_mib,
+            cpus: sb.cpus,
+            disk_size_bytes: sb.disk_size_bytes,
+            source: Source {
+                sandbox_id: sb.id.clone(),
+                sandbox_name: sb.name.clone(),
+                hostname: sb.hostname.clone(),
+                template: sb.template.clone(),
+                env: sb.env.clone(),
+                mac: sb.mac.clone(),
+            },
+            parent: parent.clone(),
+            labels: req.labels.clone(),
+            files,
+        };
+        manifest.write(tmp)?;
+        fsutil::fsync_path(tmp)?;
+        let dir = self.config().snapshot_dir(id);
+        std::fs::rename(tmp, &dir)
+            .map_err(|e| fsutil::io_error(&format!("moving snapshot into {}", dir.display()), e))?;
+        fsutil::fsync_path(&self.config().snapshots_dir())?;
+        let snapshot = Snapshot {
+            id: id.to_string(),
+            sandbox_id: sb.id.clone(),
+            sandbox_name: sb.name.clone(),
+            kind: req.kind,
+            parent,
+            template: sb.template.clone(),
+            memory_mib: sb.memory_mib,
+            cpus: sb.cpus,
+            disk_size_bytes: sb.disk_size_bytes,
+            size_bytes: fsutil::dir_allocated_bytes(&dir),
+            labels: req.labels.clone(),
+            restored: false,
+            restored_at: None,
+            created_at,
+        };
+        if let Err(e) = self.db().insert_snapshot(&snapshot, false) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        self.mark_verified(id);
+        Ok(snapshot)
+    }
+
+    /// The memory base of a sandbox's origin snapshot, as an external entry for a diff snapshot.
+    fn origin_memory(&self, origin: &Origin) -> Result<Option<FileEntry>> {
+        let Origin::Snapshot { id } = origin else {
+            return Ok(None);
+        };
+        let dir = self.config().snapshot_dir(id);
+        let Ok(m) = Manifest::read(&dir, id) else {
+            return Ok(None);
+        };
+        Ok(m.file(Role::Memory).map(|f| FileEntry {
+            path: m.resolve(&dir, f).to_string_lossy().into_owned(),
+            external: true,
+            ..f.clone()
+        }))
+    }
+
+    /// The disk layers of a sandbox's origin (template rootfs, or a snapshot's layers), as external entries.
+    fn origin_disks(&self, origin: &Origin) -> Result<Vec<FileEntry>> {
+        match origin {
+            Origin::Template { name } => {
+                let image = self.images().get(name).map_err(|e| {
+                    Error::new(ErrorCode::SnapshotBaseMissing, format!("the template '{name}' this sandbox was made from is gone ({e}); take a full snapshot instead"))
+                })?;
+                Ok(vec![FileEntry {
+                    role: Role::Disk,
+                    path: image.rootfs.to_string_lossy().into_owned(),
+                    size: image.manifest.files.rootfs.size,
+                    checksum: format!("sha256:{}", image.manifest.files.rootfs.sha256),
+                    format: Some("raw".into()),
+                    external: true,
+                }])
+            }
+            Origin::Snapshot { id } => {
+                let dir = self.config().snapshot_dir(id);
+                let m = Manifest::read(&dir, id).map_err(|e| {
+                    Error::new(ErrorCode::SnapshotBaseMissing, format!("the snapshot '{id}' this sandbox came from is unusable ({}); take a full snapshot instead", e.message))
+                })?;
+                Ok(m.disks()
+                    .map(|f| FileEntry {
+                        path: m.resolve(&dir, f).to_string_lossy().into_owned(),
+                        external: true,
+                        ..f.clone()
+                    })
+                    .collect())
+            }
+        }
+    }
+}
+
+struct Captured {
+    memory: CapturedMemory,
+}
+
+enum CapturedMemory {
+    None,
+    Copied,
+    OnBase {
+        base: PathBuf,
+        base_checksum: Option<String>,
+    },
+}
+
+struct FileCtx {
+    tmp: PathBuf,
+}
+
+impl FileCtx {
+    fn internal(&self, role: Role, name: &str, format: Option<String>) -> Result<FileEntry> {
+        let checksum = fsutil::checksum(&self.tmp.join(name))?;
+        self.internal_known(role, name, format, checksum)
+    }
+
+    fn internal_known(
+        &self,
+        role: Role,
+        name: &str,
+        format: Option<String>,
+        checksum: String,
+    ) -> Result<FileEntry> {
+        let size = std::fs::metadata(self.tmp.join(name))
+            .map_err(|e| fsutil::io_error(name, e))?
+            .len();
+        Ok(FileEntry {
+            role,
+            path: name.to_string(),
+            size,
+            checksum,
+            format,
+            external: false,
+        })
+    }
+}
+
+fn storage_error(e: kiln_vmm::VmmError) -> Error {
+    let text = e.to_string();
+    if text.contains("No space left") || text.contains("os error 28") {
+        Error::new(
+            ErrorCode::InsufficientStorage,
+            format!(
+                "{text}: the disk holding kiln's data directory is full; free space and try again"
+            ),
+        )
+    } else {
+        Error::internal(text)
+    }
+}

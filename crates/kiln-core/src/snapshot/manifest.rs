@@ -1,0 +1,308 @@
+//! The snapshot format: a directory holding the files and `manifest.json`, which names every file with its
+//! size and checksum and records what the snapshot needs to be restored (versions, machine, accelerator,
+//! kernel, resources). A snapshot directory appears under its final name only once complete (written in a
+//! temporary directory, fsynced, renamed), so a crash leaves either no snapshot or a whole one.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::SnapshotType;
+use crate::error::{Error, ErrorCode, Result};
+use crate::fsutil;
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST: &str = "manifest.json";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Device and vCPU state (QEMU migration stream without RAM).
+    State,
+    /// Guest RAM, a whole image (sparse).
+    Memory,
+    /// One disk layer; disk layers are listed bottom first.
+    Disk,
+    Kernel,
+    Initrd,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub role: Role,
+    /// Relative to the snapshot directory, or absolute for a diff snapshot's external base.
+    pub path: String,
+    pub size: u64,
+    pub checksum: String,
+    /// `raw`/`qcow2` for disk layers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Lives outside the snapshot (a diff snapshot's base); it must still exist to restore.
+    #[serde(default)]
+    pub external: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Source {
+    pub sandbox_id: String,
+    pub sandbox_name: String,
+    pub hostname: String,
+    pub template: String,
+    pub env: BTreeMap<String, String>,
+    pub mac: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: SnapshotType,
+    pub created_at: String,
+    pub kiln_version: String,
+    pub qemu_version: String,
+    pub machine: String,
+    pub cpu_model: String,
+    pub accel: String,
+    pub kernel_version: String,
+    pub cmdline: String,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub disk_size_bytes: u64,
+    pub source: Source,
+    pub parent: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub files: Vec<FileEntry>,
+}
+
+impl Manifest {
+    pub fn file(&self, role: Role) -> Option<&FileEntry> {
+        self.files.iter().find(|f| f.role == role)
+    }
+
+    pub fn disks(&self) -> impl Iterator<Item = &FileEntry> {
+        self.files.iter().filter(|f| f.role == Role::Disk)
+    }
+
+    /// Absolute path of an entry.
+    pub fn resolve(&self, dir: &Path, entry: &FileEntry) -> PathBuf {
+        if entry.external {
+            PathBuf::from(&entry.path)
+        } else {
+            dir.join(&entry.path)
+        }
+    }
+
+    /// Writes `manifest.json` with a trailing checksum line of the JSON, so a torn or edited manifest is
+    /// detected.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let json =
+            serde_json::to_string_pretty(self).map_err(|e| Error::internal(e.to_string()))?;
+        let doc = format!(
+            "{json}\n# checksum {}\n",
+            fsutil::checksum_bytes(json.as_bytes())
+        );
+        fsutil::write_atomic(&dir.join(MANIFEST), doc.as_bytes())
+    }
+
+    pub fn read(dir: &Path, id: &str) -> Result<Manifest> {
+        let path = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            corrupt(
+                id,
+                format!("its manifest {} cannot be read ({e})", path.display()),
+            )
+        })?;
+        let (json, tail) = text
+            .rsplit_once("\n# checksum ")
+            .ok_or_else(|| corrupt(id, "its manifest has no checksum line (truncated?)".into()))?;
+        if fsutil::checksum_bytes(json.as_bytes()) != tail.trim() {
+            return Err(corrupt(
+                id,
+                "its manifest does not match its checksum (modified or truncated)".into(),
+            ));
+        }
+        let m: Manifest = serde_json::from_str(json)
+            .map_err(|e| corrupt(id, format!("its manifest is not valid ({e})")))?;
+        if m.format_version != FORMAT_VERSION {
+            return Err(Error::new(
+                ErrorCode::SnapshotIncompatible,
+                format!(
+                    "snapshot {id} uses format version {}, this kiln reads version {FORMAT_VERSION}; restore it with a matching kiln",
+                    m.format_version
+                ),
+            ));
+        }
+        Ok(m)
+    }
+
+    /// Checks that every file exists with its recorded size; with `deep`, also its checksum. External bases
+    /// that are gone produce `snapshot_base_missing` naming the path.
+    pub fn verify(&self, dir: &Path, deep: bool) -> Result<()> {
+        for f in &self.files {
+            let path = self.resolve(dir, f);
+            let meta = match std::fs::metadata(&path) {
+                Ok(m) => m,
+                Err(_) if f.external => {
+                    return Err(Error::new(
+                        ErrorCode::SnapshotBaseMissing,
+                        format!(
+                            "diff snapshot {} needs its base {} which no longer exists (its parent {} was deleted or rebuilt); restore a full snapshot instead, and take `--type full` snapshots when bases may go away",
+                            self.id,
+                            path.display(),
+                            self.parent.as_deref().unwrap_or("?")
+                        ),
+                    ))
+                }
+                Err(e) => return Err(corrupt(&self.id, format!("file {} is missing ({e})", path.display()))),
+            };
+            if meta.len() != f.size {
+                let code = if f.external {
+                    ErrorCode::SnapshotBaseMissing
+                } else {
+                    ErrorCode::SnapshotCorrupt
+                };
+                return Err(Error::new(
+                    code,
+                    format!(
+                        "snapshot {}: {} is {} bytes, expected {} (truncated or replaced); the snapshot cannot be restored",
+                        self.id,
+                        path.display(),
+                        meta.len(),
+                        f.size
+                    ),
+                ));
+            }
+            if deep && !fsutil::matches_checksum(&path, &f.checksum)? {
+                let code = if f.external {
+                    ErrorCode::SnapshotBaseMissing
+                } else {
+                    ErrorCode::SnapshotCorrupt
+                };
+                return Err(Error::new(
+                    code,
+                    format!(
+                        "snapshot {}: {} does not match its checksum (corrupted{}); the snapshot cannot be restored",
+                        self.id,
+                        path.display(),
+                        if f.external { ", or the base was rebuilt" } else { "" }
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn corrupt(id: &str, why: String) -> Error {
+    Error::new(
+        ErrorCode::SnapshotCorrupt,
+        format!("snapshot {id} is damaged: {why}; delete it and take a new one"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(dir: &Path) -> Manifest {
+        std::fs::write(dir.join("state"), b"device state").unwrap();
+        Manifest {
+            format_version: FORMAT_VERSION,
+            id: "s1".into(),
+            kind: SnapshotType::Full,
+            created_at: "now".into(),
+            kiln_version: "0".into(),
+            qemu_version: "10".into(),
+            machine: "microvm".into(),
+            cpu_model: "max".into(),
+            accel: "tcg".into(),
+            kernel_version: "6.12".into(),
+            cmdline: "c".into(),
+            memory_mib: 256,
+            cpus: 1,
+            disk_size_bytes: 1,
+            source: Source {
+                sandbox_id: "sb".into(),
+                sandbox_name: "n".into(),
+                hostname: "n".into(),
+                template: "tiny".into(),
+                env: Default::default(),
+                mac: "m".into(),
+            },
+            parent: None,
+            labels: Default::default(),
+            files: vec![FileEntry {
+                role: Role::State,
+                path: "state".into(),
+                size: 12,
+                checksum: fsutil::checksum_bytes(b"device state"),
+                format: None,
+                external: false,
+            }],
+        }
+    }
+
+    #[test]
+    fn manifest_round_trip_and_tamper_detection() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = sample(dir.path());
+        m.write(dir.path()).unwrap();
+        let back = Manifest::read(dir.path(), "s1").unwrap();
+        assert_eq!(back, m);
+        back.verify(dir.path(), true).unwrap();
+
+        // A flipped byte in a file: caught by the deep check, not by the size check.
+        std::fs::write(dir.path().join("state"), b"device stat!").unwrap();
+        back.verify(dir.path(), false).unwrap();
+        let e = back.verify(dir.path(), true).unwrap_err();
+        assert_eq!(e.code, ErrorCode::SnapshotCorrupt);
+        // Truncation: caught by size.
+        std::fs::write(dir.path().join("state"), b"dev").unwrap();
+        assert_eq!(
+            back.verify(dir.path(), false).unwrap_err().code,
+            ErrorCode::SnapshotCorrupt
+        );
+
+        // An edited manifest.
+        let p = dir.path().join(MANIFEST);
+        let text = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("\"memory_mib\": 256", "\"memory_mib\": 512");
+        std::fs::write(&p, text).unwrap();
+        assert_eq!(
+            Manifest::read(dir.path(), "s1").unwrap_err().code,
+            ErrorCode::SnapshotCorrupt
+        );
+        // A truncated one.
+        std::fs::write(&p, "{").unwrap();
+        assert_eq!(
+            Manifest::read(dir.path(), "s1").unwrap_err().code,
+            ErrorCode::SnapshotCorrupt
+        );
+    }
+
+    #[test]
+    fn missing_external_base_names_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = sample(dir.path());
+        m.kind = SnapshotType::Diff;
+        m.parent = Some("template:tiny".into());
+        m.files.push(FileEntry {
+            role: Role::Disk,
+            path: "/nonexistent/rootfs.img".into(),
+            size: 1,
+            checksum: "0".into(),
+            format: Some("raw".into()),
+            external: true,
+        });
+        let e = m.verify(dir.path(), false).unwrap_err();
+        assert_eq!(e.code, ErrorCode::SnapshotBaseMissing);
+        assert!(
+            e.message.contains("/nonexistent/rootfs.img") && e.message.contains("full"),
+            "{}",
+            e.message
+        );
+    }
+}

@@ -1,0 +1,74 @@
+//! Snapshots: the record, the on-disk format (manifest + files) and its verification.
+
+pub mod capture;
+pub mod db;
+pub mod manifest;
+pub mod restore;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotType {
+    /// Memory, vCPU and device state and the whole disk: restores on its own.
+    #[default]
+    Full,
+    /// Like full, but stores only what differs from its parent (template or parent snapshot), which must
+    /// still exist at restore time.
+    Diff,
+    /// The filesystem only; restoring it boots fresh from that disk.
+    Disk,
+}
+
+impl SnapshotType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotType::Full => "full",
+            SnapshotType::Diff => "diff",
+            SnapshotType::Disk => "disk",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "full" => Some(SnapshotType::Full),
+            "diff" => Some(SnapshotType::Diff),
+            "disk" => Some(SnapshotType::Disk),
+            _ => None,
+        }
+    }
+    pub fn has_memory(self) -> bool {
+        self != SnapshotType::Disk
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Snapshot {
+    pub id: String,
+    /// The sandbox it was taken from (which may since have been deleted).
+    pub sandbox_id: String,
+    pub sandbox_name: String,
+    #[serde(rename = "type")]
+    pub kind: SnapshotType,
+    /// What a diff snapshot builds on: `template:NAME` or `snapshot:ID`.
+    pub parent: Option<String>,
+    pub template: String,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub disk_size_bytes: u64,
+    /// Space its own files take on disk.
+    pub size_bytes: u64,
+    pub labels: BTreeMap<String, String>,
+    /// Whether it has been restored into its source sandbox (`kiln snapshot restore`).
+    pub restored: bool,
+    pub restored_at: Option<String>,
+    pub created_at: String,
+}
+
+impl Snapshot {
+    pub fn matches_labels(&self, filter: &BTreeMap<String, String>) -> bool {
+        filter.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
+}

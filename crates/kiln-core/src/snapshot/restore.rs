@@ -1,0 +1,508 @@
+//! Bringing snapshots back: as new sandboxes (resume / fork), or into their source's identity (roll back).
+//! Also listing and deleting snapshots.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use tracing::{info, warn};
+use utoipa::ToSchema;
+
+use super::manifest::{Manifest, Role};
+use super::{Snapshot, SnapshotType};
+use crate::engine::Engine;
+use crate::error::{Error, ErrorCode, Result};
+use crate::fsutil;
+use crate::ids;
+use crate::layout::{Layer, Layout, Memory, Origin};
+use crate::machine::{create_top_layer, Incoming};
+use crate::model::{now_rfc3339, Sandbox, SandboxState};
+use crate::validate;
+use crate::vm::agent_error;
+
+/// Options for a new sandbox made from a snapshot.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeSnapshot {
+    pub name: Option<String>,
+    /// Must equal the snapshot's for memory snapshots (a running machine's RAM cannot change size).
+    pub memory_mib: Option<u64>,
+    pub cpus: Option<u32>,
+    /// Disk size in GiB (disk snapshots only; at least the snapshot's).
+    pub disk_size_gib: Option<u64>,
+    #[serde(default, alias = "metadata")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Result of deleting a snapshot.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SnapshotDeleted {
+    pub id: String,
+    /// Sandboxes still running on this snapshot's memory or disk; its files stay until the last is gone.
+    pub files_kept_for: Vec<String>,
+}
+
+impl Engine {
+    pub fn get_snapshot(&self, id: &str) -> Result<Snapshot> {
+        self.db()
+            .find_snapshot(id)?
+            .ok_or_else(|| Error::snapshot_not_found(id))
+    }
+
+    pub fn list_snapshots(
+        &self,
+        sandbox: Option<&str>,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<Snapshot>> {
+        // Filter by id or name of the source; the source may be gone, so compare with the stored fields.
+        Ok(self
+            .db()
+            .list_snapshots()?
+            .into_iter()
+            .filter(|s| sandbox.is_none_or(|f| s.sandbox_id == f || s.sandbox_name == f))
+            .filter(|s| s.matches_labels(labels))
+            .collect())
+    }
+
+    /// Reads and checks a snapshot before any VM starts: the manifest always, file sizes always, and
+    /// checksums of every file the first time this daemon uses the snapshot.
+    pub(crate) fn load_manifest(&self, id: &str) -> Result<(Snapshot, Manifest)> {
+        let snap = self.get_snapshot(id)?;
+        let dir = self.config().snapshot_dir(id);
+        let manifest = Manifest::read(&dir, id)?;
+        if manifest.accel != self.accel().accel.as_str() {
+            return Err(Error::new(
+                ErrorCode::SnapshotIncompatible,
+                format!(
+                    "snapshot {id} was taken under {} but this daemon runs {}; restore it on a host with the same accelerator (or `kiln serve --accel {}`)",
+                    manifest.accel,
+                    self.accel().accel,
+                    manifest.accel
+                ),
+            ));
+        }
+        let deep = !self.is_verified(id);
+        manifest.verify(&dir, deep)?;
+        if deep {
+            self.mark_verified(id);
+        }
+        Ok((snap, manifest))
+    }
+
+    /// Lays out a sandbox directory from a snapshot: links to its kernel, disk layers and RAM base, and a
+    /// fresh writable top layer. Returns the layout and the incoming state to load (None for disk snapshots).
+    fn provision_from_snapshot(
+        &self,
+        sb: &Sandbox,
+        snap_id: &str,
+        m: &Manifest,
+        cmdline: String,
+    ) -> Result<(Layout, Option<Incoming>)> {
+        let snap_dir = self.config().snapshot_dir(snap_id);
+        let dir = self.config().sandbox_dir(&sb.id);
+        std::fs::create_dir_all(dir.join("layers"))
+            .map_err(|e| fsutil::io_error(&format!("creating {}", dir.display()), e))?;
+        let need = |role: Role| {
+            m.file(role).ok_or_else(|| {
+                Error::new(
+                    ErrorCode::SnapshotCorrupt,
+                    format!("snapshot {snap_id} has no {role:?} file"),
+                )
+            })
+        };
+        let kernel = dir.join("kernel");
+        fsutil::link_or_copy(&m.resolve(&snap_dir, need(Role::Kernel)?), &kernel)?;
+        let initrd = dir.join("initrd");
+        fsutil::link_or_copy(&m.resolve(&snap_dir, need(Role::Initrd)?), &initrd)?;
+        let mut layers = Vec::new();
+        for (i, f) in m.disks().enumerate() {
+            let format = f.format.clone().unwrap_or_else(|| "qcow2".into());
+            let path = dir.join(format!("layers/{i}.{format}"));
+            fsutil::link_or_copy(&m.resolve(&snap_dir, f), &path)?;
+            layers.push(Layer {
+                path,
+                format,
+                checksum: Some(f.checksum.clone()),
+            });
+        }
+        let inherited = layers.len();
+        let memory = if m.kind.has_memory() {
+            let base = dir.join("memory.base");
+            let f = need(Role::Memory)?;
+            fsutil::link_or_copy(&m.resolve(&snap_dir, f), &base)?;
+            Memory::Private {
+                base,
+                base_checksum: Some(f.checksum.clone()),
+            }
+        } else {
+            Memory::Owned {
+                file: dir.join("memory"),
+            }
+        };
+        let mut layout = Layout {
+            kernel,
+            initrd,
+            kernel_version: m.kernel_version.clone(),
+            cmdline,
+            disk_layers: layers,
+            memory,
+            origin: Origin::Snapshot {
+                id: snap_id.to_string(),
+            },
+            inherited_layers: inherited,
+            generation: 0,
+        };
+        let below = layout.top().cloned().ok_or_else(|| {
+            Error::new(
+                ErrorCode::SnapshotCorrupt,
+                format!("snapshot {snap_id} has no disk"),
+            )
+        })?;
+        let top = layout.next_top_path(&dir);
+        create_top_layer(&top, &below, sb.disk_size_bytes)?;
+        layout.disk_layers.push(Layer {
+            path: top,
+            format: "qcow2".into(),
+            checksum: None,
+        });
+        let incoming = m.kind.has_memory().then(|| Incoming {
+            state: snap_dir.join(
+                &m.file(Role::State)
+                    .map(|f| f.path.clone())
+                    .unwrap_or_else(|| "state".into()),
+            ),
+            resume: true,
+        });
+        Ok((layout, incoming))
+    }
+
+    /// A new sandbox that continues from the snapshot (memory snapshots) or boots from its disk.
+    pub async fn resume_snapshot(&self, id: &str, req: ResumeSnapshot) -> Result<Sandbox> {
+        validate::labels(&req.labels)?;
+        if let Some(name) = &req.name {
+            validate::name("sandbox", name)?;
+        }
+        let (snap, m) = self.load_manifest(id)?;
+        let (memory_mib, cpus, disk_size_bytes) = self.resume_resources(&snap, &m, &req)?;
+        self.check_capacity(memory_mib)?;
+        let sb_id = ids::new_id("sb");
+        let name = req.name.clone().unwrap_or_else(|| sb_id.clone());
+        let hostname = name.replace('_', "-");
+        let now = now_rfc3339();
+        let sb = Sandbox {
+            id: sb_id.clone(),
+            name: name.clone(),
+            template: m.source.template.clone(),
+            state: SandboxState::Creating,
+            memory_mib,
+            cpus,
+            disk_size_bytes,
+            env: m.source.env.clone(),
+            labels: req.labels.clone(),
+            ports: Vec::new(),
+            hostname: hostname.clone(),
+            mac: ids::new_mac(),
+            accel: self.accel().accel.to_string(),
+            pid: None,
+            error: None,
+            created_at: now.clone(),
+            updated_at: now,
+            origin: format!("snapshot:{id}"),
+            restored_from: None,
+        };
+        self.db().insert_sandbox(&sb)?;
+        let slot = self.slot(&sb.id);
+        let _guard = slot.op.write().await;
+        let cmdline = with_hostname(&m.cmdline, &hostname, disk_size_bytes > m.disk_size_bytes);
+        let started = async {
+            let (layout, incoming) = self.provision_from_snapshot(&sb, id, &m, cmdline)?;
+            self.db().set_layout(&sb.id, &layout)?;
+            let vm = self.start_vm(&sb, &layout, incoming).await?;
+            if m.kind.has_memory() {
+                // A new machine with the snapshot's memory: give it its own name.
+                let agent = vm.agent(std::time::Duration::from_secs(10)).await?;
+                agent
+                    .set_hostname(&hostname)
+                    .await
+                    .map_err(|e| agent_error(e, &name))?;
+            }
+            Ok::<_, Error>(vm)
+        };
+        match started.await {
+            Ok(vm) => {
+                let pid = vm.pid;
+                *slot.vm.lock().await = Some(vm);
+                self.db()
+                    .set_state(&sb.id, SandboxState::Running, Some(pid), None)?;
+                info!(sandbox = %sb.id, snapshot = id, "sandbox resumed from snapshot");
+                self.get(&sb.id)
+            }
+            Err(e) => {
+                warn!(sandbox = %sb.id, snapshot = id, error = %e, "resume failed");
+                // Nothing of a failed resume is worth keeping: remove the row and the files.
+                self.remove_sandbox_files(&sb.id);
+                self.db().delete_sandbox(&sb.id)?;
+                Err(Error::new(
+                    e.code,
+                    format!("resuming snapshot {id} failed: {}", e.message),
+                ))
+            }
+        }
+    }
+
+    fn resume_resources(
+        &self,
+        snap: &Snapshot,
+        m: &Manifest,
+        req: &ResumeSnapshot,
+    ) -> Result<(u64, u32, u64)> {
+        if m.kind == SnapshotType::Disk {
+            let memory = req.memory_mib.unwrap_or(m.memory_mib);
+            let cpus = req.cpus.unwrap_or(m.cpus);
+            validate::range(
+                "memory",
+                memory,
+                crate::engine::MIN_MEMORY_MIB,
+                crate::engine::MAX_MEMORY_MIB,
+                " MiB",
+            )?;
+            validate::range("cpus", u64::from(cpus), 1, crate::engine::MAX_CPUS, "")?;
+            let disk = match req.disk_size_gib {
+                Some(gib) => {
+                    validate::range("disk size", gib, 1, crate::engine::MAX_DISK_GIB, " GiB")?;
+                    if gib << 30 < m.disk_size_bytes {
+                        return Err(Error::invalid(format!(
+                            "disk size {gib} GiB is smaller than the snapshot's {} bytes",
+                            m.disk_size_bytes
+                        )));
+                    }
+                    gib << 30
+                }
+                None => m.disk_size_bytes,
+            };
+            return Ok((memory, cpus, disk));
+        }
+        let refuse = |what: &str, asked: u64, has: u64| {
+            Error::invalid(format!(
+                "snapshot {} holds a running machine with {has}{what}; it resumes with exactly that (asked for {asked}{what}). Take a `--type disk` snapshot to boot with other resources",
+                snap.id
+            ))
+        };
+        if let Some(mem) = req.memory_mib.filter(|m2| *m2 != m.memory_mib) {
+            return Err(refuse(" MiB of memory", mem, m.memory_mib));
+        }
+        if let Some(c) = req.cpus.filter(|c| *c != m.cpus) {
+            return Err(refuse(" vCPUs", u64::from(c), u64::from(m.cpus)));
+        }
+        if req
+            .disk_size_gib
+            .is_some_and(|g| g << 30 != m.disk_size_bytes)
+        {
+            return Err(Error::invalid("the disk size of a memory snapshot cannot change on resume; take a `--type disk` snapshot"));
+        }
+        Ok((m.memory_mib, m.cpus, m.disk_size_bytes))
+    }
+
+    /// Puts the snapshot's source sandbox back to the snapshot (same id and name). Paused unless `resume`.
+    pub async fn restore_snapshot(&self, id: &str, resume: bool, force: bool) -> Result<Sandbox> {
+        let (snap, m) = self.load_manifest(id)?;
+        let existing = self.db().find_sandbox(&m.source.sandbox_id)?;
+        if let Some(sb) = &existing {
+            if snap.restored && sb.restored_from.as_deref() == Some(id) && sb.state.has_vm() {
+                return Err(Error::new(
+                    ErrorCode::SnapshotInUse,
+                    format!(
+                        "sandbox {} is {} from snapshot {id} right now; stop or delete it before restoring {id} again",
+                        sb.name,
+                        sb.state.as_str()
+                    ),
+                ));
+            }
+        }
+        if snap.restored && !force {
+            return Err(Error::new(
+                ErrorCode::SnapshotAlreadyRestored,
+                format!(
+                    "snapshot {id} was already restored (at {}); pass --force to restore it again",
+                    snap.restored_at.as_deref().unwrap_or("?")
+                ),
+            ));
+        }
+        let sb = match existing {
+            Some(sb) => sb,
+            None => {
+                // The source is gone: recreate it under its old id and name.
+                let now = now_rfc3339();
+                let sb = Sandbox {
+                    id: m.source.sandbox_id.clone(),
+                    name: m.source.sandbox_name.clone(),
+                    template: m.source.template.clone(),
+                    state: SandboxState::Creating,
+                    memory_mib: m.memory_mib,
+                    cpus: m.cpus,
+                    disk_size_bytes: m.disk_size_bytes,
+                    env: m.source.env.clone(),
+                    labels: snap.labels.clone(),
+                    ports: Vec::new(),
+                    hostname: m.source.hostname.clone(),
+                    mac: m.source.mac.clone(),
+                    accel: self.accel().accel.to_string(),
+                    pid: None,
+                    error: None,
+                    created_at: now.clone(),
+                    updated_at: now,
+                    origin: format!("snapshot:{id}"),
+                    restored_from: None,
+                };
+                self.db().insert_sandbox(&sb)?;
+                sb
+            }
+        };
+        let slot = self.slot(&sb.id);
+        let _guard = slot.op.write().await;
+        // Throw away the current machine and files; the snapshot holds the state to go back to.
+        if let Some(vm) = slot.vm.lock().await.take() {
+            vm.terminate().await;
+        } else if let Some(pid) = sb.pid {
+            kiln_vmm::process::terminate(
+                pid,
+                &crate::engine::vm_name(&sb.id),
+                std::time::Duration::from_secs(3),
+            )
+            .await;
+        }
+        self.remove_sandbox_files(&sb.id);
+        self.db()
+            .set_state(&sb.id, SandboxState::Creating, None, None)?;
+        let mut incoming_resume = resume;
+        let started = async {
+            let cmdline = with_hostname(&m.cmdline, &sb.hostname, false);
+            let (layout, mut incoming) = self.provision_from_snapshot(&sb, id, &m, cmdline)?;
+            if let Some(inc) = incoming.as_mut() {
+                inc.resume = resume;
+            } else {
+                incoming_resume = true; // a disk snapshot restores by booting
+            }
+            self.db().set_layout(&sb.id, &layout)?;
+            self.start_vm(&sb, &layout, incoming).await
+        };
+        match started.await {
+            Ok(vm) => {
+                let pid = vm.pid;
+                *slot.vm.lock().await = Some(vm);
+                let state = if incoming_resume {
+                    SandboxState::Running
+                } else {
+                    SandboxState::Paused
+                };
+                self.db().set_state(&sb.id, state, Some(pid), None)?;
+                self.db().set_restored_from(&sb.id, Some(id))?;
+                self.db().mark_restored(id, &now_rfc3339())?;
+                info!(sandbox = %sb.id, snapshot = id, "sandbox rolled back to snapshot");
+                self.get(&sb.id)
+            }
+            Err(e) => {
+                self.db()
+                    .set_state(&sb.id, SandboxState::Failed, None, Some(&e.message))?;
+                Err(Error::new(
+                    e.code,
+                    format!(
+                        "restoring snapshot {id} into {} failed: {}",
+                        sb.name, e.message
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Deletes a snapshot. Refused while diff snapshots build on it; sandboxes resumed from it keep
+    /// running on their own hard links to its files (reported in the answer).
+    pub async fn delete_snapshot(&self, id: &str) -> Result<SnapshotDeleted> {
+        let snap = self.get_snapshot(id)?;
+        let children = self.db().snapshot_children(id)?;
+        if !children.is_empty() {
+            return Err(Error::new(
+                ErrorCode::SnapshotInUse,
+                format!(
+                    "diff snapshots build on {id}: {}; delete them first",
+                    children.join(", ")
+                ),
+            ));
+        }
+        let users: Vec<String> = self
+            .db()
+            .list_sandboxes()?
+            .into_iter()
+            .filter(|s| {
+                s.origin == format!("snapshot:{id}") || s.restored_from.as_deref() == Some(id)
+            })
+            .map(|s| s.name)
+            .collect();
+        let dir = self.config().snapshot_dir(id);
+        let trash = self
+            .config()
+            .snapshots_dir()
+            .join(format!(".trash-{id}-{}", std::process::id()));
+        if dir.exists() {
+            std::fs::rename(&dir, &trash)
+                .map_err(|e| fsutil::io_error(&format!("removing {}", dir.display()), e))?;
+        }
+        self.db().delete_snapshot(&snap.id)?;
+        let _ = std::fs::remove_dir_all(&trash);
+        self.forget_verified(id);
+        info!(snapshot = id, kept_for = users.len(), "snapshot deleted");
+        Ok(SnapshotDeleted {
+            id: snap.id,
+            files_kept_for: users,
+        })
+    }
+
+    /// Removes half-written snapshots (`.tmp-*`) and interrupted deletions (`.trash-*`) left by a crash.
+    pub(crate) fn clean_snapshot_debris(&self) {
+        for entry in std::fs::read_dir(self.config().snapshots_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".tmp-") || name.starts_with(".trash-") {
+                warn!(path = %entry.path().display(), "removing debris of an interrupted snapshot operation");
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+
+    pub(crate) fn remove_sandbox_files(&self, id: &str) {
+        let dir = self.config().sandbox_dir(id);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(dir = %dir.display(), error = %e, "could not remove sandbox directory");
+            }
+        }
+    }
+}
+
+/// The snapshot's kernel command line with another hostname (and the resize flag for grown disks).
+fn with_hostname(cmdline: &str, hostname: &str, resize: bool) -> String {
+    let mut parts: Vec<String> = cmdline
+        .split_whitespace()
+        .filter(|p| !p.starts_with("kiln.hostname=") && !p.starts_with("kiln.resize="))
+        .map(str::to_string)
+        .collect();
+    parts.push(format!("kiln.hostname={hostname}"));
+    if resize {
+        parts.push("kiln.resize=1".into());
+    }
+    parts.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hostname_is_replaced_in_cmdline() {
+        assert_eq!(
+            super::with_hostname("console=ttyS0 kiln.hostname=old quiet", "new", false),
+            "console=ttyS0 quiet kiln.hostname=new"
+        );
+        assert!(super::with_hostname("a kiln.resize=1", "h", true)
+            .ends_with("kiln.hostname=h kiln.resize=1"));
+    }
+}

@@ -1,0 +1,46 @@
+use axum::extract::{Path, State};
+use axum::Json;
+use kiln_core::Sandbox;
+
+use super::AppState;
+use crate::error::{ApiResult, ErrorBody};
+
+/// Freezes the sandbox's vCPUs (memory stays; no disk write).
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", params(("id" = String, Path)),
+    responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn pause(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Sandbox>> {
+    Ok(Json(engine.pause(&id).await?))
+}
+
+/// Continues a paused sandbox.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", params(("id" = String, Path)),
+    responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn resume(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Sandbox>> {
+    Ok(Json(engine.resume(&id).await?))
+}
+
+/// Hibernates: saves the whole machine to disk and frees its RAM (the VM process exits).
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/stop", params(("id" = String, Path)),
+    responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn stop(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Sandbox>> {
+    Ok(Json(engine.stop(&id).await?))
+}
+
+/// Brings a hibernated sandbox back where it was (same id, name and disk).
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/start", params(("id" = String, Path)),
+    responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn start(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Sandbox>> {
+    Ok(Json(engine.start(&id).await?))
+}

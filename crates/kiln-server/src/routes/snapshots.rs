@@ -1,0 +1,102 @@
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use kiln_core::{CreateSnapshot, ResumeSnapshot, Sandbox, Snapshot, SnapshotDeleted};
+use serde::Deserialize;
+use utoipa::ToSchema;
+
+use super::AppState;
+use crate::error::{ApiResult, ErrorBody};
+use crate::extract::{OptionalJson, QueryPairs};
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreBody {
+    /// Continue the restored sandbox at once (default: it stays paused).
+    #[serde(default)]
+    pub resume: bool,
+    /// Restore even though the snapshot was restored before.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Takes a snapshot of a running or paused sandbox (memory, vCPUs, devices and disk at one instant).
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/snapshots", request_body = CreateSnapshot,
+    params(("id" = String, Path, description = "sandbox id or name")),
+    responses((status = 201, body = Snapshot), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody), (status = 507, body = ErrorBody)))]
+pub async fn create(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+    OptionalJson(body): OptionalJson<CreateSnapshot>,
+) -> ApiResult<(StatusCode, Json<Snapshot>)> {
+    let req = body;
+    Ok((
+        StatusCode::CREATED,
+        Json(engine.create_snapshot(&id, req).await?),
+    ))
+}
+
+/// Lists named snapshots, optionally of one source sandbox and/or with labels.
+#[utoipa::path(get, path = "/v1/snapshots",
+    params(("sandbox" = Option<String>, Query, description = "source sandbox id or name"),
+           ("label" = Option<String>, Query, description = "KEY=VALUE; repeatable")),
+    responses((status = 200, body = [Snapshot])))]
+pub async fn list(State(engine): State<AppState>, q: QueryPairs) -> ApiResult<Json<Vec<Snapshot>>> {
+    let mut labels = BTreeMap::new();
+    for kv in q.all("label") {
+        let (k, v) = kiln_core::validate::parse_key_value(kv)?;
+        labels.insert(k, v);
+    }
+    Ok(Json(engine.list_snapshots(q.get("sandbox"), &labels)?))
+}
+
+#[utoipa::path(get, path = "/v1/snapshots/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = Snapshot), (status = 404, body = ErrorBody)))]
+pub async fn get(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Snapshot>> {
+    Ok(Json(engine.get_snapshot(&id)?))
+}
+
+/// Deletes a snapshot. Refused while diff snapshots build on it; sandboxes running from it keep their files.
+#[utoipa::path(delete, path = "/v1/snapshots/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = SnapshotDeleted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn delete(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SnapshotDeleted>> {
+    Ok(Json(engine.delete_snapshot(&id).await?))
+}
+
+/// A new sandbox that goes on exactly where the snapshot was (no boot). Repeatable, concurrently.
+#[utoipa::path(post, path = "/v1/snapshots/{id}/resume", request_body = ResumeSnapshot, params(("id" = String, Path)),
+    responses((status = 201, body = Sandbox), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn resume(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+    OptionalJson(body): OptionalJson<ResumeSnapshot>,
+) -> ApiResult<(StatusCode, Json<Sandbox>)> {
+    let req = body;
+    Ok((
+        StatusCode::CREATED,
+        Json(engine.resume_snapshot(&id, req).await?),
+    ))
+}
+
+/// Rolls the snapshot's source sandbox back to it (same id and name); paused unless `resume`.
+#[utoipa::path(post, path = "/v1/snapshots/{id}/restore", request_body = RestoreBody, params(("id" = String, Path)),
+    responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+              (status = 422, body = ErrorBody)))]
+pub async fn restore(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+    OptionalJson(body): OptionalJson<RestoreBody>,
+) -> ApiResult<Json<Sandbox>> {
+    let b = body;
+    Ok(Json(engine.restore_snapshot(&id, b.resume, b.force).await?))
+}
