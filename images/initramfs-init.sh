@@ -24,16 +24,20 @@ for module in /lib/modules/*.ko; do
     insmod "$module" || fail "cannot load kernel module $module"
 done
 
-# virtio-blk probes asynchronously after virtio_mmio binds the device; poll instead of a fixed sleep.
-tries=0
+# The disk normally exists as soon as virtio_blk is loaded, but device probing may finish
+# asynchronously; poll briefly (by uptime, since each sleep takes longer than asked under TCG).
+read -r now _ </proc/uptime
+deadline=$((${now%.*} + 3))
 while [ ! -b /dev/vda ]; do
-    tries=$((tries + 1))
-    [ "$tries" -gt 300 ] && fail "root disk /dev/vda did not appear within 3s (is a virtio-blk device attached?)"
+    read -r now _ </proc/uptime
+    [ "${now%.*}" -ge "$deadline" ] && fail "root disk /dev/vda did not appear within 3s (is a virtio-blk device attached?)"
     sleep 0.01
 done
 
 mount -t ext4 -o rw,noatime /dev/vda /newroot || fail "cannot mount /dev/vda as ext4 on /newroot"
+# Checked here because once switch_root has replaced this shell, a failure could only panic the kernel.
 [ -x /newroot/kiln/init ] || fail "/kiln/init is missing or not executable in the root filesystem"
+[ -x /newroot/kiln/busybox ] || fail "/kiln/busybox (which runs /kiln/init) is missing from the root filesystem"
 
 # Hand the already-mounted API filesystems to the real root so /kiln/init does not remount them.
 for fs in dev proc sys; do

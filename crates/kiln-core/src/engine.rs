@@ -171,8 +171,14 @@ impl Engine {
                         None,
                     );
                     let state = match vm.qmp().await {
-                        Ok(qmp) => match qmp.status().await.as_deref() {
-                            Ok("paused") => SandboxState::Paused,
+                        // Recorded as running but found paused: kiln went down in the middle of an
+                        // operation that pauses the VM briefly (a snapshot); let it run again.
+                        Ok(qmp) => match (sb.state, qmp.status().await.as_deref()) {
+                            (SandboxState::Running, Ok(status)) if status != "running" => {
+                                let _ = qmp.execute("cont", None).await;
+                                SandboxState::Running
+                            }
+                            (_, Ok("paused")) => SandboxState::Paused,
                             _ => SandboxState::Running,
                         },
                         Err(_) => sb.state,

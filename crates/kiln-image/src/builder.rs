@@ -5,6 +5,7 @@ use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::cmdline::CMDLINE_BASE;
@@ -124,8 +125,15 @@ pub(crate) fn build(
 
     fs::create_dir_all(images_root).at("create", images_root)?;
     remove_stale_builds(images_root);
+    // The pid lets later builds recognise leftovers of dead processes; the counter keeps two builds in
+    // one process apart.
+    static BUILDS: AtomicU32 = AtomicU32::new(0);
     let build_dir = BuildDir {
-        path: images_root.join(format!(".build-{name}-{}", std::process::id())),
+        path: images_root.join(format!(
+            ".build-{name}-{}.{}",
+            std::process::id(),
+            BUILDS.fetch_add(1, Ordering::Relaxed)
+        )),
     };
     let _ = fs::remove_dir_all(&build_dir.path);
     fs::create_dir(&build_dir.path).at("create", &build_dir.path)?;
@@ -250,21 +258,27 @@ fn install(build_dir: &Path, final_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Deletes `.build-*` directories left behind by builds whose process is gone (crashed or killed).
+/// Deletes `.build-*` and `.remove-*` directories left behind by processes that are gone (crashed or
+/// killed mid-build or mid-removal).
 fn remove_stale_builds(images_root: &Path) {
     let Ok(entries) = fs::read_dir(images_root) else {
         return;
     };
     for entry in entries.flatten() {
         let file_name = entry.file_name();
-        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(".build-")) else {
+        let Some(rest) = file_name.to_str().and_then(|n| {
+            n.strip_prefix(".build-")
+                .or_else(|| n.strip_prefix(".remove-"))
+        }) else {
             continue;
         };
-        let Some(pid) = rest.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+        // `<name>-<pid>[.<counter>]`; image names never contain '.'.
+        let pid = rest.rsplit('-').next().and_then(|p| p.split('.').next());
+        let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
         if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            tracing::info!(path = %entry.path().display(), "removing leftover build directory");
+            tracing::info!(path = %entry.path().display(), "removing leftovers of a dead build");
             let _ = fs::remove_dir_all(entry.path());
         }
     }
@@ -322,7 +336,7 @@ fn read_agent(path: &Path, template: Template, progress: &dyn BuildProgress) -> 
         (true, _) => {}
         (false, Template::Tiny) => {
             return Err(ImageError::Build(format!(
-                "the agent {} is dynamically linked, but the tiny image has no C library; {HOW}",
+                "the agent {} is dynamically linked, but the tiny image lacks the shared libraries it needs; {HOW}",
                 path.display()
             )))
         }
@@ -364,4 +378,83 @@ fn agent_version(path: &Path) -> Option<String> {
         .ok()?;
     let line = out.lines().next()?.trim();
     (status.success() && !line.is_empty() && line.len() <= 100).then(|| line.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn install_replaces_an_existing_image_atomically() {
+        let root = tempfile::tempdir().unwrap();
+        let (build, target) = (
+            root.path().join(".build-tiny-1.0"),
+            root.path().join("tiny"),
+        );
+        for (dir, content) in [(&build, "new"), (&target, "old")] {
+            fs::create_dir_all(dir).unwrap();
+            fs::write(dir.join(MANIFEST_FILE), content).unwrap();
+        }
+        install(&build, &target).unwrap();
+        assert_eq!(
+            fs::read_to_string(target.join(MANIFEST_FILE)).unwrap(),
+            "new"
+        );
+        // The old image is now where the build was, for BuildDir to delete.
+        assert_eq!(
+            fs::read_to_string(build.join(MANIFEST_FILE)).unwrap(),
+            "old"
+        );
+        // A first build simply moves into place.
+        let fresh = root.path().join(".build-base-1.1");
+        fs::create_dir_all(&fresh).unwrap();
+        install(&fresh, &root.path().join("base")).unwrap();
+        assert!(root.path().join("base").is_dir() && !fresh.exists());
+    }
+
+    #[test]
+    fn removes_only_leftovers_of_dead_processes() {
+        let root = tempfile::tempdir().unwrap();
+        // pid_max is at most 4194304, so this process cannot exist.
+        let dead = [".build-tiny-4294967.0", ".remove-base-4294967"];
+        let alive = format!(".build-tiny-{}.3", std::process::id());
+        for dir in dead
+            .iter()
+            .copied()
+            .chain([alive.as_str(), "tiny", ".build-odd"])
+        {
+            fs::create_dir_all(root.path().join(dir)).unwrap();
+        }
+        remove_stale_builds(root.path());
+        for dir in dead {
+            assert!(!root.path().join(dir).exists(), "{dir}");
+        }
+        for dir in [alive.as_str(), "tiny", ".build-odd"] {
+            assert!(root.path().join(dir).exists(), "{dir}");
+        }
+    }
+
+    #[test]
+    fn agent_checks_explain_how_to_build_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("kiln-agent");
+        let err = read_agent(&missing, Template::Tiny, &crate::NoProgress)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("does not exist") && err.contains("cargo build -p kiln-agent"),
+            "{err}"
+        );
+        fs::write(&missing, b"#!/bin/sh\n").unwrap();
+        let err = read_agent(&missing, Template::Tiny, &crate::NoProgress)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a Linux executable"), "{err}");
+        // The host's dynamically linked `ls` is fine for base (with a warning) but not for tiny.
+        let ls = Path::new("/bin/ls");
+        if ls.is_file() {
+            assert!(read_agent(ls, Template::Tiny, &crate::NoProgress).is_err());
+            assert!(read_agent(ls, Template::Base, &crate::NoProgress).is_ok());
+        }
+    }
 }

@@ -30,7 +30,7 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-pub use cmdline::{kernel_cmdline, CmdlineParams, CMDLINE_BASE};
+pub use cmdline::{host_tsc_khz, kernel_cmdline, CmdlineParams, CMDLINE_BASE};
 pub use error::ImageError;
 pub use manifest::{
     AgentInfo, FileDigest, Image, ImageFiles, ImageInfo, ImageManifest, INITRD_FILE, KERNEL_FILE,

@@ -26,22 +26,38 @@ fn is_zombie(pid: u32) -> bool {
         .unwrap_or(true)
 }
 
-/// Sends SIGTERM, waits up to `grace`, then SIGKILL; returns once the process is gone.
+/// Sends SIGTERM, waits up to `grace`, then SIGKILL; returns once the process has exited (gone or a
+/// zombie), so its memory is released.
 pub async fn terminate(pid: u32, name: &str, grace: Duration) {
     if !is_our_qemu(pid, name) {
         return;
     }
     signal(pid, libc::SIGTERM);
     let deadline = tokio::time::Instant::now() + grace;
-    while is_our_qemu(pid, name) {
-        if tokio::time::Instant::now() >= deadline {
+    let mut killed = false;
+    // Identity was checked above; from here on only "has it exited" matters (a reused pid within this
+    // short window is not a practical concern).
+    while is_running(pid) {
+        if !killed && tokio::time::Instant::now() >= deadline {
             signal(pid, libc::SIGKILL);
+            killed = true;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        if tokio::time::Instant::now() >= deadline + Duration::from_secs(5) {
+        if tokio::time::Instant::now() >= deadline + Duration::from_secs(10) {
             break;
         }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// True while `pid` exists and has not exited (zombies count as exited).
+pub fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| !matches!(rest.trim_start().chars().next(), Some('Z' | 'X')))
+        })
+        .unwrap_or(false)
 }
 
 pub fn signal(pid: u32, sig: i32) {

@@ -466,6 +466,25 @@ impl Engine {
             if name.starts_with(".tmp-") || name.starts_with(".trash-") {
                 warn!(path = %entry.path().display(), "removing debris of an interrupted snapshot operation");
                 let _ = std::fs::remove_dir_all(entry.path());
+                continue;
+            }
+            // A complete snapshot moved into place just before kiln went down is recorded; anything
+            // else without a record is removed.
+            if matches!(self.db().find_snapshot(&name), Ok(None)) {
+                match Manifest::read(&entry.path(), &name)
+                    .and_then(|m| m.verify(&entry.path(), true).map(|()| m))
+                {
+                    Ok(m) => {
+                        let snap = snapshot_from_manifest(&m, &entry.path());
+                        if self.db().insert_snapshot(&snap, false).is_ok() {
+                            info!(snapshot = %name, "recorded a snapshot completed just before kiln stopped");
+                        }
+                    }
+                    Err(e) => {
+                        warn!(snapshot = %name, error = %e, "removing an unrecorded, incomplete snapshot");
+                        let _ = std::fs::remove_dir_all(entry.path());
+                    }
+                }
             }
         }
     }
@@ -477,6 +496,25 @@ impl Engine {
                 warn!(dir = %dir.display(), error = %e, "could not remove sandbox directory");
             }
         }
+    }
+}
+
+fn snapshot_from_manifest(m: &Manifest, dir: &std::path::Path) -> Snapshot {
+    Snapshot {
+        id: m.id.clone(),
+        sandbox_id: m.source.sandbox_id.clone(),
+        sandbox_name: m.source.sandbox_name.clone(),
+        kind: m.kind,
+        parent: m.parent.clone(),
+        template: m.source.template.clone(),
+        memory_mib: m.memory_mib,
+        cpus: m.cpus,
+        disk_size_bytes: m.disk_size_bytes,
+        size_bytes: fsutil::dir_allocated_bytes(dir),
+        labels: m.labels.clone(),
+        restored: false,
+        restored_at: None,
+        created_at: m.created_at.clone(),
     }
 }
 
