@@ -83,10 +83,108 @@ def bench_parallel_create(d, runs, n=5):
     return summary(samples)
 
 
+def own_bytes(path):
+    """Bytes a snapshot wrote itself: files with a single link (hard links share existing data)."""
+    total = 0
+    for name in os.listdir(path):
+        st = os.stat(os.path.join(path, name))
+        if st.st_nlink == 1:
+            total += st.st_blocks * 512
+    return total
+
+
+def start_counter(d, sb):
+    d.api.call("POST", f"/v1/sandboxes/{sb}/exec", {"cmd": "(i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done) >/dev/null 2>&1 &"})
+
+
+def bench_snapshots(d, runs):
+    """Snapshot create/resume/hibernate on a 256 MiB tiny sandbox, plus QEMU's own savevm/loadvm."""
+    out = {}
+    sb = d.api.create(template="tiny", memory_mib=256, cpus=1, name="snapsrc")
+    start_counter(d, sb["id"])
+    time.sleep(1)
+    create, resume, sizes = [], [], []
+    for i in range(runs):
+        t0 = time.perf_counter()
+        snap = d.api.call("POST", f"/v1/sandboxes/{sb['id']}/snapshots", {"name": f"full-{i}"})
+        create.append(time.perf_counter() - t0)
+        sizes.append(own_bytes(os.path.join(d.dir, "snapshots", snap["id"])))
+    for i in range(runs):
+        t0 = time.perf_counter()
+        child = d.api.call("POST", "/v1/snapshots/full-0/resume", {"name": f"res-{i}"})
+        d.api.exec(child["id"], ["true"])
+        resume.append(time.perf_counter() - t0)
+        d.api.delete(child["id"])
+    out["full_snapshot_create"] = dict(summary(create), target_ms=300.0, bytes_written_median=int(statistics.median(sizes)))
+    out["resume_from_snapshot_to_first_exec"] = dict(summary(resume), target_ms=100.0)
+    # Diff snapshots of a sandbox that changed little since it was resumed from a snapshot.
+    child = d.api.call("POST", "/v1/snapshots/full-0/resume", {"name": "diffsrc"})
+    diff_t, diff_b = [], []
+    for i in range(runs):
+        d.api.exec(child["id"], ["sh", "-c", f"echo {i} > /root/small"])
+        t0 = time.perf_counter()
+        snap = d.api.call("POST", f"/v1/sandboxes/{child['id']}/snapshots", {"name": f"diff-{i}", "type": "diff"})
+        diff_t.append(time.perf_counter() - t0)
+        diff_b.append(own_bytes(os.path.join(d.dir, "snapshots", snap["id"])))
+    ram = 256 << 20
+    out["diff_snapshot_create"] = dict(summary(diff_t), target_ms=None,
+                                       bytes_written_median=int(statistics.median(diff_b)),
+                                       percent_of_ram=round(100.0 * statistics.median(diff_b) / ram, 1),
+                                       target_percent_of_ram=10.0)
+    d.api.delete(child["id"])
+    # Hibernate: stop, then start to first exec.
+    stop_t, start_t = [], []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        d.api.call("POST", f"/v1/sandboxes/{sb['id']}/stop")
+        stop_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        d.api.call("POST", f"/v1/sandboxes/{sb['id']}/start")
+        d.api.exec(sb["id"], ["true"])
+        start_t.append(time.perf_counter() - t0)
+    out["hibernate_stop"] = dict(summary(stop_t), target_ms=300.0)
+    out["hibernate_start_to_first_exec"] = dict(summary(start_t), target_ms=150.0)
+    d.api.delete(sb["id"])
+    for i in range(runs):
+        for name in (f"diff-{i}",):
+            d.api.call("DELETE", f"/v1/snapshots/{name}")
+    for i in range(runs):
+        d.api.call("DELETE", f"/v1/snapshots/full-{i}")
+    out.update(bench_qemu_savevm(d, runs))
+    return out
+
+
+def bench_qemu_savevm(d, runs):
+    """QEMU's internal snapshots (snapshot-save / snapshot-load into the qcow2 disk) on the same VM shape."""
+    from qmpclient import Qmp
+    sb = d.api.create(template="tiny", memory_mib=256, cpus=1, name="savevm")
+    start_counter(d, sb["id"])
+    time.sleep(1)
+    qmp = Qmp(os.path.join(d.dir, "sandboxes", sb["id"], "qmp.sock"))
+    node = qmp.active_node()
+    save_t, load_t = [], []
+    for i in range(runs):
+        t0 = time.perf_counter()
+        qmp.job("snapshot-save", tag=f"s{i}", vmstate=node, devices=[node])
+        save_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        qmp.job("snapshot-load", tag=f"s{i}", vmstate=node, devices=[node])
+        qmp.cmd("cont")
+        d.api.exec(sb["id"], ["true"])
+        load_t.append(time.perf_counter() - t0)
+    qmp.close()
+    d.api.delete(sb["id"])
+    return {
+        "qemu_snapshot_save_qcow2": dict(summary(save_t), target_ms=None),
+        "qemu_snapshot_load_qcow2_to_first_exec": dict(summary(load_t), target_ms=None),
+    }
+
+
 BENCHES = {
     "cold_boot_to_first_exec": (bench_cold_boot, 2000.0),
     "exec_true_round_trip": (bench_exec, 10.0),
     "parallel_create_5_to_first_exec": (bench_parallel_create, None),
+    "snapshots": (bench_snapshots, None),
 }
 
 
@@ -107,8 +205,11 @@ def main():
                 continue
             print(f"running {name} ...", file=sys.stderr, flush=True)
             res = fn(d, args.runs)
-            res["target_ms"] = target
-            results[name] = res
+            if name == "snapshots":
+                results.update(res)
+            else:
+                res["target_ms"] = target
+                results[name] = res
     finally:
         d.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -120,11 +221,29 @@ def main():
         "results": results,
     }
     print()
-    print(f"{'benchmark':<36} {'median':>10} {'min':>10} {'p90':>10} {'max':>10} {'target':>10} {'runs':>5}")
+    print(f"{'benchmark':<40} {'median':>9} {'min':>9} {'p90':>9} {'max':>9} {'target':>8} {'runs':>5}")
     for name, r in results.items():
-        tgt = f"{r['target_ms']:.0f}" if r["target_ms"] else "-"
-        print(f"{name:<36} {r['median_ms']:>10.1f} {r['min_ms']:>10.1f} {r['p90_ms']:>10.1f} {r['max_ms']:>10.1f} {tgt:>10} {r['runs']:>5}")
+        tgt = f"{r['target_ms']:.0f}" if r.get("target_ms") else "-"
+        print(f"{name:<40} {r['median_ms']:>9.1f} {r['min_ms']:>9.1f} {r['p90_ms']:>9.1f} {r['max_ms']:>9.1f} {tgt:>8} {r['runs']:>5}")
     print("(milliseconds)")
+    for name, r in results.items():
+        if "bytes_written_median" in r:
+            extra = f" = {r['percent_of_ram']}% of guest RAM (target {r['target_percent_of_ram']}%)" if "percent_of_ram" in r else ""
+            print(f"{name}: writes {r['bytes_written_median'] / 2**20:.1f} MiB{extra}")
+    cold = results.get("cold_boot_to_first_exec", {}).get("median_ms")
+    ratios = {}
+    for name in ("resume_from_snapshot_to_first_exec", "hibernate_start_to_first_exec", "qemu_snapshot_load_qcow2_to_first_exec"):
+        if cold and name in results:
+            ratios[f"{name} / cold_boot"] = round(results[name]["median_ms"] / cold, 3)
+    qload = results.get("qemu_snapshot_load_qcow2_to_first_exec", {}).get("median_ms")
+    qsave = results.get("qemu_snapshot_save_qcow2", {}).get("median_ms")
+    if qload and "resume_from_snapshot_to_first_exec" in results:
+        ratios["qemu_load / kiln_resume (speed-up)"] = round(qload / results["resume_from_snapshot_to_first_exec"]["median_ms"], 1)
+    if qsave and "full_snapshot_create" in results:
+        ratios["qemu_save / kiln_full_snapshot (speed-up)"] = round(qsave / results["full_snapshot_create"]["median_ms"], 1)
+    for k, v in ratios.items():
+        print(f"{k:<48} {v}")
+    doc["ratios"] = ratios
     out = args.out or os.path.join(ROOT, "bench/results", datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
     with open(out, "w") as f:
         json.dump(doc, f, indent=2)

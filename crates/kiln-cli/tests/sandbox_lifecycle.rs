@@ -281,3 +281,73 @@ fn daemon_restart_readopts_running_sandboxes() {
     d.kiln_ok(&["sandbox", "delete", "-y", "lost", "keep"]);
     assert!(d.qemu_pids().is_empty());
 }
+
+#[test]
+fn base_image_runs_python() {
+    require_image("base");
+    let d = Daemon::start();
+    d.create(&["--name", "py", "--template", "base", "--memory", "512"]);
+    let out = d.kiln_ok(&[
+        "exec",
+        "py",
+        "--",
+        "python3",
+        "-c",
+        "import sys, json; print(json.dumps({'v': sys.version_info[0], 'sum': sum(range(10))}))",
+    ]);
+    assert_eq!(out.trim(), r#"{"v": 3, "sum": 45}"#);
+    assert!(d
+        .kiln_ok(&["exec", "py", "--", "bash", "-c", "echo $BASH_VERSION"])
+        .starts_with('5'));
+    // The guest reaches services on the host through the user-mode network's gateway.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).unwrap();
+        s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    });
+    let script = format!("import urllib.request; print(urllib.request.urlopen('http://10.0.2.2:{port}/x', timeout=20).read().decode())");
+    assert_eq!(
+        d.kiln_ok(&["exec", "py", "--", "python3", "-c", &script]),
+        "hello\n"
+    );
+    assert!(server.join().unwrap().starts_with("GET /x"));
+}
+
+#[test]
+fn ports_forward_from_host_loopback_to_the_guest() {
+    require_image("tiny");
+    let d = Daemon::start();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mapping = format!("{port}:8080");
+    d.create(&["--name", "web", "--port", &mapping]);
+    d.kiln_ok(&[
+        "exec",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /www && echo served > /www/index.html && (httpd -p 8080 -h /www &)",
+    ]);
+    let mut body = String::new();
+    for _ in 0..50 {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n");
+            let _ = s.read_to_string(&mut body);
+            if body.contains("served") {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(body.contains("served"), "{body}");
+}

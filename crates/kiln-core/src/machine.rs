@@ -110,6 +110,7 @@ impl Engine {
         incoming: Option<Incoming>,
     ) -> Result<Arc<Vm>> {
         let spec = self.vm_spec(sb, layout, incoming.is_some());
+        let t0 = std::time::Instant::now();
         let pid = {
             let spec = spec.clone();
             tokio::task::spawn_blocking(move || kiln_vmm::qemu::launch(&spec))
@@ -119,6 +120,7 @@ impl Engine {
         };
         self.db().set_state(&sb.id, sb.state, Some(pid), None)?;
         let vm = Arc::new(Vm::new(spec.name.clone(), spec.run_dir.clone(), pid, None));
+        tracing::debug!(sandbox = %sb.id, ms = t0.elapsed().as_millis() as u64, "QEMU launched");
         let result = match incoming {
             None => self.wait_for_agent(&vm).await,
             Some(inc) => self.restore_into(&vm, &inc).await,
@@ -142,9 +144,12 @@ impl Engine {
                     format!("QEMU refused the saved state: {e}"),
                 )
             })?;
+        tracing::debug!(vm = %vm.name, "state loaded");
         if inc.resume {
             qmp.execute("cont", None).await?;
+            tracing::debug!(vm = %vm.name, "vCPUs running");
             self.after_resume(vm).await?;
+            tracing::debug!(vm = %vm.name, "agent answered, clock set");
         }
         Ok(())
     }
