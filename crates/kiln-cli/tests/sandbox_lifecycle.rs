@@ -226,7 +226,7 @@ fn create_exec_files_delete() {
     assert!(sb_dir.exists());
     d.kiln_ok(&["sandbox", "delete", "-y", "work"]);
     assert!(!sb_dir.exists(), "sandbox directory left behind");
-    assert!(!common::process_alive(pid as u32), "QEMU still running");
+    assert!(!common::process_alive(pid), "QEMU still running");
     assert!(d.qemu_pids().is_empty());
     let (status, err) = d.api("GET", &format!("/v1/sandboxes/{id}"), None);
     assert_eq!(

@@ -77,10 +77,10 @@ fn resumed_copies_continue_and_diverge() {
     }
     for copy in ["a", "b"] {
         let c = counter(&d, copy);
-        // Between the values read just before and just after the capture: it went on from the snapshot
-        // point, not from zero (a reboot) and not from the source's later values.
+        // It went on from the snapshot point: not from zero (a reboot). Each copy has counted for at most a
+        // few seconds since it was resumed.
         assert!(
-            c >= before && c <= at_snapshot,
+            c >= before && c <= at_snapshot + 60,
             "{copy}: counter {c}, source had {before} before and {at_snapshot} after"
         );
         assert_eq!(

@@ -39,6 +39,9 @@ pub enum Origin {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Layout {
+    /// Firmware the VM started with (`-bios`); restores must use the same.
+    #[serde(default)]
+    pub firmware: Option<PathBuf>,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub kernel_version: String,
@@ -83,6 +86,7 @@ mod tests {
     #[test]
     fn layout_round_trips_through_json() {
         let l = Layout {
+            firmware: None,
             kernel: "/k".into(),
             initrd: "/i".into(),
             kernel_version: "6.12".into(),

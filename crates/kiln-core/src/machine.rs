@@ -38,11 +38,17 @@ impl Engine {
         let dir = self.config().sandbox_dir(&sb.id);
         std::fs::create_dir_all(dir.join("layers"))
             .map_err(|e| fsutil::io_error(&format!("creating {}", dir.display()), e))?;
-        fsutil::link_or_copy(&image.kernel, &dir.join("kernel"))?;
+        // An uncompressed kernel with qboot skips the guest's self-decompression (much faster under TCG).
+        let (firmware, kernel_src) = match (&image.vmlinux, kiln_vmm::qemu::qboot_firmware()) {
+            (Some(vmlinux), Some(qboot)) => (Some(qboot), vmlinux.clone()),
+            _ => (None, image.kernel.clone()),
+        };
+        fsutil::link_or_copy(&kernel_src, &dir.join("kernel"))?;
         fsutil::link_or_copy(&image.initrd, &dir.join("initrd"))?;
         let base = dir.join("layers/0.raw");
         fsutil::link_or_copy(&image.rootfs, &base)?;
         let mut layout = Layout {
+            firmware,
             kernel: dir.join("kernel"),
             initrd: dir.join("initrd"),
             kernel_version: image.manifest.kernel_version.clone(),
@@ -84,6 +90,7 @@ impl Engine {
             vcpus: sb.cpus,
             memory_file,
             memory_shared,
+            firmware: layout.firmware.clone(),
             kernel: layout.kernel.clone(),
             initrd: layout.initrd.clone(),
             cmdline: layout.cmdline.clone(),

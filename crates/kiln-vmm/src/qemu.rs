@@ -47,6 +47,8 @@ pub struct VmSpec {
     /// `share=on` writes guest RAM through to `memory_file`; `false` maps it privately (copy-on-write), which
     /// is how restored VMs share an immutable snapshot memory file.
     pub memory_shared: bool,
+    /// Firmware (`-bios`); None for QEMU's default.
+    pub firmware: Option<PathBuf>,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub cmdline: String,
@@ -117,6 +119,9 @@ impl VmSpec {
             ),
         ]);
         push(&["-serial", "chardev:console"]);
+        if let Some(fw) = &self.firmware {
+            push(&["-bios", &fw.to_string_lossy()]);
+        }
         push(&["-kernel", &self.kernel.to_string_lossy()]);
         push(&["-initrd", &self.initrd.to_string_lossy()]);
         push(&["-append", &self.cmdline]);
@@ -177,6 +182,15 @@ impl VmSpec {
         }
         Ok(())
     }
+}
+
+/// QEMU's minimal `qboot` firmware, when installed. With an uncompressed kernel it boots a microvm
+/// about 1.5 s faster under TCG than SeaBIOS with a compressed one (no self-decompression).
+pub fn qboot_firmware() -> Option<PathBuf> {
+    ["/usr/share/qemu/qboot.rom", "/usr/share/seabios/qboot.rom"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
 }
 
 /// `-blockdev` values for a disk chain. Each layer names its backing node explicitly, so the backing paths
@@ -297,6 +311,7 @@ mod tests {
             vcpus: 2,
             memory_file: "/data/sb1/mem,x".into(),
             memory_shared: true,
+            firmware: None,
             kernel: "/img/vmlinuz".into(),
             initrd: "/img/initrd.img".into(),
             cmdline: "console=ttyS0 root=/dev/vda".into(),

@@ -316,6 +316,7 @@ impl Engine {
             },
             accel: self.accel().accel.to_string(),
             kernel_version: layout.kernel_version.clone(),
+            firmware: layout.firmware.clone(),
             cmdline: layout.cmdline.clone(),
             memory_mib: sb.memory_mib,
             cpus: sb.cpus,

@@ -66,6 +66,9 @@ pub struct Manifest {
     pub cpu_model: String,
     pub accel: String,
     pub kernel_version: String,
+    /// Firmware the VM was started with; QEMU must be given the same one to load the state.
+    #[serde(default)]
+    pub firmware: Option<PathBuf>,
     pub cmdline: String,
     pub memory_mib: u64,
     pub cpus: u32,
@@ -219,6 +222,7 @@ mod tests {
             cpu_model: "max".into(),
             accel: "tcg".into(),
             kernel_version: "6.12".into(),
+            firmware: None,
             cmdline: "c".into(),
             memory_mib: 256,
             cpus: 1,

@@ -138,6 +138,7 @@ impl Engine {
             }
         };
         let mut layout = Layout {
+            firmware: m.firmware.clone(),
             kernel,
             initrd,
             kernel_version: m.kernel_version.clone(),
@@ -164,11 +165,7 @@ impl Engine {
             checksum: None,
         });
         let incoming = m.kind.has_memory().then(|| Incoming {
-            state: snap_dir.join(
-                &m.file(Role::State)
-                    .map(|f| f.path.clone())
-                    .unwrap_or_else(|| "state".into()),
-            ),
+            state: snap_dir.join(m.file(Role::State).map_or("state", |f| f.path.as_str())),
             resume: true,
         });
         Ok((layout, incoming))
