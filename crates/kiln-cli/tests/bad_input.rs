@@ -234,22 +234,9 @@ fn qemu_dying_at_boot_marks_the_sandbox_failed_with_console_lines() {
     require_image("tiny");
     let d = Daemon::start();
     // An image whose kernel cannot find its root filesystem: the guest kernel panics and QEMU exits.
-    let images = d.data_dir().join("images");
-    let real = std::fs::read_link(&images).unwrap();
-    std::fs::remove_file(&images).unwrap();
-    std::fs::create_dir(&images).unwrap();
-    std::os::unix::fs::symlink(real.join("tiny"), images.join("tiny")).unwrap();
-    let broken = images.join("broken");
-    std::fs::create_dir(&broken).unwrap();
-    for f in std::fs::read_dir(real.join("tiny")).unwrap().flatten() {
-        std::fs::copy(f.path(), broken.join(f.file_name())).unwrap();
-    }
+    let broken = common::private_image(&d, "broken");
     // Garbage initramfs: the kernel panics ("Unable to mount root fs" / bad initramfs).
     std::fs::write(broken.join("initrd.img"), vec![0x5a; 4096]).unwrap();
-    let mut manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(broken.join("image.json")).unwrap()).unwrap();
-    manifest["name"] = json!("broken");
-    std::fs::write(broken.join("image.json"), manifest.to_string()).unwrap();
 
     let (status, v) = d.api(
         "POST",

@@ -359,21 +359,7 @@ fn diff_snapshots_need_their_base_and_full_ones_do_not() {
     require_image("tiny");
     let d = Daemon::start();
     // A private template this test may delete.
-    let images = d.data_dir().join("images");
-    let shared = std::fs::read_link(&images).unwrap();
-    std::fs::remove_file(&images).unwrap();
-    std::fs::create_dir(&images).unwrap();
-    std::os::unix::fs::symlink(shared.join("tiny"), images.join("tiny")).unwrap();
-    let mine = images.join("mine");
-    std::fs::create_dir(&mine).unwrap();
-    for f in std::fs::read_dir(shared.join("tiny")).unwrap().flatten() {
-        std::fs::copy(f.path(), mine.join(f.file_name())).unwrap();
-    }
-    let mut manifest: Value =
-        serde_json::from_str(&std::fs::read_to_string(mine.join("image.json")).unwrap()).unwrap();
-    manifest["name"] = json!("mine");
-    std::fs::write(mine.join("image.json"), manifest.to_string()).unwrap();
-
+    common::private_image(&d, "mine");
     d.create(&["--name", "base", "--template", "mine"]);
     d.kiln_ok(&["exec", "base", "--", "sh", "-c", "echo layered > /root/x"]);
     let diff = json_of(

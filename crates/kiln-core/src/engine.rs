@@ -62,8 +62,15 @@ pub struct ExecSpec {
 
 pub(crate) struct Slot {
     /// Lifecycle operations take it exclusively; commands and file transfers share it.
-    pub(crate) op: RwLock<()>,
+    pub(crate) op: Arc<RwLock<()>>,
     pub(crate) vm: tokio::sync::Mutex<Option<Arc<Vm>>>,
+}
+
+/// A sandbox with its lifecycle lock held (released on drop).
+pub(crate) struct Locked {
+    pub sb: Sandbox,
+    pub slot: Arc<Slot>,
+    pub _guard: tokio::sync::OwnedRwLockWriteGuard<()>,
 }
 
 pub struct Engine {
@@ -148,11 +155,24 @@ impl Engine {
             .entry(id.to_string())
             .or_insert_with(|| {
                 Arc::new(Slot {
-                    op: RwLock::new(()),
+                    op: Arc::new(RwLock::new(())),
                     vm: tokio::sync::Mutex::new(None),
                 })
             })
             .clone()
+    }
+
+    /// Finds a sandbox and takes its lifecycle lock; the record is read again under the lock, since another
+    /// operation may have changed it while this one waited.
+    pub(crate) async fn lock_sandbox(&self, id_or_name: &str) -> Result<Locked> {
+        let sb = self.get(id_or_name)?;
+        let slot = self.slot(&sb.id);
+        let guard = slot.op.clone().write_owned().await;
+        Ok(Locked {
+            sb: self.get(&sb.id)?,
+            slot,
+            _guard: guard,
+        })
     }
 
     /// After a daemon restart: VMs whose QEMU is still alive are taken over; the rest are marked failed.
@@ -412,9 +432,7 @@ impl Engine {
 
     /// Deletes a sandbox: stops its VM and frees its disk, memory file and sockets.
     pub async fn delete(&self, id_or_name: &str) -> Result<()> {
-        let sb = self.get(id_or_name)?;
-        let slot = self.slot(&sb.id);
-        let _guard = slot.op.write().await;
+        let Locked { sb, slot, _guard } = self.lock_sandbox(id_or_name).await?;
         self.db
             .set_state(&sb.id, SandboxState::Deleting, sb.pid, None)?;
         let vm = slot.vm.lock().await.take();

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tracing::info;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Locked};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::layout::Memory;
@@ -16,10 +16,7 @@ const STATE_FILE: &str = "state";
 impl Engine {
     /// Stops the vCPUs; memory stays as it is.
     pub async fn pause(&self, id_or_name: &str) -> Result<Sandbox> {
-        let sb = self.get(id_or_name)?;
-        let slot = self.slot(&sb.id);
-        let _guard = slot.op.write().await;
-        let sb = self.get(&sb.id)?;
+        let Locked { sb, _guard, .. } = self.lock_sandbox(id_or_name).await?;
         if sb.state == SandboxState::Paused {
             return Ok(sb);
         }
@@ -33,10 +30,7 @@ impl Engine {
 
     /// Continues a paused sandbox (also one left paused by a snapshot or a restore).
     pub async fn resume(&self, id_or_name: &str) -> Result<Sandbox> {
-        let sb = self.get(id_or_name)?;
-        let slot = self.slot(&sb.id);
-        let _guard = slot.op.write().await;
-        let sb = self.get(&sb.id)?;
+        let Locked { sb, _guard, .. } = self.lock_sandbox(id_or_name).await?;
         if sb.state == SandboxState::Running {
             return Ok(sb);
         }
@@ -51,10 +45,7 @@ impl Engine {
 
     /// Hibernates: saves the whole machine to the sandbox's directory and ends the VM process.
     pub async fn stop(&self, id_or_name: &str) -> Result<Sandbox> {
-        let sb = self.get(id_or_name)?;
-        let slot = self.slot(&sb.id);
-        let _guard = slot.op.write().await;
-        let sb = self.get(&sb.id)?;
+        let Locked { sb, slot, _guard } = self.lock_sandbox(id_or_name).await?;
         if sb.state == SandboxState::Stopped {
             return Ok(sb);
         }
@@ -104,10 +95,7 @@ impl Engine {
 
     /// Brings a stopped sandbox back where it was: same id, name, disk and memory.
     pub async fn start(&self, id_or_name: &str) -> Result<Sandbox> {
-        let sb = self.get(id_or_name)?;
-        let slot = self.slot(&sb.id);
-        let _guard = slot.op.write().await;
-        let sb = self.get(&sb.id)?;
+        let Locked { sb, slot, _guard } = self.lock_sandbox(id_or_name).await?;
         if sb.state == SandboxState::Running {
             return Ok(sb);
         }

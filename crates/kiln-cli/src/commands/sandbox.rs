@@ -62,7 +62,7 @@ pub struct CreateArgs {
     ports: Vec<String>,
 }
 
-fn key_values(items: &[String], what: &str) -> anyhow::Result<serde_json::Map<String, Value>> {
+pub fn key_values(items: &[String], what: &str) -> anyhow::Result<serde_json::Map<String, Value>> {
     let mut m = serde_json::Map::new();
     for item in items {
         let (k, v) = item

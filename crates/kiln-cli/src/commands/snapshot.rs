@@ -88,17 +88,6 @@ const HEADERS: [&str; 7] = [
     "ID", "SANDBOX", "TYPE", "PARENT", "SIZE", "RESTORED", "CREATED",
 ];
 
-fn labels_map(items: &[String]) -> anyhow::Result<serde_json::Map<String, Value>> {
-    let mut m = serde_json::Map::new();
-    for item in items {
-        let (k, v) = item
-            .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("--label '{item}' must look like KEY=VALUE"))?;
-        m.insert(k.to_string(), json!(v));
-    }
-    Ok(m)
-}
-
 pub async fn run(cli: &Cli, cmd: &SnapshotCmd) -> anyhow::Result<ExitCode> {
     let client = cli.client()?;
     match cmd {
@@ -109,8 +98,7 @@ pub async fn run(cli: &Cli, cmd: &SnapshotCmd) -> anyhow::Result<ExitCode> {
             leave_paused,
             labels,
         } => {
-            let mut body =
-                json!({"type": kind, "leave_paused": leave_paused, "labels": labels_map(labels)?});
+            let mut body = json!({"type": kind, "leave_paused": leave_paused, "labels": crate::commands::sandbox::key_values(labels, "--label")?});
             if let Some(n) = name {
                 body["name"] = json!(n);
             }

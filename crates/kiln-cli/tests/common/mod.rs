@@ -299,3 +299,26 @@ pub fn process_alive(pid: u32) -> bool {
         })
         .unwrap_or(false)
 }
+
+/// Replaces the daemon's shared images link with a private images directory that still links `tiny`, and
+/// copies `tiny` there as `name`, so a test may break or delete that image. Returns the copy's directory.
+pub fn private_image(d: &Daemon, name: &str) -> PathBuf {
+    let images = d.data_dir().join("images");
+    if let Ok(shared) = std::fs::read_link(&images) {
+        std::fs::remove_file(&images).unwrap();
+        std::fs::create_dir(&images).unwrap();
+        std::os::unix::fs::symlink(shared.join("tiny"), images.join("tiny")).unwrap();
+    }
+    let tiny = std::fs::canonicalize(images.join("tiny")).unwrap();
+    let copy = images.join(name);
+    std::fs::create_dir(&copy).unwrap();
+    for f in std::fs::read_dir(&tiny).unwrap().flatten() {
+        std::fs::copy(f.path(), copy.join(f.file_name())).unwrap();
+    }
+    let path = copy.join("image.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    manifest["name"] = serde_json::json!(name);
+    std::fs::write(&path, manifest.to_string()).unwrap();
+    copy
+}

@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 
 use super::manifest::{FileEntry, Manifest, Role, Source, FORMAT_VERSION};
 use super::{Snapshot, SnapshotType};
-use crate::engine::Engine;
+use crate::engine::{Engine, Locked};
 use crate::error::{Error, ErrorCode, Result};
 use crate::fsutil;
 use crate::layout::{Layer, Layout, Memory, Origin};
@@ -77,9 +77,7 @@ impl Engine {
                 ),
             ));
         }
-        let slot = self.slot(&sb.id);
-        let _guard = slot.op.write().await;
-        let sb = self.get(&sb.id)?;
+        let Locked { sb, _guard, .. } = self.lock_sandbox(&sb.id).await?;
         self.require_state(&sb, &[SandboxState::Running, SandboxState::Paused])?;
         let vm = self.live_vm(&sb).await?;
         let started = Instant::now();
