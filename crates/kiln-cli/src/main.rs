@@ -61,6 +61,15 @@ enum Command {
         #[arg(required = true)]
         sandboxes: Vec<String>,
     },
+    /// Fork a running sandbox into new sandboxes that continue from its current state.
+    Fork {
+        sandbox: String,
+        #[arg(long, short = 'n', default_value_t = 1)]
+        count: u64,
+        /// Name prefix for the children (PREFIX-1, PREFIX-2, ...).
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Continue paused sandboxes.
     Resume {
         #[arg(required = true)]
@@ -142,6 +151,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Resume { sandboxes } => {
             commands::snapshot::lifecycle(&cli, "resume", sandboxes).await
         }
+        Command::Fork {
+            sandbox,
+            count,
+            name,
+        } => commands::snapshot::fork(&cli, sandbox, *count, name.as_deref()).await,
         Command::Exec(args) => commands::exec::run(&cli, args).await,
         Command::Files(cmd) => commands::files::run(&cli, cmd).await,
         Command::Cp(args) => commands::files::cp(&cli, args).await,

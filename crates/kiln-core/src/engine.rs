@@ -407,7 +407,13 @@ impl Engine {
         let booted = async {
             let layout = self.provision_from_template(&sandbox, &image, cmdline)?;
             self.db.set_layout(&id, &layout)?;
-            self.start_vm(&sandbox, &layout, None).await
+            let vm = self.start_vm(&sandbox, &layout, None).await?;
+            // Every sandbox is its own machine: machine id and RNG seed of its own from the start.
+            let identity = crate::machine::NewIdentity {
+                hostname: sandbox.hostname.clone(),
+            };
+            self.after_resume(&vm, Some(&identity)).await?;
+            Ok::<_, Error>(vm)
         };
         match booted.await {
             Ok(vm) => {

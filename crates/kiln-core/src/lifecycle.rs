@@ -37,7 +37,7 @@ impl Engine {
         self.require_state(&sb, &[SandboxState::Paused])?;
         let vm = self.live_vm(&sb).await?;
         vm.qmp().await?.execute("cont", None).await?;
-        self.after_resume(&vm).await?;
+        self.after_resume(&vm, None).await?;
         self.db()
             .set_state(&sb.id, SandboxState::Running, Some(vm.pid), None)?;
         self.get(&sb.id)
@@ -117,6 +117,7 @@ impl Engine {
         let incoming = Incoming {
             state: state.clone(),
             resume: true,
+            identity: None,
         };
         let vm = self.start_vm(&sb, &layout, Some(incoming)).await?;
         // The saved state was consumed; it must never be loaded again over newer disk contents.

@@ -21,6 +21,14 @@ pub struct Incoming {
     pub state: PathBuf,
     /// Continue the vCPUs once loaded (otherwise the sandbox stays paused).
     pub resume: bool,
+    /// Make the restored machine a new one (resume and fork); None keeps its identity (start, roll back).
+    pub identity: Option<NewIdentity>,
+}
+
+/// What makes a copy of a machine its own: name, machine id, and a reseeded kernel RNG (otherwise two
+/// copies would produce the same "random" bytes and UUIDs from the same RNG state).
+pub struct NewIdentity {
+    pub hostname: String,
 }
 
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -155,20 +163,32 @@ impl Engine {
         if inc.resume {
             qmp.execute("cont", None).await?;
             tracing::debug!(vm = %vm.name, "vCPUs running");
-            self.after_resume(vm).await?;
+            self.after_resume(vm, inc.identity.as_ref()).await?;
             tracing::debug!(vm = %vm.name, "agent answered, clock set");
         }
         Ok(())
     }
 
     /// After vCPUs run again: reconnect the agent and set the guest's wall clock (it stood still while the
-    /// state sat on disk).
-    pub(crate) async fn after_resume(&self, vm: &Vm) -> Result<()> {
+    /// state sat on disk); for a copy, also give it its own identity. The requests run concurrently.
+    pub(crate) async fn after_resume(&self, vm: &Vm, identity: Option<&NewIdentity>) -> Result<()> {
         let agent = vm.agent(Duration::from_secs(20)).await?;
-        agent
-            .set_clock(SystemTime::now())
-            .await
-            .map_err(|e| agent_error(e, &vm.name))?;
+        let clock = agent.set_clock(SystemTime::now());
+        let Some(identity) = identity else {
+            return clock.await.map_err(|e| agent_error(e, &vm.name));
+        };
+        let mut entropy = [0u8; 64];
+        rand::Rng::fill(&mut rand::thread_rng(), &mut entropy[..]);
+        let machine_id = format!("{:032x}", rand::random::<u128>());
+        let (a, b, c, d) = futures::join!(
+            clock,
+            agent.set_hostname(&identity.hostname),
+            agent.reseed(&entropy),
+            agent.set_machine_id(&machine_id),
+        );
+        for r in [a, b, c, d] {
+            r.map_err(|e| agent_error(e, &vm.name))?;
+        }
         Ok(())
     }
 

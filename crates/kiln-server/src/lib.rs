@@ -80,6 +80,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/sandboxes/{id}/resume", post(lifecycle::resume))
         .route("/v1/sandboxes/{id}/stop", post(lifecycle::stop))
         .route("/v1/sandboxes/{id}/start", post(lifecycle::start))
+        .route("/v1/sandboxes/{id}/fork", post(lifecycle::fork))
         .route("/v1/sandboxes/{id}/snapshots", post(snapshots::create))
         .route("/v1/snapshots", get(snapshots::list))
         .route(

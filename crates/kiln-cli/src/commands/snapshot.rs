@@ -289,3 +289,34 @@ pub async fn lifecycle(cli: &Cli, action: &str, sandboxes: &[String]) -> anyhow:
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `kiln fork SANDBOX [--count N] [--name PREFIX]`.
+pub async fn fork(
+    cli: &Cli,
+    sandbox: &str,
+    count: u64,
+    name: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let mut body = json!({ "count": count });
+    if let Some(n) = name {
+        body["name"] = json!(n);
+    }
+    let v: Value = cli
+        .client()?
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/fork", encode(sandbox)),
+            Some(body),
+        )
+        .await?;
+    print_json_or(cli, &v, || {
+        let rows: Vec<Vec<String>> = v["sandboxes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(crate::commands::sandbox::summary_row)
+            .collect();
+        table(&crate::commands::sandbox::SUMMARY_HEADERS, &rows);
+    });
+    Ok(ExitCode::SUCCESS)
+}

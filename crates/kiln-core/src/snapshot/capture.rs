@@ -14,7 +14,7 @@ use tracing::info;
 use utoipa::ToSchema;
 
 use super::manifest::{FileEntry, Manifest, Role, Source, FORMAT_VERSION};
-use super::{Snapshot, SnapshotType};
+use super::{CreateSnapshotInternal, Snapshot, SnapshotType};
 use crate::engine::{Engine, Locked};
 use crate::error::{Error, ErrorCode, Result};
 use crate::fsutil;
@@ -66,6 +66,16 @@ impl Engine {
 
     /// Takes a snapshot of a running or paused sandbox.
     pub async fn create_snapshot(&self, sandbox: &str, req: CreateSnapshot) -> Result<Snapshot> {
+        self.create_snapshot_internal(sandbox, req, CreateSnapshotInternal::default())
+            .await
+    }
+
+    pub(crate) async fn create_snapshot_internal(
+        &self,
+        sandbox: &str,
+        req: CreateSnapshot,
+        internal: CreateSnapshotInternal,
+    ) -> Result<Snapshot> {
         validate::labels(&req.labels)?;
         let sb = self.get(sandbox)?;
         let id = self.snapshot_id(&sb, req.name.clone())?;
@@ -88,7 +98,9 @@ impl Engine {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)
             .map_err(|e| fsutil::io_error(&format!("creating {}", tmp.display()), e))?;
-        let result = self.capture(&sb, &vm, &id, &req, &tmp).await;
+        let result = self
+            .capture(&sb, &vm, &id, &req, &tmp, internal.ephemeral)
+            .await;
         match result {
             Ok(snapshot) => {
                 info!(snapshot = %id, sandbox = %sb.id, kind = snapshot.kind.as_str(), ms = started.elapsed().as_millis() as u64, "snapshot created");
@@ -108,6 +120,7 @@ impl Engine {
         id: &str,
         req: &CreateSnapshot,
         tmp: &Path,
+        ephemeral: bool,
     ) -> Result<Snapshot> {
         let mut layout = self
             .db()
@@ -139,7 +152,7 @@ impl Engine {
         let captured = frozen?;
         resumed?;
         tracing::debug!(snapshot = id, pause_ms, "source paused for capture");
-        self.finish_snapshot(sb, &layout, id, req, tmp, captured)
+        self.finish_snapshot(sb, &layout, id, req, tmp, captured, ephemeral)
             .await
     }
 
@@ -212,6 +225,7 @@ impl Engine {
         req: &CreateSnapshot,
         tmp: &Path,
         captured: Captured,
+        ephemeral: bool,
     ) -> Result<Snapshot> {
         let mut layout = layout.clone();
         let frozen_top = layout.disk_layers.len() - 2;
@@ -353,7 +367,7 @@ impl Engine {
             restored_at: None,
             created_at,
         };
-        if let Err(e) = self.db().insert_snapshot(&snapshot, false) {
+        if let Err(e) = self.db().insert_snapshot(&snapshot, ephemeral) {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }

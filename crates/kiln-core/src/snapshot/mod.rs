@@ -72,3 +72,10 @@ impl Snapshot {
         filter.iter().all(|(k, v)| self.labels.get(k) == Some(v))
     }
 }
+
+/// Options of snapshot creation that only kiln itself uses.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct CreateSnapshotInternal {
+    /// Not listed (a fork's capture, deleted once the children run).
+    pub ephemeral: bool,
+}

@@ -13,10 +13,9 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::fsutil;
 use crate::ids;
 use crate::layout::{Layer, Layout, Memory, Origin};
-use crate::machine::{create_top_layer, Incoming};
+use crate::machine::{create_top_layer, Incoming, NewIdentity};
 use crate::model::{now_rfc3339, Sandbox, SandboxState};
 use crate::validate;
-use crate::vm::agent_error;
 
 /// Options for a new sandbox made from a snapshot.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
@@ -167,6 +166,9 @@ impl Engine {
         let incoming = m.kind.has_memory().then(|| Incoming {
             state: snap_dir.join(m.file(Role::State).map_or("state", |f| f.path.as_str())),
             resume: true,
+            identity: Some(NewIdentity {
+                hostname: sb.hostname.clone(),
+            }),
         });
         Ok((layout, incoming))
     }
@@ -212,14 +214,14 @@ impl Engine {
         let started = async {
             let (layout, incoming) = self.provision_from_snapshot(&sb, id, &m, cmdline)?;
             self.db().set_layout(&sb.id, &layout)?;
+            let booted = incoming.is_none();
             let vm = self.start_vm(&sb, &layout, incoming).await?;
-            if m.kind.has_memory() {
-                // A new machine with the snapshot's memory: give it its own name.
-                let agent = vm.agent(std::time::Duration::from_secs(10)).await?;
-                agent
-                    .set_hostname(&hostname)
-                    .await
-                    .map_err(|e| agent_error(e, &name))?;
+            if booted {
+                // A disk snapshot boots fresh: a new machine, like a template boot.
+                let identity = NewIdentity {
+                    hostname: sb.hostname.clone(),
+                };
+                self.after_resume(&vm, Some(&identity)).await?;
             }
             Ok::<_, Error>(vm)
         };
@@ -375,6 +377,7 @@ impl Engine {
             let (layout, mut incoming) = self.provision_from_snapshot(&sb, id, &m, cmdline)?;
             if let Some(inc) = incoming.as_mut() {
                 inc.resume = resume;
+                inc.identity = None; // rolled back into its own identity
             } else {
                 incoming_resume = true; // a disk snapshot restores by booting
             }

@@ -44,3 +44,19 @@ pub async fn start(
 ) -> ApiResult<Json<Sandbox>> {
     Ok(Json(engine.start(&id).await?))
 }
+
+/// Forks a running sandbox into `count` new running sandboxes that continue from its current state.
+/// All or nothing: when a child cannot start, the others are removed and the error says which and why.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", request_body = kiln_core::ForkRequest, params(("id" = String, Path)),
+    responses((status = 201, body = kiln_core::ForkResult), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
+pub async fn fork(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+    crate::extract::OptionalJson(req): crate::extract::OptionalJson<kiln_core::ForkRequest>,
+) -> ApiResult<(axum::http::StatusCode, Json<kiln_core::ForkResult>)> {
+    Ok((
+        axum::http::StatusCode::CREATED,
+        Json(engine.fork(&id, req).await?),
+    ))
+}
