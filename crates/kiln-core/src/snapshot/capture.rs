@@ -152,8 +152,13 @@ impl Engine {
         let captured = frozen?;
         resumed?;
         tracing::debug!(snapshot = id, pause_ms, "source paused for capture");
-        self.finish_snapshot(sb, &layout, id, req, tmp, captured, ephemeral)
-            .await
+        let job = Job {
+            id,
+            req,
+            tmp,
+            ephemeral,
+        };
+        self.finish_snapshot(sb, &layout, job, captured).await
     }
 
     /// While the VM is stopped: saves device state, freezes the disk's top layer and captures RAM.
@@ -221,12 +226,15 @@ impl Engine {
         &self,
         sb: &Sandbox,
         layout: &Layout,
-        id: &str,
-        req: &CreateSnapshot,
-        tmp: &Path,
+        job: Job<'_>,
         captured: Captured,
-        ephemeral: bool,
     ) -> Result<Snapshot> {
+        let Job {
+            id,
+            req,
+            tmp,
+            ephemeral,
+        } = job;
         let mut layout = layout.clone();
         let frozen_top = layout.disk_layers.len() - 2;
         let mut files = Vec::new();
@@ -422,6 +430,14 @@ impl Engine {
             }
         }
     }
+}
+
+/// What is being written, for `finish_snapshot`.
+struct Job<'a> {
+    id: &'a str,
+    req: &'a CreateSnapshot,
+    tmp: &'a Path,
+    ephemeral: bool,
 }
 
 struct Captured {
