@@ -30,6 +30,30 @@ say "echo 'some data' | kiln files write demo /root/note.txt"
 echo 'some data' | "$KILN" files write demo /root/note.txt
 run "$KILN" files read demo /root/note.txt
 run "$KILN" files ls demo /root
+say "start a counter in the guest, then checkpoint it"
+"$KILN" exec demo -- sh -c '(i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done) >/dev/null 2>&1 &'
+sleep 1
+say "kiln snapshot create demo --name demo-cp"
+time "$KILN" snapshot create demo --name demo-cp
+run "$KILN" snapshot list
+say "kiln snapshot resume demo-cp --name demo-copy   (no boot: it goes on where the snapshot was)"
+time "$KILN" snapshot resume demo-cp --name demo-copy
+run "$KILN" exec demo-copy -- sh -c 'echo "counter in the copy: $(cat /tmp/n); hostname: $(hostname)"'
+say "kiln fork demo --count 2 --name demo-kid"
+time "$KILN" fork demo --count 2 --name demo-kid
+run "$KILN" exec demo-kid-1 -- sh -c 'echo "kid-1 machine-id $(cat /etc/machine-id)"'
+run "$KILN" exec demo-kid-2 -- sh -c 'echo "kid-2 machine-id $(cat /etc/machine-id)"'
+say "roll back: write a file, then restore the snapshot into the same sandbox"
+"$KILN" exec demo -- sh -c 'echo oops > /root/mistake'
+run "$KILN" snapshot restore demo-cp --resume
+run "$KILN" exec demo -- sh -c 'ls /root/mistake 2>&1 || true'
+say "hibernate and wake"
+time "$KILN" stop demo
+time "$KILN" start demo
+run "$KILN" exec demo -- cat /tmp/n
+run "$KILN" sandbox list
+"$KILN" sandbox delete -y demo-copy demo-kid-1 demo-kid-2 >/dev/null
+"$KILN" snapshot delete -y demo-cp >/dev/null
 if "$KILN" image list --json | grep -q '"base"'; then
   run "$KILN" sandbox create --name demo-py --template base
   run "$KILN" exec demo-py -- python3 -c 'import sys, platform; print("python", sys.version.split()[0], "on", platform.node())'
