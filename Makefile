@@ -7,7 +7,7 @@ AGENT_BIN := target/$(AGENT_TARGET)/agent/kiln-agent
 KILN := target/release/kiln
 export KILN_DATA_DIR := $(DATA_DIR)
 
-.PHONY: all deps build agent images image-tiny image-base demo test test-unit test-integration bench lint fmt clean
+.PHONY: all deps build agent images image-tiny image-base demo test test-unit test-images bench lint fmt clean
 
 all: build
 
@@ -35,6 +35,9 @@ demo: deps images
 
 test: deps images
 	@bash scripts/test.sh
+
+test-images:
+	$(CARGO) test --release -p kiln-image --test boot -- --ignored --nocapture
 
 test-unit:
 	$(CARGO) test --workspace --lib --bins
