@@ -17,7 +17,11 @@ pub fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
                 || e.kind() == std::io::ErrorKind::PermissionDenied =>
         {
             kiln_vmm::memory::sparse_copy(src, dst)
-                .map(|_| ())
+                .and_then(|_| {
+                    std::fs::File::open(dst)
+                        .and_then(|f| f.sync_all())
+                        .map_err(|e| kiln_vmm::VmmError::io("syncing the copy", e))
+                })
                 .map_err(|e| {
                     Error::internal(format!(
                         "copying {} to {}: {e}",

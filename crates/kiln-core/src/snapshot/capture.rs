@@ -131,13 +131,27 @@ impl Engine {
             let agent = vm.agent(Duration::from_secs(10)).await?;
             agent.sync().await.map_err(|e| agent_error(e, &sb.name))?;
         }
+        // The new top layer is created before pausing: it only names its backing file, which QEMU keeps
+        // writing to until the switch.
+        let dir = self.config().sandbox_dir(&sb.id);
+        let below = layout
+            .top()
+            .cloned()
+            .ok_or_else(|| Error::internal("sandbox has no disk layers"))?;
+        let new_top = layout.next_top_path(&dir);
+        create_top_layer(&new_top, &below, sb.disk_size_bytes)?;
         let qmp = vm.qmp().await?;
         let was_running = qmp.status().await? == "running";
         if was_running {
             qmp.execute("stop", None).await?;
         }
         let paused_at = Instant::now();
-        let frozen = self.freeze(sb, &qmp, &mut layout, req.kind, tmp).await;
+        let frozen = self
+            .freeze(sb, &qmp, &mut layout, req.kind, tmp, &new_top)
+            .await;
+        if frozen.is_err() && layout.top().map(|l| &l.path) != Some(&new_top) {
+            let _ = std::fs::remove_file(&new_top);
+        }
         let keep_paused = req.leave_paused || !was_running;
         let resumed = if keep_paused {
             Ok(serde_json::Value::Null)
@@ -169,25 +183,16 @@ impl Engine {
         layout: &mut Layout,
         kind: SnapshotType,
         tmp: &Path,
+        new_top: &Path,
     ) -> Result<Captured> {
         if kind.has_memory() {
             kiln_vmm::migration::save_state(qmp, &tmp.join("state"), SAVE_TIMEOUT).await?;
         }
-        // Freeze the disk: a new empty top layer takes the writes from now on; the old top is immutable.
-        let dir = self.config().sandbox_dir(&sb.id);
-        let below = layout
-            .top()
-            .cloned()
-            .ok_or_else(|| Error::internal("sandbox has no disk layers"))?;
-        let new_top = layout.next_top_path(&dir);
-        create_top_layer(&new_top, &below, sb.disk_size_bytes)?;
+        // Freeze the disk: the new empty top layer takes the writes from now on; the old top is immutable.
         let node = format!("top{}", layout.generation);
-        if let Err(e) = qmp.snapshot_disk("rootdisk", &new_top, &node).await {
-            let _ = std::fs::remove_file(&new_top);
-            return Err(e.into());
-        }
+        qmp.snapshot_disk("rootdisk", new_top, &node).await?;
         layout.disk_layers.push(Layer {
-            path: new_top,
+            path: new_top.to_path_buf(),
             format: "qcow2".into(),
             checksum: None,
         });
@@ -252,6 +257,8 @@ impl Engine {
         match captured.memory {
             CapturedMemory::None => {}
             CapturedMemory::Copied => {
+                // Copied while the VM was paused; made durable now that it runs again.
+                fsutil::fsync_path(&tmp.join("memory"))?;
                 files.push(engine_files.internal(Role::Memory, "memory", None)?)
             }
             CapturedMemory::OnBase {
