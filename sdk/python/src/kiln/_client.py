@@ -1,0 +1,315 @@
+"""Connection to a kiln daemon: where it is, how to authenticate, and error translation."""
+
+from __future__ import annotations
+
+import asyncio
+import json as jsonlib
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from .errors import KilnConnectionError, KilnError, TimeoutError, error_from_response
+
+__all__ = ["Client", "default_socket", "get_default_client", "set_default_client"]
+
+DEFAULT_TIMEOUT = 300.0
+"""Seconds to wait for any one read from the daemon (a cold boot answers only once the guest is up)."""
+
+# Query parameters as httpx takes them: a mapping, or (key, value) pairs for repeated keys.
+Params = Any
+
+
+class _Default:
+    """Marker for "use the client's configured timeout" (``None`` means no timeout at all)."""
+
+
+DEFAULT = _Default()
+Timeout = float | None | _Default
+
+
+def default_data_dir() -> Path:
+    """kiln's data directory, chosen like the daemon does: ``$KILN_DATA_DIR``, else ``/var/lib/kiln``
+    for root, else ``$XDG_DATA_HOME/kiln`` or ``~/.local/share/kiln``."""
+    if d := os.environ.get("KILN_DATA_DIR"):
+        return Path(d)
+    if os.geteuid() == 0:
+        return Path("/var/lib/kiln")
+    if xdg := os.environ.get("XDG_DATA_HOME"):
+        return Path(xdg) / "kiln"
+    return Path.home() / ".local/share/kiln"
+
+
+def default_socket() -> Path:
+    """The daemon's socket when nothing is configured: ``kiln.sock`` in the data directory."""
+    return default_data_dir() / "kiln.sock"
+
+
+def sandbox_path(sandbox: str, suffix: str = "") -> str:
+    return f"/v1/sandboxes/{quote(sandbox, safe='')}{suffix}"
+
+
+def snapshot_path(snapshot: str, suffix: str = "") -> str:
+    return f"/v1/snapshots/{quote(snapshot, safe='')}{suffix}"
+
+
+class Client:
+    """Where the daemon is and how to talk to it. Thread-safe; reuse one per process.
+
+    With no arguments the environment decides: ``KILN_URL`` (TCP, with ``KILN_TOKEN``) if set, else the
+    unix socket ``KILN_SOCKET``, else :func:`default_socket`. Explicit arguments win over the environment.
+
+    Args:
+        socket: path of the daemon's unix socket.
+        url: ``HOST:PORT`` or ``http://HOST:PORT`` of a daemon started with ``--listen``.
+        token: bearer token for ``url`` (default ``$KILN_TOKEN``).
+        timeout: seconds to wait for each read from the daemon; ``None`` waits forever.
+    """
+
+    def __init__(
+        self,
+        socket: str | os.PathLike[str] | None = None,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        if socket is not None and url is not None:
+            raise ValueError("give either socket or url, not both")
+        if socket is None and url is None:
+            url = os.environ.get("KILN_URL") or None
+            if url is None:
+                socket = os.environ.get("KILN_SOCKET") or default_socket()
+        self.socket: str | None = os.fspath(socket) if socket is not None else None
+        self.url: str | None = None
+        self._headers = {"User-Agent": "kiln-python"}
+        if url is not None:
+            self.url = url if "://" in url else f"http://{url}"
+            token = token if token is not None else os.environ.get("KILN_TOKEN")
+            if token:
+                self._headers["Authorization"] = f"Bearer {token}"
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._sync: httpx.Client | None = None
+        # An httpx.AsyncClient's connections belong to the event loop that opened them, so keep one per loop.
+        self._async: httpx.AsyncClient | None = None
+        self._async_loop: asyncio.AbstractEventLoop | None = None
+
+    def __repr__(self) -> str:
+        return f"Client({self.where})"
+
+    @property
+    def where(self) -> str:
+        """The daemon's address, for messages."""
+        return f"url={self.url!r}" if self.url else f"socket={self.socket!r}"
+
+    def _client_args(self) -> dict[str, Any]:
+        return {
+            "base_url": self.url or "http://kiln",
+            "headers": self._headers,
+            "timeout": httpx.Timeout(self.timeout, connect=min(self.timeout or 30.0, 30.0)),
+        }
+
+    def _http(self) -> httpx.Client:
+        with self._lock:
+            if self._sync is None:
+                transport = httpx.HTTPTransport(uds=self.socket) if self.socket else None
+                self._sync = httpx.Client(transport=transport, **self._client_args())
+            return self._sync
+
+    def _ahttp(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        if self._async is None or self._async_loop is not loop:
+            transport = httpx.AsyncHTTPTransport(uds=self.socket) if self.socket else None
+            self._async = httpx.AsyncClient(transport=transport, **self._client_args())
+            self._async_loop = loop
+        return self._async
+
+    def close(self) -> None:
+        """Closes the synchronous connection pool (the async one: :meth:`aclose`)."""
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+
+    async def aclose(self) -> None:
+        if self._async is not None and self._async_loop is asyncio.get_running_loop():
+            await self._async.aclose()
+        self._async = None
+        self._async_loop = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def _timeout(self, timeout: Timeout) -> Any:
+        return httpx.USE_CLIENT_DEFAULT if isinstance(timeout, _Default) else httpx.Timeout(timeout, connect=30.0)
+
+    @contextmanager
+    def _translate(self) -> Iterator[None]:
+        """Turns transport failures into SDK errors that say where the daemon was expected."""
+        try:
+            yield
+        except httpx.TimeoutException as e:
+            raise TimeoutError(
+                f"no answer from the kiln daemon at {self.where} in time ({type(e).__name__})",
+                code="client_timeout",
+            ) from e
+        except httpx.ConnectError as e:
+            hint = " — is `kiln serve` running? (set KILN_SOCKET or KILN_URL)"
+            raise KilnConnectionError(
+                f"cannot reach the kiln daemon at {self.where}: {e}{hint}", code="connection_failed"
+            ) from e
+        except httpx.TransportError as e:
+            raise KilnConnectionError(
+                f"connection to the kiln daemon at {self.where} failed: {e!r}", code="connection_failed"
+            ) from e
+
+    @staticmethod
+    def _error(resp: httpx.Response) -> KilnError:
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        return error_from_response(resp.status_code, body, resp.text)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Params = None,
+        content: Any = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> httpx.Response:
+        """Sends one request and returns the response, raising a :class:`KilnError` for error statuses."""
+        with self._translate():
+            resp = self._http().request(
+                method,
+                path,
+                json=json,
+                params=params,
+                content=content,
+                headers=headers,
+                timeout=self._timeout(timeout),
+            )
+        if resp.status_code >= 400:
+            raise self._error(resp)
+        return resp
+
+    def request_json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.request(method, path, **kwargs).json()
+
+    @contextmanager
+    def stream(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Params = None,
+        timeout: Timeout = DEFAULT,
+    ) -> Iterator[httpx.Response]:
+        """Like :meth:`request` but the body is read by the caller while it arrives."""
+        with self._translate():
+            with self._http().stream(method, path, json=json, params=params, timeout=self._timeout(timeout)) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise self._error(resp)
+                yield resp
+
+    @staticmethod
+    def iter_ndjson(resp: httpx.Response) -> Iterator[dict[str, Any]]:
+        """The JSON lines of a streamed response (use inside :meth:`stream`, which translates errors)."""
+        for line in resp.iter_lines():
+            if line.strip():
+                yield jsonlib.loads(line)
+
+    async def arequest(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Params = None,
+        content: Any = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: Timeout = DEFAULT,
+    ) -> httpx.Response:
+        """Async :meth:`request`."""
+        with self._translate():
+            resp = await self._ahttp().request(
+                method,
+                path,
+                json=json,
+                params=params,
+                content=content,
+                headers=headers,
+                timeout=self._timeout(timeout),
+            )
+        if resp.status_code >= 400:
+            raise self._error(resp)
+        return resp
+
+    async def arequest_json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return (await self.arequest(method, path, **kwargs)).json()
+
+    @asynccontextmanager
+    async def astream(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Params = None,
+        timeout: Timeout = DEFAULT,
+    ) -> AsyncIterator[httpx.Response]:
+        """Async :meth:`stream`."""
+        with self._translate():
+            async with self._ahttp().stream(
+                method, path, json=json, params=params, timeout=self._timeout(timeout)
+            ) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    raise self._error(resp)
+                yield resp
+
+    @staticmethod
+    async def aiter_ndjson(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+        """Async :meth:`iter_ndjson`."""
+        async for line in resp.aiter_lines():
+            if line.strip():
+                yield jsonlib.loads(line)
+
+
+_default_client: Client | None = None
+
+
+def get_default_client() -> Client:
+    """The client used when no ``client=`` is passed, made from the environment on first use."""
+    global _default_client
+    if _default_client is None:
+        _default_client = Client()
+    return _default_client
+
+
+def set_default_client(client: Client | None) -> None:
+    """Replaces the default client (``None``: build a new one from the environment on next use)."""
+    global _default_client
+    _default_client = client

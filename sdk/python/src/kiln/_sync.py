@@ -1,0 +1,421 @@
+"""The synchronous SDK: :class:`Sandbox` and :class:`Snapshot`."""
+
+from __future__ import annotations
+
+import builtins
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Literal
+
+from . import _wire
+from ._client import Client, get_default_client, sandbox_path, snapshot_path
+from ._hybrid import hybridmethod
+from .errors import GuestPathNotFoundError, SandboxNotFoundError
+from .models import DirEntry, ExecResult, FileStat, SandboxFields, SnapshotDeleted, SnapshotFields, WriteResult
+
+__all__ = ["Sandbox", "Snapshot", "Commands", "Files"]
+
+OutputCallback = Callable[[str], object]
+
+
+class Commands:
+    """Runs processes in a sandbox (``sandbox.commands``)."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: str | bytes | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Runs a command and waits for it.
+
+        Args:
+            cmd: a shell command line (run with ``/bin/sh -c``), or an argv list run directly.
+            env: extra environment variables.
+            cwd: working directory in the guest.
+            timeout: seconds after which the command is killed; the result then has ``timed_out=True``.
+            stdin: text or bytes fed to the command's standard input.
+            on_stdout, on_stderr: called with each chunk of output as it arrives (the output is also
+                collected in the result).
+
+        A non-zero exit is not an error: check :attr:`ExecResult.ok` or ``exit_code``.
+        """
+        stream = on_stdout is not None or on_stderr is not None
+        body = _wire.exec_body(cmd, env=env, cwd=cwd, timeout=timeout, stdin=stdin, stream=stream)
+        path = sandbox_path(self._sb.id, "/exec")
+        http_timeout = _wire.exec_http_timeout(timeout)
+        client = self._sb._client
+        if not stream:
+            return ExecResult.from_json(client.request_json("POST", path, json=body, timeout=http_timeout))
+        decoder = _wire.ExecStream()
+        callbacks = {"stdout": on_stdout, "stderr": on_stderr}
+        with client.stream("POST", path, json=body, timeout=http_timeout) as resp:
+            for event in client.iter_ndjson(resp):
+                chunk = decoder.feed(event)
+                if chunk is not None and (cb := callbacks[chunk[0]]) is not None:
+                    cb(chunk[1])
+        return decoder.finish()
+
+
+class Files:
+    """Reads and writes files in a sandbox (``sandbox.files``). Guest paths must be absolute."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    def _path(self, suffix: str = "") -> str:
+        return sandbox_path(self._sb.id, "/files" + suffix)
+
+    def write(self, path: str, data: str | bytes, mode: int | str | None = None) -> WriteResult:
+        """Writes a whole file (atomically replacing it; parent directories are created).
+
+        ``mode`` is the permission bits, e.g. ``0o755``.
+        """
+        content = data.encode("utf-8") if isinstance(data, str) else data
+        return self._put(path, content, mode, len(content))
+
+    def _put(self, path: str, content: Any, mode: int | str | None, length: int) -> WriteResult:
+        d = self._sb._client.request_json(
+            "PUT",
+            self._path(),
+            params=_wire.file_params(path, mode=_wire.mode_param(mode)),
+            content=content,
+            # An explicit length keeps streamed uploads from being sent chunked.
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(length)},
+        )
+        return WriteResult(path=d["path"], bytes=int(d["bytes"]))
+
+    def read_bytes(self, path: str) -> bytes:
+        """A whole file's content."""
+        return self._sb._client.request("GET", self._path(), params=_wire.file_params(path)).content
+
+    def read(self, path: str, encoding: str = "utf-8") -> str:
+        """A whole file's content as text."""
+        return self.read_bytes(path).decode(encoding)
+
+    def list(self, path: str) -> builtins.list[DirEntry]:
+        """The entries of a guest directory."""
+        items = self._sb._client.request_json("GET", self._path("/list"), params=_wire.file_params(path))
+        return [DirEntry.from_listing(path, d) for d in items]
+
+    def stat(self, path: str) -> FileStat:
+        """Size, mode, kind and modification time of a guest path (raises GuestPathNotFoundError)."""
+        return FileStat.from_json(
+            self._sb._client.request_json("GET", self._path("/stat"), params=_wire.file_params(path))
+        )
+
+    def exists(self, path: str) -> bool:
+        try:
+            self.stat(path)
+        except GuestPathNotFoundError:
+            return False
+        return True
+
+    def mkdir(self, path: str) -> None:
+        """Creates a directory and its missing parents."""
+        self._sb._client.request("POST", self._path("/mkdir"), json={"path": path})
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        """Removes a file, or a directory (non-empty ones only with ``recursive=True``)."""
+        params = _wire.file_params(path, recursive="true" if recursive else None)
+        self._sb._client.request("DELETE", self._path(), params=params)
+
+    def upload(
+        self, local_path: str | os.PathLike[str], remote_path: str, mode: int | str | None = None
+    ) -> WriteResult:
+        """Copies a local file into the guest, streaming it (any size)."""
+        with open(local_path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            return self._put(remote_path, _read_chunks(f), mode, size)
+
+    def download(self, remote_path: str, local_path: str | os.PathLike[str]) -> int:
+        """Copies a guest file to a local path, streaming it; returns the number of bytes."""
+        client = self._sb._client
+        written = 0
+        with (
+            client.stream("GET", self._path(), params=_wire.file_params(remote_path)) as resp,
+            open(local_path, "wb") as f,
+        ):
+            for chunk in resp.iter_bytes(_wire.CHUNK):
+                f.write(chunk)
+                written += len(chunk)
+        return written
+
+
+def _read_chunks(f: Any) -> Iterator[bytes]:
+    while chunk := f.read(_wire.CHUNK):
+        yield chunk
+
+
+class Sandbox(SandboxFields):
+    """A microVM sandbox. Make one with :meth:`create`, :meth:`connect` or :meth:`Snapshot.restore`.
+
+    Used as a context manager, the sandbox is deleted on exit::
+
+        with Sandbox.create() as sb:
+            print(sb.run("uname -a").stdout)
+
+    Attributes mirror the daemon's record (see :class:`kiln.models.SandboxFields`) as of the last call
+    that returned it; :meth:`refresh` fetches it again.
+    """
+
+    commands: Commands
+    files: Files
+
+    def __init__(self, data: dict[str, Any], client: Client) -> None:
+        self._client = client
+        self.commands = Commands(self)
+        self.files = Files(self)
+        self._apply(data)
+
+    # -- making and finding sandboxes -----------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        template: str = "tiny",
+        name: str | None = None,
+        memory_mib: int | None = None,
+        cpus: int | None = None,
+        env: Mapping[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        snapshot: str | None = None,
+        volumes: Any = None,
+        disk_size_gib: int | None = None,
+        ports: Iterable[_wire.PortSpec] | None = None,
+        *,
+        client: Client | None = None,
+    ) -> Sandbox:
+        """Boots a new sandbox and returns once its guest agent answers.
+
+        Args:
+            template: guest image to boot (ignored when ``snapshot`` is given).
+            name: unique name (default: the id).
+            memory_mib, cpus, disk_size_gib: resources (daemon defaults when omitted).
+            env: environment variables for every command run in it.
+            metadata: labels, for :meth:`list` filters.
+            snapshot: make it from this snapshot instead of booting (see :meth:`Snapshot.restore`).
+            volumes: not supported by the daemon yet; giving any raises :class:`InvalidRequestError`.
+            ports: host ports forwarded to guest ports, as ``(host, guest)`` or :class:`PortMapping`.
+        """
+        body = _wire.create_body(
+            template=template,
+            name=name,
+            memory_mib=memory_mib,
+            cpus=cpus,
+            env=env,
+            metadata=metadata,
+            snapshot=snapshot,
+            volumes=volumes,
+            disk_size_gib=disk_size_gib,
+            ports=ports,
+        )
+        client = client or get_default_client()
+        return cls(client.request_json("POST", "/v1/sandboxes", json=body), client)
+
+    @classmethod
+    def connect(cls, sandbox_id: str, *, client: Client | None = None) -> Sandbox:
+        """An existing sandbox, by id or name (raises :class:`SandboxNotFoundError`)."""
+        client = client or get_default_client()
+        return cls(client.request_json("GET", sandbox_path(sandbox_id)), client)
+
+    @classmethod
+    def list(cls, metadata: Mapping[str, str] | None = None, *, client: Client | None = None) -> builtins.list[Sandbox]:
+        """All sandboxes, or those carrying every ``metadata`` label given."""
+        client = client or get_default_client()
+        items = client.request_json("GET", "/v1/sandboxes", params=_wire.label_params(metadata))
+        return [cls(d, client) for d in items]
+
+    @classmethod
+    def from_snapshot(
+        cls, snapshot_id: str, resume: bool = True, force: bool = False, *, client: Client | None = None
+    ) -> Sandbox:
+        """Rolls the snapshot's source sandbox back to it, keeping the sandbox's id and name (it is
+        recreated if it was deleted). ``resume=False`` leaves it paused; ``force`` allows restoring a
+        snapshot again. For a *new* sandbox from a snapshot use :meth:`Snapshot.restore`.
+        """
+        client = client or get_default_client()
+        d = client.request_json("POST", snapshot_path(snapshot_id, "/restore"), json={"resume": resume, "force": force})
+        return cls(d, client)
+
+    # -- this sandbox ---------------------------------------------------------------------------
+
+    def refresh(self) -> Sandbox:
+        """Fetches the current record (state, pid, ...)."""
+        self._apply(self._client.request_json("GET", sandbox_path(self.id)))
+        return self
+
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: str | bytes | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Shortcut for :meth:`Commands.run`."""
+        return self.commands.run(
+            cmd, env=env, cwd=cwd, timeout=timeout, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr
+        )
+
+    def logs(self) -> str:
+        """The serial console output (kernel and init messages)."""
+        return self._client.request("GET", sandbox_path(self.id, "/logs")).text
+
+    def snapshot(
+        self,
+        name: str | None = None,
+        type: Literal["full", "diff", "disk"] = "full",
+        resume_source: bool = True,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Snapshot:
+        """Captures the sandbox; snapshots are durable and outlive the sandbox.
+
+        Args:
+            name: the snapshot's id (default ``snap-<sandbox>-<unix time>``); must be unused.
+            type: ``full`` (memory and disk, self-contained), ``diff`` (only what changed since the
+                sandbox's origin) or ``disk`` (disk only; restores by cold boot, resources may change).
+            resume_source: ``False`` leaves the sandbox paused after the capture.
+            metadata: labels, for :meth:`Snapshot.list` filters.
+        """
+        body = _wire.snapshot_body(name, type, resume_source, metadata)
+        snap = Snapshot(self._client.request_json("POST", sandbox_path(self.id, "/snapshots"), json=body), self._client)
+        if not resume_source:
+            self.state = "paused"
+        return snap
+
+    create_snapshot = snapshot
+
+    def fork(
+        self, count: int = 1, name: str | None = None, metadata: Mapping[str, str] | None = None
+    ) -> builtins.list[Sandbox]:
+        """``count`` new running sandboxes that continue from this one's current state (memory and disk).
+
+        All or nothing: if one child cannot start, none is left. Children are named ``NAME-1``, ``NAME-2``,
+        ... (default prefix: this sandbox's name plus ``-fork-XXXX``).
+        """
+        d = self._client.request_json(
+            "POST", sandbox_path(self.id, "/fork"), json=_wire.fork_body(count, name, metadata)
+        )
+        return [Sandbox(s, self._client) for s in d["sandboxes"]]
+
+    def _lifecycle(self, action: str) -> Sandbox:
+        self._apply(self._client.request_json("POST", sandbox_path(self.id, f"/{action}")))
+        return self
+
+    def pause(self) -> Sandbox:
+        """Freezes the vCPUs; memory stays (see :meth:`resume`)."""
+        return self._lifecycle("pause")
+
+    def resume(self) -> Sandbox:
+        """Continues a paused sandbox."""
+        return self._lifecycle("resume")
+
+    def stop(self) -> Sandbox:
+        """Hibernates: saves the whole machine to disk and frees its RAM (see :meth:`start`)."""
+        return self._lifecycle("stop")
+
+    def start(self) -> Sandbox:
+        """Brings a hibernated sandbox back where it was."""
+        return self._lifecycle("start")
+
+    def delete(self) -> None:
+        """Deletes the sandbox: its VM, disk and memory are freed."""
+        self._client.request("DELETE", sandbox_path(self.id))
+        self.state = "deleting"
+
+    kill = delete
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            self.delete()
+        except SandboxNotFoundError:
+            pass
+
+
+class Snapshot(SnapshotFields):
+    """A durable capture of a sandbox, identified by its name (:attr:`id`)."""
+
+    def __init__(self, data: dict[str, Any], client: Client) -> None:
+        self._client = client
+        self._apply(data)
+
+    @classmethod
+    def get(cls, snapshot_id: str, *, client: Client | None = None) -> Snapshot:
+        """A snapshot by id (raises :class:`SnapshotNotFoundError`)."""
+        client = client or get_default_client()
+        return cls(client.request_json("GET", snapshot_path(snapshot_id)), client)
+
+    @classmethod
+    def list(
+        cls,
+        sandbox_id: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        *,
+        client: Client | None = None,
+    ) -> builtins.list[Snapshot]:
+        """Snapshots, optionally only those of one source sandbox (id or name) and/or with labels."""
+        client = client or get_default_client()
+        params = _wire.label_params(metadata)
+        if sandbox_id is not None:
+            params.append(("sandbox", sandbox_id))
+        return [cls(d, client) for d in client.request_json("GET", "/v1/snapshots", params=params)]
+
+    @hybridmethod
+    def delete(
+        self_or_cls: Snapshot | type[Snapshot],  # noqa: N805 - hybridmethod: the class or an instance
+        snapshot_id: str | None = None,
+        *,
+        client: Client | None = None,
+    ) -> SnapshotDeleted:
+        """Deletes a snapshot: ``Snapshot.delete("id")`` or ``snap.delete()``.
+
+        Sandboxes running from it keep its files (listed in ``files_kept_for``). Refused with
+        :class:`ConflictError` while diff snapshots build on it.
+        """
+        if isinstance(self_or_cls, Snapshot):
+            snapshot_id = snapshot_id or self_or_cls.id
+            client = client or self_or_cls._client
+        if snapshot_id is None:
+            raise TypeError("Snapshot.delete() needs the snapshot's id")
+        client = client or get_default_client()
+        d = client.request_json("DELETE", snapshot_path(snapshot_id))
+        return SnapshotDeleted(id=d["id"], files_kept_for=builtins.list(d.get("files_kept_for") or []))
+
+    def refresh(self) -> Snapshot:
+        self._apply(self._client.request_json("GET", snapshot_path(self.id)))
+        return self
+
+    def restore(
+        self,
+        name: str | None = None,
+        memory_mib: int | None = None,
+        cpus: int | None = None,
+        disk_size_gib: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Sandbox:
+        """A **new** sandbox that continues exactly where the snapshot was (new id, name and MAC).
+
+        Repeatable: every call makes another copy. Memory snapshots keep their RAM size and vCPU count
+        (others are refused with :class:`InvalidRequestError`); ``disk`` snapshots cold-boot, so their
+        resources may change. To roll the *source* sandbox back instead, use :meth:`Sandbox.from_snapshot`.
+        """
+        body = _wire.resume_body(name, memory_mib, cpus, disk_size_gib, metadata)
+        return Sandbox(self._client.request_json("POST", snapshot_path(self.id, "/resume"), json=body), self._client)

@@ -1,0 +1,204 @@
+"""Request bodies and response decoding shared by the sync and async SDKs (no I/O here)."""
+
+from __future__ import annotations
+
+import base64
+import codecs
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+from .errors import InvalidRequestError, error_from_code
+from .models import ExecResult, PortMapping
+
+PortSpec = PortMapping | tuple[int, int] | Mapping[str, int]
+"""A forwarded port: ``PortMapping(host, guest)``, a ``(host, guest)`` tuple or ``{"host": .., "guest": ..}``."""
+
+CHUNK = 1 << 20
+"""Upload chunk size."""
+
+# How much longer than a command's own timeout to wait for the daemon's answer before giving up.
+EXEC_GRACE_S = 30.0
+
+
+def drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def label_params(metadata: Mapping[str, str] | None) -> list[tuple[str, str]]:
+    """``label=K=V`` query parameters: the daemon keeps items carrying every one of them."""
+    return [("label", f"{k}={v}") for k, v in (metadata or {}).items()]
+
+
+def port_json(p: PortSpec) -> dict[str, int]:
+    if isinstance(p, PortMapping):
+        return {"host": p.host, "guest": p.guest}
+    if isinstance(p, tuple):
+        host, guest = p
+        return {"host": int(host), "guest": int(guest)}
+    return {"host": int(p["host"]), "guest": int(p["guest"])}
+
+
+def create_body(
+    *,
+    template: str | None,
+    name: str | None,
+    memory_mib: int | None,
+    cpus: int | None,
+    env: Mapping[str, str] | None,
+    metadata: Mapping[str, str] | None,
+    snapshot: str | None,
+    volumes: Any,
+    disk_size_gib: int | None,
+    ports: Iterable[PortSpec] | None,
+) -> dict[str, Any]:
+    if volumes:
+        # Refused here rather than sent: the daemon would only say "unknown field `volumes`".
+        raise InvalidRequestError(
+            "volumes are not supported by the kiln daemon yet; copy data in with sandbox.files.upload() "
+            "or keep it in the sandbox's disk (which snapshots capture)",
+            code="invalid_request",
+        )
+    return drop_none(
+        {
+            # A snapshot carries its own image, so the template only matters for a cold boot.
+            "template": template if snapshot is None else None,
+            "name": name,
+            "memory_mib": memory_mib,
+            "cpus": cpus,
+            "disk_size_gib": disk_size_gib,
+            "env": dict(env) if env else None,
+            "labels": dict(metadata) if metadata else None,
+            "ports": [port_json(p) for p in ports] if ports else None,
+            "snapshot": snapshot,
+        }
+    )
+
+
+def resume_body(
+    name: str | None,
+    memory_mib: int | None,
+    cpus: int | None,
+    disk_size_gib: int | None,
+    metadata: Mapping[str, str] | None,
+) -> dict[str, Any]:
+    return drop_none(
+        {
+            "name": name,
+            "memory_mib": memory_mib,
+            "cpus": cpus,
+            "disk_size_gib": disk_size_gib,
+            "labels": dict(metadata) if metadata else None,
+        }
+    )
+
+
+def snapshot_body(
+    name: str | None,
+    type: Literal["full", "diff", "disk"],
+    resume_source: bool,
+    metadata: Mapping[str, str] | None,
+) -> dict[str, Any]:
+    return drop_none(
+        {
+            "name": name,
+            "type": type,
+            "leave_paused": not resume_source,
+            "labels": dict(metadata) if metadata else None,
+        }
+    )
+
+
+def fork_body(count: int, name: str | None, metadata: Mapping[str, str] | None) -> dict[str, Any]:
+    return drop_none({"count": count, "name": name, "labels": dict(metadata) if metadata else None})
+
+
+def exec_body(
+    cmd: str | Sequence[str],
+    *,
+    env: Mapping[str, str] | None,
+    cwd: str | None,
+    timeout: float | None,
+    stdin: str | bytes | None,
+    stream: bool,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"cmd": cmd} if isinstance(cmd, str) else {"argv": list(cmd)}
+    if env:
+        body["env"] = dict(env)
+    if cwd is not None:
+        body["cwd"] = cwd
+    if timeout is not None:
+        body["timeout_ms"] = max(1, round(timeout * 1000))
+    if isinstance(stdin, str):
+        body["stdin"] = stdin
+    elif stdin is not None:
+        body["stdin_b64"] = base64.b64encode(stdin).decode("ascii")
+    if stream:
+        body["stream"] = True
+    return body
+
+
+def exec_http_timeout(timeout: float | None) -> float | None:
+    """How long to wait for an exec's answer: the command's own limit plus a grace, else forever."""
+    return None if timeout is None else timeout + EXEC_GRACE_S
+
+
+def file_params(path: str, **extra: str | None) -> dict[str, str]:
+    return drop_none({"path": path, **extra})
+
+
+def mode_param(mode: int | str | None) -> str | None:
+    """``0o644`` or ``"644"``/``"0644"`` as the octal string the daemon takes."""
+    if mode is None:
+        return None
+    return f"{mode:04o}" if isinstance(mode, int) else mode
+
+
+class ExecStream:
+    """Decodes a streamed exec's NDJSON events into text chunks and the final :class:`ExecResult`.
+
+    Output is decoded incrementally per stream, so a UTF-8 character split across two chunks (the daemon
+    then sends ``data_b64``) still comes out whole.
+    """
+
+    def __init__(self) -> None:
+        self._out: list[str] = []
+        self._err: list[str] = []
+        self._dec = {
+            "stdout": codecs.getincrementaldecoder("utf-8")(errors="replace"),
+            "stderr": codecs.getincrementaldecoder("utf-8")(errors="replace"),
+        }
+        self.pid: int | None = None
+        self.result: ExecResult | None = None
+
+    def feed(self, event: Mapping[str, Any]) -> tuple[str, str] | None:
+        """Consumes one event; returns ``(stream, text)`` when it carried output for a callback."""
+        kind = event.get("type")
+        if kind in ("stdout", "stderr"):
+            if event.get("data") is not None:
+                raw = str(event["data"]).encode("utf-8")
+            else:
+                raw = base64.b64decode(event.get("data_b64") or "")
+            text = self._dec[kind].decode(raw)
+            return self._emit(kind, text)
+        if kind == "started":
+            self.pid = event.get("pid")
+        elif kind == "exit":
+            tail_out = self._dec["stdout"].decode(b"", final=True)
+            tail_err = self._dec["stderr"].decode(b"", final=True)
+            self._out.append(tail_out)
+            self._err.append(tail_err)
+            self.result = ExecResult.from_json(dict(event), stdout="".join(self._out), stderr="".join(self._err))
+        elif kind == "error":
+            raise error_from_code(str(event.get("code")), str(event.get("message")))
+        return None
+
+    def _emit(self, kind: str, text: str) -> tuple[str, str] | None:
+        if not text:
+            return None
+        (self._out if kind == "stdout" else self._err).append(text)
+        return kind, text
+
+    def finish(self) -> ExecResult:
+        if self.result is None:
+            raise error_from_code("agent_unavailable", "the exec stream ended without an exit event")
+        return self.result

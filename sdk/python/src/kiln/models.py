@@ -1,0 +1,233 @@
+"""Plain data returned by the API, shared by the sync and async SDKs."""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+__all__ = [
+    "SandboxState",
+    "SnapshotType",
+    "PortMapping",
+    "ExecResult",
+    "DirEntry",
+    "FileStat",
+    "WriteResult",
+    "SnapshotDeleted",
+]
+
+SandboxState = Literal["creating", "running", "paused", "stopped", "failed", "deleting"]
+SnapshotType = Literal["full", "diff", "disk"]
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """The daemon's RFC 3339 timestamps (``2026-01-02T03:04:05.678Z``) as aware datetimes."""
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+@dataclass(frozen=True)
+class PortMapping:
+    """A TCP port of the guest forwarded to ``127.0.0.1:host`` on the host."""
+
+    host: int
+    guest: int
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """The outcome of a command run in a sandbox."""
+
+    stdout: str
+    stderr: str
+    exit_code: int | None
+    """``None`` when the command was killed by a signal (see :attr:`signal`)."""
+    signal: int | None = None
+    timed_out: bool = False
+    duration_ms: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """Whether the command exited with status 0 (and was not killed)."""
+        return self.exit_code == 0 and not self.timed_out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], stdout: str | None = None, stderr: str | None = None) -> ExecResult:
+        return cls(
+            stdout=d.get("stdout", "") if stdout is None else stdout,
+            stderr=d.get("stderr", "") if stderr is None else stderr,
+            exit_code=d.get("exit_code"),
+            signal=d.get("signal"),
+            timed_out=bool(d.get("timed_out", False)),
+            duration_ms=int(d.get("duration_ms", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """Metadata of a guest path."""
+
+    kind: str
+    """``file``, ``dir``, ``symlink`` or ``other``."""
+    size: int
+    mode: int
+    """Permission bits, e.g. ``0o644``."""
+    mtime: datetime
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == "dir"
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind == "file"
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> FileStat:
+        return cls(
+            kind=d["kind"],
+            size=int(d["size"]),
+            mode=int(d["mode"]),
+            mtime=datetime.fromtimestamp(int(d["mtime_unix"])).astimezone(),
+        )
+
+
+@dataclass(frozen=True)
+class DirEntry(FileStat):
+    """One entry of a guest directory listing."""
+
+    name: str
+    path: str
+    """The entry's absolute guest path."""
+
+    @classmethod
+    def from_listing(cls, directory: str, d: dict[str, Any]) -> DirEntry:
+        st = FileStat.from_json(d)
+        return cls(
+            kind=st.kind,
+            size=st.size,
+            mode=st.mode,
+            mtime=st.mtime,
+            name=d["name"],
+            path=posixpath.join(directory, d["name"]),
+        )
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What an upload wrote."""
+
+    path: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class SnapshotDeleted:
+    """Result of deleting a snapshot."""
+
+    id: str
+    files_kept_for: list[str] = field(default_factory=list)
+    """Sandboxes still running on the snapshot's files; the data is freed when the last is gone."""
+
+
+class SandboxFields:
+    """The sandbox record as the daemon reports it (shared by ``Sandbox`` and ``AsyncSandbox``)."""
+
+    id: str
+    name: str
+    template: str
+    state: SandboxState
+    memory_mib: int
+    cpus: int
+    disk_size_bytes: int
+    env: dict[str, str]
+    metadata: dict[str, str]
+    """The sandbox's labels (``labels`` in the REST API)."""
+    ports: list[PortMapping]
+    hostname: str
+    mac: str
+    accel: str
+    pid: int | None
+    error: str | None
+    """Why the sandbox failed, with the last lines of its console."""
+    origin: str
+    """What it was made from: ``template:NAME`` or ``snapshot:ID``."""
+    restored_from: str | None
+    created_at: datetime | None
+    updated_at: datetime | None
+
+    def _apply(self, d: dict[str, Any]) -> None:
+        self.id = d["id"]
+        self.name = d["name"]
+        self.template = d.get("template", "")
+        self.state = d["state"]
+        self.memory_mib = int(d.get("memory_mib", 0))
+        self.cpus = int(d.get("cpus", 0))
+        self.disk_size_bytes = int(d.get("disk_size_bytes", 0))
+        self.env = dict(d.get("env") or {})
+        self.metadata = dict(d.get("labels") or {})
+        self.ports = [PortMapping(host=p["host"], guest=p["guest"]) for p in d.get("ports") or []]
+        self.hostname = d.get("hostname", "")
+        self.mac = d.get("mac", "")
+        self.accel = d.get("accel", "")
+        self.pid = d.get("pid")
+        self.error = d.get("error")
+        self.origin = d.get("origin", "")
+        self.restored_from = d.get("restored_from")
+        self.created_at = parse_time(d.get("created_at"))
+        self.updated_at = parse_time(d.get("updated_at"))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(id={self.id!r}, name={self.name!r}, state={self.state!r})"
+
+
+class SnapshotFields:
+    """The snapshot record as the daemon reports it (shared by ``Snapshot`` and ``AsyncSnapshot``)."""
+
+    id: str
+    """The snapshot's name; kiln snapshots are identified by name."""
+    sandbox_id: str
+    """The sandbox it was taken from (which may since have been deleted)."""
+    sandbox_name: str
+    type: SnapshotType
+    parent: str | None
+    """What a diff or disk snapshot builds on: ``template:NAME`` or ``snapshot:ID``."""
+    template: str
+    memory_mib: int
+    cpus: int
+    disk_size_bytes: int
+    size_bytes: int
+    """Space its own files take on disk."""
+    metadata: dict[str, str]
+    """The snapshot's labels."""
+    restored: bool
+    """Whether it has been rolled back into its source sandbox."""
+    restored_at: datetime | None
+    created_at: datetime | None
+
+    @property
+    def name(self) -> str:
+        """Same as :attr:`id`."""
+        return self.id
+
+    def _apply(self, d: dict[str, Any]) -> None:
+        self.id = d["id"]
+        self.sandbox_id = d.get("sandbox_id", "")
+        self.sandbox_name = d.get("sandbox_name", "")
+        self.type = d["type"]
+        self.parent = d.get("parent")
+        self.template = d.get("template", "")
+        self.memory_mib = int(d.get("memory_mib", 0))
+        self.cpus = int(d.get("cpus", 0))
+        self.disk_size_bytes = int(d.get("disk_size_bytes", 0))
+        self.size_bytes = int(d.get("size_bytes", 0))
+        self.metadata = dict(d.get("labels") or {})
+        self.restored = bool(d.get("restored", False))
+        self.restored_at = parse_time(d.get("restored_at"))
+        self.created_at = parse_time(d.get("created_at"))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(id={self.id!r}, type={self.type!r}, sandbox_id={self.sandbox_id!r})"

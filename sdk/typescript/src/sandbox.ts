@@ -1,0 +1,470 @@
+import { createReadStream, createWriteStream } from "node:fs";
+import { stat as fsStat } from "node:fs/promises";
+import { posix } from "node:path";
+import { pipeline } from "node:stream/promises";
+
+import { Client, type WithClient, defaultClient, sandboxPath, snapshotPath } from "./client.js";
+import { GuestPathNotFoundError, InvalidRequestError, SandboxNotFoundError, errorFromCode } from "./errors.js";
+import { Snapshot } from "./snapshot.js";
+import type {
+  CommandResult,
+  DirEntry,
+  FileInfo,
+  PortMapping,
+  SandboxRecord,
+  SandboxState,
+  SnapshotRecord,
+  SnapshotType,
+  WriteResult,
+} from "./types.js";
+
+export interface CreateSandboxOptions extends WithClient {
+  /** Guest image to boot (default `tiny`; ignored with `snapshot`). */
+  template?: string;
+  /** Unique name (default: the id). */
+  name?: string;
+  memoryMib?: number;
+  cpus?: number;
+  diskSizeGib?: number;
+  /** Environment variables for every command run in it. */
+  env?: Record<string, string>;
+  /** Labels, for `Sandbox.list({ metadata })`. */
+  metadata?: Record<string, string>;
+  /** Host ports forwarded to guest ports. */
+  ports?: PortMapping[];
+  /** Make it from this snapshot instead of booting (like `snapshot.restore()`). */
+  snapshot?: string;
+  /** Not supported by the daemon yet: giving any rejects with {@link InvalidRequestError}. */
+  volumes?: unknown[];
+}
+
+export interface RunOptions {
+  env?: Record<string, string>;
+  cwd?: string;
+  /** Kill the command after this long; the result then has `timedOut: true`. */
+  timeoutMs?: number;
+  /** Text or bytes fed to standard input. */
+  stdin?: string | Uint8Array;
+  /** Called with each chunk of standard output as it arrives (the output is also in the result). */
+  onStdout?: (data: string) => void;
+  onStderr?: (data: string) => void;
+}
+
+export interface SnapshotOptions {
+  /** The snapshot's id (default `snap-<sandbox>-<unix time>`); must be unused. */
+  name?: string;
+  /** `full` (default), `diff` (only changes since the origin) or `disk` (no memory; restores by cold boot). */
+  type?: SnapshotType;
+  /** `false` leaves the sandbox paused after the capture (default `true`). */
+  resumeSource?: boolean;
+  metadata?: Record<string, string>;
+}
+
+export interface ForkOptions {
+  /** How many children (default 1). */
+  count?: number;
+  /** Children are named `NAME-1`, `NAME-2`, ... (default: the source's name plus `-fork-XXXX`). */
+  name?: string;
+  metadata?: Record<string, string>;
+}
+
+// How much longer than a command's own timeout to wait for the daemon before giving up.
+const EXEC_GRACE_MS = 30_000;
+
+function labelQuery(metadata: Record<string, string> | undefined): [string, string][] {
+  return Object.entries(metadata ?? {}).map(([k, v]) => ["label", `${k}=${v}`]);
+}
+
+/** Runs processes in a sandbox (`sandbox.commands`). */
+export class Commands {
+  readonly #sandbox: Sandbox;
+
+  constructor(sandbox: Sandbox) {
+    this.#sandbox = sandbox;
+  }
+
+  /**
+   * Runs a command and waits for it. A string is a shell command line (`/bin/sh -c`); an array is an
+   * argv run directly. With `onStdout`/`onStderr` the output is streamed as it arrives.
+   */
+  async run(cmd: string | string[], options: RunOptions = {}): Promise<CommandResult> {
+    const stream = options.onStdout !== undefined || options.onStderr !== undefined;
+    const body: Record<string, unknown> = typeof cmd === "string" ? { cmd } : { argv: cmd };
+    if (options.env) body.env = options.env;
+    if (options.cwd !== undefined) body.cwd = options.cwd;
+    if (options.timeoutMs !== undefined) body.timeout_ms = Math.max(1, Math.round(options.timeoutMs));
+    if (typeof options.stdin === "string") body.stdin = options.stdin;
+    else if (options.stdin !== undefined) body.stdin_b64 = Buffer.from(options.stdin).toString("base64");
+    if (stream) body.stream = true;
+
+    const client = this.#sandbox.client;
+    const res = await client.request("POST", sandboxPath(this.#sandbox.id, "/exec"), {
+      json: body,
+      timeoutMs: options.timeoutMs === undefined ? null : options.timeoutMs + EXEC_GRACE_MS,
+    });
+    if (!stream) return toResult(await res.json<ExecJson>());
+    return readExecStream(res.body, options);
+  }
+}
+
+interface ExecJson {
+  exit_code?: number | null;
+  signal?: number | null;
+  timed_out?: boolean;
+  duration_ms?: number;
+  stdout?: string;
+  stderr?: string;
+}
+
+function toResult(d: ExecJson, stdout = d.stdout ?? "", stderr = d.stderr ?? ""): CommandResult {
+  const exitCode = d.exit_code ?? null;
+  const timedOut = d.timed_out ?? false;
+  return {
+    stdout,
+    stderr,
+    exitCode,
+    signal: d.signal ?? null,
+    timedOut,
+    durationMs: d.duration_ms ?? 0,
+    ok: exitCode === 0 && !timedOut,
+  };
+}
+
+/** Decodes NDJSON exec events. Output is decoded incrementally per stream, so a UTF-8 character split
+ * across chunks (sent as `data_b64`) still comes out whole. */
+async function readExecStream(body: AsyncIterable<Uint8Array>, options: RunOptions): Promise<CommandResult> {
+  const out = { text: "", decoder: new TextDecoder("utf-8"), cb: options.onStdout };
+  const err = { text: "", decoder: new TextDecoder("utf-8"), cb: options.onStderr };
+  const lines = new TextDecoder("utf-8");
+  let pending = "";
+  for await (const chunk of body) {
+    pending += lines.decode(chunk, { stream: true });
+    let nl: number;
+    while ((nl = pending.indexOf("\n")) >= 0) {
+      const line = pending.slice(0, nl).trim();
+      pending = pending.slice(nl + 1);
+      if (!line) continue;
+      const ev = JSON.parse(line) as ExecJson & { type: string; data?: string | null; data_b64?: string | null; code?: string; message?: string };
+      if (ev.type === "stdout" || ev.type === "stderr") {
+        const s = ev.type === "stdout" ? out : err;
+        const raw = ev.data != null ? Buffer.from(ev.data, "utf8") : Buffer.from(ev.data_b64 ?? "", "base64");
+        const text = s.decoder.decode(raw, { stream: true });
+        if (text) {
+          s.text += text;
+          s.cb?.(text);
+        }
+      } else if (ev.type === "exit") {
+        for (const s of [out, err]) {
+          const tail = s.decoder.decode();
+          if (tail) {
+            s.text += tail;
+            s.cb?.(tail);
+          }
+        }
+        return toResult(ev, out.text, err.text);
+      } else if (ev.type === "error") {
+        throw errorFromCode(ev.code ?? "internal", ev.message ?? "the command failed");
+      }
+    }
+  }
+  throw errorFromCode("agent_unavailable", "the exec stream ended without an exit event");
+}
+
+/** Reads and writes files in a sandbox (`sandbox.files`). Guest paths must be absolute. */
+export class Files {
+  readonly #sandbox: Sandbox;
+
+  constructor(sandbox: Sandbox) {
+    this.#sandbox = sandbox;
+  }
+
+  #path(suffix = ""): string {
+    return sandboxPath(this.#sandbox.id, `/files${suffix}`);
+  }
+
+  /** Writes a whole file, atomically replacing it; parents are created. `mode` e.g. `0o644`. */
+  async write(path: string, data: string | Uint8Array, options: { mode?: number | string } = {}): Promise<WriteResult> {
+    const body = typeof data === "string" ? Buffer.from(data, "utf8") : data;
+    return this.#put(path, body, body.byteLength, options.mode);
+  }
+
+  async #put(path: string, body: Uint8Array | AsyncIterable<Uint8Array>, length: number, mode?: number | string): Promise<WriteResult> {
+    return this.#sandbox.client.json<WriteResult>("PUT", this.#path(), {
+      query: { path, mode: typeof mode === "number" ? mode.toString(8).padStart(4, "0") : mode },
+      body,
+      // An explicit length keeps streamed uploads from being sent chunked.
+      headers: { "content-type": "application/octet-stream", "content-length": length },
+    });
+  }
+
+  /** A whole file's content. */
+  async readBytes(path: string): Promise<Uint8Array> {
+    return (await this.#sandbox.client.request("GET", this.#path(), { query: { path } })).bytes();
+  }
+
+  /** A whole file's content as UTF-8 text. */
+  async read(path: string): Promise<string> {
+    return Buffer.from(await this.readBytes(path)).toString("utf8");
+  }
+
+  /** The entries of a guest directory. */
+  async list(path: string): Promise<DirEntry[]> {
+    const items = await this.#sandbox.client.json<RawStat[]>("GET", this.#path("/list"), { query: { path } });
+    return items.map((d) => ({ ...toInfo(d), name: d.name!, path: posix.join(path, d.name!) }));
+  }
+
+  /** Size, mode, kind and modification time (rejects with {@link GuestPathNotFoundError}). */
+  async stat(path: string): Promise<FileInfo> {
+    return toInfo(await this.#sandbox.client.json<RawStat>("GET", this.#path("/stat"), { query: { path } }));
+  }
+
+  async exists(path: string): Promise<boolean> {
+    try {
+      await this.stat(path);
+      return true;
+    } catch (e) {
+      if (e instanceof GuestPathNotFoundError) return false;
+      throw e;
+    }
+  }
+
+  /** Creates a directory and its missing parents. */
+  async mkdir(path: string): Promise<void> {
+    await (await this.#sandbox.client.request("POST", this.#path("/mkdir"), { json: { path } })).bytes();
+  }
+
+  /** Removes a file, or a directory (non-empty ones only with `recursive`). */
+  async remove(path: string, options: { recursive?: boolean } = {}): Promise<void> {
+    const query = { path, recursive: options.recursive ? "true" : undefined };
+    await (await this.#sandbox.client.request("DELETE", this.#path(), { query })).bytes();
+  }
+
+  /** Copies a local file into the guest, streaming it (any size). */
+  async upload(localPath: string, remotePath: string, options: { mode?: number | string } = {}): Promise<WriteResult> {
+    const { size } = await fsStat(localPath);
+    return this.#put(remotePath, createReadStream(localPath), size, options.mode);
+  }
+
+  /** Copies a guest file to a local path, streaming it; resolves to the number of bytes. */
+  async download(remotePath: string, localPath: string): Promise<number> {
+    const res = await this.#sandbox.client.request("GET", this.#path(), { query: { path: remotePath } });
+    let bytes = 0;
+    async function* counted(): AsyncIterable<Uint8Array> {
+      for await (const chunk of res.body) {
+        bytes += chunk.byteLength;
+        yield chunk;
+      }
+    }
+    await pipeline(counted(), createWriteStream(localPath));
+    return bytes;
+  }
+}
+
+interface RawStat {
+  name?: string;
+  kind: string;
+  size: number;
+  mode: number;
+  mtime_unix: number;
+}
+
+function toInfo(d: RawStat): FileInfo {
+  return { kind: d.kind, size: d.size, mode: d.mode, mtime: new Date(d.mtime_unix * 1000) };
+}
+
+/**
+ * A microVM sandbox. Make one with {@link Sandbox.create}, {@link Sandbox.connect} or
+ * {@link Snapshot.restore}. Fields mirror the daemon's record as of the last call that returned it;
+ * {@link Sandbox.refresh} fetches it again.
+ */
+export class Sandbox {
+  readonly commands: Commands;
+  readonly files: Files;
+  /** @internal */
+  readonly client: Client;
+
+  id!: string;
+  name!: string;
+  template!: string;
+  state!: SandboxState;
+  memoryMib!: number;
+  cpus!: number;
+  diskSizeBytes!: number;
+  env!: Record<string, string>;
+  /** The sandbox's labels. */
+  metadata!: Record<string, string>;
+  ports!: PortMapping[];
+  hostname!: string;
+  mac!: string;
+  accel!: string;
+  /** Pid of the QEMU process while the VM runs. */
+  pid!: number | null;
+  /** Why the sandbox failed, with the last lines of its console. */
+  error!: string | null;
+  /** What it was made from: `template:NAME` or `snapshot:ID`. */
+  origin!: string;
+  restoredFrom!: string | null;
+  createdAt!: Date;
+  updatedAt!: Date;
+
+  /** @internal Use the static constructors. */
+  constructor(record: SandboxRecord, client: Client) {
+    this.client = client;
+    this.commands = new Commands(this);
+    this.files = new Files(this);
+    this.#apply(record);
+  }
+
+  #apply(r: SandboxRecord): this {
+    this.id = r.id;
+    this.name = r.name;
+    this.template = r.template;
+    this.state = r.state;
+    this.memoryMib = r.memory_mib;
+    this.cpus = r.cpus;
+    this.diskSizeBytes = r.disk_size_bytes;
+    this.env = r.env ?? {};
+    this.metadata = r.labels ?? {};
+    this.ports = r.ports ?? [];
+    this.hostname = r.hostname;
+    this.mac = r.mac;
+    this.accel = r.accel;
+    this.pid = r.pid ?? null;
+    this.error = r.error ?? null;
+    this.origin = r.origin;
+    this.restoredFrom = r.restored_from ?? null;
+    this.createdAt = new Date(r.created_at);
+    this.updatedAt = new Date(r.updated_at);
+    return this;
+  }
+
+  /** Boots a new sandbox and resolves once its guest agent answers. */
+  static async create(options: CreateSandboxOptions = {}): Promise<Sandbox> {
+    if (options.volumes?.length) {
+      // Refused here: the daemon would only say "unknown field `volumes`".
+      throw new InvalidRequestError(
+        "volumes are not supported by the kiln daemon yet; copy data in with sandbox.files.upload() or keep it on the sandbox's disk",
+        "invalid_request",
+      );
+    }
+    const client = options.client ?? defaultClient();
+    const body = {
+      template: options.snapshot === undefined ? (options.template ?? "tiny") : undefined,
+      name: options.name,
+      memory_mib: options.memoryMib,
+      cpus: options.cpus,
+      disk_size_gib: options.diskSizeGib,
+      env: options.env,
+      labels: options.metadata,
+      ports: options.ports?.map(({ host, guest }) => ({ host, guest })),
+      snapshot: options.snapshot,
+    };
+    return new Sandbox(await client.json<SandboxRecord>("POST", "/v1/sandboxes", { json: body }), client);
+  }
+
+  /** An existing sandbox by id or name (rejects with {@link SandboxNotFoundError}). */
+  static async connect(idOrName: string, options: WithClient = {}): Promise<Sandbox> {
+    const client = options.client ?? defaultClient();
+    return new Sandbox(await client.json<SandboxRecord>("GET", sandboxPath(idOrName)), client);
+  }
+
+  /** All sandboxes, or those carrying every `metadata` label given. */
+  static async list(options: WithClient & { metadata?: Record<string, string> } = {}): Promise<Sandbox[]> {
+    const client = options.client ?? defaultClient();
+    const items = await client.json<SandboxRecord[]>("GET", "/v1/sandboxes", { query: labelQuery(options.metadata) });
+    return items.map((r) => new Sandbox(r, client));
+  }
+
+  /**
+   * Rolls a snapshot's source sandbox back to it, keeping the sandbox's id and name (recreated if it was
+   * deleted). `resume: false` leaves it paused; `force` restores a snapshot restored before. For a new
+   * sandbox from a snapshot use {@link Snapshot.restore}.
+   */
+  static async fromSnapshot(snapshotId: string, options: WithClient & { resume?: boolean; force?: boolean } = {}): Promise<Sandbox> {
+    const client = options.client ?? defaultClient();
+    const body = { resume: options.resume ?? true, force: options.force ?? false };
+    return new Sandbox(await client.json<SandboxRecord>("POST", snapshotPath(snapshotId, "/restore"), { json: body }), client);
+  }
+
+  /** Fetches the current record. */
+  async refresh(): Promise<this> {
+    return this.#apply(await this.client.json<SandboxRecord>("GET", sandboxPath(this.id)));
+  }
+
+  /** Shortcut for `sandbox.commands.run()`. */
+  run(cmd: string | string[], options?: RunOptions): Promise<CommandResult> {
+    return this.commands.run(cmd, options);
+  }
+
+  /** The serial console output (kernel and init messages). */
+  async logs(): Promise<string> {
+    return (await this.client.request("GET", sandboxPath(this.id, "/logs"))).text();
+  }
+
+  /** Captures the sandbox. Snapshots are durable and outlive the sandbox; see {@link Snapshot}. */
+  async snapshot(options: SnapshotOptions = {}): Promise<Snapshot> {
+    const resumeSource = options.resumeSource ?? true;
+    const body = { name: options.name, type: options.type ?? "full", leave_paused: !resumeSource, labels: options.metadata };
+    const r = await this.client.json<SnapshotRecord>("POST", sandboxPath(this.id, "/snapshots"), { json: body });
+    if (!resumeSource) this.state = "paused";
+    return new Snapshot(r, this.client);
+  }
+
+  /**
+   * `count` new running sandboxes that continue from this one's current state (memory and disk). All or
+   * nothing: if one child cannot start, none is left.
+   */
+  async fork(options: ForkOptions = {}): Promise<Sandbox[]> {
+    const body = { count: options.count ?? 1, name: options.name, labels: options.metadata };
+    const r = await this.client.json<{ sandboxes: SandboxRecord[] }>("POST", sandboxPath(this.id, "/fork"), { json: body });
+    return r.sandboxes.map((s) => new Sandbox(s, this.client));
+  }
+
+  async #lifecycle(action: string): Promise<this> {
+    return this.#apply(await this.client.json<SandboxRecord>("POST", sandboxPath(this.id, `/${action}`)));
+  }
+
+  /** Freezes the vCPUs; memory stays. */
+  pause(): Promise<this> {
+    return this.#lifecycle("pause");
+  }
+
+  /** Continues a paused sandbox. */
+  resume(): Promise<this> {
+    return this.#lifecycle("resume");
+  }
+
+  /** Hibernates: saves the whole machine to disk and frees its RAM (the VM process exits). */
+  stop(): Promise<this> {
+    return this.#lifecycle("stop");
+  }
+
+  /** Brings a hibernated sandbox back where it was. */
+  start(): Promise<this> {
+    return this.#lifecycle("start");
+  }
+
+  /** Deletes the sandbox: its VM, disk and memory are freed. */
+  async delete(): Promise<void> {
+    await (await this.client.request("DELETE", sandboxPath(this.id))).bytes();
+    this.state = "deleting";
+  }
+
+  /** Same as {@link Sandbox.delete}. */
+  kill(): Promise<void> {
+    return this.delete();
+  }
+
+  /** Deletes the sandbox unless it is already gone; handy in `finally` blocks. */
+  async dispose(): Promise<void> {
+    try {
+      await this.delete();
+    } catch (e) {
+      if (!(e instanceof SandboxNotFoundError)) throw e;
+    }
+  }
+
+  toString(): string {
+    return `Sandbox(${this.id}, ${this.name}, ${this.state})`;
+  }
+}

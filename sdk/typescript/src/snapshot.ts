@@ -1,0 +1,146 @@
+import { Client, type WithClient, defaultClient, snapshotPath } from "./client.js";
+import { InvalidRequestError } from "./errors.js";
+import { Sandbox } from "./sandbox.js";
+import type { SandboxRecord, SnapshotDeleted, SnapshotRecord, SnapshotType } from "./types.js";
+
+export interface RestoreOptions {
+  /** Must equal the snapshot's for memory snapshots; `disk` snapshots may change it. */
+  memoryMib?: number;
+  cpus?: number;
+  /** `disk` snapshots only; at least the snapshot's. */
+  diskSizeGib?: number;
+  metadata?: Record<string, string>;
+}
+
+/**
+ * A durable capture of a sandbox. kiln identifies snapshots by name: {@link Snapshot.id} is the name
+ * given to `sandbox.snapshot({ name })` (or a generated `snap-<sandbox>-<time>`), and a snapshot stays
+ * until deleted, whatever happens to its sandbox.
+ */
+export class Snapshot {
+  /** @internal */
+  readonly client: Client;
+
+  id!: string;
+  /** The sandbox it was taken from (which may since have been deleted). */
+  sandboxId!: string;
+  sandboxName!: string;
+  type!: SnapshotType;
+  /** What a diff or disk snapshot builds on: `template:NAME` or `snapshot:ID`. */
+  parent!: string | null;
+  template!: string;
+  memoryMib!: number;
+  cpus!: number;
+  diskSizeBytes!: number;
+  /** Space its own files take on disk. */
+  sizeBytes!: number;
+  /** The snapshot's labels. */
+  metadata!: Record<string, string>;
+  /** Whether it has been rolled back into its source sandbox. */
+  restored!: boolean;
+  restoredAt!: Date | null;
+  createdAt!: Date;
+
+  /** @internal Use {@link Snapshot.get} or `sandbox.snapshot()`. */
+  constructor(record: SnapshotRecord, client: Client) {
+    this.client = client;
+    this.#apply(record);
+  }
+
+  #apply(r: SnapshotRecord): this {
+    this.id = r.id;
+    this.sandboxId = r.sandbox_id;
+    this.sandboxName = r.sandbox_name;
+    this.type = r.type;
+    this.parent = r.parent ?? null;
+    this.template = r.template;
+    this.memoryMib = r.memory_mib;
+    this.cpus = r.cpus;
+    this.diskSizeBytes = r.disk_size_bytes;
+    this.sizeBytes = r.size_bytes;
+    this.metadata = r.labels ?? {};
+    this.restored = r.restored;
+    this.restoredAt = r.restored_at ? new Date(r.restored_at) : null;
+    this.createdAt = new Date(r.created_at);
+    return this;
+  }
+
+  /** Same as {@link Snapshot.id}. */
+  get name(): string {
+    return this.id;
+  }
+
+  /** A snapshot by name (rejects with {@link SnapshotNotFoundError}). */
+  static async get(name: string, options: WithClient = {}): Promise<Snapshot> {
+    const client = options.client ?? defaultClient();
+    return new Snapshot(await client.json<SnapshotRecord>("GET", snapshotPath(name)), client);
+  }
+
+  /** Snapshots, optionally only those of one source sandbox (id or name) and/or with every label given. */
+  static async list(options: WithClient & { sandboxId?: string; metadata?: Record<string, string> } = {}): Promise<Snapshot[]> {
+    const client = options.client ?? defaultClient();
+    const query: [string, string][] = Object.entries(options.metadata ?? {}).map(([k, v]) => ["label", `${k}=${v}`]);
+    if (options.sandboxId !== undefined) query.push(["sandbox", options.sandboxId]);
+    const items = await client.json<SnapshotRecord[]>("GET", "/v1/snapshots", { query });
+    return items.map((r) => new Snapshot(r, client));
+  }
+
+  /**
+   * Deletes a snapshot by name. Sandboxes running from it keep its files (`filesKeptFor`); refused with
+   * {@link ConflictError} while diff snapshots build on it.
+   */
+  static async delete(name: string, options: WithClient = {}): Promise<SnapshotDeleted> {
+    const client = options.client ?? defaultClient();
+    const r = await client.json<{ id: string; files_kept_for?: string[] }>("DELETE", snapshotPath(name));
+    return { id: r.id, filesKeptFor: r.files_kept_for ?? [] };
+  }
+
+  /** Deletes this snapshot; see the static {@link Snapshot.delete}. */
+  delete(): Promise<SnapshotDeleted> {
+    return Snapshot.delete(this.id, { client: this.client });
+  }
+
+  /** Fetches the current record (e.g. `restored`). */
+  async refresh(): Promise<this> {
+    return this.#apply(await this.client.json<SnapshotRecord>("GET", snapshotPath(this.id)));
+  }
+
+  /**
+   * A **new** sandbox that continues exactly where the snapshot was (new id, name and MAC); repeatable.
+   * Memory snapshots keep their RAM size and vCPUs; `disk` snapshots cold-boot, so theirs may change. To
+   * roll the source sandbox back instead, use {@link Sandbox.fromSnapshot}.
+   */
+  async restore(name?: string, options: RestoreOptions = {}): Promise<Sandbox> {
+    const body = {
+      name,
+      memory_mib: options.memoryMib,
+      cpus: options.cpus,
+      disk_size_gib: options.diskSizeGib,
+      labels: options.metadata,
+    };
+    return new Sandbox(await this.client.json<SandboxRecord>("POST", snapshotPath(this.id, "/resume"), { json: body }), this.client);
+  }
+
+  /**
+   * Makes sure this snapshot is kept under `name`, beyond the life of its sandbox.
+   *
+   * kiln snapshots are always durable and are identified by their name, which is chosen when the
+   * snapshot is taken (`sandbox.snapshot({ name })`); the daemon cannot rename one. So this resolves
+   * (after checking that the snapshot still exists) when `name` is already its name, and otherwise rejects
+   * with {@link InvalidRequestError} instead of silently making a different snapshot.
+   */
+  async saveNamed(name: string): Promise<Snapshot> {
+    if (name !== this.id) {
+      throw new InvalidRequestError(
+        `snapshot '${this.id}' cannot be saved as '${name}': kiln snapshots are named when taken and cannot be renamed; ` +
+          `take it with sandbox.snapshot({ name: '${name}' }) instead`,
+        "invalid_request",
+      );
+    }
+    return this.refresh();
+  }
+
+  toString(): string {
+    return `Snapshot(${this.id}, ${this.type}, from ${this.sandboxName})`;
+  }
+}

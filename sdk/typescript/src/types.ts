@@ -1,0 +1,93 @@
+/** Records as the daemon sends them (snake_case JSON), and the SDK's public value types. */
+
+export type SandboxState = "creating" | "running" | "paused" | "stopped" | "failed" | "deleting";
+export type SnapshotType = "full" | "diff" | "disk";
+
+/** A TCP port of the guest forwarded to `127.0.0.1:host` on the host. */
+export interface PortMapping {
+  host: number;
+  guest: number;
+}
+
+/** @internal */
+export interface SandboxRecord {
+  id: string;
+  name: string;
+  template: string;
+  state: SandboxState;
+  memory_mib: number;
+  cpus: number;
+  disk_size_bytes: number;
+  env: Record<string, string>;
+  labels: Record<string, string>;
+  ports: PortMapping[];
+  hostname: string;
+  mac: string;
+  accel: string;
+  pid?: number | null;
+  error?: string | null;
+  created_at: string;
+  updated_at: string;
+  origin: string;
+  restored_from?: string | null;
+}
+
+/** @internal */
+export interface SnapshotRecord {
+  id: string;
+  sandbox_id: string;
+  sandbox_name: string;
+  type: SnapshotType;
+  parent?: string | null;
+  template: string;
+  memory_mib: number;
+  cpus: number;
+  disk_size_bytes: number;
+  size_bytes: number;
+  labels: Record<string, string>;
+  restored: boolean;
+  restored_at?: string | null;
+  created_at: string;
+}
+
+/** The outcome of a command. A non-zero exit is not an error: check `ok` or `exitCode`. */
+export interface CommandResult {
+  stdout: string;
+  stderr: string;
+  /** `null` when the command was killed by a signal. */
+  exitCode: number | null;
+  signal: number | null;
+  /** The command ran past its `timeoutMs` and was killed. */
+  timedOut: boolean;
+  durationMs: number;
+  /** Exit code 0 and not timed out. */
+  ok: boolean;
+}
+
+/** Metadata of a guest path. */
+export interface FileInfo {
+  /** `file`, `dir`, `symlink` or `other`. */
+  kind: string;
+  size: number;
+  /** Permission bits, e.g. `0o644`. */
+  mode: number;
+  mtime: Date;
+}
+
+/** One entry of a directory listing. */
+export interface DirEntry extends FileInfo {
+  name: string;
+  /** The entry's absolute guest path. */
+  path: string;
+}
+
+export interface WriteResult {
+  path: string;
+  bytes: number;
+}
+
+export interface SnapshotDeleted {
+  id: string;
+  /** Sandboxes still running on the snapshot's files; the data is freed when the last is gone. */
+  filesKeptFor: string[];
+}
