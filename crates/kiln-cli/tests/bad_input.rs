@@ -322,5 +322,32 @@ fn tcp_listener_requires_the_token() {
     // And the API describes itself.
     let (status, doc) = tcp.api("GET", "/v1/openapi.json", None);
     assert_eq!(status, 200);
-    assert!(doc["paths"]["/v1/sandboxes/{id}/exec"].is_object());
+    for path in [
+        "/v1/health",
+        "/v1/info",
+        "/v1/images",
+        "/v1/sandboxes",
+        "/v1/sandboxes/{id}",
+        "/v1/sandboxes/{id}/logs",
+        "/v1/sandboxes/{id}/exec",
+        "/v1/sandboxes/{id}/files",
+        "/v1/sandboxes/{id}/files/list",
+        "/v1/sandboxes/{id}/files/stat",
+        "/v1/sandboxes/{id}/files/mkdir",
+        "/v1/sandboxes/{id}/pause",
+        "/v1/sandboxes/{id}/resume",
+        "/v1/sandboxes/{id}/stop",
+        "/v1/sandboxes/{id}/start",
+        "/v1/sandboxes/{id}/fork",
+        "/v1/sandboxes/{id}/snapshots",
+        "/v1/snapshots",
+        "/v1/snapshots/{id}",
+        "/v1/snapshots/{id}/resume",
+        "/v1/snapshots/{id}/restore",
+    ] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} is missing from the OpenAPI document"
+        );
+    }
 }

@@ -205,6 +205,12 @@ fn create_exec_files_delete() {
     let (status, err) = d.api("GET", "/v1/sandboxes/work/files/stat?path=/data/a", None);
     assert_eq!(status, 404, "{err}");
     assert_eq!(err["error"]["code"], "guest_path_not_found");
+    let (status, err) = d.api("DELETE", "/v1/sandboxes/work/files?path=/data", None);
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (409, Some("guest_path_conflict")),
+        "{err}"
+    );
     let (status, err) = d.api("GET", "/v1/sandboxes/work/files?path=/no/such/file", None);
     assert_eq!(
         (status, err["error"]["code"].as_str()),

@@ -265,12 +265,9 @@ impl Engine {
 
     fn resolve_image(&self, template: &str) -> Result<Image> {
         validate::name("template", template)?;
-        self.images.get(template).map_err(|e| {
-            Error::new(
-                ErrorCode::ImageNotFound,
-                format!("{e} (build it with `kiln image build {template}`)"),
-            )
-        })
+        self.images
+            .get(template)
+            .map_err(|e| Error::new(ErrorCode::ImageNotFound, e.to_string()))
     }
 
     pub(crate) fn check_capacity(&self, memory_mib: u64) -> Result<()> {

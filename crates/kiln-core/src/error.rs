@@ -17,6 +17,9 @@ pub enum ErrorCode {
     SnapshotAlreadyExists,
     ImageNotFound,
     GuestPathNotFound,
+    GuestPathConflict,
+    GuestPermissionDenied,
+    GuestDiskFull,
     GuestError,
     CapacityExceeded,
     InsufficientStorage,
@@ -45,6 +48,9 @@ impl ErrorCode {
             ErrorCode::SnapshotAlreadyExists => "snapshot_already_exists",
             ErrorCode::ImageNotFound => "image_not_found",
             ErrorCode::GuestPathNotFound => "guest_path_not_found",
+            ErrorCode::GuestPathConflict => "guest_path_conflict",
+            ErrorCode::GuestPermissionDenied => "guest_permission_denied",
+            ErrorCode::GuestDiskFull => "guest_disk_full",
             ErrorCode::GuestError => "guest_error",
             ErrorCode::CapacityExceeded => "capacity_exceeded",
             ErrorCode::InsufficientStorage => "insufficient_storage",
@@ -66,6 +72,9 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         match self {
             ErrorCode::InvalidRequest => 400,
+            ErrorCode::GuestPermissionDenied => 403,
+            ErrorCode::GuestPathConflict => 409,
+            ErrorCode::GuestDiskFull => 507,
             ErrorCode::Unauthorized => 401,
             ErrorCode::SandboxNotFound
             | ErrorCode::SnapshotNotFound

@@ -84,6 +84,13 @@ pub fn agent_error(e: AgentError, what: &str) -> Error {
         AgentError::Guest { code, message } => {
             let code = match code {
                 kiln_agent_client::ErrorCode::NotFound => ErrorCode::GuestPathNotFound,
+                kiln_agent_client::ErrorCode::IsADirectory
+                | kiln_agent_client::ErrorCode::NotADirectory
+                | kiln_agent_client::ErrorCode::DirectoryNotEmpty
+                | kiln_agent_client::ErrorCode::AlreadyExists => ErrorCode::GuestPathConflict,
+                kiln_agent_client::ErrorCode::PermissionDenied => ErrorCode::GuestPermissionDenied,
+                kiln_agent_client::ErrorCode::InvalidArgument => ErrorCode::InvalidRequest,
+                kiln_agent_client::ErrorCode::NoSpace => ErrorCode::GuestDiskFull,
                 _ => ErrorCode::GuestError,
             };
             Error::new(code, message)

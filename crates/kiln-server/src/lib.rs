@@ -40,6 +40,7 @@ use crate::routes::{exec, files, lifecycle, sandboxes, snapshots, system};
         lifecycle::resume,
         lifecycle::stop,
         lifecycle::start,
+        lifecycle::fork,
         snapshots::create,
         snapshots::list,
         snapshots::get,

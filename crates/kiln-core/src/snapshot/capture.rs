@@ -244,7 +244,8 @@ impl Engine {
         let frozen_top = layout.disk_layers.len() - 2;
         let mut files = Vec::new();
         let parent = match (&layout.origin, req.kind) {
-            (_, SnapshotType::Full) => None,
+            // Full and disk snapshots hold all their layers; only diff snapshots build on a parent.
+            (_, SnapshotType::Full | SnapshotType::Disk) => None,
             (Origin::Template { name }, _) => Some(format!("template:{name}")),
             (Origin::Snapshot { id }, _) => Some(format!("snapshot:{id}")),
         };
@@ -291,7 +292,7 @@ impl Engine {
         // Disk layers, bottom first. The layer frozen just now gets its checksum here, once.
         let top_sum = fsutil::checksum(&layout.disk_layers[frozen_top].path)?;
         layout.disk_layers[frozen_top].checksum = Some(top_sum);
-        let external_layers = if req.kind == SnapshotType::Full {
+        let external_layers = if req.kind != SnapshotType::Diff {
             0
         } else {
             layout.inherited_layers.min(frozen_top + 1)
@@ -424,6 +425,12 @@ impl Engine {
             }
             Origin::Snapshot { id } => {
                 let dir = self.config().snapshot_dir(id);
+                if self.db().find_snapshot(id)?.is_none() {
+                    return Err(Error::new(
+                        ErrorCode::SnapshotBaseMissing,
+                        format!("this sandbox came from snapshot '{id}', which was deleted, so a diff has no base; take a `--type full` snapshot instead"),
+                    ));
+                }
                 let m = Manifest::read(&dir, id).map_err(|e| {
                     Error::new(ErrorCode::SnapshotBaseMissing, format!("the snapshot '{id}' this sandbox came from is unusable ({}); take a full snapshot instead", e.message))
                 })?;

@@ -112,7 +112,9 @@ pub async fn read(
     });
     Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header(header::CONTENT_LENGTH, size)
+        // The size is a header of its own, not Content-Length: the file may change while it streams, and
+        // a Content-Length the body does not match breaks the HTTP connection.
+        .header("x-kiln-file-size", size)
         .body(Body::from_stream(stream))
         .map_err(|e| kiln_core::Error::internal(e.to_string()).into())
 }
