@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA_DIR="${KILN_DATA_DIR:-$PWD/.kiln-data}"
+export KILN_DATA_DIR="$DATA_DIR"
 export KILN_SOCKET="$DATA_DIR/demo.sock"
 KILN="$PWD/target/release/kiln"
 say() { printf '\n\033[1;36m$ %s\033[0m\n' "$*"; }
