@@ -180,11 +180,53 @@ def bench_qemu_savevm(d, runs):
     }
 
 
+def pss_bytes(pid):
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def bench_fork(d, runs):
+    """Fork a running 256 MiB sandbox: one child to first exec, and fan-outs of N children all answering."""
+    out = {}
+    src = d.api.create(template="tiny", memory_mib=256, cpus=1, name="forksrc")
+    start_counter(d, src["id"])
+    time.sleep(1)
+    one = []
+    for i in range(runs):
+        t0 = time.perf_counter()
+        kids = d.api.call("POST", f"/v1/sandboxes/{src['id']}/fork", {"count": 1, "name": f"one{i}"})["sandboxes"]
+        d.api.exec(kids[0]["id"], ["true"])
+        one.append(time.perf_counter() - t0)
+        d.api.delete(kids[0]["id"])
+    out["fork_1_child_to_first_exec"] = dict(summary(one), target_ms=150.0)
+    for n in (2, 5, 10):
+        t0 = time.perf_counter()
+        kids = d.api.call("POST", f"/v1/sandboxes/{src['id']}/fork", {"count": n, "name": f"fan{n}"})["sandboxes"]
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            from kilnapi import Api
+            list(pool.map(lambda k: Api(d.socket).exec(k["id"], ["true"]), kids))
+        elapsed = time.perf_counter() - t0
+        time.sleep(2)
+        pss = [pss_bytes(k["pid"]) for k in kids]
+        out[f"fork_{n}_children_all_answering"] = dict(summary([elapsed]), target_ms=1500.0 if n == 10 else None,
+                                                       child_pss_median_mib=round(statistics.median(pss) / 2**20, 1),
+                                                       child_pss_percent_of_ram=round(100 * statistics.median(pss) / (256 << 20), 1))
+        for k in kids:
+            d.api.delete(k["id"])
+    out["fork_1_child_to_first_exec"]["source_pss_mib"] = round(pss_bytes(d.api.call("GET", f"/v1/sandboxes/{src['id']}")["pid"]) / 2**20, 1)
+    d.api.delete(src["id"])
+    return out
+
+
 BENCHES = {
     "cold_boot_to_first_exec": (bench_cold_boot, 2000.0),
     "exec_true_round_trip": (bench_exec, 10.0),
     "parallel_create_5_to_first_exec": (bench_parallel_create, None),
     "snapshots": (bench_snapshots, None),
+    "fork": (bench_fork, None),
 }
 
 
@@ -205,7 +247,7 @@ def main():
                 continue
             print(f"running {name} ...", file=sys.stderr, flush=True)
             res = fn(d, args.runs)
-            if name == "snapshots":
+            if name in ("snapshots", "fork"):
                 results.update(res)
             else:
                 res["target_ms"] = target
@@ -227,6 +269,8 @@ def main():
         print(f"{name:<40} {r['median_ms']:>9.1f} {r['min_ms']:>9.1f} {r['p90_ms']:>9.1f} {r['max_ms']:>9.1f} {tgt:>8} {r['runs']:>5}")
     print("(milliseconds)")
     for name, r in results.items():
+        if "child_pss_median_mib" in r:
+            print(f"{name}: child PSS median {r['child_pss_median_mib']} MiB = {r['child_pss_percent_of_ram']}% of guest RAM (target 25%)")
         if "bytes_written_median" in r:
             extra = f" = {r['percent_of_ram']}% of guest RAM (target {r['target_percent_of_ram']}%)" if "percent_of_ram" in r else ""
             print(f"{name}: writes {r['bytes_written_median'] / 2**20:.1f} MiB{extra}")
