@@ -185,27 +185,16 @@ impl Engine {
         let sb_id = ids::new_id("sb");
         let name = req.name.clone().unwrap_or_else(|| sb_id.clone());
         let hostname = name.replace('_', "-");
-        let now = now_rfc3339();
         let sb = Sandbox {
             id: sb_id.clone(),
             name: name.clone(),
-            template: m.source.template.clone(),
-            state: SandboxState::Creating,
             memory_mib,
             cpus,
             disk_size_bytes,
-            env: m.source.env.clone(),
             labels: req.labels.clone(),
-            ports: Vec::new(),
             hostname: hostname.clone(),
             mac: ids::new_mac(),
-            accel: self.accel().accel.to_string(),
-            pid: None,
-            error: None,
-            created_at: now.clone(),
-            updated_at: now,
-            origin: format!("snapshot:{id}"),
-            restored_from: None,
+            ..self.record_from_manifest(&m, id)
         };
         self.db().insert_sandbox(&sb)?;
         let slot = self.slot(&sb.id);
@@ -244,6 +233,33 @@ impl Engine {
                     format!("resuming snapshot {id} failed: {}", e.message),
                 ))
             }
+        }
+    }
+
+    /// A new sandbox record for the machine a snapshot holds: the source's identity and resources, in state
+    /// `creating`. Callers override what differs (a resumed copy gets its own id, name and MAC).
+    fn record_from_manifest(&self, m: &Manifest, snap_id: &str) -> Sandbox {
+        let now = now_rfc3339();
+        Sandbox {
+            id: m.source.sandbox_id.clone(),
+            name: m.source.sandbox_name.clone(),
+            template: m.source.template.clone(),
+            state: SandboxState::Creating,
+            memory_mib: m.memory_mib,
+            cpus: m.cpus,
+            disk_size_bytes: m.disk_size_bytes,
+            env: m.source.env.clone(),
+            labels: BTreeMap::new(),
+            ports: Vec::new(),
+            hostname: m.source.hostname.clone(),
+            mac: m.source.mac.clone(),
+            accel: self.accel().accel.to_string(),
+            pid: None,
+            error: None,
+            created_at: now.clone(),
+            updated_at: now,
+            origin: format!("snapshot:{snap_id}"),
+            restored_from: None,
         }
     }
 
@@ -329,27 +345,9 @@ impl Engine {
             Some(sb) => sb,
             None => {
                 // The source is gone: recreate it under its old id and name.
-                let now = now_rfc3339();
                 let sb = Sandbox {
-                    id: m.source.sandbox_id.clone(),
-                    name: m.source.sandbox_name.clone(),
-                    template: m.source.template.clone(),
-                    state: SandboxState::Creating,
-                    memory_mib: m.memory_mib,
-                    cpus: m.cpus,
-                    disk_size_bytes: m.disk_size_bytes,
-                    env: m.source.env.clone(),
                     labels: snap.labels.clone(),
-                    ports: Vec::new(),
-                    hostname: m.source.hostname.clone(),
-                    mac: m.source.mac.clone(),
-                    accel: self.accel().accel.to_string(),
-                    pid: None,
-                    error: None,
-                    created_at: now.clone(),
-                    updated_at: now,
-                    origin: format!("snapshot:{id}"),
-                    restored_from: None,
+                    ..self.record_from_manifest(&m, id)
                 };
                 self.db().insert_sandbox(&sb)?;
                 sb
