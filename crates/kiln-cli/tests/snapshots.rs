@@ -520,3 +520,69 @@ fn corruption_and_crashes_lose_nothing() {
         );
     }
 }
+
+#[test]
+fn a_full_disk_fails_the_snapshot_and_keeps_the_source_running() {
+    require_image("tiny");
+    let d = Daemon::start();
+    d.create(&["--name", "src"]);
+    start_counter(&d, "src");
+    // Put the snapshot store on a 32 MiB filesystem: the RAM copy cannot fit.
+    let store = d.data_dir().join("snapshots");
+    let status = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=32m",
+            "kiln-test-full",
+            store.to_str().unwrap(),
+        ])
+        .status()
+        .expect("mount");
+    assert!(status.success(), "mounting a small tmpfs needs root");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(store.clone());
+
+    let (status, v) = d.api(
+        "POST",
+        "/v1/sandboxes/src/snapshots",
+        Some(json!({"name": "big"})),
+    );
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (507, Some("insufficient_storage")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("full"),
+        "{v}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&store).unwrap().count(),
+        0,
+        "a failed snapshot left files behind"
+    );
+    let (status, _) = d.api("GET", "/v1/snapshots/big", None);
+    assert_eq!(status, 404);
+    // The source runs on, and snapshots work again once there is room.
+    assert_eq!(
+        json_of(&d, &["sandbox", "inspect", "src"])["state"],
+        "running"
+    );
+    let c = counter(&d, "src");
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(counter(&d, "src") > c);
+    drop(_unmount);
+    d.kiln_ok(&["snapshot", "create", "src", "--name", "fits"]);
+    d.kiln_ok(&["snapshot", "resume", "fits", "--name", "copy"]);
+    assert!(counter(&d, "copy") > 0);
+}

@@ -53,7 +53,17 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> Result<u64, VmmError> {
                 )
             };
             if n < 0 {
-                return Err(io("copying to", dst, std::io::Error::last_os_error()));
+                let err = std::io::Error::last_os_error();
+                // Across filesystems (or where the kernel cannot offload) copy through a buffer instead.
+                if matches!(
+                    err.raw_os_error(),
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
+                ) {
+                    copied += copy_range_buffered(&input, &output, off_in as u64, end as u64)
+                        .map_err(|e| io("copying to", dst, e))?;
+                    break;
+                }
+                return Err(io("copying to", dst, err));
             }
             if n == 0 {
                 break;
@@ -63,6 +73,22 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> Result<u64, VmmError> {
         pos = end;
     }
     Ok(copied)
+}
+
+/// Copies `[from, to)` of `input` to the same offsets of `output` through a buffer.
+fn copy_range_buffered(input: &File, output: &File, from: u64, to: u64) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = from;
+    while pos < to {
+        let want = ((to - pos) as usize).min(buf.len());
+        let n = input.read_at(&mut buf[..want], pos)?;
+        if n == 0 {
+            break;
+        }
+        output.write_all_at(&buf[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(pos - from)
 }
 
 /// Where a file is mapped in a process: `(start address, length, file offset)`.
