@@ -34,6 +34,18 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// Prints `key: value` lines for the given fields of a JSON object (strings bare, others as JSON).
+pub fn fields(v: &serde_json::Value, keys: &[&str], width: usize) {
+    for key in keys {
+        let value = &v[*key];
+        let text = value
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| value.to_string());
+        println!("{:<width$} {text}", format!("{key}:"));
+    }
+}
+
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;

@@ -5,7 +5,7 @@ use hyper::Method;
 use serde_json::{json, Value};
 
 use crate::client::encode;
-use crate::output::{confirm, human_bytes, print_json_or, table};
+use crate::output::{confirm, fields, human_bytes, print_json_or, table};
 use crate::Cli;
 
 #[derive(Subcommand)]
@@ -166,27 +166,22 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
                 )
                 .await?;
             print_json_or(cli, &s, || {
-                for key in [
-                    "id",
-                    "name",
-                    "state",
-                    "template",
-                    "hostname",
-                    "mac",
-                    "accel",
-                    "pid",
-                    "created_at",
-                    "updated_at",
-                ] {
-                    println!(
-                        "{:<12} {}",
-                        format!("{key}:"),
-                        s[key]
-                            .as_str()
-                            .map(str::to_string)
-                            .unwrap_or_else(|| s[key].to_string())
-                    );
-                }
+                fields(
+                    &s,
+                    &[
+                        "id",
+                        "name",
+                        "state",
+                        "template",
+                        "hostname",
+                        "mac",
+                        "accel",
+                        "pid",
+                        "created_at",
+                        "updated_at",
+                    ],
+                    12,
+                );
                 println!(
                     "{:<12} {} MiB, {} vCPU, disk {}",
                     "resources:",

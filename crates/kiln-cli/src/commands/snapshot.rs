@@ -5,7 +5,7 @@ use hyper::Method;
 use serde_json::{json, Value};
 
 use crate::client::encode;
-use crate::output::{confirm, human_bytes, print_json_or, table};
+use crate::output::{confirm, fields, human_bytes, print_json_or, table};
 use crate::Cli;
 
 #[derive(Subcommand)]
@@ -152,30 +152,25 @@ pub async fn run(cli: &Cli, cmd: &SnapshotCmd) -> anyhow::Result<ExitCode> {
                 )
                 .await?;
             print_json_or(cli, &s, || {
-                for key in [
-                    "id",
-                    "sandbox_id",
-                    "sandbox_name",
-                    "type",
-                    "parent",
-                    "template",
-                    "memory_mib",
-                    "cpus",
-                    "size_bytes",
-                    "restored",
-                    "restored_at",
-                    "created_at",
-                    "labels",
-                ] {
-                    let v = &s[key];
-                    println!(
-                        "{:<14} {}",
-                        format!("{key}:"),
-                        v.as_str()
-                            .map(str::to_string)
-                            .unwrap_or_else(|| v.to_string())
-                    );
-                }
+                fields(
+                    &s,
+                    &[
+                        "id",
+                        "sandbox_id",
+                        "sandbox_name",
+                        "type",
+                        "parent",
+                        "template",
+                        "memory_mib",
+                        "cpus",
+                        "size_bytes",
+                        "restored",
+                        "restored_at",
+                        "created_at",
+                        "labels",
+                    ],
+                    14,
+                )
             });
         }
         SnapshotCmd::Delete { snapshots, yes } => {
