@@ -34,6 +34,16 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// Prints a JSON array as a table, one row per element.
+pub fn table_of(
+    headers: &[&str],
+    list: &serde_json::Value,
+    row: impl Fn(&serde_json::Value) -> Vec<String>,
+) {
+    let rows: Vec<Vec<String>> = list.as_array().into_iter().flatten().map(row).collect();
+    table(headers, &rows);
+}
+
 /// Prints `key: value` lines for the given fields of a JSON object (strings bare, others as JSON).
 pub fn fields(v: &serde_json::Value, keys: &[&str], width: usize) {
     for key in keys {

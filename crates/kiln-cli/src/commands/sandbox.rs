@@ -5,7 +5,7 @@ use hyper::Method;
 use serde_json::{json, Value};
 
 use crate::client::encode;
-use crate::output::{confirm, fields, human_bytes, print_json_or, table};
+use crate::output::{confirm, fields, human_bytes, print_json_or, table_of};
 use crate::Cli;
 
 #[derive(Subcommand)]
@@ -148,13 +148,7 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
             }
             let list: Value = client.json(Method::GET, &path, None).await?;
             print_json_or(cli, &list, || {
-                let rows: Vec<Vec<String>> = list
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(summary_row)
-                    .collect();
-                table(&SUMMARY_HEADERS, &rows);
+                table_of(&SUMMARY_HEADERS, &list, summary_row);
             });
         }
         SandboxCmd::Inspect { sandbox } => {

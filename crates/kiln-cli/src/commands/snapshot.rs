@@ -5,7 +5,7 @@ use hyper::Method;
 use serde_json::{json, Value};
 
 use crate::client::encode;
-use crate::output::{confirm, fields, human_bytes, print_json_or, table};
+use crate::output::{confirm, fields, human_bytes, print_json_or, table_of};
 use crate::Cli;
 
 #[derive(Subcommand)]
@@ -134,13 +134,7 @@ pub async fn run(cli: &Cli, cmd: &SnapshotCmd) -> anyhow::Result<ExitCode> {
             };
             let list: Value = client.json(Method::GET, &path, None).await?;
             print_json_or(cli, &list, || {
-                let rows: Vec<Vec<String>> = list
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(snapshot_row)
-                    .collect();
-                table(&HEADERS, &rows);
+                table_of(&HEADERS, &list, snapshot_row);
             });
         }
         SnapshotCmd::Get { snapshot } => {
@@ -305,13 +299,11 @@ pub async fn fork(
         )
         .await?;
     print_json_or(cli, &v, || {
-        let rows: Vec<Vec<String>> = v["sandboxes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(crate::commands::sandbox::summary_row)
-            .collect();
-        table(&crate::commands::sandbox::SUMMARY_HEADERS, &rows);
+        table_of(
+            &crate::commands::sandbox::SUMMARY_HEADERS,
+            &v["sandboxes"],
+            crate::commands::sandbox::summary_row,
+        );
     });
     Ok(ExitCode::SUCCESS)
 }
