@@ -94,7 +94,7 @@ def own_bytes(path):
 
 
 def start_counter(d, sb):
-    d.api.call("POST", f"/v1/sandboxes/{sb}/exec", {"cmd": "(i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done) >/dev/null 2>&1 &"})
+    d.api.call("POST", f"/v1/sandboxes/{sb}/exec", {"cmd": "(i=0; while true; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.1; done) >/dev/null 2>&1 &"})
 
 
 def bench_snapshots(d, runs):

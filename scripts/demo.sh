@@ -32,7 +32,7 @@ echo 'some data' | "$KILN" files write demo /root/note.txt
 run "$KILN" files read demo /root/note.txt
 run "$KILN" files ls demo /root
 say "start a counter in the guest, then checkpoint it"
-"$KILN" exec demo -- sh -c '(i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done) >/dev/null 2>&1 &'
+"$KILN" exec demo -- sh -c '(i=0; while true; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.1; done) >/dev/null 2>&1 &'
 sleep 1
 say "kiln snapshot create demo --name demo-cp"
 time "$KILN" snapshot create demo --name demo-cp

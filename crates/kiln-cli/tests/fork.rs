@@ -16,7 +16,7 @@ fn forked_children_are_independent_machines() {
     require_image("tiny");
     let d = Daemon::start();
     d.create(&["--name", "src"]);
-    run(&d, "src", "echo base > /root/shared; (i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done) >/dev/null 2>&1 &");
+    run(&d, "src", "echo base > /root/shared; (i=0; while true; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.1; done) >/dev/null 2>&1 &");
     std::thread::sleep(Duration::from_millis(700));
     let forked: Value = serde_json::from_str(
         &d.kiln_ok(&["--json", "fork", "src", "--count", "3", "--name", "kid"]),

@@ -17,7 +17,7 @@ fn counter(d: &Daemon, sb: &str) -> u64 {
 
 /// A background counter (every 0.1 s) and a tmpfs marker in the guest.
 fn start_counter(d: &Daemon, sb: &str) {
-    d.kiln_ok(&["exec", sb, "--", "sh", "-c", "echo marker > /tmp/marker; (i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done) >/dev/null 2>&1 &"]);
+    d.kiln_ok(&["exec", sb, "--", "sh", "-c", "echo marker > /tmp/marker; (i=0; while true; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.1; done) >/dev/null 2>&1 &"]);
     std::thread::sleep(Duration::from_millis(800));
 }
 
