@@ -22,11 +22,17 @@ build: agent
 	@echo "==> building kiln"
 	$(CARGO) build --release -p kiln-cli
 
+IMAGE_INPUTS := $(AGENT_BIN) $(wildcard crates/kiln-image/src/*.rs)
+
+# An image is rebuilt when the guest agent or the image builder changed since it was built.
 image-tiny: build
-	$(KILN) image build tiny --agent $(AGENT_BIN)
+	@$(MAKE) --no-print-directory $(DATA_DIR)/images/tiny/image.json
 
 image-base: build
-	$(KILN) image build base --agent $(AGENT_BIN)
+	@$(MAKE) --no-print-directory $(DATA_DIR)/images/base/image.json
+
+$(DATA_DIR)/images/%/image.json: $(IMAGE_INPUTS)
+	$(KILN) image build $* --force --agent $(AGENT_BIN)
 
 images: image-tiny image-base
 

@@ -226,6 +226,40 @@ impl AgentClient {
         self.call_ok(req, "set_machine_id", REQUEST_TIMEOUT).await
     }
 
+    /// Mounts the volume on the disk with `serial` at `path`; `rescan` when the disk's backend changed
+    /// since the guest probed it (a restored machine).
+    pub async fn mount_volume(
+        &self,
+        serial: &str,
+        path: &str,
+        read_only: bool,
+        rescan: bool,
+    ) -> Result<(), AgentError> {
+        let req = Request::MountVolume {
+            serial: serial.into(),
+            path: path.into(),
+            read_only,
+            rescan,
+        };
+        self.call_ok(req, "mount_volume", REQUEST_TIMEOUT).await
+    }
+
+    /// Detaches stale volume mounts at `paths`; returns which of `serials` are no longer held.
+    pub async fn release_volumes(
+        &self,
+        paths: &[String],
+        serials: &[String],
+    ) -> Result<Vec<String>, AgentError> {
+        let req = Request::ReleaseVolumes {
+            paths: paths.to_vec(),
+            serials: serials.to_vec(),
+        };
+        match self.call(req, "release_volumes", REQUEST_TIMEOUT).await? {
+            Response::Volumes { free } => Ok(free),
+            other => Err(unexpected("release_volumes", &other)),
+        }
+    }
+
     /// Sends a request and waits for its final response, turning guest errors into `Err`.
     async fn call(
         &self,

@@ -10,7 +10,7 @@ use kiln_proto::{ErrorCode, Frame, FrameKind, Request, Response};
 use crate::conn::{Inbound, Shared, Stream};
 use crate::failure::Failure;
 use crate::util::log;
-use crate::{exec, files, system};
+use crate::{exec, files, system, volumes};
 
 pub fn dispatch(shared: &Arc<Shared>, frame: Frame) {
     let msg = match frame.kind {
@@ -111,6 +111,13 @@ fn serve_simple(
         Request::SetHostname { hostname } => system::set_hostname(&hostname),
         Request::Reseed { entropy_hex } => system::reseed(&entropy_hex),
         Request::SetMachineId { machine_id } => system::set_machine_id(&machine_id),
+        Request::MountVolume {
+            serial,
+            path,
+            read_only,
+            rescan,
+        } => volumes::mount(&serial, &path, read_only, rescan),
+        Request::ReleaseVolumes { paths, serials } => volumes::release(&paths, &serials),
         // Handled inline by `request`.
         Request::Hello | Request::Ping | Request::Exec(_) => {
             Err(Failure::new(ErrorCode::Protocol, "unexpected request"))

@@ -11,6 +11,7 @@ mod files;
 mod port;
 mod system;
 mod util;
+mod volumes;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

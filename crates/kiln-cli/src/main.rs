@@ -46,6 +46,9 @@ enum Command {
     /// Checkpoint sandboxes and bring them back.
     #[command(subcommand, alias = "snap")]
     Snapshot(commands::snapshot::SnapshotCmd),
+    /// Create, list and delete volumes (durable disks for sandboxes).
+    #[command(subcommand, alias = "vol")]
+    Volume(commands::volume::VolumeCmd),
     /// Hibernate sandboxes: save them to disk and free their RAM.
     Stop {
         #[arg(required = true)]
@@ -141,6 +144,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => commands::serve::run(&cli, args).await,
         Command::Sandbox(cmd) => commands::sandbox::run(&cli, cmd).await,
         Command::Snapshot(cmd) => commands::snapshot::run(&cli, cmd).await,
+        Command::Volume(cmd) => commands::volume::run(&cli, cmd).await,
         Command::Stop { sandboxes } => commands::snapshot::lifecycle(&cli, "stop", sandboxes).await,
         Command::Start { sandboxes } => {
             commands::snapshot::lifecycle(&cli, "start", sandboxes).await

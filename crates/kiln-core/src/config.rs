@@ -56,6 +56,9 @@ impl Config {
     pub fn snapshot_dir(&self, id: &str) -> PathBuf {
         self.snapshots_dir().join(id)
     }
+    pub fn volumes_dir(&self) -> PathBuf {
+        self.data_dir.join("volumes")
+    }
     pub fn default_socket(&self) -> PathBuf {
         default_socket_for(&self.data_dir)
     }

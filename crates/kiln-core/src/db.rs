@@ -53,6 +53,22 @@ CREATE TABLE snapshots (
 );
 CREATE INDEX snapshots_by_sandbox ON snapshots(sandbox_id);
 "#,
+    r#"
+CREATE TABLE volumes (
+    name TEXT PRIMARY KEY,
+    size_bytes INTEGER NOT NULL,
+    labels TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE attachments (
+    sandbox_id TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
+    volume TEXT NOT NULL REFERENCES volumes(name),
+    path TEXT NOT NULL,
+    read_only INTEGER NOT NULL,
+    PRIMARY KEY (sandbox_id, path)
+);
+CREATE INDEX attachments_by_volume ON attachments(volume);
+"#,
 ];
 
 pub struct Db {
@@ -150,14 +166,23 @@ impl Db {
         let mut stmt = conn.prepare_cached(
             "SELECT * FROM sandboxes WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC LIMIT 1",
         )?;
-        Ok(stmt.query_row([id_or_name], row_to_sandbox).optional()?)
+        let Some(mut sb) = stmt.query_row([id_or_name], row_to_sandbox).optional()? else {
+            return Ok(None);
+        };
+        sb.volumes = crate::volume::store::mounts_of(&conn, &sb.id)?;
+        Ok(Some(sb))
     }
 
     pub fn list_sandboxes(&self) -> Result<Vec<Sandbox>> {
         let conn = self.lock();
         let mut stmt = conn.prepare_cached("SELECT * FROM sandboxes ORDER BY created_at, id")?;
         let rows = stmt.query_map([], row_to_sandbox)?;
-        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        let mut sandboxes = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut mounts = crate::volume::store::all_mounts(&conn)?;
+        for sb in &mut sandboxes {
+            sb.volumes = mounts.remove(&sb.id).unwrap_or_default();
+        }
+        Ok(sandboxes)
     }
 
     pub fn set_state(
@@ -215,11 +240,11 @@ impl Db {
     }
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> String {
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".to_string())
 }
 
-fn from_json<T: serde::de::DeserializeOwned + Default>(s: String) -> T {
+pub(crate) fn from_json<T: serde::de::DeserializeOwned + Default>(s: String) -> T {
     serde_json::from_str(&s).unwrap_or_default()
 }
 
@@ -247,6 +272,7 @@ fn row_to_sandbox(r: &Row<'_>) -> rusqlite::Result<Sandbox> {
         updated_at: r.get("updated_at")?,
         origin: r.get("origin")?,
         restored_from: r.get("restored_from")?,
+        volumes: Vec::new(),
     })
 }
 
@@ -275,6 +301,7 @@ mod tests {
             updated_at: crate::model::now_rfc3339(),
             origin: "template:tiny".into(),
             restored_from: None,
+            volumes: vec![],
         }
     }
 

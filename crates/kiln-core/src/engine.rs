@@ -43,6 +43,9 @@ pub struct CreateSandbox {
     pub ports: Vec<PortMapping>,
     /// Make the sandbox from this snapshot instead of a template (same as `POST /v1/snapshots/{id}/resume`).
     pub snapshot: Option<String>,
+    /// Volumes to attach (at most 4).
+    #[serde(default)]
+    pub volumes: Vec<crate::volume::VolumeMount>,
 }
 
 /// A command to run in a sandbox.
@@ -81,6 +84,8 @@ pub struct Engine {
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     /// Snapshots whose checksums this daemon has verified (or written) already.
     verified: Mutex<std::collections::HashSet<String>>,
+    /// Serialises volume creation, deletion and attachment decisions.
+    volumes: tokio::sync::Mutex<()>,
 }
 
 impl Engine {
@@ -92,6 +97,7 @@ impl Engine {
             cfg.snapshots_dir(),
             cfg.images_dir(),
             cfg.cache_dir(),
+            cfg.volumes_dir(),
         ] {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| Error::internal(format!("cannot create {}: {e}", dir.display())))?;
@@ -112,8 +118,10 @@ impl Engine {
             accel,
             slots: Mutex::new(HashMap::new()),
             verified: Mutex::new(Default::default()),
+            volumes: tokio::sync::Mutex::new(()),
         });
         engine.clean_snapshot_debris();
+        engine.clean_volume_debris();
         engine.adopt().await?;
         Ok(engine)
     }
@@ -147,6 +155,9 @@ impl Engine {
     }
     pub(crate) fn db(&self) -> &Db {
         &self.db
+    }
+    pub(crate) async fn volume_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.volumes.lock().await
     }
 
     pub(crate) fn slot(&self, id: &str) -> Arc<Slot> {
@@ -318,6 +329,7 @@ impl Engine {
                         cpus: req.cpus,
                         disk_size_gib: req.disk_size_gib,
                         labels: req.labels,
+                        volumes: req.volumes,
                     },
                 )
                 .await;
@@ -385,8 +397,14 @@ impl Engine {
             updated_at: now,
             origin: format!("template:{template}"),
             restored_from: None,
+            volumes: req.volumes.clone(),
         };
-        self.db.insert_sandbox(&sandbox)?;
+        {
+            let _volumes = self.volume_lock().await;
+            self.check_mounts(&req.volumes)?;
+            self.db.insert_sandbox(&sandbox)?;
+            self.db.set_attachments(&id, &req.volumes)?;
+        }
         let slot = self.slot(&id);
         let _guard = slot.op.write().await;
         let cmdline = kiln_image::kernel_cmdline(
@@ -402,14 +420,14 @@ impl Engine {
             },
         );
         let booted = async {
-            let layout = self.provision_from_template(&sandbox, &image, cmdline)?;
+            let layout = self.provision_from_template(&sandbox, &image, cmdline, &req.volumes)?;
             self.db.set_layout(&id, &layout)?;
             let vm = self.start_vm(&sandbox, &layout, None).await?;
             // Every sandbox is its own machine: machine id and RNG seed of its own from the start.
             let identity = crate::machine::NewIdentity {
                 hostname: sandbox.hostname.clone(),
             };
-            self.after_resume(&vm, Some(&identity)).await?;
+            self.after_resume(&id, &vm, Some(&identity)).await?;
             Ok::<_, Error>(vm)
         };
         match booted.await {

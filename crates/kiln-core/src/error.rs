@@ -28,6 +28,9 @@ pub enum ErrorCode {
     SnapshotBaseMissing,
     SnapshotIncompatible,
     SnapshotAlreadyRestored,
+    VolumeNotFound,
+    VolumeAlreadyExists,
+    VolumeInUse,
     BootFailed,
     VmFailed,
     Timeout,
@@ -59,6 +62,9 @@ impl ErrorCode {
             ErrorCode::SnapshotBaseMissing => "snapshot_base_missing",
             ErrorCode::SnapshotIncompatible => "snapshot_incompatible",
             ErrorCode::SnapshotAlreadyRestored => "snapshot_already_restored",
+            ErrorCode::VolumeNotFound => "volume_not_found",
+            ErrorCode::VolumeAlreadyExists => "volume_already_exists",
+            ErrorCode::VolumeInUse => "volume_in_use",
             ErrorCode::BootFailed => "boot_failed",
             ErrorCode::VmFailed => "vm_failed",
             ErrorCode::Timeout => "timeout",
@@ -79,14 +85,17 @@ impl ErrorCode {
             ErrorCode::SandboxNotFound
             | ErrorCode::SnapshotNotFound
             | ErrorCode::ImageNotFound
-            | ErrorCode::GuestPathNotFound => 404,
+            | ErrorCode::GuestPathNotFound
+            | ErrorCode::VolumeNotFound => 404,
             ErrorCode::SandboxNameTaken
             | ErrorCode::SandboxNotRunning
             | ErrorCode::SandboxBusy
             | ErrorCode::SnapshotAlreadyExists
             | ErrorCode::SnapshotInUse
             | ErrorCode::SnapshotBaseMissing
-            | ErrorCode::SnapshotAlreadyRestored => 409,
+            | ErrorCode::SnapshotAlreadyRestored
+            | ErrorCode::VolumeAlreadyExists
+            | ErrorCode::VolumeInUse => 409,
             ErrorCode::SnapshotCorrupt | ErrorCode::SnapshotIncompatible => 422,
             ErrorCode::InsufficientStorage => 507,
             ErrorCode::CapacityExceeded => 429,

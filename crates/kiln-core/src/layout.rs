@@ -37,6 +37,68 @@ pub enum Origin {
     Snapshot { id: String },
 }
 
+/// Volume slots every new machine gets. The number is part of the machine (its device set), so it can
+/// never change for a machine or anything restored from it.
+pub const VOLUME_SLOTS: usize = 4;
+
+/// What one volume slot of a machine holds, as far as the guest is concerned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum VolumeSlot {
+    /// An empty disk; free for a volume.
+    Empty,
+    /// A volume attached to this sandbox.
+    Attached {
+        volume: String,
+        /// Mount point in the guest.
+        path: String,
+        read_only: bool,
+        /// What QEMU opens: the volume file, under a throwaway overlay when read-only.
+        layers: Vec<Layer>,
+        /// Mounted in the guest already.
+        mounted: bool,
+        /// The guest probed this slot while it held another disk, so it must re-read it before mounting.
+        rescan: bool,
+    },
+    /// A restored machine's guest may still have its source's volume mounted here; the disk behind it is
+    /// empty now. `released`: the stale mount was detached (the slot frees up once nothing holds it).
+    Stale { path: String, released: bool },
+}
+
+impl VolumeSlot {
+    /// The slot as a machine restored from a capture of it sees it: volumes are not part of snapshots,
+    /// so a mounted one leaves a stale mount behind, and one never mounted leaves nothing.
+    pub fn in_restored_copy(&self) -> VolumeSlot {
+        match self {
+            VolumeSlot::Attached {
+                path,
+                mounted: true,
+                ..
+            } => VolumeSlot::Stale {
+                path: path.clone(),
+                released: false,
+            },
+            VolumeSlot::Attached { mounted: false, .. } | VolumeSlot::Empty => VolumeSlot::Empty,
+            stale @ VolumeSlot::Stale { .. } => stale.clone(),
+        }
+    }
+
+    pub fn backend(&self) -> kiln_vmm::VolumeBackend {
+        match self {
+            VolumeSlot::Attached { layers, .. } => kiln_vmm::VolumeBackend::Chain(
+                layers
+                    .iter()
+                    .map(|l| kiln_vmm::DiskLayer {
+                        path: l.path.clone(),
+                        format: l.format.clone(),
+                    })
+                    .collect(),
+            ),
+            VolumeSlot::Empty | VolumeSlot::Stale { .. } => kiln_vmm::VolumeBackend::Empty,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Layout {
     /// Firmware the VM started with (`-bios`); restores must use the same.
@@ -55,6 +117,9 @@ pub struct Layout {
     pub inherited_layers: usize,
     /// Counter for naming the next writable layer.
     pub generation: u32,
+    /// Volume slots (machines made before volumes existed have none).
+    #[serde(default)]
+    pub volume_slots: Vec<VolumeSlot>,
 }
 
 impl Layout {
@@ -103,9 +168,41 @@ mod tests {
             origin: Origin::Snapshot { id: "s1".into() },
             inherited_layers: 1,
             generation: 0,
+            volume_slots: vec![VolumeSlot::Empty],
         };
         let json = serde_json::to_string(&l).unwrap();
         assert!(json.contains(r#""mode":"private""#));
         assert_eq!(serde_json::from_str::<Layout>(&json).unwrap(), l);
+    }
+
+    #[test]
+    fn restored_copies_see_mounted_volumes_as_stale_and_unmounted_ones_as_empty() {
+        let attached = |mounted| VolumeSlot::Attached {
+            volume: "data".into(),
+            path: "/data".into(),
+            read_only: false,
+            layers: vec![],
+            mounted,
+            rescan: false,
+        };
+        let stale = VolumeSlot::Stale {
+            path: "/data".into(),
+            released: false,
+        };
+        assert_eq!(attached(true).in_restored_copy(), stale);
+        assert_eq!(attached(false).in_restored_copy(), VolumeSlot::Empty);
+        assert_eq!(stale.in_restored_copy(), stale);
+        assert_eq!(VolumeSlot::Empty.in_restored_copy(), VolumeSlot::Empty);
+    }
+
+    #[test]
+    fn layouts_from_before_volumes_have_no_slots() {
+        let json = r#"{"kernel":"/k","initrd":"/i","kernel_version":"6.12","cmdline":"","disk_layers":[],
+            "memory":{"mode":"owned","file":"/m"},"origin":{"kind":"template","name":"tiny"},
+            "inherited_layers":1,"generation":1}"#;
+        assert!(serde_json::from_str::<Layout>(json)
+            .unwrap()
+            .volume_slots
+            .is_empty());
     }
 }

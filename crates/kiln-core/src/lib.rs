@@ -17,6 +17,7 @@ pub mod model;
 pub mod snapshot;
 pub mod validate;
 mod vm;
+pub mod volume;
 
 pub use config::Config;
 pub use engine::{CreateSandbox, Engine, ExecSpec};
@@ -26,5 +27,6 @@ pub use model::{PortMapping, Sandbox, SandboxState};
 pub use snapshot::capture::CreateSnapshot;
 pub use snapshot::restore::{ResumeSnapshot, SnapshotDeleted};
 pub use snapshot::{Snapshot, SnapshotType};
+pub use volume::{CreateVolume, Volume, VolumeMount};
 
 pub use kiln_agent_client as agent;

@@ -37,7 +37,7 @@ impl Engine {
         self.require_state(&sb, &[SandboxState::Paused])?;
         let vm = self.live_vm(&sb).await?;
         vm.qmp().await?.execute("cont", None).await?;
-        self.after_resume(&vm, None).await?;
+        self.after_resume(&sb.id, &vm, None).await?;
         self.db()
             .set_state(&sb.id, SandboxState::Running, Some(vm.pid), None)?;
         self.get(&sb.id)

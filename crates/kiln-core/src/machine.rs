@@ -11,7 +11,7 @@ use kiln_vmm::VmSpec;
 use crate::engine::{vm_name, Engine};
 use crate::error::{Error, ErrorCode, Result};
 use crate::fsutil;
-use crate::layout::{Layer, Layout, Memory, Origin};
+use crate::layout::{Layer, Layout, Memory, Origin, VolumeSlot, VOLUME_SLOTS};
 use crate::model::{Sandbox, SandboxState};
 use crate::vm::{agent_error, Vm};
 
@@ -42,6 +42,7 @@ impl Engine {
         sb: &Sandbox,
         image: &Image,
         cmdline: String,
+        mounts: &[crate::volume::VolumeMount],
     ) -> Result<Layout> {
         let dir = self.config().sandbox_dir(&sb.id);
         std::fs::create_dir_all(dir.join("layers"))
@@ -74,7 +75,9 @@ impl Engine {
             },
             inherited_layers: 1,
             generation: 0,
+            volume_slots: vec![VolumeSlot::Empty; VOLUME_SLOTS],
         };
+        self.place_mounts(&dir, &mut layout.volume_slots, mounts, false)?;
         let top = layout.next_top_path(&dir);
         create_top_layer(&top, &layout.disk_layers[0], sb.disk_size_bytes)?;
         layout.disk_layers.push(Layer {
@@ -112,6 +115,11 @@ impl Engine {
                     guest: p.guest,
                 })
                 .collect(),
+            volumes: layout
+                .volume_slots
+                .iter()
+                .map(VolumeSlot::backend)
+                .collect(),
             incoming,
             start_paused: incoming,
         }
@@ -138,7 +146,7 @@ impl Engine {
         tracing::debug!(sandbox = %sb.id, ms = t0.elapsed().as_millis() as u64, "QEMU launched");
         let result = match incoming {
             None => self.wait_for_agent(&vm).await,
-            Some(inc) => self.restore_into(&vm, &inc).await,
+            Some(inc) => self.restore_into(&sb.id, &vm, &inc).await,
         };
         match result {
             Ok(()) => Ok(vm),
@@ -149,7 +157,7 @@ impl Engine {
         }
     }
 
-    async fn restore_into(&self, vm: &Vm, inc: &Incoming) -> Result<()> {
+    async fn restore_into(&self, sb_id: &str, vm: &Vm, inc: &Incoming) -> Result<()> {
         let qmp = vm.qmp().await?;
         kiln_vmm::migration::load_state(&qmp, &inc.state, RESTORE_TIMEOUT)
             .await
@@ -163,15 +171,26 @@ impl Engine {
         if inc.resume {
             qmp.execute("cont", None).await?;
             tracing::debug!(vm = %vm.name, "vCPUs running");
-            self.after_resume(vm, inc.identity.as_ref()).await?;
+            self.after_resume(sb_id, vm, inc.identity.as_ref()).await?;
             tracing::debug!(vm = %vm.name, "agent answered, clock set");
         }
         Ok(())
     }
 
     /// After vCPUs run again: reconnect the agent and set the guest's wall clock (it stood still while the
-    /// state sat on disk); for a copy, also give it its own identity. The requests run concurrently.
-    pub(crate) async fn after_resume(&self, vm: &Vm, identity: Option<&NewIdentity>) -> Result<()> {
+    /// state sat on disk); for a copy, also give it its own identity (the requests run concurrently).
+    /// Then settle the guest's volumes.
+    pub(crate) async fn after_resume(
+        &self,
+        sb_id: &str,
+        vm: &Vm,
+        identity: Option<&NewIdentity>,
+    ) -> Result<()> {
+        self.set_clock_and_identity(vm, identity).await?;
+        self.settle_volumes(sb_id, vm).await
+    }
+
+    async fn set_clock_and_identity(&self, vm: &Vm, identity: Option<&NewIdentity>) -> Result<()> {
         let agent = vm.agent(Duration::from_secs(20)).await?;
         let clock = agent.set_clock(SystemTime::now());
         let Some(identity) = identity else {

@@ -101,6 +101,9 @@ pub struct Sandbox {
     pub origin: String,
     /// The snapshot this sandbox was last rolled back to (`kiln snapshot restore`), if any.
     pub restored_from: Option<String>,
+    /// Volumes attached to this sandbox.
+    #[serde(default)]
+    pub volumes: Vec<crate::volume::VolumeMount>,
 }
 
 impl Sandbox {

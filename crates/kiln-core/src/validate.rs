@@ -99,6 +99,31 @@ pub fn guest_path(path: &str) -> Result<()> {
     Ok(())
 }
 
+/// Where a volume is mounted in the guest: an absolute, normalised path (no `.`, `..` or empty parts),
+/// not `/` and not inside the kernel's own trees, where a mount would hide the system.
+pub fn mount_path(path: &str) -> Result<()> {
+    guest_path(path)?;
+    let parts: Vec<&str> = path[1..].split('/').collect();
+    let normal = parts
+        .iter()
+        .all(|p| !p.is_empty() && *p != "." && *p != "..");
+    if !normal {
+        return Err(Error::invalid(format!(
+            "volume mount path '{}' must be a normalised absolute path like /data (no '.', '..', '//' or trailing '/')",
+            path.escape_debug()
+        )));
+    }
+    const RESERVED: [&str; 5] = ["proc", "sys", "dev", "run", "kiln"];
+    if RESERVED.contains(&parts[0]) {
+        return Err(Error::invalid(format!(
+            "volume mount path '{}' is inside /{}, which the guest system owns; mount volumes elsewhere (e.g. /data)",
+            path.escape_debug(),
+            parts[0]
+        )));
+    }
+    Ok(())
+}
+
 /// Parses `KEY=VALUE` label filters and flags.
 pub fn parse_key_value(s: &str) -> Result<(String, String)> {
     match s.split_once('=') {
@@ -133,6 +158,19 @@ mod tests {
         }
         let err = name("sandbox", "Bad").unwrap_err();
         assert!(err.message.contains("lowercase"));
+    }
+
+    #[test]
+    fn mount_paths_are_normalised_and_outside_system_trees() {
+        for good in ["/data", "/mnt/cache", "/home/user/work"] {
+            assert!(mount_path(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "", "/", "data", "/data/", "/a//b", "/a/../b", "/./a", "/proc", "/sys/x", "/dev",
+            "/a\0b",
+        ] {
+            assert!(mount_path(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

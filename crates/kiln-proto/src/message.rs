@@ -64,6 +64,23 @@ pub enum Request {
     Reseed { entropy_hex: String },
     /// Writes /etc/machine-id (32 lowercase hex digits); answers [`Response::Ok`].
     SetMachineId { machine_id: String },
+    /// Mounts the ext4 volume on the virtio disk with this serial at `path` (created if missing);
+    /// answers [`Response::Ok`]. `rescan`: the disk's backend changed since the guest kernel probed it
+    /// (a restored machine), so the driver is re-bound to read its size again first.
+    MountVolume {
+        serial: String,
+        path: String,
+        #[serde(default)]
+        read_only: bool,
+        #[serde(default)]
+        rescan: bool,
+    },
+    /// Lazily unmounts each of `paths` (a volume that is no longer attached), then reports which of the
+    /// disks with the given `serials` nobody holds any more; answers [`Response::Volumes`].
+    ReleaseVolumes {
+        paths: Vec<String>,
+        serials: Vec<String>,
+    },
 }
 
 /// A process to run. Give exactly one of `argv` or `shell`.
@@ -150,6 +167,10 @@ pub enum Response {
         entries: Vec<DirEntry>,
     },
     Ok,
+    /// Disks (by serial) that no filesystem or process holds open.
+    Volumes {
+        free: Vec<String>,
+    },
     Error {
         code: ErrorCode,
         message: String,

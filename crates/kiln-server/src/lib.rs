@@ -18,7 +18,7 @@ use tracing::info;
 use utoipa::OpenApi;
 
 use crate::error::ApiError;
-use crate::routes::{exec, files, lifecycle, sandboxes, snapshots, system};
+use crate::routes::{exec, files, lifecycle, sandboxes, snapshots, system, volumes};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -53,6 +53,10 @@ use crate::routes::{exec, files, lifecycle, sandboxes, snapshots, system};
         files::list,
         files::stat,
         files::mkdir,
+        volumes::create,
+        volumes::list,
+        volumes::get,
+        volumes::delete,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail, exec::ExecStreamEvent))
 )]
@@ -97,6 +101,11 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/sandboxes/{id}/files/list", get(files::list))
         .route("/v1/sandboxes/{id}/files/stat", get(files::stat))
         .route("/v1/sandboxes/{id}/files/mkdir", post(files::mkdir))
+        .route("/v1/volumes", post(volumes::create).get(volumes::list))
+        .route(
+            "/v1/volumes/{name}",
+            get(volumes::get).delete(volumes::delete),
+        )
         .fallback(|| async {
             ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,

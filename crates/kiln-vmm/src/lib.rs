@@ -12,7 +12,7 @@ pub mod qmp;
 
 pub use accel::{Accel, AccelChoice};
 pub use error::VmmError;
-pub use qemu::{DiskLayer, PortForward, VmSpec};
+pub use qemu::{volume_serial, DiskLayer, PortForward, VmSpec, VolumeBackend};
 pub use qmp::Qmp;
 
 /// The QEMU system emulator binary; `KILN_QEMU` overrides it (useful for testing another build).

@@ -32,6 +32,21 @@ pub struct PortForward {
     pub guest: u16,
 }
 
+/// What backs one volume slot: a virtio disk that every kiln VM has, so that the device set (and with it
+/// the saved device state) is the same whether or not volumes are attached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeBackend {
+    /// No volume: a disk of size zero, so any I/O a stale mount still sends to it fails.
+    Empty,
+    /// A volume as a disk chain (a raw volume file, possibly under a throwaway qcow2 overlay).
+    Chain(Vec<DiskLayer>),
+}
+
+/// Serial of the disk in volume slot `i`, which is how the guest agent finds it.
+pub fn volume_serial(i: usize) -> String {
+    format!("kiln-vol{i}")
+}
+
 /// Everything needed to start (or restore) one VM.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -57,6 +72,8 @@ pub struct VmSpec {
     pub disk_layers: Vec<DiskLayer>,
     pub mac: String,
     pub forwards: Vec<PortForward>,
+    /// Volume slots, in order; their number is fixed for a machine's lifetime (restores need the same).
+    pub volumes: Vec<VolumeBackend>,
     /// Start with `-incoming defer` to receive migrated device state over QMP.
     pub incoming: bool,
     /// Start with vCPUs stopped (`-S`).
@@ -139,6 +156,27 @@ impl VmSpec {
             &format!("virtio-net-device,netdev=net0,mac={}", self.mac),
         ]);
         push(&["-device", "virtio-serial-device"]);
+        for (i, backend) in self.volumes.iter().enumerate() {
+            let node = format!("vol{i}");
+            match backend {
+                VolumeBackend::Empty => push(&[
+                    "-blockdev",
+                    &format!("driver=null-co,node-name={node},size=0"),
+                ]),
+                VolumeBackend::Chain(layers) => {
+                    for blockdev in chain_blockdevs(&node, &format!("{node}-layer"), layers) {
+                        push(&["-blockdev", &blockdev]);
+                    }
+                }
+            }
+            push(&[
+                "-device",
+                &format!(
+                    "virtio-blk-device,drive={node},id={node},serial={}",
+                    volume_serial(i)
+                ),
+            ]);
+        }
         push(&[
             "-chardev",
             &format!(
@@ -197,15 +235,20 @@ pub fn qboot_firmware() -> Option<PathBuf> {
 /// recorded inside qcow2 headers are never used: a chain can be assembled from hard links anywhere. The top
 /// layer is node `disk0`.
 pub fn disk_chain_blockdevs(layers: &[DiskLayer]) -> Vec<String> {
+    chain_blockdevs("disk0", "layer", layers)
+}
+
+/// A chain whose top node is `top` and whose lower nodes are `<lower>N`.
+fn chain_blockdevs(top: &str, lower: &str, layers: &[DiskLayer]) -> Vec<String> {
     let last = layers.len().saturating_sub(1);
     layers
         .iter()
         .enumerate()
         .map(|(i, layer)| {
             let node = if i == last {
-                "disk0".to_string()
+                top.to_string()
             } else {
-                format!("layer{i}")
+                format!("{lower}{i}")
             };
             let mut v = format!(
                 "driver={},node-name={node},file.driver=file,file.filename={}",
@@ -216,7 +259,7 @@ pub fn disk_chain_blockdevs(layers: &[DiskLayer]) -> Vec<String> {
                 if i == 0 {
                     v.push_str(",backing=null");
                 } else {
-                    v.push_str(&format!(",backing=layer{}", i - 1));
+                    v.push_str(&format!(",backing={lower}{}", i - 1));
                 }
             }
             if i == last {
@@ -330,6 +373,7 @@ mod tests {
                 host: 8080,
                 guest: 80,
             }],
+            volumes: vec![],
             incoming: false,
             start_paused: false,
         }
@@ -389,6 +433,27 @@ mod tests {
                 "driver=qcow2,node-name=disk0,file.driver=file,file.filename=/s/b.qcow2,backing=layer1,discard=unmap",
             ]
         );
+    }
+
+    #[test]
+    fn volume_slots_are_disks_with_serials_empty_or_not() {
+        let mut s = spec();
+        s.volumes = vec![
+            VolumeBackend::Chain(vec![DiskLayer {
+                path: "/v/data.img".into(),
+                format: "raw".into(),
+            }]),
+            VolumeBackend::Empty,
+        ];
+        let args = s.args();
+        let blockdevs = value_after(&args, "-blockdev");
+        assert!(blockdevs.contains(
+            &"driver=raw,node-name=vol0,file.driver=file,file.filename=/v/data.img,discard=unmap"
+        ));
+        assert!(blockdevs.contains(&"driver=null-co,node-name=vol1,size=0"));
+        let devices = value_after(&args, "-device");
+        assert!(devices.contains(&"virtio-blk-device,drive=vol0,id=vol0,serial=kiln-vol0"));
+        assert!(devices.contains(&"virtio-blk-device,drive=vol1,id=vol1,serial=kiln-vol1"));
     }
 
     #[test]

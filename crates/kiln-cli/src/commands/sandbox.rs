@@ -60,6 +60,9 @@ pub struct CreateArgs {
     /// Forward a host loopback port to the guest (HOST:GUEST); repeatable.
     #[arg(long = "port", short = 'p')]
     ports: Vec<String>,
+    /// Attach a volume (NAME:/PATH or NAME:/PATH:ro); repeatable.
+    #[arg(long = "volume", short = 'v')]
+    volumes: Vec<String>,
 }
 
 pub fn key_values(items: &[String], what: &str) -> anyhow::Result<serde_json::Map<String, Value>> {
@@ -126,6 +129,9 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
             if !ports.is_empty() {
                 body["ports"] = Value::Array(ports);
             }
+            if !a.volumes.is_empty() {
+                body["volumes"] = crate::commands::volume::volume_flags(&a.volumes)?;
+            }
             let sb: Value = client
                 .json(Method::POST, "/v1/sandboxes", Some(body))
                 .await?;
@@ -191,6 +197,24 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
                             .collect();
                         println!("{label:<12} {}", parts.join(", "));
                     }
+                }
+                if let Some(v) = s["volumes"].as_array().filter(|v| !v.is_empty()) {
+                    let parts: Vec<String> = v
+                        .iter()
+                        .map(|m| {
+                            format!(
+                                "{}:{}{}",
+                                m["volume"].as_str().unwrap_or(""),
+                                m["path"].as_str().unwrap_or(""),
+                                if m["read_only"].as_bool() == Some(true) {
+                                    ":ro"
+                                } else {
+                                    ""
+                                }
+                            )
+                        })
+                        .collect();
+                    println!("{:<12} {}", "volumes:", parts.join(", "));
                 }
                 if let Some(e) = s["error"].as_str() {
                     println!("error:\n{e}");

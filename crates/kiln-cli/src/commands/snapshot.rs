@@ -56,6 +56,9 @@ pub enum SnapshotCmd {
         cpus: Option<u32>,
         #[arg(long)]
         disk_size: Option<u64>,
+        /// Attach a volume (NAME:/PATH or NAME:/PATH:ro); repeatable. Snapshots hold no volumes.
+        #[arg(long = "volume", short = 'v')]
+        volumes: Vec<String>,
     },
     /// Roll the snapshot's source sandbox back to it (same id and name); paused unless --resume.
     Restore {
@@ -203,8 +206,12 @@ pub async fn run(cli: &Cli, cmd: &SnapshotCmd) -> anyhow::Result<ExitCode> {
             memory,
             cpus,
             disk_size,
+            volumes,
         } => {
             let mut body = json!({});
+            if !volumes.is_empty() {
+                body["volumes"] = crate::commands::volume::volume_flags(volumes)?;
+            }
             if let Some(n) = name {
                 body["name"] = json!(n);
             }

@@ -360,6 +360,7 @@ impl Engine {
             parent: parent.clone(),
             labels: req.labels.clone(),
             files,
+            volume_slots: layout.volume_slots.clone(),
         };
         manifest.write(tmp)?;
         fsutil::fsync_path(tmp)?;

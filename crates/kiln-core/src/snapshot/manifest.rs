@@ -77,6 +77,10 @@ pub struct Manifest {
     pub parent: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub files: Vec<FileEntry>,
+    /// The machine's volume slots at capture (their number is part of the machine; volumes themselves
+    /// are not captured). Absent in snapshots of machines made before volumes existed.
+    #[serde(default)]
+    pub volume_slots: Vec<crate::layout::VolumeSlot>,
 }
 
 impl Manifest {

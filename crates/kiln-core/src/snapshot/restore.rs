@@ -12,7 +12,7 @@ use crate::engine::Engine;
 use crate::error::{Error, ErrorCode, Result};
 use crate::fsutil;
 use crate::ids;
-use crate::layout::{Layer, Layout, Memory, Origin};
+use crate::layout::{Layer, Layout, Memory, Origin, VolumeSlot, VOLUME_SLOTS};
 use crate::machine::{create_top_layer, Incoming, NewIdentity};
 use crate::model::{now_rfc3339, Sandbox, SandboxState};
 use crate::validate;
@@ -29,6 +29,9 @@ pub struct ResumeSnapshot {
     pub disk_size_gib: Option<u64>,
     #[serde(default, alias = "metadata")]
     pub labels: BTreeMap<String, String>,
+    /// Volumes to attach (snapshots do not hold volumes; give them again to have them).
+    #[serde(default)]
+    pub volumes: Vec<crate::volume::VolumeMount>,
 }
 
 /// Result of deleting a snapshot.
@@ -94,6 +97,7 @@ impl Engine {
         snap_id: &str,
         m: &Manifest,
         cmdline: String,
+        mounts: &[crate::volume::VolumeMount],
     ) -> Result<(Layout, Option<Incoming>)> {
         let snap_dir = self.config().snapshot_dir(snap_id);
         let dir = self.config().sandbox_dir(&sb.id);
@@ -149,7 +153,18 @@ impl Engine {
             },
             inherited_layers: inherited,
             generation: 0,
+            // A memory snapshot's machine keeps its slots (its guest may still mount stale volumes in
+            // them); a disk snapshot boots a fresh machine.
+            volume_slots: if m.kind.has_memory() {
+                m.volume_slots
+                    .iter()
+                    .map(VolumeSlot::in_restored_copy)
+                    .collect()
+            } else {
+                vec![VolumeSlot::Empty; VOLUME_SLOTS]
+            },
         };
+        self.place_mounts(&dir, &mut layout.volume_slots, mounts, m.kind.has_memory())?;
         let below = layout.top().cloned().ok_or_else(|| {
             Error::new(
                 ErrorCode::SnapshotCorrupt,
@@ -194,14 +209,21 @@ impl Engine {
             labels: req.labels.clone(),
             hostname: hostname.clone(),
             mac: ids::new_mac(),
+            volumes: req.volumes.clone(),
             ..self.record_from_manifest(&m, id)
         };
-        self.db().insert_sandbox(&sb)?;
+        {
+            let _volumes = self.volume_lock().await;
+            self.check_mounts(&req.volumes)?;
+            self.db().insert_sandbox(&sb)?;
+            self.db().set_attachments(&sb.id, &req.volumes)?;
+        }
         let slot = self.slot(&sb.id);
         let _guard = slot.op.write().await;
         let cmdline = with_hostname(&m.cmdline, &hostname, disk_size_bytes > m.disk_size_bytes);
         let started = async {
-            let (layout, incoming) = self.provision_from_snapshot(&sb, id, &m, cmdline)?;
+            let (layout, incoming) =
+                self.provision_from_snapshot(&sb, id, &m, cmdline, &req.volumes)?;
             self.db().set_layout(&sb.id, &layout)?;
             let booted = incoming.is_none();
             let vm = self.start_vm(&sb, &layout, incoming).await?;
@@ -210,7 +232,7 @@ impl Engine {
                 let identity = NewIdentity {
                     hostname: sb.hostname.clone(),
                 };
-                self.after_resume(&vm, Some(&identity)).await?;
+                self.after_resume(&sb.id, &vm, Some(&identity)).await?;
             }
             Ok::<_, Error>(vm)
         };
@@ -260,6 +282,7 @@ impl Engine {
             updated_at: now,
             origin: format!("snapshot:{snap_id}"),
             restored_from: None,
+            volumes: Vec::new(),
         }
     }
 
@@ -353,6 +376,23 @@ impl Engine {
                 sb
             }
         };
+        if m.kind.has_memory() {
+            let free = m
+                .volume_slots
+                .iter()
+                .filter(|s| s.in_restored_copy() == VolumeSlot::Empty)
+                .count();
+            if sb.volumes.len() > free {
+                return Err(Error::new(
+                    ErrorCode::VolumeInUse,
+                    format!(
+                        "sandbox {} has {} volumes but the machine in snapshot {id} has only {free} free volume slots; nothing was changed",
+                        sb.name,
+                        sb.volumes.len()
+                    ),
+                ));
+            }
+        }
         let slot = self.slot(&sb.id);
         let _guard = slot.op.write().await;
         // Throw away the current machine and files; the snapshot holds the state to go back to.
@@ -372,7 +412,9 @@ impl Engine {
         let mut incoming_resume = resume;
         let started = async {
             let cmdline = with_hostname(&m.cmdline, &sb.hostname, false);
-            let (layout, mut incoming) = self.provision_from_snapshot(&sb, id, &m, cmdline)?;
+            // The sandbox keeps the volumes it has now; they go into slots its restored guest has free.
+            let (layout, mut incoming) =
+                self.provision_from_snapshot(&sb, id, &m, cmdline, &sb.volumes)?;
             if let Some(inc) = incoming.as_mut() {
                 inc.resume = resume;
                 inc.identity = None; // rolled back into its own identity

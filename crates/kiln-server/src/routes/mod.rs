@@ -4,6 +4,7 @@ pub mod lifecycle;
 pub mod sandboxes;
 pub mod snapshots;
 pub mod system;
+pub mod volumes;
 
 use std::sync::Arc;
 

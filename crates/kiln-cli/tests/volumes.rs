@@ -1,0 +1,184 @@
+//! Volumes on real VMs: durable data across sandboxes, hibernation keeps them, snapshots and forks do not
+//! carry them, read-only sharing, and the errors around them.
+
+mod common;
+
+use common::{require_image, Daemon};
+use serde_json::{json, Value};
+
+fn run(d: &Daemon, sb: &str, cmd: &str) -> String {
+    d.kiln_ok(&["exec", sb, "--", "sh", "-c", cmd])
+}
+
+fn mounted(d: &Daemon, sb: &str, path: &str) -> bool {
+    let mounts = run(d, sb, "cat /proc/mounts");
+    mounts.lines().any(|l| l.split(' ').nth(1) == Some(path))
+}
+
+#[test]
+fn volume_api_refuses_bad_input_with_stable_codes() {
+    let d = Daemon::start();
+    let (s, v) = d.api(
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "data", "size_mib": 64})),
+    );
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["size_bytes"], 64 << 20);
+    let (s, v) = d.api(
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "data", "size_mib": 64})),
+    );
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("volume_already_exists"))
+    );
+    for bad in ["../x", "Data", "a/b", ""] {
+        let (s, v) = d.api("POST", "/v1/volumes", Some(json!({"name": bad})));
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (400, Some("invalid_request")),
+            "{bad}"
+        );
+    }
+    let (s, v) = d.api(
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "tiny", "size_mib": 1})),
+    );
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = d.api("GET", "/v1/volumes/nope", None);
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (404, Some("volume_not_found"))
+    );
+    let (s, v) = d.api(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"volumes": [{"volume": "nope", "path": "/data"}]})),
+    );
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (404, Some("volume_not_found"))
+    );
+    for path in ["data", "/", "/proc/x", "/a/../b"] {
+        let (s, v) = d.api(
+            "POST",
+            "/v1/sandboxes",
+            Some(json!({"volumes": [{"volume": "data", "path": path}]})),
+        );
+        assert_eq!(s, 400, "{path}: {v}");
+    }
+    // Nothing half-made: no sandbox rows, the volume is still free.
+    let (_, list) = d.api("GET", "/v1/sandboxes", None);
+    assert_eq!(list.as_array().unwrap().len(), 0);
+    let out = d.kiln_ok(&["volume", "list"]);
+    assert!(out.contains("data") && out.contains("64.0 MiB"), "{out}");
+    d.kiln_ok(&["volume", "delete", "-y", "data"]);
+    assert!(!d.dir.path().join("volumes/data").exists());
+}
+
+#[test]
+fn volumes_keep_data_across_sandboxes_and_hibernation_but_not_in_snapshots() {
+    require_image("tiny");
+    let d = Daemon::start();
+    d.kiln_ok(&["volume", "create", "data", "--size", "128M"]);
+    d.kiln_ok(&["volume", "create", "other", "--size", "64M"]);
+    let sb = d.create(&["--name", "one", "--volume", "data:/data"]);
+    assert_eq!(sb["volumes"][0]["volume"], "data");
+    assert!(mounted(&d, "one", "/data"));
+    run(&d, "one", "echo kept > /data/f; sync");
+
+    // Attached read-write: exclusive, and not deletable.
+    let (s, v) = d.api(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"name": "two", "volumes": [{"volume": "data", "path": "/data", "read_only": true}]})),
+    );
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("volume_in_use")),
+        "{v}"
+    );
+    assert!(v["error"]["message"].as_str().unwrap().contains("one"));
+    let (s, v) = d.api("DELETE", "/v1/volumes/data", None);
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("volume_in_use"))
+    );
+
+    // Hibernation keeps the volume attached and mounted.
+    d.kiln_ok(&["stop", "one"]);
+    d.kiln_ok(&["start", "one"]);
+    assert_eq!(run(&d, "one", "cat /data/f"), "kept\n");
+    run(&d, "one", "echo more >> /data/f");
+
+    // A memory snapshot does not hold the volume: a resumed copy has no /data mount, and the stale
+    // mount of its source is gone.
+    d.kiln_ok(&["snapshot", "create", "one", "--name", "s1"]);
+    d.kiln_ok(&["snapshot", "resume", "s1", "--name", "copy"]);
+    assert!(
+        !mounted(&d, "copy", "/data"),
+        "copy still has the volume mounted"
+    );
+    assert!(!d
+        .kiln(&["exec", "copy", "--", "cat", "/data/f"])
+        .status
+        .success());
+    // ... unless it is given one again, here another volume in the same place.
+    d.kiln_ok(&[
+        "snapshot",
+        "resume",
+        "s1",
+        "--name",
+        "copy2",
+        "--volume",
+        "other:/data",
+    ]);
+    assert!(mounted(&d, "copy2", "/data"));
+    run(&d, "copy2", "echo two > /data/g");
+    assert!(!d
+        .kiln(&["exec", "copy2", "--", "cat", "/data/f"])
+        .status
+        .success());
+    // Forks do not carry volumes either.
+    let forked: Value =
+        serde_json::from_str(&d.kiln_ok(&["--json", "fork", "one", "--name", "kid"])).unwrap();
+    assert_eq!(forked["sandboxes"][0]["volumes"], json!([]));
+    assert!(!mounted(&d, "kid-1", "/data"));
+    // The source never noticed.
+    assert_eq!(run(&d, "one", "cat /data/f"), "kept\nmore\n");
+
+    // The data outlives its sandbox: attach it to a new one, then to a copy restored from the snapshot.
+    d.kiln_ok(&["sandbox", "delete", "-y", "one"]);
+    d.create(&["--name", "three", "--volume", "data:/mnt/d:ro"]);
+    assert_eq!(run(&d, "three", "cat /mnt/d/f"), "kept\nmore\n");
+    assert!(!d
+        .kiln(&["exec", "three", "--", "sh", "-c", "echo x > /mnt/d/x"])
+        .status
+        .success());
+    // Read-only attachments can be shared.
+    d.kiln_ok(&[
+        "snapshot",
+        "resume",
+        "s1",
+        "--name",
+        "copy3",
+        "--volume",
+        "data:/data:ro",
+    ]);
+    assert_eq!(run(&d, "copy3", "cat /data/f"), "kept\nmore\n");
+    let vol: Value = serde_json::from_str(&d.kiln_ok(&["--json", "volume", "list"])).unwrap();
+    let data = vol
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "data")
+        .unwrap();
+    assert_eq!(data["attachments"].as_array().unwrap().len(), 2, "{data}");
+    for sb in ["three", "copy3"] {
+        d.kiln_ok(&["sandbox", "delete", "-y", sb]);
+    }
+    d.kiln_ok(&["volume", "delete", "-y", "data"]);
+}
