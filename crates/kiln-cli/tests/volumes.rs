@@ -182,3 +182,24 @@ fn volumes_keep_data_across_sandboxes_and_hibernation_but_not_in_snapshots() {
     }
     d.kiln_ok(&["volume", "delete", "-y", "data"]);
 }
+
+#[test]
+fn rollback_keeps_the_sandboxs_volumes_mounted_with_their_current_data() {
+    require_image("tiny");
+    let d = Daemon::start();
+    d.kiln_ok(&["volume", "create", "data", "--size", "64M"]);
+    d.create(&["--name", "rb", "--volume", "data:/data"]);
+    run(&d, "rb", "echo before > /root/state; echo v1 > /data/v");
+    d.kiln_ok(&["snapshot", "create", "rb", "--name", "cp"]);
+    run(&d, "rb", "echo after > /root/state; echo v2 > /data/v");
+    d.kiln_ok(&["snapshot", "restore", "cp", "--resume"]);
+    assert_eq!(run(&d, "rb", "cat /root/state"), "before\n");
+    // The volume is not part of the snapshot: it is mounted again with what it holds now.
+    assert!(mounted(&d, "rb", "/data"));
+    assert_eq!(run(&d, "rb", "cat /data/v"), "v2\n");
+    run(&d, "rb", "echo v3 > /data/v");
+    // And it stays usable across a later hibernation.
+    d.kiln_ok(&["stop", "rb"]);
+    d.kiln_ok(&["start", "rb"]);
+    assert_eq!(run(&d, "rb", "cat /data/v"), "v3\n");
+}

@@ -458,7 +458,10 @@ impl Engine {
             .set_state(&sb.id, SandboxState::Deleting, sb.pid, None)?;
         let vm = slot.vm.lock().await.take();
         match vm {
-            Some(vm) => vm.terminate().await,
+            Some(vm) => {
+                self.flush_volumes(&sb, &vm).await;
+                vm.terminate().await
+            }
             None => {
                 if let Some(pid) = sb.pid {
                     kiln_vmm::process::terminate(pid, &vm_name(&sb.id), Duration::from_secs(3))

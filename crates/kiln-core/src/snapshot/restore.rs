@@ -397,6 +397,7 @@ impl Engine {
         let _guard = slot.op.write().await;
         // Throw away the current machine and files; the snapshot holds the state to go back to.
         if let Some(vm) = slot.vm.lock().await.take() {
+            self.flush_volumes(&sb, &vm).await;
             vm.terminate().await;
         } else if let Some(pid) = sb.pid {
             kiln_vmm::process::terminate(

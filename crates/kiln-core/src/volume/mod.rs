@@ -393,6 +393,23 @@ impl Engine {
         Ok(())
     }
 
+    /// Before a running machine with volumes is thrown away (delete, roll back): have the guest write its
+    /// cached volume data out, so what was written to a volume survives its sandbox. Best effort: a guest
+    /// that does not answer in time loses only what it had not flushed.
+    pub(crate) async fn flush_volumes(&self, sb: &crate::model::Sandbox, vm: &Vm) {
+        if sb.volumes.is_empty() || sb.state != crate::model::SandboxState::Running {
+            return;
+        }
+        let flushed = tokio::time::timeout(Duration::from_secs(10), async {
+            let agent = vm.agent(Duration::from_secs(5)).await?;
+            agent.sync().await.map_err(|e| agent_error(e, &vm.name))
+        })
+        .await;
+        if !matches!(flushed, Ok(Ok(()))) {
+            warn!(sandbox = %sb.id, "could not flush the guest's volume data before stopping it");
+        }
+    }
+
     /// Removes half-made volumes left by a crash during `create_volume`.
     pub(crate) fn clean_volume_debris(&self) {
         let Ok(entries) = std::fs::read_dir(self.config().volumes_dir()) else {
