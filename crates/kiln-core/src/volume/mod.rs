@@ -410,14 +410,37 @@ impl Engine {
         }
     }
 
-    /// Removes half-made volumes left by a crash during `create_volume`.
+    /// After a crash during `create_volume`: removes half-made volumes, and records a finished one whose
+    /// row was not written yet (its data is never thrown away).
     pub(crate) fn clean_volume_debris(&self) {
         let Ok(entries) = std::fs::read_dir(self.config().volumes_dir()) else {
             return;
         };
         for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(".tmp-") {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".tmp-") {
                 let _ = std::fs::remove_dir_all(e.path());
+                continue;
+            }
+            let known = self.db().find_volume(&name).map(|v| v.is_some());
+            let Ok(size) = std::fs::metadata(e.path().join("volume.img")).map(|m| m.len()) else {
+                continue;
+            };
+            if matches!(known, Ok(false)) && validate::is_valid_name(&name) {
+                let vol = Volume {
+                    name: name.clone(),
+                    size_bytes: size,
+                    allocated_bytes: 0,
+                    labels: BTreeMap::new(),
+                    created_at: now_rfc3339(),
+                    attachments: Vec::new(),
+                };
+                match self.db().insert_volume(&vol) {
+                    Ok(()) => {
+                        info!(volume = %name, "recorded a volume made just before kiln stopped")
+                    }
+                    Err(e) => warn!(volume = %name, error = %e, "cannot record volume"),
+                }
             }
         }
     }
