@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO, Daemon
-from kiln import KilnError, Sandbox, Snapshot
+from kiln import KilnError, Sandbox, Snapshot, Volume
 
 EXAMPLES = sorted((REPO / "examples").glob("*.py"))
 
@@ -21,6 +21,7 @@ EXPECT = {
     "hibernate_wake.py": "the same counter process goes on",
     "disk_snapshot_cold_restore.py": "lines in /data/numbers: 100000",
     "snapshot_errors.py": "duplicate name -> SnapshotAlreadyExistsError",
+    "volume_cache.py": "resumed copy with the volume re-attached: cache hit",
 }
 
 
@@ -43,6 +44,7 @@ def test_example_runs(example: os.PathLike[str], daemon: Daemon, sandbox: Sandbo
         pytest.skip("the daemon has no fork route yet (route_not_found)")
     sandboxes_before = {s.id for s in Sandbox.list()}
     snapshots_before = {s.id for s in Snapshot.list()}
+    volumes_before = {v.name for v in Volume.list()}
 
     env = {**os.environ, "KILN_SOCKET": str(daemon.socket)}
     env.pop("KILN_URL", None)
@@ -55,3 +57,4 @@ def test_example_runs(example: os.PathLike[str], daemon: Daemon, sandbox: Sandbo
     # Examples clean up after themselves.
     assert {s.id for s in Sandbox.list()} == sandboxes_before
     assert {s.id for s in Snapshot.list()} == snapshots_before
+    assert {v.name for v in Volume.list()} == volumes_before

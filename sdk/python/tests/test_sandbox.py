@@ -182,9 +182,3 @@ def test_stop_hibernates_and_start_wakes(sandbox: Sandbox) -> None:
     # Same machine: files and processes are where they were.
     assert sandbox.files.read("/tmp/hibernated") == "awake\n"
     assert "sleep 1000" in sandbox.run("ps").stdout
-
-
-def test_volumes_are_refused_before_anything_is_sent() -> None:
-    nowhere = kiln.Client(socket="/nonexistent/kiln.sock")
-    with pytest.raises(kiln.InvalidRequestError, match="volumes are not supported"):
-        Sandbox.create(volumes=[{"host": "/data", "guest": "/data"}], client=nowhere)

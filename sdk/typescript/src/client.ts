@@ -237,3 +237,7 @@ export function sandboxPath(id: string, suffix = ""): string {
 export function snapshotPath(id: string, suffix = ""): string {
   return `/v1/snapshots/${encodeURIComponent(id)}${suffix}`;
 }
+
+export function volumePath(name: string): string {
+  return `/v1/volumes/${encodeURIComponent(name)}`;
+}

@@ -30,9 +30,17 @@ export class SandboxNotFoundError extends NotFoundError {}
 export class SnapshotNotFoundError extends NotFoundError {}
 /** A path inside the guest does not exist. */
 export class GuestPathNotFoundError extends NotFoundError {}
-/** The request conflicts with the current state (409): a name in use, a sandbox not running, ... */
+/** No volume has the given name (also when a sandbox is made with one that does not exist). */
+export class VolumeNotFoundError extends NotFoundError {}
+/** The request conflicts with the current state (409): a name in use, a sandbox not running, a volume in use, ... */
 export class ConflictError extends KilnError {}
 export class SnapshotAlreadyExistsError extends ConflictError {}
+export class VolumeAlreadyExistsError extends ConflictError {}
+/**
+ * The volume is attached where that is not allowed: deleting a volume a sandbox has attached, attaching one
+ * another sandbox has read-write, or attaching read-write one that is attached anywhere.
+ */
+export class VolumeInUseError extends ConflictError {}
 /** The daemon's sandbox count or memory limit is reached (429). */
 export class CapacityError extends KilnError {}
 /** A boot or command took too long on the server (504), or the client gave up waiting. */
@@ -46,6 +54,7 @@ export const STATUS_BY_CODE: Readonly<Record<string, number>> = {
   snapshot_not_found: 404,
   image_not_found: 404,
   guest_path_not_found: 404,
+  volume_not_found: 404,
   route_not_found: 404,
   sandbox_name_taken: 409,
   snapshot_already_exists: 409,
@@ -54,6 +63,8 @@ export const STATUS_BY_CODE: Readonly<Record<string, number>> = {
   snapshot_already_restored: 409,
   snapshot_base_missing: 409,
   sandbox_busy: 409,
+  volume_already_exists: 409,
+  volume_in_use: 409,
   snapshot_corrupt: 422,
   snapshot_incompatible: 422,
   capacity_exceeded: 429,
@@ -73,6 +84,9 @@ const BY_CODE: Record<string, ErrorClass> = {
   snapshot_not_found: SnapshotNotFoundError,
   guest_path_not_found: GuestPathNotFoundError,
   snapshot_already_exists: SnapshotAlreadyExistsError,
+  volume_not_found: VolumeNotFoundError,
+  volume_already_exists: VolumeAlreadyExistsError,
+  volume_in_use: VolumeInUseError,
 };
 
 const BY_STATUS: Record<number, ErrorClass> = {

@@ -2,11 +2,13 @@
  * TypeScript SDK for kiln, the self-hosted microVM sandbox engine.
  *
  * ```ts
- * import { Sandbox } from "kiln-sdk";
+ * import { Sandbox, Volume } from "kiln-sdk";
  * const sb = await Sandbox.create({ template: "tiny" });
  * console.log((await sb.commands.run("echo hello")).stdout);
  * const snap = await sb.snapshot({ name: "checkpoint" });
  * const copy = await snap.restore("copy");
+ * const cache = await Volume.create({ name: "cache", sizeMib: 512 }); // durable: outlives every sandbox
+ * const worker = await Sandbox.create({ volumes: ["cache:/cache"] });
  * ```
  *
  * The daemon is found through `KILN_SOCKET` / `KILN_URL` + `KILN_TOKEN` or the default socket; pass
@@ -28,12 +30,17 @@ export {
   SnapshotAlreadyExistsError,
   SnapshotNotFoundError,
   TimeoutError,
+  VolumeAlreadyExistsError,
+  VolumeInUseError,
+  VolumeNotFoundError,
   errorFromCode,
 } from "./errors.js";
 export { Commands, Files, Sandbox } from "./sandbox.js";
 export type { CreateSandboxOptions, ForkOptions, RunOptions, SnapshotOptions } from "./sandbox.js";
 export { Snapshot } from "./snapshot.js";
 export type { RestoreOptions } from "./snapshot.js";
+export { Volume, parseVolume } from "./volume.js";
+export type { CreateVolumeOptions } from "./volume.js";
 export type {
   CommandResult,
   DirEntry,
@@ -42,5 +49,8 @@ export type {
   SandboxState,
   SnapshotDeleted,
   SnapshotType,
+  VolumeAttachment,
+  VolumeMount,
+  VolumeSpec,
   WriteResult,
 } from "./types.js";

@@ -4,8 +4,9 @@ import { posix } from "node:path";
 import { pipeline } from "node:stream/promises";
 
 import { Client, type WithClient, defaultClient, sandboxPath, snapshotPath } from "./client.js";
-import { GuestPathNotFoundError, InvalidRequestError, SandboxNotFoundError, errorFromCode } from "./errors.js";
+import { GuestPathNotFoundError, SandboxNotFoundError, errorFromCode } from "./errors.js";
 import { Snapshot } from "./snapshot.js";
+import { mountsFromRecord, volumesJson } from "./volume.js";
 import type {
   CommandResult,
   DirEntry,
@@ -15,6 +16,8 @@ import type {
   SandboxState,
   SnapshotRecord,
   SnapshotType,
+  VolumeMount,
+  VolumeSpec,
   WriteResult,
 } from "./types.js";
 
@@ -34,8 +37,12 @@ export interface CreateSandboxOptions extends WithClient {
   ports?: PortMapping[];
   /** Make it from this snapshot instead of booting (like `snapshot.restore()`). */
   snapshot?: string;
-  /** Not supported by the daemon yet: giving any rejects with {@link InvalidRequestError}. */
-  volumes?: unknown[];
+  /**
+   * Volumes to attach (at most 4): `"name:/path"`, `"name:/path:ro"`, `[name, path, readOnly?]` or
+   * `{ volume, path, readOnly? }`. A read-write volume belongs to one sandbox at a time; read-only ones may be
+   * shared. With `snapshot`, the new sandbox gets exactly these (snapshots hold no volumes).
+   */
+  volumes?: readonly VolumeSpec[];
 }
 
 export interface RunOptions {
@@ -304,6 +311,8 @@ export class Sandbox {
   /** What it was made from: `template:NAME` or `snapshot:ID`. */
   origin!: string;
   restoredFrom!: string | null;
+  /** Volumes attached to it (given at creation; kept by `stop()`/`start()`, not carried by snapshots). */
+  volumes!: VolumeMount[];
   createdAt!: Date;
   updatedAt!: Date;
 
@@ -333,6 +342,7 @@ export class Sandbox {
     this.error = r.error ?? null;
     this.origin = r.origin;
     this.restoredFrom = r.restored_from ?? null;
+    this.volumes = mountsFromRecord(r.volumes);
     this.createdAt = new Date(r.created_at);
     this.updatedAt = new Date(r.updated_at);
     return this;
@@ -340,13 +350,6 @@ export class Sandbox {
 
   /** Boots a new sandbox and resolves once its guest agent answers. */
   static async create(options: CreateSandboxOptions = {}): Promise<Sandbox> {
-    if (options.volumes?.length) {
-      // Refused here: the daemon would only say "unknown field `volumes`".
-      throw new InvalidRequestError(
-        "volumes are not supported by the kiln daemon yet; copy data in with sandbox.files.upload() or keep it on the sandbox's disk",
-        "invalid_request",
-      );
-    }
     const client = options.client ?? defaultClient();
     const body = {
       template: options.snapshot === undefined ? (options.template ?? "tiny") : undefined,
@@ -358,6 +361,7 @@ export class Sandbox {
       labels: options.metadata,
       ports: options.ports?.map(({ host, guest }) => ({ host, guest })),
       snapshot: options.snapshot,
+      volumes: volumesJson(options.volumes),
     };
     return new Sandbox(await client.json<SandboxRecord>("POST", "/v1/sandboxes", { json: body }), client);
   }

@@ -1,7 +1,8 @@
 import { Client, type WithClient, defaultClient, snapshotPath } from "./client.js";
 import { InvalidRequestError } from "./errors.js";
 import { Sandbox } from "./sandbox.js";
-import type { SandboxRecord, SnapshotDeleted, SnapshotRecord, SnapshotType } from "./types.js";
+import type { SandboxRecord, SnapshotDeleted, SnapshotRecord, SnapshotType, VolumeSpec } from "./types.js";
+import { volumesJson } from "./volume.js";
 
 export interface RestoreOptions {
   /** Must equal the snapshot's for memory snapshots; `disk` snapshots may change it. */
@@ -10,6 +11,11 @@ export interface RestoreOptions {
   /** `disk` snapshots only; at least the snapshot's. */
   diskSizeGib?: number;
   metadata?: Record<string, string>;
+  /**
+   * Volumes to attach, as for `Sandbox.create`. Snapshots do not capture volumes: without this the copy
+   * starts with none (a volume its source had mounted is gone from it).
+   */
+  volumes?: readonly VolumeSpec[];
 }
 
 /**
@@ -117,6 +123,7 @@ export class Snapshot {
       cpus: options.cpus,
       disk_size_gib: options.diskSizeGib,
       labels: options.metadata,
+      volumes: volumesJson(options.volumes),
     };
     return new Sandbox(await this.client.json<SandboxRecord>("POST", snapshotPath(this.id, "/resume"), { json: body }), this.client);
   }

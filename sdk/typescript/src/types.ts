@@ -30,6 +30,24 @@ export interface SandboxRecord {
   updated_at: string;
   origin: string;
   restored_from?: string | null;
+  volumes?: VolumeMountRecord[];
+}
+
+/** @internal */
+export interface VolumeMountRecord {
+  volume: string;
+  path: string;
+  read_only: boolean;
+}
+
+/** @internal */
+export interface VolumeRecord {
+  name: string;
+  size_bytes: number;
+  allocated_bytes: number;
+  labels: Record<string, string>;
+  created_at: string;
+  attachments: { sandbox_id: string; sandbox_name: string; path: string; read_only: boolean }[];
 }
 
 /** @internal */
@@ -90,4 +108,31 @@ export interface SnapshotDeleted {
   id: string;
   /** Sandboxes still running on the snapshot's files; the data is freed when the last is gone. */
   filesKeptFor: string[];
+}
+
+/** A volume attached to a sandbox (`sandbox.volumes`). */
+export interface VolumeMount {
+  /** The volume's name. */
+  volume: string;
+  /** Absolute mount point in the guest, e.g. `/data`. */
+  path: string;
+  /** Read-only attachments may be shared by several sandboxes; a read-write one is exclusive. */
+  readOnly: boolean;
+}
+
+/**
+ * A volume to attach when making a sandbox: `"name:/path"` or `"name:/path:ro"`, `[name, path, readOnly?]`,
+ * or `{ volume, path, readOnly? }`; `name`/`volume` may also be a {@link Volume} (anything with a `name`).
+ */
+export type VolumeSpec =
+  | string
+  | readonly [volume: string | { readonly name: string }, path: string, readOnly?: boolean]
+  | { volume: string | { readonly name: string }; path: string; readOnly?: boolean };
+
+/** A sandbox a volume is attached to (running, paused, stopped or failed). */
+export interface VolumeAttachment {
+  sandboxId: string;
+  sandboxName: string;
+  path: string;
+  readOnly: boolean;
 }

@@ -194,7 +194,7 @@ test("stop hibernates and start wakes the same machine", async () => {
   assert.match((await sb.run("ps")).stdout, /sleep 1000/);
 });
 
-test("errors: not found, invalid request, name taken, volumes", async () => {
+test("errors: not found, invalid request, name taken, malformed volumes", async () => {
   await assert.rejects(Sandbox.connect("no-such-sandbox"), (e) => {
     assert.ok(e instanceof SandboxNotFoundError && e instanceof NotFoundError && e instanceof KilnError);
     assert.deepEqual([e.code, e.status, e.name], ["sandbox_not_found", 404, "SandboxNotFoundError"]);
@@ -205,7 +205,10 @@ test("errors: not found, invalid request, name taken, volumes", async () => {
   await assert.rejects(Sandbox.create({ memoryMib: 1 }), (e) => e instanceof InvalidRequestError && /out of range/.test(e.message));
   await assert.rejects(Sandbox.create({ name: sb.name, memoryMib: 256 }), (e) => e instanceof ConflictError && e.code === "sandbox_name_taken");
   const nowhere = new Client({ socket: "/nonexistent/kiln.sock" });
-  await assert.rejects(Sandbox.create({ volumes: [{ host: "/d", guest: "/d" }], client: nowhere }), /volumes are not supported/);
+  // Malformed volume specs are refused before anything is sent.
+  for (const bad of ["data", "data:/d:rx", ["data"], { host: "/d", guest: "/d" }]) {
+    await assert.rejects(Sandbox.create({ volumes: [bad], client: nowhere }), (e) => e instanceof InvalidRequestError && /invalid volume/.test(e.message));
+  }
 });
 
 test("TCP transport with a bearer token; a wrong token is an AuthenticationError", async () => {

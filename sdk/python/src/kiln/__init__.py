@@ -7,13 +7,17 @@
         snap = sb.snapshot(name="checkpoint")
         copy = snap.restore(name="copy")
 
+    cache = kiln.Volume.create("cache", size_mib=512)  # durable: outlives every sandbox
+    with kiln.Sandbox.create(volumes=["cache:/cache"]) as sb:
+        sb.run("echo kept > /cache/f; sync")
+
 The daemon is found through ``KILN_SOCKET`` / ``KILN_URL`` + ``KILN_TOKEN`` or the default socket; pass
 ``client=kiln.Client(...)`` to any class method to use another.
 """
 
-from ._async import AsyncCommands, AsyncFiles, AsyncSandbox, AsyncSnapshot
+from ._async import AsyncCommands, AsyncFiles, AsyncSandbox, AsyncSnapshot, AsyncVolume
 from ._client import Client, default_socket, get_default_client, set_default_client
-from ._sync import Commands, Files, Sandbox, Snapshot
+from ._sync import Commands, Files, Sandbox, Snapshot, Volume
 from .errors import (
     AuthenticationError,
     CapacityError,
@@ -27,8 +31,20 @@ from .errors import (
     SnapshotAlreadyExistsError,
     SnapshotNotFoundError,
     TimeoutError,
+    VolumeAlreadyExistsError,
+    VolumeInUseError,
+    VolumeNotFoundError,
 )
-from .models import DirEntry, ExecResult, FileStat, PortMapping, SnapshotDeleted, WriteResult
+from .models import (
+    DirEntry,
+    ExecResult,
+    FileStat,
+    PortMapping,
+    SnapshotDeleted,
+    VolumeAttachment,
+    VolumeMount,
+    WriteResult,
+)
 
 __version__ = "0.1.0"
 
@@ -39,10 +55,12 @@ __all__ = [
     "set_default_client",
     "Sandbox",
     "Snapshot",
+    "Volume",
     "Commands",
     "Files",
     "AsyncSandbox",
     "AsyncSnapshot",
+    "AsyncVolume",
     "AsyncCommands",
     "AsyncFiles",
     "ExecResult",
@@ -50,6 +68,8 @@ __all__ = [
     "FileStat",
     "PortMapping",
     "SnapshotDeleted",
+    "VolumeMount",
+    "VolumeAttachment",
     "WriteResult",
     "KilnError",
     "KilnConnectionError",
@@ -59,8 +79,11 @@ __all__ = [
     "SandboxNotFoundError",
     "SnapshotNotFoundError",
     "GuestPathNotFoundError",
+    "VolumeNotFoundError",
     "ConflictError",
     "SnapshotAlreadyExistsError",
+    "VolumeAlreadyExistsError",
+    "VolumeInUseError",
     "CapacityError",
     "TimeoutError",
 ]

@@ -1,4 +1,5 @@
-"""The asyncio SDK: :class:`AsyncSandbox` and :class:`AsyncSnapshot`, twins of the sync classes."""
+"""The asyncio SDK: :class:`AsyncSandbox`, :class:`AsyncSnapshot` and :class:`AsyncVolume`, twins of the sync
+classes."""
 
 from __future__ import annotations
 
@@ -11,12 +12,21 @@ from types import TracebackType
 from typing import Any, BinaryIO, Literal
 
 from . import _wire
-from ._client import Client, get_default_client, sandbox_path, snapshot_path
+from ._client import Client, get_default_client, sandbox_path, snapshot_path, volume_path
 from ._hybrid import hybridmethod
 from .errors import GuestPathNotFoundError, SandboxNotFoundError
-from .models import DirEntry, ExecResult, FileStat, SandboxFields, SnapshotDeleted, SnapshotFields, WriteResult
+from .models import (
+    DirEntry,
+    ExecResult,
+    FileStat,
+    SandboxFields,
+    SnapshotDeleted,
+    SnapshotFields,
+    VolumeFields,
+    WriteResult,
+)
 
-__all__ = ["AsyncSandbox", "AsyncSnapshot", "AsyncCommands", "AsyncFiles"]
+__all__ = ["AsyncSandbox", "AsyncSnapshot", "AsyncVolume", "AsyncCommands", "AsyncFiles"]
 
 AsyncOutputCallback = Callable[[str], "Awaitable[object] | object"]
 
@@ -168,7 +178,7 @@ class AsyncSandbox(SandboxFields):
         env: Mapping[str, str] | None = None,
         metadata: Mapping[str, str] | None = None,
         snapshot: str | None = None,
-        volumes: Any = None,
+        volumes: Iterable[_wire.VolumeSpec] | None = None,
         disk_size_gib: int | None = None,
         ports: Iterable[_wire.PortSpec] | None = None,
         *,
@@ -348,8 +358,62 @@ class AsyncSnapshot(SnapshotFields):
         cpus: int | None = None,
         disk_size_gib: int | None = None,
         metadata: Mapping[str, str] | None = None,
+        volumes: Iterable[_wire.VolumeSpec] | None = None,
     ) -> AsyncSandbox:
         """A **new** sandbox from this snapshot; see :meth:`kiln.Snapshot.restore`."""
-        body = _wire.resume_body(name, memory_mib, cpus, disk_size_gib, metadata)
+        body = _wire.resume_body(name, memory_mib, cpus, disk_size_gib, metadata, volumes)
         d = await self._client.arequest_json("POST", snapshot_path(self.id, "/resume"), json=body)
         return AsyncSandbox(d, self._client)
+
+
+class AsyncVolume(VolumeFields):
+    """The asyncio twin of :class:`kiln.Volume`."""
+
+    def __init__(self, data: dict[str, Any], client: Client) -> None:
+        self._client = client
+        self._apply(data)
+
+    @classmethod
+    async def create(
+        cls,
+        name: str,
+        size_mib: int = 1024,
+        labels: Mapping[str, str] | None = None,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        client: Client | None = None,
+    ) -> AsyncVolume:
+        """See :meth:`kiln.Volume.create`."""
+        client = client or get_default_client()
+        body = _wire.volume_body(name, size_mib, {**(labels or {}), **(metadata or {})})
+        return cls(await client.arequest_json("POST", "/v1/volumes", json=body), client)
+
+    @classmethod
+    async def get(cls, name: str, *, client: Client | None = None) -> AsyncVolume:
+        client = client or get_default_client()
+        return cls(await client.arequest_json("GET", volume_path(name)), client)
+
+    @classmethod
+    async def list(cls, *, client: Client | None = None) -> builtins.list[AsyncVolume]:
+        client = client or get_default_client()
+        return [cls(d, client) for d in await client.arequest_json("GET", "/v1/volumes")]
+
+    @hybridmethod
+    async def delete(
+        self_or_cls: AsyncVolume | type[AsyncVolume],  # noqa: N805 - hybridmethod: the class or an instance
+        name: str | None = None,
+        *,
+        client: Client | None = None,
+    ) -> None:
+        """``await AsyncVolume.delete("name")`` or ``await vol.delete()``; see :meth:`kiln.Volume.delete`."""
+        if isinstance(self_or_cls, AsyncVolume):
+            name = name or self_or_cls.name
+            client = client or self_or_cls._client
+        if name is None:
+            raise TypeError("AsyncVolume.delete() needs the volume's name")
+        client = client or get_default_client()
+        await client.arequest("DELETE", volume_path(name))
+
+    async def refresh(self) -> AsyncVolume:
+        self._apply(await self._client.arequest_json("GET", volume_path(self.name)))
+        return self

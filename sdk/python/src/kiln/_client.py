@@ -58,6 +58,10 @@ def snapshot_path(snapshot: str, suffix: str = "") -> str:
     return f"/v1/snapshots/{quote(snapshot, safe='')}{suffix}"
 
 
+def volume_path(volume: str) -> str:
+    return f"/v1/volumes/{quote(volume, safe='')}"
+
+
 class Client:
     """Where the daemon is and how to talk to it. Thread-safe; reuse one per process.
 

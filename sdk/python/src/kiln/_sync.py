@@ -1,4 +1,4 @@
-"""The synchronous SDK: :class:`Sandbox` and :class:`Snapshot`."""
+"""The synchronous SDK: :class:`Sandbox`, :class:`Snapshot` and :class:`Volume`."""
 
 from __future__ import annotations
 
@@ -9,12 +9,21 @@ from types import TracebackType
 from typing import Any, Literal
 
 from . import _wire
-from ._client import Client, get_default_client, sandbox_path, snapshot_path
+from ._client import Client, get_default_client, sandbox_path, snapshot_path, volume_path
 from ._hybrid import hybridmethod
 from .errors import GuestPathNotFoundError, SandboxNotFoundError
-from .models import DirEntry, ExecResult, FileStat, SandboxFields, SnapshotDeleted, SnapshotFields, WriteResult
+from .models import (
+    DirEntry,
+    ExecResult,
+    FileStat,
+    SandboxFields,
+    SnapshotDeleted,
+    SnapshotFields,
+    VolumeFields,
+    WriteResult,
+)
 
-__all__ = ["Sandbox", "Snapshot", "Commands", "Files"]
+__all__ = ["Sandbox", "Snapshot", "Volume", "Commands", "Files"]
 
 OutputCallback = Callable[[str], object]
 
@@ -189,7 +198,7 @@ class Sandbox(SandboxFields):
         env: Mapping[str, str] | None = None,
         metadata: Mapping[str, str] | None = None,
         snapshot: str | None = None,
-        volumes: Any = None,
+        volumes: Iterable[_wire.VolumeSpec] | None = None,
         disk_size_gib: int | None = None,
         ports: Iterable[_wire.PortSpec] | None = None,
         *,
@@ -204,7 +213,10 @@ class Sandbox(SandboxFields):
             env: environment variables for every command run in it.
             metadata: labels, for :meth:`list` filters.
             snapshot: make it from this snapshot instead of booting (see :meth:`Snapshot.restore`).
-            volumes: not supported by the daemon yet; giving any raises :class:`InvalidRequestError`.
+            volumes: volumes to attach (at most 4), each ``"name:/path"``, ``"name:/path:ro"``, ``(name, path)``,
+                ``(name, path, read_only)``, ``{"volume": .., "path": .., "read_only": ..}`` or
+                :class:`VolumeMount`. A read-write volume belongs to one sandbox at a time; read-only ones may be
+                shared. With ``snapshot``, the new sandbox gets exactly these (snapshots hold no volumes).
             ports: host ports forwarded to guest ports, as ``(host, guest)`` or :class:`PortMapping`.
         """
         body = _wire.create_body(
@@ -410,12 +422,84 @@ class Snapshot(SnapshotFields):
         cpus: int | None = None,
         disk_size_gib: int | None = None,
         metadata: Mapping[str, str] | None = None,
+        volumes: Iterable[_wire.VolumeSpec] | None = None,
     ) -> Sandbox:
         """A **new** sandbox that continues exactly where the snapshot was (new id, name and MAC).
 
         Repeatable: every call makes another copy. Memory snapshots keep their RAM size and vCPU count
         (others are refused with :class:`InvalidRequestError`); ``disk`` snapshots cold-boot, so their
         resources may change. To roll the *source* sandbox back instead, use :meth:`Sandbox.from_snapshot`.
+
+        Snapshots do not capture volumes: the copy starts with none attached (a volume its source had
+        mounted is gone from it) unless given in ``volumes`` (same forms as :meth:`Sandbox.create`).
         """
-        body = _wire.resume_body(name, memory_mib, cpus, disk_size_gib, metadata)
+        body = _wire.resume_body(name, memory_mib, cpus, disk_size_gib, metadata, volumes)
         return Sandbox(self._client.request_json("POST", snapshot_path(self.id, "/resume"), json=body), self._client)
+
+
+class Volume(VolumeFields):
+    """A durable ext4 disk that lives outside any sandbox, identified by its name.
+
+    Attach it when making a sandbox (``Sandbox.create(volumes=["cache:/cache"])`` or
+    ``snap.restore(volumes=...)``); its data outlives every sandbox that used it. Hibernation
+    (``stop``/``start``) keeps it attached; snapshots, restored copies and forks do not carry it.
+    """
+
+    def __init__(self, data: dict[str, Any], client: Client) -> None:
+        self._client = client
+        self._apply(data)
+
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        size_mib: int = 1024,
+        labels: Mapping[str, str] | None = None,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        client: Client | None = None,
+    ) -> Volume:
+        """Makes an empty volume of ``size_mib`` MiB (sparse: it takes host disk only as it fills).
+
+        ``labels`` (or ``metadata``, the SDK's usual name for labels) are stored with it. Raises
+        :class:`VolumeAlreadyExistsError` if the name is taken.
+        """
+        client = client or get_default_client()
+        body = _wire.volume_body(name, size_mib, {**(labels or {}), **(metadata or {})})
+        return cls(client.request_json("POST", "/v1/volumes", json=body), client)
+
+    @classmethod
+    def get(cls, name: str, *, client: Client | None = None) -> Volume:
+        """A volume by name (raises :class:`VolumeNotFoundError`)."""
+        client = client or get_default_client()
+        return cls(client.request_json("GET", volume_path(name)), client)
+
+    @classmethod
+    def list(cls, *, client: Client | None = None) -> builtins.list[Volume]:
+        """Every volume."""
+        client = client or get_default_client()
+        return [cls(d, client) for d in client.request_json("GET", "/v1/volumes")]
+
+    @hybridmethod
+    def delete(
+        self_or_cls: Volume | type[Volume],  # noqa: N805 - hybridmethod: the class or an instance
+        name: str | None = None,
+        *,
+        client: Client | None = None,
+    ) -> None:
+        """Deletes a volume and its data: ``Volume.delete("name")`` or ``vol.delete()``.
+
+        Refused with :class:`VolumeInUseError` while any sandbox (even a stopped one) has it attached.
+        """
+        if isinstance(self_or_cls, Volume):
+            name = name or self_or_cls.name
+            client = client or self_or_cls._client
+        if name is None:
+            raise TypeError("Volume.delete() needs the volume's name")
+        client = client or get_default_client()
+        client.request("DELETE", volume_path(name))
+
+    def refresh(self) -> Volume:
+        """Fetches the current record (attachments, allocated bytes)."""
+        self._apply(self._client.request_json("GET", volume_path(self.name)))
+        return self

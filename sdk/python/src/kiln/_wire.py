@@ -8,10 +8,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from .errors import InvalidRequestError, error_from_code
-from .models import ExecResult, PortMapping
+from .models import ExecResult, PortMapping, VolumeFields, VolumeMount
 
 PortSpec = PortMapping | tuple[int, int] | Mapping[str, int]
 """A forwarded port: ``PortMapping(host, guest)``, a ``(host, guest)`` tuple or ``{"host": .., "guest": ..}``."""
+
+VolumeSpec = (
+    VolumeMount | str | tuple[str | VolumeFields, str] | tuple[str | VolumeFields, str, bool] | Mapping[str, Any]
+)
+"""A volume to attach: ``VolumeMount(volume, path, read_only)``, ``"name:/path"`` or ``"name:/path:ro"``,
+``(name, path)`` or ``(name, path, read_only)`` (``name`` may be a ``Volume``), or
+``{"volume": name, "path": path, "read_only": bool}``."""
 
 CHUNK = 1 << 20
 """Upload chunk size."""
@@ -38,6 +45,56 @@ def port_json(p: PortSpec) -> dict[str, int]:
     return {"host": int(p["host"]), "guest": int(p["guest"])}
 
 
+def _bad_volume(spec: object, why: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"invalid volume {spec!r}: {why}; use 'NAME:/PATH', 'NAME:/PATH:ro', (NAME, PATH[, READ_ONLY]), "
+        "{'volume': NAME, 'path': PATH, 'read_only': BOOL} or kiln.VolumeMount",
+        code="invalid_request",
+    )
+
+
+def parse_volume(spec: VolumeSpec) -> VolumeMount:
+    """One volume spec as a :class:`VolumeMount`; the daemon checks names, paths and the count."""
+    if isinstance(spec, VolumeMount):
+        return spec
+    if isinstance(spec, str):
+        # Like the CLI's --volume: NAME:/PATH or NAME:/PATH:ro (or :rw).
+        volume, sep, rest = spec.partition(":")
+        if not sep:
+            raise _bad_volume(spec, "no ':' between the volume's name and the mount path")
+        path, flag_sep, flag = rest.rpartition(":")
+        if not flag_sep:
+            return VolumeMount(volume=volume, path=rest)
+        if flag not in ("ro", "rw"):
+            raise _bad_volume(spec, f"unknown flag {flag!r} (only 'ro' or 'rw')")
+        return VolumeMount(volume=volume, path=path, read_only=flag == "ro")
+    if isinstance(spec, tuple):
+        if len(spec) not in (2, 3):
+            raise _bad_volume(spec, "a tuple needs 2 or 3 items")
+        name = spec[0].name if isinstance(spec[0], VolumeFields) else spec[0]
+        read_only = bool(spec[2]) if len(spec) == 3 else False
+        return VolumeMount(volume=str(name), path=str(spec[1]), read_only=read_only)
+    if isinstance(spec, Mapping):
+        unknown = set(spec) - {"volume", "path", "read_only"}
+        if unknown or "volume" not in spec or "path" not in spec:
+            raise _bad_volume(spec, "a dict needs 'volume' and 'path' (and optionally 'read_only') only")
+        volume = spec["volume"]
+        name = volume.name if isinstance(volume, VolumeFields) else volume
+        return VolumeMount(volume=str(name), path=str(spec["path"]), read_only=bool(spec.get("read_only", False)))
+    raise _bad_volume(spec, f"a {type(spec).__name__} is not a volume spec")
+
+
+def volumes_json(volumes: Iterable[VolumeSpec] | None) -> list[dict[str, Any]] | None:
+    if volumes is None:
+        return None
+    if isinstance(volumes, (str, Mapping, VolumeMount)):
+        volumes = [volumes]  # one spec given on its own
+    mounts = [parse_volume(v) for v in volumes]
+    if not mounts:
+        return None
+    return [{"volume": m.volume, "path": m.path, "read_only": m.read_only} for m in mounts]
+
+
 def create_body(
     *,
     template: str | None,
@@ -47,17 +104,10 @@ def create_body(
     env: Mapping[str, str] | None,
     metadata: Mapping[str, str] | None,
     snapshot: str | None,
-    volumes: Any,
+    volumes: Iterable[VolumeSpec] | None,
     disk_size_gib: int | None,
     ports: Iterable[PortSpec] | None,
 ) -> dict[str, Any]:
-    if volumes:
-        # Refused here rather than sent: the daemon would only say "unknown field `volumes`".
-        raise InvalidRequestError(
-            "volumes are not supported by the kiln daemon yet; copy data in with sandbox.files.upload() "
-            "or keep it in the sandbox's disk (which snapshots capture)",
-            code="invalid_request",
-        )
     return drop_none(
         {
             # A snapshot carries its own image, so the template only matters for a cold boot.
@@ -70,6 +120,7 @@ def create_body(
             "labels": dict(metadata) if metadata else None,
             "ports": [port_json(p) for p in ports] if ports else None,
             "snapshot": snapshot,
+            "volumes": volumes_json(volumes),
         }
     )
 
@@ -80,6 +131,7 @@ def resume_body(
     cpus: int | None,
     disk_size_gib: int | None,
     metadata: Mapping[str, str] | None,
+    volumes: Iterable[VolumeSpec] | None = None,
 ) -> dict[str, Any]:
     return drop_none(
         {
@@ -88,8 +140,13 @@ def resume_body(
             "cpus": cpus,
             "disk_size_gib": disk_size_gib,
             "labels": dict(metadata) if metadata else None,
+            "volumes": volumes_json(volumes),
         }
     )
+
+
+def volume_body(name: str, size_mib: int | None, metadata: Mapping[str, str] | None) -> dict[str, Any]:
+    return drop_none({"name": name, "size_mib": size_mib, "labels": dict(metadata) if metadata else None})
 
 
 def snapshot_body(

@@ -18,8 +18,11 @@ __all__ = [
     "SandboxNotFoundError",
     "SnapshotNotFoundError",
     "GuestPathNotFoundError",
+    "VolumeNotFoundError",
     "ConflictError",
     "SnapshotAlreadyExistsError",
+    "VolumeAlreadyExistsError",
+    "VolumeInUseError",
     "CapacityError",
     "TimeoutError",
     "error_from_response",
@@ -75,13 +78,27 @@ class GuestPathNotFoundError(NotFoundError):
     """A path inside the guest does not exist."""
 
 
+class VolumeNotFoundError(NotFoundError):
+    """No volume has the given name (also when a sandbox is created with one that does not exist)."""
+
+
 class ConflictError(KilnError):
     """The request conflicts with the current state (HTTP 409): a name in use, a sandbox that is
-    not running, a snapshot in use or already restored, ..."""
+    not running, a snapshot in use or already restored, a volume in use, ..."""
 
 
 class SnapshotAlreadyExistsError(ConflictError):
     """A snapshot with that name already exists."""
+
+
+class VolumeAlreadyExistsError(ConflictError):
+    """A volume with that name already exists."""
+
+
+class VolumeInUseError(ConflictError):
+    """The volume is attached where that is not allowed: deleting a volume some sandbox has attached,
+    attaching a volume that another sandbox has read-write, or attaching one read-write that is attached
+    anywhere. The message names the sandboxes holding it."""
 
 
 class CapacityError(KilnError):
@@ -97,6 +114,9 @@ _BY_CODE: dict[str, type[KilnError]] = {
     "snapshot_not_found": SnapshotNotFoundError,
     "guest_path_not_found": GuestPathNotFoundError,
     "snapshot_already_exists": SnapshotAlreadyExistsError,
+    "volume_not_found": VolumeNotFoundError,
+    "volume_already_exists": VolumeAlreadyExistsError,
+    "volume_in_use": VolumeInUseError,
 }
 
 # The daemon's documented codes and their HTTP statuses (docs/api.md).
@@ -104,7 +124,14 @@ STATUS_BY_CODE: dict[str, int] = {
     "invalid_request": 400,
     "unauthorized": 401,
     **dict.fromkeys(
-        ["sandbox_not_found", "snapshot_not_found", "image_not_found", "guest_path_not_found", "route_not_found"],
+        [
+            "sandbox_not_found",
+            "snapshot_not_found",
+            "image_not_found",
+            "guest_path_not_found",
+            "volume_not_found",
+            "route_not_found",
+        ],
         404,
     ),
     **dict.fromkeys(
@@ -116,6 +143,8 @@ STATUS_BY_CODE: dict[str, int] = {
             "snapshot_already_restored",
             "snapshot_base_missing",
             "sandbox_busy",
+            "volume_already_exists",
+            "volume_in_use",
         ],
         409,
     ),

@@ -16,6 +16,8 @@ __all__ = [
     "FileStat",
     "WriteResult",
     "SnapshotDeleted",
+    "VolumeMount",
+    "VolumeAttachment",
 ]
 
 SandboxState = Literal["creating", "running", "paused", "stopped", "failed", "deleting"]
@@ -133,6 +135,31 @@ class SnapshotDeleted:
     """Sandboxes still running on the snapshot's files; the data is freed when the last is gone."""
 
 
+@dataclass(frozen=True)
+class VolumeMount:
+    """A volume attached to a sandbox: which one, where in the guest, and whether read-only."""
+
+    volume: str
+    """The volume's name."""
+    path: str
+    """Absolute mount point in the guest, e.g. ``/data``."""
+    read_only: bool = False
+    """Read-only attachments may be shared by several sandboxes; a read-write one is exclusive."""
+
+    def __str__(self) -> str:
+        return f"{self.volume}:{self.path}{':ro' if self.read_only else ''}"
+
+
+@dataclass(frozen=True)
+class VolumeAttachment:
+    """A sandbox a volume is attached to (running, paused, stopped or failed)."""
+
+    sandbox_id: str
+    sandbox_name: str
+    path: str
+    read_only: bool = False
+
+
 class SandboxFields:
     """The sandbox record as the daemon reports it (shared by ``Sandbox`` and ``AsyncSandbox``)."""
 
@@ -156,6 +183,8 @@ class SandboxFields:
     origin: str
     """What it was made from: ``template:NAME`` or ``snapshot:ID``."""
     restored_from: str | None
+    volumes: list[VolumeMount]
+    """Volumes attached to it (given at creation; kept by stop/start, not carried by snapshots)."""
     created_at: datetime | None
     updated_at: datetime | None
 
@@ -177,6 +206,10 @@ class SandboxFields:
         self.error = d.get("error")
         self.origin = d.get("origin", "")
         self.restored_from = d.get("restored_from")
+        self.volumes = [
+            VolumeMount(volume=v["volume"], path=v["path"], read_only=bool(v.get("read_only", False)))
+            for v in d.get("volumes") or []
+        ]
         self.created_at = parse_time(d.get("created_at"))
         self.updated_at = parse_time(d.get("updated_at"))
 
@@ -231,3 +264,53 @@ class SnapshotFields:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.id!r}, type={self.type!r}, sandbox_id={self.sandbox_id!r})"
+
+
+class VolumeFields:
+    """The volume record as the daemon reports it (shared by ``Volume`` and ``AsyncVolume``)."""
+
+    name: str
+    """The volume's name, which identifies it."""
+    size_bytes: int
+    """Capacity of its filesystem."""
+    allocated_bytes: int
+    """Space the (sparse) volume file takes on the host's disk."""
+    metadata: dict[str, str]
+    """The volume's labels."""
+    created_at: datetime | None
+    attachments: list[VolumeAttachment]
+    """Sandboxes it is attached to; a volume can only be deleted when there are none."""
+
+    @property
+    def id(self) -> str:
+        """Same as :attr:`name`."""
+        return self.name
+
+    @property
+    def size_mib(self) -> int:
+        return self.size_bytes >> 20
+
+    @property
+    def in_use(self) -> bool:
+        """Whether any sandbox has it attached (as of the last fetch)."""
+        return bool(self.attachments)
+
+    def _apply(self, d: dict[str, Any]) -> None:
+        self.name = d["name"]
+        self.size_bytes = int(d.get("size_bytes", 0))
+        self.allocated_bytes = int(d.get("allocated_bytes", 0))
+        self.metadata = dict(d.get("labels") or {})
+        self.created_at = parse_time(d.get("created_at"))
+        self.attachments = [
+            VolumeAttachment(
+                sandbox_id=a["sandbox_id"],
+                sandbox_name=a.get("sandbox_name", ""),
+                path=a["path"],
+                read_only=bool(a.get("read_only", False)),
+            )
+            for a in d.get("attachments") or []
+        ]
+
+    def __repr__(self) -> str:
+        n = len(self.attachments)
+        return f"{type(self).__name__}(name={self.name!r}, size_mib={self.size_mib}, attachments={n})"
