@@ -192,6 +192,7 @@ impl Engine {
 
     async fn set_clock_and_identity(&self, vm: &Vm, identity: Option<&NewIdentity>) -> Result<()> {
         let agent = vm.agent(Duration::from_secs(20)).await?;
+        tracing::debug!(vm = %vm.name, "agent connected");
         let clock = agent.set_clock(SystemTime::now());
         let Some(identity) = identity else {
             return clock.await.map_err(|e| agent_error(e, &vm.name));
