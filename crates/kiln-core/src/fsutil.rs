@@ -107,6 +107,18 @@ pub fn fsync_path(path: &Path) -> Result<()> {
         .map_err(|e| io_error(&format!("syncing {}", path.display()), e))
 }
 
+/// The error of a helper program (qemu-img, mkfs) that failed doing `what`: a full disk is reported as
+/// such, anything else with the program's own words.
+pub fn tool_error(what: &str, stderr: &[u8]) -> Error {
+    let err = String::from_utf8_lossy(stderr);
+    let code = if err.contains("No space left") {
+        crate::ErrorCode::InsufficientStorage
+    } else {
+        crate::ErrorCode::Internal
+    };
+    Error::new(code, format!("{what}: {}", err.trim()))
+}
+
 /// Space a file really occupies (sparse files count only their data).
 pub fn allocated_bytes(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;

@@ -326,15 +326,9 @@ pub(crate) fn create_top_layer(path: &Path, below: &Layer, size: u64) -> Result<
         .output()
         .map_err(|e| Error::internal(format!("running qemu-img: {e} (install qemu-utils)")))?;
     if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let code = if err.contains("No space left") {
-            ErrorCode::InsufficientStorage
-        } else {
-            ErrorCode::Internal
-        };
-        return Err(Error::new(
-            code,
-            format!("creating disk layer {}: {}", path.display(), err.trim()),
+        return Err(fsutil::tool_error(
+            &format!("creating disk layer {}", path.display()),
+            &out.stderr,
         ));
     }
     Ok(())

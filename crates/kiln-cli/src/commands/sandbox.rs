@@ -201,18 +201,7 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
                 if let Some(v) = s["volumes"].as_array().filter(|v| !v.is_empty()) {
                     let parts: Vec<String> = v
                         .iter()
-                        .map(|m| {
-                            format!(
-                                "{}:{}{}",
-                                m["volume"].as_str().unwrap_or(""),
-                                m["path"].as_str().unwrap_or(""),
-                                if m["read_only"].as_bool() == Some(true) {
-                                    ":ro"
-                                } else {
-                                    ""
-                                }
-                            )
-                        })
+                        .map(|m| crate::commands::volume::mount_label(&m["volume"], m))
                         .collect();
                     println!("{:<12} {}", "volumes:", parts.join(", "));
                 }

@@ -52,23 +52,26 @@ pub fn parse_size_mib(s: &str) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("invalid size '{s}': use e.g. 512M, 10G or 1T"))
 }
 
+/// `WHO:/path` or `WHO:/path:ro` for an attachment (`path`, `read_only`) of `who`.
+pub fn mount_label(who: &Value, m: &Value) -> String {
+    format!(
+        "{}:{}{}",
+        who.as_str().unwrap_or(""),
+        m["path"].as_str().unwrap_or(""),
+        if m["read_only"].as_bool() == Some(true) {
+            ":ro"
+        } else {
+            ""
+        }
+    )
+}
+
 fn attachments(v: &Value) -> String {
     let list: Vec<String> = v["attachments"]
         .as_array()
         .map(|a| {
             a.iter()
-                .map(|a| {
-                    format!(
-                        "{}:{}{}",
-                        a["sandbox_name"].as_str().unwrap_or(""),
-                        a["path"].as_str().unwrap_or(""),
-                        if a["read_only"].as_bool() == Some(true) {
-                            ":ro"
-                        } else {
-                            ""
-                        }
-                    )
-                })
+                .map(|a| mount_label(&a["sandbox_name"], a))
                 .collect()
         })
         .unwrap_or_default();

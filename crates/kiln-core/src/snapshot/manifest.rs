@@ -249,6 +249,7 @@ mod tests {
                 format: None,
                 external: false,
             }],
+            volume_slots: vec![crate::layout::VolumeSlot::Empty; 4],
         }
     }
 

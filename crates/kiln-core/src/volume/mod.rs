@@ -474,15 +474,9 @@ fn make_ext4(dir: &Path, label: &str, size: u64) -> Result<()> {
             ))
         })?;
     if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let code = if err.contains("No space left") {
-            ErrorCode::InsufficientStorage
-        } else {
-            ErrorCode::Internal
-        };
-        return Err(Error::new(
-            code,
-            format!("mkfs.ext4 failed on {}: {}", file.display(), err.trim()),
+        return Err(fsutil::tool_error(
+            &format!("mkfs.ext4 failed on {}", file.display()),
+            &out.stderr,
         ));
     }
     fsutil::fsync_path(&file)?;
