@@ -87,6 +87,9 @@ enum Command {
     Image(commands::image::ImageCmd),
     /// Show the daemon's version and accelerator.
     Info,
+    /// Manage the API token that TCP clients present (works on the data directory).
+    #[command(subcommand)]
+    Token(commands::token::TokenCmd),
 }
 
 impl Cli {
@@ -160,6 +163,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Files(cmd) => commands::files::run(&cli, cmd).await,
         Command::Cp(args) => commands::files::cp(&cli, args).await,
         Command::Image(cmd) => commands::image::run(&cli, cmd).await,
+        Command::Token(cmd) => commands::token::run(&cli, cmd),
         Command::Info => {
             let v: serde_json::Value = cli
                 .client()?

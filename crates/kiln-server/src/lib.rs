@@ -116,9 +116,9 @@ pub fn router(engine: Arc<Engine>) -> Router {
 
 pub struct ServeOptions {
     pub socket: PathBuf,
-    /// Also listen on TCP; requires `token`.
+    /// Also listen on TCP; clients must present the token whose digest is in the data directory.
     pub listen: Option<SocketAddr>,
-    pub token: Option<String>,
+    pub data_dir: PathBuf,
 }
 
 /// Serves the API until Ctrl-C / SIGTERM. VMs keep running after the daemon exits.
@@ -144,13 +144,15 @@ pub async fn serve(engine: Arc<Engine>, opts: ServeOptions) -> anyhow::Result<()
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(async move { axum::serve(unix, unix_app).await });
     if let Some(addr) = opts.listen {
-        let token = opts.token.ok_or_else(|| {
-            anyhow::anyhow!("--listen needs --token-file: TCP access requires a bearer token")
-        })?;
+        if !auth::has_token(&opts.data_dir) {
+            anyhow::bail!(
+                "--listen needs an API token: run `kiln token rotate` (or pass --token-file) first"
+            );
+        }
         let tcp = tokio::net::TcpListener::bind(addr).await?;
         info!(%addr, "API listening on TCP (bearer token required)");
         let tcp_app = app.layer(axum::middleware::from_fn_with_state(
-            Arc::new(auth::TokenCheck::new(&token)),
+            Arc::new(auth::TokenCheck::new(&opts.data_dir)),
             auth::require_token,
         ));
         tasks.spawn(async move { axum::serve(tcp, tcp_app).await });

@@ -4,3 +4,4 @@ pub mod image;
 pub mod sandbox;
 pub mod serve;
 pub mod snapshot;
+pub mod token;
