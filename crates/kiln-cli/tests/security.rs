@@ -133,3 +133,168 @@ fn token_is_stored_hashed_and_rotation_invalidates_the_old_one() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// One request over the daemon's unix socket: (status, lower-cased head, body).
+fn unix(
+    d: &Daemon,
+    method: &str,
+    path: &str,
+    extra_headers: &str,
+    body: &[u8],
+) -> (u16, String, String) {
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: kiln\r\nConnection: close\r\nContent-Type: application/json\r\n{extra_headers}\r\n"
+    )
+    .unwrap();
+    let _ = s.write_all(body);
+    let mut r = Vec::new();
+    let _ = s.read_to_end(&mut r);
+    let r = String::from_utf8_lossy(&r).into_owned();
+    let (head, body) = r.split_once("\r\n\r\n").unwrap_or((&r, ""));
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+fn error_of(body: &str) -> (String, String) {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    (
+        v["error"]["code"].as_str().unwrap_or("").to_string(),
+        v["error"]["message"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+#[test]
+fn bodies_over_the_limits_get_413_naming_the_limit_and_flag() {
+    let d = Daemon::start_with(&["--max-body-bytes", "1024", "--max-upload-bytes", "4096"]);
+    let big = serde_json::json!({"name": "x", "labels": {"k": "v".repeat(2000)}}).to_string();
+    let cl = format!("Content-Length: {}\r\n", big.len());
+    for path in [
+        "/v1/sandboxes",
+        "/v1/sandboxes/nope/snapshots",
+        "/v1/sandboxes/nope/files/mkdir",
+    ] {
+        let (status, _, body) = unix(&d, "POST", path, &cl, big.as_bytes());
+        assert_eq!(status, 413, "{path}: {body}");
+        let (code, msg) = error_of(&body);
+        assert_eq!(code, "payload_too_large", "{path}: {body}");
+        assert!(
+            msg.contains("1024") && msg.contains("--max-body-bytes"),
+            "{msg}"
+        );
+    }
+    // Small bodies still go through to validation.
+    let small = br#"{"name": "Bad Name"}"#;
+    let (status, _, body) = unix(
+        &d,
+        "POST",
+        "/v1/sandboxes",
+        &format!("Content-Length: {}\r\n", small.len()),
+        small,
+    );
+    assert_eq!(
+        (status, error_of(&body).0.as_str()),
+        (400, "invalid_request"),
+        "{body}"
+    );
+    // An upload that declares a length over the limit is refused before anything is read.
+    let (status, _, body) = unix(
+        &d,
+        "PUT",
+        "/v1/sandboxes/nope/files?path=/root/x",
+        "Content-Length: 5000\r\n",
+        &[0u8; 5000],
+    );
+    assert_eq!(status, 413, "{body}");
+    let (code, msg) = error_of(&body);
+    assert_eq!(code, "payload_too_large");
+    assert!(
+        msg.contains("4096") && msg.contains("--max-upload-bytes"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn each_client_is_rate_limited_with_retry_after() {
+    let addr = free_port();
+    let dir = tempfile::Builder::new()
+        .prefix("kt")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let token_file = dir.path().join("token");
+    let token = "fedcba9876543210fedcba9876543210";
+    std::fs::write(&token_file, token).unwrap();
+    let d = Daemon::start_with(&[
+        "--rate-limit",
+        "0.25",
+        "--rate-burst",
+        "3",
+        "--listen",
+        &addr,
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ]);
+    let statuses: Vec<u16> = (0..3)
+        .map(|_| unix(&d, "GET", "/v1/health", "", b"").0)
+        .collect();
+    assert_eq!(statuses, [200, 200, 200]);
+    let (status, head, body) = unix(&d, "GET", "/v1/health", "", b"");
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(error_of(&body).0, "rate_limited");
+    let retry: u64 = head
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("Retry-After header");
+    assert!((1..=4).contains(&retry), "{head}");
+    // A TCP client (another peer) has its own bucket; unauthenticated requests count too.
+    assert_eq!(tcp(&addr, "GET", "/v1/health", Some(token), b"").0, 200);
+    assert_eq!(tcp(&addr, "GET", "/v1/health", None, b"").0, 401);
+    assert_eq!(tcp(&addr, "GET", "/v1/health", Some(token), b"").0, 200);
+    assert_eq!(tcp(&addr, "GET", "/v1/health", Some(token), b"").0, 429);
+}
+
+#[test]
+fn a_streamed_upload_over_the_limit_is_cut_off() {
+    common::require_image("tiny");
+    let d = Daemon::start_with(&["--max-upload-bytes", "100000"]);
+    let sb = d.create(&["--name", "up", "--memory", "128"]);
+    assert_eq!(sb["state"], "running");
+    // Chunked: no Content-Length, so the daemon counts as it streams.
+    let chunk = vec![b'a'; 60000];
+    let mut body = Vec::new();
+    for _ in 0..3 {
+        body.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        body.extend_from_slice(&chunk);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"0\r\n\r\n");
+    let (status, _, resp) = unix(
+        &d,
+        "PUT",
+        "/v1/sandboxes/up/files?path=/root/big",
+        "Transfer-Encoding: chunked\r\n",
+        &body,
+    );
+    assert_eq!(status, 413, "{resp}");
+    assert_eq!(error_of(&resp).0, "payload_too_large");
+    // Nothing was left in place, and an upload under the limit works.
+    let (status, _, _) = unix(
+        &d,
+        "GET",
+        "/v1/sandboxes/up/files/stat?path=/root/big",
+        "",
+        b"",
+    );
+    assert_eq!(status, 404);
+    let small = vec![b'b'; 50000];
+    let (status, _, resp) = unix(
+        &d,
+        "PUT",
+        "/v1/sandboxes/up/files?path=/root/small",
+        &format!("Content-Length: {}\r\n", small.len()),
+        &small,
+    );
+    assert_eq!(status, 200, "{resp}");
+}

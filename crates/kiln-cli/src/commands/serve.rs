@@ -30,6 +30,19 @@ pub struct ServeArgs {
     /// Most sandboxes with a VM at once.
     #[arg(long, default_value_t = 64)]
     max_sandboxes: usize,
+    /// Largest JSON request body, in bytes (larger ones get 413 payload_too_large).
+    #[arg(long, default_value_t = kiln_server::limits::DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: u64,
+    /// Largest file upload (PUT .../files), in bytes.
+    #[arg(long, default_value_t = kiln_server::limits::DEFAULT_MAX_UPLOAD_BYTES)]
+    max_upload_bytes: u64,
+    /// Requests per second each client may send (by uid on the unix socket, by IP on TCP); 0 turns the
+    /// limit off. Over it, requests get 429 rate_limited with Retry-After.
+    #[arg(long, default_value_t = kiln_server::limits::DEFAULT_RATE_PER_SEC)]
+    rate_limit: f64,
+    /// Requests a client may send in a burst above --rate-limit.
+    #[arg(long, default_value_t = kiln_server::limits::DEFAULT_RATE_BURST)]
+    rate_burst: f64,
 }
 
 pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
@@ -57,6 +70,11 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     };
     cfg.boot_timeout = std::time::Duration::from_secs(args.boot_timeout);
     cfg.max_sandboxes = args.max_sandboxes;
+    if !(args.rate_limit.is_finite() && args.rate_limit >= 0.0 && args.rate_burst.is_finite()) {
+        anyhow::bail!(
+            "--rate-limit and --rate-burst must be non-negative numbers (0 turns the limit off)"
+        );
+    }
     if let Some(path) = &args.token_file {
         let t = std::fs::read_to_string(path)
             .with_context(|| format!("reading token file {}", path.display()))?;
@@ -90,6 +108,14 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
             socket,
             listen: args.listen,
             data_dir,
+            limits: kiln_server::limits::Limits {
+                max_body_bytes: args.max_body_bytes,
+                max_upload_bytes: args.max_upload_bytes,
+            },
+            rate: kiln_server::limits::RateConfig {
+                per_sec: args.rate_limit,
+                burst: args.rate_burst,
+            },
         },
     )
     .await?;
