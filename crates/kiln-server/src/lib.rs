@@ -19,7 +19,7 @@ use tracing::info;
 use utoipa::OpenApi;
 
 use crate::error::ApiError;
-use crate::routes::{exec, files, lifecycle, sandboxes, snapshots, system};
+use crate::routes::{doctor, exec, files, lifecycle, sandboxes, snapshots, system};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -54,6 +54,8 @@ use crate::routes::{exec, files, lifecycle, sandboxes, snapshots, system};
         files::list,
         files::stat,
         files::mkdir,
+        doctor::check,
+        doctor::repair,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail, exec::ExecStreamEvent))
 )]
@@ -98,6 +100,8 @@ pub fn router(engine: Arc<Engine>, limits: limits::Limits) -> Router {
         .route("/v1/sandboxes/{id}/files/list", get(files::list))
         .route("/v1/sandboxes/{id}/files/stat", get(files::stat))
         .route("/v1/sandboxes/{id}/files/mkdir", post(files::mkdir))
+        .route("/v1/doctor", get(doctor::check))
+        .route("/v1/doctor/repair", post(doctor::repair))
         .fallback(|| async {
             ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,
