@@ -57,10 +57,13 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 
+step "a sandbox for the fuzzer to work on"
+k --json sandbox create --name fz --memory 128 >/dev/null || { tail -30 "$LOG"; die "could not create the target sandbox"; }
+
 step "schemathesis for ${FUZZ_SECONDS}s: no 5xx allowed"
 status=0
 # From target/, so schemathesis' example database (.schemathesis/) stays out of the source tree.
-(cd target && "$ROOT/$VENV/bin/st" run "http://127.0.0.1:$PORT/v1/openapi.json" \
+(cd target && "$ROOT/$VENV/bin/st" --config-file "$ROOT/scripts/fuzz-schemathesis.toml" run "http://127.0.0.1:$PORT/v1/openapi.json" \
   --url "http://127.0.0.1:$PORT" \
   --header "Authorization: Bearer $TOKEN" \
   --checks not_a_server_error \

@@ -314,3 +314,48 @@ fn hostile_names_ids_and_paths_are_refused_and_touch_nothing_on_the_host() {
     let list: Value = serde_json::from_str(&d.kiln_ok(&["--json", "sandbox", "list"])).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
 }
+
+/// Found by `make fuzz`: a second save of a sandbox that a snapshot left paused made QEMU refuse the
+/// migration, reported as 500 vm_failed. Now it is a 409 that says to resume first, and nothing breaks.
+#[test]
+fn a_sandbox_left_paused_by_a_snapshot_refuses_another_save_with_409() {
+    require_image("tiny");
+    let d = Daemon::start();
+    d.create(&["--name", "lp", "--memory", "128"]);
+    d.kiln_ok(&[
+        "snapshot",
+        "create",
+        "lp",
+        "--name",
+        "first",
+        "--leave-paused",
+    ]);
+    for (method, path, body) in [
+        (
+            "POST",
+            "/v1/sandboxes/lp/snapshots",
+            Some(json!({"name": "second"})),
+        ),
+        ("POST", "/v1/sandboxes/lp/stop", None),
+        ("POST", "/v1/sandboxes/lp/fork", None),
+    ] {
+        let (status, v) = d.api(method, path, body);
+        assert_eq!(status, 409, "{method} {path}: {v}");
+        assert_eq!(v["error"]["code"], "sandbox_not_running", "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("kiln resume lp"),
+            "{v}"
+        );
+    }
+    d.kiln_ok(&["resume", "lp"]);
+    d.kiln_ok(&["snapshot", "create", "lp", "--name", "second"]);
+    let out = d.kiln_ok(&["exec", "lp", "--", "echo", "alive"]);
+    assert_eq!(out.trim(), "alive");
+    assert_eq!(
+        entries(&d.data_dir().join("snapshots")),
+        BTreeSet::from(["first".to_string(), "second".to_string()])
+    );
+}
