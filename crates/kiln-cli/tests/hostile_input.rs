@@ -180,6 +180,19 @@ fn hostile_names_ids_and_paths_are_refused_and_touch_nothing_on_the_host() {
         );
     }
 
+    // Image names go through the local CLI (`kiln image`), which validates them before touching images/.
+    let images_before = entries(&d.data_dir().join("images"));
+    for n in names().iter().filter(|n| !n.contains('\0')) {
+        let out = d.kiln(&["image", "rm", "-y", n]);
+        assert!(!out.status.success(), "image rm {n:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("invalid") || err.contains("name"),
+            "image rm {n:?}: {err}"
+        );
+    }
+    assert_eq!(entries(&d.data_dir().join("images")), images_before);
+
     // Guest paths: relative, empty, NUL, overlong. (Absolute paths, `..` included, are the guest's own
     // business: the agent resolves them inside the VM.)
     let too_long = format!("/{}", "a".repeat(5000));
