@@ -7,7 +7,7 @@ AGENT_BIN := target/$(AGENT_TARGET)/agent/kiln-agent
 KILN := target/release/kiln
 export KILN_DATA_DIR := $(DATA_DIR)
 
-.PHONY: all deps build agent images image-tiny image-base demo test test-unit test-images bench lint fmt clean
+.PHONY: all deps build agent images image-tiny image-base demo test test-unit test-images bench fuzz lint fmt clean
 
 all: build
 
@@ -47,6 +47,9 @@ test-images:
 
 test-unit:
 	$(CARGO) test --workspace --lib --bins
+
+fuzz: deps image-tiny
+	@bash scripts/fuzz.sh
 
 bench: deps image-tiny
 	@bash bench/run.sh

@@ -90,6 +90,11 @@ enum Command {
     Image(commands::image::ImageCmd),
     /// Show the daemon's version and accelerator.
     Info,
+    /// Check that the daemon's database, data directory and QEMU processes agree (--repair fixes).
+    Doctor(commands::doctor::DoctorArgs),
+    /// Manage the API token that TCP clients present (works on the data directory).
+    #[command(subcommand)]
+    Token(commands::token::TokenCmd),
 }
 
 impl Cli {
@@ -164,6 +169,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Files(cmd) => commands::files::run(&cli, cmd).await,
         Command::Cp(args) => commands::files::cp(&cli, args).await,
         Command::Image(cmd) => commands::image::run(&cli, cmd).await,
+        Command::Doctor(args) => commands::doctor::run(&cli, args).await,
+        Command::Token(cmd) => commands::token::run(&cli, cmd),
         Command::Info => {
             let v: serde_json::Value = cli
                 .client()?

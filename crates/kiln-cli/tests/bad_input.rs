@@ -344,6 +344,8 @@ fn tcp_listener_requires_the_token() {
         "/v1/snapshots/{id}",
         "/v1/snapshots/{id}/resume",
         "/v1/snapshots/{id}/restore",
+        "/v1/doctor",
+        "/v1/doctor/repair",
     ] {
         assert!(
             doc["paths"][path].is_object(),

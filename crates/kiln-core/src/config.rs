@@ -59,6 +59,10 @@ impl Config {
     pub fn volumes_dir(&self) -> PathBuf {
         self.data_dir.join("volumes")
     }
+    /// Where `kiln doctor --repair` moves files that belong to nothing, instead of deleting them.
+    pub fn lost_found_dir(&self) -> PathBuf {
+        self.data_dir.join("lost+found")
+    }
     pub fn default_socket(&self) -> PathBuf {
         default_socket_for(&self.data_dir)
     }

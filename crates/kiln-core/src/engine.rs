@@ -218,22 +218,8 @@ impl Engine {
                     *self.slot(&sb.id).vm.lock().await = Some(Arc::new(vm));
                     info!(sandbox = %sb.id, pid = ?sb.pid, "re-adopted running VM");
                 }
-                s if s.has_vm() && self.has_saved_state(&sb.id) => {
-                    // A stop (hibernation) finished saving before kiln went down.
-                    self.db
-                        .set_state(&sb.id, SandboxState::Stopped, None, None)?;
-                    info!(sandbox = %sb.id, "sandbox was hibernated while kiln was down");
-                }
                 s if s.has_vm() => {
-                    let vm = Vm::new(name, self.cfg.sandbox_dir(&sb.id), 0, None);
-                    let err = vm.died_error().message;
-                    warn!(sandbox = %sb.id, "VM process gone while kiln was down");
-                    self.db.set_state(
-                        &sb.id,
-                        SandboxState::Failed,
-                        None,
-                        Some(&format!("QEMU exited while kiln was not running: {err}")),
-                    )?;
+                    self.settle_dead_vm(&sb.id, "while kiln was not running")?;
                 }
                 SandboxState::Creating => {
                     if let Some(pid) = sb.pid.filter(|_| alive) {
@@ -257,6 +243,26 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// A sandbox recorded with a VM whose QEMU is gone: stopped if a hibernation finished saving its
+    /// state, else failed with the console's last lines. Used on start-up and by `kiln doctor`.
+    pub(crate) fn settle_dead_vm(&self, id: &str, when: &str) -> Result<SandboxState> {
+        if self.has_saved_state(id) {
+            self.db.set_state(id, SandboxState::Stopped, None, None)?;
+            info!(sandbox = %id, "sandbox was hibernated {when}");
+            return Ok(SandboxState::Stopped);
+        }
+        let vm = Vm::new(vm_name(id), self.cfg.sandbox_dir(id), 0, None);
+        let err = vm.died_error().message;
+        warn!(sandbox = %id, "VM process gone {when}");
+        self.db.set_state(
+            id,
+            SandboxState::Failed,
+            None,
+            Some(&format!("QEMU exited {when}: {err}")),
+        )?;
+        Ok(SandboxState::Failed)
     }
 
     pub fn get(&self, id_or_name: &str) -> Result<Sandbox> {

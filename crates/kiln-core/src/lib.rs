@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod db;
+pub mod doctor;
 pub mod engine;
 pub mod error;
 pub mod fork;
@@ -20,6 +21,7 @@ mod vm;
 pub mod volume;
 
 pub use config::Config;
+pub use doctor::{DoctorReport, Problem};
 pub use engine::{CreateSandbox, Engine, ExecSpec};
 pub use error::{Error, ErrorCode, Result};
 pub use fork::{ForkRequest, ForkResult};

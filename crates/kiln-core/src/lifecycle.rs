@@ -57,7 +57,9 @@ impl Engine {
             .ok_or_else(|| Error::internal("sandbox has no layout"))?;
         let dir = self.config().sandbox_dir(&sb.id);
         let qmp = vm.qmp().await?;
-        let was_running = qmp.status().await? == "running";
+        let status = qmp.status().await?;
+        crate::snapshot::capture::require_saveable(&sb, &status)?;
+        let was_running = status == "running";
         if was_running {
             qmp.execute("stop", None).await?;
         }

@@ -3,9 +3,19 @@
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
+use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
+use crate::limits::{body_too_large, Limits};
+
+fn body_limit(req: &Request) -> u64 {
+    req.extensions()
+        .get::<Limits>()
+        .copied()
+        .unwrap_or_default()
+        .max_body_bytes
+}
 
 /// `Json<T>` whose errors say which field was wrong.
 pub struct ApiJson<T>(pub T);
@@ -13,8 +23,10 @@ pub struct ApiJson<T>(pub T);
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let limit = body_limit(&req);
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(body_too_large(limit)),
             Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::invalid(
                 "send the request body as JSON with 'Content-Type: application/json'",
             )),
@@ -76,10 +88,15 @@ pub struct OptionalJson<T>(pub T);
 impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJson<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let limit = body_limit(&req);
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
             .map_err(|e| {
-                ApiError::invalid(format!("cannot read the request body: {}", e.body_text()))
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    body_too_large(limit)
+                } else {
+                    ApiError::invalid(format!("cannot read the request body: {}", e.body_text()))
+                }
             })?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJson(T::default()));

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod limits;
 pub mod routes;
 
 use std::net::SocketAddr;
@@ -18,7 +19,7 @@ use tracing::info;
 use utoipa::OpenApi;
 
 use crate::error::ApiError;
-use crate::routes::{exec, files, lifecycle, sandboxes, snapshots, system, volumes};
+use crate::routes::{doctor, exec, files, lifecycle, sandboxes, snapshots, system, volumes};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -57,12 +58,14 @@ use crate::routes::{exec, files, lifecycle, sandboxes, snapshots, system, volume
         volumes::list,
         volumes::get,
         volumes::delete,
+        doctor::check,
+        doctor::repair,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail, exec::ExecStreamEvent))
 )]
 pub struct ApiDoc;
 
-pub fn router(engine: Arc<Engine>) -> Router {
+pub fn router(engine: Arc<Engine>, limits: limits::Limits) -> Router {
     Router::new()
         .route("/v1/health", get(system::health))
         .route("/v1/info", get(system::info))
@@ -106,6 +109,8 @@ pub fn router(engine: Arc<Engine>) -> Router {
             "/v1/volumes/{name}",
             get(volumes::get).delete(volumes::delete),
         )
+        .route("/v1/doctor", get(doctor::check))
+        .route("/v1/doctor/repair", post(doctor::repair))
         .fallback(|| async {
             ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,
@@ -121,18 +126,26 @@ pub fn router(engine: Arc<Engine>) -> Router {
             )
         })
         .with_state(engine)
+        // Extractors that buffer (JSON) stop at this; uploads stream and check `max_upload_bytes` themselves.
+        .layer(axum::extract::DefaultBodyLimit::max(
+            usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
+        ))
+        .layer(axum::Extension(limits))
 }
 
 pub struct ServeOptions {
     pub socket: PathBuf,
-    /// Also listen on TCP; requires `token`.
+    /// Also listen on TCP; clients must present the token whose digest is in the data directory.
     pub listen: Option<SocketAddr>,
-    pub token: Option<String>,
+    pub data_dir: PathBuf,
+    pub limits: limits::Limits,
+    pub rate: limits::RateConfig,
 }
 
 /// Serves the API until Ctrl-C / SIGTERM. VMs keep running after the daemon exits.
 pub async fn serve(engine: Arc<Engine>, opts: ServeOptions) -> anyhow::Result<()> {
-    let app = router(engine);
+    let limiter = Arc::new(limits::RateLimiter::new(opts.rate));
+    let app = router(engine, opts.limits);
     if let Some(parent) = opts.socket.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -149,20 +162,43 @@ pub async fn serve(engine: Arc<Engine>, opts: ServeOptions) -> anyhow::Result<()
     let unix = tokio::net::UnixListener::bind(&opts.socket)?;
     std::fs::set_permissions(&opts.socket, std::fs::Permissions::from_mode(0o600))?;
     info!(socket = %opts.socket.display(), "API listening on unix socket (mode 0600)");
-    let unix_app = app.clone();
+    // Rate limiting is outermost, so it also meters requests that fail authentication.
+    let unix_app = app.clone().layer(axum::middleware::from_fn_with_state(
+        limiter.clone(),
+        limits::rate_limit,
+    ));
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(async move { axum::serve(unix, unix_app).await });
+    tasks.spawn(async move {
+        axum::serve(
+            unix,
+            unix_app.into_make_service_with_connect_info::<limits::Peer>(),
+        )
+        .await
+    });
     if let Some(addr) = opts.listen {
-        let token = opts.token.ok_or_else(|| {
-            anyhow::anyhow!("--listen needs --token-file: TCP access requires a bearer token")
-        })?;
+        if !auth::has_token(&opts.data_dir) {
+            anyhow::bail!(
+                "--listen needs an API token: run `kiln token rotate` (or pass --token-file) first"
+            );
+        }
         let tcp = tokio::net::TcpListener::bind(addr).await?;
         info!(%addr, "API listening on TCP (bearer token required)");
-        let tcp_app = app.layer(axum::middleware::from_fn_with_state(
-            Arc::new(auth::TokenCheck::new(&token)),
-            auth::require_token,
-        ));
-        tasks.spawn(async move { axum::serve(tcp, tcp_app).await });
+        let tcp_app = app
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::new(auth::TokenCheck::new(&opts.data_dir)),
+                auth::require_token,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                limiter,
+                limits::rate_limit,
+            ));
+        tasks.spawn(async move {
+            axum::serve(
+                tcp,
+                tcp_app.into_make_service_with_connect_info::<limits::Peer>(),
+            )
+            .await
+        });
     }
     tokio::select! {
         res = tasks.join_next() => {

@@ -16,6 +16,34 @@ pub fn is_our_qemu(pid: u32, name: &str) -> bool {
         .any(|arg| arg.starts_with(format!("{name},").as_bytes()) || arg == name.as_bytes())
 }
 
+/// Live processes started with `-name NAME,...` where NAME begins with `prefix` and some argument mentions
+/// `path` (so VMs of other kiln data directories on the same host are left alone): (pid, NAME).
+pub fn find_named(prefix: &str, path: &str) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let name = args
+            .windows(2)
+            .find(|w| w[0] == "-name")
+            .map(|w| w[1].split(',').next().unwrap_or("").to_string());
+        if let Some(name) = name.filter(|n| n.starts_with(prefix)) {
+            if args.iter().any(|a| a.contains(path)) && !is_zombie(pid) {
+                found.push((pid, name));
+            }
+        }
+    }
+    found
+}
+
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()

@@ -10,10 +10,12 @@ use crate::Cli;
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// Also listen on TCP at ADDR (e.g. 127.0.0.1:7070); requires --token-file.
+    /// Also listen on TCP at ADDR (e.g. 127.0.0.1:7070); needs an API token (`kiln token rotate` or
+    /// --token-file).
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// File holding the bearer token that TCP clients must present.
+    /// Install the token in this file as the API token (only its SHA-256 digest is kept, in
+    /// <data dir>/api-token.sha256), replacing the previous one.
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// Accelerator: auto (probe for KVM, else TCG), kvm or tcg.
@@ -28,6 +30,19 @@ pub struct ServeArgs {
     /// Most sandboxes with a VM at once.
     #[arg(long, default_value_t = 64)]
     max_sandboxes: usize,
+    /// Largest JSON request body, in bytes (larger ones get 413 payload_too_large).
+    #[arg(long, default_value_t = kiln_server::limits::DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: u64,
+    /// Largest file upload (PUT .../files), in bytes.
+    #[arg(long, default_value_t = kiln_server::limits::DEFAULT_MAX_UPLOAD_BYTES)]
+    max_upload_bytes: u64,
+    /// Requests per second each client may send (by uid on the unix socket, by IP on TCP); 0 turns the
+    /// limit off. Over it, requests get 429 rate_limited with Retry-After.
+    #[arg(long, default_value_t = kiln_server::limits::DEFAULT_RATE_PER_SEC)]
+    rate_limit: f64,
+    /// Requests a client may send in a burst above --rate-limit.
+    #[arg(long, default_value_t = kiln_server::limits::DEFAULT_RATE_BURST)]
+    rate_burst: f64,
 }
 
 pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
@@ -55,23 +70,31 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     };
     cfg.boot_timeout = std::time::Duration::from_secs(args.boot_timeout);
     cfg.max_sandboxes = args.max_sandboxes;
-    let token = match (&args.listen, &args.token_file) {
-        (Some(_), None) => {
-            anyhow::bail!("--listen needs --token-file: TCP access requires a bearer token")
+    if !(args.rate_limit.is_finite() && args.rate_limit >= 0.0 && args.rate_burst.is_finite()) {
+        anyhow::bail!(
+            "--rate-limit and --rate-burst must be non-negative numbers (0 turns the limit off)"
+        );
+    }
+    if let Some(path) = &args.token_file {
+        let t = std::fs::read_to_string(path)
+            .with_context(|| format!("reading token file {}", path.display()))?;
+        if t.trim().len() < kiln_server::auth::MIN_TOKEN_LEN {
+            anyhow::bail!(
+                "the token in {} is shorter than {} characters; use a long random token (`kiln token rotate` makes one)",
+                path.display(),
+                kiln_server::auth::MIN_TOKEN_LEN
+            );
         }
-        (_, Some(path)) => {
-            let t = std::fs::read_to_string(path)
-                .with_context(|| format!("reading token file {}", path.display()))?;
-            if t.trim().len() < 16 {
-                anyhow::bail!(
-                    "the token in {} is shorter than 16 characters; use a long random token",
-                    path.display()
-                );
-            }
-            Some(t.trim().to_string())
-        }
-        _ => None,
-    };
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
+        kiln_server::auth::install_token(&data_dir, t.trim())
+            .with_context(|| format!("storing the token digest in {}", data_dir.display()))?;
+    }
+    if args.listen.is_some() && !kiln_server::auth::has_token(&data_dir) {
+        anyhow::bail!(
+            "--listen needs an API token: run `kiln token rotate` to create one (or pass --token-file)"
+        );
+    }
     let engine = kiln_core::Engine::open(cfg)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -84,7 +107,15 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         kiln_server::ServeOptions {
             socket,
             listen: args.listen,
-            token,
+            data_dir,
+            limits: kiln_server::limits::Limits {
+                max_body_bytes: args.max_body_bytes,
+                max_upload_bytes: args.max_upload_bytes,
+            },
+            rate: kiln_server::limits::RateConfig {
+                per_sec: args.rate_limit,
+                burst: args.rate_burst,
+            },
         },
     )
     .await?;

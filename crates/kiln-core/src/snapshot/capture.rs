@@ -126,6 +126,9 @@ impl Engine {
             .db()
             .layout(&sb.id)?
             .ok_or_else(|| Error::internal(format!("sandbox {} has no recorded layout", sb.id)))?;
+        let qmp = vm.qmp().await?;
+        let status = qmp.status().await?;
+        require_saveable(sb, &status)?;
         if req.kind == SnapshotType::Disk {
             // Flush the guest's page cache so the disk holds what its programs wrote.
             let agent = vm.agent(Duration::from_secs(10)).await?;
@@ -140,8 +143,7 @@ impl Engine {
             .ok_or_else(|| Error::internal("sandbox has no disk layers"))?;
         let new_top = layout.next_top_path(&dir);
         create_top_layer(&new_top, &below, sb.disk_size_bytes)?;
-        let qmp = vm.qmp().await?;
-        let was_running = qmp.status().await? == "running";
+        let was_running = status == "running";
         if was_running {
             qmp.execute("stop", None).await?;
         }
@@ -511,4 +513,19 @@ fn storage_error(e: kiln_vmm::VmmError) -> Error {
     } else {
         Error::internal(text)
     }
+}
+
+/// QEMU refuses to save a VM that is still paused from an earlier save (`postmigrate`: a snapshot taken
+/// with `leave_paused`): its disks are handed off until the guest runs again. Found by `make fuzz`.
+pub(crate) fn require_saveable(sb: &Sandbox, qemu_status: &str) -> Result<()> {
+    if qemu_status == "postmigrate" {
+        return Err(Error::new(
+            ErrorCode::SandboxNotRunning,
+            format!(
+                "sandbox {} is still paused by the snapshot that left it paused; resume it (`kiln resume {}`) before snapshotting, forking or stopping it again",
+                sb.name, sb.name
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -496,36 +496,60 @@ impl Engine {
         })
     }
 
-    /// Removes half-written snapshots (`.tmp-*`) and interrupted deletions (`.trash-*`) left by a crash.
+    /// Removes half-written snapshots (`.tmp-*`) and interrupted deletions (`.trash-*`) left by a crash,
+    /// records complete snapshots that were moved into place just before kiln went down, and removes
+    /// unrecorded incomplete ones. Runs on start-up, before any operation.
     pub(crate) fn clean_snapshot_debris(&self) {
+        for d in self.snapshot_debris(false) {
+            self.clean_debris(&d);
+        }
+    }
+
+    /// Snapshot directories without a record. With `skip_own`, half-written ones of this process (work
+    /// in progress) are left out.
+    pub(crate) fn snapshot_debris(&self, skip_own: bool) -> Vec<SnapshotDebris> {
+        let own = format!("-{}", std::process::id());
+        let mut out = Vec::new();
         for entry in std::fs::read_dir(self.config().snapshots_dir())
             .into_iter()
             .flatten()
             .flatten()
         {
             let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
             if name.starts_with(".tmp-") || name.starts_with(".trash-") {
-                warn!(path = %entry.path().display(), "removing debris of an interrupted snapshot operation");
-                let _ = std::fs::remove_dir_all(entry.path());
+                if !(skip_own && name.ends_with(&own)) {
+                    out.push(SnapshotDebris::Interrupted(path));
+                }
                 continue;
             }
-            // A complete snapshot moved into place just before kiln went down is recorded; anything
-            // else without a record is removed.
             if matches!(self.db().find_snapshot(&name), Ok(None)) {
-                match Manifest::read(&entry.path(), &name)
-                    .and_then(|m| m.verify(&entry.path(), true).map(|()| m))
-                {
-                    Ok(m) => {
-                        let snap = snapshot_from_manifest(&m, &entry.path());
-                        if self.db().insert_snapshot(&snap, false).is_ok() {
-                            info!(snapshot = %name, "recorded a snapshot completed just before kiln stopped");
-                        }
-                    }
-                    Err(e) => {
-                        warn!(snapshot = %name, error = %e, "removing an unrecorded, incomplete snapshot");
-                        let _ = std::fs::remove_dir_all(entry.path());
-                    }
+                let checked =
+                    Manifest::read(&path, &name).and_then(|m| m.verify(&path, true).map(|()| m));
+                out.push(match checked {
+                    Ok(m) => SnapshotDebris::Unrecorded(path, Box::new(m)),
+                    Err(e) => SnapshotDebris::Incomplete(path, e.message),
+                });
+            }
+        }
+        out
+    }
+
+    pub(crate) fn clean_debris(&self, d: &SnapshotDebris) {
+        match d {
+            SnapshotDebris::Interrupted(path) => {
+                warn!(path = %path.display(), "removing debris of an interrupted snapshot operation");
+                let _ = std::fs::remove_dir_all(path);
+            }
+            SnapshotDebris::Unrecorded(path, m) => {
+                let snap = snapshot_from_manifest(m, path);
+                if self.db().insert_snapshot(&snap, false).is_ok() {
+                    info!(snapshot = %m.id, "recorded a snapshot completed just before kiln stopped");
                 }
+            }
+            SnapshotDebris::Incomplete(path, error) => {
+                warn!(path = %path.display(), %error, "removing an unrecorded, incomplete snapshot");
+                let _ = std::fs::remove_dir_all(path);
             }
         }
     }
@@ -538,6 +562,16 @@ impl Engine {
             }
         }
     }
+}
+
+/// A snapshot directory without a record.
+pub(crate) enum SnapshotDebris {
+    /// `.tmp-*` / `.trash-*`: a capture or deletion that did not finish.
+    Interrupted(std::path::PathBuf),
+    /// Complete and intact: moved into place just before kiln stopped, so it gets recorded.
+    Unrecorded(std::path::PathBuf, Box<Manifest>),
+    /// Fails its checks; the error says how.
+    Incomplete(std::path::PathBuf, String),
 }
 
 fn snapshot_from_manifest(m: &Manifest, dir: &std::path::Path) -> Snapshot {

@@ -1,9 +1,13 @@
 //! Files in the guest: raw bytes in and out (streamed), listing, stat, mkdir, remove.
 
 use axum::body::Body;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
+use axum::Extension;
 use axum::Json;
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
@@ -12,6 +16,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{ApiJson, QueryPairs};
+use crate::limits::{upload_too_large, Limits};
 
 /// Metadata of a guest path.
 #[derive(Serialize, ToSchema)]
@@ -124,19 +129,49 @@ pub async fn read(
     params(("id" = String, Path, description = "id or name"), ("path" = String, Query, description = "absolute guest path"),
            ("mode" = Option<String>, Query, description = "octal mode, e.g. 0644")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
-    responses((status = 200, body = WriteResult), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = WriteResult), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 413, body = ErrorBody)))]
 pub async fn write(
     State(engine): State<AppState>,
+    Extension(limits): Extension<Limits>,
     Path(id): Path<String>,
     q: QueryPairs,
+    headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<WriteResult>> {
     let path = q.require("path")?.to_string();
     let mode = q.get("mode").map(parse_mode).transpose()?;
-    let reader =
-        tokio_util::io::StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
-    let bytes = engine.write_file(&id, &path, mode, reader).await?;
-    Ok(Json(WriteResult { path, bytes }))
+    let max = limits.max_upload_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(upload_too_large(max));
+    }
+    // A chunked upload has no length up front: count as it streams and cut it off past the limit.
+    let over = Arc::new(AtomicBool::new(false));
+    let mut seen = 0u64;
+    let flag = over.clone();
+    let stream = body
+        .into_data_stream()
+        .map_err(std::io::Error::other)
+        .and_then(move |chunk: bytes::Bytes| {
+            seen = seen.saturating_add(chunk.len() as u64);
+            let res = if seen > max {
+                flag.store(true, Ordering::Relaxed);
+                Err(std::io::Error::other("upload size limit exceeded"))
+            } else {
+                Ok(chunk)
+            };
+            futures::future::ready(res)
+        });
+    let reader = tokio_util::io::StreamReader::new(stream);
+    match engine.write_file(&id, &path, mode, reader).await {
+        Ok(bytes) => Ok(Json(WriteResult { path, bytes })),
+        Err(_) if over.load(Ordering::Relaxed) => Err(upload_too_large(max)),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Removes a file, or a directory (with `recursive=true` when not empty).

@@ -102,7 +102,7 @@ class VolumeInUseError(ConflictError):
 
 
 class CapacityError(KilnError):
-    """The daemon's sandbox count or memory limit is reached (HTTP 429)."""
+    """HTTP 429: the daemon's sandbox count or memory limit is reached, or this client is rate limited."""
 
 
 class TimeoutError(KilnError):  # noqa: A001 - deliberately kiln.TimeoutError, like the daemon's code
@@ -150,7 +150,10 @@ STATUS_BY_CODE: dict[str, int] = {
     ),
     "snapshot_corrupt": 422,
     "snapshot_incompatible": 422,
+    "method_not_allowed": 405,
+    "payload_too_large": 413,
     "capacity_exceeded": 429,
+    "rate_limited": 429,
     "boot_failed": 500,
     "vm_failed": 500,
     "internal": 500,
