@@ -53,6 +53,10 @@ CREATE TABLE snapshots (
 );
 CREATE INDEX snapshots_by_sandbox ON snapshots(sandbox_id);
 "#,
+    r#"
+ALTER TABLE sandboxes ADD COLUMN egress INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE sandboxes ADD COLUMN qemu_uid INTEGER;
+"#,
 ];
 
 pub struct Db {
@@ -109,8 +113,8 @@ impl Db {
         let conn = self.lock();
         conn.execute(
             "INSERT INTO sandboxes (id, name, template, state, memory_mib, cpus, disk_size_bytes, env, labels,
-               ports, hostname, mac, accel, pid, error, created_at, updated_at, origin)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+               ports, hostname, mac, accel, pid, error, created_at, updated_at, origin, egress, qemu_uid)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
             params![
                 s.id,
                 s.name,
@@ -129,7 +133,9 @@ impl Db {
                 s.error,
                 s.created_at,
                 s.updated_at,
-                s.origin
+                s.origin,
+                s.egress,
+                s.qemu_uid
             ],
         )
         .map_err(|e| match e {
@@ -208,6 +214,15 @@ impl Db {
         Ok(())
     }
 
+    /// VM uids held by sandboxes (whatever their state: a stopped sandbox keeps its files' owner).
+    pub fn qemu_uids(&self) -> Result<Vec<u32>> {
+        let conn = self.lock();
+        let mut stmt =
+            conn.prepare_cached("SELECT qemu_uid FROM sandboxes WHERE qemu_uid IS NOT NULL")?;
+        let rows = stmt.query_map([], |r| r.get::<_, u32>(0))?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
     pub fn delete_sandbox(&self, id: &str) -> Result<()> {
         self.lock()
             .execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
@@ -247,6 +262,8 @@ fn row_to_sandbox(r: &Row<'_>) -> rusqlite::Result<Sandbox> {
         updated_at: r.get("updated_at")?,
         origin: r.get("origin")?,
         restored_from: r.get("restored_from")?,
+        egress: r.get("egress")?,
+        qemu_uid: r.get("qemu_uid")?,
     })
 }
 
@@ -275,6 +292,8 @@ mod tests {
             updated_at: crate::model::now_rfc3339(),
             origin: "template:tiny".into(),
             restored_from: None,
+            egress: true,
+            qemu_uid: None,
         }
     }
 

@@ -43,6 +43,9 @@ pub struct CreateSandbox {
     pub ports: Vec<PortMapping>,
     /// Make the sandbox from this snapshot instead of a template (same as `POST /v1/snapshots/{id}/resume`).
     pub snapshot: Option<String>,
+    /// Let the guest open connections out (default true). `false` cuts it off from the network (slirp
+    /// `restrict=on`); ports forwarded into it still work. A guest never reaches the host's own addresses.
+    pub egress: Option<bool>,
 }
 
 /// A command to run in a sandbox.
@@ -81,6 +84,7 @@ pub struct Engine {
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     /// Snapshots whose checksums this daemon has verified (or written) already.
     verified: Mutex<std::collections::HashSet<String>>,
+    confine: crate::confine::Confinement,
 }
 
 impl Engine {
@@ -104,6 +108,13 @@ impl Engine {
         .await
         .map_err(|e| Error::internal(format!("accelerator probe panicked: {e}")))?;
         info!(accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
+        let confine = tokio::task::spawn_blocking({
+            let (data, sandboxes, snapshots) =
+                (cfg.data_dir.clone(), cfg.sandboxes_dir(), cfg.snapshots_dir());
+            move || crate::confine::Confinement::setup(&data, &sandboxes, &snapshots)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("confinement setup panicked: {e}")))?;
         let images = ImageStore::new(cfg.images_dir(), cfg.cache_dir());
         let engine = Arc::new(Engine {
             cfg,
@@ -112,6 +123,7 @@ impl Engine {
             accel,
             slots: Mutex::new(HashMap::new()),
             verified: Mutex::new(Default::default()),
+            confine,
         });
         engine.clean_snapshot_debris();
         engine.adopt().await?;
@@ -144,6 +156,16 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(snapshot);
+    }
+    pub(crate) fn confine(&self) -> &crate::confine::Confinement {
+        &self.confine
+    }
+    /// Called once when the daemon exits: drops host-wide rules nothing needs any more.
+    pub fn shutdown(&self) {
+        self.confine.shutdown();
+    }
+    pub(crate) fn new_qemu_uid(&self) -> Result<Option<u32>> {
+        self.confine.allocate_uid(&self.db.qemu_uids()?)
     }
     pub(crate) fn db(&self) -> &Db {
         &self.db
@@ -318,6 +340,7 @@ impl Engine {
                         cpus: req.cpus,
                         disk_size_gib: req.disk_size_gib,
                         labels: req.labels,
+                        egress: req.egress,
                     },
                 )
                 .await;
@@ -385,6 +408,8 @@ impl Engine {
             updated_at: now,
             origin: format!("template:{template}"),
             restored_from: None,
+            egress: req.egress.unwrap_or(true),
+            qemu_uid: self.new_qemu_uid()?,
         };
         self.db.insert_sandbox(&sandbox)?;
         let slot = self.slot(&id);

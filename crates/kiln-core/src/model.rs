@@ -101,6 +101,11 @@ pub struct Sandbox {
     pub origin: String,
     /// The snapshot this sandbox was last rolled back to (`kiln snapshot restore`), if any.
     pub restored_from: Option<String>,
+    /// Whether the guest may open network connections out (to the internet); forwarded ports work either way.
+    pub egress: bool,
+    /// The unprivileged uid its VM process runs as; None when the daemon cannot confine VMs (not root, or
+    /// the kiln-qemu group is missing).
+    pub qemu_uid: Option<u32>,
 }
 
 impl Sandbox {

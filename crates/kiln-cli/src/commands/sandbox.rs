@@ -60,6 +60,9 @@ pub struct CreateArgs {
     /// Forward a host loopback port to the guest (HOST:GUEST); repeatable.
     #[arg(long = "port", short = 'p')]
     ports: Vec<String>,
+    /// Cut the guest off from the network (no outgoing connections); forwarded ports still work.
+    #[arg(long)]
+    no_egress: bool,
 }
 
 pub fn key_values(items: &[String], what: &str) -> anyhow::Result<serde_json::Map<String, Value>> {
@@ -116,6 +119,9 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
             if let Some(d) = a.disk_size {
                 body["disk_size_gib"] = json!(d);
             }
+            if a.no_egress {
+                body["egress"] = json!(false);
+            }
             let mut ports = Vec::new();
             for p in &a.ports {
                 let (h, g) = p
@@ -171,6 +177,8 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
                         "mac",
                         "accel",
                         "pid",
+                        "egress",
+                        "qemu_uid",
                         "created_at",
                         "updated_at",
                     ],

@@ -140,6 +140,8 @@ impl Engine {
             .ok_or_else(|| Error::internal("sandbox has no disk layers"))?;
         let new_top = layout.next_top_path(&dir);
         create_top_layer(&new_top, &below, sb.disk_size_bytes)?;
+        // QEMU opens it (blockdev-add) as the sandbox's user.
+        self.confine().own_file(&new_top, sb.qemu_uid)?;
         let qmp = vm.qmp().await?;
         let was_running = qmp.status().await? == "running";
         if was_running {
@@ -186,7 +188,13 @@ impl Engine {
         new_top: &Path,
     ) -> Result<Captured> {
         if kind.has_memory() {
-            kiln_vmm::migration::save_state(qmp, &tmp.join("state"), SAVE_TIMEOUT).await?;
+            // QEMU writes the file as the sandbox's user, which can only write in its own directory; the
+            // result moves into the snapshot (same filesystem) and is sealed read-only.
+            let own = self.config().sandbox_dir(&sb.id).join("snapshot.state");
+            kiln_vmm::migration::save_state(qmp, &own, SAVE_TIMEOUT).await?;
+            std::fs::rename(&own, tmp.join("state"))
+                .map_err(|e| fsutil::io_error("moving the saved state into the snapshot", e))?;
+            self.confine().seal(&tmp.join("state"))?;
         }
         // Freeze the disk: the new empty top layer takes the writes from now on; the old top is immutable.
         let node = format!("top{}", layout.generation);
@@ -198,6 +206,9 @@ impl Engine {
         });
         // Persist at once: QEMU now writes to the new layer, and a restart must use it.
         self.db().set_layout(&sb.id, layout)?;
+        // The old top is immutable from now on and will be shared with the snapshot and its resumes.
+        self.confine()
+            .seal(&layout.disk_layers[layout.disk_layers.len() - 2].path)?;
 
         let memory = if !kind.has_memory() {
             CapturedMemory::None
@@ -209,6 +220,7 @@ impl Engine {
                         .await
                         .map_err(|e| Error::internal(e.to_string()))?
                         .map_err(storage_error)?;
+                    self.confine().seal(&tmp.join("memory"))?;
                     CapturedMemory::Copied
                 }
                 // QEMU migrates a privately mapped RAM block in full (only shared file-backed RAM can be
@@ -356,6 +368,7 @@ impl Engine {
                 template: sb.template.clone(),
                 env: sb.env.clone(),
                 mac: sb.mac.clone(),
+                egress: sb.egress,
             },
             parent: parent.clone(),
             labels: req.labels.clone(),

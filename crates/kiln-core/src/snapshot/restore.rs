@@ -29,6 +29,8 @@ pub struct ResumeSnapshot {
     pub disk_size_gib: Option<u64>,
     #[serde(default, alias = "metadata")]
     pub labels: BTreeMap<String, String>,
+    /// Let the guest open connections out; default: as the snapshot's source sandbox had it.
+    pub egress: Option<bool>,
 }
 
 /// Result of deleting a snapshot.
@@ -99,6 +101,7 @@ impl Engine {
         let dir = self.config().sandbox_dir(&sb.id);
         std::fs::create_dir_all(dir.join("layers"))
             .map_err(|e| fsutil::io_error(&format!("creating {}", dir.display()), e))?;
+        self.own_sandbox_dir(sb)?;
         let need = |role: Role| {
             m.file(role).ok_or_else(|| {
                 Error::new(
@@ -111,11 +114,15 @@ impl Engine {
         fsutil::link_or_copy(&m.resolve(&snap_dir, need(Role::Kernel)?), &kernel)?;
         let initrd = dir.join("initrd");
         fsutil::link_or_copy(&m.resolve(&snap_dir, need(Role::Initrd)?), &initrd)?;
+        // Kernel and initrd may be a template's files (world-readable, left as they are).
+        self.confine().make_readable(&kernel)?;
+        self.confine().make_readable(&initrd)?;
         let mut layers = Vec::new();
         for (i, f) in m.disks().enumerate() {
             let format = f.format.clone().unwrap_or_else(|| "qcow2".into());
             let path = dir.join(format!("layers/{i}.{format}"));
             fsutil::link_or_copy(&m.resolve(&snap_dir, f), &path)?;
+            self.confine().make_readable(&path)?;
             layers.push(Layer {
                 path,
                 format,
@@ -127,6 +134,9 @@ impl Engine {
             let base = dir.join("memory.base");
             let f = need(Role::Memory)?;
             fsutil::link_or_copy(&m.resolve(&snap_dir, f), &base)?;
+            // Mapped privately: QEMU falls back to opening it read-only, and guest writes stay in its
+            // own anonymous memory.
+            self.confine().seal(&base)?;
             Memory::Private {
                 base,
                 base_checksum: Some(f.checksum.clone()),
@@ -158,6 +168,7 @@ impl Engine {
         })?;
         let top = layout.next_top_path(&dir);
         create_top_layer(&top, &below, sb.disk_size_bytes)?;
+        self.confine().own_file(&top, sb.qemu_uid)?;
         layout.disk_layers.push(Layer {
             path: top,
             format: "qcow2".into(),
@@ -194,7 +205,8 @@ impl Engine {
             labels: req.labels.clone(),
             hostname: hostname.clone(),
             mac: ids::new_mac(),
-            ..self.record_from_manifest(&m, id)
+            egress: req.egress.unwrap_or(m.source.egress),
+            ..self.record_from_manifest(&m, id)?
         };
         self.db().insert_sandbox(&sb)?;
         let slot = self.slot(&sb.id);
@@ -238,9 +250,9 @@ impl Engine {
 
     /// A new sandbox record for the machine a snapshot holds: the source's identity and resources, in state
     /// `creating`. Callers override what differs (a resumed copy gets its own id, name and MAC).
-    fn record_from_manifest(&self, m: &Manifest, snap_id: &str) -> Sandbox {
+    fn record_from_manifest(&self, m: &Manifest, snap_id: &str) -> Result<Sandbox> {
         let now = now_rfc3339();
-        Sandbox {
+        Ok(Sandbox {
             id: m.source.sandbox_id.clone(),
             name: m.source.sandbox_name.clone(),
             template: m.source.template.clone(),
@@ -260,7 +272,9 @@ impl Engine {
             updated_at: now,
             origin: format!("snapshot:{snap_id}"),
             restored_from: None,
-        }
+            egress: m.source.egress,
+            qemu_uid: self.new_qemu_uid()?,
+        })
     }
 
     fn resume_resources(
@@ -347,7 +361,7 @@ impl Engine {
                 // The source is gone: recreate it under its old id and name.
                 let sb = Sandbox {
                     labels: snap.labels.clone(),
-                    ..self.record_from_manifest(&m, id)
+                    ..self.record_from_manifest(&m, id)?
                 };
                 self.db().insert_sandbox(&sb)?;
                 sb
@@ -487,7 +501,9 @@ impl Engine {
         }
     }
 
+    /// Removes a sandbox's directory and cgroup (its VM must be gone).
     pub(crate) fn remove_sandbox_files(&self, id: &str) {
+        self.confine().remove_cgroup(id);
         let dir = self.config().sandbox_dir(id);
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
