@@ -108,13 +108,19 @@ impl VmSpec {
         ]);
         push(&["-smp", &self.vcpus.to_string()]);
         push(&["-m", &format!("{}M", self.memory_mib)]);
+        // A private mapping opens its (immutable, shared) file read-only with writable RAM on top
+        // (`readonly=on,rom=off`): the VM's user may only read a snapshot's RAM file.
         push(&[
             "-object",
             &format!(
-                "memory-backend-file,id=mem,size={}M,mem-path={},share={},prealloc=off",
+                "memory-backend-file,id=mem,size={}M,mem-path={},{},prealloc=off",
                 self.memory_mib,
                 qemu_opt_path(&self.memory_file),
-                if self.memory_shared { "on" } else { "off" }
+                if self.memory_shared {
+                    "share=on"
+                } else {
+                    "share=off,readonly=on,rom=off"
+                }
             ),
         ]);
         // A guest reboot or panic ends the VM instead of looping, so a crash is seen as one.
@@ -337,7 +343,7 @@ mod tests {
         s.incoming = true;
         s.start_paused = true;
         let args = s.args();
-        assert!(value_after(&args, "-object")[0].contains("share=off"));
+        assert!(value_after(&args, "-object")[0].contains("share=off,readonly=on,rom=off"));
         assert_eq!(value_after(&args, "-incoming"), ["defer"]);
         assert!(args.iter().any(|a| a == "-S"));
     }
