@@ -109,8 +109,11 @@ impl Engine {
         .map_err(|e| Error::internal(format!("accelerator probe panicked: {e}")))?;
         info!(accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
         let confine = tokio::task::spawn_blocking({
-            let (data, sandboxes, snapshots) =
-                (cfg.data_dir.clone(), cfg.sandboxes_dir(), cfg.snapshots_dir());
+            let (data, sandboxes, snapshots) = (
+                cfg.data_dir.clone(),
+                cfg.sandboxes_dir(),
+                cfg.snapshots_dir(),
+            );
             move || crate::confine::Confinement::setup(&data, &sandboxes, &snapshots)
         })
         .await

@@ -190,11 +190,11 @@ impl Engine {
             let _ = std::fs::remove_file(&state);
         }
         loaded.map_err(|e| {
-                Error::new(
-                    ErrorCode::SnapshotIncompatible,
-                    format!("QEMU refused the saved state: {e}"),
-                )
-            })?;
+            Error::new(
+                ErrorCode::SnapshotIncompatible,
+                format!("QEMU refused the saved state: {e}"),
+            )
+        })?;
         tracing::debug!(vm = %vm.name, "state loaded");
         if inc.resume {
             qmp.execute("cont", None).await?;

@@ -158,7 +158,9 @@ fn qmp_greets(sock: &Path) -> bool {
     let Ok(mut s) = UnixStream::connect(sock) else {
         return false;
     };
-    if s.set_read_timeout(Some(Duration::from_millis(250))).is_err() {
+    if s.set_read_timeout(Some(Duration::from_millis(250)))
+        .is_err()
+    {
         return false;
     }
     let mut buf = [0u8; 256];

@@ -58,7 +58,8 @@ impl Cgroups {
     }
 
     fn detect_at(root: &Path) -> Result<Cgroups, String> {
-        let controllers = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+        let controllers =
+            std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
         let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
         let found = if has("memory") && has("cpu") && has("pids") {
             Cgroups::V2 {
@@ -148,7 +149,10 @@ impl Cgroups {
                 write(&m.join("memory.limit_in_bytes"), &mem)?;
                 write(&c.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
                 write(&c.join("cpu.cfs_quota_us"), &quota.to_string())?;
-                write(&c.join("cpu.shares"), &(1024 * u64::from(limits.cpus)).to_string())?;
+                write(
+                    &c.join("cpu.shares"),
+                    &(1024 * u64::from(limits.cpus)).to_string(),
+                )?;
                 write(&p.join("pids.max"), &limits.pids.to_string())?;
             }
         }
@@ -215,7 +219,11 @@ mod tests {
     #[test]
     fn v2_is_preferred_when_it_has_the_controllers() {
         let root = tempfile::tempdir().unwrap();
-        std::fs::write(root.path().join("cgroup.controllers"), "cpuset cpu io memory pids").unwrap();
+        std::fs::write(
+            root.path().join("cgroup.controllers"),
+            "cpuset cpu io memory pids",
+        )
+        .unwrap();
         let cg = Cgroups::detect_at(root.path()).unwrap();
         assert_eq!(cg.kind(), "v2");
         cg.create("sb-2", &Limits::for_vm(128, 1)).unwrap();

@@ -72,7 +72,10 @@ impl Confinement {
         }
         let cgroups = match cgroup::Cgroups::detect() {
             Ok(c) => {
-                info!(kind = c.kind(), "VMs get a cgroup each (memory, CPU and pid limits)");
+                info!(
+                    kind = c.kind(),
+                    "VMs get a cgroup each (memory, CPU and pid limits)"
+                );
                 Some(c)
             }
             Err(why) => {
@@ -316,6 +319,9 @@ mod tests {
         assert!((UID_BASE..UID_BASE + UID_COUNT).contains(&uid));
         let r = c.run_as(Some(uid)).unwrap();
         assert_eq!((r.uid, r.gid, r.groups.clone()), (uid, uid, vec![4242]));
-        assert!(c.run_as(None).is_none(), "sandboxes without a uid stay as they were");
+        assert!(
+            c.run_as(None).is_none(),
+            "sandboxes without a uid stay as they were"
+        );
     }
 }

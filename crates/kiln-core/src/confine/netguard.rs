@@ -113,6 +113,11 @@ pub fn processes_in_uid_range(base: u32, count: u32) -> usize {
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
         .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
+        // Exited VMs waiting to be reaped hold no sockets.
+        .filter(|s| {
+            !s.lines()
+                .any(|l| l.starts_with("State:") && l.contains("zombie"))
+        })
         .filter_map(|s| {
             s.lines()
                 .find(|l| l.starts_with("Uid:"))
