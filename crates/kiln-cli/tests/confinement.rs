@@ -202,7 +202,7 @@ fn cgroups_cap_a_guest_that_eats_all_its_ram_and_cpu() {
         return;
     }
     let hog = d.create(&["--name", "hog", "--memory", "192", "--cpus", "1"]);
-    let calm = d.create(&["--name", "calm"]);
+    d.create(&["--name", "calm"]);
     let id = hog["id"].as_str().unwrap().to_string();
     let pid = hog["pid"].as_u64().unwrap();
     let dirs = cgroup_dirs(&id);
