@@ -56,6 +56,9 @@ pub enum SnapshotCmd {
         cpus: Option<u32>,
         #[arg(long)]
         disk_size: Option<u64>,
+        /// Cut the new sandbox off from the network (default: as the snapshot's source was).
+        #[arg(long)]
+        no_egress: bool,
     },
     /// Roll the snapshot's source sandbox back to it (same id and name); paused unless --resume.
     Restore {
@@ -203,8 +206,12 @@ pub async fn run(cli: &Cli, cmd: &SnapshotCmd) -> anyhow::Result<ExitCode> {
             memory,
             cpus,
             disk_size,
+            no_egress,
         } => {
             let mut body = json!({});
+            if *no_egress {
+                body["egress"] = json!(false);
+            }
             if let Some(n) = name {
                 body["name"] = json!(n);
             }

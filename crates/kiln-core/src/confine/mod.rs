@@ -32,8 +32,9 @@ pub const UID_COUNT: u32 = 65536;
 
 #[derive(Debug, Clone)]
 pub enum Users {
-    /// Each sandbox's QEMU runs as its own uid; `group` (kiln-qemu) may read shared immutable files.
-    PerSandbox { group: u32 },
+    /// Each sandbox's QEMU runs as its own uid; `group` (kiln-qemu) may read shared immutable files;
+    /// `kvm` is the group owning /dev/kvm, when there is one.
+    PerSandbox { group: u32, kvm: Option<u32> },
     /// QEMU runs as the daemon's user; the reason is logged at start.
     Off { reason: String },
 }
@@ -50,7 +51,7 @@ impl Confinement {
     pub fn setup(data_dir: &Path, sandboxes: &Path, snapshots: &Path) -> Confinement {
         let users = detect_users(data_dir);
         match &users {
-            Users::PerSandbox { group } => {
+            Users::PerSandbox { group, .. } => {
                 let prepared = (|| -> std::io::Result<()> {
                     let mode = std::fs::metadata(data_dir)?.permissions().mode();
                     set_mode(data_dir, (mode & 0o7777) | 0o001)?;
@@ -150,10 +151,10 @@ impl Confinement {
     /// The credentials for a sandbox's QEMU.
     pub fn run_as(&self, uid: Option<u32>) -> Option<kiln_vmm::RunAs> {
         match (&self.users, uid) {
-            (Users::PerSandbox { group }, Some(uid)) => Some(kiln_vmm::RunAs {
+            (Users::PerSandbox { group, kvm }, Some(uid)) => Some(kiln_vmm::RunAs {
                 uid,
                 gid: uid,
-                groups: vec![*group],
+                groups: std::iter::once(*group).chain(*kvm).collect(),
             }),
             _ => None,
         }
@@ -181,7 +182,7 @@ impl Confinement {
     /// Seals an immutable file kiln wrote (snapshot RAM, state, frozen layers): `root:kiln-qemu 0640`. All
     /// hard links share the inode, so this holds for every sandbox and snapshot that links it.
     pub fn seal(&self, path: &Path) -> Result<()> {
-        let Users::PerSandbox { group } = self.users else {
+        let Users::PerSandbox { group, .. } = self.users else {
             return Ok(());
         };
         std::os::unix::fs::chown(path, Some(0), Some(group))
@@ -278,7 +279,10 @@ fn detect_users(data_dir: &Path) -> Users {
             };
         }
     }
-    Users::PerSandbox { group }
+    Users::PerSandbox {
+        group,
+        kvm: group_id("kvm"),
+    }
 }
 
 fn group_id(name: &str) -> Option<u32> {
@@ -311,14 +315,17 @@ mod tests {
     #[test]
     fn per_sandbox_uids_are_free_and_in_range() {
         let c = Confinement {
-            users: Users::PerSandbox { group: 4242 },
+            users: Users::PerSandbox {
+                group: 4242,
+                kvm: Some(36),
+            },
             cgroups: None,
             netguard: None,
         };
         let uid = c.allocate_uid(&[]).unwrap().unwrap();
         assert!((UID_BASE..UID_BASE + UID_COUNT).contains(&uid));
         let r = c.run_as(Some(uid)).unwrap();
-        assert_eq!((r.uid, r.gid, r.groups.clone()), (uid, uid, vec![4242]));
+        assert_eq!((r.uid, r.gid, r.groups.clone()), (uid, uid, vec![4242, 36]));
         assert!(
             c.run_as(None).is_none(),
             "sandboxes without a uid stay as they were"
