@@ -189,11 +189,12 @@ impl Engine {
     ) -> Result<Captured> {
         if kind.has_memory() {
             // QEMU writes the file as the sandbox's user, which can only write in its own directory; the
-            // result moves into the snapshot (same filesystem) and is sealed read-only.
+            // result moves into the snapshot and is sealed read-only.
             let own = self.config().sandbox_dir(&sb.id).join("snapshot.state");
             kiln_vmm::migration::save_state(qmp, &own, SAVE_TIMEOUT).await?;
-            std::fs::rename(&own, tmp.join("state"))
-                .map_err(|e| fsutil::io_error("moving the saved state into the snapshot", e))?;
+            let moved = fsutil::move_file(&own, &tmp.join("state"));
+            let _ = std::fs::remove_file(&own);
+            moved?;
             self.confine().seal(&tmp.join("state"))?;
         }
         // Freeze the disk: the new empty top layer takes the writes from now on; the old top is immutable.
