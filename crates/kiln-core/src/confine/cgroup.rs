@@ -107,6 +107,35 @@ impl Cgroups {
         }
     }
 
+    /// Removes groups that no process uses any more, left by VMs that died while no daemon watched (or
+    /// by a daemon that was killed). A group in use cannot be removed (rmdir fails), and one created in
+    /// the last minute is skipped: another daemon may be about to start a VM in it.
+    pub fn prune_idle(&self) -> usize {
+        let parents: Vec<PathBuf> = match self {
+            Cgroups::V2 { root } => vec![root.join(PARENT)],
+            Cgroups::V1 { memory, cpu, pids } => {
+                [memory, cpu, pids].iter().map(|c| c.join(PARENT)).collect()
+            }
+        };
+        let recent = |p: &Path| {
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age < std::time::Duration::from_secs(60))
+        };
+        let mut removed = 0;
+        for parent in parents {
+            for entry in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+                let p = entry.path();
+                if p.is_dir() && !recent(&p) && std::fs::remove_dir(&p).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
     /// The sandbox's group directories.
     pub fn dirs(&self, id: &str) -> Vec<PathBuf> {
         match self {
