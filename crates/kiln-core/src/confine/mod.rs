@@ -73,9 +73,10 @@ impl Confinement {
         }
         let cgroups = match cgroup::Cgroups::detect() {
             Ok(c) => {
+                let pruned = c.prune_idle();
                 info!(
                     kind = c.kind(),
-                    "VMs get a cgroup each (memory, CPU and pid limits)"
+                    pruned, "VMs get a cgroup each (memory, CPU and pid limits)"
                 );
                 Some(c)
             }
