@@ -43,6 +43,9 @@ pub struct Confinement {
     pub users: Users,
     pub cgroups: Option<cgroup::Cgroups>,
     pub netguard: Option<netguard::NetGuard>,
+    /// Uids handed out by this daemon, so concurrent creations (a fork's children) never share one before
+    /// their records reach the database.
+    handed_out: std::sync::Mutex<std::collections::HashSet<u32>>,
 }
 
 impl Confinement {
@@ -109,6 +112,7 @@ impl Confinement {
             users,
             cgroups,
             netguard,
+            handed_out: Default::default(),
         }
     }
 
@@ -120,6 +124,7 @@ impl Confinement {
             },
             cgroups: None,
             netguard: None,
+            handed_out: Default::default(),
         }
     }
 
@@ -134,12 +139,14 @@ impl Confinement {
         }
         // Random rather than lowest-free: daemons with different data directories on one host (tests) then
         // practically never share a uid.
+        let mut handed_out = self.handed_out.lock().unwrap_or_else(|p| p.into_inner());
         let start: u32 = rand::random::<u32>() % UID_COUNT;
         for i in 0..UID_COUNT {
             let uid = UID_BASE + (start + i) % UID_COUNT;
             // SAFETY: getpwuid returns a pointer into static storage or null; only the null check is used.
             let in_passwd = unsafe { !libc::getpwuid(uid).is_null() };
-            if !taken.contains(&uid) && !in_passwd {
+            if !taken.contains(&uid) && !handed_out.contains(&uid) && !in_passwd {
+                handed_out.insert(uid);
                 return Ok(Some(uid));
             }
         }
@@ -322,8 +329,14 @@ mod tests {
             },
             cgroups: None,
             netguard: None,
+            handed_out: Default::default(),
         };
         let uid = c.allocate_uid(&[]).unwrap().unwrap();
+        let others: std::collections::HashSet<u32> = (0..100)
+            .map(|_| c.allocate_uid(&[]).unwrap().unwrap())
+            .collect();
+        assert_eq!(others.len(), 100);
+        assert!(!others.contains(&uid), "a uid was handed out twice");
         assert!((UID_BASE..UID_BASE + UID_COUNT).contains(&uid));
         let r = c.run_as(Some(uid)).unwrap();
         assert_eq!((r.uid, r.gid, r.groups.clone()), (uid, uid, vec![4242, 36]));
