@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # Installs the host packages kiln needs on Debian/Ubuntu: QEMU 10 (bookworm-backports on Debian 12),
-# qemu-utils, busybox-static, debootstrap, e2fsprogs, cpio, and the tools used to unpack the guest kernel.
+# qemu-utils, busybox-static, debootstrap, e2fsprogs, cpio, iptables (keeps guests off the host's own
+# addresses), and the tools used to unpack the guest kernel; and creates the `kiln-qemu` system user and
+# group (VM processes run as per-sandbox uids with this supplementary group; see docs/security.md).
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 
 say() { printf '\033[1m[kiln setup]\033[0m %s\n' "$*"; }
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+if ! getent group kiln-qemu >/dev/null; then
+  say "creating the kiln-qemu system user and group"
+  $SUDO useradd --system --user-group --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin --comment "kiln VM processes" kiln-qemu
+fi
 
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
@@ -19,6 +27,7 @@ command -v zstd >/dev/null || need+=(zstd)
 command -v file >/dev/null || need+=(file)
 command -v sqlite3 >/dev/null || need+=(sqlite3)
 command -v python3 >/dev/null || need+=(python3)
+command -v iptables >/dev/null || need+=(iptables)
 
 qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -n1; }
 if command -v qemu-system-x86_64 >/dev/null && [ "$(qemu_major)" -lt 9 ]; then

@@ -69,6 +69,10 @@ CREATE TABLE attachments (
 );
 CREATE INDEX attachments_by_volume ON attachments(volume);
 "#,
+    r#"
+ALTER TABLE sandboxes ADD COLUMN egress INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE sandboxes ADD COLUMN qemu_uid INTEGER;
+"#,
 ];
 
 pub struct Db {
@@ -125,8 +129,8 @@ impl Db {
         let conn = self.lock();
         conn.execute(
             "INSERT INTO sandboxes (id, name, template, state, memory_mib, cpus, disk_size_bytes, env, labels,
-               ports, hostname, mac, accel, pid, error, created_at, updated_at, origin)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+               ports, hostname, mac, accel, pid, error, created_at, updated_at, origin, egress, qemu_uid)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
             params![
                 s.id,
                 s.name,
@@ -145,7 +149,9 @@ impl Db {
                 s.error,
                 s.created_at,
                 s.updated_at,
-                s.origin
+                s.origin,
+                s.egress,
+                s.qemu_uid
             ],
         )
         .map_err(|e| match e {
@@ -233,6 +239,15 @@ impl Db {
         Ok(())
     }
 
+    /// VM uids held by sandboxes (whatever their state: a stopped sandbox keeps its files' owner).
+    pub fn qemu_uids(&self) -> Result<Vec<u32>> {
+        let conn = self.lock();
+        let mut stmt =
+            conn.prepare_cached("SELECT qemu_uid FROM sandboxes WHERE qemu_uid IS NOT NULL")?;
+        let rows = stmt.query_map([], |r| r.get::<_, u32>(0))?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
     pub fn delete_sandbox(&self, id: &str) -> Result<()> {
         self.lock()
             .execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
@@ -273,6 +288,8 @@ fn row_to_sandbox(r: &Row<'_>) -> rusqlite::Result<Sandbox> {
         origin: r.get("origin")?,
         restored_from: r.get("restored_from")?,
         volumes: Vec::new(),
+        egress: r.get("egress")?,
+        qemu_uid: r.get("qemu_uid")?,
     })
 }
 
@@ -302,6 +319,8 @@ mod tests {
             origin: "template:tiny".into(),
             restored_from: None,
             volumes: vec![],
+            egress: true,
+            qemu_uid: None,
         }
     }
 

@@ -46,6 +46,9 @@ pub struct CreateSandbox {
     /// Volumes to attach (at most 4).
     #[serde(default)]
     pub volumes: Vec<crate::volume::VolumeMount>,
+    /// Let the guest open connections out (default true). `false` cuts it off from the network (slirp
+    /// `restrict=on`); ports forwarded into it still work. A guest never reaches the host's own addresses.
+    pub egress: Option<bool>,
 }
 
 /// A command to run in a sandbox.
@@ -86,6 +89,7 @@ pub struct Engine {
     verified: Mutex<std::collections::HashSet<String>>,
     /// Serialises volume creation, deletion and attachment decisions.
     volumes: tokio::sync::Mutex<()>,
+    confine: crate::confine::Confinement,
 }
 
 impl Engine {
@@ -110,6 +114,16 @@ impl Engine {
         .await
         .map_err(|e| Error::internal(format!("accelerator probe panicked: {e}")))?;
         info!(accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
+        let confine = tokio::task::spawn_blocking({
+            let (data, sandboxes, snapshots) = (
+                cfg.data_dir.clone(),
+                cfg.sandboxes_dir(),
+                cfg.snapshots_dir(),
+            );
+            move || crate::confine::Confinement::setup(&data, &sandboxes, &snapshots)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("confinement setup panicked: {e}")))?;
         let images = ImageStore::new(cfg.images_dir(), cfg.cache_dir());
         let engine = Arc::new(Engine {
             cfg,
@@ -119,6 +133,7 @@ impl Engine {
             slots: Mutex::new(HashMap::new()),
             verified: Mutex::new(Default::default()),
             volumes: tokio::sync::Mutex::new(()),
+            confine,
         });
         engine.clean_snapshot_debris();
         engine.clean_volume_debris();
@@ -152,6 +167,16 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(snapshot);
+    }
+    pub(crate) fn confine(&self) -> &crate::confine::Confinement {
+        &self.confine
+    }
+    /// Called once when the daemon exits: drops host-wide rules nothing needs any more.
+    pub fn shutdown(&self) {
+        self.confine.shutdown();
+    }
+    pub(crate) fn new_qemu_uid(&self) -> Result<Option<u32>> {
+        self.confine.allocate_uid(&self.db.qemu_uids()?)
     }
     pub(crate) fn db(&self) -> &Db {
         &self.db
@@ -336,6 +361,7 @@ impl Engine {
                         disk_size_gib: req.disk_size_gib,
                         labels: req.labels,
                         volumes: req.volumes,
+                        egress: req.egress,
                     },
                 )
                 .await;
@@ -404,6 +430,8 @@ impl Engine {
             origin: format!("template:{template}"),
             restored_from: None,
             volumes: req.volumes.clone(),
+            egress: req.egress.unwrap_or(true),
+            qemu_uid: self.new_qemu_uid()?,
         };
         {
             let _volumes = self.volume_lock().await;

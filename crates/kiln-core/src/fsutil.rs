@@ -37,6 +37,27 @@ pub fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
     }
 }
 
+/// Renames `src` to `dst`, copying when they are on different filesystems (the snapshot store may be a
+/// mount of its own).
+pub fn move_file(src: &Path, dst: &Path) -> Result<()> {
+    match std::fs::rename(src, dst) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => std::fs::copy(src, dst)
+            .map(|_| ())
+            .and_then(|()| std::fs::remove_file(src))
+            .map_err(|e| {
+                io_error(
+                    &format!("copying {} to {}", src.display(), dst.display()),
+                    e,
+                )
+            }),
+        Err(e) => Err(io_error(
+            &format!("moving {} to {}", src.display(), dst.display()),
+            e,
+        )),
+    }
+}
+
 pub fn io_error(context: &str, e: std::io::Error) -> Error {
     if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
         return Error::new(

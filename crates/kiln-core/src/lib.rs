@@ -3,6 +3,7 @@
 //! per sandbox while letting different sandboxes proceed in parallel.
 
 pub mod config;
+pub mod confine;
 pub mod db;
 pub mod doctor;
 pub mod engine;

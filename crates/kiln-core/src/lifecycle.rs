@@ -83,6 +83,7 @@ impl Engine {
         let _ = qmp.execute("quit", None).await;
         slot.vm.lock().await.take();
         vm.terminate().await;
+        self.confine().remove_cgroup(&sb.id);
         if let Memory::Owned { file } = &layout.memory {
             fsutil::fsync_path(file)?;
         }

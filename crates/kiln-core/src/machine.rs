@@ -47,6 +47,7 @@ impl Engine {
         let dir = self.config().sandbox_dir(&sb.id);
         std::fs::create_dir_all(dir.join("layers"))
             .map_err(|e| fsutil::io_error(&format!("creating {}", dir.display()), e))?;
+        self.own_sandbox_dir(sb)?;
         // An uncompressed kernel with qboot skips the guest's self-decompression (much faster under TCG).
         let (firmware, kernel_src) = match (&image.vmlinux, kiln_vmm::qemu::qboot_firmware()) {
             (Some(vmlinux), Some(qboot)) => (Some(qboot), vmlinux.clone()),
@@ -56,6 +57,9 @@ impl Engine {
         fsutil::link_or_copy(&image.initrd, &dir.join("initrd"))?;
         let base = dir.join("layers/0.raw");
         fsutil::link_or_copy(&image.rootfs, &base)?;
+        for f in [dir.join("kernel"), dir.join("initrd"), base.clone()] {
+            self.confine().make_readable(&f)?;
+        }
         let mut layout = Layout {
             firmware,
             kernel: dir.join("kernel"),
@@ -80,12 +84,20 @@ impl Engine {
         self.place_mounts(&dir, &mut layout.volume_slots, mounts, false)?;
         let top = layout.next_top_path(&dir);
         create_top_layer(&top, &layout.disk_layers[0], sb.disk_size_bytes)?;
+        self.confine().own_file(&top, sb.qemu_uid)?;
         layout.disk_layers.push(Layer {
             path: top,
             format: "qcow2".into(),
             checksum: None,
         });
         Ok(layout)
+    }
+
+    /// The sandbox directory and its `layers/` belong to the sandbox's VM user (`0700`).
+    pub(crate) fn own_sandbox_dir(&self, sb: &Sandbox) -> Result<()> {
+        let dir = self.config().sandbox_dir(&sb.id);
+        self.confine().own_dir(&dir, sb.qemu_uid)?;
+        self.confine().own_dir(&dir.join("layers"), sb.qemu_uid)
     }
 
     pub(crate) fn vm_spec(&self, sb: &Sandbox, layout: &Layout, incoming: bool) -> VmSpec {
@@ -122,6 +134,11 @@ impl Engine {
                 .collect(),
             incoming,
             start_paused: incoming,
+            egress: sb.egress,
+            confine: kiln_vmm::Confine {
+                run_as: self.confine().run_as(sb.qemu_uid),
+                cgroup_procs: Vec::new(),
+            },
         }
     }
 
@@ -132,11 +149,15 @@ impl Engine {
         layout: &Layout,
         incoming: Option<Incoming>,
     ) -> Result<Arc<Vm>> {
-        let spec = self.vm_spec(sb, layout, incoming.is_some());
+        let mut spec = self.vm_spec(sb, layout, incoming.is_some());
+        spec.confine.cgroup_procs = self.confine().cgroup_for(
+            &sb.id,
+            &crate::confine::cgroup::Limits::for_vm(sb.memory_mib, sb.cpus),
+        );
         let t0 = std::time::Instant::now();
         let pid = {
             let spec = spec.clone();
-            tokio::task::spawn_blocking(move || kiln_vmm::qemu::launch(&spec))
+            tokio::task::spawn_blocking(move || kiln_vmm::launch::launch(&spec))
                 .await
                 .map_err(|e| Error::internal(e.to_string()))?
                 .map_err(|e| Error::new(ErrorCode::BootFailed, e.to_string()))?
@@ -146,32 +167,47 @@ impl Engine {
         tracing::debug!(sandbox = %sb.id, ms = t0.elapsed().as_millis() as u64, "QEMU launched");
         let result = match incoming {
             None => self.wait_for_agent(&vm).await,
-            Some(inc) => self.restore_into(&sb.id, &vm, &inc).await,
+            Some(inc) => self.restore_into(sb, &vm, &inc).await,
         };
         match result {
             Ok(()) => Ok(vm),
             Err(e) => {
                 vm.terminate().await;
+                self.confine().remove_cgroup(&sb.id);
                 Err(e)
             }
         }
     }
 
-    async fn restore_into(&self, sb_id: &str, vm: &Vm, inc: &Incoming) -> Result<()> {
+    async fn restore_into(&self, sb: &Sandbox, vm: &Vm, inc: &Incoming) -> Result<()> {
         let qmp = vm.qmp().await?;
-        kiln_vmm::migration::load_state(&qmp, &inc.state, RESTORE_TIMEOUT)
-            .await
-            .map_err(|e| {
-                Error::new(
-                    ErrorCode::SnapshotIncompatible,
-                    format!("QEMU refused the saved state: {e}"),
-                )
-            })?;
+        // QEMU opens the state file itself, as the sandbox's user, which can only reach its own directory:
+        // a snapshot's (immutable, sealed) state is hard-linked in for the load.
+        let dir = self.config().sandbox_dir(&sb.id);
+        let state = if inc.state.starts_with(&dir) {
+            inc.state.clone()
+        } else {
+            let link = dir.join("incoming.state");
+            let _ = std::fs::remove_file(&link);
+            fsutil::link_or_copy(&inc.state, &link)?;
+            self.confine().seal(&link)?;
+            link
+        };
+        let loaded = kiln_vmm::migration::load_state(&qmp, &state, RESTORE_TIMEOUT).await;
+        if state != inc.state {
+            let _ = std::fs::remove_file(&state);
+        }
+        loaded.map_err(|e| {
+            Error::new(
+                ErrorCode::SnapshotIncompatible,
+                format!("QEMU refused the saved state: {e}"),
+            )
+        })?;
         tracing::debug!(vm = %vm.name, "state loaded");
         if inc.resume {
             qmp.execute("cont", None).await?;
             tracing::debug!(vm = %vm.name, "vCPUs running");
-            self.after_resume(sb_id, vm, inc.identity.as_ref()).await?;
+            self.after_resume(&sb.id, vm, inc.identity.as_ref()).await?;
             tracing::debug!(vm = %vm.name, "agent answered, clock set");
         }
         Ok(())

@@ -104,6 +104,11 @@ pub struct Sandbox {
     /// Volumes attached to this sandbox.
     #[serde(default)]
     pub volumes: Vec<crate::volume::VolumeMount>,
+    /// Whether the guest may open network connections out (to the internet); forwarded ports work either way.
+    pub egress: bool,
+    /// The unprivileged uid its VM process runs as; None when the daemon cannot confine VMs (not root, or
+    /// the kiln-qemu group is missing).
+    pub qemu_uid: Option<u32>,
 }
 
 impl Sandbox {

@@ -4,6 +4,7 @@
 pub mod accel;
 pub mod error;
 pub mod img;
+pub mod launch;
 pub mod memory;
 pub mod migration;
 pub mod process;
@@ -12,6 +13,7 @@ pub mod qmp;
 
 pub use accel::{Accel, AccelChoice};
 pub use error::VmmError;
+pub use launch::{Confine, RunAs};
 pub use qemu::{volume_serial, DiskLayer, PortForward, VmSpec, VolumeBackend};
 pub use qmp::Qmp;
 

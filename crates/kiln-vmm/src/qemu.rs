@@ -3,17 +3,20 @@
 //! Every VM has the same snapshot-friendly shape: a `microvm` machine whose RAM is a `memory-backend-file`
 //! in the sandbox's directory (so a snapshot can keep RAM in a file and migrate only device state), only
 //! migratable virtio-mmio devices, a QMP socket, a virtio-serial port for the guest agent, and the serial
-//! console in a log file. QEMU runs daemonized so it outlives the kiln daemon and can be re-adopted.
+//! console in a log file. QEMU runs in a session of its own (see `launch`) so it outlives the kiln daemon
+//! and can be re-adopted, under a seccomp filter, and optionally as an unprivileged user in cgroups.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use crate::accel::Accel;
 use crate::error::VmmError;
 
 /// The virtio-serial port name the guest agent looks for.
 pub const AGENT_PORT_NAME: &str = "kiln.agent";
+
+/// QEMU's seccomp policy for every VM.
+pub const SECCOMP: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// Unix socket paths are limited to 107 bytes plus a NUL by the kernel.
 const MAX_SOCKET_PATH: usize = 107;
@@ -78,6 +81,11 @@ pub struct VmSpec {
     pub incoming: bool,
     /// Start with vCPUs stopped (`-S`).
     pub start_paused: bool,
+    /// Whether the guest may open connections through user networking; `false` is slirp's `restrict=on`
+    /// (port forwards into the guest still work).
+    pub egress: bool,
+    /// Who the process runs as and which cgroups it joins.
+    pub confine: crate::launch::Confine,
 }
 
 impl VmSpec {
@@ -117,13 +125,19 @@ impl VmSpec {
         ]);
         push(&["-smp", &self.vcpus.to_string()]);
         push(&["-m", &format!("{}M", self.memory_mib)]);
+        // A private mapping opens its (immutable, shared) file read-only with writable RAM on top
+        // (`readonly=on,rom=off`): the VM's user may only read a snapshot's RAM file.
         push(&[
             "-object",
             &format!(
-                "memory-backend-file,id=mem,size={}M,mem-path={},share={},prealloc=off",
+                "memory-backend-file,id=mem,size={}M,mem-path={},{},prealloc=off",
                 self.memory_mib,
                 qemu_opt_path(&self.memory_file),
-                if self.memory_shared { "on" } else { "off" }
+                if self.memory_shared {
+                    "share=on"
+                } else {
+                    "share=off,readonly=on,rom=off"
+                }
             ),
         ]);
         // A guest reboot or panic ends the VM instead of looping, so a crash is seen as one.
@@ -147,6 +161,9 @@ impl VmSpec {
         }
         push(&["-device", "virtio-blk-device,drive=disk0,id=rootdisk"]);
         let mut netdev = "user,id=net0".to_string();
+        if !self.egress {
+            netdev.push_str(",restrict=on");
+        }
         for f in &self.forwards {
             netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:{}", f.host, f.guest));
         }
@@ -197,7 +214,10 @@ impl VmSpec {
         ]);
         push(&["-pidfile", &self.pid_file().to_string_lossy()]);
         push(&["-D", &self.qemu_log().to_string_lossy()]);
-        push(&["-daemonize"]);
+        // seccomp: no exec/fork, no privilege or scheduler/affinity changes, no obsolete syscalls. This is
+        // why QEMU is not started with `-daemonize` (its fork and setsid would be refused): `launch`
+        // detaches it instead.
+        push(&["-sandbox", SECCOMP]);
         if self.incoming {
             push(&["-incoming", "defer"]);
         }
@@ -207,7 +227,7 @@ impl VmSpec {
         a
     }
 
-    fn check_paths(&self) -> Result<(), VmmError> {
+    pub(crate) fn check_paths(&self) -> Result<(), VmmError> {
         for sock in [self.qmp_socket(), self.agent_socket()] {
             if sock.as_os_str().len() > MAX_SOCKET_PATH {
                 return Err(VmmError::LaunchFailed {
@@ -277,45 +297,6 @@ fn qemu_opt_path(p: &Path) -> String {
     p.to_string_lossy().replace(',', ",,")
 }
 
-/// Starts QEMU daemonized and returns its pid once QEMU reports it initialised (QMP is then listening).
-/// On failure the error carries QEMU's own stderr.
-pub fn launch(spec: &VmSpec) -> Result<u32, VmmError> {
-    spec.check_paths()?;
-    std::fs::create_dir_all(&spec.run_dir)
-        .map_err(|e| VmmError::io(format!("creating {}", spec.run_dir.display()), e))?;
-    for stale in [spec.qmp_socket(), spec.agent_socket(), spec.pid_file()] {
-        let _ = std::fs::remove_file(stale);
-    }
-    let stderr_path = spec.run_dir.join("qemu.stderr");
-    let stderr = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(&stderr_path)
-        .map_err(|e| VmmError::io(format!("creating {}", stderr_path.display()), e))?;
-    let binary = crate::qemu_binary();
-    let status = Command::new(&binary)
-        .args(spec.args())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .status()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => VmmError::MissingTool {
-                tool: binary.clone(),
-                hint: "install QEMU: sudo apt-get install -t bookworm-backports qemu-system-x86 (or run scripts/install-deps.sh)".into(),
-            },
-            _ => VmmError::io(format!("running {binary}"), e),
-        })?;
-    let stderr_text = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-    if !status.success() {
-        return Err(VmmError::LaunchFailed {
-            detail: format!("{status}: {}", stderr_text.trim()),
-        });
-    }
-    read_pid_file(&spec.pid_file())
-}
-
 pub fn read_pid_file(path: &Path) -> Result<u32, VmmError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| VmmError::io(format!("reading {}", path.display()), e))?;
@@ -376,6 +357,8 @@ mod tests {
             volumes: vec![],
             incoming: false,
             start_paused: false,
+            egress: true,
+            confine: Default::default(),
         }
     }
 
@@ -404,7 +387,7 @@ mod tests {
         s.incoming = true;
         s.start_paused = true;
         let args = s.args();
-        assert!(value_after(&args, "-object")[0].contains("share=off"));
+        assert!(value_after(&args, "-object")[0].contains("share=off,readonly=on,rom=off"));
         assert_eq!(value_after(&args, "-incoming"), ["defer"]);
         assert!(args.iter().any(|a| a == "-S"));
     }
@@ -463,6 +446,19 @@ mod tests {
             value_after(&args, "-netdev"),
             ["user,id=net0,hostfwd=tcp:127.0.0.1:8080-:80"]
         );
+    }
+
+    #[test]
+    fn no_egress_restricts_user_networking_and_seccomp_is_always_on() {
+        let mut s = spec();
+        s.egress = false;
+        let args = s.args();
+        assert_eq!(
+            value_after(&args, "-netdev"),
+            ["user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:8080-:80"]
+        );
+        assert_eq!(value_after(&args, "-sandbox"), [SECCOMP]);
+        assert!(!args.iter().any(|a| a == "-daemonize"));
     }
 
     #[test]

@@ -63,6 +63,9 @@ pub struct CreateArgs {
     /// Attach a volume (NAME:/PATH or NAME:/PATH:ro); repeatable.
     #[arg(long = "volume", short = 'v')]
     volumes: Vec<String>,
+    /// Cut the guest off from the network (no outgoing connections); forwarded ports still work.
+    #[arg(long)]
+    no_egress: bool,
 }
 
 pub fn key_values(items: &[String], what: &str) -> anyhow::Result<serde_json::Map<String, Value>> {
@@ -118,6 +121,9 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
             }
             if let Some(d) = a.disk_size {
                 body["disk_size_gib"] = json!(d);
+            }
+            if a.no_egress {
+                body["egress"] = json!(false);
             }
             let mut ports = Vec::new();
             for p in &a.ports {
@@ -177,6 +183,8 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
                         "mac",
                         "accel",
                         "pid",
+                        "egress",
+                        "qemu_uid",
                         "created_at",
                         "updated_at",
                     ],

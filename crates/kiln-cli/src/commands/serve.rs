@@ -102,8 +102,8 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .socket
         .clone()
         .unwrap_or_else(|| kiln_core::config::default_socket_for(&data_dir));
-    kiln_server::serve(
-        engine,
+    let result = kiln_server::serve(
+        engine.clone(),
         kiln_server::ServeOptions {
             socket,
             listen: args.listen,
@@ -118,6 +118,8 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
             },
         },
     )
-    .await?;
+    .await;
+    engine.shutdown();
+    result?;
     Ok(ExitCode::SUCCESS)
 }

@@ -59,6 +59,9 @@ pub enum SnapshotCmd {
         /// Attach a volume (NAME:/PATH or NAME:/PATH:ro); repeatable. Snapshots hold no volumes.
         #[arg(long = "volume", short = 'v')]
         volumes: Vec<String>,
+        /// Cut the new sandbox off from the network (default: as the snapshot's source was).
+        #[arg(long)]
+        no_egress: bool,
     },
     /// Roll the snapshot's source sandbox back to it (same id and name); paused unless --resume.
     Restore {
@@ -207,10 +210,14 @@ pub async fn run(cli: &Cli, cmd: &SnapshotCmd) -> anyhow::Result<ExitCode> {
             cpus,
             disk_size,
             volumes,
+            no_egress,
         } => {
             let mut body = json!({});
             if !volumes.is_empty() {
                 body["volumes"] = crate::commands::volume::volume_flags(volumes)?;
+            }
+            if *no_egress {
+                body["egress"] = json!(false);
             }
             if let Some(n) = name {
                 body["name"] = json!(n);

@@ -143,6 +143,8 @@ impl Engine {
             .ok_or_else(|| Error::internal("sandbox has no disk layers"))?;
         let new_top = layout.next_top_path(&dir);
         create_top_layer(&new_top, &below, sb.disk_size_bytes)?;
+        // QEMU opens it (blockdev-add) as the sandbox's user.
+        self.confine().own_file(&new_top, sb.qemu_uid)?;
         let was_running = status == "running";
         if was_running {
             qmp.execute("stop", None).await?;
@@ -188,7 +190,14 @@ impl Engine {
         new_top: &Path,
     ) -> Result<Captured> {
         if kind.has_memory() {
-            kiln_vmm::migration::save_state(qmp, &tmp.join("state"), SAVE_TIMEOUT).await?;
+            // QEMU writes the file as the sandbox's user, which can only write in its own directory; the
+            // result moves into the snapshot and is sealed read-only.
+            let own = self.config().sandbox_dir(&sb.id).join("snapshot.state");
+            kiln_vmm::migration::save_state(qmp, &own, SAVE_TIMEOUT).await?;
+            let moved = fsutil::move_file(&own, &tmp.join("state"));
+            let _ = std::fs::remove_file(&own);
+            moved?;
+            self.confine().seal(&tmp.join("state"))?;
         }
         // Freeze the disk: the new empty top layer takes the writes from now on; the old top is immutable.
         let node = format!("top{}", layout.generation);
@@ -200,6 +209,9 @@ impl Engine {
         });
         // Persist at once: QEMU now writes to the new layer, and a restart must use it.
         self.db().set_layout(&sb.id, layout)?;
+        // The old top is immutable from now on and will be shared with the snapshot and its resumes.
+        self.confine()
+            .seal(&layout.disk_layers[layout.disk_layers.len() - 2].path)?;
 
         let memory = if !kind.has_memory() {
             CapturedMemory::None
@@ -211,6 +223,7 @@ impl Engine {
                         .await
                         .map_err(|e| Error::internal(e.to_string()))?
                         .map_err(storage_error)?;
+                    self.confine().seal(&tmp.join("memory"))?;
                     CapturedMemory::Copied
                 }
                 // QEMU migrates a privately mapped RAM block in full (only shared file-backed RAM can be
@@ -358,6 +371,7 @@ impl Engine {
                 template: sb.template.clone(),
                 env: sb.env.clone(),
                 mac: sb.mac.clone(),
+                egress: sb.egress,
             },
             parent: parent.clone(),
             labels: req.labels.clone(),

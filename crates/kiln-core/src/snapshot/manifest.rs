@@ -51,6 +51,13 @@ pub struct Source {
     pub template: String,
     pub env: BTreeMap<String, String>,
     pub mac: String,
+    /// The source's network egress setting (snapshots from before it existed had egress).
+    #[serde(default = "egress_default")]
+    pub egress: bool,
+}
+
+fn egress_default() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -238,6 +245,7 @@ mod tests {
                 template: "tiny".into(),
                 env: Default::default(),
                 mac: "m".into(),
+                egress: true,
             },
             parent: None,
             labels: Default::default(),

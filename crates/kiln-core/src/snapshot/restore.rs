@@ -32,6 +32,8 @@ pub struct ResumeSnapshot {
     /// Volumes to attach (snapshots do not hold volumes; give them again to have them).
     #[serde(default)]
     pub volumes: Vec<crate::volume::VolumeMount>,
+    /// Let the guest open connections out; default: as the snapshot's source sandbox had it.
+    pub egress: Option<bool>,
 }
 
 /// Result of deleting a snapshot.
@@ -103,6 +105,7 @@ impl Engine {
         let dir = self.config().sandbox_dir(&sb.id);
         std::fs::create_dir_all(dir.join("layers"))
             .map_err(|e| fsutil::io_error(&format!("creating {}", dir.display()), e))?;
+        self.own_sandbox_dir(sb)?;
         let need = |role: Role| {
             m.file(role).ok_or_else(|| {
                 Error::new(
@@ -115,11 +118,15 @@ impl Engine {
         fsutil::link_or_copy(&m.resolve(&snap_dir, need(Role::Kernel)?), &kernel)?;
         let initrd = dir.join("initrd");
         fsutil::link_or_copy(&m.resolve(&snap_dir, need(Role::Initrd)?), &initrd)?;
+        // Kernel and initrd may be a template's files (world-readable, left as they are).
+        self.confine().make_readable(&kernel)?;
+        self.confine().make_readable(&initrd)?;
         let mut layers = Vec::new();
         for (i, f) in m.disks().enumerate() {
             let format = f.format.clone().unwrap_or_else(|| "qcow2".into());
             let path = dir.join(format!("layers/{i}.{format}"));
             fsutil::link_or_copy(&m.resolve(&snap_dir, f), &path)?;
+            self.confine().make_readable(&path)?;
             layers.push(Layer {
                 path,
                 format,
@@ -131,6 +138,9 @@ impl Engine {
             let base = dir.join("memory.base");
             let f = need(Role::Memory)?;
             fsutil::link_or_copy(&m.resolve(&snap_dir, f), &base)?;
+            // Mapped privately: QEMU falls back to opening it read-only, and guest writes stay in its
+            // own anonymous memory.
+            self.confine().seal(&base)?;
             Memory::Private {
                 base,
                 base_checksum: Some(f.checksum.clone()),
@@ -173,6 +183,7 @@ impl Engine {
         })?;
         let top = layout.next_top_path(&dir);
         create_top_layer(&top, &below, sb.disk_size_bytes)?;
+        self.confine().own_file(&top, sb.qemu_uid)?;
         layout.disk_layers.push(Layer {
             path: top,
             format: "qcow2".into(),
@@ -210,7 +221,8 @@ impl Engine {
             hostname: hostname.clone(),
             mac: ids::new_mac(),
             volumes: req.volumes.clone(),
-            ..self.record_from_manifest(&m, id)
+            egress: req.egress.unwrap_or(m.source.egress),
+            ..self.record_from_manifest(&m, id)?
         };
         {
             let _volumes = self.volume_lock().await;
@@ -260,9 +272,9 @@ impl Engine {
 
     /// A new sandbox record for the machine a snapshot holds: the source's identity and resources, in state
     /// `creating`. Callers override what differs (a resumed copy gets its own id, name and MAC).
-    fn record_from_manifest(&self, m: &Manifest, snap_id: &str) -> Sandbox {
+    fn record_from_manifest(&self, m: &Manifest, snap_id: &str) -> Result<Sandbox> {
         let now = now_rfc3339();
-        Sandbox {
+        Ok(Sandbox {
             id: m.source.sandbox_id.clone(),
             name: m.source.sandbox_name.clone(),
             template: m.source.template.clone(),
@@ -283,7 +295,9 @@ impl Engine {
             origin: format!("snapshot:{snap_id}"),
             restored_from: None,
             volumes: Vec::new(),
-        }
+            egress: m.source.egress,
+            qemu_uid: self.new_qemu_uid()?,
+        })
     }
 
     fn resume_resources(
@@ -370,7 +384,7 @@ impl Engine {
                 // The source is gone: recreate it under its old id and name.
                 let sb = Sandbox {
                     labels: snap.labels.clone(),
-                    ..self.record_from_manifest(&m, id)
+                    ..self.record_from_manifest(&m, id)?
                 };
                 self.db().insert_sandbox(&sb)?;
                 sb
@@ -554,7 +568,9 @@ impl Engine {
         }
     }
 
+    /// Removes a sandbox's directory and cgroup (its VM must be gone).
     pub(crate) fn remove_sandbox_files(&self, id: &str) {
+        self.confine().remove_cgroup(id);
         let dir = self.config().sandbox_dir(id);
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {

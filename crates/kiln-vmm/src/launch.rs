@@ -1,0 +1,178 @@
+//! Launching QEMU: detached into its own session, optionally as an unprivileged user and inside cgroups.
+//!
+//! QEMU is not started with `-daemonize`: under `-sandbox ...,spawn=deny,elevateprivileges=deny` its own
+//! fork and setsid would be killed by seccomp. kiln does the detaching itself, between fork and exec: a new
+//! session (Ctrl-C on the daemon does not reach the VM, and the VM outlives the daemon), the cgroups, then
+//! the user switch, all before QEMU runs a single instruction, so every byte it allocates is accounted and
+//! every file it opens is opened as the unprivileged user.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::error::VmmError;
+use crate::qemu::VmSpec;
+
+/// The credentials a VM process runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (e.g. the group that may read shared immutable snapshot files).
+    pub groups: Vec<u32>,
+}
+
+/// How a VM process is confined beyond seccomp (which is always on).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Confine {
+    /// None: run as the daemon's own user.
+    pub run_as: Option<RunAs>,
+    /// `cgroup.procs` files the process joins before exec.
+    pub cgroup_procs: Vec<PathBuf>,
+}
+
+/// How long QEMU may take to initialise (until its QMP monitor greets).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Starts QEMU and returns its pid once it has initialised (its QMP monitor answers). On failure the error
+/// carries QEMU's own stderr.
+pub fn launch(spec: &VmSpec) -> Result<u32, VmmError> {
+    spec.check_paths()?;
+    std::fs::create_dir_all(&spec.run_dir)
+        .map_err(|e| VmmError::io(format!("creating {}", spec.run_dir.display()), e))?;
+    for stale in [spec.qmp_socket(), spec.agent_socket(), spec.pid_file()] {
+        let _ = std::fs::remove_file(stale);
+    }
+    let stderr_path = spec.run_dir.join("qemu.stderr");
+    let stderr = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&stderr_path)
+        .map_err(|e| VmmError::io(format!("creating {}", stderr_path.display()), e))?;
+    // Opened here (close-on-exec) so the child only has to write(2) to them: nothing between fork and exec
+    // may allocate.
+    let cgroup_files: Vec<File> = spec
+        .confine
+        .cgroup_procs
+        .iter()
+        .map(|p| {
+            OpenOptions::new()
+                .write(true)
+                .open(p)
+                .map_err(|e| VmmError::io(format!("opening {}", p.display()), e))
+        })
+        .collect::<Result<_, _>>()?;
+    let cgroup_fds: Vec<i32> = cgroup_files.iter().map(|f| f.as_raw_fd()).collect();
+    let run_as = spec.confine.run_as.clone();
+    let binary = crate::qemu_binary();
+    let mut cmd = Command::new(&binary);
+    cmd.args(spec.args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    // SAFETY: the closure only makes raw syscalls on data prepared before the fork and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || detach_and_confine(&cgroup_fds, run_as.as_ref()));
+    }
+    let mut child = cmd.spawn().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => VmmError::MissingTool {
+            tool: binary.clone(),
+            hint: "install QEMU: sudo apt-get install -t bookworm-backports qemu-system-x86 (or run scripts/install-deps.sh)".into(),
+        },
+        _ => VmmError::io(format!("starting {binary} (confinement: {:?})", spec.confine), e),
+    })?;
+    drop(cgroup_files);
+    let pid = child.id();
+    let started = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                let text = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                return Err(VmmError::LaunchFailed {
+                    detail: format!("{status}: {}", text.trim()),
+                });
+            }
+            Ok(None) => {}
+            Err(e) => return Err(VmmError::io("waiting for QEMU", e)),
+        }
+        if qmp_greets(&spec.qmp_socket()) {
+            break;
+        }
+        if started.elapsed() > READY_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(VmmError::Timeout {
+                what: "QEMU to initialise (QMP greeting)".into(),
+                after_ms: READY_TIMEOUT.as_millis() as u64,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The VM is this daemon's child: reap it when it exits so no zombie lingers (after a daemon restart,
+    // init does that for re-adopted VMs).
+    let _ = std::thread::Builder::new()
+        .name(format!("reap-{pid}"))
+        .spawn(move || {
+            let _ = child.wait();
+        });
+    Ok(pid)
+}
+
+/// Runs in the forked child before exec: new session, join cgroups, drop to the VM's user, private umask.
+fn detach_and_confine(cgroup_fds: &[i32], run_as: Option<&RunAs>) -> std::io::Result<()> {
+    let check = |r: libc::c_int| {
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    // SAFETY: plain syscalls on valid pointers; async-signal-safe.
+    unsafe {
+        check(libc::setsid())?;
+        for fd in cgroup_fds {
+            // "0" moves the writing process; children and threads it creates later follow.
+            if libc::write(*fd, b"0".as_ptr().cast(), 1) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        if let Some(r) = run_as {
+            check(libc::setgroups(r.groups.len(), r.groups.as_ptr()))?;
+            check(libc::setresgid(r.gid, r.gid, r.gid))?;
+            check(libc::setresuid(r.uid, r.uid, r.uid))?;
+        }
+        // Sockets, the RAM file, saved state and logs that QEMU creates are private to its user.
+        libc::umask(0o077);
+    }
+    Ok(())
+}
+
+/// True once something listening on `sock` sends QMP's greeting (QEMU's main loop runs).
+fn qmp_greets(sock: &Path) -> bool {
+    let Ok(mut s) = UnixStream::connect(sock) else {
+        return false;
+    };
+    if s.set_read_timeout(Some(Duration::from_millis(250)))
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 256];
+    let mut got = Vec::new();
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            return false;
+        }
+        got.extend_from_slice(&buf[..n]);
+        if got.windows(3).any(|w| w == b"QMP") {
+            return true;
+        }
+    }
+    false
+}
