@@ -98,6 +98,10 @@ impl Engine {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)
             .map_err(|e| fsutil::io_error(&format!("creating {}", tmp.display()), e))?;
+        if internal.ephemeral {
+            std::fs::write(tmp.join(crate::recovery::EPHEMERAL_MARK), b"fork capture\n")
+                .map_err(|e| fsutil::io_error("marking a fork capture", e))?;
+        }
         let result = self
             .capture(&sb, &vm, &id, &req, &tmp, internal.ephemeral)
             .await;
@@ -146,6 +150,7 @@ impl Engine {
             qmp.execute("stop", None).await?;
         }
         let paused_at = Instant::now();
+        self.faults().hold("snapshot.paused").await;
         let frozen = self
             .freeze(sb, &qmp, &mut layout, req.kind, tmp, &new_top)
             .await;
@@ -364,6 +369,7 @@ impl Engine {
         manifest.write(tmp)?;
         fsutil::fsync_path(tmp)?;
         let dir = self.config().snapshot_dir(id);
+        self.faults().hold("snapshot.written").await;
         std::fs::rename(tmp, &dir)
             .map_err(|e| fsutil::io_error(&format!("moving snapshot into {}", dir.display()), e))?;
         fsutil::fsync_path(&self.config().snapshots_dir())?;

@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 
 use super::manifest::{Manifest, Role};
 use super::{Snapshot, SnapshotType};
-use crate::engine::Engine;
+use crate::engine::{Engine, Reservation};
 use crate::error::{Error, ErrorCode, Result};
 use crate::fsutil;
 use crate::ids;
@@ -16,6 +16,10 @@ use crate::layout::{Layer, Layout, Memory, Origin};
 use crate::machine::{create_top_layer, Incoming, NewIdentity};
 use crate::model::{now_rfc3339, Sandbox, SandboxState};
 use crate::validate;
+
+/// Recorded as the error of a sandbox while it is rolled back (state `creating`), so that a restart after a
+/// crash tells a roll back (the sandbox existed before: keep it, as failed) from a new sandbox (remove it).
+pub(crate) const RESTORING_MARK: &str = "being restored from snapshot ";
 
 /// Options for a new sandbox made from a snapshot.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
@@ -175,13 +179,27 @@ impl Engine {
 
     /// A new sandbox that continues from the snapshot (memory snapshots) or boots from its disk.
     pub async fn resume_snapshot(&self, id: &str, req: ResumeSnapshot) -> Result<Sandbox> {
+        self.resume_within(id, req, None).await
+    }
+
+    /// `resume_snapshot`, counted against `held` capacity (a fork reserves for all its children at once)
+    /// or, without it, against a reservation of its own.
+    pub(crate) async fn resume_within(
+        &self,
+        id: &str,
+        req: ResumeSnapshot,
+        held: Option<&Reservation>,
+    ) -> Result<Sandbox> {
         validate::labels(&req.labels)?;
         if let Some(name) = &req.name {
             validate::name("sandbox", name)?;
         }
         let (snap, m) = self.load_manifest(id)?;
         let (memory_mib, cpus, disk_size_bytes) = self.resume_resources(&snap, &m, &req)?;
-        self.check_capacity(memory_mib)?;
+        let own = match held {
+            Some(_) => None,
+            None => Some(self.reserve(1, memory_mib)?),
+        };
         let sb_id = ids::new_id("sb");
         let name = req.name.clone().unwrap_or_else(|| sb_id.clone());
         let hostname = name.replace('_', "-");
@@ -197,6 +215,7 @@ impl Engine {
             ..self.record_from_manifest(&m, id)
         };
         self.db().insert_sandbox(&sb)?;
+        drop(own);
         let slot = self.slot(&sb.id);
         let _guard = slot.op.write().await;
         let cmdline = with_hostname(&m.cmdline, &hostname, disk_size_bytes > m.disk_size_bytes);
@@ -341,6 +360,11 @@ impl Engine {
                 ),
             ));
         }
+        // Rolling back a sandbox that has no VM now starts one more.
+        let reservation = match &existing {
+            Some(sb) if sb.state.has_vm() || sb.state == SandboxState::Creating => None,
+            _ => Some(self.reserve(1, m.memory_mib)?),
+        };
         let sb = match existing {
             Some(sb) => sb,
             None => {
@@ -367,8 +391,13 @@ impl Engine {
             .await;
         }
         self.remove_sandbox_files(&sb.id);
-        self.db()
-            .set_state(&sb.id, SandboxState::Creating, None, None)?;
+        self.db().set_state(
+            &sb.id,
+            SandboxState::Creating,
+            None,
+            Some(&format!("{RESTORING_MARK}{id}")),
+        )?;
+        drop(reservation);
         let mut incoming_resume = resume;
         let started = async {
             let cmdline = with_hostname(&m.cmdline, &sb.hostname, false);
@@ -443,6 +472,7 @@ impl Engine {
             std::fs::rename(&dir, &trash)
                 .map_err(|e| fsutil::io_error(&format!("removing {}", dir.display()), e))?;
         }
+        self.faults().hold("snapshot.deleting").await;
         self.db().delete_snapshot(&snap.id)?;
         let _ = std::fs::remove_dir_all(&trash);
         self.forget_verified(id);
@@ -453,40 +483,6 @@ impl Engine {
         })
     }
 
-    /// Removes half-written snapshots (`.tmp-*`) and interrupted deletions (`.trash-*`) left by a crash.
-    pub(crate) fn clean_snapshot_debris(&self) {
-        for entry in std::fs::read_dir(self.config().snapshots_dir())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(".tmp-") || name.starts_with(".trash-") {
-                warn!(path = %entry.path().display(), "removing debris of an interrupted snapshot operation");
-                let _ = std::fs::remove_dir_all(entry.path());
-                continue;
-            }
-            // A complete snapshot moved into place just before kiln went down is recorded; anything
-            // else without a record is removed.
-            if matches!(self.db().find_snapshot(&name), Ok(None)) {
-                match Manifest::read(&entry.path(), &name)
-                    .and_then(|m| m.verify(&entry.path(), true).map(|()| m))
-                {
-                    Ok(m) => {
-                        let snap = snapshot_from_manifest(&m, &entry.path());
-                        if self.db().insert_snapshot(&snap, false).is_ok() {
-                            info!(snapshot = %name, "recorded a snapshot completed just before kiln stopped");
-                        }
-                    }
-                    Err(e) => {
-                        warn!(snapshot = %name, error = %e, "removing an unrecorded, incomplete snapshot");
-                        let _ = std::fs::remove_dir_all(entry.path());
-                    }
-                }
-            }
-        }
-    }
-
     pub(crate) fn remove_sandbox_files(&self, id: &str) {
         let dir = self.config().sandbox_dir(id);
         if let Err(e) = std::fs::remove_dir_all(&dir) {
@@ -494,25 +490,6 @@ impl Engine {
                 warn!(dir = %dir.display(), error = %e, "could not remove sandbox directory");
             }
         }
-    }
-}
-
-fn snapshot_from_manifest(m: &Manifest, dir: &std::path::Path) -> Snapshot {
-    Snapshot {
-        id: m.id.clone(),
-        sandbox_id: m.source.sandbox_id.clone(),
-        sandbox_name: m.source.sandbox_name.clone(),
-        kind: m.kind,
-        parent: m.parent.clone(),
-        template: m.source.template.clone(),
-        memory_mib: m.memory_mib,
-        cpus: m.cpus,
-        disk_size_bytes: m.disk_size_bytes,
-        size_bytes: fsutil::dir_allocated_bytes(dir),
-        labels: m.labels.clone(),
-        restored: false,
-        restored_at: None,
-        created_at: m.created_at.clone(),
     }
 }
 
