@@ -34,6 +34,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     child: Option<Child>,
     extra_args: Vec<String>,
+    /// Environment for the daemon (e.g. `KILN_FAULTS`); kept across restarts unless changed.
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -42,6 +44,10 @@ impl Daemon {
     }
 
     pub fn start_with(extra_args: &[&str]) -> Daemon {
+        Daemon::start_env(extra_args, &[])
+    }
+
+    pub fn start_env(extra_args: &[&str], env: &[(&str, &str)]) -> Daemon {
         // Short paths: unix socket paths are limited to 107 bytes.
         let dir = tempfile::Builder::new()
             .prefix("kt")
@@ -58,6 +64,10 @@ impl Daemon {
             socket,
             child: None,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.spawn();
         d
@@ -81,6 +91,7 @@ impl Daemon {
             .arg("serve")
             .args(&self.extra_args)
             .env("KILN_LOG", "info,kiln=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -109,11 +120,38 @@ impl Daemon {
 
     /// Stops the daemon with SIGKILL (VMs survive) and starts it again.
     pub fn restart_hard(&mut self) {
+        self.kill_hard();
+        self.spawn();
+    }
+
+    /// SIGKILLs the daemon (its VMs survive); `restart_with_env` brings it back.
+    pub fn kill_hard(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Starts the daemon again (after `kill_hard`, or replacing a running one) with another environment.
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        self.kill_hard();
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         self.spawn();
+    }
+
+    /// Waits until the daemon log holds `needle` at least `count` times.
+    pub fn wait_log(&self, needle: &str, count: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().matches(needle).count() >= count {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
     }
 
     /// Runs the CLI against this daemon.
