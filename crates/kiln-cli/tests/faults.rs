@@ -183,8 +183,8 @@ fn kill_during(d: &mut Daemon, point: &str, method: &'static str, path: String, 
     let socket = d.socket.clone();
     let req = std::thread::spawn(move || {
         // The daemon dies mid-request: the connection breaks (a panic in this thread only).
-        let bytes = body.to_string().into_bytes();
-        http_unix(&socket, method, &path, Some(&bytes), "application/json")
+        let bytes = (!body.is_null()).then(|| body.to_string().into_bytes());
+        http_unix(&socket, method, &path, bytes.as_deref(), "application/json")
     });
     assert!(
         d.wait_log(&needle, before + 1, Duration::from_secs(90)),
@@ -516,7 +516,7 @@ fn daemon_killed_in_the_middle_of_each_operation_loses_nothing() {
         "stop.saved",
         "POST",
         "/v1/sandboxes/keep/stop",
-        json!({}),
+        Value::Null,
         &w,
     );
 
@@ -532,7 +532,7 @@ fn daemon_killed_in_the_middle_of_each_operation_loses_nothing() {
         "snapshot.deleting",
         "DELETE",
         "/v1/snapshots/doomed",
-        json!({}),
+        Value::Null,
         &w,
     );
     let (status, v) = d.api(
@@ -546,12 +546,12 @@ fn daemon_killed_in_the_middle_of_each_operation_loses_nothing() {
         "delete.marked",
         "DELETE",
         "/v1/sandboxes/victim",
-        json!({}),
+        Value::Null,
         &w,
     );
 
     // A start cut short before the VM ran: still stopped, and starts later with its data.
-    let (status, v) = d.api("POST", "/v1/sandboxes/keep/stop", Some(json!({})));
+    let (status, v) = d.api("POST", "/v1/sandboxes/keep/stop", None);
     assert_eq!(status, 200, "{v}");
     let marker = w.running.remove("keep").unwrap_or_default();
     w.stopped.insert("keep".to_string(), marker.clone());
@@ -560,10 +560,10 @@ fn daemon_killed_in_the_middle_of_each_operation_loses_nothing() {
         "start.launched",
         "POST",
         "/v1/sandboxes/keep/start",
-        json!({}),
+        Value::Null,
         &w,
     );
-    let (status, v) = d.api("POST", "/v1/sandboxes/keep/start", Some(json!({})));
+    let (status, v) = d.api("POST", "/v1/sandboxes/keep/start", None);
     assert_eq!(status, 200, "{v}");
     w.stopped.clear();
     w.running.insert("keep".to_string(), marker);

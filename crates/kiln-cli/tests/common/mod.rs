@@ -237,6 +237,21 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Keep the daemon's log of a failed test; the data directory itself goes.
+            let keep = std::env::temp_dir().join("kiln-test-logs");
+            let _ = std::fs::create_dir_all(&keep);
+            let name = self
+                .dir
+                .path()
+                .file_name()
+                .map(|n| n.to_os_string())
+                .unwrap_or_default();
+            let to = keep.join(name).with_extension("log");
+            if std::fs::copy(self.dir.path().join("daemon.log"), &to).is_ok() {
+                eprintln!("daemon log kept in {}", to.display());
+            }
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
