@@ -1,19 +1,34 @@
 #!/usr/bin/env bash
 # Runs the fault tests (real VMs) and rewrites the results table in docs/reliability.md: per fault, the test,
 # pass/fail, and what it counted (objects or operations attempted / survived / lost).
-# Usage: scripts/reliability-report.sh   (KILN_TEST_IMAGES=... if the images are not in .kiln-data/images)
+# Usage: scripts/reliability-report.sh [--from-log]   (KILN_TEST_IMAGES=... if the images are not in
+# .kiln-data/images; --from-log rewrites the table from target/reliability.log without running the tests)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=target/reliability.log
 mkdir -p target
-cargo test --release -p kiln-cli --test faults --test concurrent_clients -- --nocapture --test-threads=1 2>&1 | tee "$log"
-status=${PIPESTATUS[0]}
+if [ "${1:-}" = "--from-log" ]; then
+  status=0  # only rewrite the table from the last run's log
+else
+  cargo test --release -p kiln-cli --test faults --test concurrent_clients -- --nocapture --test-threads=1 2>&1 | tee "$log"
+  status=${PIPESTATUS[0]}
+fi
 python3 - "$log" docs/reliability.md <<'PY'
 import re, sys, datetime
 log, doc = sys.argv[1], sys.argv[2]
 text = open(log, errors="replace").read()
-results = dict(re.findall(r"^test (\w+) \.\.\. (ok|FAILED|ignored)", text, re.M))
-counts = {m[0]: (m[1], m[2]) for m in re.findall(r"^RELIABILITY (\w+) (\S+) (.*)$", text, re.M)}
+# With --nocapture a test's own output sits between "test NAME ..." and its verdict (ok / FAILED), which
+# ends that line or comes on a line of its own.
+results, current = {}, None
+for line in text.splitlines():
+    m = re.match(r"^test (\w+) \.\.\. ?(.*)$", line)
+    if m:
+        current, line = m[1], m[2]
+    verdict = re.search(r"(?:^|\s)(ok|FAILED|ignored)$", line.strip())
+    if current and verdict and current not in results:
+        results[current] = verdict[1]
+        current = None
+counts = {m[0]: (m[1], m[2]) for m in re.findall(r"RELIABILITY (\w+) (\S+) (.*)$", text, re.M)}
 rows = [
     ("fork_with_a_child_killed_after_launch_leaves_nothing_behind",
      "QEMU of fork child 3 of 4 SIGKILLed right after launch (`KILN_FAULTS=qemu.kill_after_launch=kid-3`); fork over the limit; resume at the limit"),
