@@ -195,14 +195,27 @@ impl Engine {
         }
         // Freeze the disk: the new empty top layer takes the writes from now on; the old top is immutable.
         let node = format!("top{}", layout.generation);
-        qmp.snapshot_disk("rootdisk", new_top, &node).await?;
         layout.disk_layers.push(Layer {
             path: new_top.to_path_buf(),
             format: "qcow2".into(),
             checksum: None,
         });
-        // Persist at once: QEMU now writes to the new layer, and a restart must use it.
-        self.db().set_layout(&sb.id, layout)?;
+        // Recorded before QEMU switches: if kiln dies between the two, the recorded chain merely has an
+        // empty layer over the one QEMU still writes (same contents). Recorded after, a crash in between
+        // would leave QEMU writing a layer the record does not know, which the next snapshot would
+        // recreate (same generation, same file name) under the running VM.
+        let switched = match self.db().set_layout(&sb.id, layout) {
+            Ok(()) => qmp
+                .snapshot_disk("rootdisk", new_top, &node)
+                .await
+                .map_err(Error::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = switched {
+            layout.disk_layers.pop();
+            let _ = self.db().set_layout(&sb.id, layout);
+            return Err(e);
+        }
 
         let memory = if !kind.has_memory() {
             CapturedMemory::None
