@@ -2,6 +2,8 @@
 //! drive it through the CLI and the raw HTTP API.
 #![allow(dead_code)]
 
+pub mod world;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
