@@ -7,7 +7,7 @@ AGENT_BIN := target/$(AGENT_TARGET)/agent/kiln-agent
 KILN := target/release/kiln
 export KILN_DATA_DIR := $(DATA_DIR)
 
-.PHONY: all deps build agent images image-tiny image-base demo test test-unit test-images bench fuzz lint fmt clean
+.PHONY: all deps build agent images image-tiny image-base demo test test-unit test-images bench fuzz soak reliability lint fmt clean
 
 all: build
 
@@ -42,6 +42,14 @@ demo: deps images
 test: deps images
 	@bash scripts/test.sh
 
+# 50 API clients for 10 minutes against real VMs (KILN_LOAD_SECS overrides the time).
+soak: build image-tiny
+	KILN_TEST_IMAGES=$(DATA_DIR)/images $(CARGO) test --release -p kiln-cli --test concurrent_clients -- --ignored --nocapture
+
+# Runs the fault tests and rewrites the table in docs/reliability.md.
+reliability: build image-tiny
+	KILN_TEST_IMAGES=$(DATA_DIR)/images bash scripts/reliability-report.sh
+
 test-images:
 	$(CARGO) test --release -p kiln-image --test boot -- --ignored --nocapture
 
@@ -52,7 +60,7 @@ fuzz: deps image-tiny
 	@bash scripts/fuzz.sh
 
 bench: deps image-tiny
-	@bash bench/run.sh
+	@bash bench/run.sh $(ARGS)
 
 lint:
 	$(CARGO) fmt --all -- --check

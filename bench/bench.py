@@ -202,7 +202,7 @@ def bench_fork(d, runs):
         one.append(time.perf_counter() - t0)
         d.api.delete(kids[0]["id"])
     out["fork_1_child_to_first_exec"] = dict(summary(one), target_ms=150.0)
-    for n in (2, 5, 10):
+    for n in (1, 2, 5, 10):
         t0 = time.perf_counter()
         kids = d.api.call("POST", f"/v1/sandboxes/{src['id']}/fork", {"count": n, "name": f"fan{n}"})["sandboxes"]
         with concurrent.futures.ThreadPoolExecutor(n) as pool:
@@ -292,6 +292,34 @@ def main():
     with open(out, "w") as f:
         json.dump(doc, f, indent=2)
     print(f"saved {out}")
+    if any(k.startswith("fork_") and k.endswith("_children_all_answering") for k in results):
+        png = os.path.splitext(out)[0] + ".png"
+        plot_fork(doc, png)
+        print(f"saved {png}")
+
+
+def plot_fork(doc, path):
+    """Fan-out time and idle-child memory (PSS) against the number of children, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display
+    import matplotlib.pyplot as plt
+    rows = sorted(
+        (int(k.split("_")[1]), v) for k, v in doc["results"].items()
+        if k.startswith("fork_") and k.endswith("_children_all_answering"))
+    ns = [n for n, _ in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(ns, [v["median_ms"] for _, v in rows], "o-")
+    a.set(xlabel="children (N)", ylabel="ms until all N answer an exec", title="fork fan-out time", xticks=ns)
+    a.set_ylim(bottom=0)
+    pss = [v["child_pss_median_mib"] for _, v in rows]
+    b.plot(ns, pss, "o-", label="idle child PSS (median)")
+    b.axhline(256 * 0.25, color="grey", linestyle="--", label="25% of guest RAM (256 MiB)")
+    b.set(xlabel="children (N)", ylabel="MiB", title="memory per idle child", xticks=ns)
+    b.set_ylim(bottom=0)
+    b.legend()
+    fig.suptitle(f"kiln fork, {doc['accel'].upper()}, {doc['cpus']} CPUs, {doc['date'][:10]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 use std::fs;
 use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -153,6 +154,18 @@ fn start_helpers(
     tx: Sender<Inbound>,
 ) -> io::Result<(Option<Sender<Vec<u8>>>, usize)> {
     let mut pumps = 0;
+    // Duplicates of the pipes' read ends, so the supervisor can see output not yet read.
+    let dups = [
+        child
+            .stdout
+            .as_ref()
+            .map(|p| p.as_fd().try_clone_to_owned()),
+        child
+            .stderr
+            .as_ref()
+            .map(|p| p.as_fd().try_clone_to_owned()),
+    ];
+    lock(&activity.pipes).extend(dups.into_iter().flatten().flatten());
     let outputs: [(Option<Box<dyn Read + Send>>, FrameKind); 2] = [
         (
             child.stdout.take().map(|p| Box::new(p) as _),
@@ -192,11 +205,25 @@ struct Activity {
     last: Mutex<Option<Instant>>,
     /// Chunks read but not yet forwarded.
     sending: AtomicUsize,
+    /// The output pipes (duplicated read ends).
+    pipes: Mutex<Vec<OwnedFd>>,
 }
 
 impl Activity {
+    /// Output is on its way: a chunk is being forwarded, or a pipe holds bytes its pump has not read yet
+    /// (on a loaded machine the pump may not run for a while after the process exits; without this check
+    /// the drain grace could expire first and Exit would go out without the output).
     fn busy(&self) -> bool {
-        self.sending.load(Ordering::SeqCst) > 0
+        self.sending.load(Ordering::SeqCst) > 0 || self.unread()
+    }
+
+    fn unread(&self) -> bool {
+        lock(&self.pipes).iter().any(|fd| {
+            let mut n: libc::c_int = 0;
+            // SAFETY: FIONREAD stores one c_int into `n`; `fd` is an open descriptor owned here.
+            let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+            r == 0 && n > 0
+        })
     }
 
     fn last(&self) -> Option<Instant> {

@@ -353,3 +353,21 @@ fn tcp_listener_requires_the_token() {
         );
     }
 }
+
+/// A body sent to a route that takes none is read anyway: the client's write does not fail and the answer
+/// arrives, even when the body comes a moment after the request head (as from a client writing them apart).
+#[test]
+fn a_body_the_route_ignores_does_not_break_the_connection() {
+    use std::io::{Read, Write};
+    let d = Daemon::start();
+    for _ in 0..10 {
+        let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+        s.write_all(b"POST /v1/sandboxes/nope/stop HTTP/1.1\r\nHost: k\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        s.write_all(b"{}")
+            .expect("the daemon closed before reading the body");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("connection reset");
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    }
+}

@@ -14,21 +14,39 @@ pub struct Config {
     pub boot_timeout: Duration,
     /// Sandboxes with a VM (running or paused) allowed at once.
     pub max_sandboxes: usize,
-    /// Sum of guest RAM of all VMs, in MiB.
+    /// Sum of guest RAM of all VMs, in MiB (host RAM × the overcommit ratio, see `with_overcommit`).
     pub max_total_memory_mib: u64,
+    /// Test-only fault injection (`KILN_FAULTS`); empty in normal operation.
+    pub faults: crate::faults::Faults,
     pub default_template: String,
     pub default_memory_mib: u64,
     pub default_cpus: u32,
 }
 
+/// Guest RAM may add up to this many times the host's RAM by default: idle guests touch little of it, and
+/// forks share their parent's pages.
+pub const DEFAULT_OVERCOMMIT: f64 = 2.0;
+
 impl Config {
+    /// Sets the memory limit to host RAM × `ratio`.
+    pub fn with_overcommit(mut self, ratio: f64) -> Result<Config, String> {
+        if !ratio.is_finite() || ratio <= 0.0 || ratio > 100.0 {
+            return Err(format!(
+                "memory overcommit {ratio} is out of range; give a ratio above 0 and at most 100 (e.g. 1.5)"
+            ));
+        }
+        self.max_total_memory_mib = (host_memory_mib() as f64 * ratio) as u64;
+        Ok(self)
+    }
+
     pub fn new(data_dir: PathBuf) -> Config {
         Config {
             data_dir,
             accel: None,
             boot_timeout: Duration::from_secs(60),
             max_sandboxes: 64,
-            max_total_memory_mib: host_memory_mib().saturating_mul(2),
+            max_total_memory_mib: host_memory_mib().saturating_mul(DEFAULT_OVERCOMMIT as u64),
+            faults: crate::faults::Faults::default(),
             default_template: "tiny".to_string(),
             default_memory_mib: 256,
             default_cpus: 1,

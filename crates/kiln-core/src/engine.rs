@@ -90,6 +90,23 @@ pub struct Engine {
     /// Serialises volume creation, deletion and attachment decisions.
     volumes: tokio::sync::Mutex<()>,
     confine: crate::confine::Confinement,
+    /// Capacity reserved by requests whose sandboxes have no row yet: (VMs, MiB).
+    pending: Arc<Mutex<(usize, u64)>>,
+}
+
+/// Capacity held for sandboxes about to be recorded; released on drop.
+pub(crate) struct Reservation {
+    pending: Arc<Mutex<(usize, u64)>>,
+    count: usize,
+    memory_mib: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        p.0 -= self.count;
+        p.1 -= self.memory_mib;
+    }
 }
 
 impl Engine {
@@ -134,10 +151,12 @@ impl Engine {
             verified: Mutex::new(Default::default()),
             volumes: tokio::sync::Mutex::new(()),
             confine,
+            pending: Arc::new(Mutex::new((0, 0))),
         });
         engine.clean_snapshot_debris();
         engine.clean_volume_debris();
         engine.adopt().await?;
+        engine.spawn_watch();
         Ok(engine)
     }
 
@@ -211,65 +230,6 @@ impl Engine {
         })
     }
 
-    /// After a daemon restart: VMs whose QEMU is still alive are taken over; the rest are marked failed.
-    async fn adopt(&self) -> Result<()> {
-        for sb in self.db.list_sandboxes()? {
-            let name = vm_name(&sb.id);
-            let alive = sb
-                .pid
-                .is_some_and(|pid| kiln_vmm::process::is_our_qemu(pid, &name));
-            match sb.state {
-                s if s.has_vm() && alive => {
-                    let vm = Vm::new(
-                        name,
-                        self.cfg.sandbox_dir(&sb.id),
-                        sb.pid.unwrap_or(0),
-                        None,
-                    );
-                    let state = match vm.qmp().await {
-                        // Recorded as running but found paused: kiln went down in the middle of an
-                        // operation that pauses the VM briefly (a snapshot); let it run again.
-                        Ok(qmp) => match (sb.state, qmp.status().await.as_deref()) {
-                            (SandboxState::Running, Ok(status)) if status != "running" => {
-                                let _ = qmp.execute("cont", None).await;
-                                SandboxState::Running
-                            }
-                            (_, Ok("paused")) => SandboxState::Paused,
-                            _ => SandboxState::Running,
-                        },
-                        Err(_) => sb.state,
-                    };
-                    self.db.set_state(&sb.id, state, sb.pid, None)?;
-                    *self.slot(&sb.id).vm.lock().await = Some(Arc::new(vm));
-                    info!(sandbox = %sb.id, pid = ?sb.pid, "re-adopted running VM");
-                }
-                s if s.has_vm() => {
-                    self.settle_dead_vm(&sb.id, "while kiln was not running")?;
-                }
-                SandboxState::Creating => {
-                    if let Some(pid) = sb.pid.filter(|_| alive) {
-                        kiln_vmm::process::terminate(pid, &name, Duration::from_secs(3)).await;
-                    }
-                    self.db.set_state(
-                        &sb.id,
-                        SandboxState::Failed,
-                        None,
-                        Some("kiln stopped while this sandbox was being created; delete it and create it again"),
-                    )?;
-                }
-                SandboxState::Deleting => {
-                    if let Some(pid) = sb.pid.filter(|_| alive) {
-                        kiln_vmm::process::terminate(pid, &name, Duration::from_secs(3)).await;
-                    }
-                    self.remove_sandbox_files(&sb.id);
-                    self.db.delete_sandbox(&sb.id)?;
-                }
-                _ => {}
-            }
-        }
-        Ok(())
-    }
-
     /// A sandbox recorded with a VM whose QEMU is gone: stopped if a hibernation finished saving its
     /// state, else failed with the console's last lines. Used on start-up and by `kiln doctor`.
     pub(crate) fn settle_dead_vm(&self, id: &str, when: &str) -> Result<SandboxState> {
@@ -312,35 +272,56 @@ impl Engine {
             .map_err(|e| Error::new(ErrorCode::ImageNotFound, e.to_string()))
     }
 
-    pub(crate) fn check_capacity(&self, memory_mib: u64) -> Result<()> {
+    /// Reserves room for `count` more VMs of `memory_mib` each, or refuses with `capacity_exceeded` and
+    /// the numbers. Checking and reserving happen under one lock, so concurrent requests cannot all pass
+    /// the check and overshoot; the reservation is held until the new sandboxes' rows exist (which count
+    /// from then on), so for a moment a sandbox may count twice: the limit errs on the safe side.
+    pub(crate) fn reserve(&self, count: usize, memory_mib: u64) -> Result<Reservation> {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let active: Vec<Sandbox> = self
             .db
             .list_sandboxes()?
             .into_iter()
             .filter(|s| s.state.has_vm() || s.state == SandboxState::Creating)
             .collect();
-        if active.len() >= self.cfg.max_sandboxes {
+        let what = if count == 1 {
+            "1 more sandbox".to_string()
+        } else {
+            format!("{count} more sandboxes")
+        };
+        let running = active.len() + pending.0;
+        if running + count > self.cfg.max_sandboxes {
             return Err(Error::new(
                 ErrorCode::CapacityExceeded,
                 format!(
-                    "{} sandboxes are running, the limit is {}; stop or delete some first",
-                    active.len(),
+                    "{running} sandboxes are running or starting and the limit is {}, so {what} do not fit; stop or delete some first (or raise `kiln serve --max-sandboxes`)",
                     self.cfg.max_sandboxes
                 ),
             ));
         }
-        let used: u64 = active.iter().map(|s| s.memory_mib).sum();
-        if used + memory_mib > self.cfg.max_total_memory_mib {
+        let used: u64 = active.iter().map(|s| s.memory_mib).sum::<u64>() + pending.1;
+        let asked = memory_mib.saturating_mul(count as u64);
+        if used.saturating_add(asked) > self.cfg.max_total_memory_mib {
             return Err(Error::new(
                 ErrorCode::CapacityExceeded,
                 format!(
-                    "guest memory would reach {} MiB (in use {used} MiB + requested {memory_mib} MiB), over the limit of {} MiB",
-                    used + memory_mib,
+                    "guest memory would reach {} MiB (in use {used} MiB + requested {count} × {memory_mib} MiB), over the limit of {} MiB; stop or delete some sandboxes first (or raise `kiln serve --memory-overcommit`)",
+                    used.saturating_add(asked),
                     self.cfg.max_total_memory_mib
                 ),
             ));
         }
-        Ok(())
+        pending.0 += count;
+        pending.1 += asked;
+        Ok(Reservation {
+            pending: self.pending.clone(),
+            count,
+            memory_mib: asked,
+        })
+    }
+
+    pub(crate) fn faults(&self) -> &crate::faults::Faults {
+        &self.cfg.faults
     }
 
     /// Creates a sandbox and boots it; returns once its agent answers.
@@ -404,7 +385,7 @@ impl Engine {
             }
             None => template_size,
         };
-        self.check_capacity(memory_mib)?;
+        let reservation = self.reserve(1, memory_mib)?;
 
         let id = ids::new_id("sb");
         let name = req.name.clone().unwrap_or_else(|| id.clone());
@@ -439,6 +420,7 @@ impl Engine {
             self.db.insert_sandbox(&sandbox)?;
             self.db.set_attachments(&id, &req.volumes)?;
         }
+        drop(reservation);
         let slot = self.slot(&id);
         let _guard = slot.op.write().await;
         let cmdline = kiln_image::kernel_cmdline(
@@ -490,6 +472,7 @@ impl Engine {
         let Locked { sb, slot, _guard } = self.lock_sandbox(id_or_name).await?;
         self.db
             .set_state(&sb.id, SandboxState::Deleting, sb.pid, None)?;
+        self.faults().hold("delete.marked").await;
         let vm = slot.vm.lock().await.take();
         match vm {
             Some(vm) => {

@@ -64,7 +64,8 @@ impl Engine {
                 ));
             }
         }
-        self.check_capacity(sb.memory_mib * count)?;
+        // Room for all children is reserved before anything starts: a fork fits as a whole or not at all.
+        let reservation = self.reserve(count as usize, sb.memory_mib)?;
         let capture_id = format!("fork-{}", &ids::new_id("x")[2..]);
         self.create_snapshot_internal(
             &sb.id,
@@ -77,17 +78,20 @@ impl Engine {
             CreateSnapshotInternal { ephemeral: true },
         )
         .await?;
+        self.faults().hold("fork.captured").await;
         let results = futures::future::join_all(names.iter().map(|name| {
-            self.resume_snapshot(
+            self.resume_within(
                 &capture_id,
                 ResumeSnapshot {
                     name: Some(name.clone()),
                     labels: req.labels.clone(),
                     ..Default::default()
                 },
+                Some(&reservation),
             )
         }))
         .await;
+        drop(reservation);
         // The children hold their own links to the capture's files; the capture itself is not needed.
         if let Err(e) = self.delete_snapshot(&capture_id).await {
             warn!(snapshot = %capture_id, error = %e, "could not remove a fork capture");

@@ -78,6 +78,7 @@ impl Engine {
                 return Err(e);
             }
         };
+        self.faults().hold("stop.saved").await;
         // The machine is saved; end QEMU, then make the RAM file durable (its pages stay in the page cache
         // after QEMU exits) and only then publish the state file that marks the save complete.
         let _ = qmp.execute("quit", None).await;
@@ -103,7 +104,8 @@ impl Engine {
             return Ok(sb);
         }
         self.require_state(&sb, &[SandboxState::Stopped])?;
-        self.check_capacity(sb.memory_mib)?;
+        // The row already exists (stopped), so it starts counting once its state says running.
+        let _reservation = self.reserve(1, sb.memory_mib)?;
         let layout = self
             .db()
             .layout(&sb.id)?

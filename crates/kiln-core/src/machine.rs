@@ -81,7 +81,7 @@ impl Engine {
             generation: 0,
             volume_slots: vec![VolumeSlot::Empty; VOLUME_SLOTS],
         };
-        self.place_mounts(&dir, &mut layout.volume_slots, mounts, false)?;
+        self.place_mounts(&dir, sb.qemu_uid, &mut layout.volume_slots, mounts, false)?;
         let top = layout.next_top_path(&dir);
         create_top_layer(&top, &layout.disk_layers[0], sb.disk_size_bytes)?;
         self.confine().own_file(&top, sb.qemu_uid)?;
@@ -164,6 +164,18 @@ impl Engine {
         };
         self.db().set_state(&sb.id, sb.state, Some(pid), None)?;
         let vm = Arc::new(Vm::new(spec.name.clone(), spec.run_dir.clone(), pid, None));
+        if self.faults().kill_after_launch(&sb.name) {
+            // SAFETY: kill(2) on the QEMU this call just launched.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+        let point = match (sb.state, incoming.is_some()) {
+            (SandboxState::Stopped, _) => "start.launched",
+            (_, true) => "resume.launched",
+            (_, false) => "create.launched",
+        };
+        self.faults().hold(point).await;
         tracing::debug!(sandbox = %sb.id, ms = t0.elapsed().as_millis() as u64, "QEMU launched");
         let result = match incoming {
             None => self.wait_for_agent(&vm).await,
@@ -172,8 +184,20 @@ impl Engine {
         match result {
             Ok(()) => Ok(vm),
             Err(e) => {
+                let died = !vm.is_alive();
                 vm.terminate().await;
                 self.confine().remove_cgroup(&sb.id);
+                if died && e.code != ErrorCode::BootFailed {
+                    // Say that QEMU is gone rather than how the next request to it failed.
+                    let tail = kiln_vmm::qemu::tail_lines(&vm.console_log(), 5);
+                    return Err(Error::new(
+                        ErrorCode::VmFailed,
+                        format!(
+                            "QEMU (pid {pid}) exited while its saved state was loaded ({}); it was killed or crashed. Try again; if it recurs, see the console:\n{tail}",
+                            e.message
+                        ),
+                    ));
+                }
                 Err(e)
             }
         }

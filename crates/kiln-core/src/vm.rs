@@ -93,6 +93,11 @@ pub fn agent_error(e: AgentError, what: &str) -> Error {
                 kiln_agent_client::ErrorCode::NoSpace => ErrorCode::GuestDiskFull,
                 _ => ErrorCode::GuestError,
             };
+            let message = if code == ErrorCode::GuestDiskFull {
+                format!("{message}; nothing was written. Free space in the sandbox (or create it with a larger --disk-size) and try again")
+            } else {
+                message
+            };
             Error::new(code, message)
         }
         AgentError::Timeout { .. } => Error::new(ErrorCode::Timeout, format!("{what}: {e}")),

@@ -2,6 +2,7 @@
 //! default; TCP only with a bearer token).
 
 pub mod auth;
+mod drain;
 pub mod error;
 pub mod extract;
 pub mod limits;
@@ -125,6 +126,7 @@ pub fn router(engine: Arc<Engine>, limits: limits::Limits) -> Router {
                 "this route does not accept that HTTP method; see /v1/openapi.json",
             )
         })
+        .layer(axum::middleware::from_fn(drain::read_small_bodies))
         .with_state(engine)
         // Extractors that buffer (JSON) stop at this; uploads stream and check `max_upload_bytes` themselves.
         .layer(axum::extract::DefaultBodyLimit::max(

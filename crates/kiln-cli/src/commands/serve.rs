@@ -27,8 +27,8 @@ pub struct ServeArgs {
     /// Seconds a cold boot may take before the sandbox is marked failed.
     #[arg(long, default_value_t = 60)]
     boot_timeout: u64,
-    /// Most sandboxes with a VM at once.
-    #[arg(long, default_value_t = 64)]
+    /// Most sandboxes with a VM at once (creates, resumes, starts and forks beyond it get 429).
+    #[arg(long, env = "KILN_MAX_SANDBOXES", default_value_t = 64)]
     max_sandboxes: usize,
     /// Largest JSON request body, in bytes (larger ones get 413 payload_too_large).
     #[arg(long, default_value_t = kiln_server::limits::DEFAULT_MAX_BODY_BYTES)]
@@ -43,6 +43,9 @@ pub struct ServeArgs {
     /// Requests a client may send in a burst above --rate-limit.
     #[arg(long, default_value_t = kiln_server::limits::DEFAULT_RATE_BURST)]
     rate_burst: f64,
+    /// Guest RAM of all VMs together may reach host RAM × RATIO (e.g. 1.5); beyond it requests get 429.
+    #[arg(long, env = "KILN_MEMORY_OVERCOMMIT", default_value_t = kiln_core::config::DEFAULT_OVERCOMMIT)]
+    memory_overcommit: f64,
 }
 
 pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
@@ -69,7 +72,25 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         ),
     };
     cfg.boot_timeout = std::time::Duration::from_secs(args.boot_timeout);
+    if args.max_sandboxes == 0 {
+        anyhow::bail!("--max-sandboxes must be at least 1");
+    }
     cfg.max_sandboxes = args.max_sandboxes;
+    let mut cfg = cfg
+        .with_overcommit(args.memory_overcommit)
+        .map_err(anyhow::Error::msg)?;
+    // Test-only fault injection; see kiln_core::faults.
+    if let Ok(spec) = std::env::var("KILN_FAULTS") {
+        cfg.faults = kiln_core::faults::Faults::parse(&spec).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if !cfg.faults.is_empty() {
+            tracing::warn!(%spec, "fault injection is on (KILN_FAULTS); do not use this daemon for real work");
+        }
+    }
+    tracing::info!(
+        max_sandboxes = cfg.max_sandboxes,
+        max_guest_memory_mib = cfg.max_total_memory_mib,
+        "capacity limits"
+    );
     if !(args.rate_limit.is_finite() && args.rate_limit >= 0.0 && args.rate_burst.is_finite()) {
         anyhow::bail!(
             "--rate-limit and --rate-burst must be non-negative numbers (0 turns the limit off)"

@@ -2,6 +2,8 @@
 //! drive it through the CLI and the raw HTTP API.
 #![allow(dead_code)]
 
+pub mod world;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -34,6 +36,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     child: Option<Child>,
     extra_args: Vec<String>,
+    /// Environment for the daemon (e.g. `KILN_FAULTS`); kept across restarts unless changed.
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -42,6 +46,10 @@ impl Daemon {
     }
 
     pub fn start_with(extra_args: &[&str]) -> Daemon {
+        Daemon::start_env(extra_args, &[])
+    }
+
+    pub fn start_env(extra_args: &[&str], env: &[(&str, &str)]) -> Daemon {
         // Short paths: unix socket paths are limited to 107 bytes.
         let dir = tempfile::Builder::new()
             .prefix("kt")
@@ -58,6 +66,10 @@ impl Daemon {
             socket,
             child: None,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.spawn();
         d
@@ -81,6 +93,7 @@ impl Daemon {
             .arg("serve")
             .args(&self.extra_args)
             .env("KILN_LOG", "info,kiln=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -109,11 +122,38 @@ impl Daemon {
 
     /// Stops the daemon with SIGKILL (VMs survive) and starts it again.
     pub fn restart_hard(&mut self) {
+        self.kill_hard();
+        self.spawn();
+    }
+
+    /// SIGKILLs the daemon (its VMs survive); `restart_with_env` brings it back.
+    pub fn kill_hard(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Starts the daemon again (after `kill_hard`, or replacing a running one) with another environment.
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        self.kill_hard();
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         self.spawn();
+    }
+
+    /// Waits until the daemon log holds `needle` at least `count` times.
+    pub fn wait_log(&self, needle: &str, count: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().matches(needle).count() >= count {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
     }
 
     /// Runs the CLI against this daemon.
@@ -199,6 +239,21 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Keep the daemon's log of a failed test; the data directory itself goes.
+            let keep = std::env::temp_dir().join("kiln-test-logs");
+            let _ = std::fs::create_dir_all(&keep);
+            let name = self
+                .dir
+                .path()
+                .file_name()
+                .map(|n| n.to_os_string())
+                .unwrap_or_default();
+            let to = keep.join(name).with_extension("log");
+            if std::fs::copy(self.dir.path().join("daemon.log"), &to).is_ok() {
+                eprintln!("daemon log kept in {}", to.display());
+            }
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -250,7 +305,17 @@ pub fn http_unix(
         body.len()
     );
     s.write_all(head.as_bytes()).expect("write");
-    s.write_all(body).expect("write body");
+    // The server may answer before reading the whole body (e.g. 507 when the guest disk fills up) and
+    // close the connection; the answer is still there to read.
+    if let Err(e) = s.write_all(body) {
+        assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ),
+            "write body: {e}"
+        );
+    }
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).expect("read");
     let split = raw

@@ -98,6 +98,10 @@ impl Engine {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)
             .map_err(|e| fsutil::io_error(&format!("creating {}", tmp.display()), e))?;
+        if internal.ephemeral {
+            std::fs::write(tmp.join(crate::recovery::EPHEMERAL_MARK), b"fork capture\n")
+                .map_err(|e| fsutil::io_error("marking a fork capture", e))?;
+        }
         let result = self
             .capture(&sb, &vm, &id, &req, &tmp, internal.ephemeral)
             .await;
@@ -150,6 +154,7 @@ impl Engine {
             qmp.execute("stop", None).await?;
         }
         let paused_at = Instant::now();
+        self.faults().hold("snapshot.paused").await;
         let frozen = self
             .freeze(sb, &qmp, &mut layout, req.kind, tmp, &new_top)
             .await;
@@ -201,14 +206,27 @@ impl Engine {
         }
         // Freeze the disk: the new empty top layer takes the writes from now on; the old top is immutable.
         let node = format!("top{}", layout.generation);
-        qmp.snapshot_disk("rootdisk", new_top, &node).await?;
         layout.disk_layers.push(Layer {
             path: new_top.to_path_buf(),
             format: "qcow2".into(),
             checksum: None,
         });
-        // Persist at once: QEMU now writes to the new layer, and a restart must use it.
-        self.db().set_layout(&sb.id, layout)?;
+        // Recorded before QEMU switches: if kiln dies between the two, the recorded chain merely has an
+        // empty layer over the one QEMU still writes (same contents). Recorded after, a crash in between
+        // would leave QEMU writing a layer the record does not know, which the next snapshot would
+        // recreate (same generation, same file name) under the running VM.
+        let switched = match self.db().set_layout(&sb.id, layout) {
+            Ok(()) => qmp
+                .snapshot_disk("rootdisk", new_top, &node)
+                .await
+                .map_err(Error::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = switched {
+            layout.disk_layers.pop();
+            let _ = self.db().set_layout(&sb.id, layout);
+            return Err(e);
+        }
         // The old top is immutable from now on and will be shared with the snapshot and its resumes.
         self.confine()
             .seal(&layout.disk_layers[layout.disk_layers.len() - 2].path)?;
@@ -381,6 +399,7 @@ impl Engine {
         manifest.write(tmp)?;
         fsutil::fsync_path(tmp)?;
         let dir = self.config().snapshot_dir(id);
+        self.faults().hold("snapshot.written").await;
         std::fs::rename(tmp, &dir)
             .map_err(|e| fsutil::io_error(&format!("moving snapshot into {}", dir.display()), e))?;
         fsutil::fsync_path(&self.config().snapshots_dir())?;

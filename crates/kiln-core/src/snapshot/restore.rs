@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 
 use super::manifest::{Manifest, Role};
 use super::{Snapshot, SnapshotType};
-use crate::engine::Engine;
+use crate::engine::{Engine, Reservation};
 use crate::error::{Error, ErrorCode, Result};
 use crate::fsutil;
 use crate::ids;
@@ -16,6 +16,10 @@ use crate::layout::{Layer, Layout, Memory, Origin, VolumeSlot, VOLUME_SLOTS};
 use crate::machine::{create_top_layer, Incoming, NewIdentity};
 use crate::model::{now_rfc3339, Sandbox, SandboxState};
 use crate::validate;
+
+/// Recorded as the error of a sandbox while it is rolled back (state `creating`), so that a restart after a
+/// crash tells a roll back (the sandbox existed before: keep it, as failed) from a new sandbox (remove it).
+pub(crate) const RESTORING_MARK: &str = "being restored from snapshot ";
 
 /// Options for a new sandbox made from a snapshot.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
@@ -174,7 +178,13 @@ impl Engine {
                 vec![VolumeSlot::Empty; VOLUME_SLOTS]
             },
         };
-        self.place_mounts(&dir, &mut layout.volume_slots, mounts, m.kind.has_memory())?;
+        self.place_mounts(
+            &dir,
+            sb.qemu_uid,
+            &mut layout.volume_slots,
+            mounts,
+            m.kind.has_memory(),
+        )?;
         let below = layout.top().cloned().ok_or_else(|| {
             Error::new(
                 ErrorCode::SnapshotCorrupt,
@@ -201,13 +211,27 @@ impl Engine {
 
     /// A new sandbox that continues from the snapshot (memory snapshots) or boots from its disk.
     pub async fn resume_snapshot(&self, id: &str, req: ResumeSnapshot) -> Result<Sandbox> {
+        self.resume_within(id, req, None).await
+    }
+
+    /// `resume_snapshot`, counted against `held` capacity (a fork reserves for all its children at once)
+    /// or, without it, against a reservation of its own.
+    pub(crate) async fn resume_within(
+        &self,
+        id: &str,
+        req: ResumeSnapshot,
+        held: Option<&Reservation>,
+    ) -> Result<Sandbox> {
         validate::labels(&req.labels)?;
         if let Some(name) = &req.name {
             validate::name("sandbox", name)?;
         }
         let (snap, m) = self.load_manifest(id)?;
         let (memory_mib, cpus, disk_size_bytes) = self.resume_resources(&snap, &m, &req)?;
-        self.check_capacity(memory_mib)?;
+        let own = match held {
+            Some(_) => None,
+            None => Some(self.reserve(1, memory_mib)?),
+        };
         let sb_id = ids::new_id("sb");
         let name = req.name.clone().unwrap_or_else(|| sb_id.clone());
         let hostname = name.replace('_', "-");
@@ -230,6 +254,7 @@ impl Engine {
             self.db().insert_sandbox(&sb)?;
             self.db().set_attachments(&sb.id, &req.volumes)?;
         }
+        drop(own);
         let slot = self.slot(&sb.id);
         let _guard = slot.op.write().await;
         let cmdline = with_hostname(&m.cmdline, &hostname, disk_size_bytes > m.disk_size_bytes);
@@ -378,6 +403,11 @@ impl Engine {
                 ),
             ));
         }
+        // Rolling back a sandbox that has no VM now starts one more.
+        let reservation = match &existing {
+            Some(sb) if sb.state.has_vm() || sb.state == SandboxState::Creating => None,
+            _ => Some(self.reserve(1, m.memory_mib)?),
+        };
         let sb = match existing {
             Some(sb) => sb,
             None => {
@@ -422,8 +452,13 @@ impl Engine {
             .await;
         }
         self.remove_sandbox_files(&sb.id);
-        self.db()
-            .set_state(&sb.id, SandboxState::Creating, None, None)?;
+        self.db().set_state(
+            &sb.id,
+            SandboxState::Creating,
+            None,
+            Some(&format!("{RESTORING_MARK}{id}")),
+        )?;
+        drop(reservation);
         let mut incoming_resume = resume;
         let started = async {
             let cmdline = with_hostname(&m.cmdline, &sb.hostname, false);
@@ -500,6 +535,7 @@ impl Engine {
             std::fs::rename(&dir, &trash)
                 .map_err(|e| fsutil::io_error(&format!("removing {}", dir.display()), e))?;
         }
+        self.faults().hold("snapshot.deleting").await;
         self.db().delete_snapshot(&snap.id)?;
         let _ = std::fs::remove_dir_all(&trash);
         self.forget_verified(id);
@@ -508,15 +544,6 @@ impl Engine {
             id: snap.id,
             files_kept_for: users,
         })
-    }
-
-    /// Removes half-written snapshots (`.tmp-*`) and interrupted deletions (`.trash-*`) left by a crash,
-    /// records complete snapshots that were moved into place just before kiln went down, and removes
-    /// unrecorded incomplete ones. Runs on start-up, before any operation.
-    pub(crate) fn clean_snapshot_debris(&self) {
-        for d in self.snapshot_debris(false) {
-            self.clean_debris(&d);
-        }
     }
 
     /// Snapshot directories without a record. With `skip_own`, half-written ones of this process (work
@@ -556,7 +583,7 @@ impl Engine {
                 let _ = std::fs::remove_dir_all(path);
             }
             SnapshotDebris::Unrecorded(path, m) => {
-                let snap = snapshot_from_manifest(m, path);
+                let snap = crate::recovery::snapshot_from_manifest(m, path);
                 if self.db().insert_snapshot(&snap, false).is_ok() {
                     info!(snapshot = %m.id, "recorded a snapshot completed just before kiln stopped");
                 }
@@ -588,25 +615,6 @@ pub(crate) enum SnapshotDebris {
     Unrecorded(std::path::PathBuf, Box<Manifest>),
     /// Fails its checks; the error says how.
     Incomplete(std::path::PathBuf, String),
-}
-
-fn snapshot_from_manifest(m: &Manifest, dir: &std::path::Path) -> Snapshot {
-    Snapshot {
-        id: m.id.clone(),
-        sandbox_id: m.source.sandbox_id.clone(),
-        sandbox_name: m.source.sandbox_name.clone(),
-        kind: m.kind,
-        parent: m.parent.clone(),
-        template: m.source.template.clone(),
-        memory_mib: m.memory_mib,
-        cpus: m.cpus,
-        disk_size_bytes: m.disk_size_bytes,
-        size_bytes: fsutil::dir_allocated_bytes(dir),
-        labels: m.labels.clone(),
-        restored: false,
-        restored_at: None,
-        created_at: m.created_at.clone(),
-    }
 }
 
 /// The snapshot's kernel command line with another hostname (and the resize flag for grown disks).

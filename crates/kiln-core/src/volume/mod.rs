@@ -258,6 +258,7 @@ impl Engine {
     pub(crate) fn place_mounts(
         &self,
         sandbox_dir: &Path,
+        qemu_uid: Option<u32>,
         slots: &mut [VolumeSlot],
         mounts: &[VolumeMount],
         restored: bool,
@@ -285,6 +286,7 @@ impl Engine {
         for m in mounts {
             let Some(slot) = empty.next() else { break };
             let file = self.volume_file(&m.volume);
+            self.open_volume_to_vm(&file, qemu_uid, m.read_only)?;
             let mut layers = vec![Layer {
                 path: file,
                 format: "raw".into(),
@@ -293,12 +295,15 @@ impl Engine {
             if m.read_only {
                 // The guest's writes (even a read-only ext4 mount replays its journal) go to a throwaway
                 // overlay, so the volume itself is never written.
-                std::fs::create_dir_all(sandbox_dir.join("volumes")).map_err(|e| {
-                    fsutil::io_error(&format!("creating {}", sandbox_dir.display()), e)
+                let overlays = sandbox_dir.join("volumes");
+                std::fs::create_dir_all(&overlays).map_err(|e| {
+                    fsutil::io_error(&format!("creating {}", overlays.display()), e)
                 })?;
-                let overlay = sandbox_dir.join(format!("volumes/{}.qcow2", m.volume));
+                self.confine().own_dir(&overlays, qemu_uid)?;
+                let overlay = overlays.join(format!("{}.qcow2", m.volume));
                 let size = self.get_volume(&m.volume)?.size_bytes;
                 crate::machine::create_top_layer(&overlay, &layers[0], size)?;
+                self.confine().own_file(&overlay, qemu_uid)?;
                 layers.push(Layer {
                     path: overlay,
                     format: "qcow2".into(),
@@ -315,6 +320,25 @@ impl Engine {
             };
         }
         Ok(())
+    }
+
+    /// Lets the VM of the sandbox running as `qemu_uid` open a volume file: read-write it becomes that
+    /// uid's alone (a read-write volume has one user); read-only it is sealed so that every VM may read
+    /// it and none may write it. Its directories only need to be traversable.
+    fn open_volume_to_vm(&self, file: &Path, qemu_uid: Option<u32>, read_only: bool) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        for dir in [
+            self.config().volumes_dir(),
+            file.parent().map(Path::to_path_buf).unwrap_or_default(),
+        ] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
+                .map_err(|e| fsutil::io_error(&format!("opening {} to VMs", dir.display()), e))?;
+        }
+        if read_only {
+            self.confine().seal(file)
+        } else {
+            self.confine().own_file(file, qemu_uid)
+        }
     }
 
     /// Brings the guest in line with its volume slots once its agent answers: detaches stale mounts of

@@ -1,0 +1,141 @@
+//! Fault injection for tests: off unless `KILN_FAULTS` is set when the daemon starts.
+//!
+//! `KILN_FAULTS` is a comma-separated list of rules:
+//! - `qemu.kill_after_launch=NAME`: SIGKILL the QEMU of the sandbox named NAME right after it is launched
+//!   (once), so the operation meets a really dead VM.
+//! - `hold.POINT=MS`: sleep MS milliseconds at POINT (every time), leaving a window in which a test can
+//!   kill the daemon mid-operation. Points are listed in [`POINTS`]; the daemon logs
+//!   `fault injection: holding at POINT` when it gets there.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tracing::warn;
+
+use crate::error::{Error, Result};
+
+/// Where an operation can be held. Each is a moment when a crash leaves half-done work behind.
+pub const POINTS: &[&str] = &[
+    "create.launched",   // QEMU of a new sandbox started, agent not yet answered
+    "snapshot.paused",   // source paused, state being saved
+    "snapshot.written",  // files written to .tmp-*, not yet moved into place
+    "resume.launched",   // QEMU of a sandbox made from a snapshot started
+    "fork.captured",     // the fork's capture exists, no child started yet
+    "stop.saved",        // state saved to state.tmp, QEMU still alive
+    "start.launched",    // QEMU loading a hibernated sandbox's state
+    "delete.marked",     // sandbox marked deleting, VM not yet ended
+    "snapshot.deleting", // snapshot moved to .trash-*, row not yet removed
+];
+
+#[derive(Debug, Clone)]
+enum Rule {
+    KillAfterLaunch { name: String, fired: bool },
+    Hold { point: String, ms: u64 },
+}
+
+/// The parsed `KILN_FAULTS` rules; cheap to clone (shared).
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    rules: Arc<Mutex<Vec<Rule>>>,
+}
+
+impl Faults {
+    pub fn parse(spec: &str) -> Result<Faults> {
+        let mut rules = Vec::new();
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let bad = |why: &str| {
+                Error::invalid(format!(
+                    "KILN_FAULTS rule '{item}': {why}; use qemu.kill_after_launch=NAME or hold.POINT=MS with POINT one of {}",
+                    POINTS.join(", ")
+                ))
+            };
+            let (key, value) = item.split_once('=').ok_or_else(|| bad("missing '='"))?;
+            if key == "qemu.kill_after_launch" && !value.is_empty() {
+                rules.push(Rule::KillAfterLaunch {
+                    name: value.to_string(),
+                    fired: false,
+                });
+            } else if let Some(point) = key.strip_prefix("hold.") {
+                if !POINTS.contains(&point) {
+                    return Err(bad("unknown point"));
+                }
+                let ms = value
+                    .parse()
+                    .map_err(|_| bad("the hold time is not a number of milliseconds"))?;
+                rules.push(Rule::Hold {
+                    point: point.to_string(),
+                    ms,
+                });
+            } else {
+                return Err(bad("unknown rule"));
+            }
+        }
+        Ok(Faults {
+            rules: Arc::new(Mutex::new(rules)),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    /// Whether the QEMU just launched for sandbox `name` is to be killed (true once per rule).
+    pub fn kill_after_launch(&self, name: &str) -> bool {
+        let mut rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
+        for r in rules.iter_mut() {
+            if let Rule::KillAfterLaunch { name: n, fired } = r {
+                if n == name && !*fired {
+                    *fired = true;
+                    warn!(sandbox = name, "fault injection: killing QEMU after launch");
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Sleeps if a rule holds operations at `point`.
+    pub async fn hold(&self, point: &str) {
+        let ms = {
+            let rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
+            rules.iter().find_map(|r| match r {
+                Rule::Hold { point: p, ms } if p == point => Some(*ms),
+                _ => None,
+            })
+        };
+        if let Some(ms) = ms {
+            warn!(point, ms, "fault injection: holding at {point}");
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Faults;
+
+    #[test]
+    fn rules_parse_and_fire_once() {
+        let f = Faults::parse("qemu.kill_after_launch=kid-3, hold.fork.captured=10").unwrap();
+        assert!(!f.kill_after_launch("kid-2"));
+        assert!(f.kill_after_launch("kid-3"));
+        assert!(!f.kill_after_launch("kid-3"));
+        assert!(Faults::parse("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn bad_rules_are_refused() {
+        for spec in [
+            "nonsense",
+            "hold.nowhere=5",
+            "hold.exec.running=soon",
+            "x=1",
+        ] {
+            let e = Faults::parse(spec).unwrap_err();
+            assert!(e.message.contains("KILN_FAULTS"), "{spec}: {e}");
+        }
+    }
+}

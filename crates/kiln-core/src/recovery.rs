@@ -1,0 +1,306 @@
+//! Recovery: what a daemon does at start after its predecessor died (re-adopt VMs, finish or roll back
+//! half-done operations, remove debris), and the watch that notices VMs dying under a running daemon.
+//!
+//! Rule for interrupted operations: an operation whose result the client never saw is rolled back when that
+//! loses nothing (a new sandbox that was still being created or forked is removed, a fork's capture is
+//! removed); an operation past its point of no return is finished (a deletion, a stop whose state was
+//! saved, a start whose VM already runs).
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::engine::{vm_name, Engine};
+use crate::error::Result;
+use crate::fsutil;
+use crate::model::{Sandbox, SandboxState};
+use crate::snapshot::manifest::Manifest;
+use crate::snapshot::restore::RESTORING_MARK;
+use crate::snapshot::Snapshot;
+use crate::vm::Vm;
+
+/// Written into a fork capture's directory, so a capture found after a crash is removed, not listed.
+pub(crate) const EPHEMERAL_MARK: &str = ".ephemeral";
+
+impl Engine {
+    /// The QEMU a sandbox may still have: the recorded pid, or the pid file of a launch that was not
+    /// recorded yet. Only a live process with this sandbox's VM name counts.
+    fn leftover_qemu(&self, id: &str, recorded: Option<u32>) -> Option<u32> {
+        let name = vm_name(id);
+        let from_file = std::fs::read_to_string(self.config().sandbox_dir(id).join("qemu.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        [recorded, from_file]
+            .into_iter()
+            .flatten()
+            .find(|pid| kiln_vmm::process::is_our_qemu(*pid, &name))
+    }
+
+    /// After a daemon restart: VMs whose QEMU is still alive are taken over; the rest are marked failed;
+    /// operations cut short are finished or rolled back.
+    pub(crate) async fn adopt(&self) -> Result<()> {
+        for sb in self.db().list_sandboxes()? {
+            let name = vm_name(&sb.id);
+            let dir = self.config().sandbox_dir(&sb.id);
+            let alive = self.leftover_qemu(&sb.id, sb.pid);
+            match sb.state {
+                s if s.has_vm() && alive.is_some() => {
+                    let pid = alive.unwrap_or(0);
+                    let vm = Vm::new(name, dir.clone(), pid, None);
+                    let state = match vm.qmp().await {
+                        // Recorded as running but found paused: kiln went down in the middle of an
+                        // operation that pauses the VM briefly (a snapshot or a stop); let it run again.
+                        Ok(qmp) => match (sb.state, qmp.status().await.as_deref()) {
+                            (SandboxState::Running, Ok(status)) if status != "running" => {
+                                let _ = qmp.execute("cont", None).await;
+                                SandboxState::Running
+                            }
+                            (_, Ok("paused")) => SandboxState::Paused,
+                            _ => SandboxState::Running,
+                        },
+                        Err(_) => sb.state,
+                    };
+                    // A stop cut short before its save was published: the VM runs on, the partial save goes.
+                    let _ = std::fs::remove_file(dir.join("state.tmp"));
+                    self.db().set_state(&sb.id, state, Some(pid), None)?;
+                    *self.slot(&sb.id).vm.lock().await = Some(Arc::new(vm));
+                    info!(sandbox = %sb.id, pid, "re-adopted running VM");
+                }
+                s if s.has_vm() && self.has_saved_state(&sb.id) => {
+                    // A stop (hibernation) finished saving before kiln went down.
+                    self.db()
+                        .set_state(&sb.id, SandboxState::Stopped, None, None)?;
+                    info!(sandbox = %sb.id, "sandbox was hibernated while kiln was down");
+                }
+                s if s.has_vm() => {
+                    let vm = Vm::new(name, dir, 0, None);
+                    let err = vm.died_error().message;
+                    warn!(sandbox = %sb.id, "VM process gone while kiln was down");
+                    self.db().set_state(
+                        &sb.id,
+                        SandboxState::Failed,
+                        None,
+                        Some(&format!("QEMU exited while kiln was not running: {err}")),
+                    )?;
+                }
+                SandboxState::Stopped => {
+                    let _ = std::fs::remove_file(dir.join("state.tmp"));
+                    if let Some(pid) = alive {
+                        self.finish_interrupted_start(&sb, pid).await?;
+                    }
+                }
+                SandboxState::Creating => {
+                    if let Some(pid) = alive {
+                        kiln_vmm::process::terminate(pid, &name, Duration::from_secs(3)).await;
+                    }
+                    match sb
+                        .error
+                        .as_deref()
+                        .and_then(|e| e.strip_prefix(RESTORING_MARK))
+                    {
+                        Some(snap) => {
+                            // A roll back: the sandbox existed before and its snapshot still does.
+                            self.db().set_state(
+                                &sb.id,
+                                SandboxState::Failed,
+                                None,
+                                Some(&format!("kiln stopped while restoring snapshot {snap} into this sandbox; restore it again (`kiln snapshot restore {snap}`) or delete the sandbox")),
+                            )?;
+                        }
+                        None => {
+                            // Never reported as created: roll back, so the name is free to try again.
+                            self.remove_sandbox_files(&sb.id);
+                            self.db().delete_sandbox(&sb.id)?;
+                            warn!(sandbox = %sb.id, name = %sb.name, "removed a sandbox whose creation kiln did not finish");
+                        }
+                    }
+                }
+                SandboxState::Deleting => {
+                    if let Some(pid) = alive {
+                        kiln_vmm::process::terminate(pid, &name, Duration::from_secs(3)).await;
+                    }
+                    self.remove_sandbox_files(&sb.id);
+                    self.db().delete_sandbox(&sb.id)?;
+                    info!(sandbox = %sb.id, "finished a deletion kiln did not complete");
+                }
+                SandboxState::Failed => {
+                    if let Some(pid) = alive {
+                        kiln_vmm::process::terminate(pid, &name, Duration::from_secs(3)).await;
+                        self.db().set_state(
+                            &sb.id,
+                            SandboxState::Failed,
+                            None,
+                            sb.error.as_deref(),
+                        )?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.remove_orphan_sandbox_dirs().await;
+        Ok(())
+    }
+
+    /// A stopped sandbox with a live QEMU: kiln went down while starting it. If the vCPUs already ran, the
+    /// disk moved past the saved state, so the start is finished; otherwise the VM is ended and the sandbox
+    /// stays stopped with its saved state.
+    async fn finish_interrupted_start(&self, sb: &Sandbox, pid: u32) -> Result<()> {
+        let name = vm_name(&sb.id);
+        let dir = self.config().sandbox_dir(&sb.id);
+        let vm = Vm::new(name.clone(), dir.clone(), pid, None);
+        let running = match vm.qmp().await {
+            Ok(qmp) => qmp.status().await.is_ok_and(|s| s == "running"),
+            Err(_) => false,
+        };
+        if running {
+            let _ = std::fs::remove_file(dir.join("state"));
+            self.db()
+                .set_state(&sb.id, SandboxState::Running, Some(pid), None)?;
+            *self.slot(&sb.id).vm.lock().await = Some(Arc::new(vm));
+            info!(sandbox = %sb.id, pid, "finished a start kiln did not complete");
+        } else {
+            kiln_vmm::process::terminate(pid, &name, Duration::from_secs(3)).await;
+            self.db()
+                .set_state(&sb.id, SandboxState::Stopped, None, None)?;
+            info!(sandbox = %sb.id, "rolled back a start kiln did not complete");
+        }
+        Ok(())
+    }
+
+    /// Sandbox directories without a row (a creation rolled back above, or cut short before its row).
+    async fn remove_orphan_sandbox_dirs(&self) {
+        for entry in std::fs::read_dir(self.config().sandboxes_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            if !matches!(self.db().find_sandbox(&id), Ok(None)) {
+                continue;
+            }
+            if let Some(pid) = self.leftover_qemu(&id, None) {
+                kiln_vmm::process::terminate(pid, &vm_name(&id), Duration::from_secs(3)).await;
+            }
+            warn!(dir = %entry.path().display(), "removing the directory of a sandbox kiln has no record of");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+
+    /// Removes half-written snapshots (`.tmp-*`), finishes interrupted deletions (`.trash-*`) and removes
+    /// fork captures left by a fork cut short.
+    pub(crate) fn clean_snapshot_debris(&self) {
+        let dir = self.config().snapshots_dir();
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(rest) = name.strip_prefix(".trash-") {
+                // `.trash-ID-PID`: the files were on their way out; the row goes too.
+                if let Some((id, _pid)) = rest.rsplit_once('-') {
+                    if let Err(e) = self.db().delete_snapshot(id) {
+                        warn!(snapshot = id, error = %e, "could not finish deleting a snapshot");
+                    }
+                }
+                warn!(path = %entry.path().display(), "finishing an interrupted snapshot deletion");
+                let _ = std::fs::remove_dir_all(entry.path());
+                continue;
+            }
+            if name.starts_with(".tmp-") {
+                warn!(path = %entry.path().display(), "removing debris of an interrupted snapshot");
+                let _ = std::fs::remove_dir_all(entry.path());
+                continue;
+            }
+            let recorded = self.db().find_snapshot(&name);
+            if entry.path().join(EPHEMERAL_MARK).exists() {
+                // A fork capture outlives its fork only by a crash; its children hold their own links.
+                let _ = self.db().delete_snapshot(&name);
+                warn!(snapshot = %name, "removing the capture of an interrupted fork");
+                let _ = std::fs::remove_dir_all(entry.path());
+                continue;
+            }
+            // A complete snapshot moved into place just before kiln went down is recorded; anything
+            // else without a record is removed.
+            if matches!(recorded, Ok(None)) {
+                match Manifest::read(&entry.path(), &name)
+                    .and_then(|m| m.verify(&entry.path(), true).map(|()| m))
+                {
+                    Ok(m) => {
+                        let snap = snapshot_from_manifest(&m, &entry.path());
+                        if self.db().insert_snapshot(&snap, false).is_ok() {
+                            info!(snapshot = %name, "recorded a snapshot completed just before kiln stopped");
+                        }
+                    }
+                    Err(e) => {
+                        warn!(snapshot = %name, error = %e, "removing an unrecorded, incomplete snapshot");
+                        let _ = std::fs::remove_dir_all(entry.path());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts the watch that marks sandboxes failed when their QEMU dies under a running daemon, so
+    /// `get` and `list` tell the truth without waiting for the next command to fail.
+    pub(crate) fn spawn_watch(self: &Arc<Engine>) {
+        let weak: Weak<Engine> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(engine) = weak.upgrade() else { return };
+                engine.reap_dead_vms().await;
+            }
+        });
+    }
+
+    async fn reap_dead_vms(&self) {
+        let Ok(sandboxes) = self.db().list_sandboxes() else {
+            return;
+        };
+        for sb in sandboxes.into_iter().filter(|s| s.state.has_vm()) {
+            let slot = self.slot(&sb.id);
+            // An operation in progress owns the VM's fate (a stop ends QEMU on purpose); skip it.
+            let Ok(_guard) = slot.op.clone().try_write_owned() else {
+                continue;
+            };
+            let vm = slot.vm.lock().await.clone();
+            let Some(vm) = vm else { continue };
+            if vm.is_alive() {
+                continue;
+            }
+            // Read again under the lock: the state may have changed since the list.
+            if !self.get(&sb.id).is_ok_and(|s| s.state.has_vm()) {
+                continue;
+            }
+            let err = vm.died_error();
+            warn!(sandbox = %sb.id, "the VM process died; marking the sandbox failed");
+            let _ = self.db().set_state(
+                &sb.id,
+                SandboxState::Failed,
+                None,
+                Some(&format!(
+                    "{}. Its snapshots are unaffected: resume one, or delete the sandbox",
+                    err.message
+                )),
+            );
+            slot.vm.lock().await.take();
+        }
+    }
+}
+
+pub(crate) fn snapshot_from_manifest(m: &Manifest, dir: &std::path::Path) -> Snapshot {
+    Snapshot {
+        id: m.id.clone(),
+        sandbox_id: m.source.sandbox_id.clone(),
+        sandbox_name: m.source.sandbox_name.clone(),
+        kind: m.kind,
+        parent: m.parent.clone(),
+        template: m.source.template.clone(),
+        memory_mib: m.memory_mib,
+        cpus: m.cpus,
+        disk_size_bytes: m.disk_size_bytes,
+        size_bytes: fsutil::dir_allocated_bytes(dir),
+        labels: m.labels.clone(),
+        restored: false,
+        restored_at: None,
+        created_at: m.created_at.clone(),
+    }
+}
