@@ -132,8 +132,10 @@ impl Conn {
             if line.trim().is_empty() {
                 continue;
             }
-            return serde_json::from_str(line.trim())
-                .map_err(|e| VmmError::QmpProtocol(format!("bad JSON from QEMU ({e}): {line}")));
+            return parse_message(line.trim()).map_err(|e| {
+                let shown: String = line.chars().take(300).collect();
+                VmmError::QmpProtocol(format!("bad JSON from QEMU ({e}): {shown}"))
+            });
         }
     }
 }
@@ -180,5 +182,29 @@ impl Qmp {
         )
         .await
         .map(|_| ())
+    }
+}
+
+/// Parses one QMP message. `query-block` nests one `backing-image` object per disk layer, and a sandbox
+/// snapshotted many times has a deep chain, so serde_json's default nesting limit (128) is lifted.
+fn parse_message(line: &str) -> serde_json::Result<Value> {
+    use serde::Deserialize;
+    let mut de = serde_json::Deserializer::from_str(line);
+    de.disable_recursion_limit();
+    let v = Value::deserialize(&mut de)?;
+    de.end()?;
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_nested_deeper_than_serde_default_parse() {
+        let depth = 400;
+        let line = format!("{}1{}", "{\"a\":".repeat(depth), "}".repeat(depth));
+        assert!(parse_message(&line).is_ok());
+        assert!(parse_message("{\"a\": 1} trailing").is_err());
     }
 }
