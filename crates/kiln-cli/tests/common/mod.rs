@@ -80,6 +80,10 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
+        // Ready means this daemon logged that it listens. A bare connect was once seen to succeed before
+        // that, right after a kill_hard, and the test then checked a half-started daemon's data dir.
+        let listening = "API listening on unix socket";
+        let before = self.log().matches(listening).count();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -101,7 +105,9 @@ impl Daemon {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if UnixStream::connect(&self.socket).is_ok() {
+            if self.log().matches(listening).count() > before
+                && UnixStream::connect(&self.socket).is_ok()
+            {
                 return;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
