@@ -92,12 +92,15 @@ for _ in 1 2 3 4 5; do
   [ -z "$ids" ] && break
   for id in $ids; do k snapshot delete -y "$id" >/dev/null 2>&1 || true; done
 done
+for name in $(k --json volume list | "$PY" -c 'import json,sys; print(" ".join(v["name"] for v in json.load(sys.stdin)))'); do
+  k volume delete -y "$name" >/dev/null || status=1
+done
 kill "$DAEMON"; wait "$DAEMON" 2>/dev/null || true
 DAEMON=""
 sleep 1
 leaked=$(pgrep -f "qemu-system.*$DATA/" || true)
 [ -z "$leaked" ] || { echo "QEMU processes left behind: $leaked"; status=1; }
-debris=$(ls -A "$DATA/sandboxes" "$DATA/snapshots" 2>/dev/null | grep -v -e '^$' -e ':$' || true)
+debris=$(ls -A "$DATA/sandboxes" "$DATA/snapshots" "$DATA/volumes" 2>/dev/null | grep -v -e '^$' -e ':$' || true)
 [ -z "$debris" ] || { echo "files left behind in $DATA:"; ls -laR "$DATA/sandboxes" "$DATA/snapshots"; status=1; }
 [ ! -e "$DATA/lost+found" ] || { echo "lost+found appeared"; status=1; }
 

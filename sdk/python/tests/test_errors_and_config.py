@@ -79,7 +79,7 @@ def test_tcp_with_token_and_authentication_error(daemon: Daemon, sandbox: Sandbo
 
 
 def test_capacity_error() -> None:
-    full = Daemon("--max-sandboxes", "0")
+    full = Daemon("--memory-overcommit", "0.001")
     try:
         with pytest.raises(CapacityError) as e:
             Sandbox.create(memory_mib=256, client=full.client())

@@ -240,7 +240,7 @@ test("connection errors name the socket", async () => {
 });
 
 test("capacity and timeout errors from daemons with tight limits", async () => {
-  const full = await Daemon.start("--max-sandboxes", "0");
+  const full = await Daemon.start("--memory-overcommit", "0.001");
   try {
     await assert.rejects(Sandbox.create({ memoryMib: 256, client: new Client({ socket: full.socket }) }), (e) => {
       return e instanceof CapacityError && e.code === "capacity_exceeded" && e.status === 429;
