@@ -187,54 +187,12 @@ impl Engine {
         }
     }
 
-    /// Removes half-written snapshots (`.tmp-*`), finishes interrupted deletions (`.trash-*`) and removes
-    /// fork captures left by a fork cut short.
+    /// Removes half-written snapshots (`.tmp-*`), finishes interrupted deletions (`.trash-*`), removes
+    /// fork captures left by a fork cut short, records complete snapshots moved into place just before
+    /// kiln went down and removes unrecorded incomplete ones. Runs on start-up, before any operation.
     pub(crate) fn clean_snapshot_debris(&self) {
-        let dir = self.config().snapshots_dir();
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(rest) = name.strip_prefix(".trash-") {
-                // `.trash-ID-PID`: the files were on their way out; the row goes too.
-                if let Some((id, _pid)) = rest.rsplit_once('-') {
-                    if let Err(e) = self.db().delete_snapshot(id) {
-                        warn!(snapshot = id, error = %e, "could not finish deleting a snapshot");
-                    }
-                }
-                warn!(path = %entry.path().display(), "finishing an interrupted snapshot deletion");
-                let _ = std::fs::remove_dir_all(entry.path());
-                continue;
-            }
-            if name.starts_with(".tmp-") {
-                warn!(path = %entry.path().display(), "removing debris of an interrupted snapshot");
-                let _ = std::fs::remove_dir_all(entry.path());
-                continue;
-            }
-            let recorded = self.db().find_snapshot(&name);
-            if entry.path().join(EPHEMERAL_MARK).exists() {
-                // A fork capture outlives its fork only by a crash; its children hold their own links.
-                let _ = self.db().delete_snapshot(&name);
-                warn!(snapshot = %name, "removing the capture of an interrupted fork");
-                let _ = std::fs::remove_dir_all(entry.path());
-                continue;
-            }
-            // A complete snapshot moved into place just before kiln went down is recorded; anything
-            // else without a record is removed.
-            if matches!(recorded, Ok(None)) {
-                match Manifest::read(&entry.path(), &name)
-                    .and_then(|m| m.verify(&entry.path(), true).map(|()| m))
-                {
-                    Ok(m) => {
-                        let snap = snapshot_from_manifest(&m, &entry.path());
-                        if self.db().insert_snapshot(&snap, false).is_ok() {
-                            info!(snapshot = %name, "recorded a snapshot completed just before kiln stopped");
-                        }
-                    }
-                    Err(e) => {
-                        warn!(snapshot = %name, error = %e, "removing an unrecorded, incomplete snapshot");
-                        let _ = std::fs::remove_dir_all(entry.path());
-                    }
-                }
-            }
+        for d in self.snapshot_debris(false) {
+            self.clean_debris(&d);
         }
     }
 

@@ -546,8 +546,10 @@ impl Engine {
         })
     }
 
-    /// Snapshot directories without a record. With `skip_own`, half-written ones of this process (work
-    /// in progress) are left out.
+    /// Snapshot directories that are not (or no longer) whole, recorded snapshots: half-written ones
+    /// (`.tmp-*`), interrupted deletions (`.trash-*`), fork captures (marked ephemeral), and directories
+    /// without a record. With `skip_own` (a running daemon looking at itself), work in progress of this
+    /// process and fork captures (which their fork removes) are left out.
     pub(crate) fn snapshot_debris(&self, skip_own: bool) -> Vec<SnapshotDebris> {
         let own = format!("-{}", std::process::id());
         let mut out = Vec::new();
@@ -560,6 +562,12 @@ impl Engine {
             let path = entry.path();
             if name.starts_with(".tmp-") || name.starts_with(".trash-") {
                 if !(skip_own && name.ends_with(&own)) {
+                    out.push(SnapshotDebris::Interrupted(path));
+                }
+                continue;
+            }
+            if path.join(crate::recovery::EPHEMERAL_MARK).exists() {
+                if !skip_own {
                     out.push(SnapshotDebris::Interrupted(path));
                 }
                 continue;
@@ -579,6 +587,22 @@ impl Engine {
     pub(crate) fn clean_debris(&self, d: &SnapshotDebris) {
         match d {
             SnapshotDebris::Interrupted(path) => {
+                // The row goes too: a deletion (`.trash-ID-PID`) was past its point of no return, and a
+                // fork capture's children hold their own links to its files.
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let recorded = match name.strip_prefix(".trash-") {
+                    Some(rest) => rest.rsplit_once('-').map(|(id, _pid)| id.to_string()),
+                    None if path.join(crate::recovery::EPHEMERAL_MARK).exists() => Some(name),
+                    None => None,
+                };
+                if let Some(id) = recorded {
+                    if let Err(e) = self.db().delete_snapshot(&id) {
+                        warn!(snapshot = %id, error = %e, "could not remove the record of a snapshot being deleted");
+                    }
+                }
                 warn!(path = %path.display(), "removing debris of an interrupted snapshot operation");
                 let _ = std::fs::remove_dir_all(path);
             }
