@@ -283,18 +283,7 @@ fn a_boot_that_never_reaches_the_agent_times_out_with_console_lines() {
 #[test]
 fn tcp_listener_requires_the_token() {
     require_image("tiny");
-    let dir = tempfile::Builder::new()
-        .prefix("kt")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let token = dir.path().join("token");
-    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let addr = format!("127.0.0.1:{port}");
-    let tcp = Daemon::start_with(&["--listen", &addr, "--token-file", token.to_str().unwrap()]);
+    let (tcp, _token_dir, addr) = common::daemon_with_tcp();
     let get = |auth: Option<&str>| -> u16 {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(&addr).unwrap();

@@ -314,18 +314,12 @@ fn guests_cannot_reach_the_host_the_api_or_other_sandboxes() {
         eprintln!("skipping: network confinement needs root");
         return;
     }
-    let dir = tempfile::Builder::new()
-        .prefix("kt")
-        .tempdir_in("/tmp")
+    let (d, _token_dir, addr) = common::daemon_with_tcp();
+    let api_port: u16 = addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
         .unwrap();
-    let token = dir.path().join("token");
-    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
-    let api_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let addr = format!("127.0.0.1:{api_port}");
-    let d = Daemon::start_with(&["--listen", &addr, "--token-file", token.to_str().unwrap()]);
     if !confined(&d) {
         return;
     }
@@ -338,10 +332,7 @@ fn guests_cannot_reach_the_host_the_api_or_other_sandboxes() {
     let host_service = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     host_service.set_nonblocking(true).unwrap();
     let service_port = host_service.local_addr().unwrap().port();
-    let fwd_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let fwd_port = common::free_port();
     let open = d.create(&["--name", "open"]);
     assert_eq!(open["egress"], true);
     let mapping = format!("{fwd_port}:8080");
@@ -365,26 +356,7 @@ fn guests_cannot_reach_the_host_the_api_or_other_sandboxes() {
     );
 
     // Forwarded ports still work with egress off, from the host; another guest cannot use them.
-    d.kiln_ok(&[
-        "exec",
-        "closed",
-        "--",
-        "sh",
-        "-c",
-        "mkdir -p /www && echo served > /www/index.html && (httpd -p 8080 -h /www &)",
-    ]);
-    let mut body = String::new();
-    for _ in 0..50 {
-        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", fwd_port)) {
-            use std::io::{Read, Write};
-            let _ = s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n");
-            let _ = s.read_to_string(&mut body);
-            if body.contains("served") {
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let body = common::serve_and_fetch(&d, "closed", fwd_port);
     assert!(
         body.contains("served"),
         "port forward with egress off: {body}"

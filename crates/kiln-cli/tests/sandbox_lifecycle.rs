@@ -341,31 +341,9 @@ fn base_image_runs_python() {
 fn ports_forward_from_host_loopback_to_the_guest() {
     require_image("tiny");
     let d = Daemon::start();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = common::free_port();
     let mapping = format!("{port}:8080");
     d.create(&["--name", "web", "--port", &mapping]);
-    d.kiln_ok(&[
-        "exec",
-        "web",
-        "--",
-        "sh",
-        "-c",
-        "mkdir -p /www && echo served > /www/index.html && (httpd -p 8080 -h /www &)",
-    ]);
-    let mut body = String::new();
-    for _ in 0..50 {
-        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            use std::io::{Read, Write};
-            let _ = s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n");
-            let _ = s.read_to_string(&mut body);
-            if body.contains("served") {
-                break;
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    let body = common::serve_and_fetch(&d, "web", port);
     assert!(body.contains("served"), "{body}");
 }

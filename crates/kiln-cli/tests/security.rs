@@ -9,8 +9,7 @@ use std::process::Command;
 use common::{Daemon, KILN};
 
 fn free_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+    format!("127.0.0.1:{}", common::free_port())
 }
 
 /// One HTTP/1.1 request over TCP: (status, lower-cased head, body).

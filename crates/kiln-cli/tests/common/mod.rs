@@ -393,3 +393,52 @@ pub fn private_image(d: &Daemon, name: &str) -> PathBuf {
     std::fs::write(&path, manifest.to_string()).unwrap();
     copy
 }
+
+/// A free loopback TCP port (bound once, then released for the daemon or a forward to take).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// A daemon that also listens on TCP with a token; returns it, its token directory and `127.0.0.1:PORT`.
+pub fn daemon_with_tcp() -> (Daemon, tempfile::TempDir, String) {
+    let dir = tempfile::Builder::new()
+        .prefix("kt")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").expect("token file");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let d = Daemon::start_with(&[
+        "--listen",
+        &addr,
+        "--token-file",
+        token.to_str().expect("utf-8 path"),
+    ]);
+    (d, dir, addr)
+}
+
+/// Starts busybox httpd on guest port 8080 serving "served", then fetches it through host loopback
+/// port `host_port` (retrying while httpd starts); returns what came back.
+pub fn serve_and_fetch(d: &Daemon, sandbox: &str, host_port: u16) -> String {
+    d.kiln_ok(&[
+        "exec",
+        sandbox,
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /www && echo served > /www/index.html && (httpd -p 8080 -h /www &)",
+    ]);
+    let mut body = String::new();
+    for _ in 0..50 {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", host_port)) {
+            let _ = s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n");
+            let _ = s.read_to_string(&mut body);
+            if body.contains("served") {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    body
+}
