@@ -296,6 +296,24 @@ pub fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Everything the server sent before it closed. A reset after the answer (the server closed with part
+/// of our body unread) ends the answer like a close does; data that arrived before it is kept.
+fn read_until_closed(s: &mut UnixStream) -> Vec<u8> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return raw,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !raw.is_empty() => {
+                return raw
+            }
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+}
+
 /// Minimal HTTP/1.1 over a unix socket (Connection: close), decoding chunked responses.
 pub fn http_unix(
     socket: &Path,
@@ -322,8 +340,7 @@ pub fn http_unix(
             "write body: {e}"
         );
     }
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read");
+    let raw = read_until_closed(&mut s);
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")

@@ -166,12 +166,26 @@ pub async fn write(
             };
             futures::future::ready(res)
         });
-    let reader = tokio_util::io::StreamReader::new(stream);
-    match engine.write_file(&id, &path, mode, reader).await {
+    let mut reader = tokio_util::io::StreamReader::new(stream);
+    match engine.write_file(&id, &path, mode, &mut reader).await {
         Ok(bytes) => Ok(Json(WriteResult { path, bytes })),
         Err(_) if over.load(Ordering::Relaxed) => Err(upload_too_large(max)),
-        Err(e) => Err(e.into()),
+        Err(e) => {
+            drain_rest_of_upload(&mut reader).await;
+            Err(e.into())
+        }
     }
+}
+
+/// Reads and discards what is left of a refused upload (bounded in time) before answering.
+///
+/// A client that sends its whole body before reading (most do) would otherwise see the connection
+/// reset under its feet and never read the error, e.g. `guest_disk_full` halfway through a big file.
+async fn drain_rest_of_upload<R: tokio::io::AsyncRead + Unpin>(reader: &mut R) {
+    const LINGER: std::time::Duration = std::time::Duration::from_secs(30);
+    let mut sink = tokio::io::sink();
+    let drain = tokio::io::copy(reader, &mut sink);
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 /// Removes a file, or a directory (with `recursive=true` when not empty).
