@@ -21,11 +21,16 @@ pub struct Config {
     pub default_template: String,
     pub default_memory_mib: u64,
     pub default_cpus: u32,
+    /// Copies of recently resumed snapshots kept resumed and paused, ready to hand out (0: none).
+    pub warm_spares: usize,
 }
 
 /// Guest RAM may add up to this many times the host's RAM by default: idle guests touch little of it, and
 /// forks share their parent's pages.
 pub const DEFAULT_OVERCOMMIT: f64 = 2.0;
+
+/// Warm spares kept by default: enough for the last two snapshots a client stamps copies from.
+pub const DEFAULT_WARM_SPARES: usize = 2;
 
 impl Config {
     /// Sets the memory limit to host RAM × `ratio`.
@@ -50,6 +55,7 @@ impl Config {
             default_template: "tiny".to_string(),
             default_memory_mib: 256,
             default_cpus: 1,
+            warm_spares: DEFAULT_WARM_SPARES,
         }
     }
 

@@ -156,10 +156,7 @@ impl Db {
         )
         .map_err(|e| match e {
             rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
-                Error::new(
-                    crate::ErrorCode::SandboxNameTaken,
-                    format!("a sandbox named '{}' already exists; pick another name or delete it first", s.name),
-                )
+                name_taken(&s.name)
             }
             other => other.into(),
         })?;
@@ -239,6 +236,33 @@ impl Db {
         Ok(())
     }
 
+    /// Makes a warm spare the sandbox a client asked for: its name, hostname, labels and origin.
+    pub fn claim_spare(&self, id: &str, claimed: &Sandbox) -> Result<()> {
+        let now = crate::model::now_rfc3339();
+        self.lock()
+            .execute(
+                "UPDATE sandboxes SET name = ?2, hostname = ?3, labels = ?4, origin = ?5, created_at = ?6,
+                   updated_at = ?6 WHERE id = ?1",
+                params![
+                    id,
+                    claimed.name,
+                    claimed.hostname,
+                    to_json(&claimed.labels),
+                    claimed.origin,
+                    now
+                ],
+            )
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _)
+                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    name_taken(&claimed.name)
+                }
+                other => other.into(),
+            })?;
+        Ok(())
+    }
+
     /// VM uids held by sandboxes (whatever their state: a stopped sandbox keeps its files' owner).
     pub fn qemu_uids(&self) -> Result<Vec<u32>> {
         let conn = self.lock();
@@ -253,6 +277,13 @@ impl Db {
             .execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
         Ok(())
     }
+}
+
+fn name_taken(name: &str) -> Error {
+    Error::new(
+        crate::ErrorCode::SandboxNameTaken,
+        format!("a sandbox named '{name}' already exists; pick another name or delete it first"),
+    )
 }
 
 pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> String {

@@ -92,6 +92,9 @@ pub struct Engine {
     confine: crate::confine::Confinement,
     /// Capacity reserved by requests whose sandboxes have no row yet: (VMs, MiB).
     pending: Arc<Mutex<(usize, u64)>>,
+    warm: crate::warm::WarmPool,
+    /// This engine, for background work it starts itself (set once by `open`).
+    me: std::sync::OnceLock<std::sync::Weak<Engine>>,
 }
 
 /// Capacity held for sandboxes about to be recorded; released on drop.
@@ -152,7 +155,10 @@ impl Engine {
             volumes: tokio::sync::Mutex::new(()),
             confine,
             pending: Arc::new(Mutex::new((0, 0))),
+            warm: Default::default(),
+            me: Default::default(),
         });
+        let _ = engine.me.set(Arc::downgrade(&engine));
         engine.clean_snapshot_debris();
         engine.clean_volume_debris();
         engine.adopt().await?;
@@ -189,6 +195,23 @@ impl Engine {
     }
     pub(crate) fn confine(&self) -> &crate::confine::Confinement {
         &self.confine
+    }
+    pub(crate) fn warm_pool(&self) -> &crate::warm::WarmPool {
+        &self.warm
+    }
+    pub(crate) fn me(&self) -> Option<Arc<Engine>> {
+        self.me.get().and_then(std::sync::Weak::upgrade)
+    }
+    pub(crate) fn forget_slot(&self, id: &str) {
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+    /// Called once when the daemon exits, before `shutdown`: ends the warm spares (clients' VMs keep
+    /// running and are adopted by the next daemon).
+    pub async fn discard_warm_spares(&self) {
+        self.discard_spares(None).await;
     }
     /// Called once when the daemon exits: drops host-wide rules nothing needs any more.
     pub fn shutdown(&self) {
@@ -253,6 +276,7 @@ impl Engine {
     pub fn get(&self, id_or_name: &str) -> Result<Sandbox> {
         self.db
             .find_sandbox(id_or_name)?
+            .filter(|s| !crate::warm::is_spare(s))
             .ok_or_else(|| Error::sandbox_not_found(id_or_name))
     }
 
@@ -261,7 +285,7 @@ impl Engine {
             .db
             .list_sandboxes()?
             .into_iter()
-            .filter(|s| s.matches_labels(labels))
+            .filter(|s| !crate::warm::is_spare(s) && s.matches_labels(labels))
             .collect())
     }
 
@@ -276,7 +300,19 @@ impl Engine {
     /// the numbers. Checking and reserving happen under one lock, so concurrent requests cannot all pass
     /// the check and overshoot; the reservation is held until the new sandboxes' rows exist (which count
     /// from then on), so for a moment a sandbox may count twice: the limit errs on the safe side.
-    pub(crate) fn reserve(&self, count: usize, memory_mib: u64) -> Result<Reservation> {
+    /// `try_reserve`, giving up warm spares when they stand in the way: a client's request comes first.
+    pub(crate) async fn reserve(&self, count: usize, memory_mib: u64) -> Result<Reservation> {
+        match self.try_reserve(count, memory_mib) {
+            Err(e) if e.code == ErrorCode::CapacityExceeded && self.warm.count() > 0 => {
+                info!("giving up warm spares to make room");
+                self.discard_spares(None).await;
+                self.try_reserve(count, memory_mib)
+            }
+            other => other,
+        }
+    }
+
+    pub(crate) fn try_reserve(&self, count: usize, memory_mib: u64) -> Result<Reservation> {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let active: Vec<Sandbox> = self
             .db
@@ -385,7 +421,7 @@ impl Engine {
             }
             None => template_size,
         };
-        let reservation = self.reserve(1, memory_mib)?;
+        let reservation = self.reserve(1, memory_mib).await?;
 
         let id = ids::new_id("sb");
         let name = req.name.clone().unwrap_or_else(|| id.clone());
@@ -488,10 +524,7 @@ impl Engine {
         }
         self.remove_sandbox_files(&sb.id);
         self.db.delete_sandbox(&sb.id)?;
-        self.slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&sb.id);
+        self.forget_slot(&sb.id);
         info!(sandbox = %sb.id, "sandbox deleted");
         Ok(())
     }

@@ -65,7 +65,7 @@ impl Engine {
             }
         }
         // Room for all children is reserved before anything starts: a fork fits as a whole or not at all.
-        let reservation = self.reserve(count as usize, sb.memory_mib)?;
+        let reservation = self.reserve(count as usize, sb.memory_mib).await?;
         let capture_id = format!("fork-{}", &ids::new_id("x")[2..]);
         self.create_snapshot_internal(
             &sb.id,

@@ -22,6 +22,7 @@ pub mod snapshot;
 pub mod validate;
 mod vm;
 pub mod volume;
+mod warm;
 
 pub use config::Config;
 pub use doctor::{DoctorReport, Problem};

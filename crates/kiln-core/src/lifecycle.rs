@@ -105,7 +105,7 @@ impl Engine {
         }
         self.require_state(&sb, &[SandboxState::Stopped])?;
         // The row already exists (stopped), so it starts counting once its state says running.
-        let _reservation = self.reserve(1, sb.memory_mib)?;
+        let _reservation = self.reserve(1, sb.memory_mib).await?;
         let layout = self
             .db()
             .layout(&sb.id)?

@@ -260,5 +260,6 @@ pub(crate) fn snapshot_from_manifest(m: &Manifest, dir: &std::path::Path) -> Sna
         restored: false,
         restored_at: None,
         created_at: m.created_at.clone(),
+        warm_spares: 0,
     }
 }

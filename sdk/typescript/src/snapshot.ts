@@ -46,6 +46,8 @@ export class Snapshot {
   restored!: boolean;
   restoredAt!: Date | null;
   createdAt!: Date;
+  /** Copies resumed ahead of time and ready to hand out: the next resume only continues one. */
+  warmSpares!: number;
 
   /** @internal Use {@link Snapshot.get} or `sandbox.snapshot()`. */
   constructor(record: SnapshotRecord, client: Client) {
@@ -68,6 +70,7 @@ export class Snapshot {
     this.restored = r.restored;
     this.restoredAt = r.restored_at ? new Date(r.restored_at) : null;
     this.createdAt = new Date(r.created_at);
+    this.warmSpares = r.warm_spares ?? 0;
     return this;
   }
 

@@ -66,6 +66,7 @@ export interface SnapshotRecord {
   restored: boolean;
   restored_at?: string | null;
   created_at: string;
+  warm_spares?: number;
 }
 
 /** The outcome of a command. A non-zero exit is not an error: check `ok` or `exitCode`. */

@@ -46,6 +46,11 @@ pub struct ServeArgs {
     /// Guest RAM of all VMs together may reach host RAM × RATIO (e.g. 1.5); beyond it requests get 429.
     #[arg(long, env = "KILN_MEMORY_OVERCOMMIT", default_value_t = kiln_core::config::DEFAULT_OVERCOMMIT)]
     memory_overcommit: f64,
+    /// Copies of recently resumed snapshots to keep resumed and paused, so the next resume of such a
+    /// snapshot only continues one (0 turns this off). Each holds a VM; they are given up first when
+    /// capacity runs short.
+    #[arg(long, env = "KILN_WARM_SPARES", default_value_t = kiln_core::config::DEFAULT_WARM_SPARES)]
+    warm_spares: usize,
 }
 
 pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
@@ -76,6 +81,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("--max-sandboxes must be at least 1");
     }
     cfg.max_sandboxes = args.max_sandboxes;
+    cfg.warm_spares = args.warm_spares;
     let mut cfg = cfg
         .with_overcommit(args.memory_overcommit)
         .map_err(anyhow::Error::msg)?;
@@ -89,6 +95,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     tracing::info!(
         max_sandboxes = cfg.max_sandboxes,
         max_guest_memory_mib = cfg.max_total_memory_mib,
+        warm_spares = cfg.warm_spares,
         "capacity limits"
     );
     if !(args.rate_limit.is_finite() && args.rate_limit >= 0.0 && args.rate_burst.is_finite()) {
@@ -140,6 +147,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         },
     )
     .await;
+    engine.discard_warm_spares().await;
     engine.shutdown();
     result?;
     Ok(ExitCode::SUCCESS)

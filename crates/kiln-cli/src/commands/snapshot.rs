@@ -168,6 +168,7 @@ pub async fn run(cli: &Cli, cmd: &SnapshotCmd) -> anyhow::Result<ExitCode> {
                         "restored_at",
                         "created_at",
                         "labels",
+                        "warm_spares",
                     ],
                     14,
                 )

@@ -97,6 +97,8 @@ impl Daemon {
             .arg("serve")
             .args(&self.extra_args)
             .env("KILN_LOG", "info,kiln=debug")
+            // Warm spares are VMs of their own; tests that want them ask (tests/warm_spares.rs).
+            .env("KILN_WARM_SPARES", "0")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

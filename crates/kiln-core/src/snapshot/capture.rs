@@ -418,6 +418,7 @@ impl Engine {
             restored: false,
             restored_at: None,
             created_at,
+            warm_spares: 0,
         };
         if let Err(e) = self.db().insert_snapshot(&snapshot, ephemeral) {
             let _ = std::fs::remove_dir_all(&dir);

@@ -99,5 +99,6 @@ fn row_to_snapshot(r: &Row<'_>) -> rusqlite::Result<Snapshot> {
         restored: r.get("restored")?,
         restored_at: r.get("restored_at")?,
         created_at: r.get("created_at")?,
+        warm_spares: 0,
     })
 }

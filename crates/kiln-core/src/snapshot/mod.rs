@@ -65,6 +65,10 @@ pub struct Snapshot {
     pub restored: bool,
     pub restored_at: Option<String>,
     pub created_at: String,
+    /// Copies resumed ahead of time and ready to hand out, so the next resume only continues one
+    /// (`kiln serve --warm-spares`).
+    #[serde(default)]
+    pub warm_spares: usize,
 }
 
 impl Snapshot {

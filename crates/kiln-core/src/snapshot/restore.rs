@@ -52,7 +52,15 @@ impl Engine {
     pub fn get_snapshot(&self, id: &str) -> Result<Snapshot> {
         self.db()
             .find_snapshot(id)?
+            .map(|s| self.with_spares(s))
             .ok_or_else(|| Error::snapshot_not_found(id))
+    }
+
+    fn with_spares(&self, snap: Snapshot) -> Snapshot {
+        Snapshot {
+            warm_spares: self.warm_pool().ready_for(&snap.id),
+            ..snap
+        }
     }
 
     pub fn list_snapshots(
@@ -67,6 +75,7 @@ impl Engine {
             .into_iter()
             .filter(|s| sandbox.is_none_or(|f| s.sandbox_id == f || s.sandbox_name == f))
             .filter(|s| s.matches_labels(labels))
+            .map(|s| self.with_spares(s))
             .collect())
     }
 
@@ -97,7 +106,7 @@ impl Engine {
 
     /// Lays out a sandbox directory from a snapshot: links to its kernel, disk layers and RAM base, and a
     /// fresh writable top layer. Returns the layout and the incoming state to load (None for disk snapshots).
-    fn provision_from_snapshot(
+    pub(crate) fn provision_from_snapshot(
         &self,
         sb: &Sandbox,
         snap_id: &str,
@@ -228,9 +237,19 @@ impl Engine {
         }
         let (snap, m) = self.load_manifest(id)?;
         let (memory_mib, cpus, disk_size_bytes) = self.resume_resources(&snap, &m, &req)?;
+        // A fork's children come from a capture made for them alone: no spares there.
+        let keep_warm = held.is_none() && m.kind.has_memory();
+        if keep_warm {
+            if let Some(claimed) = self.claim_spare(id, &m, &req).await {
+                if claimed.is_ok() {
+                    self.schedule_spare(id);
+                }
+                return claimed;
+            }
+        }
         let own = match held {
             Some(_) => None,
-            None => Some(self.reserve(1, memory_mib)?),
+            None => Some(self.reserve(1, memory_mib).await?),
         };
         let sb_id = ids::new_id("sb");
         let name = req.name.clone().unwrap_or_else(|| sb_id.clone());
@@ -280,6 +299,9 @@ impl Engine {
                 self.db()
                     .set_state(&sb.id, SandboxState::Running, Some(pid), None)?;
                 info!(sandbox = %sb.id, snapshot = id, "sandbox resumed from snapshot");
+                if keep_warm {
+                    self.schedule_spare(id);
+                }
                 self.get(&sb.id)
             }
             Err(e) => {
@@ -297,7 +319,7 @@ impl Engine {
 
     /// A new sandbox record for the machine a snapshot holds: the source's identity and resources, in state
     /// `creating`. Callers override what differs (a resumed copy gets its own id, name and MAC).
-    fn record_from_manifest(&self, m: &Manifest, snap_id: &str) -> Result<Sandbox> {
+    pub(crate) fn record_from_manifest(&self, m: &Manifest, snap_id: &str) -> Result<Sandbox> {
         let now = now_rfc3339();
         Ok(Sandbox {
             id: m.source.sandbox_id.clone(),
@@ -406,7 +428,7 @@ impl Engine {
         // Rolling back a sandbox that has no VM now starts one more.
         let reservation = match &existing {
             Some(sb) if sb.state.has_vm() || sb.state == SandboxState::Creating => None,
-            _ => Some(self.reserve(1, m.memory_mib)?),
+            _ => Some(self.reserve(1, m.memory_mib).await?),
         };
         let sb = match existing {
             Some(sb) => sb,
@@ -507,6 +529,7 @@ impl Engine {
     /// running on their own hard links to its files (reported in the answer).
     pub async fn delete_snapshot(&self, id: &str) -> Result<SnapshotDeleted> {
         let snap = self.get_snapshot(id)?;
+        self.discard_spares(Some(id)).await;
         let children = self.db().snapshot_children(id)?;
         if !children.is_empty() {
             return Err(Error::new(
@@ -642,7 +665,7 @@ pub(crate) enum SnapshotDebris {
 }
 
 /// The snapshot's kernel command line with another hostname (and the resize flag for grown disks).
-fn with_hostname(cmdline: &str, hostname: &str, resize: bool) -> String {
+pub(crate) fn with_hostname(cmdline: &str, hostname: &str, resize: bool) -> String {
     let mut parts: Vec<String> = cmdline
         .split_whitespace()
         .filter(|p| !p.starts_with("kiln.hostname=") && !p.starts_with("kiln.resize="))

@@ -240,6 +240,9 @@ class SnapshotFields:
     """Whether it has been rolled back into its source sandbox."""
     restored_at: datetime | None
     created_at: datetime | None
+    warm_spares: int
+    """Copies resumed ahead of time and ready to hand out: the next resume of this snapshot only
+    continues one (see ``kiln serve --warm-spares``)."""
 
     @property
     def name(self) -> str:
@@ -261,6 +264,7 @@ class SnapshotFields:
         self.restored = bool(d.get("restored", False))
         self.restored_at = parse_time(d.get("restored_at"))
         self.created_at = parse_time(d.get("created_at"))
+        self.warm_spares = int(d.get("warm_spares", 0))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.id!r}, type={self.type!r}, sandbox_id={self.sandbox_id!r})"
