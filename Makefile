@@ -22,7 +22,7 @@ build: agent
 	@echo "==> building kiln"
 	$(CARGO) build --release -p kiln-cli
 
-IMAGE_INPUTS := $(AGENT_BIN) $(wildcard crates/kiln-image/src/*.rs)
+IMAGE_INPUTS := $(AGENT_BIN) $(wildcard crates/kiln-image/src/*.rs) $(wildcard images/*.sh)
 
 # An image is rebuilt when the guest agent or the image builder changed since it was built.
 image-tiny: build

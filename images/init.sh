@@ -94,6 +94,20 @@ setup_hostname() {
     echo "$hostname" >/etc/hostname 2>/dev/null
 }
 
+setup_identity_files() {
+    # kiln gives every resumed copy and fork child its own hostname and machine id while it resumes.
+    # Rewriting these two files on the root ext4 was the slowest step of a resume (its first file write
+    # runs cold filesystem code under TCG), so they live in /run (tmpfs) and are bind-mounted over /etc,
+    # as systemd does with a transient machine id. Memory snapshots and hibernation keep them; a disk
+    # snapshot boots as a new machine and gets new ones anyway.
+    mkdir -p /run/kiln
+    for name in hostname machine-id; do
+        [ -e "/etc/$name" ] || : >"/etc/$name" 2>/dev/null || continue
+        cat "/etc/$name" >"/run/kiln/$name"
+        mount --bind "/run/kiln/$name" "/etc/$name" || say "cannot bind /run/kiln/$name over /etc/$name"
+    done
+}
+
 setup_network() {
     ip link set lo up
     # virtio_net is loaded by the initramfs and binds synchronously, but poll briefly to be safe.
@@ -213,6 +227,7 @@ mount_api_filesystems
 parse_cmdline
 mark "filesystems mounted"
 setup_hostname
+setup_identity_files
 setup_network
 mark "network configured"
 setup_resolv_conf
