@@ -40,6 +40,13 @@ run "$KILN" snapshot list
 say "kiln snapshot resume demo-cp --name demo-copy   (no boot: it goes on where the snapshot was)"
 time "$KILN" snapshot resume demo-cp --name demo-copy
 run "$KILN" exec demo-copy -- sh -c 'echo "counter in the copy: $(cat /tmp/n); hostname: $(hostname)"'
+say "a resumed snapshot leaves a warm spare behind; the next resume only continues it"
+for _ in $(seq 1 100); do
+  "$KILN" --json snapshot get demo-cp | grep -q '"warm_spares": *[1-9]' && break
+  sleep 0.1
+done
+time "$KILN" snapshot resume demo-cp --name demo-copy2
+run "$KILN" exec demo-copy2 -- sh -c 'echo "counter in the second copy: $(cat /tmp/n); hostname: $(hostname)"'
 say "kiln fork demo --count 2 --name demo-kid"
 time "$KILN" fork demo --count 2 --name demo-kid
 run "$KILN" exec demo-kid-1 -- sh -c 'echo "kid-1 machine-id $(cat /etc/machine-id)"'
@@ -53,7 +60,7 @@ time "$KILN" stop demo
 time "$KILN" start demo
 run "$KILN" exec demo -- cat /tmp/n
 run "$KILN" sandbox list
-"$KILN" sandbox delete -y demo-copy demo-kid-1 demo-kid-2 >/dev/null
+"$KILN" sandbox delete -y demo-copy demo-copy2 demo-kid-1 demo-kid-2 >/dev/null
 "$KILN" snapshot delete -y demo-cp >/dev/null
 if "$KILN" image list --json | grep -q '"base"'; then
   run "$KILN" sandbox create --name demo-py --template base

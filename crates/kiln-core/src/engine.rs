@@ -211,7 +211,7 @@ impl Engine {
     /// Called once when the daemon exits, before `shutdown`: ends the warm spares (clients' VMs keep
     /// running and are adopted by the next daemon).
     pub async fn discard_warm_spares(&self) {
-        self.discard_spares(None).await;
+        self.close_warm_pool().await;
     }
     /// Called once when the daemon exits: drops host-wide rules nothing needs any more.
     pub fn shutdown(&self) {

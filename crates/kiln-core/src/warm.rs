@@ -9,6 +9,7 @@
 //! the pool holds `--warm-spares` of them, least recently used evicted first, and gives them up when a
 //! client's request needs the capacity.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -39,6 +40,19 @@ struct Entry {
 #[derive(Default)]
 pub(crate) struct WarmPool {
     entries: Mutex<Vec<Entry>>,
+    /// Set when the daemon exits: no new spares.
+    closed: AtomicBool,
+    /// Spares being warmed right now (each ends by being marked ready or discarding itself).
+    warming: AtomicUsize,
+}
+
+/// Counts a spare as warming until dropped.
+struct Warming<'a>(&'a AtomicUsize);
+
+impl Drop for Warming<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl WarmPool {
@@ -71,7 +85,7 @@ impl WarmPool {
     /// by a spare still warming; otherwise the ready spare evicted to make room, if any.
     fn begin(&self, snapshot: &str, sandbox_id: &str, capacity: usize) -> Option<Option<String>> {
         let mut entries = self.entries();
-        if entries.iter().any(|e| e.snapshot == snapshot) {
+        if self.closed.load(Ordering::SeqCst) || entries.iter().any(|e| e.snapshot == snapshot) {
             return None;
         }
         let mut evicted = None;
@@ -131,10 +145,10 @@ impl Engine {
 
     async fn make_spare(&self, snapshot: &str) {
         let sandbox_id = ids::new_id("sb");
-        let Some(evicted) =
-            self.warm_pool()
-                .begin(snapshot, &sandbox_id, self.config().warm_spares)
-        else {
+        let pool = self.warm_pool();
+        pool.warming.fetch_add(1, Ordering::SeqCst);
+        let _warming = Warming(&pool.warming);
+        let Some(evicted) = pool.begin(snapshot, &sandbox_id, self.config().warm_spares) else {
             return;
         };
         if let Some(old) = evicted {
@@ -270,6 +284,18 @@ impl Engine {
         )
     }
 
+    /// At daemon exit: no new spares; the ready ones are discarded and those still warming are waited
+    /// for (they discard themselves), so no VM outlives the daemon unrecorded.
+    pub(crate) async fn close_warm_pool(&self) {
+        let pool = self.warm_pool();
+        pool.closed.store(true, Ordering::SeqCst);
+        self.discard_spares(None).await;
+        let deadline = tokio::time::Instant::now() + WARM_TIMEOUT;
+        while pool.warming.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Discards the spares of `snapshot` (all spares with None), e.g. before the snapshot is deleted.
     pub(crate) async fn discard_spares(&self, snapshot: Option<&str>) {
         for id in self.warm_pool().drain(snapshot) {
@@ -343,5 +369,8 @@ mod tests {
         pool.mark_ready("sb-3");
         assert_eq!(pool.drain(None), ["sb-3"]);
         assert_eq!(pool.count(), 0);
+        // A closed pool (daemon exiting) takes no new spares.
+        pool.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(pool.begin("d", "sb-4", 4), None);
     }
 }
