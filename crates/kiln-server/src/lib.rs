@@ -6,6 +6,7 @@ mod drain;
 pub mod error;
 pub mod extract;
 pub mod limits;
+mod openapi;
 pub mod routes;
 
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use tracing::info;
 use utoipa::OpenApi;
 
 use crate::error::ApiError;
+use crate::openapi::AuthAndCommonErrors;
 use crate::routes::{doctor, exec, files, lifecycle, sandboxes, snapshots, system, volumes};
 
 #[derive(OpenApi)]
@@ -62,7 +64,8 @@ use crate::routes::{doctor, exec, files, lifecycle, sandboxes, snapshots, system
         doctor::check,
         doctor::repair,
     ),
-    components(schemas(error::ErrorBody, error::ErrorDetail, exec::ExecStreamEvent))
+    components(schemas(error::ErrorBody, error::ErrorDetail, exec::ExecStreamEvent)),
+    modifiers(&AuthAndCommonErrors)
 )]
 pub struct ApiDoc;
 
