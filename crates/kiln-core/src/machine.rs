@@ -150,10 +150,12 @@ impl Engine {
         incoming: Option<Incoming>,
     ) -> Result<Arc<Vm>> {
         let mut spec = self.vm_spec(sb, layout, incoming.is_some());
-        spec.confine.cgroup_procs = self.confine().cgroup_for(
-            &sb.id,
-            &crate::confine::cgroup::Limits::for_vm(sb.memory_mib, sb.cpus),
-        );
+        let limits = crate::confine::cgroup::Limits::for_vm(sb.memory_mib, sb.cpus);
+        spec.confine.cgroup_procs = self.confine().cgroup_for(&sb.id, &limits);
+        if crate::warm::is_spare(sb) {
+            // Warming a spare must not slow down the sandboxes clients are waiting for.
+            self.confine().set_background(&sb.id, &limits, true);
+        }
         let t0 = std::time::Instant::now();
         let pid = {
             let spec = spec.clone();

@@ -265,6 +265,11 @@ impl Engine {
         let identity = NewIdentity {
             hostname: claimed.hostname.clone(),
         };
+        self.confine().set_background(
+            &id,
+            &crate::confine::cgroup::Limits::for_vm(claimed.memory_mib, claimed.cpus),
+            false,
+        );
         let continued = async {
             vm.qmp().await?.execute("cont", None).await?;
             self.after_resume(&id, &vm, Some(&identity)).await?;

@@ -192,6 +192,40 @@ impl Cgroups {
             .collect())
     }
 
+    /// Gives the sandbox's VM the least CPU share (`background`: work nobody waits for, such as warming
+    /// a spare) or its normal one.
+    pub fn set_background(
+        &self,
+        id: &str,
+        limits: &Limits,
+        background: bool,
+    ) -> Result<(), String> {
+        match self {
+            Cgroups::V2 { root } => {
+                let weight = if background {
+                    1
+                } else {
+                    (100 * u64::from(limits.cpus)).min(10_000)
+                };
+                write(
+                    &root.join(PARENT).join(id).join("cpu.weight"),
+                    &weight.to_string(),
+                )
+            }
+            Cgroups::V1 { cpu, .. } => {
+                let shares = if background {
+                    2
+                } else {
+                    1024 * u64::from(limits.cpus)
+                };
+                write(
+                    &cpu.join(PARENT).join(id).join("cpu.shares"),
+                    &shares.to_string(),
+                )
+            }
+        }
+    }
+
     /// Removes the sandbox's groups (after its VM exited). A group still holding a process is left alone.
     pub fn remove(&self, id: &str) {
         for d in self.dirs(id) {
@@ -243,6 +277,13 @@ mod tests {
             ((64 + OVERHEAD_MIB) << 20).to_string()
         );
         assert_eq!(read("pids/kiln/sb-1/pids.max"), PIDS_MAX.to_string());
+        assert_eq!(read("cpu/kiln/sb-1/cpu.shares"), "2048");
+        cg.set_background("sb-1", &Limits::for_vm(64, 2), true)
+            .unwrap();
+        assert_eq!(read("cpu/kiln/sb-1/cpu.shares"), "2");
+        cg.set_background("sb-1", &Limits::for_vm(64, 2), false)
+            .unwrap();
+        assert_eq!(read("cpu/kiln/sb-1/cpu.shares"), "2048");
     }
 
     #[test]
@@ -258,6 +299,9 @@ mod tests {
         cg.create("sb-2", &Limits::for_vm(128, 1)).unwrap();
         let read = |p: &str| std::fs::read_to_string(root.path().join(p)).unwrap();
         assert_eq!(read("kiln/sb-2/cpu.max"), "100000 100000");
+        cg.set_background("sb-2", &Limits::for_vm(128, 1), true)
+            .unwrap();
+        assert_eq!(read("kiln/sb-2/cpu.weight"), "1");
         assert_eq!(read("kiln/cgroup.subtree_control"), "+memory +cpu +pids");
     }
 

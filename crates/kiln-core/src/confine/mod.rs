@@ -227,6 +227,15 @@ impl Confinement {
         }
     }
 
+    /// See `Cgroups::set_background`; without cgroups, nothing to do.
+    pub fn set_background(&self, id: &str, limits: &cgroup::Limits, background: bool) {
+        if let Some(cg) = &self.cgroups {
+            if let Err(e) = cg.set_background(id, limits, background) {
+                warn!(sandbox = id, error = %e, "could not change the CPU share of the sandbox's VM");
+            }
+        }
+    }
+
     pub fn remove_cgroup(&self, id: &str) {
         if let Some(cg) = &self.cgroups {
             cg.remove(id);
