@@ -262,6 +262,14 @@ impl Engine {
             }
             return Some(Err(e));
         }
+        // The recorded kernel command line names the hostname too (a later cold boot of this machine).
+        if let Ok(Some(layout)) = self.db().layout(&id) {
+            let layout = crate::layout::Layout {
+                cmdline: with_hostname(&layout.cmdline, &claimed.hostname, false),
+                ..layout
+            };
+            let _ = self.db().set_layout(&id, &layout);
+        }
         let identity = NewIdentity {
             hostname: claimed.hostname.clone(),
         };
@@ -317,12 +325,23 @@ impl Engine {
     /// Ends a spare's VM and removes its row and files, unless it has become a client's sandbox.
     async fn discard_locked(&self, id: &str) {
         let slot = self.slot(id);
-        match self.db().find_sandbox(id) {
-            Ok(Some(sb)) if !sb.origin.starts_with(SPARE_ORIGIN) => return,
-            _ => {}
+        let row = self.db().find_sandbox(id).ok().flatten();
+        if row.as_ref().is_some_and(|sb| !is_spare(sb)) {
+            return;
         }
-        if let Some(vm) = slot.vm.lock().await.take() {
-            vm.terminate().await;
+        let vm = slot.vm.lock().await.take();
+        match (vm, row.and_then(|sb| sb.pid)) {
+            (Some(vm), _) => vm.terminate().await,
+            // Warming was cut short (timeout) after QEMU started: its pid is recorded.
+            (None, Some(pid)) => {
+                kiln_vmm::process::terminate(
+                    pid,
+                    &crate::engine::vm_name(id),
+                    Duration::from_secs(3),
+                )
+                .await
+            }
+            (None, None) => {}
         }
         self.remove_sandbox_files(id);
         if let Err(e) = self.db().delete_sandbox(id) {
