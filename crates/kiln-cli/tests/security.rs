@@ -24,12 +24,16 @@ fn tcp(
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    write!(
-        s,
+    let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{auth}\r\n",
         body.len()
-    )
-    .unwrap();
+    );
+    exchange(&mut s, &head, body)
+}
+
+/// Sends `head` and `body`, reads until the server closes: (status, lower-cased head, body).
+fn exchange<S: Read + Write>(s: &mut S, head: &str, body: &[u8]) -> (u16, String, String) {
+    s.write_all(head.as_bytes()).unwrap();
     // The server may answer (413) before reading the whole body and close; that is fine.
     let _ = s.write_all(body);
     let mut r = Vec::new();
@@ -142,18 +146,10 @@ fn unix(
     body: &[u8],
 ) -> (u16, String, String) {
     let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
-    write!(
-        s,
+    let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: kiln\r\nConnection: close\r\nContent-Type: application/json\r\n{extra_headers}\r\n"
-    )
-    .unwrap();
-    let _ = s.write_all(body);
-    let mut r = Vec::new();
-    let _ = s.read_to_end(&mut r);
-    let r = String::from_utf8_lossy(&r).into_owned();
-    let (head, body) = r.split_once("\r\n\r\n").unwrap_or((&r, ""));
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, head.to_ascii_lowercase(), body.to_string())
+    );
+    exchange(&mut s, &head, body)
 }
 
 fn error_of(body: &str) -> (String, String) {
