@@ -208,11 +208,6 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
     }
-    /// Called once when the daemon exits, before `shutdown`: ends the warm spares (clients' VMs keep
-    /// running and are adopted by the next daemon).
-    pub async fn discard_warm_spares(&self) {
-        self.close_warm_pool().await;
-    }
     /// Called once when the daemon exits: drops host-wide rules nothing needs any more.
     pub fn shutdown(&self) {
         self.confine.shutdown();
@@ -296,10 +291,6 @@ impl Engine {
             .map_err(|e| Error::new(ErrorCode::ImageNotFound, e.to_string()))
     }
 
-    /// Reserves room for `count` more VMs of `memory_mib` each, or refuses with `capacity_exceeded` and
-    /// the numbers. Checking and reserving happen under one lock, so concurrent requests cannot all pass
-    /// the check and overshoot; the reservation is held until the new sandboxes' rows exist (which count
-    /// from then on), so for a moment a sandbox may count twice: the limit errs on the safe side.
     /// `try_reserve`, giving up warm spares when they stand in the way: a client's request comes first.
     pub(crate) async fn reserve(&self, count: usize, memory_mib: u64) -> Result<Reservation> {
         match self.try_reserve(count, memory_mib) {
@@ -312,6 +303,10 @@ impl Engine {
         }
     }
 
+    /// Reserves room for `count` more VMs of `memory_mib` each, or refuses with `capacity_exceeded` and
+    /// the numbers. Checking and reserving happen under one lock, so concurrent requests cannot all pass
+    /// the check and overshoot; the reservation is held until the new sandboxes' rows exist (which count
+    /// from then on), so for a moment a sandbox may count twice: the limit errs on the safe side.
     pub(crate) fn try_reserve(&self, count: usize, memory_mib: u64) -> Result<Reservation> {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let active: Vec<Sandbox> = self

@@ -297,9 +297,10 @@ impl Engine {
         )
     }
 
-    /// At daemon exit: no new spares; the ready ones are discarded and those still warming are waited
-    /// for (they discard themselves), so no VM outlives the daemon unrecorded.
-    pub(crate) async fn close_warm_pool(&self) {
+    /// Called once when the daemon exits, before `shutdown`: no new spares; the ready ones are discarded
+    /// and those still warming are waited for (they discard themselves), so no VM outlives the daemon
+    /// unrecorded. Clients' VMs keep running and are adopted by the next daemon.
+    pub async fn discard_warm_spares(&self) {
         let pool = self.warm_pool();
         pool.closed.store(true, Ordering::SeqCst);
         self.discard_spares(None).await;
