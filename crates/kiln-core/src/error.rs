@@ -26,6 +26,7 @@ pub enum ErrorCode {
     SnapshotInUse,
     SnapshotCorrupt,
     SnapshotBaseMissing,
+    SnapshotBaseChanged,
     SnapshotIncompatible,
     SnapshotAlreadyRestored,
     VolumeNotFound,
@@ -36,6 +37,8 @@ pub enum ErrorCode {
     Timeout,
     AgentUnavailable,
     Unauthorized,
+    OperationNotFound,
+    SandboxUnresponsive,
     Internal,
 }
 
@@ -60,6 +63,7 @@ impl ErrorCode {
             ErrorCode::SnapshotInUse => "snapshot_in_use",
             ErrorCode::SnapshotCorrupt => "snapshot_corrupt",
             ErrorCode::SnapshotBaseMissing => "snapshot_base_missing",
+            ErrorCode::SnapshotBaseChanged => "snapshot_base_changed",
             ErrorCode::SnapshotIncompatible => "snapshot_incompatible",
             ErrorCode::SnapshotAlreadyRestored => "snapshot_already_restored",
             ErrorCode::VolumeNotFound => "volume_not_found",
@@ -70,6 +74,8 @@ impl ErrorCode {
             ErrorCode::Timeout => "timeout",
             ErrorCode::AgentUnavailable => "agent_unavailable",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::OperationNotFound => "operation_not_found",
+            ErrorCode::SandboxUnresponsive => "sandbox_unresponsive",
             ErrorCode::Internal => "internal",
         }
     }
@@ -86,13 +92,15 @@ impl ErrorCode {
             | ErrorCode::SnapshotNotFound
             | ErrorCode::ImageNotFound
             | ErrorCode::GuestPathNotFound
-            | ErrorCode::VolumeNotFound => 404,
+            | ErrorCode::VolumeNotFound
+            | ErrorCode::OperationNotFound => 404,
             ErrorCode::SandboxNameTaken
             | ErrorCode::SandboxNotRunning
             | ErrorCode::SandboxBusy
             | ErrorCode::SnapshotAlreadyExists
             | ErrorCode::SnapshotInUse
             | ErrorCode::SnapshotBaseMissing
+            | ErrorCode::SnapshotBaseChanged
             | ErrorCode::SnapshotAlreadyRestored
             | ErrorCode::VolumeAlreadyExists
             | ErrorCode::VolumeInUse => 409,
@@ -101,6 +109,7 @@ impl ErrorCode {
             ErrorCode::CapacityExceeded => 429,
             ErrorCode::GuestError | ErrorCode::AgentUnavailable => 502,
             ErrorCode::Timeout => 504,
+            ErrorCode::SandboxUnresponsive => 503,
             ErrorCode::BootFailed | ErrorCode::VmFailed | ErrorCode::Internal => 500,
         }
     }

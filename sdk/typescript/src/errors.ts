@@ -55,6 +55,7 @@ export const STATUS_BY_CODE: Readonly<Record<string, number>> = {
   image_not_found: 404,
   guest_path_not_found: 404,
   volume_not_found: 404,
+  operation_not_found: 404,
   route_not_found: 404,
   sandbox_name_taken: 409,
   snapshot_already_exists: 409,
@@ -62,6 +63,7 @@ export const STATUS_BY_CODE: Readonly<Record<string, number>> = {
   snapshot_in_use: 409,
   snapshot_already_restored: 409,
   snapshot_base_missing: 409,
+  snapshot_base_changed: 409,
   sandbox_busy: 409,
   volume_already_exists: 409,
   volume_in_use: 409,
@@ -76,6 +78,7 @@ export const STATUS_BY_CODE: Readonly<Record<string, number>> = {
   internal: 500,
   agent_unavailable: 502,
   guest_error: 502,
+  sandbox_unresponsive: 503,
   timeout: 504,
   insufficient_storage: 507,
 };

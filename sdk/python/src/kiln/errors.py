@@ -130,6 +130,7 @@ STATUS_BY_CODE: dict[str, int] = {
             "image_not_found",
             "guest_path_not_found",
             "volume_not_found",
+            "operation_not_found",
             "route_not_found",
         ],
         404,
@@ -142,6 +143,7 @@ STATUS_BY_CODE: dict[str, int] = {
             "snapshot_in_use",
             "snapshot_already_restored",
             "snapshot_base_missing",
+            "snapshot_base_changed",
             "sandbox_busy",
             "volume_already_exists",
             "volume_in_use",
@@ -159,6 +161,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "internal": 500,
     "agent_unavailable": 502,
     "guest_error": 502,
+    "sandbox_unresponsive": 503,
     "timeout": 504,
     "insufficient_storage": 507,
 }
