@@ -142,6 +142,27 @@ impl Daemon {
         }
     }
 
+    /// Asks the daemon to exit (SIGTERM) and waits up to `limit` for it; returns whether it exited.
+    pub fn terminate(&mut self, limit: Duration) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        // SAFETY: plain kill(2) on our child.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
+    }
+
     /// Starts the daemon again (after `kill_hard`, or replacing a running one) with another environment.
     pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
         self.kill_hard();
