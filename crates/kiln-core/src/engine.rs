@@ -95,6 +95,8 @@ pub struct Engine {
     warm: crate::warm::WarmPool,
     /// This engine, for background work it starts itself (set once by `open`).
     me: std::sync::OnceLock<std::sync::Weak<Engine>>,
+    /// Operations running in this daemon (see operations.rs).
+    ops: crate::operations::Registry,
 }
 
 /// Capacity held for sandboxes about to be recorded; released on drop.
@@ -157,11 +159,14 @@ impl Engine {
             pending: Arc::new(Mutex::new((0, 0))),
             warm: Default::default(),
             me: Default::default(),
+            ops: Default::default(),
         });
         let _ = engine.me.set(Arc::downgrade(&engine));
         engine.clean_snapshot_debris();
         engine.clean_volume_debris();
         engine.adopt().await?;
+        // After recovery rolled back or finished what they were doing.
+        engine.settle_interrupted_operations()?;
         engine.spawn_watch();
         Ok(engine)
     }
@@ -195,6 +200,9 @@ impl Engine {
     }
     pub(crate) fn confine(&self) -> &crate::confine::Confinement {
         &self.confine
+    }
+    pub(crate) fn operations(&self) -> &crate::operations::Registry {
+        &self.ops
     }
     pub(crate) fn warm_pool(&self) -> &crate::warm::WarmPool {
         &self.warm

@@ -39,6 +39,7 @@ pub enum ErrorCode {
     Unauthorized,
     OperationNotFound,
     SandboxUnresponsive,
+    OperationInterrupted,
     Internal,
 }
 
@@ -76,6 +77,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::OperationNotFound => "operation_not_found",
             ErrorCode::SandboxUnresponsive => "sandbox_unresponsive",
+            ErrorCode::OperationInterrupted => "operation_interrupted",
             ErrorCode::Internal => "internal",
         }
     }
@@ -110,7 +112,10 @@ impl ErrorCode {
             ErrorCode::GuestError | ErrorCode::AgentUnavailable => 502,
             ErrorCode::Timeout => 504,
             ErrorCode::SandboxUnresponsive => 503,
-            ErrorCode::BootFailed | ErrorCode::VmFailed | ErrorCode::Internal => 500,
+            ErrorCode::BootFailed
+            | ErrorCode::VmFailed
+            | ErrorCode::OperationInterrupted
+            | ErrorCode::Internal => 500,
         }
     }
 }

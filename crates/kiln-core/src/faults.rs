@@ -99,6 +99,10 @@ impl Faults {
 
     /// Sleeps if a rule holds operations at `point`.
     pub async fn hold(&self, point: &str) {
+        // These points are the milestones an operation reports as its stage.
+        if let Some(stage) = crate::operations::stage_of_point(point) {
+            crate::operations::stage(stage);
+        }
         let ms = {
             let rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
             rules.iter().find_map(|r| match r {
