@@ -22,7 +22,9 @@ use utoipa::OpenApi;
 
 use crate::error::ApiError;
 use crate::openapi::AuthAndCommonErrors;
-use crate::routes::{doctor, exec, files, lifecycle, sandboxes, snapshots, system, volumes};
+use crate::routes::{
+    doctor, exec, files, lifecycle, operations, sandboxes, snapshots, system, volumes,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -63,6 +65,9 @@ use crate::routes::{doctor, exec, files, lifecycle, sandboxes, snapshots, system
         volumes::delete,
         doctor::check,
         doctor::repair,
+        operations::list,
+        operations::get,
+        operations::wait,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail, exec::ExecStreamEvent)),
     modifiers(&AuthAndCommonErrors)
@@ -115,6 +120,9 @@ pub fn router(engine: Arc<Engine>, limits: limits::Limits) -> Router {
         )
         .route("/v1/doctor", get(doctor::check))
         .route("/v1/doctor/repair", post(doctor::repair))
+        .route("/v1/operations", get(operations::list))
+        .route("/v1/operations/{id}", get(operations::get))
+        .route("/v1/operations/{id}/wait", get(operations::wait))
         .fallback(|| async {
             ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,
@@ -150,7 +158,7 @@ pub struct ServeOptions {
 /// Serves the API until Ctrl-C / SIGTERM. VMs keep running after the daemon exits.
 pub async fn serve(engine: Arc<Engine>, opts: ServeOptions) -> anyhow::Result<()> {
     let limiter = Arc::new(limits::RateLimiter::new(opts.rate));
-    let app = router(engine, opts.limits);
+    let app = router(engine.clone(), opts.limits);
     if let Some(parent) = opts.socket.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -211,9 +219,22 @@ pub async fn serve(engine: Arc<Engine>, opts: ServeOptions) -> anyhow::Result<()
         }
         _ = shutdown_signal() => info!("shutting down; VMs keep running and are re-adopted on next start"),
     }
+    // Take no more requests, then let running operations finish (bounded), so an orderly exit does not
+    // leave half-done work for start-up recovery.
+    tasks.abort_all();
     let _ = std::fs::remove_file(&opts.socket);
+    let left = engine.drain_operations(DRAIN_LIMIT).await;
+    if left > 0 {
+        tracing::warn!(
+            count = left,
+            "exiting with operations still running; the next start recovers them"
+        );
+    }
     Ok(())
 }
+
+/// How long an orderly exit waits for running operations.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 async fn shutdown_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -44,7 +44,16 @@ impl utoipa::Modify for AuthAndCommonErrors {
             SecurityRequirement::default(),
             SecurityRequirement::new(BEARER, Vec::<String>::new()),
         ]);
-        for item in api.paths.paths.values_mut() {
+        for (path, item) in api.paths.paths.iter_mut() {
+            // Mutating routes run as operations (routes/operations.rs): `Prefer: respond-async` gets 202.
+            if !path.contains("/exec") && !path.contains("/files") {
+                for op in [&mut item.post, &mut item.delete].into_iter().flatten() {
+                    op.responses
+                        .responses
+                        .entry("202".to_string())
+                        .or_insert_with(accepted_response);
+                }
+            }
             let operations = [
                 &mut item.get,
                 &mut item.put,
@@ -62,6 +71,23 @@ impl utoipa::Modify for AuthAndCommonErrors {
             }
         }
     }
+}
+
+fn accepted_response() -> RefOr<utoipa::openapi::Response> {
+    RefOr::T(
+        ResponseBuilder::new()
+            .description(
+                "with `Prefer: respond-async`: the operation, still running (`Location: /v1/operations/{id}`); \
+                 every answer of this route carries `Kiln-Operation: op-...`",
+            )
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Operation")))
+                    .build(),
+            )
+            .build(),
+    )
 }
 
 fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {

@@ -22,7 +22,21 @@ pub async fn check(State(engine): State<AppState>, q: QueryPairs) -> ApiResult<J
     responses((status = 200, body = DoctorReport), (status = 400, body = crate::error::ErrorBody)))]
 pub async fn repair(
     State(engine): State<AppState>,
+    headers: axum::http::HeaderMap,
     q: QueryPairs,
-) -> ApiResult<Json<DoctorReport>> {
-    Ok(Json(engine.doctor(true, q.flag("deep")?).await?))
+) -> axum::response::Response {
+    let deep = match q.flag("deep") {
+        Ok(d) => d,
+        Err(e) => return axum::response::IntoResponse::into_response(e),
+    };
+    let res = (String::new(), kiln_core::Resources::default());
+    super::operations::run(
+        &engine,
+        &headers,
+        "doctor.repair",
+        res,
+        axum::http::StatusCode::OK,
+        move |e| async move { e.doctor(true, deep).await },
+    )
+    .await
 }

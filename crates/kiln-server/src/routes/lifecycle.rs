@@ -1,18 +1,31 @@
 use axum::extract::{Path, State};
-use axum::Json;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use kiln_core::operations::sandbox_resources;
 use kiln_core::Sandbox;
 
+use super::operations::run;
 use super::AppState;
-use crate::error::{ApiResult, ErrorBody};
+use crate::error::ErrorBody;
 
 /// Freezes the sandbox's vCPUs (memory stays; no disk write).
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", params(("id" = String, Path)),
     responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn pause(
     State(engine): State<AppState>,
+    headers: HeaderMap,
     Path(id): Path<String>,
-) -> ApiResult<Json<Sandbox>> {
-    Ok(Json(engine.pause(&id).await?))
+) -> Response {
+    let res = sandbox_resources(&engine, &id);
+    run(
+        &engine,
+        &headers,
+        "sandbox.pause",
+        res,
+        StatusCode::OK,
+        move |e| async move { e.pause(&id).await },
+    )
+    .await
 }
 
 /// Continues a paused sandbox.
@@ -20,9 +33,19 @@ pub async fn pause(
     responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn resume(
     State(engine): State<AppState>,
+    headers: HeaderMap,
     Path(id): Path<String>,
-) -> ApiResult<Json<Sandbox>> {
-    Ok(Json(engine.resume(&id).await?))
+) -> Response {
+    let res = sandbox_resources(&engine, &id);
+    run(
+        &engine,
+        &headers,
+        "sandbox.resume",
+        res,
+        StatusCode::OK,
+        move |e| async move { e.resume(&id).await },
+    )
+    .await
 }
 
 /// Hibernates: saves the whole machine to disk and frees its RAM (the VM process exits).
@@ -30,9 +53,19 @@ pub async fn resume(
     responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn stop(
     State(engine): State<AppState>,
+    headers: HeaderMap,
     Path(id): Path<String>,
-) -> ApiResult<Json<Sandbox>> {
-    Ok(Json(engine.stop(&id).await?))
+) -> Response {
+    let res = sandbox_resources(&engine, &id);
+    run(
+        &engine,
+        &headers,
+        "sandbox.stop",
+        res,
+        StatusCode::OK,
+        move |e| async move { e.stop(&id).await },
+    )
+    .await
 }
 
 /// Brings a hibernated sandbox back where it was (same id, name and disk).
@@ -40,9 +73,19 @@ pub async fn stop(
     responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn start(
     State(engine): State<AppState>,
+    headers: HeaderMap,
     Path(id): Path<String>,
-) -> ApiResult<Json<Sandbox>> {
-    Ok(Json(engine.start(&id).await?))
+) -> Response {
+    let res = sandbox_resources(&engine, &id);
+    run(
+        &engine,
+        &headers,
+        "sandbox.start",
+        res,
+        StatusCode::OK,
+        move |e| async move { e.start(&id).await },
+    )
+    .await
 }
 
 /// Forks a running sandbox into `count` new running sandboxes that continue from its current state.
@@ -52,11 +95,18 @@ pub async fn start(
               (status = 409, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn fork(
     State(engine): State<AppState>,
+    headers: HeaderMap,
     Path(id): Path<String>,
     crate::extract::OptionalJson(req): crate::extract::OptionalJson<kiln_core::ForkRequest>,
-) -> ApiResult<(axum::http::StatusCode, Json<kiln_core::ForkResult>)> {
-    Ok((
-        axum::http::StatusCode::CREATED,
-        Json(engine.fork(&id, req).await?),
-    ))
+) -> Response {
+    let res = sandbox_resources(&engine, &id);
+    run(
+        &engine,
+        &headers,
+        "sandbox.fork",
+        res,
+        StatusCode::CREATED,
+        move |e| async move { e.fork(&id, req).await },
+    )
+    .await
 }

@@ -2,6 +2,7 @@ pub mod doctor;
 pub mod exec;
 pub mod files;
 pub mod lifecycle;
+pub mod operations;
 pub mod sandboxes;
 pub mod snapshots;
 pub mod system;

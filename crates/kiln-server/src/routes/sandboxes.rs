@@ -1,10 +1,13 @@
 use std::collections::BTreeMap;
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use axum::Json;
-use kiln_core::{CreateSandbox, Sandbox};
+use kiln_core::operations::sandbox_resources;
+use kiln_core::{CreateSandbox, Resources, Sandbox};
 
+use super::operations::run;
 use super::AppState;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{ApiJson, QueryPairs};
@@ -15,10 +18,26 @@ use crate::extract::{ApiJson, QueryPairs};
               (status = 409, body = ErrorBody), (status = 429, body = ErrorBody), (status = 500, body = ErrorBody)))]
 pub async fn create(
     State(engine): State<AppState>,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<CreateSandbox>,
-) -> ApiResult<(StatusCode, Json<Sandbox>)> {
-    let sb = engine.create(req).await?;
-    Ok((StatusCode::CREATED, Json(sb)))
+) -> Response {
+    // The new sandbox's id is added to the operation when it exists; until then, what the request names.
+    let mut res = Resources::default();
+    res.snapshots.extend(req.snapshot.clone());
+    let target = req
+        .snapshot
+        .clone()
+        .or(req.name.clone())
+        .unwrap_or_default();
+    run(
+        &engine,
+        &headers,
+        "sandbox.create",
+        (target, res),
+        StatusCode::CREATED,
+        move |e| async move { e.create(req).await },
+    )
+    .await
 }
 
 /// Lists sandboxes, optionally only those carrying every `label=KEY=VALUE` given.
@@ -49,10 +68,19 @@ pub async fn get(
     responses((status = 204), (status = 404, body = ErrorBody)))]
 pub async fn delete(
     State(engine): State<AppState>,
+    headers: HeaderMap,
     Path(id): Path<String>,
-) -> ApiResult<StatusCode> {
-    engine.delete(&id).await?;
-    Ok(StatusCode::NO_CONTENT)
+) -> Response {
+    let res = sandbox_resources(&engine, &id);
+    run(
+        &engine,
+        &headers,
+        "sandbox.delete",
+        res,
+        StatusCode::NO_CONTENT,
+        move |e| async move { e.delete(&id).await },
+    )
+    .await
 }
 
 /// The sandbox's serial console output (kernel and init messages).

@@ -1,12 +1,15 @@
 use std::collections::BTreeMap;
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use axum::Json;
+use kiln_core::operations::{sandbox_resources, snapshot_resources};
 use kiln_core::{CreateSnapshot, ResumeSnapshot, Sandbox, Snapshot, SnapshotDeleted};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
+use super::operations::run;
 use super::AppState;
 use crate::error::{ApiResult, ErrorBody};
 use crate::extract::{OptionalJson, QueryPairs};
@@ -29,14 +32,20 @@ pub struct RestoreBody {
               (status = 409, body = ErrorBody), (status = 507, body = ErrorBody)))]
 pub async fn create(
     State(engine): State<AppState>,
+    headers: HeaderMap,
     Path(id): Path<String>,
-    OptionalJson(body): OptionalJson<CreateSnapshot>,
-) -> ApiResult<(StatusCode, Json<Snapshot>)> {
-    let req = body;
-    Ok((
+    OptionalJson(req): OptionalJson<CreateSnapshot>,
+) -> Response {
+    let res = sandbox_resources(&engine, &id);
+    run(
+        &engine,
+        &headers,
+        "snapshot.create",
+        res,
         StatusCode::CREATED,
-        Json(engine.create_snapshot(&id, req).await?),
-    ))
+        move |e| async move { e.create_snapshot(&id, req).await },
+    )
+    .await
 }
 
 /// Lists named snapshots, optionally of one source sandbox and/or with labels.
@@ -67,9 +76,19 @@ pub async fn get(
     responses((status = 200, body = SnapshotDeleted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn delete(
     State(engine): State<AppState>,
+    headers: HeaderMap,
     Path(id): Path<String>,
-) -> ApiResult<Json<SnapshotDeleted>> {
-    Ok(Json(engine.delete_snapshot(&id).await?))
+) -> Response {
+    let res = snapshot_resources(&engine, &id, false);
+    run(
+        &engine,
+        &headers,
+        "snapshot.delete",
+        res,
+        StatusCode::OK,
+        move |e| async move { e.delete_snapshot(&id).await },
+    )
+    .await
 }
 
 /// A new sandbox that goes on exactly where the snapshot was (no boot). Repeatable, concurrently.
@@ -78,14 +97,20 @@ pub async fn delete(
               (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn resume(
     State(engine): State<AppState>,
+    headers: HeaderMap,
     Path(id): Path<String>,
-    OptionalJson(body): OptionalJson<ResumeSnapshot>,
-) -> ApiResult<(StatusCode, Json<Sandbox>)> {
-    let req = body;
-    Ok((
+    OptionalJson(req): OptionalJson<ResumeSnapshot>,
+) -> Response {
+    let res = snapshot_resources(&engine, &id, false);
+    run(
+        &engine,
+        &headers,
+        "snapshot.resume",
+        res,
         StatusCode::CREATED,
-        Json(engine.resume_snapshot(&id, req).await?),
-    ))
+        move |e| async move { e.resume_snapshot(&id, req).await },
+    )
+    .await
 }
 
 /// Rolls the snapshot's source sandbox back to it (same id and name); paused unless `resume`.
@@ -94,9 +119,18 @@ pub async fn resume(
               (status = 422, body = ErrorBody)))]
 pub async fn restore(
     State(engine): State<AppState>,
+    headers: HeaderMap,
     Path(id): Path<String>,
-    OptionalJson(body): OptionalJson<RestoreBody>,
-) -> ApiResult<Json<Sandbox>> {
-    let b = body;
-    Ok(Json(engine.restore_snapshot(&id, b.resume, b.force).await?))
+    OptionalJson(b): OptionalJson<RestoreBody>,
+) -> Response {
+    let res = snapshot_resources(&engine, &id, true);
+    run(
+        &engine,
+        &headers,
+        "snapshot.restore",
+        res,
+        StatusCode::OK,
+        move |e| async move { e.restore_snapshot(&id, b.resume, b.force).await },
+    )
+    .await
 }

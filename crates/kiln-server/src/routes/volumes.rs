@@ -1,10 +1,13 @@
 //! Volumes: durable disks attached to sandboxes at creation (`volumes` in the create/resume body).
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use axum::Json;
+use kiln_core::operations::volume_resources;
 use kiln_core::{CreateVolume, Volume};
 
+use super::operations::run;
 use super::AppState;
 use crate::error::{ApiResult, ErrorBody};
 use crate::extract::ApiJson;
@@ -15,9 +18,19 @@ use crate::extract::ApiJson;
               (status = 507, body = ErrorBody)))]
 pub async fn create(
     State(engine): State<AppState>,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<CreateVolume>,
-) -> ApiResult<(StatusCode, Json<Volume>)> {
-    Ok((StatusCode::CREATED, Json(engine.create_volume(req).await?)))
+) -> Response {
+    let res = volume_resources(&req.name);
+    run(
+        &engine,
+        &headers,
+        "volume.create",
+        res,
+        StatusCode::CREATED,
+        move |e| async move { e.create_volume(req).await },
+    )
+    .await
 }
 
 #[utoipa::path(get, path = "/v1/volumes", responses((status = 200, body = [Volume])))]
@@ -39,8 +52,17 @@ pub async fn get(
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn delete(
     State(engine): State<AppState>,
+    headers: HeaderMap,
     Path(name): Path<String>,
-) -> ApiResult<StatusCode> {
-    engine.delete_volume(&name).await?;
-    Ok(StatusCode::NO_CONTENT)
+) -> Response {
+    let res = volume_resources(&name);
+    run(
+        &engine,
+        &headers,
+        "volume.delete",
+        res,
+        StatusCode::NO_CONTENT,
+        move |e| async move { e.delete_volume(&name).await },
+    )
+    .await
 }
