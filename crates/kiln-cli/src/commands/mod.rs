@@ -2,6 +2,7 @@ pub mod doctor;
 pub mod exec;
 pub mod files;
 pub mod image;
+pub mod operation;
 pub mod sandbox;
 pub mod serve;
 pub mod snapshot;
