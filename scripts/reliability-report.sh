@@ -10,7 +10,7 @@ mkdir -p target
 if [ "${1:-}" = "--from-log" ]; then
   status=0  # only rewrite the table from the last run's log
 else
-  cargo test --release -p kiln-cli --test faults --test concurrent_clients -- --nocapture --test-threads=1 2>&1 | tee "$log"
+  cargo test --release -p kiln-cli --test faults --test concurrent_clients --test operations -- --nocapture --test-threads=1 2>&1 | tee "$log"
   status=${PIPESTATUS[0]}
 fi
 python3 - "$log" docs/reliability.md <<'PY'
@@ -40,6 +40,10 @@ rows = [
      "daemon SIGKILLed while held (`KILN_FAULTS=hold.POINT=MS`) in create, resume, fork, snapshot (paused, written), stop, snapshot delete, sandbox delete, start; and during a 30 s exec"),
     ("fifty_clients_mixed_operations_no_deadlock_no_unexpected_errors",
      "50 concurrent API clients for 45 s (exec, files, lists, snapshots, creates and forks under `--max-sandboxes 3`)"),
+    ("client_disconnects_never_cut_an_operation_short",
+     "client closes its connection right after sending, ~30 ms in, and while the daemon holds near the end (`hold.POINT`), in snapshot full and diff, resume, fork ×3, stop, start, restore, sandbox delete"),
+    ("daemon_killed_during_an_operation_reports_it_interrupted",
+     "daemon SIGKILLed during a snapshot started with `Prefer: respond-async`; the operation after restart"),
 ]
 def fmt(name):
     if name not in counts:
