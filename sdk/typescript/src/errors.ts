@@ -75,6 +75,7 @@ export const STATUS_BY_CODE: Readonly<Record<string, number>> = {
   rate_limited: 429,
   boot_failed: 500,
   vm_failed: 500,
+  operation_interrupted: 500,
   internal: 500,
   agent_unavailable: 502,
   guest_error: 502,

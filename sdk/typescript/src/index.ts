@@ -40,6 +40,8 @@ export type { CreateSandboxOptions, ForkOptions, RunOptions, SnapshotOptions } f
 export { Snapshot } from "./snapshot.js";
 export type { RestoreOptions } from "./snapshot.js";
 export { Volume, parseVolume } from "./volume.js";
+export { Operation } from "./operation.js";
+export type { ListOperationsOptions, OperationRecord, OperationState } from "./operation.js";
 export type { CreateVolumeOptions } from "./volume.js";
 export type {
   CommandResult,

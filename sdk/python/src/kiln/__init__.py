@@ -15,9 +15,9 @@ The daemon is found through ``KILN_SOCKET`` / ``KILN_URL`` + ``KILN_TOKEN`` or t
 ``client=kiln.Client(...)`` to any class method to use another.
 """
 
-from ._async import AsyncCommands, AsyncFiles, AsyncSandbox, AsyncSnapshot, AsyncVolume
+from ._async import AsyncCommands, AsyncFiles, AsyncOperation, AsyncSandbox, AsyncSnapshot, AsyncVolume
 from ._client import Client, default_socket, get_default_client, set_default_client
-from ._sync import Commands, Files, Sandbox, Snapshot, Volume
+from ._sync import Commands, Files, Operation, Sandbox, Snapshot, Volume
 from .errors import (
     AuthenticationError,
     CapacityError,
@@ -56,6 +56,8 @@ __all__ = [
     "Sandbox",
     "Snapshot",
     "Volume",
+    "Operation",
+    "AsyncOperation",
     "Commands",
     "Files",
     "AsyncSandbox",

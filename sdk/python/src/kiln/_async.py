@@ -12,13 +12,14 @@ from types import TracebackType
 from typing import Any, BinaryIO, Literal
 
 from . import _wire
-from ._client import Client, get_default_client, sandbox_path, snapshot_path, volume_path
+from ._client import Client, get_default_client, operation_path, sandbox_path, snapshot_path, volume_path
 from ._hybrid import hybridmethod
 from .errors import GuestPathNotFoundError, SandboxNotFoundError
 from .models import (
     DirEntry,
     ExecResult,
     FileStat,
+    OperationFields,
     SandboxFields,
     SnapshotDeleted,
     SnapshotFields,
@@ -26,7 +27,7 @@ from .models import (
     WriteResult,
 )
 
-__all__ = ["AsyncSandbox", "AsyncSnapshot", "AsyncVolume", "AsyncCommands", "AsyncFiles"]
+__all__ = ["AsyncSandbox", "AsyncSnapshot", "AsyncVolume", "AsyncOperation", "AsyncCommands", "AsyncFiles"]
 
 AsyncOutputCallback = Callable[[str], "Awaitable[object] | object"]
 
@@ -417,3 +418,36 @@ class AsyncVolume(VolumeFields):
     async def refresh(self) -> AsyncVolume:
         self._apply(await self._client.arequest_json("GET", volume_path(self.name)))
         return self
+
+
+class AsyncOperation(OperationFields):
+    """The asyncio twin of :class:`kiln.Operation`."""
+
+    def __init__(self, data: dict[str, Any], client: Client) -> None:
+        self._client = client
+        self._apply(data)
+
+    @classmethod
+    async def get(cls, operation_id: str, *, client: Client | None = None) -> AsyncOperation:
+        """An operation by id (raises :class:`NotFoundError` with code ``operation_not_found``)."""
+        client = client or get_default_client()
+        return cls(await client.arequest_json("GET", operation_path(operation_id)), client)
+
+    @classmethod
+    async def list(
+        cls, *, target: str | None = None, state: str | None = None, client: Client | None = None
+    ) -> builtins.list[AsyncOperation]:
+        """Recent operations, newest first, optionally on one sandbox/snapshot/volume id or in one state."""
+        client = client or get_default_client()
+        params = {k: v for k, v in (("target", target), ("state", state)) if v is not None}
+        return [cls(d, client) for d in await client.arequest_json("GET", "/v1/operations", params=params)]
+
+    @classmethod
+    async def wait(cls, operation_id: str, timeout: float = 60, *, client: Client | None = None) -> AsyncOperation:
+        """Waits until the operation finished or ``timeout`` seconds passed; returns it as it is then."""
+        client = client or get_default_client()
+        secs = max(0, int(timeout))
+        data = await client.arequest_json(
+            "GET", operation_path(operation_id, "/wait"), params={"timeout": secs}, timeout=secs + 30
+        )
+        return cls(data, client)

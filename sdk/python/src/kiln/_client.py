@@ -62,6 +62,10 @@ def volume_path(volume: str) -> str:
     return f"/v1/volumes/{quote(volume, safe='')}"
 
 
+def operation_path(operation: str, suffix: str = "") -> str:
+    return f"/v1/operations/{quote(operation, safe='')}{suffix}"
+
+
 class Client:
     """Where the daemon is and how to talk to it. Thread-safe; reuse one per process.
 

@@ -9,13 +9,14 @@ from types import TracebackType
 from typing import Any, Literal
 
 from . import _wire
-from ._client import Client, get_default_client, sandbox_path, snapshot_path, volume_path
+from ._client import Client, get_default_client, operation_path, sandbox_path, snapshot_path, volume_path
 from ._hybrid import hybridmethod
 from .errors import GuestPathNotFoundError, SandboxNotFoundError
 from .models import (
     DirEntry,
     ExecResult,
     FileStat,
+    OperationFields,
     SandboxFields,
     SnapshotDeleted,
     SnapshotFields,
@@ -23,7 +24,7 @@ from .models import (
     WriteResult,
 )
 
-__all__ = ["Sandbox", "Snapshot", "Volume", "Commands", "Files"]
+__all__ = ["Sandbox", "Snapshot", "Volume", "Operation", "Commands", "Files"]
 
 OutputCallback = Callable[[str], object]
 
@@ -503,3 +504,40 @@ class Volume(VolumeFields):
         """Fetches the current record (attachments, allocated bytes)."""
         self._apply(self._client.request_json("GET", volume_path(self.name)))
         return self
+
+
+class Operation(OperationFields):
+    """A mutating request (snapshot, stop, fork, ...) the daemon runs to its end even if its client went away.
+
+    Every sync call waits for its operation already; use these to find the outcome of one whose client was
+    cut off: ``Operation.list(target=sandbox.id)``, ``Operation.get(op_id)``, ``Operation.wait(op_id)``.
+    """
+
+    def __init__(self, data: dict[str, Any], client: Client) -> None:
+        self._client = client
+        self._apply(data)
+
+    @classmethod
+    def get(cls, operation_id: str, *, client: Client | None = None) -> Operation:
+        """An operation by id (raises :class:`NotFoundError` with code ``operation_not_found``)."""
+        client = client or get_default_client()
+        return cls(client.request_json("GET", operation_path(operation_id)), client)
+
+    @classmethod
+    def list(
+        cls, *, target: str | None = None, state: str | None = None, client: Client | None = None
+    ) -> builtins.list[Operation]:
+        """Recent operations, newest first, optionally on one sandbox/snapshot/volume id or in one state."""
+        client = client or get_default_client()
+        params = {k: v for k, v in (("target", target), ("state", state)) if v is not None}
+        return [cls(d, client) for d in client.request_json("GET", "/v1/operations", params=params)]
+
+    @classmethod
+    def wait(cls, operation_id: str, timeout: float = 60, *, client: Client | None = None) -> Operation:
+        """Waits until the operation finished or ``timeout`` seconds passed; returns it as it is then."""
+        client = client or get_default_client()
+        secs = max(0, int(timeout))
+        data = client.request_json(
+            "GET", operation_path(operation_id, "/wait"), params={"timeout": secs}, timeout=secs + 30
+        )
+        return cls(data, client)

@@ -158,6 +158,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "rate_limited": 429,
     "boot_failed": 500,
     "vm_failed": 500,
+    "operation_interrupted": 500,
     "internal": 500,
     "agent_unavailable": 502,
     "guest_error": 502,

@@ -318,3 +318,49 @@ class VolumeFields:
     def __repr__(self) -> str:
         n = len(self.attachments)
         return f"{type(self).__name__}(name={self.name!r}, size_mib={self.size_mib}, attachments={n})"
+
+
+OperationState = Literal["running", "succeeded", "failed"]
+
+
+class OperationFields:
+    """A mutating request the daemon runs to its end whatever the client does (shared by ``Operation`` and
+    ``AsyncOperation``); see "Operations" in docs/api.md."""
+
+    id: str
+    kind: str
+    """What it does, e.g. ``snapshot.create``, ``sandbox.stop``."""
+    target: str
+    """The id of the sandbox, snapshot or volume the request named."""
+    resources: dict[str, list[str]]
+    """Ids it works on and created: ``{"sandboxes": [...], "snapshots": [...], "volumes": [...]}``."""
+    state: OperationState
+    stage: str | None
+    """Where a running operation is, at a few milestones."""
+    result: Any
+    """The body a waiting client got on success."""
+    error_code: str | None
+    error_message: str | None
+    created_at: datetime | None
+    updated_at: datetime | None
+
+    @property
+    def done(self) -> bool:
+        return self.state != "running"
+
+    def _apply(self, d: dict[str, Any]) -> None:
+        self.id = d["id"]
+        self.kind = d.get("kind", "")
+        self.target = d.get("target", "")
+        self.resources = {k: list(v) for k, v in (d.get("resources") or {}).items()}
+        self.state = d.get("state", "running")
+        self.stage = d.get("stage")
+        self.result = d.get("result")
+        err = d.get("error") or {}
+        self.error_code = err.get("code")
+        self.error_message = err.get("message")
+        self.created_at = parse_time(d.get("created_at"))
+        self.updated_at = parse_time(d.get("updated_at"))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(id={self.id!r}, kind={self.kind!r}, state={self.state!r})"
