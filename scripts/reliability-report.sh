@@ -43,7 +43,7 @@ rows = [
     ("client_disconnects_never_cut_an_operation_short",
      "client closes its connection right after sending, ~30 ms in, and while the daemon holds near the end (`hold.POINT`), in snapshot full and diff, resume, fork ×3, stop, start, restore, sandbox delete"),
     ("daemon_killed_during_an_operation_reports_it_interrupted",
-     "daemon SIGKILLed during a snapshot started with `Prefer: respond-async`; the operation after restart"),
+     "daemon SIGKILLed, then SIGTERMed, during a snapshot started with `Prefer: respond-async`; the operation after restart (interrupted; finished before exit)"),
 ]
 def fmt(name):
     if name not in counts:
