@@ -784,3 +784,70 @@ fn daemon_killed_during_an_operation_reports_it_interrupted() {
         "operations",
     );
 }
+
+#[test]
+fn volume_operations_survive_disconnects() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let d = Daemon::start();
+    for (n, cut) in [Cut::Early, Cut::Immediately].into_iter().enumerate() {
+        let name = format!("vol-{n}");
+        let seen = seen_ids(&d, &name);
+        let body = json!({"name": name, "size_mib": 64});
+        send_and_cut(&d, "POST", "/v1/volumes", Some(body.clone()), cut);
+        if !appears(&d, &name, "volume.create", &seen, Duration::from_secs(10)) {
+            // Dropped before the handler ran: nothing was made, so the same request succeeds now.
+            sync_ok(
+                &d,
+                "POST",
+                "/v1/volumes",
+                Some(body),
+                "volume create, not started",
+            );
+        }
+        settle(&d, &name);
+        let op = outcome(
+            &d,
+            &name,
+            "volume.create",
+            &seen,
+            &format!("volume create cut {cut:?}"),
+        );
+        assert_eq!(op["result"]["name"], name.as_str(), "{op}");
+        assert_eq!(
+            api(&d, "GET", &format!("/v1/volumes/{name}"), None).status,
+            200
+        );
+        let seen = seen_ids(&d, &name);
+        send_and_cut(&d, "DELETE", &format!("/v1/volumes/{name}"), None, cut);
+        if appears(&d, &name, "volume.delete", &seen, Duration::from_secs(10)) {
+            settle(&d, &name);
+            outcome(
+                &d,
+                &name,
+                "volume.delete",
+                &seen,
+                &format!("volume delete cut {cut:?}"),
+            );
+        } else {
+            sync_ok(
+                &d,
+                "DELETE",
+                &format!("/v1/volumes/{name}"),
+                None,
+                "volume delete, not started",
+            );
+        }
+        assert_eq!(
+            api(&d, "GET", &format!("/v1/volumes/{name}"), None).status,
+            404
+        );
+        // And it can be made again under the same name.
+        sync_ok(
+            &d,
+            "POST",
+            "/v1/volumes",
+            Some(json!({"name": name, "size_mib": 64})),
+            "volume again",
+        );
+    }
+}
