@@ -11,6 +11,19 @@ use tokio::sync::Mutex;
 
 use crate::error::VmmError;
 
+/// How long one QMP command may take before QEMU counts as unresponsive. Every command kiln sends
+/// returns at once (a migration is started and then polled), so this only fires on a QEMU that stopped
+/// answering; `KILN_QMP_TIMEOUT_MS` overrides it.
+pub fn command_timeout() -> Duration {
+    static T: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        std::env::var("KILN_QMP_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(Duration::from_secs(10), Duration::from_millis)
+    })
+}
+
 pub struct Qmp {
     inner: Mutex<Conn>,
 }
@@ -46,9 +59,10 @@ impl Qmp {
             events: Vec::new(),
             next_id: 1,
         };
+        // A connect succeeds even when QEMU is stopped (the kernel queues it); the greeting shows it lives.
         let greeting = tokio::time::timeout(timeout, conn.read_message())
             .await
-            .map_err(|_| VmmError::Timeout {
+            .map_err(|_| VmmError::Unresponsive {
                 what: "the QMP greeting".into(),
                 after_ms: timeout.as_millis() as u64,
             })??;
@@ -64,8 +78,23 @@ impl Qmp {
         Ok(qmp)
     }
 
-    /// Runs one command and returns its `return` value.
+    /// Runs one command and returns its `return` value, failing with `Unresponsive` after
+    /// [`command_timeout`]. A late answer to a command given up on is skipped by its id.
     pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, VmmError> {
+        let limit = command_timeout();
+        tokio::time::timeout(limit, self.execute_unbounded(command, arguments))
+            .await
+            .map_err(|_| VmmError::Unresponsive {
+                what: format!("the QMP command '{command}'"),
+                after_ms: limit.as_millis() as u64,
+            })?
+    }
+
+    async fn execute_unbounded(
         &self,
         command: &str,
         arguments: Option<Value>,
