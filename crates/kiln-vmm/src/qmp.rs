@@ -229,6 +229,46 @@ fn parse_message(line: &str) -> serde_json::Result<Value> {
 mod tests {
     use super::*;
 
+    /// A real QEMU that stops answering after the greeting (SIGSTOP): the next command fails as
+    /// `Unresponsive` after the command deadline instead of waiting forever.
+    #[tokio::test]
+    async fn a_stopped_qemu_fails_a_command_at_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let spawned = std::process::Command::new(crate::qemu_binary())
+            .args([
+                "-M",
+                "none",
+                "-accel",
+                "tcg",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-S",
+            ])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let Ok(mut child) = spawned else {
+            eprintln!("QEMU not installed; skipped");
+            return;
+        };
+        let qmp = Qmp::connect(&sock, Duration::from_secs(10)).await.unwrap();
+        assert!(!qmp.status().await.unwrap().is_empty());
+        crate::process::signal(child.id(), libc::SIGSTOP);
+        let t0 = std::time::Instant::now();
+        let r = qmp.status().await;
+        let took = t0.elapsed();
+        crate::process::signal(child.id(), libc::SIGCONT);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(matches!(r, Err(VmmError::Unresponsive { .. })), "{r:?}");
+        assert!(took >= command_timeout() && took < command_timeout() + Duration::from_secs(5));
+    }
+
     #[test]
     fn answers_nested_deeper_than_serde_default_parse() {
         let depth = 400;
