@@ -28,6 +28,7 @@ command -v file >/dev/null || need+=(file)
 command -v sqlite3 >/dev/null || need+=(sqlite3)
 command -v python3 >/dev/null || need+=(python3)
 command -v iptables >/dev/null || need+=(iptables)
+command -v strace >/dev/null || need+=(strace)  # tests/durability.rs records the daemon's fsyncs
 
 qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -n1; }
 if command -v qemu-system-x86_64 >/dev/null && [ "$(qemu_major)" -lt 9 ]; then

@@ -88,7 +88,9 @@ impl Db {
             ))
         })?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // FULL: a commit is on disk when it returns (NORMAL in WAL mode may lose the last commits at a power
+        // cut, so an acknowledged snapshot or delete could come back or vanish).
+        conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let db = Db {

@@ -163,6 +163,25 @@ impl Engine {
                 repaired: repair,
             }));
         }
+        if sb.state == SandboxState::Failed && alive {
+            // Left by an operation whose QEMU stopped answering (deadline.rs): end that QEMU.
+            let pid = sb.pid.unwrap_or(0);
+            if repair {
+                *self.slot(&sb.id).vm.lock().await = None;
+                kiln_vmm::process::terminate(pid, &name, Duration::from_secs(3)).await;
+            }
+            return Ok(Some(Problem {
+                kind: "failed_vm_running".into(),
+                subject: sb.name.clone(),
+                message: format!(
+                    "sandbox {} is failed ({}) but its QEMU process {pid} still exists",
+                    sb.name,
+                    sb.error.as_deref().unwrap_or("no reason recorded")
+                ),
+                repair: "terminate the process (SIGTERM, then SIGKILL); the sandbox stays failed: delete it".into(),
+                repaired: repair && !kiln_vmm::process::is_running(pid),
+            }));
+        }
         if sb.state.has_vm() && !alive {
             let mut repair_note = "mark it failed (or stopped, if a hibernation had finished)";
             if repair {
@@ -334,6 +353,11 @@ impl Engine {
         let stamp = now_rfc3339().replace(':', "");
         let dest = dir.join(format!("{name}-{stamp}"));
         std::fs::rename(path, &dest)?;
+        // Durable: a repair that a power cut undoes would be found (and "repaired") again.
+        std::fs::File::open(&dir)?.sync_all()?;
+        if let Some(parent) = path.parent() {
+            std::fs::File::open(parent)?.sync_all()?;
+        }
         Ok(dest)
     }
 }

@@ -136,6 +136,15 @@ impl Engine {
         .await
         .map_err(|e| Error::internal(format!("accelerator probe panicked: {e}")))?;
         info!(accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
+        // Cached for snapshot manifests and restore checks (snapshot/compat.rs); unknown if it fails.
+        let features = tokio::task::spawn_blocking({
+            let a = accel.accel;
+            move || kiln_vmm::cpu::probe_features(a)
+        })
+        .await;
+        if let Ok(Err(e)) = features {
+            tracing::warn!(error = %e, "CPU features unknown; snapshots will not record them");
+        }
         let confine = tokio::task::spawn_blocking({
             let (data, sandboxes, snapshots) = (
                 cfg.data_dir.clone(),

@@ -172,6 +172,10 @@ impl From<rusqlite::Error> for Error {
 
 impl From<kiln_vmm::VmmError> for Error {
     fn from(e: kiln_vmm::VmmError) -> Self {
-        Error::new(ErrorCode::VmFailed, e.to_string())
+        let code = match e {
+            kiln_vmm::VmmError::Unresponsive { .. } => ErrorCode::SandboxUnresponsive,
+            _ => ErrorCode::VmFailed,
+        };
+        Error::new(code, e.to_string())
     }
 }

@@ -38,24 +38,101 @@ pub fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
 }
 
 /// Renames `src` to `dst`, copying when they are on different filesystems (the snapshot store may be a
-/// mount of its own).
+/// mount of its own). Durable like [`publish`]: the data is fsynced first, both directories after.
 pub fn move_file(src: &Path, dst: &Path) -> Result<()> {
+    fsync_path(src)?;
     match std::fs::rename(src, dst) {
-        Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => std::fs::copy(src, dst)
-            .map(|_| ())
-            .and_then(|()| std::fs::remove_file(src))
-            .map_err(|e| {
-                io_error(
-                    &format!("copying {} to {}", src.display(), dst.display()),
-                    e,
-                )
-            }),
-        Err(e) => Err(io_error(
-            &format!("moving {} to {}", src.display(), dst.display()),
-            e,
-        )),
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            std::fs::copy(src, dst)
+                .map(|_| ())
+                .and_then(|()| File::open(dst)?.sync_all())
+                .and_then(|()| std::fs::remove_file(src))
+                .map_err(|e| {
+                    io_error(
+                        &format!("copying {} to {}", src.display(), dst.display()),
+                        e,
+                    )
+                })?;
+        }
+        Err(e) => {
+            return Err(io_error(
+                &format!("moving {} to {}", src.display(), dst.display()),
+                e,
+            ))
+        }
     }
+    fsync_parent(dst)?;
+    fsync_parent_if_other(src, dst)
+}
+
+/// Publishes a complete file or directory `src` under the name `dst`: fsync of `src` (a directory's
+/// entries; its files are the caller's to sync), rename, fsync of the directories that changed. After a
+/// crash `dst` is either absent or whole.
+pub fn publish(src: &Path, dst: &Path) -> Result<()> {
+    fsync_path(src)?;
+    rename_durably(src, dst)
+}
+
+/// Renames and then fsyncs the directories involved, so the new name survives a power cut. For a retire
+/// (moving data out of the way before removing it) the source need not be synced first; to make data
+/// appear, use [`publish`].
+pub fn rename_durably(src: &Path, dst: &Path) -> Result<()> {
+    std::fs::rename(src, dst).map_err(|e| {
+        io_error(
+            &format!("renaming {} to {}", src.display(), dst.display()),
+            e,
+        )
+    })?;
+    fsync_parent(dst)?;
+    fsync_parent_if_other(src, dst)
+}
+
+/// Removes a file and fsyncs its directory, so the removal survives a power cut. A missing file is not an
+/// error (there is nothing left to retire).
+pub fn remove_file_durably(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => fsync_parent(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error(&format!("removing {}", path.display()), e)),
+    }
+}
+
+/// Removes a directory tree and fsyncs its parent (the tree's own entries need no sync: they are gone
+/// with it). A missing directory is not an error.
+pub fn remove_dir_durably(path: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => fsync_parent(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error(&format!("removing {}", path.display()), e)),
+    }
+}
+
+/// fsyncs every regular file directly in `dir` and `dir` itself.
+pub fn fsync_files_in(dir: &Path) -> Result<()> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| io_error(&format!("reading {}", dir.display()), e))?;
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            fsync_path(&entry.path())?;
+        }
+    }
+    fsync_path(dir)
+}
+
+/// fsyncs the directory holding `path`, making a create, rename or unlink in it durable.
+pub fn fsync_parent(path: &Path) -> Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => fsync_path(dir),
+        _ => fsync_path(Path::new(".")),
+    }
+}
+
+fn fsync_parent_if_other(src: &Path, dst: &Path) -> Result<()> {
+    if src.parent() != dst.parent() {
+        fsync_parent(src)?;
+    }
+    Ok(())
 }
 
 pub fn io_error(context: &str, e: std::io::Error) -> Error {
@@ -110,7 +187,8 @@ pub fn matches_checksum(path: &Path, expected: &str) -> Result<bool> {
     }
 }
 
-/// Writes `data` to `path` via a temporary file, fsync and rename, so readers see all or nothing.
+/// Writes `data` to `path` via a temporary file, fsync, rename and fsync of the directory, so readers see
+/// all or nothing and the new contents survive a power cut.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let ctx = |what: &str| format!("{what} {}", tmp.display());
@@ -119,7 +197,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         .map_err(|e| io_error(&ctx("writing"), e))?;
     f.sync_all().map_err(|e| io_error(&ctx("syncing"), e))?;
     std::fs::rename(&tmp, path).map_err(|e| io_error(&ctx("renaming"), e))?;
-    Ok(())
+    fsync_parent(path)
 }
 
 pub fn fsync_path(path: &Path) -> Result<()> {

@@ -21,8 +21,13 @@ impl Engine {
     pub async fn exec(&self, id_or_name: &str, spec: ExecSpec, stdin: bool) -> Result<ExecHandle> {
         let sb = self.get(id_or_name)?;
         let req = self.exec_request(&sb, spec, stdin)?;
-        let agent = self.agent_of(&sb).await?;
-        agent.exec(req).await.map_err(|e| agent_error(e, &sb.name))
+        let vm = self.running_vm(&sb).await?;
+        let started = async {
+            let agent = vm.agent(Duration::from_secs(10)).await?;
+            agent.exec(req).await.map_err(|e| agent_error(e, &sb.name))
+        };
+        let started = crate::deadline::unless_stopped(vm.pid, started).await;
+        self.note_unresponsive(&sb, started)
     }
 
     fn exec_request(&self, sb: &Sandbox, spec: ExecSpec, stdin: bool) -> Result<ExecRequest> {

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod confine;
 pub mod db;
+mod deadline;
 pub mod doctor;
 pub mod engine;
 pub mod error;

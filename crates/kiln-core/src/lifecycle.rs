@@ -22,7 +22,8 @@ impl Engine {
         }
         self.require_state(&sb, &[SandboxState::Running])?;
         let vm = self.live_vm(&sb).await?;
-        vm.qmp().await?.execute("stop", None).await?;
+        let stopped = async { Ok::<_, Error>(vm.qmp().await?.execute("stop", None).await?) };
+        self.note_unresponsive(&sb, stopped.await)?;
         self.db()
             .set_state(&sb.id, SandboxState::Paused, Some(vm.pid), None)?;
         self.get(&sb.id)
@@ -36,8 +37,12 @@ impl Engine {
         }
         self.require_state(&sb, &[SandboxState::Paused])?;
         let vm = self.live_vm(&sb).await?;
-        vm.qmp().await?.execute("cont", None).await?;
-        self.after_resume(&sb.id, &vm, None).await?;
+        let resumed = async {
+            vm.qmp().await?.execute("cont", None).await?;
+            let after = self.after_resume(&sb.id, &vm, None);
+            crate::deadline::unless_stopped(vm.pid, after).await
+        };
+        self.note_unresponsive(&sb, resumed.await)?;
         self.db()
             .set_state(&sb.id, SandboxState::Running, Some(vm.pid), None)?;
         self.get(&sb.id)
@@ -46,11 +51,16 @@ impl Engine {
     /// Hibernates: saves the whole machine to the sandbox's directory and ends the VM process.
     pub async fn stop(&self, id_or_name: &str) -> Result<Sandbox> {
         let Locked { sb, slot, _guard } = self.lock_sandbox(id_or_name).await?;
+        let stopped = self.stop_locked(&sb, &slot).await;
+        self.note_unresponsive(&sb, stopped)
+    }
+
+    async fn stop_locked(&self, sb: &Sandbox, slot: &crate::engine::Slot) -> Result<Sandbox> {
         if sb.state == SandboxState::Stopped {
-            return Ok(sb);
+            return Ok(sb.clone());
         }
-        self.require_state(&sb, &[SandboxState::Running, SandboxState::Paused])?;
-        let vm = self.live_vm(&sb).await?;
+        self.require_state(sb, &[SandboxState::Running, SandboxState::Paused])?;
+        let vm = self.live_vm(sb).await?;
         let layout = self
             .db()
             .layout(&sb.id)?
@@ -58,7 +68,7 @@ impl Engine {
         let dir = self.config().sandbox_dir(&sb.id);
         let qmp = vm.qmp().await?;
         let status = qmp.status().await?;
-        crate::snapshot::capture::require_saveable(&sb, &status)?;
+        crate::snapshot::capture::require_saveable(sb, &status)?;
         let was_running = status == "running";
         if was_running {
             qmp.execute("stop", None).await?;
@@ -88,9 +98,7 @@ impl Engine {
         if let Memory::Owned { file } = &layout.memory {
             fsutil::fsync_path(file)?;
         }
-        std::fs::rename(&tmp_state, dir.join(STATE_FILE))
-            .map_err(|e| fsutil::io_error("publishing the saved state", e))?;
-        fsutil::fsync_path(&dir)?;
+        fsutil::publish(&tmp_state, &dir.join(STATE_FILE))?;
         self.db()
             .set_state(&sb.id, SandboxState::Stopped, None, None)?;
         info!(sandbox = %sb.id, "sandbox hibernated");
@@ -126,7 +134,7 @@ impl Engine {
         };
         let vm = self.start_vm(&sb, &layout, Some(incoming)).await?;
         // The saved state was consumed; it must never be loaded again over newer disk contents.
-        let _ = std::fs::remove_file(&state);
+        let _ = fsutil::remove_file_durably(&state);
         let pid = vm.pid;
         *slot.vm.lock().await = Some(vm);
         self.db()

@@ -221,13 +221,16 @@ impl Engine {
         };
         let loaded = kiln_vmm::migration::load_state(&qmp, &state, RESTORE_TIMEOUT).await;
         if state != inc.state {
-            let _ = std::fs::remove_file(&state);
+            let _ = fsutil::remove_file_durably(&state);
         }
+        // Compatibility and checksums were checked before QEMU started (snapshot/compat.rs), so a refusal
+        // now is reported with QEMU's own words rather than guessed at.
         loaded.map_err(|e| {
-            Error::new(
-                ErrorCode::SnapshotIncompatible,
-                format!("QEMU refused the saved state: {e}"),
-            )
+            let code = match e {
+                kiln_vmm::VmmError::Unresponsive { .. } => ErrorCode::SandboxUnresponsive,
+                _ => ErrorCode::VmFailed,
+            };
+            Error::new(code, format!("QEMU could not load the saved state: {e}"))
         })?;
         tracing::debug!(vm = %vm.name, "state loaded");
         if inc.resume {

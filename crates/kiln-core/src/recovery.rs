@@ -62,7 +62,7 @@ impl Engine {
                         Err(_) => sb.state,
                     };
                     // A stop cut short before its save was published: the VM runs on, the partial save goes.
-                    let _ = std::fs::remove_file(dir.join("state.tmp"));
+                    let _ = fsutil::remove_file_durably(&dir.join("state.tmp"));
                     self.db().set_state(&sb.id, state, Some(pid), None)?;
                     *self.slot(&sb.id).vm.lock().await = Some(Arc::new(vm));
                     info!(sandbox = %sb.id, pid, "re-adopted running VM");
@@ -85,7 +85,7 @@ impl Engine {
                     )?;
                 }
                 SandboxState::Stopped => {
-                    let _ = std::fs::remove_file(dir.join("state.tmp"));
+                    let _ = fsutil::remove_file_durably(&dir.join("state.tmp"));
                     if let Some(pid) = alive {
                         self.finish_interrupted_start(&sb, pid).await?;
                     }
@@ -154,7 +154,7 @@ impl Engine {
             Err(_) => false,
         };
         if running {
-            let _ = std::fs::remove_file(dir.join("state"));
+            let _ = fsutil::remove_file_durably(&dir.join("state"));
             self.db()
                 .set_state(&sb.id, SandboxState::Running, Some(pid), None)?;
             *self.slot(&sb.id).vm.lock().await = Some(Arc::new(vm));
@@ -183,7 +183,7 @@ impl Engine {
                 kiln_vmm::process::terminate(pid, &vm_name(&id), Duration::from_secs(3)).await;
             }
             warn!(dir = %entry.path().display(), "removing the directory of a sandbox kiln has no record of");
-            let _ = std::fs::remove_dir_all(entry.path());
+            let _ = fsutil::remove_dir_durably(&entry.path());
         }
     }
 

@@ -225,8 +225,12 @@ fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
 /// renameat2(RENAME_EXCHANGE), so readers see either the old or the new image, never neither; the old
 /// one then sits at the build path and is removed with it.
 fn install(build_dir: &Path, final_dir: &Path) -> Result<()> {
+    // Durable publish: the files and their directory reach the disk before the rename makes them the
+    // image, and the rename itself is made durable by syncing the images directory after it.
+    sync_files_in(build_dir)?;
+    let root = final_dir.parent().unwrap_or(Path::new("."));
     match fs::rename(build_dir, final_dir) {
-        Ok(()) => return Ok(()),
+        Ok(()) => return sync_dir(root),
         // Renaming onto a non-empty directory fails; anything else is a real problem.
         Err(e) if !matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST)) => {
             return Err(ImageError::path("move the new image to", final_dir, e));
@@ -255,7 +259,27 @@ fn install(build_dir: &Path, final_dir: &Path) -> Result<()> {
             std::io::Error::last_os_error(),
         ));
     }
-    Ok(())
+    sync_dir(root)
+}
+
+/// fsyncs a directory (its entries: files created, renamed or removed in it).
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .at("sync", dir)
+}
+
+/// fsyncs every regular file directly in `dir`, then `dir`.
+fn sync_files_in(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).at("read", dir)?.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            let path = entry.path();
+            fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .at("sync", &path)?;
+        }
+    }
+    sync_dir(dir)
 }
 
 /// Deletes `.build-*` and `.remove-*` directories left behind by processes that are gone (crashed or

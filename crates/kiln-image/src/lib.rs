@@ -195,7 +195,10 @@ impl ImageStore {
             .images_root
             .join(format!(".remove-{name}-{}", std::process::id()));
         fs::rename(&dir, &doomed).at("move away", &dir)?;
-        fs::remove_dir_all(&doomed).at("remove", &doomed)
+        // The deletion is durable once the images directory is synced after each step.
+        builder::sync_dir(&self.images_root)?;
+        fs::remove_dir_all(&doomed).at("remove", &doomed)?;
+        builder::sync_dir(&self.images_root)
     }
 
     /// Builds (or with `opts.force`, rebuilds) the image called `name`, which must be one of

@@ -24,6 +24,9 @@ pub enum VmmError {
     QmpProtocol(String),
     #[error("timed out after {after_ms} ms waiting for {what}")]
     Timeout { what: String, after_ms: u64 },
+    /// QEMU itself did not answer its monitor in time (stopped, hung, or starved of CPU).
+    #[error("QEMU did not answer {what} within {after_ms} ms")]
+    Unresponsive { what: String, after_ms: u64 },
     #[error("qemu-img {args}: {detail}")]
     QemuImg { args: String, detail: String },
     #[error("{context}: {source}")]

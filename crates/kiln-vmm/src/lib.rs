@@ -2,6 +2,7 @@
 //! adopts QEMU processes, talks QMP and wraps `qemu-img`. It knows nothing about sandboxes or the database.
 
 pub mod accel;
+pub mod cpu;
 pub mod error;
 pub mod img;
 pub mod launch;

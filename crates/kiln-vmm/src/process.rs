@@ -61,6 +61,8 @@ pub async fn terminate(pid: u32, name: &str, grace: Duration) {
         return;
     }
     signal(pid, libc::SIGTERM);
+    // A stopped QEMU (SIGSTOP) would hold SIGTERM pending until the grace ran out.
+    signal(pid, libc::SIGCONT);
     let deadline = tokio::time::Instant::now() + grace;
     let mut killed = false;
     // Identity was checked above; from here on only "has it exited" matters (a reused pid within this

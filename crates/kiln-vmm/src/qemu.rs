@@ -112,17 +112,8 @@ impl VmSpec {
         push(&["-name", &format!("{},process={}", self.name, self.name)]);
         push(&["-accel", self.accel.as_str()]);
         // The PIT and PIC must stay on under TCG: without them the kernel hangs calibrating the TSC.
-        push(&[
-            "-M",
-            "microvm,acpi=on,pit=on,pic=on,rtc=on,isa-serial=on,memory-backend=mem",
-        ]);
-        push(&[
-            "-cpu",
-            match self.accel {
-                Accel::Kvm => "host",
-                Accel::Tcg => "max",
-            },
-        ]);
+        push(&["-M", MACHINE]);
+        push(&["-cpu", crate::cpu::model(self.accel)]);
         push(&["-smp", &self.vcpus.to_string()]);
         push(&["-m", &format!("{}M", self.memory_mib)]);
         // A private mapping opens its (immutable, shared) file read-only with writable RAM on top
@@ -241,6 +232,10 @@ impl VmSpec {
         Ok(())
     }
 }
+
+/// The machine type and options of every VM (`-M`); recorded in snapshots, whose saved state loads only
+/// into the same machine.
+pub const MACHINE: &str = "microvm,acpi=on,pit=on,pic=on,rtc=on,isa-serial=on,memory-backend=mem";
 
 /// QEMU's minimal `qboot` firmware, when installed. With an uncompressed kernel it boots a microvm
 /// about 1.5 s faster under TCG than SeaBIOS with a compressed one (no self-decompression).

@@ -11,6 +11,19 @@ use tokio::sync::Mutex;
 
 use crate::error::VmmError;
 
+/// How long one QMP command may take before QEMU counts as unresponsive. Every command kiln sends
+/// returns at once (a migration is started and then polled), so this only fires on a QEMU that stopped
+/// answering; `KILN_QMP_TIMEOUT_MS` overrides it.
+pub fn command_timeout() -> Duration {
+    static T: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        std::env::var("KILN_QMP_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(Duration::from_secs(10), Duration::from_millis)
+    })
+}
+
 pub struct Qmp {
     inner: Mutex<Conn>,
 }
@@ -46,9 +59,10 @@ impl Qmp {
             events: Vec::new(),
             next_id: 1,
         };
+        // A connect succeeds even when QEMU is stopped (the kernel queues it); the greeting shows it lives.
         let greeting = tokio::time::timeout(timeout, conn.read_message())
             .await
-            .map_err(|_| VmmError::Timeout {
+            .map_err(|_| VmmError::Unresponsive {
                 what: "the QMP greeting".into(),
                 after_ms: timeout.as_millis() as u64,
             })??;
@@ -64,8 +78,23 @@ impl Qmp {
         Ok(qmp)
     }
 
-    /// Runs one command and returns its `return` value.
+    /// Runs one command and returns its `return` value, failing with `Unresponsive` after
+    /// [`command_timeout`]. A late answer to a command given up on is skipped by its id.
     pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, VmmError> {
+        let limit = command_timeout();
+        tokio::time::timeout(limit, self.execute_unbounded(command, arguments))
+            .await
+            .map_err(|_| VmmError::Unresponsive {
+                what: format!("the QMP command '{command}'"),
+                after_ms: limit.as_millis() as u64,
+            })?
+    }
+
+    async fn execute_unbounded(
         &self,
         command: &str,
         arguments: Option<Value>,
@@ -199,6 +228,46 @@ fn parse_message(line: &str) -> serde_json::Result<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A real QEMU that stops answering after the greeting (SIGSTOP): the next command fails as
+    /// `Unresponsive` after the command deadline instead of waiting forever.
+    #[tokio::test]
+    async fn a_stopped_qemu_fails_a_command_at_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let spawned = std::process::Command::new(crate::qemu_binary())
+            .args([
+                "-M",
+                "none",
+                "-accel",
+                "tcg",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-S",
+            ])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let Ok(mut child) = spawned else {
+            eprintln!("QEMU not installed; skipped");
+            return;
+        };
+        let qmp = Qmp::connect(&sock, Duration::from_secs(10)).await.unwrap();
+        assert!(!qmp.status().await.unwrap().is_empty());
+        crate::process::signal(child.id(), libc::SIGSTOP);
+        let t0 = std::time::Instant::now();
+        let r = qmp.status().await;
+        let took = t0.elapsed();
+        crate::process::signal(child.id(), libc::SIGCONT);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(matches!(r, Err(VmmError::Unresponsive { .. })), "{r:?}");
+        assert!(took >= command_timeout() && took < command_timeout() + Duration::from_secs(5));
+    }
 
     #[test]
     fn answers_nested_deeper_than_serde_default_parse() {

@@ -111,8 +111,8 @@ impl Engine {
                 Ok(snapshot)
             }
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&tmp);
-                Err(e)
+                let _ = fsutil::remove_dir_durably(&tmp);
+                self.note_unresponsive(&sb, Err(e))
             }
         }
     }
@@ -159,7 +159,7 @@ impl Engine {
             .freeze(sb, &qmp, &mut layout, req.kind, tmp, &new_top)
             .await;
         if frozen.is_err() && layout.top().map(|l| &l.path) != Some(&new_top) {
-            let _ = std::fs::remove_file(&new_top);
+            let _ = fsutil::remove_file_durably(&new_top);
         }
         let keep_paused = req.leave_paused || !was_running;
         let resumed = if keep_paused {
@@ -371,13 +371,11 @@ impl Engine {
             kiln_version: env!("CARGO_PKG_VERSION").to_string(),
             qemu_version: kiln_vmm::qemu_version(),
             machine: "microvm".into(),
-            cpu_model: match self.accel().accel {
-                kiln_vmm::Accel::Kvm => "host".into(),
-                kiln_vmm::Accel::Tcg => "max".into(),
-            },
+            cpu_model: kiln_vmm::cpu::model(self.accel().accel).into(),
             accel: self.accel().accel.to_string(),
             kernel_version: layout.kernel_version.clone(),
             firmware: layout.firmware.clone(),
+            depends: super::compat::recorded(self.accel().accel, layout.firmware.as_deref()),
             cmdline: layout.cmdline.clone(),
             memory_mib: sb.memory_mib,
             cpus: sb.cpus,
@@ -396,13 +394,13 @@ impl Engine {
             files,
             volume_slots: layout.volume_slots.clone(),
         };
+        // Every file's data is durable before the manifest vouches for it (hard-linked layers may still
+        // hold QEMU's unflushed writes in the page cache).
+        fsutil::fsync_files_in(tmp)?;
         manifest.write(tmp)?;
-        fsutil::fsync_path(tmp)?;
         let dir = self.config().snapshot_dir(id);
         self.faults().hold("snapshot.written").await;
-        std::fs::rename(tmp, &dir)
-            .map_err(|e| fsutil::io_error(&format!("moving snapshot into {}", dir.display()), e))?;
-        fsutil::fsync_path(&self.config().snapshots_dir())?;
+        fsutil::publish(tmp, &dir)?;
         let snapshot = Snapshot {
             id: id.to_string(),
             sandbox_id: sb.id.clone(),
@@ -421,7 +419,7 @@ impl Engine {
             warm_spares: 0,
         };
         if let Err(e) = self.db().insert_snapshot(&snapshot, ephemeral) {
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = fsutil::remove_dir_durably(&dir);
             return Err(e);
         }
         self.mark_verified(id);

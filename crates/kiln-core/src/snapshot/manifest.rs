@@ -76,6 +76,9 @@ pub struct Manifest {
     /// Firmware the VM was started with; QEMU must be given the same one to load the state.
     #[serde(default)]
     pub firmware: Option<PathBuf>,
+    /// More of what the saved state depends on (checked by `compat::check`); absent in older manifests.
+    #[serde(flatten, default)]
+    pub depends: Depends,
     pub cmdline: String,
     pub memory_mib: u64,
     pub cpus: u32,
@@ -88,6 +91,27 @@ pub struct Manifest {
     /// are not captured). Absent in snapshots of machines made before volumes existed.
     #[serde(default)]
     pub volume_slots: Vec<crate::layout::VolumeSlot>,
+}
+
+/// What a memory snapshot's state depends on beyond the fields above. Every field is optional: a manifest
+/// written before kiln recorded it reads as "unknown", and unknown values are not checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Depends {
+    /// QEMU `-M` machine type and options.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_options: Option<String>,
+    /// CPU feature flags the guest saw (on flags of `cpu_model`, sorted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_features: Option<Vec<String>>,
+    /// Checksum of the `firmware` file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware_checksum: Option<String>,
+}
+
+/// Just the format version, read before anything else: a newer format may change the rest.
+#[derive(Deserialize)]
+struct VersionOnly {
+    format_version: u32,
 }
 
 impl Manifest {
@@ -128,6 +152,20 @@ impl Manifest {
                 format!("its manifest {} cannot be read ({e})", path.display()),
             )
         })?;
+        let head = text
+            .rsplit_once("\n# checksum ")
+            .map_or(text.as_str(), |(j, _)| j);
+        if let Ok(v) = serde_json::from_str::<VersionOnly>(head) {
+            if v.format_version > FORMAT_VERSION {
+                return Err(Error::new(
+                    ErrorCode::SnapshotIncompatible,
+                    format!(
+                        "snapshot {id} was written by a newer kiln (snapshot format {}; this kiln reads up to {FORMAT_VERSION}); upgrade kiln to restore it",
+                        v.format_version
+                    ),
+                ));
+            }
+        }
         let (json, tail) = text
             .rsplit_once("\n# checksum ")
             .ok_or_else(|| corrupt(id, "its manifest has no checksum line (truncated?)".into()))?;
@@ -149,6 +187,28 @@ impl Manifest {
             ));
         }
         Ok(m)
+    }
+
+    /// Checks the device-state file's checksum (when it is small enough to hash on every use).
+    pub fn verify_state(&self, dir: &Path) -> Result<()> {
+        const EVERY_TIME_UP_TO: u64 = 16 << 20;
+        let Some(f) = self
+            .file(Role::State)
+            .filter(|f| f.size <= EVERY_TIME_UP_TO)
+        else {
+            return Ok(());
+        };
+        let path = self.resolve(dir, f);
+        if fsutil::matches_checksum(&path, &f.checksum)? {
+            return Ok(());
+        }
+        Err(corrupt(
+            &self.id,
+            format!(
+                "its device state {} does not match its checksum",
+                path.display()
+            ),
+        ))
     }
 
     /// Checks that every file exists with its recorded size; with `deep`, also its checksum. External bases
@@ -234,6 +294,7 @@ mod tests {
             accel: "tcg".into(),
             kernel_version: "6.12".into(),
             firmware: None,
+            depends: Depends::default(),
             cmdline: "c".into(),
             memory_mib: 256,
             cpus: 1,
@@ -296,6 +357,33 @@ mod tests {
         std::fs::write(&p, "{").unwrap();
         assert_eq!(
             Manifest::read(dir.path(), "s1").unwrap_err().code,
+            ErrorCode::SnapshotCorrupt
+        );
+    }
+
+    #[test]
+    fn a_newer_format_is_recognised_before_the_rest_is_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        // Fields this kiln does not know and a changed shape: only the version is read.
+        let json = r#"{"format_version": 7, "files": "a future shape"}"#;
+        let doc = format!(
+            "{json}\n# checksum {}\n",
+            fsutil::checksum_bytes(json.as_bytes())
+        );
+        std::fs::write(dir.path().join(MANIFEST), doc).unwrap();
+        let e = Manifest::read(dir.path(), "s1").unwrap_err();
+        assert_eq!(e.code, ErrorCode::SnapshotIncompatible);
+        assert!(
+            e.message.contains("newer kiln") && e.message.contains("upgrade kiln"),
+            "{}",
+            e.message
+        );
+        // Torn state file: corrupt, not incompatible.
+        let m = sample(dir.path());
+        m.verify_state(dir.path()).unwrap();
+        std::fs::write(dir.path().join("state"), b"device stat!").unwrap();
+        assert_eq!(
+            m.verify_state(dir.path()).unwrap_err().code,
             ErrorCode::SnapshotCorrupt
         );
     }

@@ -1,6 +1,7 @@
 //! Snapshots: the record, the on-disk format (manifest + files) and its verification.
 
 pub mod capture;
+pub mod compat;
 pub mod db;
 pub mod manifest;
 pub mod restore;

@@ -85,19 +85,14 @@ impl Engine {
         let snap = self.get_snapshot(id)?;
         let dir = self.config().snapshot_dir(id);
         let manifest = Manifest::read(&dir, id)?;
-        if manifest.accel != self.accel().accel.as_str() {
-            return Err(Error::new(
-                ErrorCode::SnapshotIncompatible,
-                format!(
-                    "snapshot {id} was taken under {} but this daemon runs {}; restore it on a host with the same accelerator (or `kiln serve --accel {}`)",
-                    manifest.accel,
-                    self.accel().accel,
-                    manifest.accel
-                ),
-            ));
-        }
+        super::compat::check(&manifest, &super::compat::Host::this(self.accel().accel))?;
         let deep = !self.is_verified(id);
         manifest.verify(&dir, deep)?;
+        // The device state is small: checked every time, so a torn or damaged one is `snapshot_corrupt`
+        // and never reaches QEMU (whose load errors then mean something else).
+        if !deep {
+            manifest.verify_state(&dir)?;
+        }
         if deep {
             self.mark_verified(id);
         }
@@ -555,12 +550,11 @@ impl Engine {
             .snapshots_dir()
             .join(format!(".trash-{id}-{}", std::process::id()));
         if dir.exists() {
-            std::fs::rename(&dir, &trash)
-                .map_err(|e| fsutil::io_error(&format!("removing {}", dir.display()), e))?;
+            fsutil::rename_durably(&dir, &trash)?;
         }
         self.faults().hold("snapshot.deleting").await;
         self.db().delete_snapshot(&snap.id)?;
-        let _ = std::fs::remove_dir_all(&trash);
+        let _ = fsutil::remove_dir_durably(&trash);
         self.forget_verified(id);
         info!(snapshot = id, kept_for = users.len(), "snapshot deleted");
         Ok(SnapshotDeleted {
@@ -627,7 +621,7 @@ impl Engine {
                     }
                 }
                 warn!(path = %path.display(), "removing debris of an interrupted snapshot operation");
-                let _ = std::fs::remove_dir_all(path);
+                let _ = fsutil::remove_dir_durably(path);
             }
             SnapshotDebris::Unrecorded(path, m) => {
                 let snap = crate::recovery::snapshot_from_manifest(m, path);
@@ -637,7 +631,7 @@ impl Engine {
             }
             SnapshotDebris::Incomplete(path, error) => {
                 warn!(path = %path.display(), %error, "removing an unrecorded, incomplete snapshot");
-                let _ = std::fs::remove_dir_all(path);
+                let _ = fsutil::remove_dir_durably(path);
             }
         }
     }
@@ -646,10 +640,8 @@ impl Engine {
     pub(crate) fn remove_sandbox_files(&self, id: &str) {
         self.confine().remove_cgroup(id);
         let dir = self.config().sandbox_dir(id);
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                warn!(dir = %dir.display(), error = %e, "could not remove sandbox directory");
-            }
+        if let Err(e) = fsutil::remove_dir_durably(&dir) {
+            warn!(dir = %dir.display(), error = %e, "could not remove sandbox directory");
         }
     }
 }

@@ -135,10 +135,7 @@ impl Engine {
                 .await
                 .map_err(|e| Error::internal(format!("volume creation panicked: {e}")))?
         };
-        if let Err(e) = made.and_then(|()| {
-            std::fs::rename(&tmp, &dir)
-                .map_err(|e| fsutil::io_error(&format!("moving volume into {}", dir.display()), e))
-        }) {
+        if let Err(e) = made.and_then(|()| fsutil::publish(&tmp, &dir)) {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }
@@ -151,7 +148,7 @@ impl Engine {
             attachments: Vec::new(),
         };
         if let Err(e) = self.db().insert_volume(&vol) {
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = fsutil::remove_dir_durably(&dir);
             return Err(e);
         }
         info!(volume = %vol.name, size_mib, "volume created");
@@ -195,7 +192,7 @@ impl Engine {
         }
         self.db().delete_volume(name)?;
         let dir = self.config().volumes_dir().join(name);
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
+        if let Err(e) = fsutil::remove_dir_durably(&dir) {
             warn!(volume = name, error = %e, "could not remove the volume's files");
         }
         info!(volume = name, "volume deleted");
@@ -443,7 +440,7 @@ impl Engine {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with(".tmp-") {
-                let _ = std::fs::remove_dir_all(e.path());
+                let _ = fsutil::remove_dir_durably(&e.path());
                 continue;
             }
             let known = self.db().find_volume(&name).map(|v| v.is_some());
