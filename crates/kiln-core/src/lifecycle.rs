@@ -85,6 +85,7 @@ impl Engine {
         slot.vm.lock().await.take();
         vm.terminate().await;
         self.confine().remove_cgroup(&sb.id);
+        self.faults().hold("stop.quit").await;
         if let Memory::Owned { file } = &layout.memory {
             fsutil::fsync_path(file)?;
         }

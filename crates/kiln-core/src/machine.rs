@@ -233,6 +233,9 @@ impl Engine {
         if inc.resume {
             qmp.execute("cont", None).await?;
             tracing::debug!(vm = %vm.name, "vCPUs running");
+            if sb.state == SandboxState::Stopped {
+                self.faults().hold("start.continued").await;
+            }
             self.after_resume(&sb.id, vm, inc.identity.as_ref()).await?;
             tracing::debug!(vm = %vm.name, "agent answered, clock set");
         }

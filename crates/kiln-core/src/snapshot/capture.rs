@@ -335,6 +335,9 @@ impl Engine {
         } else {
             Vec::new()
         };
+        if req.kind == SnapshotType::Diff {
+            self.faults().hold("snapshot.diff_based").await;
+        }
         for (i, layer) in layout.disk_layers[..=frozen_top].iter().enumerate() {
             if i < external_layers {
                 let entry = origin_disks.get(i).cloned().ok_or_else(|| {
