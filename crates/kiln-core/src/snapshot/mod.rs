@@ -2,6 +2,7 @@
 
 pub mod capture;
 pub mod db;
+pub(crate) mod guard;
 pub mod manifest;
 pub mod restore;
 
