@@ -10,7 +10,7 @@ mkdir -p target
 if [ "${1:-}" = "--from-log" ]; then
   status=0  # only rewrite the table from the last run's log
 else
-  cargo test --release -p kiln-cli --test faults --test concurrent_clients --test operations -- --nocapture --test-threads=1 2>&1 | tee "$log"
+  cargo test --release -p kiln-cli --test faults --test concurrent_clients --test operations --test integrity -- --nocapture --test-threads=1 2>&1 | tee "$log"
   status=${PIPESTATUS[0]}
 fi
 python3 - "$log" docs/reliability.md <<'PY'
@@ -44,6 +44,18 @@ rows = [
      "client closes its connection right after sending, ~30 ms in, and while the daemon holds near the end (`hold.POINT`), in snapshot full and diff, resume, fork ×3, stop, start, restore, sandbox delete"),
     ("daemon_killed_during_an_operation_reports_it_interrupted",
      "daemon SIGKILLed, then SIGTERMed, during a snapshot started with `Prefer: respond-async`; the operation after restart (interrupted; finished before exit)"),
+    ("a_hibernated_state_is_retired_before_its_vcpus_run",
+     "start: QEMU SIGKILLed after `cont` (daemon alive; daemon SIGKILLed too); daemon SIGKILLed after the state was retired, before `cont`"),
+    ("a_stop_cut_short_after_its_save_keeps_the_save",
+     "stop: daemon SIGKILLed after QEMU quit, and after the save was published with QEMU alive; exec during a stop; snapshot during a 20 s exec"),
+    ("snapshot_names_are_reserved_and_temporary_paths_are_unique",
+     "2 sandboxes snapshotted under one name at once; 6 unnamed snapshots at once"),
+    ("diff_snapshots_are_pinned_to_their_base_by_content",
+     "diff base changed: parent snapshot deleted and its name reused; template rebuilt"),
+    ("restores_and_parent_deletes_take_their_locks",
+     "2 restores of one snapshot at once; parent deleted while a diff is taken from it (`hold.snapshot.diff_based`)"),
+    ("an_unverifiable_snapshot_found_at_start_up_is_quarantined",
+     "damaged unrecorded snapshot directory found at start-up"),
 ]
 def fmt(name):
     if name not in counts:

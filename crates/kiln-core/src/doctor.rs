@@ -328,7 +328,7 @@ impl Engine {
                     "snapshot_debris",
                     p,
                     format!("{} is an unrecorded, incomplete snapshot: {e}", p.display()),
-                    "remove it",
+                    "move it to lost+found in the data directory",
                 ),
             };
             let subject = subject.display().to_string();
@@ -347,7 +347,12 @@ impl Engine {
     }
 
     /// Moves `path` to `lost+found/<kind>/<name>-<time>`; returns where it went.
-    fn to_lost_found(&self, kind: &str, path: &Path, name: &str) -> std::io::Result<PathBuf> {
+    pub(crate) fn to_lost_found(
+        &self,
+        kind: &str,
+        path: &Path,
+        name: &str,
+    ) -> std::io::Result<PathBuf> {
         let dir = self.config().lost_found_dir().join(kind);
         std::fs::create_dir_all(&dir)?;
         let stamp = now_rfc3339().replace(':', "");

@@ -67,7 +67,10 @@ pub struct ExecSpec {
 }
 
 pub(crate) struct Slot {
-    /// Lifecycle operations take it exclusively; commands and file transfers share it.
+    /// Lifecycle operations take it exclusively. Commands and file transfers share it only while they find
+    /// the VM and connect to its agent (so they never act on a VM half-way through a lifecycle operation),
+    /// not while they run: a long command must not hold off a snapshot. A VM ended under a running
+    /// command breaks its connection, and the command fails with that error.
     pub(crate) op: Arc<RwLock<()>>,
     pub(crate) vm: tokio::sync::Mutex<Option<Arc<Vm>>>,
 }
@@ -93,6 +96,8 @@ pub struct Engine {
     /// Capacity reserved by requests whose sandboxes have no row yet: (VMs, MiB).
     pending: Arc<Mutex<(usize, u64)>>,
     warm: crate::warm::WarmPool,
+    /// Snapshot names being taken, snapshots in use or being deleted (snapshot/guard.rs).
+    snapshot_claims: Mutex<crate::snapshot::guard::Claims>,
     /// This engine, for background work it starts itself (set once by `open`).
     me: std::sync::OnceLock<std::sync::Weak<Engine>>,
     /// Operations running in this daemon (see operations.rs).
@@ -167,6 +172,7 @@ impl Engine {
             confine,
             pending: Arc::new(Mutex::new((0, 0))),
             warm: Default::default(),
+            snapshot_claims: Default::default(),
             me: Default::default(),
             ops: Default::default(),
         });
@@ -218,6 +224,15 @@ impl Engine {
     }
     pub(crate) fn me(&self) -> Option<Arc<Engine>> {
         self.me.get().and_then(std::sync::Weak::upgrade)
+    }
+    pub(crate) fn with_claims<R>(
+        &self,
+        f: impl FnOnce(&mut crate::snapshot::guard::Claims) -> R,
+    ) -> R {
+        f(&mut self
+            .snapshot_claims
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()))
     }
     pub(crate) fn forget_slot(&self, id: &str) {
         self.slots

@@ -13,7 +13,12 @@ use crate::vm::agent_error;
 
 impl Engine {
     pub(crate) async fn agent_of(&self, sb: &Sandbox) -> Result<kiln_agent_client::AgentClient> {
-        let vm = self.running_vm(sb).await?;
+        // Shared lifecycle lock while the VM is found and connected, not while the command runs (engine.rs
+        // Slot). The record is read again under it: a stop or delete may have finished meanwhile.
+        let slot = self.slot(&sb.id);
+        let _shared = slot.op.read().await;
+        let sb = self.get(&sb.id)?;
+        let vm = self.running_vm(&sb).await?;
         vm.agent(Duration::from_secs(10)).await
     }
 

@@ -120,6 +120,10 @@ pub struct Layout {
     /// Volume slots (machines made before volumes existed have none).
     #[serde(default)]
     pub volume_slots: Vec<VolumeSlot>,
+    /// Content identity of the origin when this sandbox was made from it (`Engine::base_digest`); a diff
+    /// snapshot is refused if the origin has changed since. None in sandboxes made before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_digest: Option<String>,
 }
 
 impl Layout {
@@ -169,6 +173,7 @@ mod tests {
             inherited_layers: 1,
             generation: 0,
             volume_slots: vec![VolumeSlot::Empty],
+            origin_digest: Some("sha256:00".into()),
         };
         let json = serde_json::to_string(&l).unwrap();
         assert!(json.contains(r#""mode":"private""#));

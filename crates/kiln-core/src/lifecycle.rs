@@ -89,16 +89,25 @@ impl Engine {
             }
         };
         self.faults().hold("stop.saved").await;
-        // The machine is saved; end QEMU, then make the RAM file durable (its pages stay in the page cache
-        // after QEMU exits) and only then publish the state file that marks the save complete.
+        // The machine is saved. Make the RAM file durable and publish the state file that marks the save
+        // complete while QEMU still lives, its vCPUs stopped for good: a crash from here on leaves a
+        // complete save, which recovery keeps (it never lets this VM run again). Only then end QEMU.
+        if let Err(e) = publish_save(&layout.memory, &tmp_state, &dir) {
+            // Not published (or not durably): withdraw it before the vCPUs run again.
+            let _ = std::fs::remove_file(&tmp_state);
+            let _ = std::fs::remove_file(dir.join(STATE_FILE));
+            let _ = fsutil::fsync_path(&dir);
+            if was_running {
+                let _ = qmp.execute("cont", None).await;
+            }
+            return Err(e);
+        }
+        self.faults().hold("stop.published").await;
         let _ = qmp.execute("quit", None).await;
         slot.vm.lock().await.take();
         vm.terminate().await;
         self.confine().remove_cgroup(&sb.id);
-        if let Memory::Owned { file } = &layout.memory {
-            fsutil::fsync_path(file)?;
-        }
-        fsutil::publish(&tmp_state, &dir.join(STATE_FILE))?;
+        self.faults().hold("stop.quit").await;
         self.db()
             .set_state(&sb.id, SandboxState::Stopped, None, None)?;
         info!(sandbox = %sb.id, "sandbox hibernated");
@@ -132,9 +141,21 @@ impl Engine {
             resume: true,
             identity: None,
         };
-        let vm = self.start_vm(&sb, &layout, Some(incoming)).await?;
-        // The saved state was consumed; it must never be loaded again over newer disk contents.
-        let _ = fsutil::remove_file_durably(&state);
+        let vm = match self.start_vm(&sb, &layout, Some(incoming)).await {
+            Ok(vm) => vm,
+            Err(e) if !state.exists() => {
+                // The state was retired before the vCPUs ran: the disk has moved past it, so the
+                // sandbox cannot go back to it.
+                let why = format!("{}; its saved state was loaded and its vCPUs ran, so that state is stale and was retired. Its snapshots are unaffected: resume one, or delete the sandbox", e.message);
+                self.db()
+                    .set_state(&sb.id, SandboxState::Failed, None, Some(&why))?;
+                return Err(Error::new(
+                    e.code,
+                    format!("starting {} failed: {why}", sb.name),
+                ));
+            }
+            Err(e) => return Err(e),
+        };
         let pid = vm.pid;
         *slot.vm.lock().await = Some(vm);
         self.db()
@@ -147,4 +168,13 @@ impl Engine {
     pub(crate) fn has_saved_state(&self, id: &str) -> bool {
         self.config().sandbox_dir(id).join(STATE_FILE).exists()
     }
+}
+
+/// Makes a stop's save durable and complete: the RAM file synced, then `state.tmp` renamed to `state` and
+/// the directory synced (the state file is what marks the save complete).
+fn publish_save(memory: &Memory, tmp_state: &std::path::Path, dir: &std::path::Path) -> Result<()> {
+    if let Memory::Owned { file } = memory {
+        fsutil::fsync_path(file)?;
+    }
+    fsutil::publish(tmp_state, &dir.join(STATE_FILE))
 }

@@ -80,6 +80,7 @@ impl Engine {
             inherited_layers: 1,
             generation: 0,
             volume_slots: vec![VolumeSlot::Empty; VOLUME_SLOTS],
+            origin_digest: Some(self.base_digest(&format!("template:{}", sb.template))?),
         };
         self.place_mounts(&dir, sb.qemu_uid, &mut layout.volume_slots, mounts, false)?;
         let top = layout.next_top_path(&dir);
@@ -234,8 +235,20 @@ impl Engine {
         })?;
         tracing::debug!(vm = %vm.name, "state loaded");
         if inc.resume {
+            if state == inc.state {
+                // The sandbox's own hibernation state (a start): once its vCPUs run, the guest writes the
+                // disk past it, so it must never be loaded again. Retired durably before `cont`; from here
+                // QEMU holds the only copy (a restart that finds it loaded and paused continues it).
+                std::fs::remove_file(&state)
+                    .map_err(|e| fsutil::io_error("retiring the loaded hibernation state", e))?;
+                fsutil::fsync_path(&dir)?;
+                self.faults().hold("start.retired").await;
+            }
             qmp.execute("cont", None).await?;
             tracing::debug!(vm = %vm.name, "vCPUs running");
+            if sb.state == SandboxState::Stopped {
+                self.faults().hold("start.continued").await;
+            }
             self.after_resume(&sb.id, vm, inc.identity.as_ref()).await?;
             tracing::debug!(vm = %vm.name, "agent answered, clock set");
         }

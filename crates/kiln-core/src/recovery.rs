@@ -45,6 +45,17 @@ impl Engine {
             let dir = self.config().sandbox_dir(&sb.id);
             let alive = self.leftover_qemu(&sb.id, sb.pid);
             match sb.state {
+                s if s.has_vm() && alive.is_some() && self.has_saved_state(&sb.id) => {
+                    // A stop cut short after publishing its save: the VM has not run since (a published
+                    // state is retired before any `cont`), so the save is complete; finish the stop.
+                    let pid = alive.unwrap_or(0);
+                    kiln_vmm::process::terminate(pid, &name, Duration::from_secs(3)).await;
+                    self.confine().remove_cgroup(&sb.id);
+                    let _ = std::fs::remove_file(dir.join("state.tmp"));
+                    self.db()
+                        .set_state(&sb.id, SandboxState::Stopped, None, None)?;
+                    info!(sandbox = %sb.id, "finished a stop kiln did not complete");
+                }
                 s if s.has_vm() && alive.is_some() => {
                     let pid = alive.unwrap_or(0);
                     let vm = Vm::new(name, dir.clone(), pid, None);
@@ -88,6 +99,16 @@ impl Engine {
                     let _ = fsutil::remove_file_durably(&dir.join("state.tmp"));
                     if let Some(pid) = alive {
                         self.finish_interrupted_start(&sb, pid).await?;
+                    } else if !self.has_saved_state(&sb.id) {
+                        // A start retired the state and let the vCPUs run, then kiln and the VM went down:
+                        // the disk moved past the state, which must not be loaded again.
+                        warn!(sandbox = %sb.id, "a start ran the VM and did not finish; the sandbox cannot be started again");
+                        self.db().set_state(
+                            &sb.id,
+                            SandboxState::Failed,
+                            None,
+                            Some("kiln and the VM stopped during a start, after the VM had run: its saved state was stale and retired. Its snapshots are unaffected: resume one, or delete the sandbox"),
+                        )?;
                     }
                 }
                 SandboxState::Creating => {
@@ -143,22 +164,45 @@ impl Engine {
     }
 
     /// A stopped sandbox with a live QEMU: kiln went down while starting it. If the vCPUs already ran, the
-    /// disk moved past the saved state, so the start is finished; otherwise the VM is ended and the sandbox
-    /// stays stopped with its saved state.
+    /// disk moved past the saved state, so the start is finished; if the state was loaded and retired (the
+    /// step just before `cont`), QEMU holds the only copy and is continued; otherwise the VM is ended and
+    /// the sandbox stays stopped with its saved state.
     async fn finish_interrupted_start(&self, sb: &Sandbox, pid: u32) -> Result<()> {
         let name = vm_name(&sb.id);
         let dir = self.config().sandbox_dir(&sb.id);
         let vm = Vm::new(name.clone(), dir.clone(), pid, None);
-        let running = match vm.qmp().await {
-            Ok(qmp) => qmp.status().await.is_ok_and(|s| s == "running"),
-            Err(_) => false,
+        let status = match vm.qmp().await {
+            Ok(qmp) => qmp.status().await.unwrap_or_default(),
+            Err(_) => String::new(),
         };
-        if running {
+        let retired = !self.has_saved_state(&sb.id);
+        if retired && status == "paused" {
+            let continued = async {
+                vm.qmp().await?.execute("cont", None).await?;
+                self.after_resume(&sb.id, &vm, None).await
+            };
+            if let Err(e) = continued.await {
+                kiln_vmm::process::terminate(pid, &name, Duration::from_secs(3)).await;
+                let why = format!("kiln stopped during a start and continuing it failed ({}); its saved state was retired. Its snapshots are unaffected: resume one, or delete the sandbox", e.message);
+                self.db()
+                    .set_state(&sb.id, SandboxState::Failed, None, Some(&why))?;
+                return Ok(());
+            }
+        }
+        if status == "running" || (retired && status == "paused") {
             let _ = fsutil::remove_file_durably(&dir.join("state"));
             self.db()
                 .set_state(&sb.id, SandboxState::Running, Some(pid), None)?;
             *self.slot(&sb.id).vm.lock().await = Some(Arc::new(vm));
             info!(sandbox = %sb.id, pid, "finished a start kiln did not complete");
+        } else if retired {
+            kiln_vmm::process::terminate(pid, &name, Duration::from_secs(3)).await;
+            self.db().set_state(
+                &sb.id,
+                SandboxState::Failed,
+                None,
+                Some(&format!("kiln stopped during a start that had retired its saved state, and QEMU was {status:?}; delete the sandbox (its snapshots are unaffected)")),
+            )?;
         } else {
             kiln_vmm::process::terminate(pid, &name, Duration::from_secs(3)).await;
             self.db()

@@ -42,28 +42,6 @@ pub struct CreateSnapshot {
 const SAVE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Engine {
-    fn snapshot_id(&self, sb: &Sandbox, requested: Option<String>) -> Result<String> {
-        if let Some(id) = requested {
-            validate::name("snapshot", &id)?;
-            return Ok(id);
-        }
-        let unix = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let base: String = format!("snap-{}-{unix}", sb.name)
-            .chars()
-            .take(60)
-            .collect();
-        let mut id = base.clone();
-        let mut n = 2;
-        while self.db().find_snapshot(&id)?.is_some() {
-            id = format!("{base}-{n}");
-            n += 1;
-        }
-        Ok(id)
-    }
-
     /// Takes a snapshot of a running or paused sandbox.
     pub async fn create_snapshot(&self, sandbox: &str, req: CreateSnapshot) -> Result<Snapshot> {
         self.create_snapshot_internal(sandbox, req, CreateSnapshotInternal::default())
@@ -78,25 +56,20 @@ impl Engine {
     ) -> Result<Snapshot> {
         validate::labels(&req.labels)?;
         let sb = self.get(sandbox)?;
-        let id = self.snapshot_id(&sb, req.name.clone())?;
-        if self.db().find_snapshot(&id)?.is_some() {
-            return Err(Error::new(
-                ErrorCode::SnapshotAlreadyExists,
-                format!(
-                    "a snapshot named '{id}' already exists; pick another name or delete it first"
-                ),
-            ));
-        }
+        // Held until the row exists (or the capture fails): a concurrent capture cannot take the name.
+        let claim = self.claim_snapshot_name(&sb, req.name.clone())?;
+        let id = claim.name.clone();
         let Locked { sb, _guard, .. } = self.lock_sandbox(&sb.id).await?;
         self.require_state(&sb, &[SandboxState::Running, SandboxState::Paused])?;
         let vm = self.live_vm(&sb).await?;
         let started = Instant::now();
-        let tmp = self
-            .config()
-            .snapshots_dir()
-            .join(format!(".tmp-{id}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp)
+        // Unique per capture; ends in the pid so a daemon can tell its own work in progress (restore.rs).
+        let tmp = self.config().snapshots_dir().join(format!(
+            ".tmp-{id}-{:08x}-{}",
+            rand::random::<u32>(),
+            std::process::id()
+        ));
+        std::fs::create_dir(&tmp)
             .map_err(|e| fsutil::io_error(&format!("creating {}", tmp.display()), e))?;
         if internal.ephemeral {
             std::fs::write(tmp.join(crate::recovery::EPHEMERAL_MARK), b"fork capture\n")
@@ -105,6 +78,7 @@ impl Engine {
         let result = self
             .capture(&sb, &vm, &id, &req, &tmp, internal.ephemeral)
             .await;
+        drop(claim);
         match result {
             Ok(snapshot) => {
                 info!(snapshot = %id, sandbox = %sb.id, kind = snapshot.kind.as_str(), ms = started.elapsed().as_millis() as u64, "snapshot created");
@@ -282,6 +256,27 @@ impl Engine {
             (Origin::Template { name }, _) => Some(format!("template:{name}")),
             (Origin::Snapshot { id }, _) => Some(format!("snapshot:{id}")),
         };
+        // A diff's parent snapshot stays (no deletion) until the diff's row exists; the diff is pinned to
+        // the parent's content, which must be what this sandbox was made from.
+        let _parent_in_use = match &layout.origin {
+            Origin::Snapshot { id } if parent.is_some() => {
+                Some(self.claim_use(id, ErrorCode::SnapshotBaseMissing)?)
+            }
+            _ => None,
+        };
+        let base_digest = match &parent {
+            Some(p) => {
+                let now = self.base_digest(p)?;
+                if let Some(was) = layout.origin_digest.as_ref().filter(|was| **was != now) {
+                    return Err(Error::new(
+                        ErrorCode::SnapshotBaseChanged,
+                        format!("sandbox {} was made from {p} with digest {was}, but {p} is now {now} (rebuilt, or deleted and its name reused), so a diff would build on a base it did not come from; take a `--type full` snapshot instead", sb.name),
+                    ));
+                }
+                Some(now)
+            }
+            None => None,
+        };
         let engine_files = FileCtx {
             tmp: tmp.to_path_buf(),
         };
@@ -335,6 +330,9 @@ impl Engine {
         } else {
             Vec::new()
         };
+        if req.kind == SnapshotType::Diff {
+            self.faults().hold("snapshot.diff_based").await;
+        }
         for (i, layer) in layout.disk_layers[..=frozen_top].iter().enumerate() {
             if i < external_layers {
                 let entry = origin_disks.get(i).cloned().ok_or_else(|| {
@@ -390,6 +388,7 @@ impl Engine {
                 egress: sb.egress,
             },
             parent: parent.clone(),
+            base_digest,
             labels: req.labels.clone(),
             files,
             volume_slots: layout.volume_slots.clone(),

@@ -85,6 +85,10 @@ pub struct Manifest {
     pub disk_size_bytes: u64,
     pub source: Source,
     pub parent: Option<String>,
+    /// A diff's pin: content identity of `parent` when the diff was taken (`Engine::base_digest`), checked
+    /// before every resume or restore. Absent in manifests written before pinning: "unpinned".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_digest: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub files: Vec<FileEntry>,
     /// The machine's volume slots at capture (their number is part of the machine; volumes themselves
@@ -309,6 +313,7 @@ mod tests {
                 egress: true,
             },
             parent: None,
+            base_digest: None,
             labels: Default::default(),
             files: vec![FileEntry {
                 role: Role::State,
@@ -386,6 +391,22 @@ mod tests {
             m.verify_state(dir.path()).unwrap_err().code,
             ErrorCode::SnapshotCorrupt
         );
+    }
+
+    #[test]
+    fn manifests_without_a_pin_read_as_unpinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = sample(dir.path());
+        m.kind = SnapshotType::Diff;
+        m.parent = Some("template:tiny".into());
+        m.write(dir.path()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(MANIFEST)).unwrap();
+        assert!(!text.contains("base_digest"), "an old-format manifest");
+        assert_eq!(Manifest::read(dir.path(), "s1").unwrap().base_digest, None);
+        m.base_digest = Some("sha256:ab".into());
+        m.write(dir.path()).unwrap();
+        let back = Manifest::read(dir.path(), "s1").unwrap();
+        assert_eq!(back.base_digest.as_deref(), Some("sha256:ab"));
     }
 
     #[test]

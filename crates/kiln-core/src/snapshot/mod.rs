@@ -3,6 +3,7 @@
 pub mod capture;
 pub mod compat;
 pub mod db;
+pub(crate) mod guard;
 pub mod manifest;
 pub mod restore;
 

@@ -86,6 +86,7 @@ impl Engine {
         let dir = self.config().snapshot_dir(id);
         let manifest = Manifest::read(&dir, id)?;
         super::compat::check(&manifest, &super::compat::Host::this(self.accel().accel))?;
+        self.check_base_pin(&manifest)?;
         let deep = !self.is_verified(id);
         manifest.verify(&dir, deep)?;
         // The device state is small: checked every time, so a torn or damaged one is `snapshot_corrupt`
@@ -181,6 +182,7 @@ impl Engine {
             } else {
                 vec![VolumeSlot::Empty; VOLUME_SLOTS]
             },
+            origin_digest: Some(self.base_digest(&format!("snapshot:{snap_id}"))?),
         };
         self.place_mounts(
             &dir,
@@ -231,6 +233,8 @@ impl Engine {
             validate::name("sandbox", name)?;
         }
         let (snap, m) = self.load_manifest(id)?;
+        // Kept from deletion while its files are linked into the new sandbox.
+        let _in_use = self.claim_use(id, ErrorCode::SnapshotNotFound)?;
         let (memory_mib, cpus, disk_size_bytes) = self.resume_resources(&snap, &m, &req)?;
         // A fork's children come from a capture made for them alone: no spares there.
         let keep_warm = held.is_none() && m.kind.has_memory();
@@ -397,8 +401,23 @@ impl Engine {
 
     /// Puts the snapshot's source sandbox back to the snapshot (same id and name). Paused unless `resume`.
     pub async fn restore_snapshot(&self, id: &str, resume: bool, force: bool) -> Result<Sandbox> {
-        let (snap, m) = self.load_manifest(id)?;
+        let (_, m) = self.load_manifest(id)?;
+        // Every check below is made under the source's lifecycle lock (its slot exists even when its row
+        // does not) and with the snapshot kept from deletion: two restores cannot both pass them.
+        let slot = self.slot(&m.source.sandbox_id);
+        let _guard = slot.op.clone().write_owned().await;
+        let _in_use = self.claim_use(id, ErrorCode::SnapshotNotFound)?;
+        let snap = self.get_snapshot(id)?;
         let existing = self.db().find_sandbox(&m.source.sandbox_id)?;
+        if snap.restored && !force {
+            return Err(Error::new(
+                ErrorCode::SnapshotAlreadyRestored,
+                format!(
+                    "snapshot {id} was already restored (at {}); pass --force to restore it again",
+                    snap.restored_at.as_deref().unwrap_or("?")
+                ),
+            ));
+        }
         if let Some(sb) = &existing {
             if snap.restored && sb.restored_from.as_deref() == Some(id) && sb.state.has_vm() {
                 return Err(Error::new(
@@ -410,15 +429,6 @@ impl Engine {
                     ),
                 ));
             }
-        }
-        if snap.restored && !force {
-            return Err(Error::new(
-                ErrorCode::SnapshotAlreadyRestored,
-                format!(
-                    "snapshot {id} was already restored (at {}); pass --force to restore it again",
-                    snap.restored_at.as_deref().unwrap_or("?")
-                ),
-            ));
         }
         // Rolling back a sandbox that has no VM now starts one more.
         let reservation = match &existing {
@@ -454,8 +464,6 @@ impl Engine {
                 ));
             }
         }
-        let slot = self.slot(&sb.id);
-        let _guard = slot.op.write().await;
         // Throw away the current machine and files; the snapshot holds the state to go back to.
         if let Some(vm) = slot.vm.lock().await.take() {
             self.flush_volumes(&sb, &vm).await;
@@ -524,17 +532,10 @@ impl Engine {
     /// running on their own hard links to its files (reported in the answer).
     pub async fn delete_snapshot(&self, id: &str) -> Result<SnapshotDeleted> {
         let snap = self.get_snapshot(id)?;
+        // Refused while a diff is being built on it or it is being resumed or restored; diffs being built
+        // or resumes starting after this see it as deleted.
+        let _deleting = self.claim_delete(id)?;
         self.discard_spares(Some(id)).await;
-        let children = self.db().snapshot_children(id)?;
-        if !children.is_empty() {
-            return Err(Error::new(
-                ErrorCode::SnapshotInUse,
-                format!(
-                    "diff snapshots build on {id}: {}; delete them first",
-                    children.join(", ")
-                ),
-            ));
-        }
         let users: Vec<String> = self
             .db()
             .list_sandboxes()?
@@ -630,8 +631,19 @@ impl Engine {
                 }
             }
             SnapshotDebris::Incomplete(path, error) => {
-                warn!(path = %path.display(), %error, "removing an unrecorded, incomplete snapshot");
-                let _ = fsutil::remove_dir_durably(path);
+                // Not provably worthless (it may be the only copy of something): quarantined, not deleted.
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                match self.to_lost_found("snapshots", path, &name) {
+                    Ok(dest) => {
+                        warn!(path = %path.display(), to = %dest.display(), %error, "moved an unrecorded snapshot that fails verification to lost+found")
+                    }
+                    Err(e) => {
+                        warn!(path = %path.display(), %error, move_error = %e, "an unrecorded snapshot fails verification and could not be moved to lost+found; left in place")
+                    }
+                }
             }
         }
     }
