@@ -10,6 +10,7 @@ pub mod migration;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod safefs;
 
 pub use accel::{Accel, AccelChoice};
 pub use error::VmmError;
