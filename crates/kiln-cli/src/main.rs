@@ -188,6 +188,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     v["accel_reason"].as_str().unwrap_or("")
                 );
                 println!("data dir:    {}", v["data_dir"].as_str().unwrap_or("?"));
+                let c = &v["confinement"];
+                if c["confined"].as_bool() == Some(true) {
+                    println!("confinement: VMs run as per-sandbox uids behind the firewall");
+                } else {
+                    println!("confinement: UNCONFINED (kiln serve --unconfined)");
+                    for m in c["missing"].as_array().into_iter().flatten() {
+                        println!("  - {}", m.as_str().unwrap_or(""));
+                    }
+                }
             });
             Ok(ExitCode::SUCCESS)
         }

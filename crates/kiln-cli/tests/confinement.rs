@@ -108,7 +108,13 @@ fn vms_run_unprivileged_under_seccomp_with_private_files() {
         .data_dir()
         .join("sandboxes")
         .join(a["id"].as_str().unwrap());
+    // Root's, passable by a's VM only (its own gid); QEMU creates files only in vm/.
     let meta = std::fs::metadata(&dir_a).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o777),
+        (0, ua, 0o710)
+    );
+    let meta = std::fs::metadata(dir_a.join("vm")).unwrap();
     assert_eq!((meta.uid(), meta.mode() & 0o777), (ua, 0o700));
     let memory_a = dir_a.join("memory");
     let meta = std::fs::metadata(&memory_a).unwrap();

@@ -23,6 +23,9 @@ pub struct Config {
     pub default_cpus: u32,
     /// Copies of recently resumed snapshots kept resumed and paused, ready to hand out (0: none).
     pub warm_spares: usize,
+    /// Run VMs even when they cannot be confined (`kiln serve --unconfined`); otherwise the daemon refuses
+    /// to start.
+    pub unconfined: bool,
 }
 
 /// Guest RAM may add up to this many times the host's RAM by default: idle guests touch little of it, and
@@ -56,6 +59,7 @@ impl Config {
             default_memory_mib: 256,
             default_cpus: 1,
             warm_spares: DEFAULT_WARM_SPARES,
+            unconfined: false,
         }
     }
 

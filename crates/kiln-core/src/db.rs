@@ -323,6 +323,8 @@ fn row_to_sandbox(r: &Row<'_>) -> rusqlite::Result<Sandbox> {
         volumes: Vec::new(),
         egress: r.get("egress")?,
         qemu_uid: r.get("qemu_uid")?,
+        // Filled in by the engine, which knows what this daemon enforces.
+        confined: false,
     })
 }
 
@@ -354,6 +356,7 @@ mod tests {
             volumes: vec![],
             egress: true,
             qemu_uid: None,
+            confined: false,
         }
     }
 

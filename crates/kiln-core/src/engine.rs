@@ -134,6 +134,15 @@ impl Engine {
                 .map_err(|e| Error::internal(format!("cannot create {}: {e}", dir.display())))?;
         }
         let db = Db::open(&cfg.db_path())?;
+        // The database holds every sandbox's environment: root's alone, also when an older kiln (or
+        // another umask) made it readable.
+        for f in ["kiln.db", "kiln.db-wal", "kiln.db-shm", "api-token.sha256"] {
+            use std::os::unix::fs::PermissionsExt;
+            let path = cfg.data_dir.join(f);
+            if let Ok(file) = kiln_vmm::safefs::open_read(&path) {
+                let _ = file.set_permissions(std::fs::Permissions::from_mode(0o600));
+            }
+        }
         let accel = tokio::task::spawn_blocking({
             let requested = cfg.accel;
             move || kiln_vmm::accel::choose(requested)
@@ -156,10 +165,11 @@ impl Engine {
                 cfg.sandboxes_dir(),
                 cfg.snapshots_dir(),
             );
-            move || crate::confine::Confinement::setup(&data, &sandboxes, &snapshots)
+            let unconfined = cfg.unconfined;
+            move || crate::confine::Confinement::setup(&data, &sandboxes, &snapshots, unconfined)
         })
         .await
-        .map_err(|e| Error::internal(format!("confinement setup panicked: {e}")))?;
+        .map_err(|e| Error::internal(format!("confinement setup panicked: {e}")))??;
         let images = ImageStore::new(cfg.images_dir(), cfg.cache_dir());
         let engine = Arc::new(Engine {
             cfg,
@@ -240,6 +250,10 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
     }
+    /// What this daemon enforces on its VMs (`GET /v1/info`).
+    pub fn confinement(&self) -> crate::confine::Summary {
+        self.confine.summary()
+    }
     /// Called once when the daemon exits: drops host-wide rules nothing needs any more.
     pub fn shutdown(&self) {
         self.confine.shutdown();
@@ -304,7 +318,14 @@ impl Engine {
         self.db
             .find_sandbox(id_or_name)?
             .filter(|s| !crate::warm::is_spare(s))
+            .map(|s| self.with_confinement(s))
             .ok_or_else(|| Error::sandbox_not_found(id_or_name))
+    }
+
+    /// Sets `confined`: the VM runs as its own uid and guests are firewalled off the host.
+    fn with_confinement(&self, mut sb: Sandbox) -> Sandbox {
+        sb.confined = sb.qemu_uid.is_some() && self.confine.netguard.is_some();
+        sb
     }
 
     pub fn list(&self, labels: &BTreeMap<String, String>) -> Result<Vec<Sandbox>> {
@@ -313,6 +334,7 @@ impl Engine {
             .list_sandboxes()?
             .into_iter()
             .filter(|s| !crate::warm::is_spare(s) && s.matches_labels(labels))
+            .map(|s| self.with_confinement(s))
             .collect())
     }
 
@@ -476,6 +498,7 @@ impl Engine {
             volumes: req.volumes.clone(),
             egress: req.egress.unwrap_or(true),
             qemu_uid: self.new_qemu_uid()?,
+            confined: false,
         };
         {
             let _volumes = self.volume_lock().await;
@@ -559,7 +582,25 @@ impl Engine {
     /// Path of a sandbox's console log, for `kiln sandbox logs`.
     pub fn console_log(&self, id_or_name: &str) -> Result<std::path::PathBuf> {
         let sb = self.get(id_or_name)?;
-        Ok(self.cfg.sandbox_dir(&sb.id).join("console.log"))
+        Ok(Vm::new(vm_name(&sb.id), self.cfg.sandbox_dir(&sb.id), 0, None).console_log())
+    }
+
+    /// The end of a sandbox's console log (at most the last `CONSOLE_READ_MAX` bytes). QEMU writes it in
+    /// a directory its uid controls, so it is read without following links or blocking on a FIFO: a
+    /// planted link or FIFO reads as an error, never as another file.
+    pub async fn read_console(&self, id_or_name: &str) -> Result<Vec<u8>> {
+        const CONSOLE_READ_MAX: u64 = 8 << 20;
+        let path = self.console_log(id_or_name)?;
+        tokio::task::spawn_blocking(move || {
+            kiln_vmm::safefs::read_tail(&path, CONSOLE_READ_MAX).map_err(|e| {
+                Error::internal(format!(
+                    "cannot read the console log {}: {e}",
+                    path.display()
+                ))
+            })
+        })
+        .await
+        .map_err(|e| Error::internal(e.to_string()))?
     }
 
     pub fn data_dir(&self) -> &Path {

@@ -82,6 +82,7 @@ impl Engine {
             volume_slots: vec![VolumeSlot::Empty; VOLUME_SLOTS],
             origin_digest: Some(self.base_digest(&format!("template:{}", sb.template))?),
         };
+        self.create_memory_file(sb, &dir.join("memory"))?;
         self.place_mounts(&dir, sb.qemu_uid, &mut layout.volume_slots, mounts, false)?;
         let top = layout.next_top_path(&dir);
         create_top_layer(&top, &layout.disk_layers[0], sb.disk_size_bytes)?;
@@ -94,11 +95,53 @@ impl Engine {
         Ok(layout)
     }
 
-    /// The sandbox directory and its `layers/` belong to the sandbox's VM user (`0700`).
+    /// The sandbox directory and its `layers/` are root's (`root:<uid> 0710`: the VM passes through to
+    /// the files it was given and can plant nothing where the daemon acts; other VMs cannot enter); `vm/`
+    /// is the VM user's own (`0700`), for what QEMU itself creates.
     pub(crate) fn own_sandbox_dir(&self, sb: &Sandbox) -> Result<()> {
         let dir = self.config().sandbox_dir(&sb.id);
-        self.confine().own_dir(&dir, sb.qemu_uid)?;
-        self.confine().own_dir(&dir.join("layers"), sb.qemu_uid)
+        self.confine().root_dir(&dir, sb.qemu_uid)?;
+        self.confine().root_dir(&dir.join("layers"), sb.qemu_uid)?;
+        let vm = dir.join(crate::vm::VM_DIR);
+        std::fs::create_dir_all(&vm)
+            .map_err(|e| fsutil::io_error(&format!("creating {}", vm.display()), e))?;
+        self.confine().own_dir(&vm, sb.qemu_uid)
+    }
+
+    /// Where QEMU writes `name` (migration output) for this sandbox: in `vm/`, created when a VM from an
+    /// older kiln runs without one, with no entry of that name left (a planted FIFO would block QEMU).
+    pub(crate) fn vm_file(&self, sb: &Sandbox, name: &str) -> Result<PathBuf> {
+        let vm = self.config().sandbox_dir(&sb.id).join(crate::vm::VM_DIR);
+        if !vm.is_dir() {
+            std::fs::create_dir_all(&vm)
+                .map_err(|e| fsutil::io_error(&format!("creating {}", vm.display()), e))?;
+            self.confine().own_dir(&vm, sb.qemu_uid)?;
+        }
+        let path = vm.join(name);
+        let _ = std::fs::remove_file(&path);
+        Ok(path)
+    }
+
+    /// Takes a file QEMU wrote in `vm/` into a root-owned directory, refusing anything but a regular file
+    /// of the VM's own (see `kiln_vmm::safefs::take_file`).
+    pub(crate) fn take_vm_file(&self, sb: &Sandbox, src: &Path, dst: &Path) -> Result<()> {
+        let owner = self.confine().run_as(sb.qemu_uid).map(|r| r.uid);
+        kiln_vmm::safefs::take_file(src, dst, owner)
+            .map(drop)
+            .map_err(|e| {
+                fsutil::io_error(
+                    &format!("taking {} into {}", src.display(), dst.display()),
+                    e,
+                )
+            })
+    }
+
+    /// Creates the (empty) RAM file QEMU maps for a sandbox that owns its RAM: QEMU cannot create files
+    /// in the root-owned sandbox directory, and sizes it itself.
+    pub(crate) fn create_memory_file(&self, sb: &Sandbox, file: &Path) -> Result<()> {
+        kiln_vmm::safefs::create_new(file, 0o600)
+            .map_err(|e| fsutil::io_error(&format!("creating {}", file.display()), e))?;
+        self.confine().own_file(file, sb.qemu_uid)
     }
 
     pub(crate) fn vm_spec(&self, sb: &Sandbox, layout: &Layout, incoming: bool) -> VmSpec {
@@ -108,7 +151,7 @@ impl Engine {
         };
         VmSpec {
             name: vm_name(&sb.id),
-            run_dir: self.config().sandbox_dir(&sb.id),
+            run_dir: self.config().sandbox_dir(&sb.id).join(crate::vm::VM_DIR),
             accel: self.accel().accel,
             memory_mib: sb.memory_mib,
             vcpus: sb.cpus,
@@ -166,7 +209,12 @@ impl Engine {
                 .map_err(|e| Error::new(ErrorCode::BootFailed, e.to_string()))?
         };
         self.db().set_state(&sb.id, sb.state, Some(pid), None)?;
-        let vm = Arc::new(Vm::new(spec.name.clone(), spec.run_dir.clone(), pid, None));
+        let vm = Arc::new(Vm::new(
+            spec.name.clone(),
+            self.config().sandbox_dir(&sb.id),
+            pid,
+            None,
+        ));
         if self.faults().kill_after_launch(&sb.name) {
             // SAFETY: kill(2) on the QEMU this call just launched.
             unsafe {
@@ -318,7 +366,7 @@ impl Engine {
             }
             () = watch => {
                 let tail = kiln_vmm::qemu::tail_lines(&vm.console_log(), 15);
-                let qemu_log = std::fs::read_to_string(vm.run_dir.join("qemu.log")).unwrap_or_default();
+                let qemu_log = kiln_vmm::safefs::read_tail(&vm.qemu_file("qemu.log"), 4096).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
                 Err(Error::new(ErrorCode::BootFailed, format!(
                     "QEMU exited during boot. {}Last console lines:\n{tail}",
                     if qemu_log.trim().is_empty() { String::new() } else { format!("QEMU said: {}. ", qemu_log.trim()) }
@@ -386,6 +434,17 @@ impl Engine {
 /// A new writable qcow2 layer on top of `below`, of the sandbox's disk size. `-u`: the backing file is
 /// not opened (it may be in use), the chain is given explicitly when QEMU starts.
 pub(crate) fn create_top_layer(path: &Path, below: &Layer, size: u64) -> Result<()> {
+    // qemu-img follows a link at `path`: whatever has the name goes first (unlink never follows). The
+    // directory is root's, so nothing can be planted again in between.
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(fsutil::io_error(
+                &format!("replacing {}", path.display()),
+                e,
+            ))
+        }
+        _ => {}
+    }
     let out = std::process::Command::new(kiln_vmm::qemu_img_binary())
         .args([
             "create",

@@ -109,6 +109,11 @@ pub struct Sandbox {
     /// The unprivileged uid its VM process runs as; None when the daemon cannot confine VMs (not root, or
     /// the kiln-qemu group is missing).
     pub qemu_uid: Option<u32>,
+    /// Whether its VM is confined: its own uid (seccomp and cgroups as available) and the firewall that
+    /// keeps guests off the host. False only for sandboxes of a daemon started with `--unconfined` (or made
+    /// by one).
+    #[serde(default)]
+    pub confined: bool,
 }
 
 impl Sandbox {

@@ -28,9 +28,8 @@ impl Engine {
     /// recorded yet. Only a live process with this sandbox's VM name counts.
     fn leftover_qemu(&self, id: &str, recorded: Option<u32>) -> Option<u32> {
         let name = vm_name(id);
-        let from_file = std::fs::read_to_string(self.config().sandbox_dir(id).join("qemu.pid"))
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok());
+        let vm = Vm::new(name.clone(), self.config().sandbox_dir(id), 0, None);
+        let from_file = kiln_vmm::qemu::read_pid_file(&vm.qemu_file("qemu.pid")).ok();
         [recorded, from_file]
             .into_iter()
             .flatten()

@@ -9,8 +9,13 @@ use tokio::sync::Mutex;
 
 use crate::error::{Error, ErrorCode, Result};
 
+/// The subdirectory of a sandbox's (root-owned) directory that belongs to its VM's uid: QEMU creates its
+/// sockets, pid file, logs and migration output there, and nowhere else.
+pub(crate) const VM_DIR: &str = "vm";
+
 pub struct Vm {
     pub name: String,
+    /// The sandbox's directory.
     pub run_dir: PathBuf,
     pub pid: u32,
     agent: Mutex<Option<AgentClient>>,
@@ -26,14 +31,25 @@ impl Vm {
         }
     }
 
+    /// A file QEMU created: in `vm/`, or directly in the sandbox directory for a VM launched by an older
+    /// kiln (still running, or its logs after it stopped).
+    pub fn qemu_file(&self, name: &str) -> PathBuf {
+        let new = self.run_dir.join(VM_DIR).join(name);
+        let legacy = self.run_dir.join(name);
+        if std::fs::symlink_metadata(&new).is_err() && std::fs::symlink_metadata(&legacy).is_ok() {
+            return legacy;
+        }
+        new
+    }
+
     pub fn agent_socket(&self) -> PathBuf {
-        self.run_dir.join("agent.sock")
+        self.qemu_file("agent.sock")
     }
     pub fn qmp_socket(&self) -> PathBuf {
-        self.run_dir.join("qmp.sock")
+        self.qemu_file("qmp.sock")
     }
     pub fn console_log(&self) -> PathBuf {
-        self.run_dir.join("console.log")
+        self.qemu_file("console.log")
     }
 
     pub fn is_alive(&self) -> bool {

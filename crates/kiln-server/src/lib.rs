@@ -8,6 +8,7 @@ pub mod extract;
 pub mod limits;
 mod openapi;
 pub mod routes;
+pub mod tcp;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -172,6 +173,11 @@ pub async fn serve(engine: Arc<Engine>, opts: ServeOptions) -> anyhow::Result<()
         }
         std::fs::remove_file(&opts.socket)?;
     }
+    // The socket is born private: with umask 077 bind creates it 0600-or-stricter, so there is no window
+    // between bind and chmod in which another user could connect. (`kiln serve` sets umask 077 for the
+    // whole daemon at start; set again here for embedders.)
+    // SAFETY: umask has no preconditions.
+    unsafe { libc::umask(0o077) };
     let unix = tokio::net::UnixListener::bind(&opts.socket)?;
     std::fs::set_permissions(&opts.socket, std::fs::Permissions::from_mode(0o600))?;
     info!(socket = %opts.socket.display(), "API listening on unix socket (mode 0600)");
@@ -205,13 +211,12 @@ pub async fn serve(engine: Arc<Engine>, opts: ServeOptions) -> anyhow::Result<()
                 limiter,
                 limits::rate_limit,
             ));
-        tasks.spawn(async move {
-            axum::serve(
-                tcp,
-                tcp_app.into_make_service_with_connect_info::<limits::Peer>(),
-            )
-            .await
-        });
+        info!(
+            max_connections = tcp::MAX_CONNECTIONS,
+            header_timeout_s = tcp::HEADER_TIMEOUT.as_secs(),
+            "TCP connections are limited; put a TLS-terminating reverse proxy in front for non-loopback clients"
+        );
+        tasks.spawn(tcp::serve(tcp, tcp_app));
     }
     tokio::select! {
         res = tasks.join_next() => {

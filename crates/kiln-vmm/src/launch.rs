@@ -45,15 +45,24 @@ pub fn launch(spec: &VmSpec) -> Result<u32, VmmError> {
     spec.check_paths()?;
     std::fs::create_dir_all(&spec.run_dir)
         .map_err(|e| VmmError::io(format!("creating {}", spec.run_dir.display()), e))?;
-    for stale in [spec.qmp_socket(), spec.agent_socket(), spec.pid_file()] {
+    // Whatever QEMU opens by path in run_dir (writable by the VM's uid) goes first: a FIFO planted as
+    // the console log would block QEMU's start. QEMU truncates its logs at every start anyway.
+    for stale in [
+        spec.qmp_socket(),
+        spec.agent_socket(),
+        spec.pid_file(),
+        spec.console_log(),
+        spec.qemu_log(),
+    ] {
         let _ = std::fs::remove_file(stale);
     }
+    // run_dir is writable by the VM's uid: created afresh, never through a link it planted, and read
+    // back through this descriptor only.
     let stderr_path = spec.run_dir.join("qemu.stderr");
-    let stderr = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(&stderr_path)
+    let mut stderr_file = crate::safefs::create_new(&stderr_path, 0o600)
+        .map_err(|e| VmmError::io(format!("creating {}", stderr_path.display()), e))?;
+    let stderr = stderr_file
+        .try_clone()
         .map_err(|e| VmmError::io(format!("creating {}", stderr_path.display()), e))?;
     // Opened here (close-on-exec) so the child only has to write(2) to them: nothing between fork and exec
     // may allocate.
@@ -72,7 +81,10 @@ pub fn launch(spec: &VmSpec) -> Result<u32, VmmError> {
     let run_as = spec.confine.run_as.clone();
     let binary = crate::qemu_binary();
     let mut cmd = Command::new(&binary);
+    // Nothing of the daemon's environment (tokens, credentials, KILN_* settings) reaches the VM process.
     cmd.args(spec.args())
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr);
@@ -93,7 +105,9 @@ pub fn launch(spec: &VmSpec) -> Result<u32, VmmError> {
     loop {
         match child.try_wait() {
             Ok(Some(status)) => {
-                let text = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                let mut text = String::new();
+                let _ = std::io::Seek::rewind(&mut stderr_file)
+                    .and_then(|()| (&mut stderr_file).take(64 * 1024).read_to_string(&mut text));
                 return Err(VmmError::LaunchFailed {
                     detail: format!("{status}: {}", text.trim()),
                 });

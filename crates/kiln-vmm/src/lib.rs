@@ -11,6 +11,7 @@ pub mod migration;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod safefs;
 
 pub use accel::{Accel, AccelChoice};
 pub use error::VmmError;

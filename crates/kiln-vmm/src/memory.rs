@@ -15,7 +15,8 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> Result<u64, VmmError> {
     let io = |what: &str, p: &Path, e: std::io::Error| {
         VmmError::io(format!("{what} {}", p.display()), e)
     };
-    let input = File::open(src).map_err(|e| io("opening", src, e))?;
+    // A VM's RAM file may sit where its (hostile) uid could have planted a link or FIFO.
+    let input = crate::safefs::open_read(src).map_err(|e| io("opening", src, e))?;
     let len = input.metadata().map_err(|e| io("stat", src, e))?.len();
     let output = File::create(dst).map_err(|e| io("creating", dst, e))?;
     output.set_len(len).map_err(|e| io("sizing", dst, e))?;

@@ -6,7 +6,6 @@
 //! console in a log file. QEMU runs in a session of its own (see `launch`) so it outlives the kiln daemon
 //! and can be re-adopted, under a seccomp filter, and optionally as an unprivileged user in cgroups.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::accel::Accel;
@@ -55,7 +54,8 @@ pub fn volume_serial(i: usize) -> String {
 pub struct VmSpec {
     /// Process and guest name, `kiln-<sandbox id>`; also how a re-adopted process is recognised.
     pub name: String,
-    /// Where the QMP and agent sockets, pid file and logs live.
+    /// Where QEMU itself creates files: QMP and agent sockets, pid file, logs, migration output. The
+    /// only directory of a sandbox that its VM's uid may write (`<sandbox>/vm`).
     pub run_dir: PathBuf,
     pub accel: Accel,
     pub memory_mib: u64,
@@ -293,8 +293,10 @@ fn qemu_opt_path(p: &Path) -> String {
 }
 
 pub fn read_pid_file(path: &Path) -> Result<u32, VmmError> {
-    let text = std::fs::read_to_string(path)
+    // QEMU writes it in a directory its (possibly hostile) uid controls: never follow or block.
+    let bytes = crate::safefs::read_tail(path, 64)
         .map_err(|e| VmmError::io(format!("reading {}", path.display()), e))?;
+    let text = String::from_utf8_lossy(&bytes);
     text.trim().parse().map_err(|_| VmmError::LaunchFailed {
         detail: format!("pid file {} holds '{}'", path.display(), text.trim()),
     })
@@ -302,16 +304,10 @@ pub fn read_pid_file(path: &Path) -> Result<u32, VmmError> {
 
 /// The last `lines` lines of a (console) log, for error messages.
 pub fn tail_lines(path: &Path, lines: usize) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = File::open(path) else {
+    // The log lies in the VM's own directory: no links followed, no blocking on a planted FIFO.
+    let Ok(buf) = crate::safefs::read_tail(path, 16 * 1024) else {
         return String::new();
     };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = len.saturating_sub(16 * 1024);
-    let mut buf = Vec::new();
-    if f.seek(SeekFrom::Start(start)).is_err() || f.read_to_end(&mut buf).is_err() {
-        return String::new();
-    }
     let text = String::from_utf8_lossy(&buf);
     let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     all[all.len().saturating_sub(lines)..].join("\n")

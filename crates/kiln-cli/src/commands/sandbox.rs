@@ -185,6 +185,7 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
                         "pid",
                         "egress",
                         "qemu_uid",
+                        "confined",
                         "created_at",
                         "updated_at",
                     ],

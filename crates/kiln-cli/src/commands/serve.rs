@@ -51,9 +51,17 @@ pub struct ServeArgs {
     /// capacity runs short.
     #[arg(long, env = "KILN_WARM_SPARES", default_value_t = kiln_core::config::DEFAULT_WARM_SPARES)]
     warm_spares: usize,
+    /// Run VMs even when they cannot be confined (no kiln-qemu group, no iptables, not root, or a data
+    /// directory whose parents other users cannot traverse). Without it the daemon refuses to start.
+    #[arg(long)]
+    unconfined: bool,
 }
 
 pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    // Everything the daemon creates (database, token digest, sockets, snapshot files) is private unless
+    // it widens a mode on purpose (the VM-facing directories and sealed files).
+    // SAFETY: umask has no preconditions.
+    unsafe { libc::umask(0o077) };
     let filter = EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     if args.log_json {
         tracing_subscriber::fmt()
@@ -82,6 +90,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     }
     cfg.max_sandboxes = args.max_sandboxes;
     cfg.warm_spares = args.warm_spares;
+    cfg.unconfined = args.unconfined;
     let mut cfg = cfg
         .with_overcommit(args.memory_overcommit)
         .map_err(anyhow::Error::msg)?;

@@ -23,6 +23,7 @@ use tracing::{info, warn};
 
 use crate::error::{Error, ErrorCode, Result};
 use crate::fsutil;
+use kiln_vmm::safefs;
 
 /// The system group created by `scripts/install-deps.sh` (`useradd --system kiln-qemu`).
 pub const QEMU_GROUP: &str = "kiln-qemu";
@@ -39,6 +40,19 @@ pub enum Users {
     Off { reason: String },
 }
 
+/// What this daemon enforces on its VMs.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct Summary {
+    /// VMs run as per-sandbox uids behind the firewall (false only under `kiln serve --unconfined`).
+    pub confined: bool,
+    pub per_sandbox_uids: bool,
+    pub firewall: bool,
+    /// Memory, CPU and pid limits per VM (a missing hierarchy only warns).
+    pub cgroups: bool,
+    /// What is missing, and how to fix it.
+    pub missing: Vec<String>,
+}
+
 pub struct Confinement {
     pub users: Users,
     pub cgroups: Option<cgroup::Cgroups>,
@@ -50,14 +64,66 @@ pub struct Confinement {
 
 impl Confinement {
     /// Works out what this host allows, prepares the data directory's modes and installs the firewall rules.
-    /// Everything that is unavailable is logged once, with what to do about it.
-    pub fn setup(data_dir: &Path, sandboxes: &Path, snapshots: &Path) -> Confinement {
+    /// Fails closed: when VMs could not run as their own uids or behind the firewall, this is an error
+    /// naming what is missing and the fix, unless `unconfined` (`kiln serve --unconfined`) accepts that.
+    pub fn setup(
+        data_dir: &Path,
+        sandboxes: &Path,
+        snapshots: &Path,
+        unconfined: bool,
+    ) -> Result<Confinement> {
+        let c = Confinement::detect(data_dir, sandboxes, snapshots);
+        let missing = c.missing();
+        if missing.is_empty() {
+            return Ok(c);
+        }
+        if !unconfined {
+            c.shutdown();
+            return Err(Error::new(
+                ErrorCode::Internal,
+                format!(
+                    "refusing to run VMs unconfined: {}. Fix that, or start with `kiln serve --unconfined` to run VMs without this protection (guests that escape into QEMU would not be contained)",
+                    missing.join("; ")
+                ),
+            ));
+        }
+        warn!("running UNCONFINED (--unconfined): {}", missing.join("; "));
+        Ok(c)
+    }
+
+    /// What confinement lacks on this host (empty when VMs run as their own uids behind the firewall).
+    pub fn missing(&self) -> Vec<String> {
+        let mut missing = Vec::new();
+        if let Users::Off { reason } = &self.users {
+            missing.push(format!("VMs cannot run as per-sandbox uids ({reason})"));
+        }
+        if self.netguard.is_none() {
+            missing.push(match &self.users {
+                Users::PerSandbox { .. } => "the firewall that keeps guests off the host's addresses is not installed (iptables missing or not permitted: run scripts/install-deps.sh)".to_string(),
+                Users::Off { .. } => "no firewall keeps guests off the host's addresses (its rules match the per-sandbox uids)".to_string(),
+            });
+        }
+        missing
+    }
+
+    /// What is enforced, for `GET /v1/info` and `kiln info`.
+    pub fn summary(&self) -> Summary {
+        Summary {
+            confined: self.missing().is_empty(),
+            per_sandbox_uids: self.per_sandbox(),
+            firewall: self.netguard.is_some(),
+            cgroups: self.cgroups.is_some(),
+            missing: self.missing(),
+        }
+    }
+
+    fn detect(data_dir: &Path, sandboxes: &Path, snapshots: &Path) -> Confinement {
         let users = detect_users(data_dir);
         match &users {
             Users::PerSandbox { group, .. } => {
                 let prepared = (|| -> std::io::Result<()> {
-                    let mode = std::fs::metadata(data_dir)?.permissions().mode();
-                    set_mode(data_dir, (mode & 0o7777) | 0o001)?;
+                    // VMs open their files by path: they may pass through, not list.
+                    set_mode(data_dir, 0o711)?;
                     set_mode(sandboxes, 0o711)?;
                     set_mode(snapshots, 0o700)
                 })();
@@ -70,9 +136,12 @@ impl Confinement {
                     Err(e) => warn!(error = %e, "could not set data directory modes"),
                 }
             }
-            Users::Off { reason } => warn!(
-                "VMs run as the daemon's own user, not as unprivileged per-sandbox users: {reason}"
-            ),
+            Users::Off { reason } => {
+                if let Err(e) = set_mode(data_dir, 0o700) {
+                    warn!(error = %e, "could not make the data directory private");
+                }
+                warn!("VMs run as the daemon's own user, not as unprivileged per-sandbox users: {reason}")
+            }
         }
         let cgroups = match cgroup::Cgroups::detect() {
             Ok(c) => {
@@ -108,12 +177,14 @@ impl Confinement {
                 None
             }
         };
-        Confinement {
+        let c = Confinement {
             users,
             cgroups,
             netguard,
             handed_out: Default::default(),
-        }
+        };
+        c.migrate_sandbox_dirs(sandboxes);
+        c
     }
 
     /// Confinement that does nothing (unit tests, and hosts where nothing is available).
@@ -178,13 +249,31 @@ impl Confinement {
         self.own(path, uid, 0o600)
     }
 
+    // All of these act on a descriptor opened without following links (see kiln_vmm::safefs): a link or
+    // FIFO planted under the path is refused, never chowned or chmodded through.
     fn own(&self, path: &Path, uid: Option<u32>, mode: u32) -> Result<()> {
         let (Users::PerSandbox { .. }, Some(uid)) = (&self.users, uid) else {
             return Ok(());
         };
-        std::os::unix::fs::chown(path, Some(uid), Some(uid))
-            .and_then(|()| set_mode(path, mode))
+        let open = if mode & 0o100 != 0 {
+            open_dir(path)
+        } else {
+            safefs::open_read(path)
+        };
+        open.and_then(|f| safefs::fchown_mode(&f, uid, uid, mode))
             .map_err(|e| fsutil::io_error(&format!("giving {} to uid {uid}", path.display()), e))
+    }
+
+    /// Makes a directory of a sandbox root's, passable by that sandbox's VM only (`root:<uid> 0710`; each
+    /// VM has a gid of its own): its VM reaches the files it was given, other VMs reach nothing, and none
+    /// can create, rename or replace anything in it.
+    pub fn root_dir(&self, path: &Path, uid: Option<u32>) -> Result<()> {
+        let (Users::PerSandbox { .. }, Some(uid)) = (&self.users, uid) else {
+            return Ok(());
+        };
+        open_dir(path)
+            .and_then(|f| safefs::fchown_mode(&f, 0, uid, 0o710))
+            .map_err(|e| fsutil::io_error(&format!("securing {}", path.display()), e))
     }
 
     /// Seals an immutable file kiln wrote (snapshot RAM, state, frozen layers): `root:kiln-qemu 0640`. All
@@ -193,23 +282,54 @@ impl Confinement {
         let Users::PerSandbox { group, .. } = self.users else {
             return Ok(());
         };
-        std::os::unix::fs::chown(path, Some(0), Some(group))
-            .and_then(|()| set_mode(path, 0o640))
+        safefs::open_read(path)
+            .and_then(|f| safefs::fchown_mode(&f, 0, group, 0o640))
             .map_err(|e| fsutil::io_error(&format!("sealing {}", path.display()), e))
     }
 
     /// Lets VMs read an immutable file that kiln does not own (a template's kernel or disk, linked from
     /// the image store): left alone when already world-readable, else given to the kiln-qemu group.
     pub fn make_readable(&self, path: &Path) -> Result<()> {
-        if !self.per_sandbox() {
+        let Users::PerSandbox { group, .. } = self.users else {
             return Ok(());
-        }
-        let meta = std::fs::metadata(path)
+        };
+        let f = safefs::open_read(path)
+            .map_err(|e| fsutil::io_error(&format!("reading {}", path.display()), e))?;
+        let meta = f
+            .metadata()
             .map_err(|e| fsutil::io_error(&format!("reading {}", path.display()), e))?;
         if meta.mode() & 0o004 != 0 {
             return Ok(());
         }
-        self.seal(path)
+        safefs::fchown_mode(&f, 0, group, 0o640)
+            .map_err(|e| fsutil::io_error(&format!("sealing {}", path.display()), e))
+    }
+
+    /// Brings sandbox directories made by older kilns (`uid:uid 0700`, written by the VM's uid
+    /// throughout) to today's layout: the directory, `layers/` and `volumes/` become root's (`root:<uid>
+    /// 0710`) and a
+    /// `vm/` subdirectory is the VM's own. Run at start-up, before any sandbox is touched. Entries the
+    /// VM's uid may have planted before stay, but every root operation on them refuses links and FIFOs.
+    pub fn migrate_sandbox_dirs(&self, sandboxes: &Path) {
+        if !self.per_sandbox() {
+            return;
+        }
+        let mut migrated = 0;
+        for entry in std::fs::read_dir(sandboxes).into_iter().flatten().flatten() {
+            match migrate_sandbox_dir(&entry.path()) {
+                Ok(true) => migrated += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(dir = %entry.path().display(), error = %e, "could not secure a sandbox directory")
+                }
+            }
+        }
+        if migrated > 0 {
+            info!(
+                migrated,
+                "sandbox directories from an older kiln made root-owned, with a vm/ directory for QEMU"
+            );
+        }
     }
 
     /// Cgroup `cgroup.procs` files for a sandbox about to start (created with its limits); empty when
@@ -257,6 +377,41 @@ impl Confinement {
             }
         }
     }
+}
+
+fn open_dir(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+        .open(path)
+}
+
+/// See [`Confinement::migrate_sandbox_dirs`]; true when the directory was an old one.
+fn migrate_sandbox_dir(dir: &Path) -> std::io::Result<bool> {
+    let top = open_dir(dir)?;
+    let uid = top.metadata()?.uid();
+    if !(UID_BASE..UID_BASE + UID_COUNT).contains(&uid) {
+        return Ok(false);
+    }
+    // First the directory itself, so the VM's uid can change nothing in it from here on.
+    safefs::fchown_mode(&top, 0, uid, 0o710)?;
+    for sub in ["layers", "volumes"] {
+        if let Ok(d) = open_dir(&dir.join(sub)) {
+            safefs::fchown_mode(&d, 0, uid, 0o710)?;
+        }
+    }
+    let vm = dir.join(crate::vm::VM_DIR);
+    if std::fs::symlink_metadata(&vm).is_ok_and(|m| !m.is_dir()) {
+        std::fs::remove_file(&vm)?;
+    }
+    if let Err(e) = std::fs::create_dir(&vm) {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(e);
+        }
+    }
+    safefs::fchown_mode(&open_dir(&vm)?, uid, uid, 0o700)?;
+    Ok(true)
 }
 
 fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {

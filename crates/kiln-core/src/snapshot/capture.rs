@@ -171,9 +171,9 @@ impl Engine {
         if kind.has_memory() {
             // QEMU writes the file as the sandbox's user, which can only write in its own directory; the
             // result moves into the snapshot and is sealed read-only.
-            let own = self.config().sandbox_dir(&sb.id).join("snapshot.state");
+            let own = self.vm_file(sb, "snapshot.state")?;
             kiln_vmm::migration::save_state(qmp, &own, SAVE_TIMEOUT).await?;
-            let moved = fsutil::move_file(&own, &tmp.join("state"));
+            let moved = self.take_vm_file(sb, &own, &tmp.join("state"));
             let _ = std::fs::remove_file(&own);
             moved?;
             self.confine().seal(&tmp.join("state"))?;

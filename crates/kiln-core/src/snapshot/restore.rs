@@ -155,9 +155,9 @@ impl Engine {
                 base_checksum: Some(f.checksum.clone()),
             }
         } else {
-            Memory::Owned {
-                file: dir.join("memory"),
-            }
+            let file = dir.join("memory");
+            self.create_memory_file(sb, &file)?;
+            Memory::Owned { file }
         };
         let mut layout = Layout {
             firmware: m.firmware.clone(),
@@ -343,6 +343,7 @@ impl Engine {
             volumes: Vec::new(),
             egress: m.source.egress,
             qemu_uid: self.new_qemu_uid()?,
+            confined: false,
         })
     }
 

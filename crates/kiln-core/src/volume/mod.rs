@@ -296,7 +296,8 @@ impl Engine {
                 std::fs::create_dir_all(&overlays).map_err(|e| {
                     fsutil::io_error(&format!("creating {}", overlays.display()), e)
                 })?;
-                self.confine().own_dir(&overlays, qemu_uid)?;
+                // Root's, like the sandbox directory: the overlay is the VM's, its name is not.
+                self.confine().root_dir(&overlays, qemu_uid)?;
                 let overlay = overlays.join(format!("{}.qcow2", m.volume));
                 let size = self.get_volume(&m.volume)?.size_bytes;
                 crate::machine::create_top_layer(&overlay, &layers[0], size)?;

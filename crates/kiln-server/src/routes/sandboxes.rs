@@ -9,7 +9,7 @@ use kiln_core::{CreateSandbox, Resources, Sandbox};
 
 use super::operations::run;
 use super::AppState;
-use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::error::{ApiResult, ErrorBody};
 use crate::extract::{ApiJson, QueryPairs};
 
 /// Creates a sandbox and boots it; answers once its guest agent is ready.
@@ -87,13 +87,6 @@ pub async fn delete(
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/logs", params(("id" = String, Path, description = "id or name")),
     responses((status = 200, body = String, content_type = "text/plain"), (status = 404, body = ErrorBody)))]
 pub async fn logs(State(engine): State<AppState>, Path(id): Path<String>) -> ApiResult<String> {
-    let path = engine.console_log(&id)?;
-    match tokio::fs::read(&path).await {
-        Ok(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
-        Err(e) => Err(ApiError::from(kiln_core::Error::internal(format!(
-            "cannot read {}: {e}",
-            path.display()
-        )))),
-    }
+    let bytes = engine.read_console(&id).await?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }

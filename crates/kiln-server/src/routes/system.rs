@@ -13,6 +13,8 @@ pub struct Info {
     pub accel: String,
     pub accel_reason: String,
     pub data_dir: String,
+    /// What the daemon enforces on VMs; `confined: false` only under `kiln serve --unconfined`.
+    pub confinement: kiln_core::confine::Summary,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -44,6 +46,7 @@ pub async fn info(State(engine): State<AppState>) -> Json<Info> {
         accel: engine.accel().accel.to_string(),
         accel_reason: engine.accel().reason.clone(),
         data_dir: engine.data_dir().display().to_string(),
+        confinement: engine.confinement(),
     })
 }
 
