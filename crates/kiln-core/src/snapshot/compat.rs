@@ -227,6 +227,7 @@ mod tests {
                 egress: true,
             },
             parent: None,
+            base_digest: None,
             labels: Default::default(),
             files: vec![],
             volume_slots: vec![],
