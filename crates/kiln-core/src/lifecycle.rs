@@ -75,10 +75,10 @@ impl Engine {
         }
         let saved = async {
             // QEMU writes in vm/; the checked, synced file moves into the root-owned directory.
-            let written = self.vm_file(&sb, "state.tmp")?;
+            let written = self.vm_file(sb, "state.tmp")?;
             kiln_vmm::migration::save_state(&qmp, &written, Duration::from_secs(60)).await?;
             let tmp_state = dir.join("state.tmp");
-            let taken = self.take_vm_file(&sb, &written, &tmp_state);
+            let taken = self.take_vm_file(sb, &written, &tmp_state);
             let _ = std::fs::remove_file(&written);
             taken?;
             Ok::<_, Error>(tmp_state)
