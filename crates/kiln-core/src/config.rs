@@ -23,6 +23,8 @@ pub struct Config {
     pub default_cpus: u32,
     /// Copies of recently resumed snapshots kept resumed and paused, ready to hand out (0: none).
     pub warm_spares: usize,
+    /// New sandboxes and snapshots are refused while the data directory's disk has less free space.
+    pub min_free_disk: crate::diskfloor::DiskFloor,
 }
 
 /// Guest RAM may add up to this many times the host's RAM by default: idle guests touch little of it, and
@@ -56,6 +58,7 @@ impl Config {
             default_memory_mib: 256,
             default_cpus: 1,
             warm_spares: DEFAULT_WARM_SPARES,
+            min_free_disk: crate::diskfloor::DEFAULT_FLOOR,
         }
     }
 

@@ -4,7 +4,9 @@
 
 pub mod config;
 pub mod confine;
+pub mod console;
 pub mod db;
+pub mod diskfloor;
 pub mod doctor;
 pub mod engine;
 pub mod error;

@@ -220,6 +220,9 @@ impl Engine {
 
     /// A new sandbox that continues from the snapshot (memory snapshots) or boots from its disk.
     pub async fn resume_snapshot(&self, id: &str, req: ResumeSnapshot) -> Result<Sandbox> {
+        self.config()
+            .min_free_disk
+            .check(&self.config().data_dir, "create a sandbox")?;
         self.resume_within(id, req, None).await
     }
 
@@ -646,6 +649,10 @@ impl Engine {
     pub(crate) fn remove_sandbox_files(&self, id: &str) {
         self.confine().remove_cgroup(id);
         let dir = self.config().sandbox_dir(id);
+        crate::console::remove(&crate::console::ring_path(
+            &crate::engine::vm_name(id),
+            &dir,
+        ));
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 warn!(dir = %dir.display(), error = %e, "could not remove sandbox directory");
