@@ -79,6 +79,11 @@ impl Daemon {
         self.dir.path()
     }
 
+    /// The running daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
     fn spawn(&mut self) {
         // Ready means this daemon logged that it listens. A bare connect was once seen to succeed before
         // that, right after a kill_hard, and the test then checked a half-started daemon's data dir.
