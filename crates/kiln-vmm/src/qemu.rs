@@ -230,7 +230,11 @@ impl VmSpec {
     }
 
     pub(crate) fn check_paths(&self) -> Result<(), VmmError> {
-        for sock in [self.qmp_socket(), self.agent_socket()] {
+        for sock in [
+            self.qmp_socket(),
+            self.agent_socket(),
+            self.console_socket(),
+        ] {
             if sock.as_os_str().len() > MAX_SOCKET_PATH {
                 return Err(VmmError::LaunchFailed {
                     detail: format!(
