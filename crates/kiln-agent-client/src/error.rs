@@ -17,6 +17,9 @@ pub enum AgentError {
     Timeout { what: String, after: Duration },
     #[error("the connection to the guest agent was lost")]
     Disconnected,
+    /// The host cut a stream whose output nobody took for `after` (memory stays bounded).
+    #[error("the output was not read for {} s, so the host cancelled the stream; read output as it arrives", after.as_secs())]
+    Overrun { after: Duration },
     /// The guest reported an error; `message` is meant for humans and names the path involved.
     #[error("{message}")]
     Guest { code: ErrorCode, message: String },

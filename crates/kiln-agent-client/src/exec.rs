@@ -1,11 +1,12 @@
 //! Running processes in the guest.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kiln_proto::{Event, ExecRequest, ExitStatus, FrameKind, Request, Response, DATA_CHUNK};
 
-use crate::conn::StreamRx;
+use crate::conn::{StreamRx, STALL_LIMIT};
 use crate::{parse_response, unexpected, AgentClient, AgentError, REQUEST_TIMEOUT};
 
 /// Something that happened to a running process.
@@ -21,12 +22,22 @@ pub enum ExecEvent {
     Exit(ExitStatus),
 }
 
-/// Everything a finished process printed, and how it ended.
+/// How long after its `timeout_ms` the host stops waiting for a process, whatever the guest
+/// does (the guest agent enforces `timeout_ms` itself, but a hostile guest may not).
+pub const TIMEOUT_GRACE: Duration = Duration::from_secs(5);
+
+/// At most this much of each of stdout and stderr is kept by [`ExecHandle::collect`]; the rest
+/// is read and dropped. Stream the events to get everything.
+pub const COLLECT_LIMIT: usize = 1 << 20;
+
+/// Everything a finished process printed (up to [`COLLECT_LIMIT`] each), and how it ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutput {
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     pub status: ExitStatus,
+    /// Output beyond [`COLLECT_LIMIT`] was dropped.
+    pub truncated: bool,
 }
 
 impl ExecOutput {
@@ -48,11 +59,17 @@ pub struct ExecHandle {
     finished: bool,
     error: Option<AgentError>,
     stdin_sent: AtomicU64,
+    /// When the host gives up waiting: `timeout_ms` plus [`TIMEOUT_GRACE`].
+    deadline: Option<(Instant, Duration)>,
 }
 
 impl AgentClient {
     /// Starts a process; returns once the guest has spawned it (spawn failures are `Err`).
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecHandle, AgentError> {
+        let deadline = req.timeout_ms.map(|ms| {
+            let limit = Duration::from_millis(ms).saturating_add(TIMEOUT_GRACE);
+            (Instant::now() + limit, limit)
+        });
         let mut stream = self.conn.request(&Request::Exec(req)).await?;
         let first = tokio::time::timeout(REQUEST_TIMEOUT, stream.recv())
             .await
@@ -87,6 +104,7 @@ impl AgentClient {
             finished: false,
             error: None,
             stdin_sent: AtomicU64::new(0),
+            deadline,
         })
     }
 
@@ -114,8 +132,30 @@ impl ExecHandle {
             return Some(ExecEvent::Started { pid: self.pid });
         }
         while !self.finished {
-            let Some(frame) = self.stream.recv().await else {
-                self.fail(AgentError::Disconnected);
+            let next = match self.deadline {
+                Some((at, limit)) => {
+                    match tokio::time::timeout_at(at.into(), self.stream.recv()).await {
+                        Ok(next) => next,
+                        Err(_) => {
+                            // The guest ignored its own timeout: stop waiting and try to kill it.
+                            self.client
+                                .conn
+                                .try_send_frame(FrameKind::Cancel, self.stream.id, &[]);
+                            let what = "the process to end (its timeout_ms plus a grace period)";
+                            self.fail(AgentError::timeout(what, limit));
+                            break;
+                        }
+                    }
+                }
+                None => self.stream.recv().await,
+            };
+            let Some(frame) = next else {
+                let err = if self.stream.window.overrun() {
+                    AgentError::Overrun { after: STALL_LIMIT }
+                } else {
+                    AgentError::Disconnected
+                };
+                self.fail(err);
                 break;
             };
             match frame.kind {
@@ -169,19 +209,21 @@ impl ExecHandle {
         self.send(FrameKind::Cancel, &[]).await
     }
 
-    /// Waits for the process to end, collecting its output.
+    /// Waits for the process to end, collecting up to [`COLLECT_LIMIT`] of each output.
     pub async fn collect(mut self) -> Result<ExecOutput, AgentError> {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let mut truncated = false;
         while let Some(event) = self.next_event().await {
             match event {
                 ExecEvent::Started { .. } => {}
-                ExecEvent::Stdout(b) => stdout.extend_from_slice(&b),
-                ExecEvent::Stderr(b) => stderr.extend_from_slice(&b),
+                ExecEvent::Stdout(b) => truncated |= append_capped(&mut stdout, &b, COLLECT_LIMIT),
+                ExecEvent::Stderr(b) => truncated |= append_capped(&mut stderr, &b, COLLECT_LIMIT),
                 ExecEvent::Exit(status) => {
                     return Ok(ExecOutput {
                         stdout,
                         stderr,
                         status,
+                        truncated,
                     })
                 }
             }
@@ -203,4 +245,11 @@ impl ExecHandle {
         self.finished = true;
         self.error.get_or_insert(err);
     }
+}
+
+/// Appends as much of `data` as fits under `limit`; `true` if some was dropped.
+pub fn append_capped(buf: &mut Vec<u8>, data: &[u8], limit: usize) -> bool {
+    let room = limit.saturating_sub(buf.len());
+    buf.extend_from_slice(&data[..data.len().min(room)]);
+    data.len() > room
 }

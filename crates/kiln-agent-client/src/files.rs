@@ -156,6 +156,12 @@ impl FileDownload {
         while !self.finished {
             let frame = match tokio::time::timeout(CHUNK_TIMEOUT, self.stream.recv()).await {
                 Ok(Some(frame)) => frame,
+                Ok(None) if self.stream.window.overrun() => {
+                    let err = AgentError::Overrun {
+                        after: crate::conn::STALL_LIMIT,
+                    };
+                    return Some(Err(self.fail(err)));
+                }
                 Ok(None) => return Some(Err(self.fail(AgentError::Disconnected))),
                 Err(_) => {
                     let err = AgentError::timeout("the next chunk of a guest file", CHUNK_TIMEOUT);

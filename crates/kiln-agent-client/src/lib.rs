@@ -18,10 +18,12 @@ use kiln_proto::{Frame, FrameKind, Request, Response};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
-use crate::conn::{Conn, StreamRx};
+use crate::conn::{Conn, Queued, StreamRx};
 
 pub use crate::error::AgentError;
-pub use crate::exec::{ExecEvent, ExecHandle, ExecOutput};
+pub use crate::exec::{
+    append_capped, ExecEvent, ExecHandle, ExecOutput, COLLECT_LIMIT, TIMEOUT_GRACE,
+};
 pub use crate::files::FileDownload;
 pub use bytes::Bytes;
 /// The wire protocol, for callers that need more than the re-exported types.
@@ -92,7 +94,7 @@ impl AgentClient {
     /// Sends Hello every [`HELLO_RETRY`] on a fresh stream until one is answered. Every Hello
     /// starts a new agent session, which is harmless here: nothing else is running yet.
     async fn hello(&self) -> Result<HelloInfo, AgentError> {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
+        let (tx, mut rx) = mpsc::channel::<Queued>(16);
         let mut ids = Vec::new();
         let result = loop {
             let id = self.conn.register(tx.clone(), Arc::default())?;
@@ -101,7 +103,7 @@ impl AgentClient {
             match tokio::time::timeout(HELLO_RETRY, rx.recv()).await {
                 Err(_) => continue,
                 Ok(None) => break Err(AgentError::Disconnected),
-                Ok(Some(frame)) if frame.kind == FrameKind::Response => {
+                Ok(Some((frame, _))) if frame.kind == FrameKind::Response => {
                     break match parse_response(&frame)? {
                         Response::Hello(info) => Ok(info),
                         other => Err(unexpected("hello", &other)),

@@ -26,6 +26,8 @@ pub struct Config {
     /// Run VMs even when they cannot be confined (`kiln serve --unconfined`); otherwise the daemon refuses
     /// to start.
     pub unconfined: bool,
+    /// New sandboxes and snapshots are refused while the data directory's disk has less free space.
+    pub min_free_disk: crate::diskfloor::DiskFloor,
 }
 
 /// Guest RAM may add up to this many times the host's RAM by default: idle guests touch little of it, and
@@ -60,6 +62,7 @@ impl Config {
             default_cpus: 1,
             warm_spares: DEFAULT_WARM_SPARES,
             unconfined: false,
+            min_free_disk: crate::diskfloor::DEFAULT_FLOOR,
         }
     }
 

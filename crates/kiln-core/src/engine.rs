@@ -133,6 +133,8 @@ impl Engine {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| Error::internal(format!("cannot create {}: {e}", dir.display())))?;
         }
+        crate::console::set_dir(cfg.data_dir.join("consoles"))
+            .map_err(|e| Error::internal(format!("cannot prepare the console directory: {e}")))?;
         let db = Db::open(&cfg.db_path())?;
         // The database holds every sandbox's environment: root's alone, also when an older kiln (or
         // another umask) made it readable.
@@ -411,6 +413,9 @@ impl Engine {
 
     /// Creates a sandbox and boots it; returns once its agent answers.
     pub async fn create(&self, req: CreateSandbox) -> Result<Sandbox> {
+        self.config()
+            .min_free_disk
+            .check(&self.config().data_dir, "create a sandbox")?;
         if let Some(snapshot) = req.snapshot.clone() {
             if req.template.is_some() || !req.env.is_empty() || !req.ports.is_empty() {
                 return Err(Error::invalid(
@@ -579,28 +584,22 @@ impl Engine {
         Ok(())
     }
 
-    /// Path of a sandbox's console log, for `kiln sandbox logs`.
+    /// Path of a sandbox's console ring (root-owned, at most `console::RING_BYTES` in two parts).
     pub fn console_log(&self, id_or_name: &str) -> Result<std::path::PathBuf> {
         let sb = self.get(id_or_name)?;
-        Ok(Vm::new(vm_name(&sb.id), self.cfg.sandbox_dir(&sb.id), 0, None).console_log())
+        Ok(crate::console::ring_path(
+            &vm_name(&sb.id),
+            &self.cfg.sandbox_dir(&sb.id),
+        ))
     }
 
-    /// The end of a sandbox's console log (at most the last `CONSOLE_READ_MAX` bytes). QEMU writes it in
-    /// a directory its uid controls, so it is read without following links or blocking on a FIFO: a
-    /// planted link or FIFO reads as an error, never as another file.
-    pub async fn read_console(&self, id_or_name: &str) -> Result<Vec<u8>> {
-        const CONSOLE_READ_MAX: u64 = 8 << 20;
-        let path = self.console_log(id_or_name)?;
-        tokio::task::spawn_blocking(move || {
-            kiln_vmm::safefs::read_tail(&path, CONSOLE_READ_MAX).map_err(|e| {
-                Error::internal(format!(
-                    "cannot read the console log {}: {e}",
-                    path.display()
-                ))
-            })
-        })
-        .await
-        .map_err(|e| Error::internal(e.to_string()))?
+    /// The last `max_bytes` of a sandbox's console (its kept part is at most `console::RING_BYTES`).
+    pub async fn console_tail(&self, id_or_name: &str, max_bytes: u64) -> Result<Vec<u8>> {
+        let ring = self.console_log(id_or_name)?;
+        tokio::task::spawn_blocking(move || crate::console::tail_bytes(&ring, max_bytes))
+            .await
+            .map_err(|e| Error::internal(e.to_string()))?
+            .map_err(|e| Error::internal(format!("cannot read the console: {e}")))
     }
 
     pub fn data_dir(&self) -> &Path {

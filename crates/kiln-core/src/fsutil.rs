@@ -16,7 +16,7 @@ pub fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
             if e.raw_os_error() == Some(libc::EXDEV)
                 || e.kind() == std::io::ErrorKind::PermissionDenied =>
         {
-            kiln_vmm::memory::sparse_copy(src, dst)
+            off_runtime(|| kiln_vmm::memory::sparse_copy(src, dst))
                 .and_then(|_| {
                     std::fs::File::open(dst)
                         .and_then(|f| f.sync_all())
@@ -44,7 +44,7 @@ pub fn move_file(src: &Path, dst: &Path) -> Result<()> {
     match std::fs::rename(src, dst) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            std::fs::copy(src, dst)
+            off_runtime(|| std::fs::copy(src, dst))
                 .map(|_| ())
                 .and_then(|()| File::open(dst)?.sync_all())
                 .and_then(|()| std::fs::remove_file(src))
@@ -145,7 +145,22 @@ pub fn io_error(context: &str, e: std::io::Error) -> Error {
     Error::internal(format!("{context}: {e}"))
 }
 
-fn read_chunks(path: &Path, mut f: impl FnMut(&[u8])) -> Result<()> {
+/// Runs long blocking file work (checksums, copies) so it does not hold an async worker thread: the
+/// runtime hands that worker's other tasks to another thread meanwhile. Plain call off the runtime.
+pub fn off_runtime<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+fn read_chunks(path: &Path, f: impl FnMut(&[u8])) -> Result<()> {
+    off_runtime(|| read_chunks_blocking(path, f))
+}
+
+fn read_chunks_blocking(path: &Path, mut f: impl FnMut(&[u8])) -> Result<()> {
     let mut file =
         File::open(path).map_err(|e| io_error(&format!("opening {}", path.display()), e))?;
     let mut buf = vec![0u8; 1 << 20];

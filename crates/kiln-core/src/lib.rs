@@ -4,8 +4,10 @@
 
 pub mod config;
 pub mod confine;
+pub mod console;
 pub mod db;
 mod deadline;
+pub mod diskfloor;
 pub mod doctor;
 pub mod engine;
 pub mod error;

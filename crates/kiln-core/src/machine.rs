@@ -240,7 +240,7 @@ impl Engine {
                 self.confine().remove_cgroup(&sb.id);
                 if died && e.code != ErrorCode::BootFailed {
                     // Say that QEMU is gone rather than how the next request to it failed.
-                    let tail = kiln_vmm::qemu::tail_lines(&vm.console_log(), 5);
+                    let tail = vm.console_tail(5).await;
                     return Err(Error::new(
                         ErrorCode::VmFailed,
                         format!(
@@ -352,8 +352,8 @@ impl Engine {
         };
         tokio::select! {
             res = vm.agent(timeout) => {
+                let tail = if res.is_err() { vm.console_tail(15).await } else { String::new() };
                 let agent = res.map_err(|e| {
-                    let tail = kiln_vmm::qemu::tail_lines(&vm.console_log(), 15);
                     let code = if e.code == ErrorCode::Timeout { ErrorCode::Timeout } else { ErrorCode::BootFailed };
                     Error::new(code, format!(
                         "the guest agent did not answer within {} s ({}). Last console lines:\n{tail}",
@@ -365,7 +365,7 @@ impl Engine {
                 Ok(())
             }
             () = watch => {
-                let tail = kiln_vmm::qemu::tail_lines(&vm.console_log(), 15);
+                let tail = vm.console_tail(15).await;
                 let qemu_log = kiln_vmm::safefs::read_tail(&vm.qemu_file("qemu.log"), 4096).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
                 Err(Error::new(ErrorCode::BootFailed, format!(
                     "QEMU exited during boot. {}Last console lines:\n{tail}",

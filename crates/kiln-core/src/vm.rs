@@ -19,15 +19,26 @@ pub struct Vm {
     pub run_dir: PathBuf,
     pub pid: u32,
     agent: Mutex<Option<AgentClient>>,
+    /// Copies the serial console into its ring while QEMU runs (see `console`).
+    console_pump: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Vm {
     pub fn new(name: String, run_dir: PathBuf, pid: u32, agent: Option<AgentClient>) -> Vm {
+        let console_pump = (pid != 0).then(|| {
+            crate::console::spawn_pump(
+                run_dir.join(VM_DIR).join("console.sock"),
+                crate::console::ring_path(&name, &run_dir),
+                pid,
+                name.clone(),
+            )
+        });
         Vm {
             name,
             run_dir,
             pid,
             agent: Mutex::new(agent),
+            console_pump: console_pump.flatten(),
         }
     }
 
@@ -48,8 +59,20 @@ impl Vm {
     pub fn qmp_socket(&self) -> PathBuf {
         self.qemu_file("qmp.sock")
     }
+    /// The console ring (root-owned, bounded); read it with `console::tail_lines`/`tail_bytes`.
     pub fn console_log(&self) -> PathBuf {
-        self.qemu_file("console.log")
+        crate::console::ring_path(&self.name, &self.run_dir)
+    }
+
+    /// The console's last `n` lines; if QEMU is gone, first lets the pump take what it still had queued.
+    pub async fn console_tail(&self, n: usize) -> String {
+        if let Some(pump) = &self.console_pump {
+            let deadline = std::time::Instant::now() + Duration::from_secs(1);
+            while !pump.is_finished() && !self.is_alive() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        crate::console::tail_lines(&self.console_log(), n)
     }
 
     pub fn is_alive(&self) -> bool {
@@ -79,7 +102,7 @@ impl Vm {
     }
 
     pub fn died_error(&self) -> Error {
-        let tail = kiln_vmm::qemu::tail_lines(&self.console_log(), 15);
+        let tail = crate::console::tail_lines(&self.console_log(), 15);
         Error::new(
             ErrorCode::VmFailed,
             format!(
@@ -92,6 +115,14 @@ impl Vm {
     pub async fn terminate(&self) {
         *self.agent.lock().await = None;
         kiln_vmm::process::terminate(self.pid, &self.name, Duration::from_secs(3)).await;
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(pump) = &self.console_pump {
+            pump.abort();
+        }
     }
 }
 
@@ -116,7 +147,9 @@ pub fn agent_error(e: AgentError, what: &str) -> Error {
             };
             Error::new(code, message)
         }
-        AgentError::Timeout { .. } => Error::new(ErrorCode::Timeout, format!("{what}: {e}")),
+        AgentError::Timeout { .. } | AgentError::Overrun { .. } => {
+            Error::new(ErrorCode::Timeout, format!("{what}: {e}"))
+        }
         other => Error::new(
             ErrorCode::AgentUnavailable,
             format!("the guest agent of {what} is not answering: {other}"),

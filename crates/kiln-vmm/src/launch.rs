@@ -46,12 +46,12 @@ pub fn launch(spec: &VmSpec) -> Result<u32, VmmError> {
     std::fs::create_dir_all(&spec.run_dir)
         .map_err(|e| VmmError::io(format!("creating {}", spec.run_dir.display()), e))?;
     // Whatever QEMU opens by path in run_dir (writable by the VM's uid) goes first: a FIFO planted as
-    // the console log would block QEMU's start. QEMU truncates its logs at every start anyway.
+    // the console socket would block QEMU's start. QEMU truncates its logs at every start anyway.
     for stale in [
         spec.qmp_socket(),
         spec.agent_socket(),
         spec.pid_file(),
-        spec.console_log(),
+        spec.console_socket(),
         spec.qemu_log(),
     ] {
         let _ = std::fs::remove_file(stale);

@@ -3,7 +3,7 @@
 //! Every VM has the same snapshot-friendly shape: a `microvm` machine whose RAM is a `memory-backend-file`
 //! in the sandbox's directory (so a snapshot can keep RAM in a file and migrate only device state), only
 //! migratable virtio-mmio devices, a QMP socket, a virtio-serial port for the guest agent, and the serial
-//! console in a log file. QEMU runs in a session of its own (see `launch`) so it outlives the kiln daemon
+//! console on a unix socket that the daemon reads into a bounded ring. QEMU runs in a session of its own (see `launch`) so it outlives the kiln daemon
 //! and can be re-adopted, under a seccomp filter, and optionally as an unprivileged user in cgroups.
 
 use std::path::{Path, PathBuf};
@@ -98,8 +98,10 @@ impl VmSpec {
     pub fn pid_file(&self) -> PathBuf {
         self.run_dir.join("qemu.pid")
     }
-    pub fn console_log(&self) -> PathBuf {
-        self.run_dir.join("console.log")
+    /// The serial console's chardev socket. QEMU drops console output while no one is connected, so a
+    /// guest never blocks on its console when the daemon is away.
+    pub fn console_socket(&self) -> PathBuf {
+        self.run_dir.join("console.sock")
     }
     pub fn qemu_log(&self) -> PathBuf {
         self.run_dir.join("qemu.log")
@@ -136,8 +138,8 @@ impl VmSpec {
         push(&[
             "-chardev",
             &format!(
-                "file,id=console,path={}",
-                qemu_opt_path(&self.console_log())
+                "socket,id=console,path={},server=on,wait=off",
+                qemu_opt_path(&self.console_socket())
             ),
         ]);
         push(&["-serial", "chardev:console"]);
@@ -219,7 +221,11 @@ impl VmSpec {
     }
 
     pub(crate) fn check_paths(&self) -> Result<(), VmmError> {
-        for sock in [self.qmp_socket(), self.agent_socket()] {
+        for sock in [
+            self.qmp_socket(),
+            self.agent_socket(),
+            self.console_socket(),
+        ] {
             if sock.as_os_str().len() > MAX_SOCKET_PATH {
                 return Err(VmmError::LaunchFailed {
                     detail: format!(

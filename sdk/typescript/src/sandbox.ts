@@ -121,6 +121,7 @@ interface ExecJson {
   duration_ms?: number;
   stdout?: string;
   stderr?: string;
+  truncated?: boolean;
 }
 
 function toResult(d: ExecJson, stdout = d.stdout ?? "", stderr = d.stderr ?? ""): CommandResult {
@@ -133,6 +134,7 @@ function toResult(d: ExecJson, stdout = d.stdout ?? "", stderr = d.stderr ?? "")
     signal: d.signal ?? null,
     timedOut,
     durationMs: d.duration_ms ?? 0,
+    truncated: d.truncated ?? false,
     ok: exitCode === 0 && !timedOut,
   };
 }

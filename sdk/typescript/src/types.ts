@@ -79,6 +79,9 @@ export interface CommandResult {
   /** The command ran past its `timeoutMs` and was killed. */
   timedOut: boolean;
   durationMs: number;
+  /** Collected output passed the daemon's cap (1 MiB each of stdout and stderr) and was cut;
+   * pass `onStdout`/`onStderr` (streaming) to receive all of it. */
+  truncated: boolean;
   /** Exit code 0 and not timed out. */
   ok: boolean;
 }

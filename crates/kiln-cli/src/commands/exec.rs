@@ -68,6 +68,9 @@ pub async fn run(cli: &Cli, a: &ExecArgs) -> anyhow::Result<ExitCode> {
         let bytes = resp.into_body().collect().await?.to_bytes();
         let v: Value = serde_json::from_slice(&bytes)?;
         println!("{}", serde_json::to_string_pretty(&v)?);
+        if v["truncated"].as_bool() == Some(true) {
+            eprintln!("kiln: output was cut at 1 MiB per stream (\"truncated\": true); run without --json to stream all of it");
+        }
         return Ok(exit_code_of(&v));
     }
     let mut body = resp.into_body();

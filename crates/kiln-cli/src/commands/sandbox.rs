@@ -31,7 +31,12 @@ pub enum SandboxCmd {
         yes: bool,
     },
     /// Print a sandbox's serial console log.
-    Logs { sandbox: String },
+    Logs {
+        sandbox: String,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<usize>,
+    },
 }
 
 #[derive(Args)]
@@ -244,11 +249,12 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        SandboxCmd::Logs { sandbox } => {
+        SandboxCmd::Logs { sandbox, tail } => {
+            let query = tail.map(|n| format!("?lines={n}")).unwrap_or_default();
             let resp = client
                 .call(
                     Method::GET,
-                    &format!("/v1/sandboxes/{}/logs", encode(sandbox)),
+                    &format!("/v1/sandboxes/{}/logs{query}", encode(sandbox)),
                     None,
                     crate::client::empty(),
                 )

@@ -55,6 +55,11 @@ pub struct ServeArgs {
     /// directory whose parents other users cannot traverse). Without it the daemon refuses to start.
     #[arg(long)]
     unconfined: bool,
+    /// Refuse new sandboxes and snapshots (507 insufficient_storage) while the data directory's disk has
+    /// less free space than this: bytes with an optional K/M/G/T suffix, or a percentage (e.g. 5%); 0 turns
+    /// it off.
+    #[arg(long, env = "KILN_MIN_FREE_DISK", default_value = "2G")]
+    min_free_disk: kiln_core::diskfloor::DiskFloor,
 }
 
 pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
@@ -91,6 +96,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     cfg.max_sandboxes = args.max_sandboxes;
     cfg.warm_spares = args.warm_spares;
     cfg.unconfined = args.unconfined;
+    cfg.min_free_disk = args.min_free_disk;
     let mut cfg = cfg
         .with_overcommit(args.memory_overcommit)
         .map_err(anyhow::Error::msg)?;

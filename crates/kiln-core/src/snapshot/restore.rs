@@ -217,6 +217,9 @@ impl Engine {
 
     /// A new sandbox that continues from the snapshot (memory snapshots) or boots from its disk.
     pub async fn resume_snapshot(&self, id: &str, req: ResumeSnapshot) -> Result<Sandbox> {
+        self.config()
+            .min_free_disk
+            .check(&self.config().data_dir, "create a sandbox")?;
         self.resume_within(id, req, None).await
     }
 
@@ -653,6 +656,10 @@ impl Engine {
     pub(crate) fn remove_sandbox_files(&self, id: &str) {
         self.confine().remove_cgroup(id);
         let dir = self.config().sandbox_dir(id);
+        crate::console::remove(&crate::console::ring_path(
+            &crate::engine::vm_name(id),
+            &dir,
+        ));
         if let Err(e) = fsutil::remove_dir_durably(&dir) {
             warn!(dir = %dir.display(), error = %e, "could not remove sandbox directory");
         }

@@ -8,7 +8,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
-use kiln_core::agent::{ExecEvent, ExecHandle};
+use kiln_core::agent::{append_capped, AgentError, ExecEvent, ExecHandle, COLLECT_LIMIT};
 use kiln_core::ExecSpec;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -47,6 +47,9 @@ pub struct ExecResult {
     /// Standard output as UTF-8 (invalid sequences replaced).
     pub stdout: String,
     pub stderr: String,
+    /// Output beyond the collect cap (1 MiB each of stdout and stderr) was dropped; use
+    /// `stream: true` to receive all of it.
+    pub truncated: bool,
 }
 
 /// One line of a streamed exec: `{"type":"started","pid":..}`, `{"type":"stdout","data":".."}`
@@ -126,15 +129,18 @@ pub async fn exec(
         feed_stdin(&handle, data).await?;
     }
     if body.stream {
-        return Ok(stream_response(handle));
+        return Ok(stream_response(handle, id));
     }
+    // Collected output is capped so a flooding guest cannot grow the daemon; the rest is read
+    // (so the process is not blocked) and dropped.
     let mut stdout = Vec::new();
     let mut stderr = Vec::new();
+    let mut truncated = false;
     while let Some(ev) = handle.next_event().await {
         match ev {
             ExecEvent::Started { .. } => {}
-            ExecEvent::Stdout(b) => stdout.extend_from_slice(&b),
-            ExecEvent::Stderr(b) => stderr.extend_from_slice(&b),
+            ExecEvent::Stdout(b) => truncated |= append_capped(&mut stdout, &b, COLLECT_LIMIT),
+            ExecEvent::Stderr(b) => truncated |= append_capped(&mut stderr, &b, COLLECT_LIMIT),
             ExecEvent::Exit(st) => {
                 return Ok(Json(ExecResult {
                     exit_code: st.code,
@@ -143,16 +149,30 @@ pub async fn exec(
                     duration_ms: st.duration_ms,
                     stdout: String::from_utf8_lossy(&stdout).into_owned(),
                     stderr: String::from_utf8_lossy(&stderr).into_owned(),
+                    truncated,
                 })
                 .into_response())
             }
         }
     }
-    Err(kiln_core::Error::new(
-        kiln_core::ErrorCode::AgentUnavailable,
-        format!("the connection to sandbox {id}'s agent was lost before the command finished"),
-    )
-    .into())
+    Err(ended_early(&handle, &id).into())
+}
+
+/// Why a command's events ended without an exit: the host's own deadline, or a lost agent.
+fn ended_early(handle: &ExecHandle, id: &str) -> kiln_core::Error {
+    match handle.error() {
+        Some(e @ AgentError::Timeout { .. }) => kiln_core::Error::new(
+            kiln_core::ErrorCode::Timeout,
+            format!("the command in sandbox {id} did not end: {e}; the host stopped waiting and cancelled it"),
+        ),
+        Some(e @ AgentError::Overrun { .. }) => {
+            kiln_core::Error::new(kiln_core::ErrorCode::Timeout, e.to_string())
+        }
+        _ => kiln_core::Error::new(
+            kiln_core::ErrorCode::AgentUnavailable,
+            format!("the connection to sandbox {id}'s agent was lost before the command finished"),
+        ),
+    }
 }
 
 async fn feed_stdin(handle: &ExecHandle, data: Vec<u8>) -> ApiResult<()> {
@@ -170,45 +190,49 @@ async fn feed_stdin(handle: &ExecHandle, data: Vec<u8>) -> ApiResult<()> {
     Ok(())
 }
 
-fn stream_response(handle: ExecHandle) -> Response {
-    let events = futures::stream::unfold(Some(handle), |state| async move {
-        let mut handle = state?;
-        let (event, done) = match handle.next_event().await {
-            Some(ExecEvent::Started { pid }) => (ExecStreamEvent::Started { pid }, false),
-            Some(ExecEvent::Stdout(b)) => {
-                let (data, data_b64) = text_or_b64(&b);
-                (ExecStreamEvent::Stdout { data, data_b64 }, false)
-            }
-            Some(ExecEvent::Stderr(b)) => {
-                let (data, data_b64) = text_or_b64(&b);
-                (ExecStreamEvent::Stderr { data, data_b64 }, false)
-            }
-            Some(ExecEvent::Exit(st)) => (
-                ExecStreamEvent::Exit {
-                    exit_code: st.code,
-                    signal: st.signal,
-                    timed_out: st.timed_out,
-                    duration_ms: st.duration_ms,
-                },
-                true,
-            ),
-            None => (
-                ExecStreamEvent::Error {
-                    code: kiln_core::ErrorCode::AgentUnavailable.as_str().into(),
-                    message:
-                        "the connection to the guest agent was lost before the command finished"
-                            .into(),
-                },
-                true,
-            ),
-        };
-        let mut line = serde_json::to_vec(&event).unwrap_or_default();
-        line.push(b'\n');
-        let next = if done { None } else { Some(handle) };
-        Some((
-            Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line)),
-            next,
-        ))
+fn stream_response(handle: ExecHandle, id: String) -> Response {
+    let events = futures::stream::unfold(Some(handle), move |state| {
+        let id = id.clone();
+        async move {
+            let mut handle = state?;
+            let (event, done) = match handle.next_event().await {
+                Some(ExecEvent::Started { pid }) => (ExecStreamEvent::Started { pid }, false),
+                Some(ExecEvent::Stdout(b)) => {
+                    let (data, data_b64) = text_or_b64(&b);
+                    (ExecStreamEvent::Stdout { data, data_b64 }, false)
+                }
+                Some(ExecEvent::Stderr(b)) => {
+                    let (data, data_b64) = text_or_b64(&b);
+                    (ExecStreamEvent::Stderr { data, data_b64 }, false)
+                }
+                Some(ExecEvent::Exit(st)) => (
+                    ExecStreamEvent::Exit {
+                        exit_code: st.code,
+                        signal: st.signal,
+                        timed_out: st.timed_out,
+                        duration_ms: st.duration_ms,
+                    },
+                    true,
+                ),
+                None => {
+                    let err = ended_early(&handle, &id);
+                    (
+                        ExecStreamEvent::Error {
+                            code: err.code.as_str().into(),
+                            message: err.message.clone(),
+                        },
+                        true,
+                    )
+                }
+            };
+            let mut line = serde_json::to_vec(&event).unwrap_or_default();
+            line.push(b'\n');
+            let next = if done { None } else { Some(handle) };
+            Some((
+                Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line)),
+                next,
+            ))
+        }
     });
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")

@@ -9,7 +9,7 @@ use kiln_core::{CreateSandbox, Resources, Sandbox};
 
 use super::operations::run;
 use super::AppState;
-use crate::error::{ApiResult, ErrorBody};
+use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{ApiJson, QueryPairs};
 
 /// Creates a sandbox and boots it; answers once its guest agent is ready.
@@ -83,10 +83,42 @@ pub async fn delete(
     .await
 }
 
-/// The sandbox's serial console output (kernel and init messages).
-#[utoipa::path(get, path = "/v1/sandboxes/{id}/logs", params(("id" = String, Path, description = "id or name")),
-    responses((status = 200, body = String, content_type = "text/plain"), (status = 404, body = ErrorBody)))]
-pub async fn logs(State(engine): State<AppState>, Path(id): Path<String>) -> ApiResult<String> {
-    let bytes = engine.read_console(&id).await?;
-    Ok(String::from_utf8_lossy(&bytes).into_owned())
+/// The sandbox's serial console output (kernel and init messages) as the guest wrote it: the end of a
+/// ring of at most 1 MiB.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/logs", params(("id" = String, Path, description = "id or name"),
+        ("tail" = Option<u64>, Query, description = "only the last BYTES (at most 1 MiB is kept)"),
+        ("lines" = Option<usize>, Query, description = "only the last N non-empty lines")),
+    responses((status = 200, body = String, content_type = "text/plain"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn logs(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+    q: QueryPairs,
+) -> ApiResult<([(axum::http::HeaderName, &'static str); 1], Vec<u8>)> {
+    let number = |key: &str| -> Result<Option<u64>, ApiError> {
+        q.get(key)
+            .map(|v| {
+                v.parse::<u64>().map_err(|_| {
+                    ApiError::invalid(format!(
+                        "query parameter '{key}' must be a whole number, not '{v}'"
+                    ))
+                })
+            })
+            .transpose()
+    };
+    let tail = number("tail")?.unwrap_or(kiln_core::console::RING_BYTES);
+    let lines = number("lines")?;
+    let bytes = engine.console_tail(&id, tail).await?;
+    // Raw bytes: a guest may write anything to its console, and replacing invalid UTF-8 would triple it.
+    let body = match lines {
+        Some(n) => kiln_core::console::last_lines(&bytes, usize::try_from(n).unwrap_or(usize::MAX))
+            .into_bytes(),
+        None => bytes,
+    };
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        body,
+    ))
 }

@@ -50,6 +50,9 @@ class ExecResult:
     signal: int | None = None
     timed_out: bool = False
     duration_ms: int = 0
+    truncated: bool = False
+    """Collected output went past the daemon's cap (1 MiB each of stdout and stderr) and was cut;
+    pass ``on_stdout``/``on_stderr`` (streaming) to receive all of it."""
 
     @property
     def ok(self) -> bool:
@@ -65,6 +68,7 @@ class ExecResult:
             signal=d.get("signal"),
             timed_out=bool(d.get("timed_out", False)),
             duration_ms=int(d.get("duration_ms", 0)),
+            truncated=bool(d.get("truncated", False)),
         )
 
 
