@@ -23,6 +23,8 @@ pub struct Config {
     pub default_cpus: u32,
     /// Copies of recently resumed snapshots kept resumed and paused, ready to hand out (0: none).
     pub warm_spares: usize,
+    /// Ranges guests may reach although they are denied by default (link-local, private, ULA).
+    pub allow_net: Vec<crate::confine::netguard::Cidr>,
 }
 
 /// Guest RAM may add up to this many times the host's RAM by default: idle guests touch little of it, and
@@ -56,6 +58,7 @@ impl Config {
             default_memory_mib: 256,
             default_cpus: 1,
             warm_spares: DEFAULT_WARM_SPARES,
+            allow_net: Vec::new(),
         }
     }
 

@@ -135,12 +135,13 @@ impl Engine {
         .map_err(|e| Error::internal(format!("accelerator probe panicked: {e}")))?;
         info!(accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
         let confine = tokio::task::spawn_blocking({
-            let (data, sandboxes, snapshots) = (
+            let (data, sandboxes, snapshots, allow_net) = (
                 cfg.data_dir.clone(),
                 cfg.sandboxes_dir(),
                 cfg.snapshots_dir(),
+                cfg.allow_net.clone(),
             );
-            move || crate::confine::Confinement::setup(&data, &sandboxes, &snapshots)
+            move || crate::confine::Confinement::setup(&data, &sandboxes, &snapshots, &allow_net)
         })
         .await
         .map_err(|e| Error::internal(format!("confinement setup panicked: {e}")))?;

@@ -51,6 +51,16 @@ pub struct ServeArgs {
     /// capacity runs short.
     #[arg(long, env = "KILN_WARM_SPARES", default_value_t = kiln_core::config::DEFAULT_WARM_SPARES)]
     warm_spares: usize,
+    /// Let guests reach this range although it is denied by default (link-local, RFC 1918, CGNAT, ULA),
+    /// e.g. a company proxy: --allow-net 10.20.0.0/16 (repeatable; the environment variable takes a
+    /// comma-separated list). The host's own addresses stay closed.
+    #[arg(
+        long = "allow-net",
+        value_name = "CIDR",
+        env = "KILN_ALLOW_NET",
+        value_delimiter = ','
+    )]
+    allow_net: Vec<kiln_core::confine::netguard::Cidr>,
 }
 
 pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
@@ -82,6 +92,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     }
     cfg.max_sandboxes = args.max_sandboxes;
     cfg.warm_spares = args.warm_spares;
+    cfg.allow_net = args.allow_net.clone();
     let mut cfg = cfg
         .with_overcommit(args.memory_overcommit)
         .map_err(anyhow::Error::msg)?;

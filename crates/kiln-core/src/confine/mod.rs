@@ -51,7 +51,13 @@ pub struct Confinement {
 impl Confinement {
     /// Works out what this host allows, prepares the data directory's modes and installs the firewall rules.
     /// Everything that is unavailable is logged once, with what to do about it.
-    pub fn setup(data_dir: &Path, sandboxes: &Path, snapshots: &Path) -> Confinement {
+    /// `allow_net` opens ranges the firewall denies guests by default (see `netguard`).
+    pub fn setup(
+        data_dir: &Path,
+        sandboxes: &Path,
+        snapshots: &Path,
+        allow_net: &[netguard::Cidr],
+    ) -> Confinement {
         let users = detect_users(data_dir);
         match &users {
             Users::PerSandbox { group, .. } => {
@@ -89,20 +95,24 @@ impl Confinement {
             }
         };
         let netguard = match &users {
-            Users::PerSandbox { .. } => match netguard::NetGuard::install(UID_BASE, UID_COUNT) {
-                Ok(g) => {
-                    info!(
-                        chain = netguard::CHAIN,
-                        ipv6 = g.ipv6,
-                        "guests are kept off the host's own addresses (iptables)"
-                    );
-                    Some(g)
+            Users::PerSandbox { .. } => {
+                match netguard::NetGuard::install(UID_BASE, UID_COUNT, allow_net) {
+                    Ok(g) => {
+                        info!(
+                            chain = netguard::CHAIN,
+                            ipv6 = g.ipv6,
+                            resolvers = ?g.resolvers,
+                            allow_net = ?allow_net.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+                            "guests are kept off the host's own addresses, metadata, link-local and private networks (iptables)"
+                        );
+                        Some(g)
+                    }
+                    Err(why) => {
+                        warn!("guests can reach services on the host's loopback and addresses through 10.0.2.2: {why}");
+                        None
+                    }
                 }
-                Err(why) => {
-                    warn!("guests can reach services on the host's loopback and addresses through 10.0.2.2: {why}");
-                    None
-                }
-            },
+            }
             Users::Off { .. } => {
                 warn!("guests can reach services on the host's loopback and addresses through 10.0.2.2: firewall rules need per-sandbox uids");
                 None
