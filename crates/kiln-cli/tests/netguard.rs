@@ -2,10 +2,10 @@
 //! or private networks, DNS only to the host's resolvers; `--allow-net` opens chosen ranges.
 //!
 //! Everything happens inside two network namespaces this test creates and removes: the daemon runs in
-//! `D`, whose only route leads over a veth pair to `S`, where test servers listen on 169.254.169.254, on
-//! private addresses and on a documentation address (198.51.100.1). The addresses live in `S`, so they are
-//! not the daemon's own (LOCAL) addresses, as on a real host. No packet leaves the two namespaces, and the
-//! daemon's iptables rules are `D`'s alone.
+//! `D`, whose only routes lead over a veth pair to `S`, where test servers listen on the metadata
+//! addresses, on private and ULA addresses and on documentation addresses (198.51.100.1, 2001:db8:2::1).
+//! The addresses live in `S`, so they are not the daemon's own (LOCAL) addresses, as on a real host. No
+//! packet leaves the two namespaces, and the daemon's iptables rules are `D`'s alone.
 
 mod common;
 
@@ -63,6 +63,40 @@ impl Namespaces {
         for addr in TARGETS {
             ip(&["-n", s, "addr", "add", &format!("{addr}/32"), "dev", "lo"]);
         }
+        // IPv6 the same way (`nodad`: usable at once).
+        ip(&[
+            "-n",
+            d,
+            "addr",
+            "add",
+            "2001:db8:1::2/64",
+            "dev",
+            "vd",
+            "nodad",
+        ]);
+        ip(&[
+            "-n",
+            s,
+            "addr",
+            "add",
+            "2001:db8:1::1/64",
+            "dev",
+            "vs",
+            "nodad",
+        ]);
+        ip(&[
+            "-n",
+            d,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "2001:db8:1::1",
+        ]);
+        for addr in TARGETS6 {
+            ip(&["-n", s, "addr", "add", &format!("{addr}/128"), "dev", "lo"]);
+        }
         ns
     }
 }
@@ -81,6 +115,10 @@ const PRIVATE: &str = "10.99.0.1";
 const RESOLVER: &str = "10.99.0.53";
 const TESTNET: &str = "198.51.100.1";
 const TARGETS: [&str; 4] = [METADATA, PRIVATE, RESOLVER, TESTNET];
+const METADATA6: &str = "fd00:ec2::254";
+const ULA6: &str = "fd99::1";
+const TESTNET6: &str = "2001:db8:2::1";
+const TARGETS6: [&str; 3] = [METADATA6, ULA6, TESTNET6];
 
 /// The DNS answer each server gives for any A query: tells in the guest which server answered.
 fn dns_answer(server: &str) -> &'static str {
@@ -121,6 +159,9 @@ impl Servers {
                     (PRIVATE, 53),
                     (TESTNET, 80),
                     (TESTNET, 53),
+                    (METADATA6, 80),
+                    (ULA6, 80),
+                    (TESTNET6, 80),
                 ] {
                     let l = TcpListener::bind((addr, port)).expect("bind tcp");
                     l.set_nonblocking(true).unwrap();
@@ -301,11 +342,26 @@ fn guests_reach_neither_metadata_nor_private_networks_and_dns_only_via_the_resol
     assert!(ok, "the guest has no network at all: {text}");
     let (ok, text) = dns_answers(&d, "g", "10.0.2.3", dns_answer(RESOLVER));
     assert!(ok, "DNS through the host's resolver failed: {text}");
+    // IPv6 too, once the guest has its address from slirp's router advertisements.
+    guest(
+        &d,
+        "g",
+        "for i in $(seq 40); do ip -6 addr show dev eth0 | grep -q 'scope site\\|scope global' && break; sleep 0.25; done",
+    );
+    let (ok, text) = tcp_reaches(&d, "g", TESTNET6, 80);
+    assert!(ok, "the guest has no IPv6 network: {text}");
 
     // Denied: metadata, a private network (tcp and udp, port 80 and 53), port 53 of anything but the
     // resolver.
     let mut reached = Vec::new();
-    for (addr, port) in [(METADATA, 80), (PRIVATE, 80), (PRIVATE, 53), (TESTNET, 53)] {
+    for (addr, port) in [
+        (METADATA, 80),
+        (PRIVATE, 80),
+        (PRIVATE, 53),
+        (TESTNET, 53),
+        (METADATA6, 80),
+        (ULA6, 80),
+    ] {
         let (ok, text) = tcp_reaches(&d, "g", addr, port);
         if ok {
             reached.push(format!("tcp {addr}:{port}: {text}"));
@@ -322,10 +378,16 @@ fn guests_reach_neither_metadata_nor_private_networks_and_dns_only_via_the_resol
         "the guest reached:\n{}",
         reached.join("\n")
     );
-    let hits = servers.hits();
+    let mut hits = servers.hits();
+    hits.sort();
+    hits.dedup();
     assert_eq!(
         hits,
-        vec![format!("tcp {TESTNET}:80"), format!("udp {RESOLVER}:53")],
+        vec![
+            format!("tcp {TESTNET}:80"),
+            format!("tcp {TESTNET6}:80"),
+            format!("udp {RESOLVER}:53")
+        ],
         "servers saw other traffic than the allowed"
     );
 
