@@ -60,7 +60,7 @@ pub struct ServeArgs {
         env = "KILN_ALLOW_NET",
         value_delimiter = ','
     )]
-    allow_net: Vec<kiln_core::confine::netguard::Cidr>,
+    allow_net: Vec<String>,
 }
 
 pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
@@ -92,7 +92,13 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     }
     cfg.max_sandboxes = args.max_sandboxes;
     cfg.warm_spares = args.warm_spares;
-    cfg.allow_net = args.allow_net.clone();
+    // Parsed here rather than by clap so an empty KILN_ALLOW_NET means "none".
+    cfg.allow_net = args
+        .allow_net
+        .iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.parse().map_err(|e| anyhow::anyhow!("--allow-net: {e}")))
+        .collect::<anyhow::Result<_>>()?;
     let mut cfg = cfg
         .with_overcommit(args.memory_overcommit)
         .map_err(anyhow::Error::msg)?;
