@@ -95,24 +95,22 @@ impl Confinement {
             }
         };
         let netguard = match &users {
-            Users::PerSandbox { .. } => {
-                match netguard::NetGuard::install(UID_BASE, UID_COUNT, allow_net) {
-                    Ok(g) => {
-                        info!(
-                            chain = netguard::CHAIN,
-                            ipv6 = g.ipv6,
-                            resolvers = ?g.resolvers,
-                            allow_net = ?allow_net.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-                            "guests are kept off the host's own addresses, metadata, link-local and private networks (iptables)"
-                        );
-                        Some(g)
-                    }
-                    Err(why) => {
-                        warn!("guests can reach services on the host's loopback and addresses through 10.0.2.2: {why}");
-                        None
-                    }
+            Users::PerSandbox { .. } => match netguard::NetGuard::install(allow_net) {
+                Ok(g) => {
+                    info!(
+                        chain = netguard::CHAIN,
+                        ipv6 = g.ipv6,
+                        resolvers = ?g.resolvers,
+                        allow_net = ?allow_net.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+                        "guests are kept off the host's own addresses, metadata, link-local and private networks (iptables)"
+                    );
+                    Some(g)
                 }
-            }
+                Err(why) => {
+                    warn!("guests can reach services on the host's loopback and addresses through 10.0.2.2: {why}");
+                    None
+                }
+            },
             Users::Off { .. } => {
                 warn!("guests can reach services on the host's loopback and addresses through 10.0.2.2: firewall rules need per-sandbox uids");
                 None

@@ -120,8 +120,13 @@ pub struct NetGuard {
 impl NetGuard {
     /// Installs (or replaces) the rules with iptables, and ip6tables when IPv6 is there. `allow` opens
     /// ranges that are denied by default (never the host's own addresses).
-    pub fn install(uid_base: u32, uid_count: u32, allow: &[Cidr]) -> Result<NetGuard, String> {
-        let range = format!("{}-{}", uid_base, uid_base + uid_count - 1);
+    /// The rules cover kiln's VM uid range (`super::UID_BASE`, `super::UID_COUNT`).
+    pub fn install(allow: &[Cidr]) -> Result<NetGuard, String> {
+        let range = format!(
+            "{}-{}",
+            super::UID_BASE,
+            super::UID_BASE + super::UID_COUNT - 1
+        );
         let resolvers = resolvers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
         install_with("iptables", &rules(false, &range, &resolvers, allow))?;
         let ipv6 = match install_with("ip6tables", &rules(true, &range, &resolvers, allow)) {
