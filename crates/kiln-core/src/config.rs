@@ -28,6 +28,8 @@ pub struct Config {
     pub unconfined: bool,
     /// New sandboxes and snapshots are refused while the data directory's disk has less free space.
     pub min_free_disk: crate::diskfloor::DiskFloor,
+    /// Ranges guests may reach although they are denied by default (link-local, private, ULA).
+    pub allow_net: Vec<crate::confine::netguard::Cidr>,
 }
 
 /// Guest RAM may add up to this many times the host's RAM by default: idle guests touch little of it, and
@@ -63,6 +65,7 @@ impl Config {
             warm_spares: DEFAULT_WARM_SPARES,
             unconfined: false,
             min_free_disk: crate::diskfloor::DEFAULT_FLOOR,
+            allow_net: Vec::new(),
         }
     }
 

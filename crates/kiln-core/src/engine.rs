@@ -162,13 +162,18 @@ impl Engine {
             tracing::warn!(error = %e, "CPU features unknown; snapshots will not record them");
         }
         let confine = tokio::task::spawn_blocking({
-            let (data, sandboxes, snapshots) = (
+            let (data, sandboxes, snapshots, allow_net) = (
                 cfg.data_dir.clone(),
                 cfg.sandboxes_dir(),
                 cfg.snapshots_dir(),
+                cfg.allow_net.clone(),
             );
             let unconfined = cfg.unconfined;
-            move || crate::confine::Confinement::setup(&data, &sandboxes, &snapshots, unconfined)
+            move || {
+                crate::confine::Confinement::setup(
+                    &data, &sandboxes, &snapshots, unconfined, &allow_net,
+                )
+            }
         })
         .await
         .map_err(|e| Error::internal(format!("confinement setup panicked: {e}")))??;

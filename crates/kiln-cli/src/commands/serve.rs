@@ -60,6 +60,16 @@ pub struct ServeArgs {
     /// it off.
     #[arg(long, env = "KILN_MIN_FREE_DISK", default_value = "2G")]
     min_free_disk: kiln_core::diskfloor::DiskFloor,
+    /// Let guests reach this range although it is denied by default (link-local, RFC 1918, CGNAT, ULA),
+    /// e.g. a company proxy: --allow-net 10.20.0.0/16 (repeatable; the environment variable takes a
+    /// comma-separated list). The host's own addresses stay closed.
+    #[arg(
+        long = "allow-net",
+        value_name = "CIDR",
+        env = "KILN_ALLOW_NET",
+        value_delimiter = ','
+    )]
+    allow_net: Vec<String>,
 }
 
 pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
@@ -97,6 +107,13 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     cfg.warm_spares = args.warm_spares;
     cfg.unconfined = args.unconfined;
     cfg.min_free_disk = args.min_free_disk;
+    // Parsed here rather than by clap so an empty KILN_ALLOW_NET means "none".
+    cfg.allow_net = args
+        .allow_net
+        .iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.parse().map_err(|e| anyhow::anyhow!("--allow-net: {e}")))
+        .collect::<anyhow::Result<_>>()?;
     let mut cfg = cfg
         .with_overcommit(args.memory_overcommit)
         .map_err(anyhow::Error::msg)?;

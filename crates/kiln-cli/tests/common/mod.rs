@@ -38,6 +38,9 @@ pub struct Daemon {
     extra_args: Vec<String>,
     /// Environment for the daemon (e.g. `KILN_FAULTS`); kept across restarts unless changed.
     env: Vec<(String, String)>,
+    /// A command that runs `kiln serve` (e.g. in a network namespace): the daemon is `PREFIX... kiln ...`.
+    /// It must exec kiln in place, so the child's pid is the daemon's.
+    prefix: Vec<String>,
 }
 
 impl Daemon {
@@ -50,6 +53,11 @@ impl Daemon {
     }
 
     pub fn start_env(extra_args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_prefixed(&[], extra_args, env)
+    }
+
+    /// Starts the daemon as `PREFIX... kiln ...` (see `prefix`).
+    pub fn start_prefixed(prefix: &[&str], extra_args: &[&str], env: &[(&str, &str)]) -> Daemon {
         // Short paths: unix socket paths are limited to 107 bytes.
         let dir = tempfile::Builder::new()
             .prefix("kt")
@@ -70,6 +78,7 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            prefix: prefix.iter().map(|s| s.to_string()).collect(),
         };
         d.spawn();
         d
@@ -94,7 +103,15 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .expect("daemon log");
-        let child = Command::new(KILN)
+        let mut cmd = match self.prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(KILN);
+                c
+            }
+            None => Command::new(KILN),
+        };
+        let child = cmd
             .arg("--data-dir")
             .arg(self.dir.path())
             .arg("--socket")

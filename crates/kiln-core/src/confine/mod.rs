@@ -66,13 +66,15 @@ impl Confinement {
     /// Works out what this host allows, prepares the data directory's modes and installs the firewall rules.
     /// Fails closed: when VMs could not run as their own uids or behind the firewall, this is an error
     /// naming what is missing and the fix, unless `unconfined` (`kiln serve --unconfined`) accepts that.
+    /// `allow_net` opens ranges the firewall denies guests by default (see `netguard`).
     pub fn setup(
         data_dir: &Path,
         sandboxes: &Path,
         snapshots: &Path,
         unconfined: bool,
+        allow_net: &[netguard::Cidr],
     ) -> Result<Confinement> {
-        let c = Confinement::detect(data_dir, sandboxes, snapshots);
+        let c = Confinement::detect(data_dir, sandboxes, snapshots, allow_net);
         let missing = c.missing();
         if missing.is_empty() {
             return Ok(c);
@@ -117,7 +119,12 @@ impl Confinement {
         }
     }
 
-    fn detect(data_dir: &Path, sandboxes: &Path, snapshots: &Path) -> Confinement {
+    fn detect(
+        data_dir: &Path,
+        sandboxes: &Path,
+        snapshots: &Path,
+        allow_net: &[netguard::Cidr],
+    ) -> Confinement {
         let users = detect_users(data_dir);
         match &users {
             Users::PerSandbox { group, .. } => {
@@ -158,12 +165,14 @@ impl Confinement {
             }
         };
         let netguard = match &users {
-            Users::PerSandbox { .. } => match netguard::NetGuard::install(UID_BASE, UID_COUNT) {
+            Users::PerSandbox { .. } => match netguard::NetGuard::install(allow_net) {
                 Ok(g) => {
                     info!(
                         chain = netguard::CHAIN,
                         ipv6 = g.ipv6,
-                        "guests are kept off the host's own addresses (iptables)"
+                        resolvers = ?g.resolvers,
+                        allow_net = ?allow_net.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+                        "guests are kept off the host's own addresses, metadata, link-local and private networks (iptables)"
                     );
                     Some(g)
                 }
