@@ -10,7 +10,7 @@ mkdir -p target
 if [ "${1:-}" = "--from-log" ]; then
   status=0  # only rewrite the table from the last run's log
 else
-  cargo test --release -p kiln-cli --test faults --test concurrent_clients --test operations --test integrity -- --nocapture --test-threads=1 2>&1 | tee "$log"
+  cargo test --release -p kiln-cli --test faults --test concurrent_clients --test operations --test integrity --test deadlines --test model -- --nocapture --test-threads=1 2>&1 | tee "$log"
   status=${PIPESTATUS[0]}
 fi
 python3 - "$log" docs/reliability.md <<'PY'
@@ -54,6 +54,10 @@ rows = [
      "diff base changed: parent snapshot deleted and its name reused; template rebuilt"),
     ("restores_and_parent_deletes_take_their_locks",
      "2 restores of one snapshot at once; parent deleted while a diff is taken from it (`hold.snapshot.diff_based`)"),
+    ("a_stopped_qemu_fails_each_operation_quickly_and_is_deleted_or_repaired",
+     "QEMU SIGSTOPped under snapshot, stop, pause, exec and fork: each fails within seconds (`sandbox_unresponsive`), the lock is released, delete and `doctor --repair` end it"),
+    ("random_lifecycle_walk_keeps_the_model_and_the_daemon_in_agreement",
+     "model-based random walk (`KILN_MODEL_STEPS`, 150 in `make reliability`): create, exec, snapshots full/diff/disk, resume, fork, pause, stop/start, restore, deletes, a volume, clients hanging up mid-request, daemon SIGKILL; checked against the model after every step"),
     ("an_unverifiable_snapshot_found_at_start_up_is_quarantined",
      "damaged unrecorded snapshot directory found at start-up"),
 ]
