@@ -303,7 +303,7 @@ async fn ten_concurrent_execs() {
 }
 
 #[tokio::test]
-async fn large_output_is_complete() {
+async fn large_output_is_capped_and_drained() {
     let (_agent, client, _) = direct_agent().await;
     let out = client
         .exec_collect(ExecRequest::shell(
@@ -311,9 +311,13 @@ async fn large_output_is_complete() {
         ))
         .await
         .unwrap();
-    assert_eq!(out.stdout.len(), 20_000_000);
+    // Collected output keeps the first COLLECT_LIMIT bytes and says it dropped the rest; the rest is still
+    // read (stderr, written after all of stdout, arrives whole) so the process is not blocked.
+    assert_eq!(out.stdout.len(), kiln_agent_client::COLLECT_LIMIT);
+    assert!(out.truncated);
     assert!(out.stdout.iter().all(|&b| b == 0));
     assert_eq!(out.stderr, b"done\n");
+    assert_eq!(out.status.code, Some(0));
 }
 
 #[tokio::test]
