@@ -582,6 +582,8 @@ impl Engine {
                 }
             }
         }
+        // While the attachments still stand, so no new sandbox has been given the volumes yet.
+        self.reclaim_volumes(&sb.volumes);
         self.remove_sandbox_files(&sb.id);
         self.db.delete_sandbox(&sb.id)?;
         self.forget_slot(&sb.id);
