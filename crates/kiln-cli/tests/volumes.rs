@@ -234,3 +234,49 @@ fn a_detached_read_write_volume_is_given_back_to_root() {
     d.kiln_ok(&["sandbox", "delete", "-y", "two"]);
     assert_eq!(owner(), (0, 0, 0o600));
 }
+
+/// `kiln serve --max-storage`: once sandboxes, snapshots and volumes use the quota (allocated blocks),
+/// new volumes and sandboxes are refused with 507 naming the numbers and the flag; nothing is made.
+#[test]
+fn the_storage_quota_refuses_new_volumes_and_sandboxes_with_507() {
+    let d = Daemon::start_with(&["--max-storage", "4K"]);
+    let (s, v) = d.api(
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "first", "size_mib": 64})),
+    );
+    assert_eq!(s, 201, "under the quota: {v}");
+    assert!(v["allocated_bytes"].as_u64().unwrap() >= 4096, "{v}");
+    let (s, v) = d.api(
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "second", "size_mib": 64})),
+    );
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (507, Some("insufficient_storage")),
+        "{v}"
+    );
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("--max-storage") && msg.contains("4096 bytes"),
+        "{msg}"
+    );
+    assert!(!d.dir.path().join("volumes/second").exists());
+    let (s, v) = d.api("POST", "/v1/sandboxes", Some(json!({})));
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (507, Some("insufficient_storage")),
+        "{v}"
+    );
+    let (_, list) = d.api("GET", "/v1/sandboxes", None);
+    assert_eq!(list.as_array().unwrap().len(), 0);
+    // Deleting frees the quota.
+    d.kiln_ok(&["volume", "delete", "-y", "first"]);
+    let (s, v) = d.api(
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "second", "size_mib": 64})),
+    );
+    assert_eq!(s, 201, "{v}");
+}

@@ -113,6 +113,7 @@ impl Engine {
             " MiB",
         )?;
         let _lock = self.volume_lock().await;
+        self.config().check_storage("create a volume")?;
         if self.db().find_volume(&req.name)?.is_some() {
             return Err(Error::new(
                 ErrorCode::VolumeAlreadyExists,
