@@ -203,3 +203,80 @@ fn rollback_keeps_the_sandboxs_volumes_mounted_with_their_current_data() {
     d.kiln_ok(&["start", "rb"]);
     assert_eq!(run(&d, "rb", "cat /data/v"), "v3\n");
 }
+
+/// A read-write volume belongs to its VM's uid while attached; once its sandbox is deleted it is root's
+/// again (uids are recycled: the next VM given that number must not open it), and keeps its data.
+#[test]
+fn a_detached_read_write_volume_is_given_back_to_root() {
+    use std::os::unix::fs::MetadataExt;
+    require_image("tiny");
+    let d = Daemon::start();
+    if !d.log().contains("per-sandbox unprivileged uids") {
+        eprintln!("skipping: this daemon does not run VMs as per-sandbox uids");
+        return;
+    }
+    d.kiln_ok(&["volume", "create", "data", "--size", "64M"]);
+    let sb = d.create(&["--name", "one", "--volume", "data:/data"]);
+    let uid = sb["qemu_uid"].as_u64().expect("qemu_uid") as u32;
+    run(&d, "one", "echo kept > /data/f; sync");
+    let file = d.dir.path().join("volumes/data/volume.img");
+    let owner = || {
+        let m = std::fs::symlink_metadata(&file).unwrap();
+        (m.uid(), m.gid(), m.mode() & 0o777)
+    };
+    assert_eq!(owner(), (uid, uid, 0o600), "attached: its VM's");
+    d.kiln_ok(&["sandbox", "delete", "-y", "one"]);
+    assert_eq!(owner(), (0, 0, 0o600), "detached: root's again");
+    let two = d.create(&["--name", "two", "--volume", "data:/data"]);
+    let uid2 = two["qemu_uid"].as_u64().expect("qemu_uid") as u32;
+    assert_eq!(owner(), (uid2, uid2, 0o600));
+    assert_eq!(run(&d, "two", "cat /data/f"), "kept\n");
+    d.kiln_ok(&["sandbox", "delete", "-y", "two"]);
+    assert_eq!(owner(), (0, 0, 0o600));
+}
+
+/// `kiln serve --max-storage`: once sandboxes, snapshots and volumes use the quota (allocated blocks),
+/// new volumes and sandboxes are refused with 507 naming the numbers and the flag; nothing is made.
+#[test]
+fn the_storage_quota_refuses_new_volumes_and_sandboxes_with_507() {
+    let d = Daemon::start_with(&["--max-storage", "4K"]);
+    let (s, v) = d.api(
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "first", "size_mib": 64})),
+    );
+    assert_eq!(s, 201, "under the quota: {v}");
+    assert!(v["allocated_bytes"].as_u64().unwrap() >= 4096, "{v}");
+    let (s, v) = d.api(
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "second", "size_mib": 64})),
+    );
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (507, Some("insufficient_storage")),
+        "{v}"
+    );
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("--max-storage") && msg.contains("4096 bytes"),
+        "{msg}"
+    );
+    assert!(!d.dir.path().join("volumes/second").exists());
+    let (s, v) = d.api("POST", "/v1/sandboxes", Some(json!({})));
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (507, Some("insufficient_storage")),
+        "{v}"
+    );
+    let (_, list) = d.api("GET", "/v1/sandboxes", None);
+    assert_eq!(list.as_array().unwrap().len(), 0);
+    // Deleting frees the quota.
+    d.kiln_ok(&["volume", "delete", "-y", "first"]);
+    let (s, v) = d.api(
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "second", "size_mib": 64})),
+    );
+    assert_eq!(s, 201, "{v}");
+}

@@ -28,6 +28,8 @@ pub struct Config {
     pub unconfined: bool,
     /// New sandboxes and snapshots are refused while the data directory's disk has less free space.
     pub min_free_disk: crate::diskfloor::DiskFloor,
+    /// `kiln serve --max-storage`: bytes sandboxes, snapshots and volumes may use; `None` for no quota.
+    pub max_storage: Option<u64>,
     /// Ranges guests may reach although they are denied by default (link-local, private, ULA).
     pub allow_net: Vec<crate::confine::netguard::Cidr>,
 }
@@ -65,6 +67,7 @@ impl Config {
             warm_spares: DEFAULT_WARM_SPARES,
             unconfined: false,
             min_free_disk: crate::diskfloor::DEFAULT_FLOOR,
+            max_storage: None,
             allow_net: Vec::new(),
         }
     }

@@ -95,9 +95,88 @@ impl DiskFloor {
     }
 }
 
+/// Bytes allocated (blocks, not apparent sizes: disks are sparse) under the data directory's `sandboxes`,
+/// `snapshots` and `volumes`, each inode counted once (snapshots and sandboxes share layers by hard link).
+/// Links are not followed.
+pub fn used_bytes(data_dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
+    let mut stack: Vec<std::path::PathBuf> = ["sandboxes", "snapshots", "volumes"]
+        .iter()
+        .map(|d| data_dir.join(d))
+        .collect();
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let Ok(m) = entry.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(entry.path());
+            } else if m.is_file() && seen.insert((m.dev(), m.ino())) {
+                total = total.saturating_add(m.blocks() * 512);
+            }
+        }
+    }
+    total
+}
+
+/// `kiln serve --max-storage`: refuses `what` with 507 and the numbers when the sandboxes, snapshots and
+/// volumes in `data_dir` already use `max` bytes or more. `None`: no quota.
+pub fn check_quota(data_dir: &Path, max: Option<u64>, what: &str) -> Result<()> {
+    let Some(max) = max else { return Ok(()) };
+    let used = used_bytes(data_dir);
+    if used < max {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorCode::InsufficientStorage,
+        format!(
+            "cannot {what}: sandboxes, snapshots and volumes in {} use {} MiB ({used} bytes), at or over the storage quota of {} MiB ({max} bytes, `kiln serve --max-storage`); delete sandboxes, snapshots or volumes, or raise the quota, and try again",
+            data_dir.display(),
+            used >> 20,
+            max >> 20,
+        ),
+    ))
+}
+
+impl crate::config::Config {
+    /// Both storage checks before something new is made on disk: the free-space floor and the quota.
+    pub fn check_storage(&self, what: &str) -> Result<()> {
+        self.min_free_disk.check(&self.data_dir, what)?;
+        check_quota(&self.data_dir, self.max_storage, what)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Real files: allocated blocks are counted once per inode (hard links share), sparse holes are not,
+    /// and the quota refuses with 507 and both numbers once reached.
+    #[test]
+    fn the_quota_counts_allocated_blocks_once_and_refuses_at_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let sb = dir.path().join("sandboxes/sb1");
+        std::fs::create_dir_all(&sb).unwrap();
+        std::fs::create_dir_all(dir.path().join("snapshots/s1")).unwrap();
+        std::fs::write(sb.join("disk"), vec![1u8; 1 << 20]).unwrap();
+        std::fs::hard_link(sb.join("disk"), dir.path().join("snapshots/s1/disk")).unwrap();
+        std::fs::File::create(sb.join("sparse"))
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        std::fs::write(dir.path().join("kiln.db"), vec![1u8; 1 << 20]).unwrap();
+        let used = used_bytes(dir.path());
+        assert!((1 << 20..(1 << 20) + (64 << 10)).contains(&used), "{used}");
+        assert!(check_quota(dir.path(), None, "x").is_ok());
+        assert!(check_quota(dir.path(), Some(2 << 20), "x").is_ok());
+        let e = check_quota(dir.path(), Some(1 << 20), "create a volume").unwrap_err();
+        assert_eq!(e.code, ErrorCode::InsufficientStorage);
+        assert!(
+            e.message.contains("--max-storage") && e.message.contains(&used.to_string()),
+            "{}",
+            e.message
+        );
+    }
 
     #[test]
     fn parses_floors() {

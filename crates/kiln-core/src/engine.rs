@@ -418,9 +418,7 @@ impl Engine {
 
     /// Creates a sandbox and boots it; returns once its agent answers.
     pub async fn create(&self, req: CreateSandbox) -> Result<Sandbox> {
-        self.config()
-            .min_free_disk
-            .check(&self.config().data_dir, "create a sandbox")?;
+        self.config().check_storage("create a sandbox")?;
         if let Some(snapshot) = req.snapshot.clone() {
             if req.template.is_some() || !req.env.is_empty() || !req.ports.is_empty() {
                 return Err(Error::invalid(
@@ -582,6 +580,8 @@ impl Engine {
                 }
             }
         }
+        // While the attachments still stand, so no new sandbox has been given the volumes yet.
+        self.reclaim_volumes(&sb.volumes);
         self.remove_sandbox_files(&sb.id);
         self.db.delete_sandbox(&sb.id)?;
         self.forget_slot(&sb.id);

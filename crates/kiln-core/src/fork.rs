@@ -39,9 +39,7 @@ impl Engine {
     /// Forks a running or paused sandbox into `count` children. All or nothing: if any child fails to
     /// start, the others are deleted and the error names the failed child and why.
     pub async fn fork(&self, source: &str, req: ForkRequest) -> Result<ForkResult> {
-        self.config()
-            .min_free_disk
-            .check(&self.config().data_dir, "fork a sandbox")?;
+        self.config().check_storage("fork a sandbox")?;
         let count = req.count.unwrap_or(1);
         validate::range("fork count", count, 1, MAX_FORK_COUNT, "")?;
         validate::labels(&req.labels)?;

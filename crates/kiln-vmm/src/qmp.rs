@@ -33,6 +33,8 @@ struct Conn {
     writer: OwnedWriteHalf,
     events: Vec<Value>,
     next_id: u64,
+    /// Set once a line was refused: the stream is mid-line from then on, so nothing more is read.
+    broken: Option<String>,
 }
 
 impl Qmp {
@@ -58,6 +60,7 @@ impl Qmp {
             writer: w,
             events: Vec::new(),
             next_id: 1,
+            broken: None,
         };
         // A connect succeeds even when QEMU is stopped (the kernel queues it); the greeting shows it lives.
         let greeting = tokio::time::timeout(timeout, conn.read_message())
@@ -145,26 +148,76 @@ impl Qmp {
     }
 }
 
+/// Longest QMP line kiln accepts. The largest legitimate answer is `query-block` of a long disk chain
+/// (under 0.5 KiB per layer, measured in the tests); anything longer is a hostile or broken QEMU, and reading it
+/// whole would let that QEMU grow the root daemon without bound.
+pub const MAX_LINE_BYTES: usize = 16 << 20;
+
+/// Deepest JSON nesting kiln parses, the limit QEMU's own JSON parser applies to what it reads.
+/// serde_json's limit (128) is lifted for deep `query-block` chains (one level per layer), but parsing
+/// and dropping recurse once per level: unbounded nesting from a hostile QEMU would overflow a worker's
+/// stack and abort the daemon (4096 levels already do on a 2 MiB stack; 1024 fit in 1 MiB).
+pub const MAX_DEPTH: usize = 1024;
+
 impl Conn {
     async fn read_message(&mut self) -> Result<Value, VmmError> {
-        let mut line = String::new();
+        if let Some(why) = &self.broken {
+            return Err(VmmError::QmpProtocol(why.clone()));
+        }
+        let mut line = Vec::new();
         loop {
             line.clear();
-            let n = self
-                .reader
-                .read_line(&mut line)
-                .await
-                .map_err(|_| VmmError::QmpClosed)?;
+            let n = match read_line_bounded(&mut self.reader, &mut line, MAX_LINE_BYTES).await {
+                Ok(n) => n,
+                Err(e) => {
+                    if let VmmError::QmpProtocol(why) = &e {
+                        self.broken = Some(why.clone());
+                    }
+                    return Err(e);
+                }
+            };
             if n == 0 {
                 return Err(VmmError::QmpClosed);
             }
-            if line.trim().is_empty() {
+            let text = String::from_utf8_lossy(&line);
+            if text.trim().is_empty() {
                 continue;
             }
-            return parse_message(line.trim()).map_err(|e| {
-                let shown: String = line.chars().take(300).collect();
+            return parse_message(text.trim()).map_err(|e| {
+                let shown: String = text.chars().take(300).collect();
                 VmmError::QmpProtocol(format!("bad JSON from QEMU ({e}): {shown}"))
             });
+        }
+    }
+}
+
+/// Reads one line (up to and including `\n`) into `out`, failing once it passes `max` bytes instead of
+/// buffering the rest. Returns the bytes read; 0 at end of stream.
+async fn read_line_bounded<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    out: &mut Vec<u8>,
+    max: usize,
+) -> Result<usize, VmmError> {
+    let mut total = 0;
+    loop {
+        let buf = reader.fill_buf().await.map_err(|_| VmmError::QmpClosed)?;
+        if buf.is_empty() {
+            return Ok(total);
+        }
+        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        if total + take > max {
+            return Err(VmmError::QmpProtocol(format!(
+                "QEMU sent a QMP line longer than {max} bytes; the VM is treated as failed"
+            )));
+        }
+        out.extend_from_slice(&buf[..take]);
+        reader.consume(take);
+        total += take;
+        if done {
+            return Ok(total);
         }
     }
 }
@@ -216,13 +269,46 @@ impl Qmp {
 
 /// Parses one QMP message. `query-block` nests one `backing-image` object per disk layer, and a sandbox
 /// snapshotted many times has a deep chain, so serde_json's default nesting limit (128) is lifted.
+/// Nesting past [`MAX_DEPTH`] is refused before parsing, so a hostile line cannot overflow the stack.
 fn parse_message(line: &str) -> serde_json::Result<Value> {
+    use serde::de::Error as _;
     use serde::Deserialize;
+    if nesting_depth(line.as_bytes()) > MAX_DEPTH {
+        return Err(serde_json::Error::custom(format!(
+            "nested deeper than {MAX_DEPTH} levels"
+        )));
+    }
     let mut de = serde_json::Deserializer::from_str(line);
     de.disable_recursion_limit();
     let v = Value::deserialize(&mut de)?;
     de.end()?;
     Ok(v)
+}
+
+/// Deepest bracket nesting of a JSON text, skipping brackets inside strings.
+fn nesting_depth(text: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_str, mut escaped) = (0usize, 0usize, false, false);
+    for &b in text {
+        if in_str {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'{' | b'[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
 }
 
 #[cfg(test)]
@@ -275,5 +361,118 @@ mod tests {
         let line = format!("{}1{}", "{\"a\":".repeat(depth), "}".repeat(depth));
         assert!(parse_message(&line).is_ok());
         assert!(parse_message("{\"a\": 1} trailing").is_err());
+    }
+
+    /// A hostile QMP peer answers `qmp_capabilities` with a line that never ends: the client gives up
+    /// after `MAX_LINE_BYTES` with a protocol error (the VM counts as failed) instead of buffering it.
+    #[tokio::test]
+    async fn an_endless_qmp_line_is_refused_at_the_bound() {
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let peer = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            s.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .await
+                .unwrap();
+            let mut cmd = [0u8; 256];
+            let _ = s.read(&mut cmd).await;
+            let chunk = vec![b'x'; 1 << 20];
+            let mut sent = 0usize;
+            // Until the client hangs up (or far past the bound, so a test of old code ends too).
+            while sent < 4 * MAX_LINE_BYTES && s.write_all(&chunk).await.is_ok() {
+                sent += chunk.len();
+            }
+            sent
+        });
+        let r = Qmp::connect(&sock, Duration::from_secs(5)).await;
+        let err = r.err().expect("an endless line must not be accepted");
+        assert!(
+            matches!(&err, VmmError::QmpProtocol(m) if m.contains("longer than")),
+            "{err:?}"
+        );
+        let sent = peer.await.unwrap();
+        assert!(sent < 2 * MAX_LINE_BYTES, "client read {sent} bytes");
+    }
+
+    /// Nesting past `MAX_DEPTH` is refused before parsing; `MAX_DEPTH` itself parses (and drops) on a
+    /// thread with half a tokio worker's 2 MiB stack.
+    #[test]
+    fn nesting_is_bounded_and_the_bound_fits_a_worker_stack() {
+        let deep = |d: usize| format!("{}1{}", "{\"a\":".repeat(d), "}".repeat(d));
+        assert!(parse_message(&deep(MAX_DEPTH + 1)).is_err());
+        let hostile = "[".repeat(MAX_LINE_BYTES / 2);
+        assert!(parse_message(&hostile).is_err());
+        let ok = std::thread::Builder::new()
+            .stack_size(1 << 20)
+            .spawn(move || parse_message(&deep(MAX_DEPTH)).is_ok())
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(ok);
+        assert_eq!(nesting_depth(br#"{"a": "[[[{{", "b": ["\"]"]}"#), 2);
+    }
+
+    /// Measures `query-block` of a real QEMU holding a 100-layer qcow2 chain: bytes per layer and depth
+    /// stay far inside `MAX_LINE_BYTES` and `MAX_DEPTH`, so the bounds leave room for long chains.
+    #[tokio::test]
+    async fn a_long_chain_query_block_fits_the_bounds() {
+        let layers = 100;
+        let dir = tempfile::tempdir().unwrap();
+        let img = |i: usize| dir.path().join(format!("l{i}.qcow2"));
+        let made = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(img(0))
+            .arg("1M")
+            .status();
+        if !made.is_ok_and(|s| s.success()) {
+            eprintln!("qemu-img not installed; skipped");
+            return;
+        }
+        for i in 1..layers {
+            let ok = std::process::Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+                .arg(img(i - 1))
+                .arg(img(i))
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok);
+        }
+        let sock = dir.path().join("qmp.sock");
+        let mut child = std::process::Command::new(crate::qemu_binary())
+            .args([
+                "-M",
+                "none",
+                "-accel",
+                "tcg",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-S",
+            ])
+            .arg("-drive")
+            .arg(format!("file={},if=none,id=d0", img(layers - 1).display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let qmp = Qmp::connect(&sock, Duration::from_secs(10)).await.unwrap();
+        let blocks = qmp.execute("query-block", None).await;
+        let _ = child.kill();
+        let _ = child.wait();
+        let line = blocks.unwrap().to_string();
+        let depth = nesting_depth(line.as_bytes());
+        eprintln!(
+            "query-block, {layers} layers: {} bytes ({} per layer), depth {depth}",
+            line.len(),
+            line.len() / layers
+        );
+        assert!(line.len() * 100 < MAX_LINE_BYTES);
+        assert!(depth >= layers && depth - layers < 10 && depth * 5 < MAX_DEPTH);
     }
 }

@@ -60,6 +60,11 @@ pub struct ServeArgs {
     /// it off.
     #[arg(long, env = "KILN_MIN_FREE_DISK", default_value = "2G")]
     min_free_disk: kiln_core::diskfloor::DiskFloor,
+    /// Refuse new sandboxes, snapshots and volumes (507 insufficient_storage) once those in the data
+    /// directory use this much disk (allocated blocks): bytes with an optional K/M/G/T suffix. Unset: no
+    /// quota.
+    #[arg(long, env = "KILN_MAX_STORAGE")]
+    max_storage: Option<kiln_core::diskfloor::DiskFloor>,
     /// Let guests reach this range although it is denied by default (link-local, RFC 1918, CGNAT, ULA),
     /// e.g. a company proxy: --allow-net 10.20.0.0/16 (repeatable; the environment variable takes a
     /// comma-separated list). The host's own addresses stay closed.
@@ -107,6 +112,13 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     cfg.warm_spares = args.warm_spares;
     cfg.unconfined = args.unconfined;
     cfg.min_free_disk = args.min_free_disk;
+    cfg.max_storage = match args.max_storage {
+        None => None,
+        Some(kiln_core::diskfloor::DiskFloor::Bytes(b)) => Some(b),
+        Some(kiln_core::diskfloor::DiskFloor::Percent(_)) => {
+            anyhow::bail!("--max-storage takes bytes (e.g. 50G), not a percentage")
+        }
+    };
     // Parsed here rather than by clap so an empty KILN_ALLOW_NET means "none".
     cfg.allow_net = args
         .allow_net

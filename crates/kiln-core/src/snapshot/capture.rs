@@ -44,9 +44,7 @@ const SAVE_TIMEOUT: Duration = Duration::from_secs(60);
 impl Engine {
     /// Takes a snapshot of a running or paused sandbox.
     pub async fn create_snapshot(&self, sandbox: &str, req: CreateSnapshot) -> Result<Snapshot> {
-        self.config()
-            .min_free_disk
-            .check(&self.config().data_dir, "create a snapshot")?;
+        self.config().check_storage("create a snapshot")?;
         self.create_snapshot_internal(sandbox, req, CreateSnapshotInternal::default())
             .await
     }

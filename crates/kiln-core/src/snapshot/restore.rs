@@ -217,9 +217,7 @@ impl Engine {
 
     /// A new sandbox that continues from the snapshot (memory snapshots) or boots from its disk.
     pub async fn resume_snapshot(&self, id: &str, req: ResumeSnapshot) -> Result<Sandbox> {
-        self.config()
-            .min_free_disk
-            .check(&self.config().data_dir, "create a sandbox")?;
+        self.config().check_storage("create a sandbox")?;
         self.resume_within(id, req, None).await
     }
 

@@ -113,6 +113,7 @@ impl Engine {
             " MiB",
         )?;
         let _lock = self.volume_lock().await;
+        self.config().check_storage("create a volume")?;
         if self.db().find_volume(&req.name)?.is_some() {
             return Err(Error::new(
                 ErrorCode::VolumeAlreadyExists,
@@ -429,6 +430,23 @@ impl Engine {
         .await;
         if !matches!(flushed, Ok(Ok(()))) {
             warn!(sandbox = %sb.id, "could not flush the guest's volume data before stopping it");
+        }
+    }
+
+    /// Once the VM of a deleted sandbox is gone: gives its read-write volumes back to root (`root:root
+    /// 0600`, through a descriptor opened without following links). VM uids are recycled, and a later
+    /// VM that gets the same number must not be able to open a volume it was never given.
+    pub(crate) fn reclaim_volumes(&self, mounts: &[VolumeMount]) {
+        use kiln_vmm::safefs;
+        for m in mounts.iter().filter(|m| !m.read_only) {
+            let file = self.volume_file(&m.volume);
+            match safefs::open_read(&file).and_then(|f| safefs::fchown_mode(&f, 0, 0, 0o600)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    warn!(volume = %m.volume, error = %e, "could not take the volume back from its VM's uid")
+                }
+            }
         }
     }
 
