@@ -10,7 +10,7 @@ step "cargo clippy -D warnings"
 cargo clippy --release --workspace --all-targets -- -D warnings
 step "cargo test (unit + integration; integration tests boot real VMs)"
 export KILN_TEST_IMAGES="${KILN_DATA_DIR:-$PWD/.kiln-data}/images"
-cargo test --release --workspace 2>&1 | tee target/test-output.log
+cargo test --release --workspace --no-fail-fast 2>&1 | tee target/test-output.log
 if [ -x scripts/test-sdk.sh ]; then
   step "SDK tests (Python and TypeScript, against a real daemon)"
   bash scripts/test-sdk.sh
