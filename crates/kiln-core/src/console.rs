@@ -60,8 +60,10 @@ fn previous(ring: &Path) -> PathBuf {
 
 /// Removes a VM's ring (the sandbox is gone).
 pub fn remove(ring: &Path) {
-    let _ = std::fs::remove_file(ring);
-    let _ = std::fs::remove_file(previous(ring));
+    // Durably, like every removal (tests/durability.rs checks the daemon's unlinks are followed by an
+    // fsync of their directory).
+    let _ = crate::fsutil::remove_file_durably(ring);
+    let _ = crate::fsutil::remove_file_durably(&previous(ring));
 }
 
 fn open_part(ring: &Path) -> std::io::Result<File> {

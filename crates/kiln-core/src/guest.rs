@@ -26,12 +26,19 @@ impl Engine {
     pub async fn exec(&self, id_or_name: &str, spec: ExecSpec, stdin: bool) -> Result<ExecHandle> {
         let sb = self.get(id_or_name)?;
         let req = self.exec_request(&sb, spec, stdin)?;
-        let vm = self.running_vm(&sb).await?;
-        let started = async {
-            let agent = vm.agent(Duration::from_secs(10)).await?;
-            agent.exec(req).await.map_err(|e| agent_error(e, &sb.name))
+        // As in `agent_of`: the shared lifecycle lock while the VM is found and the command started, and
+        // the record read again under it, so a command never meets a VM a stop or delete is tearing down.
+        let slot = self.slot(&sb.id);
+        let started = {
+            let _shared = slot.op.read().await;
+            let sb = self.get(&sb.id)?;
+            let vm = self.running_vm(&sb).await?;
+            let started = async {
+                let agent = vm.agent(Duration::from_secs(10)).await?;
+                agent.exec(req).await.map_err(|e| agent_error(e, &sb.name))
+            };
+            crate::deadline::unless_stopped(vm.pid, started).await
         };
-        let started = crate::deadline::unless_stopped(vm.pid, started).await;
         self.note_unresponsive(&sb, started)
     }
 
