@@ -254,6 +254,9 @@ mod tests {
         );
     }
 
+    /// One hostile edit of a manifest.
+    type Edit = fn(&mut Manifest);
+
     fn disk(path: &str, format: &str, external: bool) -> FileEntry {
         FileEntry {
             role: Role::Disk,
@@ -364,7 +367,7 @@ mod tests {
     #[test]
     fn resources_are_in_range() {
         let (_tmp, dir, m) = setup();
-        let cases: Vec<(&str, fn(&mut Manifest))> = vec![
+        let cases: Vec<(&str, Edit)> = vec![
             ("memory_mib", |m| m.memory_mib = 1 << 40),
             ("memory_mib", |m| m.memory_mib = 0),
             ("cpus", |m| m.cpus = 4096),
@@ -387,7 +390,7 @@ mod tests {
     #[test]
     fn ids_names_and_strings_are_revalidated() {
         let (_tmp, dir, m) = setup();
-        let cases: Vec<(&str, fn(&mut Manifest))> = vec![
+        let cases: Vec<(&str, Edit)> = vec![
             ("id", |m| m.id = "s2".into()),
             ("id", |m| m.id = "../s1".into()),
             ("source.sandbox_id", |m| {
