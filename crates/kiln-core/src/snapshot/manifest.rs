@@ -190,6 +190,7 @@ impl Manifest {
                 ),
             ));
         }
+        super::validate::check(&m, dir, id)?;
         Ok(m)
     }
 
@@ -220,7 +221,19 @@ impl Manifest {
     pub fn verify(&self, dir: &Path, deep: bool) -> Result<()> {
         for f in &self.files {
             let path = self.resolve(dir, f);
-            let meta = match std::fs::metadata(&path) {
+            // Own files are not followed: a symlink or FIFO planted in the directory is not the file.
+            let meta = if f.external {
+                std::fs::metadata(&path)
+            } else {
+                std::fs::symlink_metadata(&path).and_then(|m| {
+                    if m.is_file() {
+                        Ok(m)
+                    } else {
+                        Err(std::io::Error::other("not a regular file"))
+                    }
+                })
+            };
+            let meta = match meta {
                 Ok(m) => m,
                 Err(_) if f.external => {
                     return Err(Error::new(
@@ -273,7 +286,7 @@ impl Manifest {
     }
 }
 
-fn corrupt(id: &str, why: String) -> Error {
+pub(super) fn corrupt(id: &str, why: String) -> Error {
     Error::new(
         ErrorCode::SnapshotCorrupt,
         format!("snapshot {id} is damaged: {why}; delete it and take a new one"),
@@ -281,10 +294,10 @@ fn corrupt(id: &str, why: String) -> Error {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn sample(dir: &Path) -> Manifest {
+    pub(crate) fn sample(dir: &Path) -> Manifest {
         std::fs::write(dir.join("state"), b"device state").unwrap();
         Manifest {
             format_version: FORMAT_VERSION,
@@ -309,7 +322,7 @@ mod tests {
                 hostname: "n".into(),
                 template: "tiny".into(),
                 env: Default::default(),
-                mac: "m".into(),
+                mac: "52:54:00:12:34:56".into(),
                 egress: true,
             },
             parent: None,

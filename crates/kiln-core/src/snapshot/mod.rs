@@ -6,6 +6,7 @@ pub mod db;
 pub(crate) mod guard;
 pub mod manifest;
 pub mod restore;
+mod validate;
 
 use std::collections::BTreeMap;
 
