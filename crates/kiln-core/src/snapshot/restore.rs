@@ -499,7 +499,14 @@ impl Engine {
                 incoming_resume = true; // a disk snapshot restores by booting
             }
             self.db().set_layout(&sb.id, &layout)?;
-            self.start_vm(&sb, &layout, incoming).await
+            let booted = incoming.is_none();
+            let vm = self.start_vm(&sb, &layout, incoming).await?;
+            if booted {
+                // A disk snapshot boots: wait for its agent and mount the sandbox's volumes, as a resume
+                // of one does (found by tests/model: a rolled-back sandbox's volume was not mounted).
+                self.after_resume(&sb.id, &vm, None).await?;
+            }
+            Ok::<_, Error>(vm)
         };
         match started.await {
             Ok(vm) => {
