@@ -49,7 +49,7 @@ soak: build image-tiny
 # Runs the fault tests (and a 150-step model walk; KILN_MODEL_STEPS overrides) and rewrites the table in
 # docs/reliability.md.
 reliability: build image-tiny
-	KILN_TEST_IMAGES=$(DATA_DIR)/images KILN_MODEL_STEPS=$${KILN_MODEL_STEPS:-150} bash scripts/reliability-report.sh
+	KILN_TEST_IMAGES=$(DATA_DIR)/images KILN_MODEL_STEPS=$${KILN_MODEL_STEPS:-150} KILN_MODEL_SEED=$${KILN_MODEL_SEED:-random} bash scripts/reliability-report.sh
 
 test-images:
 	$(CARGO) test --release -p kiln-image --test boot -- --ignored --nocapture
