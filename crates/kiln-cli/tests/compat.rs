@@ -5,17 +5,8 @@
 
 mod common;
 
-use common::{require_image, Daemon};
+use common::{read_manifest, require_image, write_manifest, Daemon};
 use serde_json::Value;
-
-fn write_manifest(path: &std::path::Path, v: &Value) {
-    let json = serde_json::to_string_pretty(v).expect("json");
-    let doc = format!(
-        "{json}\n# checksum {}\n",
-        kiln_core::fsutil::checksum_bytes(json.as_bytes())
-    );
-    std::fs::write(path, doc).expect("write manifest");
-}
 
 fn resume_err(d: &Daemon, name: &str) -> String {
     let out = d.kiln(&["snapshot", "resume", "base", "--name", name]);
@@ -32,11 +23,7 @@ fn edited_manifests_are_refused_naming_the_field() {
     d.kiln_ok(&["snapshot", "create", "src", "--name", "base"]);
     let dir = d.data_dir().join("snapshots/base");
     let path = dir.join("manifest.json");
-    let original = std::fs::read_to_string(&path).expect("manifest");
-    let (json, _) = original
-        .rsplit_once("\n# checksum ")
-        .expect("checksum line");
-    let m: Value = serde_json::from_str(json).expect("manifest JSON");
+    let (original, m) = read_manifest(&path);
 
     // What the state depends on is recorded.
     assert!(

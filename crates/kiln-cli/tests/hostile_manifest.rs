@@ -8,17 +8,8 @@ mod common;
 
 use std::path::Path;
 
-use common::{require_image, Daemon};
+use common::{read_manifest, require_image, write_manifest, Daemon};
 use serde_json::{json, Value};
-
-fn write_manifest(path: &Path, v: &Value) {
-    let json = serde_json::to_string_pretty(v).expect("json");
-    let doc = format!(
-        "{json}\n# checksum {}\n",
-        kiln_core::fsutil::checksum_bytes(json.as_bytes())
-    );
-    std::fs::write(path, doc).expect("write manifest");
-}
 
 /// Names, sizes and mtimes of everything under `dir` (not following symlinks).
 fn tree(dir: &Path) -> Vec<(String, u64, std::time::SystemTime)> {
@@ -64,11 +55,7 @@ fn hostile_manifests_are_refused_naming_the_field_and_touch_nothing() {
     d.kiln_ok(&["snapshot", "create", "src", "--name", "base"]);
     let dir = d.data_dir().join("snapshots/base");
     let path = dir.join("manifest.json");
-    let original = std::fs::read_to_string(&path).expect("manifest");
-    let (json, _) = original
-        .rsplit_once("\n# checksum ")
-        .expect("checksum line");
-    let m: Value = serde_json::from_str(json).expect("manifest JSON");
+    let (original, m) = read_manifest(&path);
 
     // A victim outside the snapshot: a copy of the device state, so on a kiln that follows the path
     // everything checks out and the attack would work.

@@ -504,3 +504,24 @@ pub fn serve_and_fetch(d: &Daemon, sandbox: &str, host_port: u16) -> String {
     }
     body
 }
+
+/// A snapshot's manifest as text and as JSON (without its checksum line), for tests that edit it.
+pub fn read_manifest(path: &Path) -> (String, serde_json::Value) {
+    let original = std::fs::read_to_string(path).expect("manifest");
+    let (json, _) = original
+        .rsplit_once("\n# checksum ")
+        .expect("checksum line");
+    let m = serde_json::from_str(json).expect("manifest JSON");
+    (original, m)
+}
+
+/// Writes a manifest with its checksum line recomputed the way kiln writes it (as anyone able to write
+/// the snapshot directory could).
+pub fn write_manifest(path: &Path, v: &serde_json::Value) {
+    let json = serde_json::to_string_pretty(v).expect("json");
+    let doc = format!(
+        "{json}\n# checksum {}\n",
+        kiln_core::fsutil::checksum_bytes(json.as_bytes())
+    );
+    std::fs::write(path, doc).expect("write manifest");
+}
