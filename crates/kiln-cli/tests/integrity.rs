@@ -540,3 +540,55 @@ fn an_unverifiable_snapshot_found_at_start_up_is_quarantined() {
         "snapshots",
     );
 }
+
+#[test]
+fn a_snapshot_cut_between_opening_and_switching_its_layer_leaves_no_layer_open() {
+    require_image("tiny");
+    let _serial = serial();
+    let mut d = Daemon::start_env(
+        &[],
+        &[("KILN_FAULTS", "hold.snapshot.overlay_added=120000")],
+    );
+    let mut tally = Tally::default();
+    d.create(&["--name", "src"]);
+    sh_ok(&d, "src", "echo one > /root/a; sync");
+    // The daemon dies after QEMU opened the new top layer, before it became the active one: QEMU holds
+    // that file open for writing although nothing writes to it.
+    let held = spawn_held(
+        &d,
+        "snapshot.overlay_added",
+        "POST",
+        "/v1/sandboxes/src/snapshots",
+        json!({"name": "cut"}),
+    );
+    d.kill_hard();
+    let _ = held.join();
+    d.restart_with_env(&[]);
+    tally.attempted += 1;
+    assert_eq!(get(&d, "src")["state"], "running", "{}", get(&d, "src"));
+    sh_ok(&d, "src", "echo two > /root/b; sync");
+
+    // The next snapshots hold only layers no QEMU writes to, so their copies start and see the data.
+    for (snap, copy) in [("after", "copy1"), ("again", "copy2")] {
+        let (status, v) = snapshot(&d, "src", json!({"name": snap}));
+        assert_eq!(status, 201, "{v}");
+        let (status, v) = post(
+            &d,
+            &format!("/v1/snapshots/{snap}/resume"),
+            json!({"name": copy}),
+        );
+        assert_eq!(status, 201, "resuming {snap} after a cut snapshot: {v}");
+        assert_eq!(sh_ok(&d, copy, "cat /root/a /root/b"), "one\ntwo\n");
+    }
+    // The source goes on writing its own layer, which the copies never see.
+    sh_ok(&d, "src", "echo three > /root/c; sync");
+    assert_eq!(
+        sh_ok(&d, "copy2", "ls /root/c 2>/dev/null || echo absent"),
+        "absent\n"
+    );
+    tally.survived += 1;
+    tally.report(
+        "a_snapshot_cut_between_opening_and_switching_its_layer_leaves_no_layer_open",
+        "snapshots",
+    );
+}

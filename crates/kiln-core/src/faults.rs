@@ -16,20 +16,21 @@ use crate::error::{Error, Result};
 
 /// Where an operation can be held. Each is a moment when a crash leaves half-done work behind.
 pub const POINTS: &[&str] = &[
-    "create.launched",     // QEMU of a new sandbox started, agent not yet answered
-    "snapshot.paused",     // source paused, state being saved
-    "snapshot.written",    // files written to .tmp-*, not yet moved into place
-    "resume.launched",     // QEMU of a sandbox made from a snapshot started
-    "fork.captured",       // the fork's capture exists, no child started yet
-    "stop.saved",          // state saved to state.tmp, QEMU still alive
-    "start.launched",      // QEMU loading a hibernated sandbox's state
-    "start.retired",       // hibernated state loaded and retired, vCPUs not yet continued
-    "start.continued",     // vCPUs of a started sandbox continued, agent not yet answered
-    "stop.published",      // saved state published, QEMU still alive (stopped)
-    "stop.quit",           // QEMU of a stopping sandbox ended, sandbox not yet recorded stopped
-    "snapshot.diff_based", // a diff's parent files read, the diff not yet recorded
-    "delete.marked",       // sandbox marked deleting, VM not yet ended
-    "snapshot.deleting",   // snapshot moved to .trash-*, row not yet removed
+    "create.launched",        // QEMU of a new sandbox started, agent not yet answered
+    "snapshot.paused",        // source paused, state being saved
+    "snapshot.overlay_added", // new top layer opened by QEMU, not yet its active layer
+    "snapshot.written",       // files written to .tmp-*, not yet moved into place
+    "resume.launched",        // QEMU of a sandbox made from a snapshot started
+    "fork.captured",          // the fork's capture exists, no child started yet
+    "stop.saved",             // state saved to state.tmp, QEMU still alive
+    "start.launched",         // QEMU loading a hibernated sandbox's state
+    "start.retired",          // hibernated state loaded and retired, vCPUs not yet continued
+    "start.continued",        // vCPUs of a started sandbox continued, agent not yet answered
+    "stop.published",         // saved state published, QEMU still alive (stopped)
+    "stop.quit",              // QEMU of a stopping sandbox ended, sandbox not yet recorded stopped
+    "snapshot.diff_based",    // a diff's parent files read, the diff not yet recorded
+    "delete.marked",          // sandbox marked deleting, VM not yet ended
+    "snapshot.deleting",      // snapshot moved to .trash-*, row not yet removed
 ];
 
 #[derive(Debug, Clone)]

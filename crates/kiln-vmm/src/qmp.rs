@@ -238,15 +238,13 @@ impl Qmp {
             })
     }
 
-    /// Makes `overlay_path` (a qcow2 file already created on top of the current top image) the new
-    /// active layer: QEMU writes there from now on and the old top becomes a read-only backing file.
-    pub async fn snapshot_disk(
+    /// Opens `overlay_path` (a qcow2 file already created on top of the current top image) as node
+    /// `overlay_node`, not yet attached to anything. [`Qmp::switch_to_overlay`] makes it the active layer.
+    pub async fn add_overlay(
         &self,
-        device_id: &str,
         overlay_path: &std::path::Path,
         overlay_node: &str,
     ) -> Result<(), VmmError> {
-        let current = self.active_node(device_id).await?;
         self.execute(
             "blockdev-add",
             Some(serde_json::json!({
@@ -257,13 +255,61 @@ impl Qmp {
                 "discard": "unmap",
             })),
         )
-        .await?;
-        self.execute(
-            "blockdev-snapshot",
-            Some(serde_json::json!({"node": current, "overlay": overlay_node})),
-        )
         .await
         .map(|_| ())
+    }
+
+    /// Makes the added `overlay_node` the active layer of `device_id`: QEMU writes there from now on and the
+    /// old top becomes a read-only backing node. On failure the overlay node is removed again, so QEMU does
+    /// not keep its file open for writing.
+    pub async fn switch_to_overlay(
+        &self,
+        device_id: &str,
+        overlay_node: &str,
+    ) -> Result<(), VmmError> {
+        let switched = match self.active_node(device_id).await {
+            Ok(current) => self
+                .execute(
+                    "blockdev-snapshot",
+                    Some(serde_json::json!({"node": current, "overlay": overlay_node})),
+                )
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if switched.is_err() {
+            let _ = self.remove_node(overlay_node).await;
+        }
+        switched
+    }
+
+    /// Closes a node that nothing uses (`blockdev-del`), releasing its file and image lock.
+    pub async fn remove_node(&self, node: &str) -> Result<(), VmmError> {
+        self.execute("blockdev-del", Some(serde_json::json!({"node-name": node})))
+            .await
+            .map(|_| ())
+    }
+
+    /// Every file QEMU has open as a block device, with whether it is open for writing. Format nodes
+    /// report synthesized `json:` names once their backing is set explicitly, so the plain paths come
+    /// from the protocol (`file`) nodes.
+    pub async fn open_files(&self) -> Result<Vec<(std::path::PathBuf, bool)>, VmmError> {
+        let nodes = self
+            .execute(
+                "query-named-block-nodes",
+                Some(serde_json::json!({"flat": true})),
+            )
+            .await?;
+        Ok(nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|n| n["drv"] == "file")
+            .filter_map(|n| {
+                let path = n["file"].as_str()?;
+                Some((path.into(), !n["ro"].as_bool().unwrap_or(false)))
+            })
+            .collect())
     }
 }
 

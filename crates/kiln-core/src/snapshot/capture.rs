@@ -108,6 +108,7 @@ impl Engine {
         let qmp = vm.qmp().await?;
         let status = qmp.status().await?;
         require_saveable(sb, &status)?;
+        self.reconcile_top(sb, &qmp, &mut layout).await?;
         if req.kind == SnapshotType::Disk {
             // Flush the guest's page cache so the disk holds what its programs wrote.
             let agent = vm.agent(Duration::from_secs(10)).await?;
@@ -190,13 +191,14 @@ impl Engine {
         // empty layer over the one QEMU still writes (same contents). Recorded after, a crash in between
         // would leave QEMU writing a layer the record does not know, which the next snapshot would
         // recreate (same generation, same file name) under the running VM.
-        let switched = match self.db().set_layout(&sb.id, layout) {
-            Ok(()) => qmp
-                .snapshot_disk("rootdisk", new_top, &node)
-                .await
-                .map_err(Error::from),
-            Err(e) => Err(e),
-        };
+        let switched = async {
+            self.db().set_layout(&sb.id, layout)?;
+            qmp.add_overlay(new_top, &node).await?;
+            self.faults().hold("snapshot.overlay_added").await;
+            qmp.switch_to_overlay("rootdisk", &node).await?;
+            Ok::<(), Error>(())
+        }
+        .await;
         if let Err(e) = switched {
             layout.disk_layers.pop();
             let _ = self.db().set_layout(&sb.id, layout);

@@ -1,6 +1,7 @@
 //! Snapshots: the record, the on-disk format (manifest + files) and its verification.
 
 pub mod capture;
+mod chain;
 pub mod compat;
 pub mod db;
 pub(crate) mod guard;
