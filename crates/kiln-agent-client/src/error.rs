@@ -13,6 +13,14 @@ pub enum AgentError {
         #[source]
         source: io::Error,
     },
+    /// The socket found by name in the VM's directory is served by another process (a swapped socket).
+    #[error("{} is served by pid {peer_pid} (uid {peer_uid}), not by this sandbox's QEMU (pid {qemu_pid}); refusing to use it. Something replaced the socket: delete the sandbox", path.display())]
+    ForeignSocket {
+        path: PathBuf,
+        qemu_pid: u32,
+        peer_pid: i64,
+        peer_uid: u32,
+    },
     #[error("timed out after {:.1} s waiting for {what}", after.as_secs_f64())]
     Timeout { what: String, after: Duration },
     #[error("the connection to the guest agent was lost")]

@@ -54,6 +54,25 @@ impl AgentClient {
         socket: &Path,
         timeout: Duration,
     ) -> Result<(AgentClient, HelloInfo), AgentError> {
+        AgentClient::connect_inner(socket, None, timeout).await
+    }
+
+    /// Like [`connect`](Self::connect), but only to a socket served by process `qemu_pid` (checked with
+    /// SO_PEERCRED): the socket is found by name in a directory the VM's uid can write, so it may have been
+    /// swapped for another VM's.
+    pub async fn connect_to(
+        socket: &Path,
+        qemu_pid: u32,
+        timeout: Duration,
+    ) -> Result<(AgentClient, HelloInfo), AgentError> {
+        AgentClient::connect_inner(socket, Some(qemu_pid), timeout).await
+    }
+
+    async fn connect_inner(
+        socket: &Path,
+        qemu_pid: Option<u32>,
+        timeout: Duration,
+    ) -> Result<(AgentClient, HelloInfo), AgentError> {
         let started = Instant::now();
         let stream = loop {
             match UnixStream::connect(socket).await {
@@ -67,6 +86,18 @@ impl AgentClient {
                 Err(_) => tokio::time::sleep(CONNECT_RETRY).await,
             }
         };
+        if let Some(qemu_pid) = qemu_pid {
+            let cred = stream.peer_cred()?;
+            let peer_pid = cred.pid().map(i64::from).unwrap_or(-1);
+            if peer_pid != i64::from(qemu_pid) {
+                return Err(AgentError::ForeignSocket {
+                    path: socket.to_path_buf(),
+                    qemu_pid,
+                    peer_pid,
+                    peer_uid: cred.uid(),
+                });
+            }
+        }
         let left = timeout.saturating_sub(started.elapsed());
         AgentClient::from_stream(stream, left).await
     }

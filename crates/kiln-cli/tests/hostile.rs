@@ -526,3 +526,120 @@ fn thousands_of_slow_tcp_clients_do_not_exhaust_the_daemon() {
     );
     assert!(health_ok(&d.socket));
 }
+
+/// Replaces `vm/NAME` of a sandbox, as its VM's uid, with a link to `target` (rename over, as an escaped
+/// QEMU can: it owns `vm/`). True when it worked.
+fn swap_socket(uid: u32, sbdir: &Path, name: &str, target: &Path) -> bool {
+    let at = sbdir.join("vm").join(name);
+    as_uid(
+        uid,
+        "/bin/sh",
+        &[
+            "-c",
+            "ln -s \"$0\" \"$1.swap\" && mv -f \"$1.swap\" \"$1\"",
+            target.to_str().unwrap(),
+            at.to_str().unwrap(),
+        ],
+    )
+}
+
+/// The state QEMU itself reports for a sandbox, asked over its QMP socket directly (as root).
+fn qemu_status(sbdir: &Path) -> String {
+    use std::io::{BufRead, BufReader};
+    let s = std::os::unix::net::UnixStream::connect(sbdir.join("vm/qmp.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-status\"}\n")
+        .unwrap();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return "no answer".into();
+        }
+        let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        if let Some(status) = v["return"]["status"].as_str() {
+            return status.to_string();
+        }
+    }
+}
+
+#[test]
+fn sockets_swapped_by_the_vm_uid_are_not_trusted() {
+    require_image("tiny");
+    if !is_root() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    let mut d = Daemon::start();
+    if !confined(&d) {
+        return;
+    }
+    let evil = d.create(&["--name", "evil"]);
+    let victim = d.create(&["--name", "victim"]);
+    let dir_of = |sb: &Value| {
+        d.data_dir()
+            .join("sandboxes")
+            .join(sb["id"].as_str().unwrap())
+    };
+    let (evil_dir, victim_dir) = (dir_of(&evil), dir_of(&victim));
+    let uid = evil["qemu_uid"].as_u64().expect("qemu_uid") as u32;
+    let (status, _) = d.api(
+        "POST",
+        "/v1/sandboxes/victim/exec",
+        Some(serde_json::json!({"cmd": "echo victim-secret > /root/secret"})),
+    );
+    assert_eq!(status, 200);
+    let mut breaches: Vec<String> = Vec::new();
+
+    // The escaped QEMU of `evil` points its agent and QMP sockets at the victim's, which its uid cannot
+    // open but the root daemon can. A restart makes the daemon connect afresh.
+    for name in ["agent.sock", "qmp.sock"] {
+        assert!(
+            swap_socket(uid, &evil_dir, name, &victim_dir.join("vm").join(name)),
+            "the VM uid could not replace vm/{name}"
+        );
+    }
+    d.restart_hard();
+    let (_, v) = d.api(
+        "POST",
+        "/v1/sandboxes/evil/exec",
+        Some(serde_json::json!({"cmd": "cat /root/secret"})),
+    );
+    note(
+        &mut breaches,
+        !v.to_string().contains("victim-secret"),
+        format!("a command in evil ran in the victim through a swapped agent socket: {v}"),
+    );
+    let (status, v) = d.api("POST", "/v1/sandboxes/evil/pause", None);
+    note(
+        &mut breaches,
+        qemu_status(&victim_dir) == "running",
+        format!("pausing evil paused the victim through a swapped QMP socket ({status} {v})"),
+    );
+    note(
+        &mut breaches,
+        status >= 400 && v["error"]["message"].as_str().is_some_and(|m| m.contains("pid")),
+        format!("pausing evil through a swapped QMP socket was not refused with the reason: {status} {v}"),
+    );
+    // The victim is untouched and evil can still be deleted.
+    let (status, v) = d.api(
+        "POST",
+        "/v1/sandboxes/victim/exec",
+        Some(serde_json::json!({"cmd": "cat /root/secret"})),
+    );
+    assert_eq!(
+        (status, v["stdout"].as_str()),
+        (200, Some("victim-secret\n")),
+        "{v}"
+    );
+    let (status, v) = d.api("DELETE", "/v1/sandboxes/evil", None);
+    assert!(status < 300, "{status} {v}");
+    assert_eq!(qemu_status(&victim_dir), "running");
+    assert!(
+        breaches.is_empty(),
+        "{} attacks worked: {breaches:#?}",
+        breaches.len()
+    );
+}

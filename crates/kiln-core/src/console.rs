@@ -125,7 +125,13 @@ pub fn spawn_pump(
         };
         let mut buf = vec![0u8; 16 * 1024];
         loop {
-            if let Ok(mut stream) = UnixStream::connect(&socket).await {
+            // The socket is found by name in `vm/`, which the VM's uid can write: read only from its QEMU.
+            let connected = UnixStream::connect(&socket).await.ok().filter(|s| {
+                kiln_vmm::qmp::check_peer(s, &socket, pid)
+                    .inspect_err(|e| tracing::warn!(vm = %name, error = %e, "not reading the console"))
+                    .is_ok()
+            });
+            if let Some(mut stream) = connected {
                 while let Ok(n) = stream.read(&mut buf).await {
                     if n == 0 {
                         break;

@@ -90,7 +90,7 @@ impl Vm {
         if !self.is_alive() {
             return Err(self.died_error());
         }
-        let (client, _hello) = AgentClient::connect(&self.agent_socket(), timeout)
+        let (client, _hello) = AgentClient::connect_to(&self.agent_socket(), self.pid, timeout)
             .await
             .map_err(|e| agent_error(e, &self.name))?;
         *slot = Some(client.clone());
@@ -98,7 +98,7 @@ impl Vm {
     }
 
     pub async fn qmp(&self) -> Result<Qmp> {
-        Ok(Qmp::connect(&self.qmp_socket(), Duration::from_secs(5)).await?)
+        Ok(Qmp::connect_to(&self.qmp_socket(), self.pid, Duration::from_secs(5)).await?)
     }
 
     pub fn died_error(&self) -> Error {
@@ -147,6 +147,7 @@ pub fn agent_error(e: AgentError, what: &str) -> Error {
             };
             Error::new(code, message)
         }
+        AgentError::ForeignSocket { .. } => Error::new(ErrorCode::VmFailed, format!("{what}: {e}")),
         AgentError::Timeout { .. } | AgentError::Overrun { .. } => {
             Error::new(ErrorCode::Timeout, format!("{what}: {e}"))
         }

@@ -29,6 +29,14 @@ pub enum VmmError {
     Unresponsive { what: String, after_ms: u64 },
     #[error("qemu-img {args}: {detail}")]
     QemuImg { args: String, detail: String },
+    /// The socket found by name in the VM's directory is served by another process (a swapped socket).
+    #[error("{} is served by pid {peer_pid} (uid {peer_uid}), not by this sandbox's QEMU (pid {qemu_pid}); refusing to use it. Something replaced the socket: delete the sandbox", path.display())]
+    ForeignSocket {
+        path: PathBuf,
+        qemu_pid: u32,
+        peer_pid: i64,
+        peer_uid: u32,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -115,7 +115,7 @@ pub fn launch(spec: &VmSpec) -> Result<u32, VmmError> {
             Ok(None) => {}
             Err(e) => return Err(VmmError::io("waiting for QEMU", e)),
         }
-        if qmp_greets(&spec.qmp_socket()) {
+        if qmp_greets(&spec.qmp_socket(), pid) {
             break;
         }
         if started.elapsed() > READY_TIMEOUT {
@@ -167,11 +167,14 @@ fn detach_and_confine(cgroup_fds: &[i32], run_as: Option<&RunAs>) -> std::io::Re
     Ok(())
 }
 
-/// True once something listening on `sock` sends QMP's greeting (QEMU's main loop runs).
-fn qmp_greets(sock: &Path) -> bool {
+/// True once QEMU (process `pid`, the one listening on `sock`) sends QMP's greeting (its main loop runs).
+fn qmp_greets(sock: &Path, pid: u32) -> bool {
     let Ok(mut s) = UnixStream::connect(sock) else {
         return false;
     };
+    if peer_pid(&s) != Some(pid) {
+        return false;
+    }
     if s.set_read_timeout(Some(Duration::from_millis(250)))
         .is_err()
     {
@@ -189,4 +192,26 @@ fn qmp_greets(sock: &Path) -> bool {
         }
     }
     false
+}
+
+/// The pid of the process listening at the other end of `s` (SO_PEERCRED).
+fn peer_pid(s: &UnixStream) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes given; the fd is open for the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cred.pid as u32)
 }

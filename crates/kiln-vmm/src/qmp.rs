@@ -41,6 +41,24 @@ impl Qmp {
     /// Connects to a QMP socket, retrying until `timeout` (QEMU may still be creating it), and negotiates
     /// capabilities.
     pub async fn connect(path: &Path, timeout: Duration) -> Result<Qmp, VmmError> {
+        Qmp::connect_inner(path, None, timeout).await
+    }
+
+    /// Like [`Qmp::connect`], but only to a socket served by process `qemu_pid`: the socket is found by name
+    /// in a directory the VM's uid can write, so it may have been swapped for another VM's.
+    pub async fn connect_to(
+        path: &Path,
+        qemu_pid: u32,
+        timeout: Duration,
+    ) -> Result<Qmp, VmmError> {
+        Qmp::connect_inner(path, Some(qemu_pid), timeout).await
+    }
+
+    async fn connect_inner(
+        path: &Path,
+        qemu_pid: Option<u32>,
+        timeout: Duration,
+    ) -> Result<Qmp, VmmError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let stream = loop {
             match UnixStream::connect(path).await {
@@ -54,6 +72,9 @@ impl Qmp {
                 Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
             }
         };
+        if let Some(pid) = qemu_pid {
+            check_peer(&stream, path, pid)?;
+        }
         let (r, w) = stream.into_split();
         let mut conn = Conn {
             reader: BufReader::new(r),
@@ -311,6 +332,23 @@ impl Qmp {
             })
             .collect())
     }
+}
+
+/// Fails unless the process at the other end of `stream` (SO_PEERCRED: the one that listens) is `qemu_pid`.
+pub fn check_peer(stream: &UnixStream, path: &Path, qemu_pid: u32) -> Result<(), VmmError> {
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| VmmError::io(format!("reading the peer of {}", path.display()), e))?;
+    let peer_pid = cred.pid().map(i64::from).unwrap_or(-1);
+    if peer_pid == i64::from(qemu_pid) {
+        return Ok(());
+    }
+    Err(VmmError::ForeignSocket {
+        path: path.to_path_buf(),
+        qemu_pid,
+        peer_pid,
+        peer_uid: cred.uid(),
+    })
 }
 
 /// Parses one QMP message. `query-block` nests one `backing-image` object per disk layer, and a sandbox
