@@ -93,12 +93,30 @@ impl AgentClient {
         path: &str,
         mode: Option<u32>,
         create_parents: bool,
+        body: R,
+    ) -> Result<u64, AgentError> {
+        self.write_file_with(path, mode, create_parents, false, body)
+            .await
+    }
+
+    /// Writes `data` into the existing file at `path` in place (no temporary file, no rename), as a
+    /// kernel attribute in /sys needs.
+    pub async fn append_file(&self, path: &str, data: &[u8]) -> Result<u64, AgentError> {
+        self.write_file_with(path, None, false, true, data).await
+    }
+
+    async fn write_file_with<R: AsyncRead + Unpin + Send>(
+        &self,
+        path: &str,
+        mode: Option<u32>,
+        create_parents: bool,
+        append: bool,
         mut body: R,
     ) -> Result<u64, AgentError> {
         let req = Request::WriteFile {
             path: path.into(),
             mode,
-            append: false,
+            append,
             create_parents,
         };
         let mut stream = self.conn.request(&req).await?;

@@ -32,6 +32,9 @@ pub struct Config {
     pub max_storage: Option<u64>,
     /// Ranges guests may reach although they are denied by default (link-local, private, ULA).
     pub allow_net: Vec<crate::confine::netguard::Cidr>,
+    /// vCPUs every new machine has (at least its own `cpus`; the rest stay offline until a resume of a
+    /// memory snapshot asks for them): `kiln serve --max-vcpus`.
+    pub max_vcpus: u32,
 }
 
 /// Guest RAM may add up to this many times the host's RAM by default: idle guests touch little of it, and
@@ -69,6 +72,7 @@ impl Config {
             min_free_disk: crate::diskfloor::DEFAULT_FLOOR,
             max_storage: None,
             allow_net: Vec::new(),
+            max_vcpus: default_max_vcpus(),
         }
     }
 
@@ -126,6 +130,14 @@ pub fn default_data_dir() -> PathBuf {
 
 pub fn default_socket_for(data_dir: &Path) -> PathBuf {
     data_dir.join("kiln.sock")
+}
+
+/// The host's cores, at most 8: more vCPUs than cores only time-share them, and each created vCPU is a
+/// QEMU thread and a little saved state in every snapshot.
+pub fn default_max_vcpus() -> u32 {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get() as u32)
+        .clamp(1, 8)
 }
 
 pub fn host_memory_mib() -> u64 {

@@ -40,6 +40,9 @@ pub enum ErrorCode {
     OperationNotFound,
     SandboxUnresponsive,
     OperationInterrupted,
+    /// A resume asked for resources the snapshot's machine cannot take (less memory than it holds, more
+    /// vCPUs than it has, or any change to a machine recorded without spare vCPUs).
+    ResourceOverrideRefused,
     Internal,
 }
 
@@ -78,6 +81,7 @@ impl ErrorCode {
             ErrorCode::OperationNotFound => "operation_not_found",
             ErrorCode::SandboxUnresponsive => "sandbox_unresponsive",
             ErrorCode::OperationInterrupted => "operation_interrupted",
+            ErrorCode::ResourceOverrideRefused => "resource_override_refused",
             ErrorCode::Internal => "internal",
         }
     }
@@ -105,7 +109,8 @@ impl ErrorCode {
             | ErrorCode::SnapshotBaseChanged
             | ErrorCode::SnapshotAlreadyRestored
             | ErrorCode::VolumeAlreadyExists
-            | ErrorCode::VolumeInUse => 409,
+            | ErrorCode::VolumeInUse
+            | ErrorCode::ResourceOverrideRefused => 409,
             ErrorCode::SnapshotCorrupt | ErrorCode::SnapshotIncompatible => 422,
             ErrorCode::InsufficientStorage => 507,
             ErrorCode::CapacityExceeded => 429,

@@ -124,6 +124,11 @@ pub struct Layout {
     /// snapshot is refused if the origin has changed since. None in sandboxes made before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin_digest: Option<String>,
+    /// vCPUs the machine has (QEMU creates them all; the sandbox's `cpus` are online in the guest, the
+    /// rest offline), so a copy can resume with any count up to this. Part of the device set: fixed for
+    /// the machine and everything restored from it. None in machines made before it existed (= `cpus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cpus: Option<u32>,
 }
 
 impl Layout {
@@ -174,6 +179,7 @@ mod tests {
             generation: 0,
             volume_slots: vec![VolumeSlot::Empty],
             origin_digest: Some("sha256:00".into()),
+            max_cpus: Some(2),
         };
         let json = serde_json::to_string(&l).unwrap();
         assert!(json.contains(r#""mode":"private""#));
@@ -205,9 +211,8 @@ mod tests {
         let json = r#"{"kernel":"/k","initrd":"/i","kernel_version":"6.12","cmdline":"","disk_layers":[],
             "memory":{"mode":"owned","file":"/m"},"origin":{"kind":"template","name":"tiny"},
             "inherited_layers":1,"generation":1}"#;
-        assert!(serde_json::from_str::<Layout>(json)
-            .unwrap()
-            .volume_slots
-            .is_empty());
+        let old = serde_json::from_str::<Layout>(json).unwrap();
+        assert!(old.volume_slots.is_empty());
+        assert_eq!(old.max_cpus, None);
     }
 }

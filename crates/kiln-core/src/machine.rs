@@ -81,6 +81,7 @@ impl Engine {
             generation: 0,
             volume_slots: vec![VolumeSlot::Empty; VOLUME_SLOTS],
             origin_digest: Some(self.base_digest(&format!("template:{}", sb.template))?),
+            max_cpus: Some(self.machine_max_cpus(sb.cpus)),
         };
         self.create_memory_file(sb, &dir.join("memory"))?;
         self.place_mounts(&dir, sb.qemu_uid, &mut layout.volume_slots, mounts, false)?;
@@ -144,6 +145,11 @@ impl Engine {
         self.confine().own_file(file, sb.qemu_uid)
     }
 
+    /// vCPUs a new machine gets: room to resume copies of it with up to `--max-vcpus` (at least `cpus`).
+    pub(crate) fn machine_max_cpus(&self, cpus: u32) -> u32 {
+        cpus.max(self.config().max_vcpus)
+    }
+
     pub(crate) fn vm_spec(&self, sb: &Sandbox, layout: &Layout, incoming: bool) -> VmSpec {
         let (memory_file, memory_shared) = match &layout.memory {
             Memory::Owned { file } => (file.clone(), true),
@@ -155,6 +161,7 @@ impl Engine {
             accel: self.accel().accel,
             memory_mib: sb.memory_mib,
             vcpus: sb.cpus,
+            max_vcpus: layout.max_cpus.unwrap_or(sb.cpus).max(sb.cpus),
             memory_file,
             memory_shared,
             firmware: layout.firmware.clone(),

@@ -59,7 +59,11 @@ pub struct VmSpec {
     pub run_dir: PathBuf,
     pub accel: Accel,
     pub memory_mib: u64,
+    /// vCPUs the guest runs (online).
     pub vcpus: u32,
+    /// vCPUs QEMU creates; those above `vcpus` stay offline in the guest until a resume asks for them.
+    /// `microvm` has no CPU hotplug, so they must exist from boot for a saved machine to gain vCPUs.
+    pub max_vcpus: u32,
     /// Backing file of guest RAM.
     pub memory_file: PathBuf,
     /// `share=on` writes guest RAM through to `memory_file`; `false` maps it privately (copy-on-write), which
@@ -116,7 +120,7 @@ impl VmSpec {
         // The PIT and PIC must stay on under TCG: without them the kernel hangs calibrating the TSC.
         push(&["-M", MACHINE]);
         push(&["-cpu", crate::cpu::model(self.accel)]);
-        push(&["-smp", &self.vcpus.to_string()]);
+        push(&["-smp", &self.vcpus.max(self.max_vcpus).to_string()]);
         push(&["-m", &format!("{}M", self.memory_mib)]);
         // A private mapping opens its (immutable, shared) file read-only with writable RAM on top
         // (`readonly=on,rom=off`): the VM's user may only read a snapshot's RAM file.
@@ -148,7 +152,7 @@ impl VmSpec {
         }
         push(&["-kernel", &self.kernel.to_string_lossy()]);
         push(&["-initrd", &self.initrd.to_string_lossy()]);
-        push(&["-append", &self.cmdline]);
+        push(&["-append", &self.guest_cmdline()]);
         for blockdev in disk_chain_blockdevs(&self.disk_layers) {
             push(&["-blockdev", &blockdev]);
         }
@@ -218,6 +222,17 @@ impl VmSpec {
             push(&["-S"]);
         }
         a
+    }
+
+    /// The kernel command line: a cold boot with spare vCPUs brings up only `vcpus` of them (`maxcpus=`
+    /// keeps the rest present but offline, never started, so they cost no host CPU). A restored guest has
+    /// booted already: its command line is left as it was.
+    fn guest_cmdline(&self) -> String {
+        if self.max_vcpus > self.vcpus && !self.incoming {
+            format!("{} maxcpus={}", self.cmdline, self.vcpus)
+        } else {
+            self.cmdline.clone()
+        }
     }
 
     pub(crate) fn check_paths(&self) -> Result<(), VmmError> {
@@ -331,6 +346,7 @@ mod tests {
             accel: Accel::Tcg,
             memory_mib: 256,
             vcpus: 2,
+            max_vcpus: 2,
             memory_file: "/data/sb1/mem,x".into(),
             memory_shared: true,
             firmware: None,
@@ -466,6 +482,33 @@ mod tests {
         s.accel = Accel::Kvm;
         assert_eq!(value_after(&s.args(), "-cpu"), ["host"]);
         assert_eq!(value_after(&s.args(), "-accel"), ["kvm"]);
+    }
+
+    #[test]
+    fn spare_vcpus_are_created_but_kept_offline_at_boot() {
+        let mut s = spec();
+        s.vcpus = 1;
+        s.max_vcpus = 4;
+        let args = s.args();
+        assert_eq!(value_after(&args, "-smp"), ["4"]);
+        assert_eq!(
+            value_after(&args, "-append"),
+            ["console=ttyS0 root=/dev/vda maxcpus=1"]
+        );
+        // A restore keeps the command line the guest booted with (it is not read again).
+        s.incoming = true;
+        assert_eq!(value_after(&s.args(), "-smp"), ["4"]);
+        assert_eq!(
+            value_after(&s.args(), "-append"),
+            ["console=ttyS0 root=/dev/vda"]
+        );
+        // Without spares (and for machines recorded before they existed) nothing changes.
+        let plain = spec();
+        assert_eq!(value_after(&plain.args(), "-smp"), ["2"]);
+        assert_eq!(
+            value_after(&plain.args(), "-append"),
+            ["console=ttyS0 root=/dev/vda"]
+        );
     }
 
     #[test]

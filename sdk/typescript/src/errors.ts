@@ -67,6 +67,7 @@ export const STATUS_BY_CODE: Readonly<Record<string, number>> = {
   sandbox_busy: 409,
   volume_already_exists: 409,
   volume_in_use: 409,
+  resource_override_refused: 409,
   snapshot_corrupt: 422,
   snapshot_incompatible: 422,
   method_not_allowed: 405,

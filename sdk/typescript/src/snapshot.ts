@@ -5,8 +5,12 @@ import type { SandboxRecord, SnapshotDeleted, SnapshotRecord, SnapshotType, Volu
 import { volumesJson } from "./volume.js";
 
 export interface RestoreOptions {
-  /** Must equal the snapshot's for memory snapshots; `disk` snapshots may change it. */
+  /**
+   * Must equal the snapshot's for memory snapshots (else `resource_override_refused`, a
+   * {@link ConflictError}); `disk` snapshots may change it.
+   */
   memoryMib?: number;
+  /** vCPUs of the copy: for memory snapshots 1 up to the vCPUs its machine has, the same processes go on. */
   cpus?: number;
   /** `disk` snapshots only; at least the snapshot's. */
   diskSizeGib?: number;
@@ -116,7 +120,8 @@ export class Snapshot {
 
   /**
    * A **new** sandbox that continues exactly where the snapshot was (new id, name and MAC); repeatable.
-   * Memory snapshots keep their RAM size and vCPUs; `disk` snapshots cold-boot, so theirs may change. To
+   * Memory snapshots keep their RAM size and may change their vCPUs; `disk` snapshots cold-boot, so any
+   * resource may change. To
    * roll the source sandbox back instead, use {@link Sandbox.fromSnapshot}.
    */
   async restore(name?: string, options: RestoreOptions = {}): Promise<Sandbox> {

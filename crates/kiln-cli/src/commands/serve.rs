@@ -51,6 +51,12 @@ pub struct ServeArgs {
     /// capacity runs short.
     #[arg(long, env = "KILN_WARM_SPARES", default_value_t = kiln_core::config::DEFAULT_WARM_SPARES)]
     warm_spares: usize,
+    /// vCPUs every new machine has: a sandbox's own `cpus` run, the rest are created offline so that
+    /// copies resumed from its memory snapshots may use up to this many. Default: the host's cores, at
+    /// most 8.
+    #[arg(long, env = "KILN_MAX_VCPUS", default_value_t = kiln_core::config::default_max_vcpus(),
+          value_parser = clap::value_parser!(u32).range(1..=kiln_core::engine::MAX_CPUS as i64))]
+    max_vcpus: u32,
     /// Run VMs even when they cannot be confined (no kiln-qemu group, no iptables, not root, or a data
     /// directory whose parents other users cannot traverse). Without it the daemon refuses to start.
     #[arg(long)]
@@ -110,6 +116,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     }
     cfg.max_sandboxes = args.max_sandboxes;
     cfg.warm_spares = args.warm_spares;
+    cfg.max_vcpus = args.max_vcpus;
     cfg.unconfined = args.unconfined;
     cfg.min_free_disk = args.min_free_disk;
     cfg.max_storage = match args.max_storage {

@@ -50,8 +50,10 @@ pub enum SnapshotCmd {
         snapshot: String,
         #[arg(long)]
         name: Option<String>,
+        /// Memory in MiB: `disk` snapshots only (a memory snapshot keeps the RAM it holds).
         #[arg(long)]
         memory: Option<u64>,
+        /// vCPUs of the copy; a memory snapshot's may have 1 up to the vCPUs its machine has.
         #[arg(long)]
         cpus: Option<u32>,
         #[arg(long)]

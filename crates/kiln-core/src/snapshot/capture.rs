@@ -380,6 +380,7 @@ impl Engine {
             cmdline: layout.cmdline.clone(),
             memory_mib: sb.memory_mib,
             cpus: sb.cpus,
+            max_cpus: layout.max_cpus,
             disk_size_bytes: sb.disk_size_bytes,
             source: Source {
                 sandbox_id: sb.id.clone(),

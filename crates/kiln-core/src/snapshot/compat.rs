@@ -216,6 +216,7 @@ mod tests {
             cmdline: String::new(),
             memory_mib: 256,
             cpus: 1,
+            max_cpus: None,
             disk_size_bytes: 1,
             source: Source {
                 sandbox_id: "sb".into(),

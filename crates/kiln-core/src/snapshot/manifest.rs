@@ -81,7 +81,12 @@ pub struct Manifest {
     pub depends: Depends,
     pub cmdline: String,
     pub memory_mib: u64,
+    /// vCPUs online in the guest at capture.
     pub cpus: u32,
+    /// vCPUs the machine has (`cpus` online, the rest offline): a memory snapshot resumes with any count
+    /// up to this. Absent in snapshots of machines made before it existed: they resume with `cpus` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cpus: Option<u32>,
     pub disk_size_bytes: u64,
     pub source: Source,
     pub parent: Option<String>,
@@ -315,6 +320,7 @@ pub(crate) mod tests {
             cmdline: "c".into(),
             memory_mib: 256,
             cpus: 1,
+            max_cpus: Some(2),
             disk_size_bytes: 1,
             source: Source {
                 sandbox_id: "sb".into(),

@@ -6,6 +6,7 @@ pub mod compat;
 pub mod db;
 pub(crate) mod guard;
 pub mod manifest;
+pub(crate) mod resources;
 pub mod restore;
 mod validate;
 

@@ -26,8 +26,11 @@ pub(crate) const RESTORING_MARK: &str = "being restored from snapshot ";
 #[serde(deny_unknown_fields)]
 pub struct ResumeSnapshot {
     pub name: Option<String>,
-    /// Must equal the snapshot's for memory snapshots (a running machine's RAM cannot change size).
+    /// Memory snapshots keep the RAM they hold (asking for another size is `resource_override_refused`);
+    /// disk snapshots boot with this.
     pub memory_mib: Option<u64>,
+    /// vCPUs online in the copy: for memory snapshots from 1 up to the vCPUs its machine has (`max_cpus`
+    /// of the snapshot, set by `kiln serve --max-vcpus`), continuing the same processes.
     pub cpus: Option<u32>,
     /// Disk size in GiB (disk snapshots only; at least the snapshot's).
     pub disk_size_gib: Option<u64>,
@@ -183,6 +186,12 @@ impl Engine {
                 vec![VolumeSlot::Empty; VOLUME_SLOTS]
             },
             origin_digest: Some(self.base_digest(&format!("snapshot:{snap_id}"))?),
+            // A memory snapshot's machine keeps its vCPUs; a disk snapshot boots a new machine.
+            max_cpus: if m.kind.has_memory() {
+                Some(m.max_cpus.unwrap_or(m.cpus))
+            } else {
+                Some(self.machine_max_cpus(sb.cpus))
+            },
         };
         self.place_mounts(
             &dir,
@@ -233,13 +242,14 @@ impl Engine {
         if let Some(name) = &req.name {
             validate::name("sandbox", name)?;
         }
-        let (snap, m) = self.load_manifest(id)?;
+        let (_, m) = self.load_manifest(id)?;
         // Kept from deletion while its files are linked into the new sandbox.
         let _in_use = self.claim_use(id, ErrorCode::SnapshotNotFound)?;
-        let (memory_mib, cpus, disk_size_bytes) = self.resume_resources(&snap, &m, &req)?;
+        let (memory_mib, cpus, disk_size_bytes) = self.resume_resources(&m, &req)?;
         // A fork's children come from a capture made for them alone: no spares there.
         let keep_warm = held.is_none() && m.kind.has_memory();
-        if keep_warm {
+        // Spares run with the snapshot's own resources.
+        if keep_warm && (memory_mib, cpus) == (m.memory_mib, m.cpus) {
             if let Some(claimed) = self.claim_spare(id, &m, &req).await {
                 if claimed.is_ok() {
                     self.schedule_spare(id);
@@ -282,6 +292,7 @@ impl Engine {
                 self.provision_from_snapshot(&sb, id, &m, cmdline, &req.volumes)?;
             self.db().set_layout(&sb.id, &layout)?;
             let booted = incoming.is_none();
+            let max_cpus = layout.max_cpus.unwrap_or(m.cpus);
             let vm = self.start_vm(&sb, &layout, incoming).await?;
             if booted {
                 // A disk snapshot boots fresh: a new machine, like a template boot.
@@ -289,6 +300,8 @@ impl Engine {
                     hostname: sb.hostname.clone(),
                 };
                 self.after_resume(&sb.id, &vm, Some(&identity)).await?;
+            } else if cpus != m.cpus {
+                super::resources::set_online_cpus(&vm, cpus, max_cpus).await?;
             }
             Ok::<_, Error>(vm)
         };
@@ -348,12 +361,7 @@ impl Engine {
         })
     }
 
-    fn resume_resources(
-        &self,
-        snap: &Snapshot,
-        m: &Manifest,
-        req: &ResumeSnapshot,
-    ) -> Result<(u64, u32, u64)> {
+    fn resume_resources(&self, m: &Manifest, req: &ResumeSnapshot) -> Result<(u64, u32, u64)> {
         if m.kind == SnapshotType::Disk {
             let memory = req.memory_mib.unwrap_or(m.memory_mib);
             let cpus = req.cpus.unwrap_or(m.cpus);
@@ -380,25 +388,14 @@ impl Engine {
             };
             return Ok((memory, cpus, disk));
         }
-        let refuse = |what: &str, asked: u64, has: u64| {
-            Error::invalid(format!(
-                "snapshot {} holds a running machine with {has}{what}; it resumes with exactly that (asked for {asked}{what}). Take a `--type disk` snapshot to boot with other resources",
-                snap.id
-            ))
-        };
-        if let Some(mem) = req.memory_mib.filter(|m2| *m2 != m.memory_mib) {
-            return Err(refuse(" MiB of memory", mem, m.memory_mib));
-        }
-        if let Some(c) = req.cpus.filter(|c| *c != m.cpus) {
-            return Err(refuse(" vCPUs", u64::from(c), u64::from(m.cpus)));
-        }
+        let (memory, cpus) = super::resources::for_memory_snapshot(m, req.memory_mib, req.cpus)?;
         if req
             .disk_size_gib
             .is_some_and(|g| g << 30 != m.disk_size_bytes)
         {
             return Err(Error::invalid("the disk size of a memory snapshot cannot change on resume; take a `--type disk` snapshot"));
         }
-        Ok((m.memory_mib, m.cpus, m.disk_size_bytes))
+        Ok((memory, cpus, m.disk_size_bytes))
     }
 
     /// Puts the snapshot's source sandbox back to the snapshot (same id and name). Paused unless `resume`.

@@ -79,6 +79,12 @@ pub(super) fn check(m: &Manifest, dir: &Path, id: &str) -> Result<()> {
         "cpus",
         validate::range("cpus", u64::from(m.cpus), 1, MAX_CPUS, ""),
     )?;
+    if let Some(max) = m.max_cpus {
+        named(
+            "max_cpus",
+            validate::range("max_cpus", u64::from(max), u64::from(m.cpus), MAX_CPUS, ""),
+        )?;
+    }
     named(
         "disk_size_bytes",
         validate::range(

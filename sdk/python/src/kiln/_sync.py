@@ -427,9 +427,10 @@ class Snapshot(SnapshotFields):
     ) -> Sandbox:
         """A **new** sandbox that continues exactly where the snapshot was (new id, name and MAC).
 
-        Repeatable: every call makes another copy. Memory snapshots keep their RAM size and vCPU count
-        (others are refused with :class:`InvalidRequestError`); ``disk`` snapshots cold-boot, so their
-        resources may change. To roll the *source* sandbox back instead, use :meth:`Sandbox.from_snapshot`.
+        Repeatable: every call makes another copy. A memory snapshot's copy may have another ``cpus``
+        (1 up to the vCPUs its machine has), continuing the same processes, but keeps the RAM size it holds
+        (another ``memory_mib`` is refused with :class:`ConflictError`, code ``resource_override_refused``);
+        ``disk`` snapshots cold-boot, so their resources may change. To roll the *source* sandbox back instead, use :meth:`Sandbox.from_snapshot`.
 
         Snapshots do not capture volumes: the copy starts with none attached (a volume its source had
         mounted is gone from it) unless given in ``volumes`` (same forms as :meth:`Sandbox.create`).

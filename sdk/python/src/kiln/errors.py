@@ -147,6 +147,7 @@ STATUS_BY_CODE: dict[str, int] = {
             "sandbox_busy",
             "volume_already_exists",
             "volume_in_use",
+            "resource_override_refused",
         ],
         409,
     ),
