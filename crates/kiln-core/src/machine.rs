@@ -316,6 +316,15 @@ impl Engine {
         self.settle_volumes(sb_id, vm).await
     }
 
+    /// Sets the guest's wall clock from the host's (after its vCPUs stood still).
+    pub(crate) async fn set_clock(&self, vm: &Vm) -> Result<()> {
+        let agent = vm.agent(Duration::from_secs(10)).await?;
+        agent
+            .set_clock(SystemTime::now())
+            .await
+            .map_err(|e| agent_error(e, &vm.name))
+    }
+
     async fn set_clock_and_identity(&self, vm: &Vm, identity: Option<&NewIdentity>) -> Result<()> {
         let agent = vm.agent(Duration::from_secs(20)).await?;
         tracing::debug!(vm = %vm.name, "agent connected");

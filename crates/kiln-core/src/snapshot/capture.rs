@@ -151,6 +151,13 @@ impl Engine {
         let captured = frozen?;
         resumed?;
         tracing::debug!(snapshot = id, pause_ms, "source paused for capture");
+        if !keep_paused {
+            // The guest's clock stood still while it was paused: set it, as a resume does. The snapshot
+            // is taken either way; a guest that does not answer keeps its late clock (logged).
+            if let Err(e) = self.set_clock(vm).await {
+                tracing::warn!(sandbox = %sb.id, error = %e.message, "could not set the guest's clock after the capture");
+            }
+        }
         let job = Job {
             id,
             req,
