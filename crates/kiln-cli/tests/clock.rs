@@ -63,12 +63,17 @@ fn the_source_clock_is_set_after_a_snapshot_and_a_fork_paused_it() {
 
     d.kiln_ok(&["fork", "src", "--name", "kid"]);
     let (lag, rtt) = guest_lag(&d, "src");
-    eprintln!("after a fork paused it {PAUSE_MS} ms: guest behind by {lag:.3} s (exec took {rtt:.3} s)");
+    eprintln!(
+        "after a fork paused it {PAUSE_MS} ms: guest behind by {lag:.3} s (exec took {rtt:.3} s)"
+    );
     assert!(
         lag.abs() < BOUND_S,
         "the source's clock is {lag:.3} s behind after a fork paused it for {PAUSE_MS} ms"
     );
     let (lag, _) = guest_lag(&d, "kid-1");
     eprintln!("fork child: guest behind by {lag:.3} s");
-    assert!(lag.abs() < BOUND_S, "the child's clock is off by {lag:.3} s");
+    assert!(
+        lag.abs() < BOUND_S,
+        "the child's clock is off by {lag:.3} s"
+    );
 }

@@ -116,7 +116,11 @@ fn vms_run_unprivileged_under_seccomp_with_private_files() {
     );
     let meta = std::fs::metadata(dir_a.join("vm")).unwrap();
     assert_eq!((meta.uid(), meta.mode() & 0o777), (ua, 0o700));
-    let memory_a = dir_a.join("memory");
+    // Running guests' RAM is on kiln's tmpfs (ramdir.rs), in a root-owned 0711 directory.
+    let ram_dir = d.data_dir().join("ram");
+    let meta = std::fs::metadata(&ram_dir).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o711));
+    let memory_a = ram_dir.join(format!("{}.ram", a["id"].as_str().unwrap()));
     let meta = std::fs::metadata(&memory_a).unwrap();
     assert_eq!((meta.uid(), meta.mode() & 0o777), (ua, 0o600));
     assert!(can_read_as(ua, &[group], &memory_a), "a reads its own RAM");

@@ -32,6 +32,10 @@ pub struct Config {
     pub max_storage: Option<u64>,
     /// Ranges guests may reach although they are denied by default (link-local, private, ULA).
     pub allow_net: Vec<crate::confine::netguard::Cidr>,
+    /// Where owned guest RAM lives while VMs run (`kiln serve --ram-dir`; see `ramdir`).
+    pub ram_dir: crate::ramdir::RamPlacement,
+    /// Size of kiln's own RAM tmpfs in MiB (`--ram-size`); None: `max_total_memory_mib`.
+    pub ram_size_mib: Option<u64>,
 }
 
 /// Guest RAM may add up to this many times the host's RAM by default: idle guests touch little of it, and
@@ -69,6 +73,8 @@ impl Config {
             min_free_disk: crate::diskfloor::DEFAULT_FLOOR,
             max_storage: None,
             allow_net: Vec::new(),
+            ram_dir: crate::ramdir::RamPlacement::Auto,
+            ram_size_mib: None,
         }
     }
 

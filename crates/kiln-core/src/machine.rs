@@ -71,9 +71,7 @@ impl Engine {
                 format: "raw".into(),
                 checksum: Some(format!("sha256:{}", image.manifest.files.rootfs.sha256)),
             }],
-            memory: Memory::Owned {
-                file: dir.join("memory"),
-            },
+            memory: self.owned_memory(sb)?,
             origin: Origin::Template {
                 name: sb.template.clone(),
             },
@@ -82,7 +80,6 @@ impl Engine {
             volume_slots: vec![VolumeSlot::Empty; VOLUME_SLOTS],
             origin_digest: Some(self.base_digest(&format!("template:{}", sb.template))?),
         };
-        self.create_memory_file(sb, &dir.join("memory"))?;
         self.place_mounts(&dir, sb.qemu_uid, &mut layout.volume_slots, mounts, false)?;
         let top = layout.next_top_path(&dir);
         create_top_layer(&top, &layout.disk_layers[0], sb.disk_size_bytes)?;
@@ -146,7 +143,7 @@ impl Engine {
 
     pub(crate) fn vm_spec(&self, sb: &Sandbox, layout: &Layout, incoming: bool) -> VmSpec {
         let (memory_file, memory_shared) = match &layout.memory {
-            Memory::Owned { file } => (file.clone(), true),
+            Memory::Owned { file, live } => (live.clone().unwrap_or_else(|| file.clone()), true),
             Memory::Private { base, .. } => (base.clone(), false),
         };
         VmSpec {

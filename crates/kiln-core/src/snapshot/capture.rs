@@ -219,8 +219,10 @@ impl Engine {
             CapturedMemory::None
         } else {
             match &layout.memory {
-                Memory::Owned { file } => {
-                    let (src, dst) = (file.clone(), tmp.join("memory"));
+                Memory::Owned { file, live } => {
+                    // From the RAM directory (tmpfs) when it is there.
+                    let src = live.clone().unwrap_or_else(|| file.clone());
+                    let dst = tmp.join("memory");
                     tokio::task::spawn_blocking(move || kiln_vmm::memory::sparse_copy(&src, &dst))
                         .await
                         .map_err(|e| Error::internal(e.to_string()))?
@@ -542,7 +544,7 @@ impl FileCtx {
     }
 }
 
-fn storage_error(e: kiln_vmm::VmmError) -> Error {
+pub(crate) fn storage_error(e: kiln_vmm::VmmError) -> Error {
     let text = e.to_string();
     if text.contains("No space left") || text.contains("os error 28") {
         Error::new(
