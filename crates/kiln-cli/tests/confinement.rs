@@ -116,7 +116,11 @@ fn vms_run_unprivileged_under_seccomp_with_private_files() {
     );
     let meta = std::fs::metadata(dir_a.join("vm")).unwrap();
     assert_eq!((meta.uid(), meta.mode() & 0o777), (ua, 0o700));
-    let memory_a = dir_a.join("memory");
+    // Running guests' RAM is on kiln's tmpfs (ramdir.rs), in a root-owned 0711 directory.
+    let ram_dir = d.data_dir().join("ram");
+    let meta = std::fs::metadata(&ram_dir).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o711));
+    let memory_a = ram_dir.join(format!("{}.ram", a["id"].as_str().unwrap()));
     let meta = std::fs::metadata(&memory_a).unwrap();
     assert_eq!((meta.uid(), meta.mode() & 0o777), (ua, 0o600));
     assert!(can_read_as(ua, &[group], &memory_a), "a reads its own RAM");
@@ -217,7 +221,8 @@ fn cgroups_cap_a_guest_that_eats_all_its_ram_and_cpu() {
     let id = hog["id"].as_str().unwrap().to_string();
     let pid = hog["pid"].as_u64().unwrap();
     let dirs = cgroup_dirs(&id);
-    let limit = (192 + 128) << 20;
+    // Guest RAM + 128 MiB + 1/16 of guest RAM + 16 MiB per vCPU (confine/cgroup.rs).
+    let limit = (192 + 128 + 12 + 16) << 20;
     let v2 = dirs.len() == 1;
     let (mem_max, mem_cur, mem_peak) = if v2 {
         (
@@ -239,9 +244,10 @@ fn cgroups_cap_a_guest_that_eats_all_its_ram_and_cpu() {
     assert_eq!(read_u64(&pids_max), 256);
     if v2 {
         let cpu = std::fs::read_to_string(dirs[0].join("cpu.max")).unwrap();
-        assert_eq!(cpu.trim(), "100000 100000");
+        assert_eq!(cpu.trim(), "200000 100000");
     } else {
-        assert_eq!(read_u64(&dirs[1].join("cpu.cfs_quota_us")), 100_000);
+        // One vCPU plus one CPU for QEMU's main loop and I/O threads.
+        assert_eq!(read_u64(&dirs[1].join("cpu.cfs_quota_us")), 200_000);
     }
 
     // Spin the vCPU and fill guest RAM (tmpfs plus an anonymous buffer), in the background.

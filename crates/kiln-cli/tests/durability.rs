@@ -76,7 +76,11 @@ fn parse(log: &str) -> Vec<Event> {
         let Some((call, after)) = line.split_once('(') else {
             continue;
         };
-        let Some((inner, ret)) = after.rsplit_once(") = ") else {
+        // strace pads a short call with spaces to column 40 before " = ".
+        let Some((inner, ret)) = after.rsplit_once(" = ") else {
+            continue;
+        };
+        let Some(inner) = inner.trim_end().strip_suffix(')') else {
             continue;
         };
         if !ret.trim_start().starts_with('0') {
@@ -293,4 +297,13 @@ fn the_checker_flags_a_rename_without_fsyncs() {
     assert!(bad.iter().any(|b| b.contains("removal of /d/x ")));
     assert!(bad.iter().any(|b| b.contains("removal of /d/gone")));
     assert!(!bad.iter().any(|b| b.contains("/d/x/f")));
+}
+
+#[test]
+fn the_checker_reads_the_short_lines_strace_pads() {
+    // A short data directory (/var/lib/kiln/ram) makes strace pad the fsync line to column 40.
+    let log = "10 unlink(\"/d/r/a.ram\") = 0\n10 fsync(3</d/r>)                       = 0\n";
+    let (bad, _, removals) = check(&parse(log), Path::new("/d"));
+    assert_eq!(removals, 1);
+    assert!(bad.is_empty(), "{bad:?}");
 }

@@ -35,6 +35,10 @@ pub struct Config {
     /// vCPUs every new machine has (at least its own `cpus`; the rest stay offline until a resume of a
     /// memory snapshot asks for them): `kiln serve --max-vcpus`.
     pub max_vcpus: u32,
+    /// Where owned guest RAM lives while VMs run (`kiln serve --ram-dir`; see `ramdir`).
+    pub ram_dir: crate::ramdir::RamPlacement,
+    /// Size of kiln's own RAM tmpfs in MiB (`--ram-size`); None: `max_total_memory_mib`.
+    pub ram_size_mib: Option<u64>,
 }
 
 /// Guest RAM may add up to this many times the host's RAM by default: idle guests touch little of it, and
@@ -73,6 +77,8 @@ impl Config {
             max_storage: None,
             allow_net: Vec::new(),
             max_vcpus: default_max_vcpus(),
+            ram_dir: crate::ramdir::RamPlacement::Auto,
+            ram_size_mib: None,
         }
     }
 

@@ -102,6 +102,8 @@ pub struct Engine {
     me: std::sync::OnceLock<std::sync::Weak<Engine>>,
     /// Operations running in this daemon (see operations.rs).
     ops: crate::operations::Registry,
+    /// Where owned guest RAM lives while VMs run (ramdir.rs).
+    ram: crate::ramdir::RamDir,
 }
 
 /// Capacity held for sandboxes about to be recorded; released on drop.
@@ -177,6 +179,12 @@ impl Engine {
         })
         .await
         .map_err(|e| Error::internal(format!("confinement setup panicked: {e}")))??;
+        let ram = crate::ramdir::RamDir::setup(
+            &cfg.data_dir,
+            &cfg.ram_dir,
+            cfg.ram_size_mib.unwrap_or(cfg.max_total_memory_mib),
+            accel.accel == kiln_vmm::Accel::Kvm,
+        )?;
         let images = ImageStore::new(cfg.images_dir(), cfg.cache_dir());
         let engine = Arc::new(Engine {
             cfg,
@@ -192,11 +200,19 @@ impl Engine {
             snapshot_claims: Default::default(),
             me: Default::default(),
             ops: Default::default(),
+            ram,
         });
         let _ = engine.me.set(Arc::downgrade(&engine));
         engine.clean_snapshot_debris();
         engine.clean_volume_debris();
         engine.adopt().await?;
+        engine.ram.sweep(|id| match engine.db.find_sandbox(id) {
+            Ok(Some(sb)) => {
+                sb.id == id && matches!(sb.state, SandboxState::Running | SandboxState::Paused)
+            }
+            Ok(None) => false,
+            Err(_) => true,
+        });
         // After recovery rolled back or finished what they were doing.
         engine.settle_interrupted_operations()?;
         engine.spawn_watch();
@@ -264,6 +280,10 @@ impl Engine {
     /// Called once when the daemon exits: drops host-wide rules nothing needs any more.
     pub fn shutdown(&self) {
         self.confine.shutdown();
+        self.ram.shutdown();
+    }
+    pub(crate) fn ram(&self) -> &crate::ramdir::RamDir {
+        &self.ram
     }
     pub(crate) fn new_qemu_uid(&self) -> Result<Option<u32>> {
         self.confine.allocate_uid(&self.db.qemu_uids()?)

@@ -19,8 +19,14 @@ pub struct Layer {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "mode", rename_all = "snake_case")]
 pub enum Memory {
-    /// Guest RAM is this sandbox's own file, mapped shared: it always holds the current RAM.
-    Owned { file: PathBuf },
+    /// Guest RAM is this sandbox's own file, mapped shared: it always holds the current RAM. `file` is its
+    /// place on the data disk (where a stop saves it); `live` the file the VM maps while it runs, on the
+    /// RAM directory (a tmpfs, see `ramdir`), or None when that is `file` itself.
+    Owned {
+        file: PathBuf,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        live: Option<PathBuf>,
+    },
     /// Guest RAM is an immutable base file (a snapshot's, hard-linked here) mapped privately; what the guest
     /// changed lives in anonymous memory of the QEMU process and is saved as a delta when needed.
     Private {

@@ -97,6 +97,7 @@ impl Engine {
         // complete while QEMU still lives, its vCPUs stopped for good: a crash from here on leaves a
         // complete save, which recovery keeps (it never lets this VM run again). Only then end QEMU.
         if let Err(e) = publish_save(&layout.memory, &tmp_state, &dir) {
+            let _ = std::fs::remove_file(dir.join("memory.tmp"));
             // Not published (or not durably): withdraw it before the vCPUs run again.
             let _ = std::fs::remove_file(&tmp_state);
             let _ = std::fs::remove_file(dir.join(STATE_FILE));
@@ -111,6 +112,8 @@ impl Engine {
         slot.vm.lock().await.take();
         vm.terminate().await;
         self.confine().remove_cgroup(&sb.id);
+        // Saved on the data disk above; the copy on the RAM directory is stale once QEMU is gone.
+        self.ram().remove(&sb.id);
         self.faults().hold("stop.quit").await;
         self.db()
             .set_state(&sb.id, SandboxState::Stopped, None, None)?;
@@ -127,7 +130,7 @@ impl Engine {
         self.require_state(&sb, &[SandboxState::Stopped])?;
         // The row already exists (stopped), so it starts counting once its state says running.
         let _reservation = self.reserve(1, sb.memory_mib).await?;
-        let layout = self
+        let mut layout = self
             .db()
             .layout(&sb.id)?
             .ok_or_else(|| Error::internal("sandbox has no layout"))?;
@@ -145,8 +148,19 @@ impl Engine {
             resume: true,
             identity: None,
         };
-        let vm = match self.start_vm(&sb, &layout, Some(incoming)).await {
-            Ok(vm) => vm,
+        let placed = self.place_saved_ram(&sb, &mut layout)?;
+        let started = self.start_vm(&sb, &layout, Some(incoming)).await;
+        if started.is_err() && placed {
+            self.ram().remove(&sb.id);
+        }
+        let vm = match started {
+            Ok(vm) => {
+                if let (true, Memory::Owned { file, .. }) = (placed, &layout.memory) {
+                    // The guest runs on its copy in the RAM directory; the saved file is stale now.
+                    let _ = fsutil::remove_file_durably(file);
+                }
+                vm
+            }
             Err(e) if !state.exists() => {
                 // The state was retired before the vCPUs ran: the disk has moved past it, so the
                 // sandbox cannot go back to it.
@@ -174,11 +188,9 @@ impl Engine {
     }
 }
 
-/// Makes a stop's save durable and complete: the RAM file synced, then `state.tmp` renamed to `state` and
-/// the directory synced (the state file is what marks the save complete).
+/// Makes a stop's save durable and complete: the RAM saved to the data disk and synced, then `state.tmp`
+/// renamed to `state` and the directory synced (the state file is what marks the save complete).
 fn publish_save(memory: &Memory, tmp_state: &std::path::Path, dir: &std::path::Path) -> Result<()> {
-    if let Memory::Owned { file } = memory {
-        fsutil::fsync_path(file)?;
-    }
+    crate::ramdir::save_ram(memory)?;
     fsutil::publish(tmp_state, &dir.join(STATE_FILE))
 }

@@ -71,9 +71,7 @@ impl Engine {
                 format: "raw".into(),
                 checksum: Some(format!("sha256:{}", image.manifest.files.rootfs.sha256)),
             }],
-            memory: Memory::Owned {
-                file: dir.join("memory"),
-            },
+            memory: self.owned_memory(sb)?,
             origin: Origin::Template {
                 name: sb.template.clone(),
             },
@@ -83,7 +81,6 @@ impl Engine {
             origin_digest: Some(self.base_digest(&format!("template:{}", sb.template))?),
             max_cpus: Some(self.machine_max_cpus(sb.cpus)),
         };
-        self.create_memory_file(sb, &dir.join("memory"))?;
         self.place_mounts(&dir, sb.qemu_uid, &mut layout.volume_slots, mounts, false)?;
         let top = layout.next_top_path(&dir);
         create_top_layer(&top, &layout.disk_layers[0], sb.disk_size_bytes)?;
@@ -152,7 +149,7 @@ impl Engine {
 
     pub(crate) fn vm_spec(&self, sb: &Sandbox, layout: &Layout, incoming: bool) -> VmSpec {
         let (memory_file, memory_shared) = match &layout.memory {
-            Memory::Owned { file } => (file.clone(), true),
+            Memory::Owned { file, live } => (live.clone().unwrap_or_else(|| file.clone()), true),
             Memory::Private { base, .. } => (base.clone(), false),
         };
         VmSpec {
@@ -321,6 +318,15 @@ impl Engine {
     ) -> Result<()> {
         self.set_clock_and_identity(vm, identity).await?;
         self.settle_volumes(sb_id, vm).await
+    }
+
+    /// Sets the guest's wall clock from the host's (after its vCPUs stood still).
+    pub(crate) async fn set_clock(&self, vm: &Vm) -> Result<()> {
+        let agent = vm.agent(Duration::from_secs(10)).await?;
+        agent
+            .set_clock(SystemTime::now())
+            .await
+            .map_err(|e| agent_error(e, &vm.name))
     }
 
     async fn set_clock_and_identity(&self, vm: &Vm, identity: Option<&NewIdentity>) -> Result<()> {

@@ -24,14 +24,18 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> Result<u64, VmmError> {
     let mut pos: i64 = 0;
     let len_i = len as i64;
     while pos < len_i {
-        // SAFETY: lseek on a valid fd.
-        let data = unsafe { libc::lseek(input.as_raw_fd(), pos, libc::SEEK_DATA) };
-        if data < 0 {
-            break; // ENXIO: no more data
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(input.as_raw_fd(), data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { len_i } else { hole };
+        // Only ENXIO means "no data past pos". A file whose filesystem cannot answer (EINVAL) is copied
+        // from here on in full; any other error fails the copy rather than leaving zeros where data was.
+        let (data, end) = match seek(&input, pos, libc::SEEK_DATA) {
+            Ok(data) => match seek(&input, data, libc::SEEK_HOLE) {
+                Ok(hole) => (data, hole.min(len_i)),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (data, len_i),
+                Err(e) => return Err(io("finding holes in", src, e)),
+            },
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (pos, len_i),
+            Err(e) => return Err(io("finding data in", src, e)),
+        };
         let mut off_in = data;
         let mut off_out = data;
         while off_in < end {
@@ -68,6 +72,17 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> Result<u64, VmmError> {
         pos = end;
     }
     Ok(copied)
+}
+
+/// `lseek(2)` with SEEK_DATA/SEEK_HOLE, as a Result.
+fn seek(f: &File, pos: i64, whence: libc::c_int) -> std::io::Result<i64> {
+    // SAFETY: lseek on a valid fd.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), pos, whence) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
 }
 
 /// Copies `[from, to)` of `input` to the same offsets of `output` through a buffer.
@@ -108,5 +123,29 @@ mod tests {
         );
         assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
         assert!(std::fs::metadata(&dst).unwrap().blocks() * 512 < 1 << 20);
+    }
+
+    /// procfs answers SEEK_DATA with EINVAL (a real file, no mock): that is not "no more data", and the
+    /// copy must hold the file's bytes, not zeros of its length.
+    #[test]
+    fn a_file_that_cannot_seek_data_is_copied_in_full() {
+        let src = Path::new("/proc/cmdline");
+        let len = std::fs::metadata(src).unwrap().len();
+        if len == 0 {
+            eprintln!("skipped: this kernel reports /proc/cmdline as empty");
+            return;
+        }
+        let input = File::open(src).unwrap();
+        assert_eq!(
+            seek(&input, 0, libc::SEEK_DATA).map_err(|e| e.raw_os_error()),
+            Err(Some(libc::EINVAL)),
+            "the test needs a file whose SEEK_DATA fails with EINVAL"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("dst");
+        let copied = sparse_copy(src, &dst).unwrap();
+        let want = std::fs::read(src).unwrap();
+        assert_eq!(copied, want.len() as u64);
+        assert_eq!(&std::fs::read(&dst).unwrap()[..want.len()], &want[..]);
     }
 }

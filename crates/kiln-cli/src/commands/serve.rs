@@ -81,6 +81,16 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     allow_net: Vec<String>,
+    /// Where guest RAM of booted sandboxes lives while they run: `auto` (a tmpfs kiln mounts at
+    /// <data dir>/ram, so guest memory is not written back to disk; the data disk where mounting is not
+    /// allowed), an absolute path of a root-owned 0711 directory (on a tmpfs), or `disk`. A stop copies
+    /// RAM to the data disk either way.
+    #[arg(long, env = "KILN_RAM_DIR", default_value = "auto")]
+    ram_dir: kiln_core::ramdir::RamPlacement,
+    /// Size of kiln's own RAM tmpfs (`--ram-dir auto`): bytes with a K/M/G/T suffix. Default: host RAM
+    /// × --memory-overcommit. A sandbox whose RAM would not fit is refused (507 insufficient_storage).
+    #[arg(long, env = "KILN_RAM_SIZE")]
+    ram_size: Option<kiln_core::diskfloor::DiskFloor>,
 }
 
 pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
@@ -133,6 +143,12 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .filter(|s| !s.trim().is_empty())
         .map(|s| s.parse().map_err(|e| anyhow::anyhow!("--allow-net: {e}")))
         .collect::<anyhow::Result<_>>()?;
+    cfg.ram_dir = args.ram_dir.clone();
+    cfg.ram_size_mib = match args.ram_size {
+        None => None,
+        Some(kiln_core::diskfloor::DiskFloor::Bytes(b)) if b >= 1 << 20 => Some(b >> 20),
+        Some(_) => anyhow::bail!("--ram-size takes a size of at least 1M (e.g. 8G)"),
+    };
     let mut cfg = cfg
         .with_overcommit(args.memory_overcommit)
         .map_err(anyhow::Error::msg)?;

@@ -315,6 +315,14 @@ impl Drop for Daemon {
                 libc::kill(pid as i32, libc::SIGKILL);
             }
         }
+        // The tmpfs the daemon mounted for guest RAM (it outlives a killed daemon, as in production).
+        let ram = self.dir.path().join("ram");
+        if let Ok(c) = std::ffi::CString::new(ram.as_os_str().as_encoded_bytes()) {
+            // SAFETY: umount2 with a valid C string; a lazy unmount of a mount this test's daemon made.
+            unsafe {
+                libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+            }
+        }
     }
 }
 

@@ -9,8 +9,14 @@ use std::path::{Path, PathBuf};
 
 const ROOT: &str = "/sys/fs/cgroup";
 const PARENT: &str = "kiln";
-/// QEMU's own memory beyond guest RAM (device emulation, TCG translation cache, I/O buffers).
+/// QEMU's own memory beyond guest RAM (device emulation, TCG translation cache, I/O buffers), for the
+/// smallest guest; see `Limits::for_vm` for how it grows.
 pub const OVERHEAD_MIB: u64 = 128;
+/// Guest RAM per MiB of extra overhead: structures that grow with guest RAM (host page tables, dirty
+/// bitmaps, KVM's memory maps) and bigger guests doing more I/O.
+const OVERHEAD_RAM_DIVISOR: u64 = 16;
+/// Extra overhead per vCPU (its thread, TCG per-CPU state and translation work).
+const OVERHEAD_PER_VCPU_MIB: u64 = 16;
 /// vCPU threads, QEMU's I/O worker pool (up to 64) and its other threads, with room to spare.
 pub const PIDS_MAX: u64 = 256;
 const CPU_PERIOD_US: u64 = 100_000;
@@ -18,15 +24,25 @@ const CPU_PERIOD_US: u64 = 100_000;
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub memory_bytes: u64,
+    /// vCPUs: sets the CPU weight.
     pub cpus: u32,
+    /// CPU time per `CPU_PERIOD_US` (cpu.max / cfs_quota_us): the vCPUs plus room for QEMU's main loop
+    /// and I/O threads, which share the quota and would otherwise starve a busy guest's disk and network.
+    pub cpu_quota_us: u64,
     pub pids: u64,
 }
 
 impl Limits {
     pub fn for_vm(memory_mib: u64, cpus: u32) -> Limits {
+        let overhead = OVERHEAD_MIB
+            + memory_mib / OVERHEAD_RAM_DIVISOR
+            + u64::from(cpus) * OVERHEAD_PER_VCPU_MIB;
+        // One more CPU for every four vCPUs (at least one): QEMU's other threads.
+        let io_cpus = u64::from(cpus).div_ceil(4).max(1);
         Limits {
-            memory_bytes: (memory_mib + OVERHEAD_MIB) << 20,
+            memory_bytes: (memory_mib + overhead) << 20,
             cpus,
+            cpu_quota_us: (u64::from(cpus) + io_cpus) * CPU_PERIOD_US,
             pids: PIDS_MAX,
         }
     }
@@ -156,7 +172,7 @@ impl Cgroups {
                 }
             }
         }
-        let quota = u64::from(limits.cpus) * CPU_PERIOD_US;
+        let quota = limits.cpu_quota_us;
         let mem = limits.memory_bytes.to_string();
         match self {
             Cgroups::V2 { root } => {
@@ -255,8 +271,35 @@ mod tests {
     #[test]
     fn limits_cover_guest_ram_plus_overhead() {
         let l = Limits::for_vm(256, 2);
-        assert_eq!(l.memory_bytes, (256 + OVERHEAD_MIB) << 20);
+        assert_eq!(l.memory_bytes, (256 + OVERHEAD_MIB + 16 + 32) << 20);
         assert_eq!(l.pids, PIDS_MAX);
+    }
+
+    #[test]
+    fn memory_overhead_grows_with_guest_ram_and_vcpus() {
+        let mib = |l: Limits| l.memory_bytes >> 20;
+        let small = mib(Limits::for_vm(256, 1));
+        assert!(
+            small - 256 >= OVERHEAD_MIB,
+            "never below the old fixed overhead"
+        );
+        // A 16 GiB guest gets more than the 128 MiB a 256 MiB guest gets.
+        let big = mib(Limits::for_vm(16384, 1));
+        assert_eq!(big - 16384, OVERHEAD_MIB + 1024 + 16);
+        assert!(mib(Limits::for_vm(256, 8)) > small);
+    }
+
+    #[test]
+    fn cpu_quota_leaves_room_for_qemu_io_threads() {
+        let cores = |cpus| Limits::for_vm(256, cpus).cpu_quota_us as f64 / CPU_PERIOD_US as f64;
+        assert_eq!(
+            cores(1),
+            2.0,
+            "one vCPU plus one for QEMU's main loop and I/O"
+        );
+        assert_eq!(cores(4), 5.0);
+        assert_eq!(cores(8), 10.0);
+        assert_eq!(cores(16), 20.0);
     }
 
     #[test]
@@ -271,10 +314,10 @@ mod tests {
         let procs = cg.create("sb-1", &Limits::for_vm(64, 2)).unwrap();
         assert_eq!(procs.len(), 3);
         let read = |p: &str| std::fs::read_to_string(root.path().join(p)).unwrap();
-        assert_eq!(read("cpu/kiln/sb-1/cpu.cfs_quota_us"), "200000");
+        assert_eq!(read("cpu/kiln/sb-1/cpu.cfs_quota_us"), "300000");
         assert_eq!(
             read("memory/kiln/sb-1/memory.limit_in_bytes"),
-            ((64 + OVERHEAD_MIB) << 20).to_string()
+            Limits::for_vm(64, 2).memory_bytes.to_string()
         );
         assert_eq!(read("pids/kiln/sb-1/pids.max"), PIDS_MAX.to_string());
         assert_eq!(read("cpu/kiln/sb-1/cpu.shares"), "2048");
@@ -298,7 +341,7 @@ mod tests {
         assert_eq!(cg.kind(), "v2");
         cg.create("sb-2", &Limits::for_vm(128, 1)).unwrap();
         let read = |p: &str| std::fs::read_to_string(root.path().join(p)).unwrap();
-        assert_eq!(read("kiln/sb-2/cpu.max"), "100000 100000");
+        assert_eq!(read("kiln/sb-2/cpu.max"), "200000 100000");
         cg.set_background("sb-2", &Limits::for_vm(128, 1), true)
             .unwrap();
         assert_eq!(read("kiln/sb-2/cpu.weight"), "1");

@@ -151,6 +151,13 @@ impl Engine {
         let captured = frozen?;
         resumed?;
         tracing::debug!(snapshot = id, pause_ms, "source paused for capture");
+        if !keep_paused {
+            // The guest's clock stood still while it was paused: set it, as a resume does. The snapshot
+            // is taken either way; a guest that does not answer keeps its late clock (logged).
+            if let Err(e) = self.set_clock(vm).await {
+                tracing::warn!(sandbox = %sb.id, error = %e.message, "could not set the guest's clock after the capture");
+            }
+        }
         let job = Job {
             id,
             req,
@@ -212,8 +219,10 @@ impl Engine {
             CapturedMemory::None
         } else {
             match &layout.memory {
-                Memory::Owned { file } => {
-                    let (src, dst) = (file.clone(), tmp.join("memory"));
+                Memory::Owned { file, live } => {
+                    // From the RAM directory (tmpfs) when it is there.
+                    let src = live.clone().unwrap_or_else(|| file.clone());
+                    let dst = tmp.join("memory");
                     tokio::task::spawn_blocking(move || kiln_vmm::memory::sparse_copy(&src, &dst))
                         .await
                         .map_err(|e| Error::internal(e.to_string()))?
@@ -536,7 +545,7 @@ impl FileCtx {
     }
 }
 
-fn storage_error(e: kiln_vmm::VmmError) -> Error {
+pub(crate) fn storage_error(e: kiln_vmm::VmmError) -> Error {
     let text = e.to_string();
     if text.contains("No space left") || text.contains("os error 28") {
         Error::new(

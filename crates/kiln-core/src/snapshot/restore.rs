@@ -158,9 +158,7 @@ impl Engine {
                 base_checksum: Some(f.checksum.clone()),
             }
         } else {
-            let file = dir.join("memory");
-            self.create_memory_file(sb, &file)?;
-            Memory::Owned { file }
+            self.owned_memory(sb)?
         };
         let mut layout = Layout {
             firmware: m.firmware.clone(),
@@ -657,6 +655,7 @@ impl Engine {
     /// Removes a sandbox's directory and cgroup (its VM must be gone).
     pub(crate) fn remove_sandbox_files(&self, id: &str) {
         self.confine().remove_cgroup(id);
+        self.ram().remove(id);
         let dir = self.config().sandbox_dir(id);
         crate::console::remove(&crate::console::ring_path(
             &crate::engine::vm_name(id),
