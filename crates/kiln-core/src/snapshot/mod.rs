@@ -6,6 +6,7 @@ pub mod compat;
 pub mod db;
 pub(crate) mod guard;
 pub mod manifest;
+pub mod names;
 pub mod restore;
 mod validate;
 
@@ -73,6 +74,9 @@ pub struct Snapshot {
     /// (`kiln serve --warm-spares`).
     #[serde(default)]
     pub warm_spares: usize,
+    /// Further names it was given (`POST /v1/snapshots/{id}/names`); every route finds it by any of them.
+    #[serde(default)]
+    pub names: Vec<String>,
 }
 
 impl Snapshot {
