@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use kiln_agent_client::ExecRequest;
 use kiln_image::Image;
 use kiln_vmm::VmSpec;
 
@@ -29,6 +30,9 @@ pub struct Incoming {
 /// copies would produce the same "random" bytes and UUIDs from the same RNG state).
 pub struct NewIdentity {
     pub hostname: String,
+    /// The MAC QEMU gives the copy's NIC. A restored guest kernel keeps the address it read from its
+    /// source's NIC, so it is set in the guest too (None for a cold boot, whose kernel read its own).
+    pub mac: Option<String>,
 }
 
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -336,6 +340,16 @@ impl Engine {
             .await
             .map_err(named)?;
         agent.reseed(&entropy).await.map_err(named)?;
+        if let Some(mac) = &identity.mac {
+            // eth0 is the NIC the image's init configures. A guest without `ip` keeps its old address
+            // (its network works either way: every sandbox has its own user-mode network).
+            let set =
+                ExecRequest::argv(["ip", "link", "set", "dev", "eth0", "address", mac.as_str()]);
+            let out = agent.exec_collect(set).await.map_err(named)?;
+            if out.status.code != Some(0) {
+                tracing::warn!(vm = %vm.name, mac, stderr = %String::from_utf8_lossy(&out.stderr), "could not give the guest's NIC its new MAC");
+            }
+        }
         Ok(())
     }
 

@@ -213,6 +213,7 @@ impl Engine {
             resume: true,
             identity: Some(NewIdentity {
                 hostname: sb.hostname.clone(),
+                mac: Some(sb.mac.clone()),
             }),
         });
         Ok((layout, incoming))
@@ -291,6 +292,7 @@ impl Engine {
                 // A disk snapshot boots fresh: a new machine, like a template boot.
                 let identity = NewIdentity {
                     hostname: sb.hostname.clone(),
+                    mac: None,
                 };
                 self.after_resume(&sb.id, &vm, Some(&identity)).await?;
             }
