@@ -73,6 +73,15 @@ CREATE INDEX attachments_by_volume ON attachments(volume);
 ALTER TABLE sandboxes ADD COLUMN egress INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE sandboxes ADD COLUMN qemu_uid INTEGER;
 "#,
+    // Names given to snapshots after they were taken (snapshot/names.rs); they go with their snapshot.
+    r#"
+CREATE TABLE snapshot_names (
+    name TEXT PRIMARY KEY,
+    snapshot_id TEXT NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX snapshot_names_by_snapshot ON snapshot_names(snapshot_id);
+"#,
 ];
 
 pub struct Db {

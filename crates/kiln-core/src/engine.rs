@@ -556,6 +556,7 @@ impl Engine {
             // Every sandbox is its own machine: machine id and RNG seed of its own from the start.
             let identity = crate::machine::NewIdentity {
                 hostname: sandbox.hostname.clone(),
+                mac: None,
             };
             self.after_resume(&id, &vm, Some(&identity)).await?;
             Ok::<_, Error>(vm)

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use kiln_agent_client::ExecRequest;
 use kiln_image::Image;
 use kiln_vmm::VmSpec;
 
@@ -29,9 +30,14 @@ pub struct Incoming {
 /// copies would produce the same "random" bytes and UUIDs from the same RNG state).
 pub struct NewIdentity {
     pub hostname: String,
+    /// The MAC QEMU gives the copy's NIC. A restored guest kernel keeps the address it read from its
+    /// source's NIC, so it is set in the guest too (None for a cold boot, whose kernel read its own).
+    pub mac: Option<String>,
 }
 
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the guest gets to take its new MAC (`ip link set`) after a restore.
+const MAC_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Engine {
     /// Creates the sandbox directory for a cold boot from `image`: hard links to the kernel, initramfs and
@@ -349,6 +355,24 @@ impl Engine {
             .await
             .map_err(named)?;
         agent.reseed(&entropy).await.map_err(named)?;
+        if let Some(mac) = &identity.mac {
+            // eth0 is the NIC the image's init configures. A guest without `ip` keeps its old address
+            // (its network works either way: every sandbox has its own user-mode network).
+            // Bounded: the guest's own `ip` may hang or be replaced, which only costs it its new MAC.
+            let mut set =
+                ExecRequest::argv(["ip", "link", "set", "dev", "eth0", "address", mac.as_str()]);
+            set.timeout_ms = Some(MAC_TIMEOUT.as_millis() as u64);
+            match tokio::time::timeout(MAC_TIMEOUT * 2, agent.exec_collect(set)).await {
+                Ok(Ok(out)) if out.status.code == Some(0) => {}
+                Ok(Ok(out)) => {
+                    tracing::warn!(vm = %vm.name, mac, status = ?out.status, stderr = %String::from_utf8_lossy(&out.stderr), "could not give the guest's NIC its new MAC")
+                }
+                Ok(Err(e)) => return Err(named(e)),
+                Err(_) => {
+                    tracing::warn!(vm = %vm.name, mac, "setting the guest's NIC MAC timed out")
+                }
+            }
+        }
         Ok(())
     }
 

@@ -501,6 +501,9 @@ pub fn sandbox_resources(engine: &Engine, id_or_name: &str) -> (String, Resource
 
 /// Resources naming one snapshot (and, when it has one, its source sandbox).
 pub fn snapshot_resources(engine: &Engine, id: &str, with_source: bool) -> (String, Resources) {
+    // By id, whichever name the client used (names: snapshot/names.rs).
+    let resolved = engine.resolve_snapshot(id);
+    let id = resolved.as_deref().unwrap_or(id);
     let mut r = Resources {
         snapshots: vec![id.to_string()],
         ..Default::default()

@@ -196,6 +196,7 @@ impl Engine {
         let incoming = incoming.map(|inc| Incoming {
             identity: Some(NewIdentity {
                 hostname: SPARE_HOSTNAME.to_string(),
+                mac: Some(sb.mac.clone()),
             }),
             ..inc
         });
@@ -270,8 +271,10 @@ impl Engine {
             };
             let _ = self.db().set_layout(&id, &layout);
         }
+        // The spare's NIC got its MAC when the spare was made; that stays its address.
         let identity = NewIdentity {
             hostname: claimed.hostname.clone(),
+            mac: None,
         };
         self.confine().set_background(
             &id,

@@ -54,6 +54,7 @@ use crate::routes::{
         snapshots::delete,
         snapshots::resume,
         snapshots::restore,
+        snapshots::name,
         files::read,
         files::write,
         files::remove,
@@ -107,6 +108,7 @@ pub fn router(engine: Arc<Engine>, limits: limits::Limits) -> Router {
         )
         .route("/v1/snapshots/{id}/resume", post(snapshots::resume))
         .route("/v1/snapshots/{id}/restore", post(snapshots::restore))
+        .route("/v1/snapshots/{id}/names", post(snapshots::name))
         .route(
             "/v1/sandboxes/{id}/files",
             get(files::read).put(files::write).delete(files::remove),

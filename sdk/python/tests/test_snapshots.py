@@ -142,3 +142,33 @@ def test_fork(sandbox: Sandbox, name: str) -> None:
     finally:
         for c in children:
             c.delete()
+
+
+def test_save_named_gives_a_snapshot_a_further_name(sandbox: Sandbox, name: str) -> None:
+    # Disk snapshots: no VM is resumed here, only names are looked up.
+    snap = sandbox.snapshot(type="disk")
+    other = sandbox.snapshot(name=f"{name}-b", type="disk")
+    try:
+        assert snap.save_named(name) is snap and snap.names == [name]
+        assert snap.save_named(name).names == [name]  # again: nothing changes
+        got = Snapshot.get(name)
+        assert (got.id, got.names) == (snap.id, [name])
+        assert [s.names for s in Snapshot.list() if s.id == snap.id] == [[name]]
+        # Ids and names share one namespace.
+        with pytest.raises(SnapshotAlreadyExistsError):
+            other.save_named(name)
+        with pytest.raises(SnapshotAlreadyExistsError):
+            snap.save_named(other.id)
+        with pytest.raises(InvalidRequestError):
+            snap.save_named("Not Valid")
+        # Deleting by name deletes the snapshot and its names.
+        assert Snapshot.delete(name).id == snap.id
+        for gone in (name, snap.id):
+            with pytest.raises(SnapshotNotFoundError):
+                Snapshot.get(gone)
+    finally:
+        for s in (snap, other):
+            try:
+                s.delete()
+            except SnapshotNotFoundError:
+                pass

@@ -62,7 +62,10 @@ export interface SnapshotOptions {
   name?: string;
   /** `full` (default), `diff` (only changes since the origin) or `disk` (no memory; restores by cold boot). */
   type?: SnapshotType;
-  /** `false` leaves the sandbox paused after the capture (default `true`). */
+  /**
+   * `true` continues the sandbox right after the capture. By default it stays paused, as the SDK's
+   * reference describes `snapshot()`: call {@link Sandbox.resume} to continue it.
+   */
   resumeSource?: boolean;
   metadata?: Record<string, string>;
 }
@@ -407,12 +410,16 @@ export class Sandbox {
     return (await this.client.request("GET", sandboxPath(this.id, "/logs"))).text();
   }
 
-  /** Captures the sandbox. Snapshots are durable and outlive the sandbox; see {@link Snapshot}. */
+  /**
+   * Captures the whole machine (memory, vCPUs, devices, disk). The sandbox is paused for the capture and
+   * stays paused until {@link Sandbox.resume} (or pass `resumeSource: true`); or fork new sandboxes from
+   * the snapshot. Snapshots are durable and outlive the sandbox; see {@link Snapshot}.
+   */
   async snapshot(options: SnapshotOptions = {}): Promise<Snapshot> {
-    const resumeSource = options.resumeSource ?? true;
+    const resumeSource = options.resumeSource ?? false;
     const body = { name: options.name, type: options.type ?? "full", leave_paused: !resumeSource, labels: options.metadata };
     const r = await this.client.json<SnapshotRecord>("POST", sandboxPath(this.id, "/snapshots"), { json: body });
-    if (!resumeSource) this.state = "paused";
+    this.state = resumeSource ? "running" : "paused";
     return new Snapshot(r, this.client);
   }
 
@@ -435,7 +442,7 @@ export class Sandbox {
     return this.#lifecycle("pause");
   }
 
-  /** Continues a paused sandbox. */
+  /** Continues a paused sandbox (e.g. after {@link Sandbox.snapshot}) from exactly where it was; a running one stays as it is. */
   resume(): Promise<this> {
     return this.#lifecycle("resume");
   }

@@ -1,5 +1,4 @@
 import { Client, type WithClient, defaultClient, snapshotPath } from "./client.js";
-import { InvalidRequestError } from "./errors.js";
 import { Sandbox } from "./sandbox.js";
 import type { SandboxRecord, SnapshotDeleted, SnapshotRecord, SnapshotType, VolumeSpec } from "./types.js";
 import { volumesJson } from "./volume.js";
@@ -23,9 +22,9 @@ export interface RestoreOptions {
 }
 
 /**
- * A durable capture of a sandbox. kiln identifies snapshots by name: {@link Snapshot.id} is the name
- * given to `sandbox.snapshot({ name })` (or a generated `snap-<sandbox>-<time>`), and a snapshot stays
- * until deleted, whatever happens to its sandbox.
+ * A durable capture of a sandbox. {@link Snapshot.id} is the name given to `sandbox.snapshot({ name })` (or
+ * a generated `snap-<sandbox>-<time>`); {@link Snapshot.saveNamed} adds further names. Every static method
+ * takes the id or any name. A snapshot stays until deleted, whatever happens to its sandbox.
  */
 export class Snapshot {
   /** @internal */
@@ -52,6 +51,8 @@ export class Snapshot {
   createdAt!: Date;
   /** Copies resumed ahead of time and ready to hand out: the next resume only continues one. */
   warmSpares!: number;
+  /** Names given with {@link Snapshot.saveNamed} (the id is not repeated here). */
+  names!: string[];
 
   /** @internal Use {@link Snapshot.get} or `sandbox.snapshot()`. */
   constructor(record: SnapshotRecord, client: Client) {
@@ -75,6 +76,7 @@ export class Snapshot {
     this.restoredAt = r.restored_at ? new Date(r.restored_at) : null;
     this.createdAt = new Date(r.created_at);
     this.warmSpares = r.warm_spares ?? 0;
+    this.names = r.names ?? [];
     return this;
   }
 
@@ -83,13 +85,13 @@ export class Snapshot {
     return this.id;
   }
 
-  /** A snapshot by name (rejects with {@link SnapshotNotFoundError}). */
+  /** A snapshot by id or name (rejects with {@link SnapshotNotFoundError}). */
   static async get(name: string, options: WithClient = {}): Promise<Snapshot> {
     const client = options.client ?? defaultClient();
     return new Snapshot(await client.json<SnapshotRecord>("GET", snapshotPath(name)), client);
   }
 
-  /** Snapshots, optionally only those of one source sandbox (id or name) and/or with every label given. */
+  /** Snapshots (each with its {@link Snapshot.names}), optionally only those of one source sandbox (id or name) and/or with every label given. */
   static async list(options: WithClient & { sandboxId?: string; metadata?: Record<string, string> } = {}): Promise<Snapshot[]> {
     const client = options.client ?? defaultClient();
     const query: [string, string][] = Object.entries(options.metadata ?? {}).map(([k, v]) => ["label", `${k}=${v}`]);
@@ -99,7 +101,7 @@ export class Snapshot {
   }
 
   /**
-   * Deletes a snapshot by name. Sandboxes running from it keep its files (`filesKeptFor`); refused with
+   * Deletes a snapshot (by id or any name) from disk, with all its names. Sandboxes running from it keep its files (`filesKeptFor`); refused with
    * {@link ConflictError} while diff snapshots build on it.
    */
   static async delete(name: string, options: WithClient = {}): Promise<SnapshotDeleted> {
@@ -137,22 +139,15 @@ export class Snapshot {
   }
 
   /**
-   * Makes sure this snapshot is kept under `name`, beyond the life of its sandbox.
-   *
-   * kiln snapshots are always durable and are identified by their name, which is chosen when the
-   * snapshot is taken (`sandbox.snapshot({ name })`); the daemon cannot rename one. So this resolves
-   * (after checking that the snapshot still exists) when `name` is already its name, and otherwise rejects
-   * with {@link InvalidRequestError} instead of silently making a different snapshot.
+   * Keeps this snapshot under `name` as well, beyond the life of its sandbox: {@link Snapshot.get},
+   * `restore`, `delete` (and the CLI and REST API) find it by that name. Ids and names share one namespace:
+   * a name another snapshot has as its id or name rejects with {@link SnapshotAlreadyExistsError}; giving
+   * a name this snapshot already has changes nothing. Names follow the id rule (`[a-z0-9][a-z0-9_-]*`).
    */
-  async saveNamed(name: string): Promise<Snapshot> {
-    if (name !== this.id) {
-      throw new InvalidRequestError(
-        `snapshot '${this.id}' cannot be saved as '${name}': kiln snapshots are named when taken and cannot be renamed; ` +
-          `take it with sandbox.snapshot({ name: '${name}' }) instead`,
-        "invalid_request",
-      );
-    }
-    return this.refresh();
+  async saveNamed(name: string): Promise<this> {
+    return this.#apply(
+      await this.client.json<SnapshotRecord>("POST", snapshotPath(this.id, "/names"), { json: { name } }),
+    );
   }
 
   toString(): string {

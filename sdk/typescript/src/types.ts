@@ -67,6 +67,7 @@ export interface SnapshotRecord {
   restored_at?: string | null;
   created_at: string;
   warm_spares?: number;
+  names?: string[];
 }
 
 /** The outcome of a command. A non-zero exit is not an error: check `ok` or `exitCode`. */

@@ -33,7 +33,7 @@ after(async () => {
 test("snapshot, get, list, restore copies, duplicate names, delete", async () => {
   const name = uniqueName("snap");
   await sb.files.write("/root/marker", "at-snapshot");
-  const snap = await sb.snapshot({ name, metadata: { kind: "marker" } });
+  const snap = await sb.snapshot({ name, metadata: { kind: "marker" }, resumeSource: true });
   assert.deepEqual([snap.id, snap.name, snap.type, snap.sandboxId, snap.sandboxName], [name, name, "full", sb.id, sb.name]);
   assert.deepEqual(snap.metadata, { kind: "marker" });
   assert.ok(snap.sizeBytes > 0 && snap.memoryMib === 256 && !snap.restored && snap.createdAt instanceof Date);
@@ -68,25 +68,30 @@ test("snapshot, get, list, restore copies, duplicate names, delete", async () =>
   await assert.rejects(snap.delete(), SnapshotNotFoundError);
 });
 
-test("saveNamed keeps a snapshot under its name beyond its sandbox; renaming is refused", async () => {
-  const base = await sb.snapshot({ name: uniqueName("base") });
+test("saveNamed keeps a snapshot under a further name beyond its sandbox", async () => {
+  const base = await sb.snapshot({ name: uniqueName("base"), resumeSource: true });
   const src = await base.restore();
+  const snap = await src.snapshot();
+  assert.equal(src.state, "paused");
   const name = uniqueName("keep");
-  const snap = await src.snapshot({ name });
   assert.equal(await snap.saveNamed(name), snap);
-  await assert.rejects(snap.saveNamed("another-name"), (e) => e instanceof InvalidRequestError && /cannot be renamed/.test(e.message));
+  assert.deepEqual(snap.names, [name]);
+  assert.equal(await snap.saveNamed(snap.id), snap, "its own id is already its name");
 
   await src.delete();
-  // The sandbox is gone; the named snapshot stays and still restores.
-  const back = await (await Snapshot.get(name)).restore();
+  // The sandbox is gone; the named snapshot stays and still restores, by name.
+  const loaded = await Snapshot.get(name);
+  assert.deepEqual([loaded.id, loaded.names], [snap.id, [name]]);
+  const back = await loaded.restore();
   assert.ok((await back.run("true")).ok);
   await back.delete();
-  await Snapshot.delete(name);
+  assert.deepEqual(await Snapshot.delete(name), { id: snap.id, filesKeptFor: [] });
+  await assert.rejects(Snapshot.get(snap.id), SnapshotNotFoundError);
   await base.delete();
 });
 
 test("checkpoint with resumeSource=false, then roll back with Sandbox.fromSnapshot", async () => {
-  const base = await sb.snapshot({ name: uniqueName("rb-base") });
+  const base = await sb.snapshot({ name: uniqueName("rb-base"), resumeSource: true });
   const child = await base.restore(uniqueName("rb"));
   try {
     await child.files.write("/root/state", "good");
@@ -116,7 +121,7 @@ test("checkpoint with resumeSource=false, then roll back with Sandbox.fromSnapsh
 
 test("a disk snapshot cold-boots with new resources", async () => {
   await sb.run("echo on-disk > /root/disk-note");
-  const snap = await sb.snapshot({ name: uniqueName("disk"), type: "disk" });
+  const snap = await sb.snapshot({ name: uniqueName("disk"), type: "disk", resumeSource: true });
   try {
     assert.equal(snap.type, "disk");
     const cold = await snap.restore(undefined, { memoryMib: 320, diskSizeGib: 2 });

@@ -66,7 +66,7 @@ test("a volume outlives its sandbox; a snapshot copy gets it only when asked", a
     assert.deepEqual((await vol.refresh()).attachments, [{ sandboxId: first.id, sandboxName: first.name, path: "/data", readOnly: false }]);
     await assert.rejects(vol.delete(), (e) => e instanceof VolumeInUseError && e instanceof ConflictError && e.message.includes(first.name));
 
-    snap = await first.snapshot({ name: uniqueName("ts-vsnap") });
+    snap = await first.snapshot({ name: uniqueName("ts-vsnap"), resumeSource: true });
     await first.delete();
     assert.equal((await vol.refresh()).inUse, false);
 

@@ -65,6 +65,9 @@ pub enum SnapshotCmd {
         #[arg(long)]
         no_egress: bool,
     },
+    /// Give a snapshot a further name, under which every command finds it (ids and names share one
+    /// namespace; the name goes when the snapshot is deleted).
+    Name { snapshot: String, name: String },
     /// Roll the snapshot's source sandbox back to it (same id and name); paused unless --resume.
     Restore {
         snapshot: String,
@@ -79,6 +82,7 @@ pub enum SnapshotCmd {
 pub fn snapshot_row(s: &Value) -> Vec<String> {
     vec![
         s["id"].as_str().unwrap_or("").to_string(),
+        names_of(s),
         s["sandbox_name"].as_str().unwrap_or("").to_string(),
         s["type"].as_str().unwrap_or("").to_string(),
         s["parent"].as_str().unwrap_or("-").to_string(),
@@ -92,8 +96,23 @@ pub fn snapshot_row(s: &Value) -> Vec<String> {
     ]
 }
 
-const HEADERS: [&str; 7] = [
-    "ID", "SANDBOX", "TYPE", "PARENT", "SIZE", "RESTORED", "CREATED",
+/// A snapshot's further names, comma-separated ("-" when it has none).
+fn names_of(s: &Value) -> String {
+    let names: Vec<&str> = s["names"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if names.is_empty() {
+        "-".into()
+    } else {
+        names.join(",")
+    }
+}
+
+const HEADERS: [&str; 8] = [
+    "ID", "NAMES", "SANDBOX", "TYPE", "PARENT", "SIZE", "RESTORED", "CREATED",
 ];
 
 pub async fn run(cli: &Cli, cmd: &SnapshotCmd) -> anyhow::Result<ExitCode> {
@@ -171,6 +190,7 @@ pub async fn run(cli: &Cli, cmd: &SnapshotCmd) -> anyhow::Result<ExitCode> {
                         "created_at",
                         "labels",
                         "warm_spares",
+                        "names",
                     ],
                     14,
                 )
@@ -246,6 +266,21 @@ pub async fn run(cli: &Cli, cmd: &SnapshotCmd) -> anyhow::Result<ExitCode> {
                     "resumed snapshot {snapshot} as sandbox {} ({})",
                     sb["name"].as_str().unwrap_or(""),
                     sb["id"].as_str().unwrap_or("")
+                );
+            });
+        }
+        SnapshotCmd::Name { snapshot, name } => {
+            let s: Value = client
+                .json(
+                    Method::POST,
+                    &format!("/v1/snapshots/{}/names", encode(snapshot)),
+                    Some(json!({ "name": name })),
+                )
+                .await?;
+            print_json_or(cli, &s, || {
+                println!(
+                    "snapshot {} is also named {name}",
+                    s["id"].as_str().unwrap_or("")
                 );
             });
         }

@@ -429,6 +429,7 @@ impl Engine {
             restored_at: None,
             created_at,
             warm_spares: 0,
+            names: Vec::new(),
         };
         if let Err(e) = self.db().insert_snapshot(&snapshot, ephemeral) {
             let _ = fsutil::remove_dir_durably(&dir);

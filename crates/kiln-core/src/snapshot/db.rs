@@ -100,5 +100,6 @@ fn row_to_snapshot(r: &Row<'_>) -> rusqlite::Result<Snapshot> {
         restored_at: r.get("restored_at")?,
         created_at: r.get("created_at")?,
         warm_spares: 0,
+        names: Vec::new(),
     })
 }

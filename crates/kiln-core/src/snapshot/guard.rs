@@ -43,6 +43,12 @@ pub(crate) struct DeleteClaim<'a> {
     id: String,
 }
 
+impl Claims {
+    pub(crate) fn is_deleting(&self, id: &str) -> bool {
+        self.deleting.contains(id)
+    }
+}
+
 impl Drop for NameClaim<'_> {
     fn drop(&mut self) {
         self.engine.with_claims(|c| c.names.remove(&self.name));
@@ -141,9 +147,7 @@ impl Engine {
             .take(60)
             .collect();
         let name = self.with_claims(|c| {
-            let taken = |c: &Claims, id: &str| -> Result<bool> {
-                Ok(c.names.contains(id) || self.db().find_snapshot(id)?.is_some())
-            };
+            let taken = |c: &Claims, id: &str| self.snapshot_name_taken(c, id);
             let id = match requested {
                 Some(id) => {
                     if taken(c, &id)? {
@@ -168,6 +172,14 @@ impl Engine {
             Ok(id)
         })?;
         Ok(NameClaim { engine: self, name })
+    }
+
+    /// Whether `name` is a snapshot's id, another name of one (snapshot/names.rs), or being taken by a
+    /// capture: ids and names share one namespace. Called under the claims mutex.
+    pub(crate) fn snapshot_name_taken(&self, c: &Claims, name: &str) -> Result<bool> {
+        Ok(c.names.contains(name)
+            || self.db().find_snapshot(name)?.is_some()
+            || self.db().snapshot_named(name)?.is_some())
     }
 
     /// Keeps snapshot `id` from deletion while its files are read; refused (with `code`) if it is gone

@@ -7,6 +7,7 @@ pub mod db;
 pub(crate) mod guard;
 pub mod manifest;
 pub(crate) mod resources;
+pub mod names;
 pub mod restore;
 mod validate;
 
@@ -74,6 +75,9 @@ pub struct Snapshot {
     /// (`kiln serve --warm-spares`).
     #[serde(default)]
     pub warm_spares: usize,
+    /// Further names it was given (`POST /v1/snapshots/{id}/names`); every route finds it by any of them.
+    #[serde(default)]
+    pub names: Vec<String>,
 }
 
 impl Snapshot {

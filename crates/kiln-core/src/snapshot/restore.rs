@@ -52,16 +52,19 @@ pub struct SnapshotDeleted {
 }
 
 impl Engine {
-    pub fn get_snapshot(&self, id: &str) -> Result<Snapshot> {
+    /// A snapshot by id or by any of its names (snapshot/names.rs).
+    pub fn get_snapshot(&self, id_or_name: &str) -> Result<Snapshot> {
+        let id = self.resolve_snapshot(id_or_name)?;
         self.db()
-            .find_snapshot(id)?
+            .find_snapshot(&id)?
             .map(|s| self.with_spares(s))
-            .ok_or_else(|| Error::snapshot_not_found(id))
+            .ok_or_else(|| Error::snapshot_not_found(id_or_name))
     }
 
     fn with_spares(&self, snap: Snapshot) -> Snapshot {
         Snapshot {
             warm_spares: self.warm_pool().ready_for(&snap.id),
+            names: self.db().snapshot_names(&snap.id).unwrap_or_default(),
             ..snap
         }
     }
@@ -217,15 +220,17 @@ impl Engine {
             resume: true,
             identity: Some(NewIdentity {
                 hostname: sb.hostname.clone(),
+                mac: Some(sb.mac.clone()),
             }),
         });
         Ok((layout, incoming))
     }
 
     /// A new sandbox that continues from the snapshot (memory snapshots) or boots from its disk.
-    pub async fn resume_snapshot(&self, id: &str, req: ResumeSnapshot) -> Result<Sandbox> {
+    pub async fn resume_snapshot(&self, id_or_name: &str, req: ResumeSnapshot) -> Result<Sandbox> {
         self.config().check_storage("create a sandbox")?;
-        self.resume_within(id, req, None).await
+        let id = self.resolve_snapshot(id_or_name)?;
+        self.resume_within(&id, req, None).await
     }
 
     /// `resume_snapshot`, counted against `held` capacity (a fork reserves for all its children at once)
@@ -296,6 +301,7 @@ impl Engine {
                 // A disk snapshot boots fresh: a new machine, like a template boot.
                 let identity = NewIdentity {
                     hostname: sb.hostname.clone(),
+                    mac: None,
                 };
                 self.after_resume(&sb.id, &vm, Some(&identity)).await?;
             } else if cpus != m.cpus {
@@ -397,7 +403,13 @@ impl Engine {
     }
 
     /// Puts the snapshot's source sandbox back to the snapshot (same id and name). Paused unless `resume`.
-    pub async fn restore_snapshot(&self, id: &str, resume: bool, force: bool) -> Result<Sandbox> {
+    pub async fn restore_snapshot(
+        &self,
+        id_or_name: &str,
+        resume: bool,
+        force: bool,
+    ) -> Result<Sandbox> {
+        let id = &self.resolve_snapshot(id_or_name)?;
         let (_, m) = self.load_manifest(id)?;
         // Every check below is made under the source's lifecycle lock (its slot exists even when its row
         // does not) and with the snapshot kept from deletion: two restores cannot both pass them.
@@ -534,8 +546,9 @@ impl Engine {
 
     /// Deletes a snapshot. Refused while diff snapshots build on it; sandboxes resumed from it keep
     /// running on their own hard links to its files (reported in the answer).
-    pub async fn delete_snapshot(&self, id: &str) -> Result<SnapshotDeleted> {
-        let snap = self.get_snapshot(id)?;
+    pub async fn delete_snapshot(&self, id_or_name: &str) -> Result<SnapshotDeleted> {
+        let snap = self.get_snapshot(id_or_name)?;
+        let id = snap.id.as_str();
         // Refused while a diff is being built on it or it is being resumed or restored; diffs being built
         // or resumes starting after this see it as deleted.
         let _deleting = self.claim_delete(id)?;

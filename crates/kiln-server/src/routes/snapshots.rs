@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 use super::operations::run;
 use super::AppState;
 use crate::error::{ApiResult, ErrorBody};
-use crate::extract::{OptionalJson, QueryPairs};
+use crate::extract::{ApiJson, OptionalJson, QueryPairs};
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -131,6 +131,38 @@ pub async fn restore(
         res,
         StatusCode::OK,
         move |e| async move { e.restore_snapshot(&id, b.resume, b.force).await },
+    )
+    .await
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NameBody {
+    /// A further name for the snapshot; ids and names share one namespace (same rule as ids).
+    pub name: String,
+}
+
+/// Gives a snapshot a further name, under which every snapshot route finds it (until the snapshot is
+/// deleted). Repeating a name it already has changes nothing; a name another snapshot has as its id or
+/// name is refused with 409 `snapshot_already_exists`.
+#[utoipa::path(post, path = "/v1/snapshots/{id}/names", request_body = NameBody,
+    params(("id" = String, Path, description = "snapshot id or name")),
+    responses((status = 200, body = Snapshot), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody)))]
+pub async fn name(
+    State(engine): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    ApiJson(b): ApiJson<NameBody>,
+) -> Response {
+    let res = snapshot_resources(&engine, &id, false);
+    run(
+        &engine,
+        &headers,
+        "snapshot.name",
+        res,
+        StatusCode::OK,
+        move |e| async move { e.name_snapshot(&id, &b.name).await },
     )
     .await
 }

@@ -352,6 +352,12 @@ class AsyncSnapshot(SnapshotFields):
         self._apply(await self._client.arequest_json("GET", snapshot_path(self.id)))
         return self
 
+    async def save_named(self, name: str) -> AsyncSnapshot:
+        """See :meth:`kiln.Snapshot.save_named`."""
+        d = await self._client.arequest_json("POST", snapshot_path(self.id, "/names"), json={"name": name})
+        self._apply(d)
+        return self
+
     async def restore(
         self,
         name: str | None = None,

@@ -416,6 +416,16 @@ class Snapshot(SnapshotFields):
         self._apply(self._client.request_json("GET", snapshot_path(self.id)))
         return self
 
+    def save_named(self, name: str) -> Snapshot:
+        """Keeps this snapshot under ``name`` too, beyond the life of its sandbox.
+
+        :meth:`get`, :meth:`delete`, :meth:`restore` (and the CLI and REST API) then find it by that name.
+        Ids and names share one namespace: a name another snapshot has as its id or name raises
+        :class:`SnapshotAlreadyExistsError`; a name this snapshot already has changes nothing.
+        """
+        self._apply(self._client.request_json("POST", snapshot_path(self.id, "/names"), json={"name": name}))
+        return self
+
     def restore(
         self,
         name: str | None = None,

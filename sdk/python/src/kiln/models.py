@@ -247,6 +247,8 @@ class SnapshotFields:
     warm_spares: int
     """Copies resumed ahead of time and ready to hand out: the next resume of this snapshot only
     continues one (see ``kiln serve --warm-spares``)."""
+    names: list[str]
+    """Further names given with ``save_named``; every lookup finds the snapshot by any of them."""
 
     @property
     def name(self) -> str:
@@ -269,6 +271,7 @@ class SnapshotFields:
         self.restored_at = parse_time(d.get("restored_at"))
         self.created_at = parse_time(d.get("created_at"))
         self.warm_spares = int(d.get("warm_spares", 0))
+        self.names = list(d.get("names") or [])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.id!r}, type={self.type!r}, sandbox_id={self.sandbox_id!r})"
