@@ -39,6 +39,8 @@ pub enum ErrorCode {
     Unauthorized,
     OperationNotFound,
     SandboxUnresponsive,
+    PortInUse,
+    PortNotFound,
     OperationInterrupted,
     Internal,
 }
@@ -77,6 +79,8 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::OperationNotFound => "operation_not_found",
             ErrorCode::SandboxUnresponsive => "sandbox_unresponsive",
+            ErrorCode::PortInUse => "port_in_use",
+            ErrorCode::PortNotFound => "port_not_found",
             ErrorCode::OperationInterrupted => "operation_interrupted",
             ErrorCode::Internal => "internal",
         }
@@ -95,7 +99,8 @@ impl ErrorCode {
             | ErrorCode::ImageNotFound
             | ErrorCode::GuestPathNotFound
             | ErrorCode::VolumeNotFound
-            | ErrorCode::OperationNotFound => 404,
+            | ErrorCode::OperationNotFound
+            | ErrorCode::PortNotFound => 404,
             ErrorCode::SandboxNameTaken
             | ErrorCode::SandboxNotRunning
             | ErrorCode::SandboxBusy
@@ -105,7 +110,8 @@ impl ErrorCode {
             | ErrorCode::SnapshotBaseChanged
             | ErrorCode::SnapshotAlreadyRestored
             | ErrorCode::VolumeAlreadyExists
-            | ErrorCode::VolumeInUse => 409,
+            | ErrorCode::VolumeInUse
+            | ErrorCode::PortInUse => 409,
             ErrorCode::SnapshotCorrupt | ErrorCode::SnapshotIncompatible => 422,
             ErrorCode::InsufficientStorage => 507,
             ErrorCode::CapacityExceeded => 429,

@@ -225,6 +225,7 @@ mod tests {
                 env: Default::default(),
                 mac: "m".into(),
                 egress: true,
+                ports: vec![],
             },
             parent: None,
             base_digest: None,
