@@ -49,6 +49,9 @@ enum Command {
     /// Create, list and delete volumes (durable disks for sandboxes).
     #[command(subcommand, alias = "vol")]
     Volume(commands::volume::VolumeCmd),
+    /// Publish guest ports of a running sandbox on 127.0.0.1 (a free host port is picked by default).
+    #[command(subcommand)]
+    Port(commands::port::PortCmd),
     /// Show the daemon's record of mutating requests and wait for them.
     #[command(subcommand, alias = "op")]
     Operation(commands::operation::OperationCmd),
@@ -153,6 +156,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sandbox(cmd) => commands::sandbox::run(&cli, cmd).await,
         Command::Snapshot(cmd) => commands::snapshot::run(&cli, cmd).await,
         Command::Volume(cmd) => commands::volume::run(&cli, cmd).await,
+        Command::Port(cmd) => commands::port::run(&cli, cmd).await,
         Command::Operation(cmd) => commands::operation::run(&cli, cmd).await,
         Command::Stop { sandboxes } => commands::snapshot::lifecycle(&cli, "stop", sandboxes).await,
         Command::Start { sandboxes } => {

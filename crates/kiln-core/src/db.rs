@@ -214,6 +214,14 @@ impl Db {
         Ok(())
     }
 
+    pub fn set_ports(&self, id: &str, ports: &[crate::model::PortMapping]) -> Result<()> {
+        self.lock().execute(
+            "UPDATE sandboxes SET ports = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, to_json(&ports), crate::model::now_rfc3339()],
+        )?;
+        Ok(())
+    }
+
     pub fn set_layout(&self, id: &str, layout: &crate::layout::Layout) -> Result<()> {
         self.lock().execute(
             "UPDATE sandboxes SET layout = ?2, updated_at = ?3 WHERE id = ?1",

@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 use crate::config::Config;
 use crate::db::Db;
 use crate::error::{Error, ErrorCode, Result};
-use crate::model::{now_rfc3339, PortMapping, Sandbox, SandboxState};
+use crate::model::{now_rfc3339, PortRequest, Sandbox, SandboxState};
 use crate::vm::Vm;
 use crate::{ids, validate};
 
@@ -39,8 +39,10 @@ pub struct CreateSandbox {
     pub env: BTreeMap<String, String>,
     #[serde(default, alias = "metadata")]
     pub labels: BTreeMap<String, String>,
+    /// Guest ports to publish on 127.0.0.1: `{"guest": 80}` picks a free host port, `{"guest": 80,
+    /// "host": 8080}` uses that one.
     #[serde(default)]
-    pub ports: Vec<PortMapping>,
+    pub ports: Vec<PortRequest>,
     /// Make the sandbox from this snapshot instead of a template (same as `POST /v1/snapshots/{id}/resume`).
     pub snapshot: Option<String>,
     /// Volumes to attach (at most 4).
@@ -473,15 +475,8 @@ impl Engine {
         if let Some(name) = &req.name {
             validate::name("sandbox", name)?;
         }
-        let mut seen = std::collections::HashSet::new();
-        for p in &req.ports {
-            if p.host == 0 || p.guest == 0 || !seen.insert(p.host) {
-                return Err(Error::invalid(format!(
-                    "invalid port mapping {}:{}: ports are 1-65535 and each host port is used once",
-                    p.host, p.guest
-                )));
-            }
-        }
+        let ports = crate::ports::requested(&[], &req.ports)?;
+        self.check_host_ports_free("", &ports)?;
         let image = self.resolve_image(&template)?;
         let template_size = image.manifest.rootfs_size_bytes;
         let disk_size_bytes = match req.disk_size_gib {
@@ -513,7 +508,7 @@ impl Engine {
             disk_size_bytes,
             env: req.env,
             labels: req.labels,
-            ports: req.ports,
+            ports,
             hostname: name.replace('_', "-"),
             mac: ids::new_mac(),
             accel: self.accel.accel.to_string(),

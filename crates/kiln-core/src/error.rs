@@ -39,6 +39,8 @@ pub enum ErrorCode {
     Unauthorized,
     OperationNotFound,
     SandboxUnresponsive,
+    PortInUse,
+    PortNotFound,
     OperationInterrupted,
     /// A resume asked for resources the snapshot's machine cannot take (less memory than it holds, more
     /// vCPUs than it has, or any change to a machine recorded without spare vCPUs).
@@ -80,6 +82,8 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::OperationNotFound => "operation_not_found",
             ErrorCode::SandboxUnresponsive => "sandbox_unresponsive",
+            ErrorCode::PortInUse => "port_in_use",
+            ErrorCode::PortNotFound => "port_not_found",
             ErrorCode::OperationInterrupted => "operation_interrupted",
             ErrorCode::ResourceOverrideRefused => "resource_override_refused",
             ErrorCode::Internal => "internal",
@@ -99,7 +103,8 @@ impl ErrorCode {
             | ErrorCode::ImageNotFound
             | ErrorCode::GuestPathNotFound
             | ErrorCode::VolumeNotFound
-            | ErrorCode::OperationNotFound => 404,
+            | ErrorCode::OperationNotFound
+            | ErrorCode::PortNotFound => 404,
             ErrorCode::SandboxNameTaken
             | ErrorCode::SandboxNotRunning
             | ErrorCode::SandboxBusy
@@ -110,7 +115,8 @@ impl ErrorCode {
             | ErrorCode::SnapshotAlreadyRestored
             | ErrorCode::VolumeAlreadyExists
             | ErrorCode::VolumeInUse
-            | ErrorCode::ResourceOverrideRefused => 409,
+            | ErrorCode::ResourceOverrideRefused
+            | ErrorCode::PortInUse => 409,
             ErrorCode::SnapshotCorrupt | ErrorCode::SnapshotIncompatible => 422,
             ErrorCode::InsufficientStorage => 507,
             ErrorCode::CapacityExceeded => 429,

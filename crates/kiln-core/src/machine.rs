@@ -173,14 +173,8 @@ impl Engine {
             cmdline: layout.cmdline.clone(),
             disk_layers: layout.vm_layers(),
             mac: sb.mac.clone(),
-            forwards: sb
-                .ports
-                .iter()
-                .map(|p| kiln_vmm::PortForward {
-                    host: p.host,
-                    guest: p.guest,
-                })
-                .collect(),
+            // Published through QMP once QEMU runs (ports.rs), where a host port in use can be retried.
+            forwards: Vec::new(),
             volumes: layout
                 .volume_slots
                 .iter()
@@ -238,10 +232,14 @@ impl Engine {
         };
         self.faults().hold(point).await;
         tracing::debug!(sandbox = %sb.id, ms = t0.elapsed().as_millis() as u64, "QEMU launched");
-        let result = match incoming {
-            None => self.wait_for_agent(&vm).await,
-            Some(inc) => self.restore_into(sb, &vm, &inc).await,
-        };
+        let result = async {
+            self.apply_ports(sb, &vm).await?;
+            match incoming {
+                None => self.wait_for_agent(&vm).await,
+                Some(inc) => self.restore_into(sb, &vm, &inc).await,
+            }
+        }
+        .await;
         match result {
             Ok(()) => Ok(vm),
             Err(e) => {

@@ -52,10 +52,41 @@ impl SandboxState {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PortMapping {
-    /// Port on the host's loopback interface.
+    /// Port on the host's loopback interface (127.0.0.1).
     pub host: u16,
     /// Port inside the guest.
     pub guest: u16,
+    /// kiln chose the host port (asked for without one). It keeps it across stop/start while it is free;
+    /// copies (resume, fork) always get host ports of their own.
+    #[serde(default)]
+    pub auto: bool,
+}
+
+/// A guest port to publish: on `host` (127.0.0.1), or on a free host port kiln picks when `host` is left
+/// out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortRequest {
+    pub guest: u16,
+    pub host: Option<u16>,
+}
+
+impl std::str::FromStr for PortRequest {
+    type Err = crate::Error;
+    /// `GUEST` (host port picked by kiln) or `HOST:GUEST`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(p) = s.parse::<u16>().ok().filter(|p| *p != 0) {
+            return Ok(PortRequest {
+                guest: p,
+                host: None,
+            });
+        }
+        let m: PortMapping = s.parse()?;
+        Ok(PortRequest {
+            guest: m.guest,
+            host: Some(m.host),
+        })
+    }
 }
 
 impl std::str::FromStr for PortMapping {
@@ -63,7 +94,7 @@ impl std::str::FromStr for PortMapping {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || {
             crate::Error::invalid(format!(
-                "invalid port mapping '{s}': use HOST:GUEST, e.g. 8080:80"
+                "invalid port mapping '{s}': use GUEST (a free host port is picked) or HOST:GUEST, e.g. 80 or 8080:80"
             ))
         };
         let (h, g) = s.split_once(':').ok_or_else(bad)?;
@@ -72,7 +103,11 @@ impl std::str::FromStr for PortMapping {
         if host == 0 || guest == 0 {
             return Err(bad());
         }
-        Ok(PortMapping { host, guest })
+        Ok(PortMapping {
+            host,
+            guest,
+            auto: false,
+        })
     }
 }
 
@@ -136,6 +171,13 @@ mod tests {
         assert_eq!((p.host, p.guest), (8080, 80));
         for bad in ["8080", "a:80", "0:80", "70000:1", ":"] {
             assert!(bad.parse::<PortMapping>().is_err(), "{bad}");
+        }
+        let auto: PortRequest = "80".parse().unwrap();
+        assert_eq!((auto.host, auto.guest), (None, 80));
+        let fixed: PortRequest = "8080:80".parse().unwrap();
+        assert_eq!((fixed.host, fixed.guest), (Some(8080), 80));
+        for bad in ["0", "a", "0:80", "70000"] {
+            assert!(bad.parse::<PortRequest>().is_err(), "{bad}");
         }
     }
 

@@ -24,7 +24,7 @@ use utoipa::OpenApi;
 use crate::error::ApiError;
 use crate::openapi::AuthAndCommonErrors;
 use crate::routes::{
-    doctor, exec, files, lifecycle, operations, sandboxes, snapshots, system, volumes,
+    doctor, exec, files, lifecycle, operations, ports, sandboxes, snapshots, system, volumes,
 };
 
 #[derive(OpenApi)]
@@ -48,6 +48,9 @@ use crate::routes::{
         lifecycle::stop,
         lifecycle::start,
         lifecycle::fork,
+        ports::list,
+        ports::publish,
+        ports::unpublish,
         snapshots::create,
         snapshots::list,
         snapshots::get,
@@ -100,6 +103,14 @@ pub fn router(engine: Arc<Engine>, limits: limits::Limits) -> Router {
         .route("/v1/sandboxes/{id}/stop", post(lifecycle::stop))
         .route("/v1/sandboxes/{id}/start", post(lifecycle::start))
         .route("/v1/sandboxes/{id}/fork", post(lifecycle::fork))
+        .route(
+            "/v1/sandboxes/{id}/ports",
+            get(ports::list).post(ports::publish),
+        )
+        .route(
+            "/v1/sandboxes/{id}/ports/{guest}",
+            axum::routing::delete(ports::unpublish),
+        )
         .route("/v1/sandboxes/{id}/snapshots", post(snapshots::create))
         .route("/v1/snapshots", get(snapshots::list))
         .route(

@@ -4,6 +4,7 @@
 pub mod accel;
 pub mod cpu;
 pub mod error;
+pub mod hostfwd;
 pub mod img;
 pub mod launch;
 pub mod memory;

@@ -182,3 +182,32 @@ def test_stop_hibernates_and_start_wakes(sandbox: Sandbox) -> None:
     # Same machine: files and processes are where they were.
     assert sandbox.files.read("/tmp/hibernated") == "awake\n"
     assert "sleep 1000" in sandbox.run("ps").stdout
+
+
+def test_get_host_publishes_a_guest_port_on_a_free_host_port(sandbox: Sandbox) -> None:
+    import time
+    import urllib.request
+
+    fixed = sandbox.ports[0]
+    assert sandbox.get_host(8080) == f"127.0.0.1:{fixed.host}" and not fixed.auto
+    addr = sandbox.get_host(9000)
+    host, port = addr.split(":")
+    assert host == "127.0.0.1" and int(port) not in (0, fixed.host)
+    assert sandbox.get_host(9000) == addr  # published once
+    assert any(p.guest == 9000 and p.auto for p in sandbox.ports)
+    sandbox.run("mkdir -p /www9 && echo py-served > /www9/index.html && (httpd -p 9000 -h /www9 &)")
+    body = ""
+    for _ in range(50):
+        try:
+            # No proxy: the request must go to loopback itself.
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            body = opener.open(f"http://{addr}/index.html", timeout=5).read().decode()
+            break
+        except OSError:
+            time.sleep(0.2)
+    assert body == "py-served\n"
+    sandbox.unpublish_port(9000)
+    assert all(p.guest != 9000 for p in sandbox.ports)
+    with pytest.raises(kiln.NotFoundError) as e:
+        sandbox.unpublish_port(9000)
+    assert e.value.code == "port_not_found"

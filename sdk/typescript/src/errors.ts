@@ -68,6 +68,8 @@ export const STATUS_BY_CODE: Readonly<Record<string, number>> = {
   volume_already_exists: 409,
   volume_in_use: 409,
   resource_override_refused: 409,
+  port_in_use: 409,
+  port_not_found: 404,
   snapshot_corrupt: 422,
   snapshot_incompatible: 422,
   method_not_allowed: 405,

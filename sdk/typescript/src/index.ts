@@ -48,6 +48,7 @@ export type {
   DirEntry,
   FileInfo,
   PortMapping,
+  PortSpec,
   SandboxState,
   SnapshotDeleted,
   SnapshotType,

@@ -12,6 +12,7 @@ import type {
   DirEntry,
   FileInfo,
   PortMapping,
+  PortSpec,
   SandboxRecord,
   SandboxState,
   SnapshotRecord,
@@ -33,8 +34,8 @@ export interface CreateSandboxOptions extends WithClient {
   env?: Record<string, string>;
   /** Labels, for `Sandbox.list({ metadata })`. */
   metadata?: Record<string, string>;
-  /** Host ports forwarded to guest ports. */
-  ports?: PortMapping[];
+  /** Guest ports to publish on 127.0.0.1: `8080` (a free host port is picked; see `getHost`) or `{ guest, host }`. */
+  ports?: PortSpec[];
   /** Make it from this snapshot instead of booting (like `snapshot.restore()`). */
   snapshot?: string;
   /**
@@ -364,7 +365,7 @@ export class Sandbox {
       disk_size_gib: options.diskSizeGib,
       env: options.env,
       labels: options.metadata,
-      ports: options.ports?.map(({ host, guest }) => ({ host, guest })),
+      ports: options.ports?.map(portJson),
       snapshot: options.snapshot,
       volumes: volumesJson(options.volumes),
     };
@@ -433,6 +434,32 @@ export class Sandbox {
     return r.sandboxes.map((s) => new Sandbox(s, this.client));
   }
 
+  /**
+   * Publishes a guest TCP port on 127.0.0.1: on `host`, or on a free port the daemon picks. Works on a running
+   * sandbox; publishing a published guest port again returns its mapping.
+   */
+  async publishPort(guest: number, host?: number): Promise<PortMapping> {
+    const p = await this.client.json<PortMapping>("POST", sandboxPath(this.id, "/ports"), {
+      json: portJson(host === undefined ? guest : { guest, host }),
+    });
+    await this.refresh();
+    return p;
+  }
+
+  /** Stops forwarding a guest port (`port_not_found` if it is not published). */
+  async unpublishPort(guest: number): Promise<void> {
+    this.#apply(await this.client.json<SandboxRecord>("DELETE", sandboxPath(this.id, `/ports/${guest}`)));
+  }
+
+  /**
+   * `127.0.0.1:HOST` where the guest's TCP `port` is reachable from the host; publishes it on a free host port
+   * first if it is not published yet. Copies (resume, fork) have host ports of their own.
+   */
+  async getHost(port: number): Promise<string> {
+    const p = this.ports.find((q) => q.guest === port) ?? (await this.publishPort(port));
+    return `127.0.0.1:${p.host}`;
+  }
+
   async #lifecycle(action: string): Promise<this> {
     return this.#apply(await this.client.json<SandboxRecord>("POST", sandboxPath(this.id, `/${action}`)));
   }
@@ -480,4 +507,8 @@ export class Sandbox {
   toString(): string {
     return `Sandbox(${this.id}, ${this.name}, ${this.state})`;
   }
+}
+
+function portJson(p: PortSpec): { guest: number; host?: number } {
+  return typeof p === "number" ? { guest: p } : p.host === undefined ? { guest: p.guest } : { guest: p.guest, host: p.host };
 }

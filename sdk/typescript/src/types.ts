@@ -7,7 +7,12 @@ export type SnapshotType = "full" | "diff" | "disk";
 export interface PortMapping {
   host: number;
   guest: number;
+  /** The daemon picked the host port (copies made by resume or fork always get their own). */
+  auto?: boolean;
 }
+
+/** A guest port to publish: `8080` (a free host port is picked) or `{ guest, host? }`. */
+export type PortSpec = number | { guest: number; host?: number };
 
 /** @internal */
 export interface SandboxRecord {

@@ -65,6 +65,29 @@ test("create reports what was asked", () => {
   assert.ok(sb.createdAt instanceof Date && !Number.isNaN(sb.createdAt.getTime()));
 });
 
+test("getHost publishes a guest port on a free host port", async () => {
+  const fixed = sb.ports[0];
+  assert.equal(await sb.getHost(8080), `127.0.0.1:${fixed.host}`);
+  const addr = await sb.getHost(9001);
+  assert.match(addr, /^127\.0\.0\.1:\d+$/);
+  assert.notEqual(addr, `127.0.0.1:${fixed.host}`);
+  assert.equal(await sb.getHost(9001), addr);
+  assert.ok(sb.ports.some((p) => p.guest === 9001 && p.auto));
+  await sb.run("mkdir -p /www9 && echo ts-served > /www9/index.html && (httpd -p 9001 -h /www9 &)");
+  let body = "";
+  for (let i = 0; i < 50 && body !== "ts-served\n"; i++) {
+    try {
+      body = await (await fetch(`http://${addr}/index.html`)).text();
+    } catch {
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  }
+  assert.equal(body, "ts-served\n");
+  await sb.unpublishPort(9001);
+  assert.ok(!sb.ports.some((p) => p.guest === 9001));
+  await assert.rejects(sb.unpublishPort(9001), (e) => e instanceof NotFoundError && e.code === "port_not_found");
+});
+
 test("connect, list, refresh and logs", async () => {
   assert.equal((await Sandbox.connect(sb.name)).id, sb.id);
   assert.equal((await Sandbox.connect(sb.id)).name, sb.name);

@@ -62,7 +62,7 @@ pub struct CreateArgs {
     /// Make the sandbox from this snapshot (same as `kiln snapshot resume`).
     #[arg(long)]
     snapshot: Option<String>,
-    /// Forward a host loopback port to the guest (HOST:GUEST); repeatable.
+    /// Publish a guest port on 127.0.0.1: GUEST (a free host port is picked) or HOST:GUEST; repeatable.
     #[arg(long = "port", short = 'p')]
     ports: Vec<String>,
     /// Attach a volume (NAME:/PATH or NAME:/PATH:ro); repeatable.
@@ -130,13 +130,11 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
             if a.no_egress {
                 body["egress"] = json!(false);
             }
-            let mut ports = Vec::new();
-            for p in &a.ports {
-                let (h, g) = p
-                    .split_once(':')
-                    .ok_or_else(|| anyhow::anyhow!("--port '{p}' must look like HOST:GUEST"))?;
-                ports.push(json!({"host": h.parse::<u16>()?, "guest": g.parse::<u16>()?}));
-            }
+            let ports = a
+                .ports
+                .iter()
+                .map(|p| crate::commands::port::port_flag(p))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             if !ports.is_empty() {
                 body["ports"] = Value::Array(ports);
             }

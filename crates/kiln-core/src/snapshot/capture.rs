@@ -399,6 +399,7 @@ impl Engine {
                 env: sb.env.clone(),
                 mac: sb.mac.clone(),
                 egress: sb.egress,
+                ports: sb.ports.clone(),
             },
             parent: parent.clone(),
             base_digest,

@@ -226,6 +226,7 @@ mod tests {
                 env: Default::default(),
                 mac: "m".into(),
                 egress: true,
+                ports: vec![],
             },
             parent: None,
             base_digest: None,

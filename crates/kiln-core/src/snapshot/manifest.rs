@@ -54,6 +54,9 @@ pub struct Source {
     /// The source's network egress setting (snapshots from before it existed had egress).
     #[serde(default = "egress_default")]
     pub egress: bool,
+    /// The source's published ports; copies publish the same guest ports on host ports of their own.
+    #[serde(default)]
+    pub ports: Vec<crate::model::PortMapping>,
 }
 
 fn egress_default() -> bool {
@@ -330,6 +333,7 @@ pub(crate) mod tests {
                 env: Default::default(),
                 mac: "52:54:00:12:34:56".into(),
                 egress: true,
+                ports: vec![],
             },
             parent: None,
             base_digest: None,

@@ -348,7 +348,17 @@ impl Engine {
             disk_size_bytes: m.disk_size_bytes,
             env: m.source.env.clone(),
             labels: BTreeMap::new(),
-            ports: Vec::new(),
+            // The same guest ports, each on a host port of its own (the source keeps its own).
+            ports: m
+                .source
+                .ports
+                .iter()
+                .map(|p| crate::model::PortMapping {
+                    host: 0,
+                    guest: p.guest,
+                    auto: true,
+                })
+                .collect(),
             hostname: m.source.hostname.clone(),
             mac: m.source.mac.clone(),
             accel: self.accel().accel.to_string(),

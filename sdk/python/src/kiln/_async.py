@@ -20,6 +20,7 @@ from .models import (
     ExecResult,
     FileStat,
     OperationFields,
+    PortMapping,
     SandboxFields,
     SnapshotDeleted,
     SnapshotFields,
@@ -270,6 +271,23 @@ class AsyncSandbox(SandboxFields):
             "POST", sandbox_path(self.id, "/fork"), json=_wire.fork_body(count, name, metadata)
         )
         return [AsyncSandbox(s, self._client) for s in d["sandboxes"]]
+
+    async def publish_port(self, guest: int, host: int | None = None) -> PortMapping:
+        """Publishes a guest TCP port on ``127.0.0.1``: on ``host``, or on a free port the daemon picks."""
+        d = await self._client.arequest_json(
+            "POST", sandbox_path(self.id, "/ports"), json=_wire.publish_body(guest, host)
+        )
+        await self.refresh()
+        return PortMapping(host=d["host"], guest=d["guest"], auto=bool(d.get("auto", False)))
+
+    async def unpublish_port(self, guest: int) -> None:
+        """Stops forwarding a guest port (``port_not_found`` if it is not published)."""
+        self._apply(await self._client.arequest_json("DELETE", sandbox_path(self.id, f"/ports/{int(guest)}")))
+
+    async def get_host(self, port: int) -> str:
+        """``127.0.0.1:HOST`` where the guest's TCP ``port`` is reachable; publishes it first if needed."""
+        p = _wire.find_port(self.ports, port) or await self.publish_port(port)
+        return p.address
 
     async def _lifecycle(self, action: str) -> AsyncSandbox:
         self._apply(await self._client.arequest_json("POST", sandbox_path(self.id, f"/{action}")))

@@ -17,6 +17,7 @@ from .models import (
     ExecResult,
     FileStat,
     OperationFields,
+    PortMapping,
     SandboxFields,
     SnapshotDeleted,
     SnapshotFields,
@@ -218,7 +219,8 @@ class Sandbox(SandboxFields):
                 ``(name, path, read_only)``, ``{"volume": .., "path": .., "read_only": ..}`` or
                 :class:`VolumeMount`. A read-write volume belongs to one sandbox at a time; read-only ones may be
                 shared. With ``snapshot``, the new sandbox gets exactly these (snapshots hold no volumes).
-            ports: host ports forwarded to guest ports, as ``(host, guest)`` or :class:`PortMapping`.
+            ports: guest ports to publish on 127.0.0.1: a guest port (a free host port is picked; see
+                :meth:`get_host`), ``(host, guest)`` or :class:`PortMapping`.
         """
         body = _wire.create_body(
             template=template,
@@ -323,6 +325,25 @@ class Sandbox(SandboxFields):
             "POST", sandbox_path(self.id, "/fork"), json=_wire.fork_body(count, name, metadata)
         )
         return [Sandbox(s, self._client) for s in d["sandboxes"]]
+
+    def publish_port(self, guest: int, host: int | None = None) -> PortMapping:
+        """Publishes a guest TCP port on ``127.0.0.1``: on ``host``, or on a free port the daemon picks.
+
+        Works on a running sandbox; publishing a published guest port again returns its mapping.
+        """
+        d = self._client.request_json("POST", sandbox_path(self.id, "/ports"), json=_wire.publish_body(guest, host))
+        self.refresh()
+        return PortMapping(host=d["host"], guest=d["guest"], auto=bool(d.get("auto", False)))
+
+    def unpublish_port(self, guest: int) -> None:
+        """Stops forwarding a guest port (:class:`NotFoundError` ``port_not_found`` if it is not published)."""
+        self._apply(self._client.request_json("DELETE", sandbox_path(self.id, f"/ports/{int(guest)}")))
+
+    def get_host(self, port: int) -> str:
+        """``127.0.0.1:HOST`` where the guest's TCP ``port`` is reachable from the host; publishes it on a
+        free host port first if it is not published yet. Copies (resume, fork) have host ports of their own."""
+        p = _wire.find_port(self.ports, port) or self.publish_port(port)
+        return p.address
 
     def _lifecycle(self, action: str) -> Sandbox:
         self._apply(self._client.request_json("POST", sandbox_path(self.id, f"/{action}")))

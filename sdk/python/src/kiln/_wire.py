@@ -10,8 +10,9 @@ from typing import Any, Literal
 from .errors import InvalidRequestError, error_from_code
 from .models import ExecResult, PortMapping, VolumeFields, VolumeMount
 
-PortSpec = PortMapping | tuple[int, int] | Mapping[str, int]
-"""A forwarded port: ``PortMapping(host, guest)``, a ``(host, guest)`` tuple or ``{"host": .., "guest": ..}``."""
+PortSpec = int | PortMapping | tuple[int, int] | Mapping[str, int]
+"""A published port: a guest port (``8080``: the daemon picks a free host port), ``PortMapping(host, guest)``,
+a ``(host, guest)`` tuple or ``{"host": .., "guest": ..}`` (``host`` may be left out)."""
 
 VolumeSpec = (
     VolumeMount | str | tuple[str | VolumeFields, str] | tuple[str | VolumeFields, str, bool] | Mapping[str, Any]
@@ -37,12 +38,24 @@ def label_params(metadata: Mapping[str, str] | None) -> list[tuple[str, str]]:
 
 
 def port_json(p: PortSpec) -> dict[str, int]:
+    if isinstance(p, int):
+        return {"guest": p}
     if isinstance(p, PortMapping):
         return {"host": p.host, "guest": p.guest}
     if isinstance(p, tuple):
         host, guest = p
         return {"host": int(host), "guest": int(guest)}
+    if "host" not in p:
+        return {"guest": int(p["guest"])}
     return {"host": int(p["host"]), "guest": int(p["guest"])}
+
+
+def publish_body(guest: int, host: int | None) -> dict[str, int]:
+    return {"guest": int(guest)} if host is None else {"guest": int(guest), "host": int(host)}
+
+
+def find_port(ports: list[PortMapping], guest: int) -> PortMapping | None:
+    return next((p for p in ports if p.guest == guest), None)
 
 
 def _bad_volume(spec: object, why: str) -> InvalidRequestError:

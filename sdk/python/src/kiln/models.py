@@ -37,6 +37,13 @@ class PortMapping:
 
     host: int
     guest: int
+    auto: bool = False
+    """The daemon picked the host port (copies made by resume or fork always get their own)."""
+
+    @property
+    def address(self) -> str:
+        """``127.0.0.1:HOST``, where the guest port is reachable from the host."""
+        return f"127.0.0.1:{self.host}"
 
 
 @dataclass(frozen=True)
@@ -202,7 +209,9 @@ class SandboxFields:
         self.disk_size_bytes = int(d.get("disk_size_bytes", 0))
         self.env = dict(d.get("env") or {})
         self.metadata = dict(d.get("labels") or {})
-        self.ports = [PortMapping(host=p["host"], guest=p["guest"]) for p in d.get("ports") or []]
+        self.ports = [
+            PortMapping(host=p["host"], guest=p["guest"], auto=bool(p.get("auto", False))) for p in d.get("ports") or []
+        ]
         self.hostname = d.get("hostname", "")
         self.mac = d.get("mac", "")
         self.accel = d.get("accel", "")
