@@ -3,7 +3,7 @@
 
 use super::VolumeMount;
 use crate::engine::Engine;
-use crate::layout::VolumeSlot;
+use crate::layout::{VolumeSlot, VOLUME_SLOTS};
 use crate::snapshot::manifest::Manifest;
 
 impl Engine {
@@ -34,6 +34,16 @@ impl Engine {
     pub(crate) fn remount_plan(&self, m: &Manifest) -> (Vec<VolumeMount>, Vec<String>) {
         let mut mounts = Vec::new();
         let mut notes = Vec::new();
+        // The slots the copy's machine has free (as provision_from_snapshot lays them out): a memory
+        // snapshot's guest may still hold stale mounts of the very volumes being remounted.
+        let free = if m.kind.has_memory() {
+            m.volume_slots
+                .iter()
+                .filter(|s| matches!(s.in_restored_copy(), VolumeSlot::Empty))
+                .count()
+        } else {
+            VOLUME_SLOTS
+        };
         for want in self.source_mounts(m) {
             let how = if want.read_only {
                 "read-only"
@@ -59,6 +69,9 @@ impl Engine {
                     "volume {name} ({how} at {path}) not remounted: sandbox {} has it attached {}; attach it when it is free, or read-only",
                     a.sandbox_name,
                     if a.read_only { "read-only" } else { "read-write" }
+                )),
+                None if mounts.len() >= free => notes.push(format!(
+                    "volume {name} ({how} at {path}) not remounted: the copy has no free volume slot (its guest still holds the source's mounts); a disk snapshot starts with all slots free"
                 )),
                 None => {
                     notes.push(format!("volume {name} remounted {how} at {path}"));
