@@ -342,6 +342,7 @@ fn row_to_sandbox(r: &Row<'_>) -> rusqlite::Result<Sandbox> {
         qemu_uid: r.get("qemu_uid")?,
         // Filled in by the engine, which knows what this daemon enforces.
         confined: false,
+        volume_notes: Vec::new(),
     })
 }
 
@@ -374,6 +375,7 @@ mod tests {
             egress: true,
             qemu_uid: None,
             confined: false,
+            volume_notes: Vec::new(),
         }
     }
 

@@ -456,7 +456,8 @@ impl Engine {
                         cpus: req.cpus,
                         disk_size_gib: req.disk_size_gib,
                         labels: req.labels,
-                        volumes: req.volumes,
+                        // No volumes given: the source's are remounted where free (see ResumeSnapshot).
+                        volumes: (!req.volumes.is_empty()).then_some(req.volumes),
                         egress: req.egress,
                     },
                 )
@@ -522,6 +523,7 @@ impl Engine {
             egress: req.egress.unwrap_or(true),
             qemu_uid: self.new_qemu_uid()?,
             confined: false,
+            volume_notes: Vec::new(),
         };
         {
             let _volumes = self.volume_lock().await;

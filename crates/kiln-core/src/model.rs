@@ -149,6 +149,10 @@ pub struct Sandbox {
     /// by one).
     #[serde(default)]
     pub confined: bool,
+    /// Only in the answer to a resume from a snapshot: what happened to the volumes the snapshot's source
+    /// had (remounted, or why not). Not stored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_notes: Vec<String>,
 }
 
 impl Sandbox {

@@ -230,7 +230,9 @@ impl Engine {
         m: &Manifest,
         req: &ResumeSnapshot,
     ) -> Option<Result<Sandbox>> {
-        if !req.volumes.is_empty() || req.egress.is_some_and(|e| e != m.source.egress) {
+        if req.volumes.as_ref().is_some_and(|v| !v.is_empty())
+            || req.egress.is_some_and(|e| e != m.source.egress)
+        {
             return None;
         }
         let id = self.warm_pool().take_ready(snapshot)?;

@@ -30,6 +30,11 @@ pub enum SandboxCmd {
         #[arg(short = 'y', long)]
         yes: bool,
     },
+    /// Snapshots in smolvm's spelling (`create SANDBOX --snapshot-id ID --snapshot-type T --resume-source`,
+    /// `restore`, `list --vm-id`, `delete`): as `kiln snapshot`, but `create` leaves the sandbox paused
+    /// unless --resume-source and `delete` does not ask.
+    #[command(subcommand)]
+    Snapshot(crate::commands::snapshot::SnapshotCmd),
     /// Print a sandbox's serial console log.
     Logs {
         sandbox: String,
@@ -246,6 +251,9 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
                     println!("deleted {sb}");
                 }
             }
+        }
+        SandboxCmd::Snapshot(cmd) => {
+            return crate::commands::snapshot::run_as(cli, cmd, true).await
         }
         SandboxCmd::Logs { sandbox, tail } => {
             let query = tail.map(|n| format!("?lines={n}")).unwrap_or_default();

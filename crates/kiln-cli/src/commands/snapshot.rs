@@ -14,14 +14,18 @@ pub enum SnapshotCmd {
     Create {
         sandbox: String,
         /// Snapshot id (default: snap-<sandbox>-<unix time>).
-        #[arg(long)]
+        #[arg(long, visible_alias = "snapshot-id")]
         name: Option<String>,
         /// full (self-contained), diff (only what changed since its parent) or disk (filesystem only).
-        #[arg(long = "type", default_value = "full")]
+        #[arg(long = "type", visible_alias = "snapshot-type", default_value = "full")]
         kind: String,
-        /// Leave the sandbox paused after the capture (continue it with `kiln resume`).
+        /// Leave the sandbox paused after the capture (continue it with `kiln resume`). The default under
+        /// `kiln sandbox snapshot create`, smolvm's spelling.
         #[arg(long)]
         leave_paused: bool,
+        /// Continue the sandbox after the capture (the default, except under `kiln sandbox snapshot`).
+        #[arg(long, conflicts_with = "leave_paused")]
+        resume_source: bool,
         #[arg(long = "label", short = 'l')]
         labels: Vec<String>,
     },
@@ -29,7 +33,7 @@ pub enum SnapshotCmd {
     #[command(alias = "ls")]
     List {
         /// Only snapshots of this source sandbox.
-        #[arg(long)]
+        #[arg(long, visible_alias = "vm-id")]
         sandbox: Option<String>,
         #[arg(long = "label")]
         labels: Vec<String>,
@@ -58,7 +62,8 @@ pub enum SnapshotCmd {
         cpus: Option<u32>,
         #[arg(long)]
         disk_size: Option<u64>,
-        /// Attach a volume (NAME:/PATH or NAME:/PATH:ro); repeatable. Snapshots hold no volumes.
+        /// Attach a volume (NAME:/PATH or NAME:/PATH:ro); repeatable. Without it the source's volumes are
+        /// remounted where free (snapshots hold no volumes).
         #[arg(long = "volume", short = 'v')]
         volumes: Vec<String>,
         /// Cut the new sandbox off from the network (default: as the snapshot's source was).
@@ -116,6 +121,13 @@ const HEADERS: [&str; 8] = [
 ];
 
 pub async fn run(cli: &Cli, cmd: &SnapshotCmd) -> anyhow::Result<ExitCode> {
+    run_as(cli, cmd, false).await
+}
+
+/// `smolvm`: the command was spelled `kiln sandbox snapshot ...` (smolvm's CLI), whose defaults differ:
+/// `create` leaves the source paused unless `--resume-source`, and `delete` does not ask and is refused
+/// while a sandbox rolled back to the snapshot is running or paused.
+pub async fn run_as(cli: &Cli, cmd: &SnapshotCmd, smolvm: bool) -> anyhow::Result<ExitCode> {
     let client = cli.client()?;
     match cmd {
         SnapshotCmd::Create {
@@ -123,8 +135,10 @@ pub async fn run(cli: &Cli, cmd: &SnapshotCmd) -> anyhow::Result<ExitCode> {
             name,
             kind,
             leave_paused,
+            resume_source,
             labels,
         } => {
+            let leave_paused = *leave_paused || (smolvm && !*resume_source);
             let mut body = json!({"type": kind, "leave_paused": leave_paused, "labels": crate::commands::sandbox::key_values(labels, "--label")?});
             if let Some(n) = name {
                 body["name"] = json!(n);
@@ -199,15 +213,16 @@ pub async fn run(cli: &Cli, cmd: &SnapshotCmd) -> anyhow::Result<ExitCode> {
         SnapshotCmd::Delete { snapshots, yes } => {
             if !confirm(
                 &format!("delete snapshot(s) {}?", snapshots.join(", ")),
-                *yes,
+                *yes || smolvm,
             )? {
                 return Ok(ExitCode::from(1));
             }
+            let query = if smolvm { "?unless_restored=true" } else { "" };
             for id in snapshots {
                 let v: Value = client
                     .json(
                         Method::DELETE,
-                        &format!("/v1/snapshots/{}", encode(id)),
+                        &format!("/v1/snapshots/{}{query}", encode(id)),
                         None,
                     )
                     .await?;

@@ -350,10 +350,12 @@ impl Walker {
             return;
         };
         self.history.push(format!("  resume {snap} as {name}"));
+        // `volumes: []`: the model does not track which volumes a snapshot's source had, so its copies
+        // attach none rather than getting the source's back where free.
         let r = self.call(
             "POST",
             &format!("/v1/snapshots/{snap}/resume"),
-            Some(json!({ "name": name })),
+            Some(json!({ "name": name, "volumes": [] })),
         );
         self.expect("resume", r, Expect::Ok);
         self.apply_resume(&snap, &name);
@@ -558,7 +560,7 @@ impl Walker {
                     &self.d,
                     "POST",
                     &format!("/v1/snapshots/{snap}/resume"),
-                    &json!({ "name": name }),
+                    &json!({ "name": name, "volumes": [] }),
                     delay,
                 );
                 self.settle();
@@ -811,7 +813,7 @@ impl Walker {
             let r = self.call(
                 "POST",
                 &format!("/v1/snapshots/{id}/resume"),
-                Some(json!({ "name": name })),
+                Some(json!({ "name": name, "volumes": [] })),
             );
             self.expect("final resume", r, Expect::Ok);
             let (status, v) = self.exec(&name, "cat /root/marker");

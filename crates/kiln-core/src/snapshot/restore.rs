@@ -36,9 +36,10 @@ pub struct ResumeSnapshot {
     pub disk_size_gib: Option<u64>,
     #[serde(default, alias = "metadata")]
     pub labels: BTreeMap<String, String>,
-    /// Volumes to attach (snapshots do not hold volumes; give them again to have them).
+    /// Volumes to attach. Absent: the volumes the snapshot's source had are remounted where they are free
+    /// (read-only ones always, a read-write one when no other sandbox has it); `[]` attaches none.
     #[serde(default)]
-    pub volumes: Vec<crate::volume::VolumeMount>,
+    pub volumes: Option<Vec<crate::volume::VolumeMount>>,
     /// Let the guest open connections out; default: as the snapshot's source sandbox had it.
     pub egress: Option<bool>,
 }
@@ -250,7 +251,10 @@ impl Engine {
         let _in_use = self.claim_use(id, ErrorCode::SnapshotNotFound)?;
         let (memory_mib, cpus, disk_size_bytes) = self.resume_resources(&m, &req)?;
         // A fork's children come from a capture made for them alone: no spares there.
-        let keep_warm = held.is_none() && m.kind.has_memory();
+        // Volumes not given: remount the source's (decided under the volume lock below). A copy with
+        // volumes is never a warm spare.
+        let remount = req.volumes.is_none() && !self.source_mounts(&m).is_empty();
+        let keep_warm = held.is_none() && m.kind.has_memory() && !remount;
         // Spares run with the snapshot's own resources.
         if keep_warm && (memory_mib, cpus) == (m.memory_mib, m.cpus) {
             if let Some(claimed) = self.claim_spare(id, &m, &req).await {
@@ -267,7 +271,7 @@ impl Engine {
         let sb_id = ids::new_id("sb");
         let name = req.name.clone().unwrap_or_else(|| sb_id.clone());
         let hostname = name.replace('_', "-");
-        let sb = Sandbox {
+        let mut sb = Sandbox {
             id: sb_id.clone(),
             name: name.clone(),
             memory_mib,
@@ -276,15 +280,19 @@ impl Engine {
             labels: req.labels.clone(),
             hostname: hostname.clone(),
             mac: ids::new_mac(),
-            volumes: req.volumes.clone(),
+            volumes: req.volumes.clone().unwrap_or_default(),
             egress: req.egress.unwrap_or(m.source.egress),
             ..self.record_from_manifest(&m, id)?
         };
+        let mut notes = Vec::new();
         {
             let _volumes = self.volume_lock().await;
-            self.check_mounts(&req.volumes)?;
+            if remount {
+                (sb.volumes, notes) = self.remount_plan(&m);
+            }
+            self.check_mounts(&sb.volumes)?;
             self.db().insert_sandbox(&sb)?;
-            self.db().set_attachments(&sb.id, &req.volumes)?;
+            self.db().set_attachments(&sb.id, &sb.volumes)?;
         }
         drop(own);
         let slot = self.slot(&sb.id);
@@ -292,7 +300,7 @@ impl Engine {
         let cmdline = with_hostname(&m.cmdline, &hostname, disk_size_bytes > m.disk_size_bytes);
         let started = async {
             let (layout, incoming) =
-                self.provision_from_snapshot(&sb, id, &m, cmdline, &req.volumes)?;
+                self.provision_from_snapshot(&sb, id, &m, cmdline, &sb.volumes)?;
             self.db().set_layout(&sb.id, &layout)?;
             let booted = incoming.is_none();
             let max_cpus = layout.max_cpus.unwrap_or(m.cpus);
@@ -319,7 +327,9 @@ impl Engine {
                 if keep_warm {
                     self.schedule_spare(id);
                 }
-                self.get(&sb.id)
+                let mut resumed = self.get(&sb.id)?;
+                resumed.volume_notes = notes;
+                Ok(resumed)
             }
             Err(e) => {
                 warn!(sandbox = %sb.id, snapshot = id, error = %e, "resume failed");
@@ -372,6 +382,7 @@ impl Engine {
             egress: m.source.egress,
             qemu_uid: self.new_qemu_uid()?,
             confined: false,
+            volume_notes: Vec::new(),
         })
     }
 
@@ -557,11 +568,39 @@ impl Engine {
     /// Deletes a snapshot. Refused while diff snapshots build on it; sandboxes resumed from it keep
     /// running on their own hard links to its files (reported in the answer).
     pub async fn delete_snapshot(&self, id_or_name: &str) -> Result<SnapshotDeleted> {
+        self.delete_snapshot_with(id_or_name, false).await
+    }
+
+    /// `delete_snapshot`; with `unless_restored` (smolvm's rule) also refused while a sandbox rolled back
+    /// to it is running or paused.
+    pub async fn delete_snapshot_with(
+        &self,
+        id_or_name: &str,
+        unless_restored: bool,
+    ) -> Result<SnapshotDeleted> {
         let snap = self.get_snapshot(id_or_name)?;
         let id = snap.id.as_str();
         // Refused while a diff is being built on it or it is being resumed or restored; diffs being built
         // or resumes starting after this see it as deleted.
         let _deleting = self.claim_delete(id)?;
+        if unless_restored {
+            // No restore can start or be under way now (the delete claim excludes them).
+            let live = self.db().list_sandboxes()?.into_iter().find(|s| {
+                s.restored_from.as_deref() == Some(id)
+                    && matches!(s.state, SandboxState::Running | SandboxState::Paused)
+            });
+            if let Some(sb) = live {
+                return Err(Error::new(
+                    ErrorCode::SnapshotInUse,
+                    format!(
+                        "snapshot {id} is restored into sandbox {}, which is {}; stop and delete {} first",
+                        sb.name,
+                        sb.state.as_str(),
+                        sb.name
+                    ),
+                ));
+            }
+        }
         self.discard_spares(Some(id)).await;
         let users: Vec<String> = self
             .db()

@@ -4,9 +4,10 @@
 //! one sandbox at a time; read-only it can be shared, each sandbox writing to a throwaway overlay. Every
 //! machine has [`VOLUME_SLOTS`] virtio disks whether or not volumes fill them, so a machine's device set
 //! never changes and its saved state loads with or without volumes. Volumes are not part of snapshots:
-//! stop/start keeps them attached; a resumed or forked copy starts without them unless given again (see
-//! docs/snapshots.md, "Volumes").
+//! stop/start keeps them attached; a resumed or forked copy gets its source's volumes back where they are
+//! free (`remount_plan`) unless given others (see docs/snapshots.md, "Volumes").
 
+mod remount;
 pub(crate) mod store;
 
 use std::collections::{BTreeMap, HashSet};

@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kiln_core::operations::{sandbox_resources, snapshot_resources};
 use kiln_core::{CreateSnapshot, ResumeSnapshot, Sandbox, Snapshot, SnapshotDeleted};
@@ -72,13 +72,19 @@ pub async fn get(
 }
 
 /// Deletes a snapshot. Refused while diff snapshots build on it; sandboxes running from it keep their files.
-#[utoipa::path(delete, path = "/v1/snapshots/{id}", params(("id" = String, Path)),
+#[utoipa::path(delete, path = "/v1/snapshots/{id}", params(("id" = String, Path),
+    ("unless_restored" = Option<bool>, Query, description = "refuse (409 snapshot_in_use) while a sandbox rolled back to it is running or paused")),
     responses((status = 200, body = SnapshotDeleted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn delete(
     State(engine): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    q: QueryPairs,
 ) -> Response {
+    let unless_restored = match q.flag("unless_restored") {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
     let res = snapshot_resources(&engine, &id, false);
     run(
         &engine,
@@ -86,7 +92,7 @@ pub async fn delete(
         "snapshot.delete",
         res,
         StatusCode::OK,
-        move |e| async move { e.delete_snapshot(&id).await },
+        move |e| async move { e.delete_snapshot_with(&id, unless_restored).await },
     )
     .await
 }

@@ -9,12 +9,12 @@ import inspect
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, overload
 
 from . import _wire
 from ._client import Client, get_default_client, operation_path, sandbox_path, snapshot_path, volume_path
 from ._hybrid import hybridmethod
-from .errors import GuestPathNotFoundError, SandboxNotFoundError
+from .errors import ConflictError, GuestPathNotFoundError, SandboxNotFoundError
 from .models import (
     DirEntry,
     ExecResult,
@@ -184,6 +184,7 @@ class AsyncSandbox(SandboxFields):
         disk_size_gib: int | None = None,
         ports: Iterable[_wire.PortSpec] | None = None,
         *,
+        snapshot_id: str | None = None,
         client: Client | None = None,
     ) -> AsyncSandbox:
         """See :meth:`kiln.Sandbox.create`."""
@@ -194,7 +195,7 @@ class AsyncSandbox(SandboxFields):
             cpus=cpus,
             env=env,
             metadata=metadata,
-            snapshot=snapshot,
+            snapshot=snapshot or snapshot_id,
             volumes=volumes,
             disk_size_gib=disk_size_gib,
             ports=ports,
@@ -204,8 +205,21 @@ class AsyncSandbox(SandboxFields):
 
     @classmethod
     async def connect(cls, sandbox_id: str, *, client: Client | None = None) -> AsyncSandbox:
+        """See :meth:`kiln.Sandbox.connect` (wakes a paused or hibernated sandbox)."""
         client = client or get_default_client()
-        return cls(await client.arequest_json("GET", sandbox_path(sandbox_id)), client)
+        sb = cls(await client.arequest_json("GET", sandbox_path(sandbox_id)), client)
+        return await sb._wake()
+
+    async def _wake(self) -> AsyncSandbox:
+        for _ in range(3):
+            action = _wire.WAKE_ACTIONS.get(self.state)
+            if action is None:
+                return self
+            try:
+                return await self._lifecycle(action)
+            except ConflictError:
+                await self.refresh()
+        return self
 
     @classmethod
     async def list(
@@ -263,14 +277,25 @@ class AsyncSandbox(SandboxFields):
 
     create_snapshot = snapshot
 
+    @overload
     async def fork(
-        self, count: int = 1, name: str | None = None, metadata: Mapping[str, str] | None = None
-    ) -> builtins.list[AsyncSandbox]:
-        """See :meth:`kiln.Sandbox.fork`."""
+        self, count: None = None, name: str | None = None, metadata: Mapping[str, str] | None = None
+    ) -> AsyncSandbox: ...
+
+    @overload
+    async def fork(
+        self, count: int, name: str | None = None, metadata: Mapping[str, str] | None = None
+    ) -> builtins.list[AsyncSandbox]: ...
+
+    async def fork(
+        self, count: int | None = None, name: str | None = None, metadata: Mapping[str, str] | None = None
+    ) -> AsyncSandbox | builtins.list[AsyncSandbox]:
+        """See :meth:`kiln.Sandbox.fork` (no ``count``: the one child; a ``count``: a list)."""
         d = await self._client.arequest_json(
-            "POST", sandbox_path(self.id, "/fork"), json=_wire.fork_body(count, name, metadata)
+            "POST", sandbox_path(self.id, "/fork"), json=_wire.fork_body(count or 1, name, metadata)
         )
-        return [AsyncSandbox(s, self._client) for s in d["sandboxes"]]
+        children = [AsyncSandbox(s, self._client) for s in d["sandboxes"]]
+        return children[0] if count is None else children
 
     async def publish_port(self, guest: int, host: int | None = None) -> PortMapping:
         """Publishes a guest TCP port on ``127.0.0.1``: on ``host``, or on a free port the daemon picks."""
@@ -296,8 +321,19 @@ class AsyncSandbox(SandboxFields):
     async def pause(self) -> AsyncSandbox:
         return await self._lifecycle("pause")
 
-    async def resume(self) -> AsyncSandbox:
-        return await self._lifecycle("resume")
+    @hybridmethod
+    async def resume(
+        self_or_cls: AsyncSandbox | type[AsyncSandbox],  # noqa: N805 - hybridmethod: the class or an instance
+        sandbox_id: str | None = None,
+        *,
+        client: Client | None = None,
+    ) -> AsyncSandbox:
+        """See :meth:`kiln.Sandbox.resume`: ``sb.resume()`` continues, ``AsyncSandbox.resume("id")`` wakes."""
+        if isinstance(self_or_cls, AsyncSandbox):
+            return await self_or_cls._lifecycle("resume")
+        if sandbox_id is None:
+            raise TypeError("AsyncSandbox.resume() needs the sandbox's id")
+        return await self_or_cls.connect(sandbox_id, client=client)
 
     async def stop(self) -> AsyncSandbox:
         return await self._lifecycle("stop")
@@ -354,6 +390,7 @@ class AsyncSnapshot(SnapshotFields):
         self_or_cls: AsyncSnapshot | type[AsyncSnapshot],  # noqa: N805 - hybridmethod: the class or an instance
         snapshot_id: str | None = None,
         *,
+        unless_restored: bool = False,
         client: Client | None = None,
     ) -> SnapshotDeleted:
         """``await AsyncSnapshot.delete("id")`` or ``await snap.delete()``; see :meth:`kiln.Snapshot.delete`."""
@@ -363,7 +400,8 @@ class AsyncSnapshot(SnapshotFields):
         if snapshot_id is None:
             raise TypeError("AsyncSnapshot.delete() needs the snapshot's id")
         client = client or get_default_client()
-        d = await client.arequest_json("DELETE", snapshot_path(snapshot_id))
+        params = {"unless_restored": "true"} if unless_restored else None
+        d = await client.arequest_json("DELETE", snapshot_path(snapshot_id), params=params)
         return SnapshotDeleted(id=d["id"], files_kept_for=builtins.list(d.get("files_kept_for") or []))
 
     async def refresh(self) -> AsyncSnapshot:

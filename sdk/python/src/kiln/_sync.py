@@ -6,12 +6,12 @@ import builtins
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from . import _wire
 from ._client import Client, get_default_client, operation_path, sandbox_path, snapshot_path, volume_path
 from ._hybrid import hybridmethod
-from .errors import GuestPathNotFoundError, SandboxNotFoundError
+from .errors import ConflictError, GuestPathNotFoundError, SandboxNotFoundError
 from .models import (
     DirEntry,
     ExecResult,
@@ -204,6 +204,7 @@ class Sandbox(SandboxFields):
         disk_size_gib: int | None = None,
         ports: Iterable[_wire.PortSpec] | None = None,
         *,
+        snapshot_id: str | None = None,
         client: Client | None = None,
     ) -> Sandbox:
         """Boots a new sandbox and returns once its guest agent answers.
@@ -214,11 +215,12 @@ class Sandbox(SandboxFields):
             memory_mib, cpus, disk_size_gib: resources (daemon defaults when omitted).
             env: environment variables for every command run in it.
             metadata: labels, for :meth:`list` filters.
-            snapshot: make it from this snapshot instead of booting (see :meth:`Snapshot.restore`).
+            snapshot, snapshot_id: make it from this snapshot instead of booting (see :meth:`Snapshot.restore`).
             volumes: volumes to attach (at most 4), each ``"name:/path"``, ``"name:/path:ro"``, ``(name, path)``,
                 ``(name, path, read_only)``, ``{"volume": .., "path": .., "read_only": ..}`` or
                 :class:`VolumeMount`. A read-write volume belongs to one sandbox at a time; read-only ones may be
-                shared. With ``snapshot``, the new sandbox gets exactly these (snapshots hold no volumes).
+                shared. With ``snapshot`` and no ``volumes``, the source's volumes are remounted where free
+                (``volume_notes`` says what happened); given ``volumes`` replace them.
             ports: guest ports to publish on 127.0.0.1: a guest port (a free host port is picked; see
                 :meth:`get_host`), ``(host, guest)`` or :class:`PortMapping`.
         """
@@ -229,7 +231,7 @@ class Sandbox(SandboxFields):
             cpus=cpus,
             env=env,
             metadata=metadata,
-            snapshot=snapshot,
+            snapshot=snapshot or snapshot_id,
             volumes=volumes,
             disk_size_gib=disk_size_gib,
             ports=ports,
@@ -239,9 +241,24 @@ class Sandbox(SandboxFields):
 
     @classmethod
     def connect(cls, sandbox_id: str, *, client: Client | None = None) -> Sandbox:
-        """An existing sandbox, by id or name (raises :class:`SandboxNotFoundError`)."""
+        """An existing sandbox, by id or name (raises :class:`SandboxNotFoundError`), woken up if it was
+        paused or hibernated (as :meth:`resume` on the class does)."""
         client = client or get_default_client()
-        return cls(client.request_json("GET", sandbox_path(sandbox_id)), client)
+        sb = cls(client.request_json("GET", sandbox_path(sandbox_id)), client)
+        return sb._wake()
+
+    def _wake(self) -> Sandbox:
+        # Another client may wake it between our look and our request: then the daemon refuses with
+        # sandbox_not_running and a fresh look finds it running.
+        for _ in range(3):
+            action = _wire.WAKE_ACTIONS.get(self.state)
+            if action is None:
+                return self
+            try:
+                return self._lifecycle(action)
+            except ConflictError:
+                self.refresh()
+        return self
 
     @classmethod
     def list(cls, metadata: Mapping[str, str] | None = None, *, client: Client | None = None) -> builtins.list[Sandbox]:
@@ -313,18 +330,30 @@ class Sandbox(SandboxFields):
 
     create_snapshot = snapshot
 
+    @overload
     def fork(
-        self, count: int = 1, name: str | None = None, metadata: Mapping[str, str] | None = None
-    ) -> builtins.list[Sandbox]:
-        """``count`` new running sandboxes that continue from this one's current state (memory and disk).
+        self, count: None = None, name: str | None = None, metadata: Mapping[str, str] | None = None
+    ) -> Sandbox: ...
+
+    @overload
+    def fork(
+        self, count: int, name: str | None = None, metadata: Mapping[str, str] | None = None
+    ) -> builtins.list[Sandbox]: ...
+
+    def fork(
+        self, count: int | None = None, name: str | None = None, metadata: Mapping[str, str] | None = None
+    ) -> Sandbox | builtins.list[Sandbox]:
+        """New running sandboxes that continue from this one's current state (memory and disk); this one
+        keeps running. ``fork()`` returns the one child; ``fork(count=N)`` a list of N.
 
         All or nothing: if one child cannot start, none is left. Children are named ``NAME-1``, ``NAME-2``,
         ... (default prefix: this sandbox's name plus ``-fork-XXXX``).
         """
         d = self._client.request_json(
-            "POST", sandbox_path(self.id, "/fork"), json=_wire.fork_body(count, name, metadata)
+            "POST", sandbox_path(self.id, "/fork"), json=_wire.fork_body(count or 1, name, metadata)
         )
-        return [Sandbox(s, self._client) for s in d["sandboxes"]]
+        children = [Sandbox(s, self._client) for s in d["sandboxes"]]
+        return children[0] if count is None else children
 
     def publish_port(self, guest: int, host: int | None = None) -> PortMapping:
         """Publishes a guest TCP port on ``127.0.0.1``: on ``host``, or on a free port the daemon picks.
@@ -353,9 +382,20 @@ class Sandbox(SandboxFields):
         """Freezes the vCPUs; memory stays (see :meth:`resume`)."""
         return self._lifecycle("pause")
 
-    def resume(self) -> Sandbox:
-        """Continues a paused sandbox."""
-        return self._lifecycle("resume")
+    @hybridmethod
+    def resume(
+        self_or_cls: Sandbox | type[Sandbox],  # noqa: N805 - hybridmethod: the class or an instance
+        sandbox_id: str | None = None,
+        *,
+        client: Client | None = None,
+    ) -> Sandbox:
+        """``sb.resume()`` continues a paused sandbox. ``Sandbox.resume("id")`` wakes the sandbox with that
+        id or name, whether paused or hibernated (:meth:`stop`), and returns it (a running one as it is)."""
+        if isinstance(self_or_cls, Sandbox):
+            return self_or_cls._lifecycle("resume")
+        if sandbox_id is None:
+            raise TypeError("Sandbox.resume() needs the sandbox's id")
+        return self_or_cls.connect(sandbox_id, client=client)
 
     def stop(self) -> Sandbox:
         """Hibernates: saves the whole machine to disk and frees its RAM (see :meth:`start`)."""
@@ -417,12 +457,14 @@ class Snapshot(SnapshotFields):
         self_or_cls: Snapshot | type[Snapshot],  # noqa: N805 - hybridmethod: the class or an instance
         snapshot_id: str | None = None,
         *,
+        unless_restored: bool = False,
         client: Client | None = None,
     ) -> SnapshotDeleted:
         """Deletes a snapshot: ``Snapshot.delete("id")`` or ``snap.delete()``.
 
         Sandboxes running from it keep its files (listed in ``files_kept_for``). Refused with
-        :class:`ConflictError` while diff snapshots build on it.
+        :class:`ConflictError` while diff snapshots build on it, and with ``unless_restored=True`` while a
+        sandbox rolled back to it (:meth:`Sandbox.from_snapshot`) is running or paused.
         """
         if isinstance(self_or_cls, Snapshot):
             snapshot_id = snapshot_id or self_or_cls.id
@@ -430,7 +472,8 @@ class Snapshot(SnapshotFields):
         if snapshot_id is None:
             raise TypeError("Snapshot.delete() needs the snapshot's id")
         client = client or get_default_client()
-        d = client.request_json("DELETE", snapshot_path(snapshot_id))
+        params = {"unless_restored": "true"} if unless_restored else None
+        d = client.request_json("DELETE", snapshot_path(snapshot_id), params=params)
         return SnapshotDeleted(id=d["id"], files_kept_for=builtins.list(d.get("files_kept_for") or []))
 
     def refresh(self) -> Snapshot:
@@ -463,8 +506,10 @@ class Snapshot(SnapshotFields):
         (another ``memory_mib`` is refused with :class:`ConflictError`, code ``resource_override_refused``);
         ``disk`` snapshots cold-boot, so their resources may change. To roll the *source* sandbox back instead, use :meth:`Sandbox.from_snapshot`.
 
-        Snapshots do not capture volumes: the copy starts with none attached (a volume its source had
-        mounted is gone from it) unless given in ``volumes`` (same forms as :meth:`Sandbox.create`).
+        Snapshots do not capture volumes. Without ``volumes`` the source's volumes are remounted where they
+        are free (read-only ones always, a read-write one when no other sandbox has it); ``volume_notes`` on
+        the copy says what happened. Given ``volumes`` (same forms as :meth:`Sandbox.create`; ``[]`` for
+        none) replace them.
         """
         body = _wire.resume_body(name, memory_mib, cpus, disk_size_gib, metadata, volumes)
         return Sandbox(self._client.request_json("POST", snapshot_path(self.id, "/resume"), json=body), self._client)
@@ -475,7 +520,8 @@ class Volume(VolumeFields):
 
     Attach it when making a sandbox (``Sandbox.create(volumes=["cache:/cache"])`` or
     ``snap.restore(volumes=...)``); its data outlives every sandbox that used it. Hibernation
-    (``stop``/``start``) keeps it attached; snapshots, restored copies and forks do not carry it.
+    (``stop``/``start``) keeps it attached; snapshots do not hold it, and restored copies and forks get it
+    back only where it is free (read-only always, read-write when no other sandbox has it).
     """
 
     def __init__(self, data: dict[str, Any], client: Client) -> None:

@@ -103,8 +103,7 @@ def volumes_json(volumes: Iterable[VolumeSpec] | None) -> list[dict[str, Any]] |
     if isinstance(volumes, (str, Mapping, VolumeMount)):
         volumes = [volumes]  # one spec given on its own
     mounts = [parse_volume(v) for v in volumes]
-    if not mounts:
-        return None
+    # An empty list is sent as such: on a resume it means "no volumes" (absent: the source's, where free).
     return [{"volume": m.volume, "path": m.path, "read_only": m.read_only} for m in mounts]
 
 
@@ -176,6 +175,11 @@ def snapshot_body(
             "labels": dict(metadata) if metadata else None,
         }
     )
+
+
+# What wakes a sandbox in each state (connect and Sandbox.resume("id")): continue a paused one, start a
+# hibernated one; any other state is answered as it is.
+WAKE_ACTIONS = {"paused": "resume", "stopped": "start"}
 
 
 def fork_body(count: int, name: str | None, metadata: Mapping[str, str] | None) -> dict[str, Any]:

@@ -66,6 +66,11 @@ class ExecResult:
         """Whether the command exited with status 0 (and was not killed)."""
         return self.exit_code == 0 and not self.timed_out
 
+    @property
+    def output(self) -> str:
+        """Standard output without surrounding whitespace (what smolvm's ``result.output`` gives)."""
+        return self.stdout.strip()
+
     @classmethod
     def from_json(cls, d: dict[str, Any], stdout: str | None = None, stderr: str | None = None) -> ExecResult:
         return cls(
@@ -196,6 +201,8 @@ class SandboxFields:
     restored_from: str | None
     volumes: list[VolumeMount]
     """Volumes attached to it (given at creation; kept by stop/start, not carried by snapshots)."""
+    volume_notes: list[str]
+    """After a resume from a snapshot: what happened to its source's volumes (remounted, or why not)."""
     created_at: datetime | None
     updated_at: datetime | None
 
@@ -223,6 +230,7 @@ class SandboxFields:
             VolumeMount(volume=v["volume"], path=v["path"], read_only=bool(v.get("read_only", False)))
             for v in d.get("volumes") or []
         ]
+        self.volume_notes = list(d.get("volume_notes") or [])
         self.created_at = parse_time(d.get("created_at"))
         self.updated_at = parse_time(d.get("updated_at"))
 
