@@ -41,6 +41,10 @@ pub enum ErrorCode {
     SandboxUnresponsive,
     OperationInterrupted,
     Internal,
+    /// No background process with that pid in the sandbox.
+    ProcessNotFound,
+    /// The sandbox's guest agent is too old for the request (rebuild the image).
+    AgentOutdated,
 }
 
 impl ErrorCode {
@@ -79,6 +83,8 @@ impl ErrorCode {
             ErrorCode::SandboxUnresponsive => "sandbox_unresponsive",
             ErrorCode::OperationInterrupted => "operation_interrupted",
             ErrorCode::Internal => "internal",
+            ErrorCode::ProcessNotFound => "process_not_found",
+            ErrorCode::AgentOutdated => "agent_outdated",
         }
     }
 
@@ -90,6 +96,8 @@ impl ErrorCode {
             ErrorCode::GuestPathConflict => 409,
             ErrorCode::GuestDiskFull => 507,
             ErrorCode::Unauthorized => 401,
+            ErrorCode::ProcessNotFound => 404,
+            ErrorCode::AgentOutdated => 409,
             ErrorCode::SandboxNotFound
             | ErrorCode::SnapshotNotFound
             | ErrorCode::ImageNotFound

@@ -21,6 +21,7 @@ mod lifecycle;
 mod machine;
 pub mod model;
 pub mod operations;
+mod procs;
 mod recovery;
 pub mod snapshot;
 pub mod validate;

@@ -211,6 +211,7 @@ impl Engine {
                 cwd: None,
                 stdin: false,
                 timeout_ms: Some(10_000),
+                user: None,
             })
             .await
             .map_err(|e| crate::vm::agent_error(e, &sb.name))?;
@@ -229,7 +230,10 @@ impl Engine {
         m: &Manifest,
         req: &ResumeSnapshot,
     ) -> Option<Result<Sandbox>> {
-        if !req.volumes.is_empty() || req.egress.is_some_and(|e| e != m.source.egress) {
+        if !req.volumes.is_empty()
+            || !req.env.is_empty()
+            || req.egress.is_some_and(|e| e != m.source.egress)
+        {
             return None;
         }
         let id = self.warm_pool().take_ready(snapshot)?;

@@ -3,6 +3,7 @@ pub mod exec;
 pub mod files;
 pub mod lifecycle;
 pub mod operations;
+pub mod processes;
 pub mod sandboxes;
 pub mod snapshots;
 pub mod system;
