@@ -3,6 +3,7 @@ pub mod exec;
 pub mod files;
 pub mod image;
 pub mod operation;
+pub mod process;
 pub mod sandbox;
 pub mod serve;
 pub mod snapshot;
