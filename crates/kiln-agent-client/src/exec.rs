@@ -50,7 +50,8 @@ impl ExecOutput {
     }
 }
 
-/// A running process. Dropping the handle leaves the process running; its output is discarded.
+/// A running foreground process. Dropping the handle before `Exit` kills it (its whole process
+/// group): nobody is left to read its output. Use background processes to outlive a client.
 pub struct ExecHandle {
     client: AgentClient,
     stream: StreamRx,
@@ -175,6 +176,11 @@ impl ExecHandle {
         None
     }
 
+    /// Lets go of the process without killing it (dropping the handle kills it); its output is discarded.
+    pub fn detach(mut self) {
+        self.finished = true;
+    }
+
     /// Why the event stream ended without `Exit`, if it did.
     pub fn error(&self) -> Option<&AgentError> {
         self.error.as_ref()
@@ -244,6 +250,16 @@ impl ExecHandle {
     fn fail(&mut self, err: AgentError) {
         self.finished = true;
         self.error.get_or_insert(err);
+    }
+}
+
+impl Drop for ExecHandle {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.client
+                .conn
+                .try_send_frame(FrameKind::Cancel, self.stream.id, &[]);
+        }
     }
 }
 

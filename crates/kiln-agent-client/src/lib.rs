@@ -9,6 +9,7 @@ mod conn;
 mod error;
 mod exec;
 mod files;
+mod procs;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -25,11 +26,13 @@ pub use crate::exec::{
     append_capped, ExecEvent, ExecHandle, ExecOutput, COLLECT_LIMIT, TIMEOUT_GRACE,
 };
 pub use crate::files::FileDownload;
+pub use crate::procs::{ProcAttach, ProcEvent, MAX_WAIT};
 pub use bytes::Bytes;
 /// The wire protocol, for callers that need more than the re-exported types.
 pub use kiln_proto as proto;
 pub use kiln_proto::{
-    DirEntry, ErrorCode, ExecRequest, ExitStatus, FileKind, FileStat, HelloInfo, PROTOCOL_VERSION,
+    DirEntry, ErrorCode, ExecRequest, ExitStatus, FileKind, FileStat, HelloInfo, ProcInfo,
+    ProcState, PROTOCOL_VERSION,
 };
 
 /// How long a metadata request (stat, mkdir, ...) may take.
@@ -45,6 +48,8 @@ const CONNECT_RETRY: Duration = Duration::from_millis(50);
 #[derive(Clone)]
 pub struct AgentClient {
     conn: Arc<Conn>,
+    /// Optional features the agent announced in its Hello.
+    features: Arc<[String]>,
 }
 
 impl AgentClient {
@@ -107,8 +112,9 @@ impl AgentClient {
         stream: UnixStream,
         timeout: Duration,
     ) -> Result<(AgentClient, HelloInfo), AgentError> {
-        let client = AgentClient {
+        let mut client = AgentClient {
             conn: Arc::new(Conn::start(stream)),
+            features: Arc::from(Vec::new()),
         };
         let hello = tokio::time::timeout(timeout, client.hello())
             .await
@@ -119,6 +125,7 @@ impl AgentClient {
                 hello.protocol_version
             )));
         }
+        client.features = Arc::from(hello.features.clone());
         Ok((client, hello))
     }
 

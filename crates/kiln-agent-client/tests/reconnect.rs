@@ -84,6 +84,7 @@ async fn client_skips_garbage_and_unknown_streams() {
             hostname: "h".into(),
             uptime_ms: 1,
             pid: 1,
+            features: Vec::new(),
         };
         let mut wire = b"junk\x00KLN1".to_vec();
         wire.extend(encode_frame(FrameKind::Stdout, 4242, b"from an old session").unwrap());
@@ -135,7 +136,10 @@ async fn new_host_takes_over_mid_exec() {
         .write_stdin(Bytes::from_static(b"partial input"))
         .await
         .unwrap();
-    drop((running, waiting, first));
+    // The host goes away without cancelling them (as when a VM is restored into a new QEMU).
+    running.detach();
+    waiting.detach();
+    drop(first);
 
     let (second, _) = AgentClient::connect(&chardev.host_socket, TIMEOUT)
         .await

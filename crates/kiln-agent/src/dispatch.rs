@@ -10,7 +10,7 @@ use kiln_proto::{ErrorCode, Frame, FrameKind, Request, Response};
 use crate::conn::{Inbound, Shared, Stream};
 use crate::failure::Failure;
 use crate::util::log;
-use crate::{exec, files, system, volumes};
+use crate::{exec, files, procs, system, volumes};
 
 pub fn dispatch(shared: &Arc<Shared>, frame: Frame) {
     let msg = match frame.kind {
@@ -118,6 +118,16 @@ fn serve_simple(
             rescan,
         } => volumes::mount(&serial, &path, read_only, rescan),
         Request::ReleaseVolumes { paths, serials } => volumes::release(&paths, &serials),
+        Request::ProcStart(req) => procs::start(&req),
+        Request::ProcList => Ok(procs::list()),
+        Request::ProcAttach { pid, follow } => procs::attach(stream, rx, pid, follow),
+        Request::ProcStdin {
+            pid,
+            data_hex,
+            close,
+        } => procs::write_stdin(pid, &data_hex, close),
+        Request::ProcSignal { pid, signal } => procs::signal(pid, signal),
+        Request::ProcWait { pid, timeout_ms } => procs::wait(pid, timeout_ms),
         // Handled inline by `request`.
         Request::Hello | Request::Ping | Request::Exec(_) => {
             Err(Failure::new(ErrorCode::Protocol, "unexpected request"))

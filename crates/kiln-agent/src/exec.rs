@@ -284,7 +284,7 @@ fn stdin_writer(
 
 /// Blocks until `pid` has exited, without reaping it: the zombie keeps its pid and process
 /// group id reserved until `Child::wait`, which makes signalling the group race-free.
-fn wait_exited(pid: u32) {
+pub(crate) fn wait_exited(pid: u32) {
     loop {
         // SAFETY: zeroed siginfo_t is a valid out-parameter for waitid.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
@@ -297,12 +297,12 @@ fn wait_exited(pid: u32) {
     }
 }
 
-fn kill_group(pgid: i32) {
+pub(crate) fn kill_group(pgid: i32) {
     // SAFETY: plain syscall; `pgid` is the group of a child that has not been reaped yet.
     unsafe { libc::kill(-pgid, libc::SIGKILL) };
 }
 
-fn command(req: &ExecRequest) -> Result<Command> {
+pub(crate) fn command(req: &ExecRequest) -> Result<Command> {
     let mut cmd = match (&req.argv, &req.shell) {
         (Some(argv), None) => {
             let (prog, args) = argv
@@ -323,6 +323,14 @@ fn command(req: &ExecRequest) -> Result<Command> {
     cmd.env_clear()
         .env("PATH", DEFAULT_PATH)
         .env("HOME", "/root");
+    if let Some(user) = &req.user {
+        let account = lookup_user(user)?;
+        cmd.uid(account.uid)
+            .gid(account.gid)
+            .env("HOME", &account.home)
+            .env("USER", &account.name)
+            .env("LOGNAME", &account.name);
+    }
     for (key, value) in &req.env {
         if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
             return Err(Failure::invalid(format!(
@@ -352,6 +360,49 @@ fn command(req: &ExecRequest) -> Result<Command> {
         .stderr(Stdio::piped())
         .process_group(0);
     Ok(cmd)
+}
+
+struct Account {
+    name: String,
+    uid: u32,
+    gid: u32,
+    home: String,
+}
+
+/// Finds `user` (a name, or a numeric uid) in /etc/passwd; a numeric uid with no entry runs with
+/// the same gid and `/` as home, as `su`-less images need.
+fn lookup_user(user: &str) -> Result<Account> {
+    let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let numeric = user.parse::<u32>().ok();
+    for line in passwd.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() < 7 {
+            continue;
+        }
+        let (Ok(uid), Ok(gid)) = (f[2].parse::<u32>(), f[3].parse::<u32>()) else {
+            continue;
+        };
+        if f[0] == user || numeric == Some(uid) {
+            return Ok(Account {
+                name: f[0].to_string(),
+                uid,
+                gid,
+                home: if f[5].is_empty() { "/" } else { f[5] }.to_string(),
+            });
+        }
+    }
+    match numeric {
+        Some(uid) => Ok(Account {
+            name: user.to_string(),
+            uid,
+            gid: uid,
+            home: "/".into(),
+        }),
+        None => Err(Failure::new(
+            ErrorCode::NotFound,
+            format!("no user {user:?} in the guest's /etc/passwd (give a name it lists, or a numeric uid)"),
+        )),
+    }
 }
 
 fn spawn_failure(err: &io::Error, req: &ExecRequest) -> Failure {

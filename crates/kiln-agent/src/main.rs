@@ -9,6 +9,7 @@ mod exec;
 mod failure;
 mod files;
 mod port;
+mod procs;
 mod system;
 mod util;
 mod volumes;
@@ -99,6 +100,7 @@ fn main() -> ExitCode {
     serve(reader, &shared, matches!(transport, Transport::Unix(_)));
     // Only the unix test mode gets here: don't leave the test's processes behind.
     shared.kill_all_groups();
+    procs::kill_all();
     ExitCode::SUCCESS
 }
 

@@ -29,6 +29,7 @@ pub fn hello_info() -> HelloInfo {
         hostname: hostname().unwrap_or_default(),
         uptime_ms: uptime_ms(),
         pid: std::process::id(),
+        features: vec!["procs".into(), "user".into()],
     }
 }
 
@@ -43,7 +44,7 @@ fn hostname() -> Option<String> {
     Some(name.to_string_lossy().into_owned())
 }
 
-fn uptime_ms() -> u64 {
+pub fn uptime_ms() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

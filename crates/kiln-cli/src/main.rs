@@ -86,6 +86,9 @@ enum Command {
     },
     /// Run a command in a sandbox: `kiln exec SANDBOX -- CMD...` (exits with the command's exit code).
     Exec(commands::exec::ExecArgs),
+    /// Background processes: start, list, logs (-f), write (stdin), kill, wait.
+    #[command(subcommand, alias = "ps")]
+    Process(commands::process::ProcessCmd),
     /// Move files in and out of a sandbox.
     #[command(subcommand)]
     Files(commands::files::FilesCmd),
@@ -174,6 +177,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             name,
         } => commands::snapshot::fork(&cli, sandbox, *count, name.as_deref()).await,
         Command::Exec(args) => commands::exec::run(&cli, args).await,
+        Command::Process(cmd) => commands::process::run(&cli, cmd).await,
         Command::Files(cmd) => commands::files::run(&cli, cmd).await,
         Command::Cp(args) => commands::files::cp(&cli, args).await,
         Command::Image(cmd) => commands::image::run(&cli, cmd).await,

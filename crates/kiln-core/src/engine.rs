@@ -66,6 +66,8 @@ pub struct ExecSpec {
     pub cwd: Option<String>,
     /// Kill the command (its whole process group) after this many milliseconds.
     pub timeout_ms: Option<u64>,
+    /// Run as this guest user (a name from the guest's /etc/passwd, or a numeric uid) instead of root.
+    pub user: Option<String>,
 }
 
 pub(crate) struct Slot {
@@ -442,9 +444,10 @@ impl Engine {
     pub async fn create(&self, req: CreateSandbox) -> Result<Sandbox> {
         self.config().check_storage("create a sandbox")?;
         if let Some(snapshot) = req.snapshot.clone() {
-            if req.template.is_some() || !req.env.is_empty() || !req.ports.is_empty() {
+            // `env` is merged over the snapshot's for the commands run from now on.
+            if req.template.is_some() || !req.ports.is_empty() {
                 return Err(Error::invalid(
-                    "a sandbox made from a snapshot takes its template, environment and ports from the snapshot; drop 'template', 'env' and 'ports'",
+                    "a sandbox made from a snapshot takes its template and ports from the snapshot; drop 'template' and 'ports'",
                 ));
             }
             return self
@@ -459,6 +462,7 @@ impl Engine {
                         // No volumes given: the source's are remounted where free (see ResumeSnapshot).
                         volumes: (!req.volumes.is_empty()).then_some(req.volumes),
                         egress: req.egress,
+                        env: req.env,
                     },
                 )
                 .await;

@@ -46,6 +46,10 @@ pub enum ErrorCode {
     /// vCPUs than it has, or any change to a machine recorded without spare vCPUs).
     ResourceOverrideRefused,
     Internal,
+    /// No background process with that pid in the sandbox.
+    ProcessNotFound,
+    /// The sandbox's guest agent is too old for the request (rebuild the image).
+    AgentOutdated,
 }
 
 impl ErrorCode {
@@ -87,6 +91,8 @@ impl ErrorCode {
             ErrorCode::OperationInterrupted => "operation_interrupted",
             ErrorCode::ResourceOverrideRefused => "resource_override_refused",
             ErrorCode::Internal => "internal",
+            ErrorCode::ProcessNotFound => "process_not_found",
+            ErrorCode::AgentOutdated => "agent_outdated",
         }
     }
 
@@ -98,6 +104,8 @@ impl ErrorCode {
             ErrorCode::GuestPathConflict => 409,
             ErrorCode::GuestDiskFull => 507,
             ErrorCode::Unauthorized => 401,
+            ErrorCode::ProcessNotFound => 404,
+            ErrorCode::AgentOutdated => 409,
             ErrorCode::SandboxNotFound
             | ErrorCode::SnapshotNotFound
             | ErrorCode::ImageNotFound

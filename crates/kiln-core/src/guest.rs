@@ -35,6 +35,7 @@ impl Engine {
             let vm = self.running_vm(&sb).await?;
             let started = async {
                 let agent = vm.agent(Duration::from_secs(10)).await?;
+                need_user_feature(&agent, &req, &sb.name)?;
                 agent.exec(req).await.map_err(|e| agent_error(e, &sb.name))
             };
             crate::deadline::unless_stopped(vm.pid, started).await
@@ -42,8 +43,16 @@ impl Engine {
         self.note_unresponsive(&sb, started)
     }
 
-    fn exec_request(&self, sb: &Sandbox, spec: ExecSpec, stdin: bool) -> Result<ExecRequest> {
+    pub(crate) fn exec_request(
+        &self,
+        sb: &Sandbox,
+        spec: ExecSpec,
+        stdin: bool,
+    ) -> Result<ExecRequest> {
         validate::env(&spec.env)?;
+        if let Some(user) = &spec.user {
+            validate_user(user)?;
+        }
         match (&spec.argv, &spec.cmd) {
             (Some(argv), None) if !argv.is_empty() && !argv[0].is_empty() => {}
             (None, Some(cmd)) if !cmd.trim().is_empty() => {}
@@ -65,6 +74,7 @@ impl Engine {
             cwd: spec.cwd,
             stdin,
             timeout_ms: spec.timeout_ms,
+            user: spec.user,
         })
     }
 
@@ -142,4 +152,36 @@ impl Engine {
             .await
             .map_err(|e| agent_error(e, &sb.name))
     }
+}
+
+/// A guest user name or numeric uid; what the agent then looks up in the guest's /etc/passwd.
+fn validate_user(user: &str) -> Result<()> {
+    let ok = !user.is_empty()
+        && user.len() <= 32
+        && !user.starts_with('-')
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "invalid user {user:?}: give a guest user name (letters, digits, '_', '-', '.') or a numeric uid"
+        )))
+    }
+}
+
+/// An agent that predates `user` would ignore it and run the command as root: refuse instead.
+pub(crate) fn need_user_feature(
+    agent: &kiln_agent_client::AgentClient,
+    req: &ExecRequest,
+    name: &str,
+) -> Result<()> {
+    if req.user.is_some() && !agent.has_feature("user") {
+        return Err(Error::new(
+            crate::ErrorCode::AgentOutdated,
+            format!("the guest agent of sandbox {name} cannot run commands as another user; rebuild its image (kiln image build --force) and create the sandbox again, or drop 'user'"),
+        ));
+    }
+    Ok(())
 }

@@ -23,6 +23,7 @@ pub mod model;
 pub mod operations;
 pub mod ramdir;
 pub mod ports;
+mod procs;
 mod recovery;
 pub mod snapshot;
 pub mod validate;

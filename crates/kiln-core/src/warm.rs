@@ -212,6 +212,7 @@ impl Engine {
                 cwd: None,
                 stdin: false,
                 timeout_ms: Some(10_000),
+                user: None,
             })
             .await
             .map_err(|e| crate::vm::agent_error(e, &sb.name))?;
@@ -231,6 +232,7 @@ impl Engine {
         req: &ResumeSnapshot,
     ) -> Option<Result<Sandbox>> {
         if req.volumes.as_ref().is_some_and(|v| !v.is_empty())
+            || !req.env.is_empty()
             || req.egress.is_some_and(|e| e != m.source.egress)
         {
             return None;

@@ -81,6 +81,31 @@ pub enum Request {
         paths: Vec<String>,
         serials: Vec<String>,
     },
+    /// Starts a background process kept in the agent's process table (which outlives host
+    /// connections, so snapshot copies carry it); answers [`Response::Proc`]. Needs feature `procs`.
+    ProcStart(ExecRequest),
+    /// Answers [`Response::Procs`]: running processes and recently finished ones.
+    ProcList,
+    /// Replays a background process's retained output, then (if `follow`) streams it live:
+    /// [`Event::Attached`], `Stdout`/`Stderr` frames, then [`Response::Exit`] once it ended, or
+    /// [`Response::Proc`] when not following and it still runs. `Cancel` detaches.
+    ProcAttach {
+        pid: u32,
+        #[serde(default)]
+        follow: bool,
+    },
+    /// Writes hex-encoded bytes to its stdin, then closes stdin if `close`; answers [`Response::Ok`].
+    ProcStdin {
+        pid: u32,
+        #[serde(default)]
+        data_hex: String,
+        #[serde(default)]
+        close: bool,
+    },
+    /// Sends `signal` to its process group; answers [`Response::Ok`].
+    ProcSignal { pid: u32, signal: i32 },
+    /// Waits up to `timeout_ms` for it to end; answers [`Response::Proc`] either way.
+    ProcWait { pid: u32, timeout_ms: u64 },
 }
 
 /// A process to run. Give exactly one of `argv` or `shell`.
@@ -103,6 +128,10 @@ pub struct ExecRequest {
     /// Kill the process group after this long and report `timed_out`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// Run as this user (a name from the guest's /etc/passwd, or a numeric uid) instead of root.
+    /// Agents without feature `user` ignore it, so hosts check the feature first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 impl ExecRequest {
@@ -171,6 +200,11 @@ pub enum Response {
     Volumes {
         free: Vec<String>,
     },
+    /// One background process.
+    Proc(ProcInfo),
+    Procs {
+        procs: Vec<ProcInfo>,
+    },
     Error {
         code: ErrorCode,
         message: String,
@@ -185,6 +219,38 @@ pub enum Event {
     Started { pid: u32 },
     /// Sent before the `Data` frames of a `ReadFile`: the file's size and permission bits.
     ReadStart { size: u64, mode: u32 },
+    /// First frame of a `ProcAttach`: `dropped` bytes of output were pushed out of the
+    /// process's ring before the replay starts.
+    Attached { pid: u32, dropped: u64 },
+}
+
+/// Whether a background process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcState {
+    Running,
+    Exited,
+}
+
+/// A background process in the agent's table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcInfo {
+    /// Also its process group id.
+    pub pid: u32,
+    /// The argv, or `sh -c` and the command line.
+    pub argv: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    pub state: ProcState,
+    /// How it ended, once `state` is `exited`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<ExitStatus>,
+    /// Output bytes produced so far (stdout and stderr together).
+    pub output_bytes: u64,
+    /// Of those, bytes pushed out of the bounded ring (lost to late readers).
+    pub dropped_bytes: u64,
+    /// Guest uptime when it started.
+    pub started_uptime_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +264,9 @@ pub struct HelloInfo {
     pub uptime_ms: u64,
     /// The agent's pid.
     pub pid: u32,
+    /// Optional capabilities beyond protocol version 1 (`procs`, `user`); absent from older agents.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
 
 /// How a process ended.
@@ -410,6 +479,7 @@ mod tests {
                 hostname: "h".into(),
                 uptime_ms: 5,
                 pid: 42,
+                features: vec!["procs".into()],
             }),
             Response::Pong,
             Response::Exit(ExitStatus {

@@ -24,7 +24,8 @@ use utoipa::OpenApi;
 use crate::error::ApiError;
 use crate::openapi::AuthAndCommonErrors;
 use crate::routes::{
-    doctor, exec, files, lifecycle, operations, ports, sandboxes, snapshots, system, volumes,
+    doctor, exec, files, lifecycle, operations, ports, processes, sandboxes, snapshots, system,
+    volumes,
 };
 
 #[derive(OpenApi)]
@@ -73,8 +74,15 @@ use crate::routes::{
         operations::list,
         operations::get,
         operations::wait,
+        processes::start,
+        processes::list,
+        processes::get,
+        processes::stdin,
+        processes::signal,
+        processes::wait,
+        processes::logs,
     ),
-    components(schemas(error::ErrorBody, error::ErrorDetail, exec::ExecStreamEvent)),
+    components(schemas(error::ErrorBody, error::ErrorDetail, exec::ExecStreamEvent, processes::ProcessLogEvent)),
     modifiers(&AuthAndCommonErrors)
 )]
 pub struct ApiDoc;
@@ -137,6 +145,27 @@ pub fn router(engine: Arc<Engine>, limits: limits::Limits) -> Router {
         .route("/v1/operations", get(operations::list))
         .route("/v1/operations/{id}", get(operations::get))
         .route("/v1/operations/{id}/wait", get(operations::wait))
+        .route(
+            "/v1/sandboxes/{id}/processes",
+            post(processes::start).get(processes::list),
+        )
+        .route("/v1/sandboxes/{id}/processes/{pid}", get(processes::get))
+        .route(
+            "/v1/sandboxes/{id}/processes/{pid}/stdin",
+            post(processes::stdin),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{pid}/signal",
+            post(processes::signal),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{pid}/wait",
+            post(processes::wait),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{pid}/logs",
+            get(processes::logs),
+        )
         .fallback(|| async {
             ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,

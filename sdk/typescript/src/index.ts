@@ -37,6 +37,8 @@ export {
 } from "./errors.js";
 export { Commands, Files, Sandbox } from "./sandbox.js";
 export type { CreateSandboxOptions, ForkOptions, RunOptions, SnapshotOptions } from "./sandbox.js";
+export { Processes } from "./process.js";
+export type { LogsOptions, ProcessInfo, ProcessOutput, StartProcessOptions } from "./process.js";
 export { Snapshot } from "./snapshot.js";
 export type { RestoreOptions } from "./snapshot.js";
 export { Volume, parseVolume } from "./volume.js";

@@ -5,6 +5,7 @@ import { pipeline } from "node:stream/promises";
 
 import { Client, type WithClient, defaultClient, sandboxPath, snapshotPath } from "./client.js";
 import { GuestPathNotFoundError, SandboxNotFoundError, errorFromCode } from "./errors.js";
+import { Processes } from "./process.js";
 import { Snapshot } from "./snapshot.js";
 import { mountsFromRecord, volumesJson } from "./volume.js";
 import type {
@@ -53,6 +54,8 @@ export interface RunOptions {
   timeoutMs?: number;
   /** Text or bytes fed to standard input. */
   stdin?: string | Uint8Array;
+  /** Run as this guest user (name or uid) instead of root. */
+  user?: string | number;
   /** Called with each chunk of standard output as it arrives (the output is also in the result). */
   onStdout?: (data: string) => void;
   onStderr?: (data: string) => void;
@@ -103,6 +106,7 @@ export class Commands {
     const body: Record<string, unknown> = typeof cmd === "string" ? { cmd } : { argv: cmd };
     if (options.env) body.env = options.env;
     if (options.cwd !== undefined) body.cwd = options.cwd;
+    if (options.user !== undefined) body.user = String(options.user);
     if (options.timeoutMs !== undefined) body.timeout_ms = Math.max(1, Math.round(options.timeoutMs));
     if (typeof options.stdin === "string") body.stdin = options.stdin;
     else if (options.stdin !== undefined) body.stdin_b64 = Buffer.from(options.stdin).toString("base64");
@@ -293,6 +297,8 @@ function toInfo(d: RawStat): FileInfo {
 export class Sandbox {
   readonly commands: Commands;
   readonly files: Files;
+  /** Background processes (they outlive the client, and snapshots carry them). */
+  readonly processes: Processes;
   /** @internal */
   readonly client: Client;
 
@@ -327,6 +333,7 @@ export class Sandbox {
     this.client = client;
     this.commands = new Commands(this);
     this.files = new Files(this);
+    this.processes = new Processes(this);
     this.#apply(record);
   }
 

@@ -23,6 +23,9 @@ pub struct ExecArgs {
     /// Kill the command after this many seconds (exit status 124).
     #[arg(long)]
     timeout: Option<f64>,
+    /// Run as this guest user (name or numeric uid) instead of root.
+    #[arg(long, short = 'u')]
+    user: Option<String>,
     /// Send this process's standard input to the command.
     #[arg(long, short = 'i')]
     interactive: bool,
@@ -42,6 +45,9 @@ pub async fn run(cli: &Cli, a: &ExecArgs) -> anyhow::Result<ExitCode> {
     let mut body = json!({ "argv": a.command, "env": env, "stream": !cli.json });
     if let Some(cwd) = &a.cwd {
         body["cwd"] = json!(cwd);
+    }
+    if let Some(user) = &a.user {
+        body["user"] = json!(user);
     }
     if let Some(t) = a.timeout {
         if !(t > 0.0 && t.is_finite()) {
@@ -99,7 +105,7 @@ fn decode(ev: &Value) -> anyhow::Result<Vec<u8>> {
     Ok(base64::engine::general_purpose::STANDARD.decode(ev["data_b64"].as_str().unwrap_or(""))?)
 }
 
-fn handle_event(ev: &Value) -> anyhow::Result<Option<ExitCode>> {
+pub(crate) fn handle_event(ev: &Value) -> anyhow::Result<Option<ExitCode>> {
     match ev["type"].as_str() {
         Some("stdout") => {
             let mut out = std::io::stdout().lock();
@@ -128,7 +134,7 @@ fn handle_event(ev: &Value) -> anyhow::Result<Option<ExitCode>> {
 }
 
 /// The command's exit code; 128+N for a signal, 124 for a timeout (like `timeout(1)`).
-fn exit_code_of(v: &Value) -> ExitCode {
+pub(crate) fn exit_code_of(v: &Value) -> ExitCode {
     if v["timed_out"].as_bool() == Some(true) {
         return ExitCode::from(124);
     }

@@ -4,6 +4,7 @@ pub mod files;
 pub mod image;
 pub mod operation;
 pub mod port;
+pub mod process;
 pub mod sandbox;
 pub mod serve;
 pub mod snapshot;

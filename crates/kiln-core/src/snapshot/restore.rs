@@ -42,6 +42,10 @@ pub struct ResumeSnapshot {
     pub volumes: Option<Vec<crate::volume::VolumeMount>>,
     /// Let the guest open connections out; default: as the snapshot's source sandbox had it.
     pub egress: Option<bool>,
+    /// Environment for commands run in the new sandbox, merged over the snapshot's (processes already
+    /// running in the snapshot keep their own).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
 }
 
 /// Result of deleting a snapshot.
@@ -243,6 +247,7 @@ impl Engine {
         held: Option<&Reservation>,
     ) -> Result<Sandbox> {
         validate::labels(&req.labels)?;
+        validate::env(&req.env)?;
         if let Some(name) = &req.name {
             validate::name("sandbox", name)?;
         }
@@ -282,6 +287,13 @@ impl Engine {
             mac: ids::new_mac(),
             volumes: req.volumes.clone().unwrap_or_default(),
             egress: req.egress.unwrap_or(m.source.egress),
+            env: m
+                .source
+                .env
+                .clone()
+                .into_iter()
+                .chain(req.env.clone())
+                .collect(),
             ..self.record_from_manifest(&m, id)?
         };
         let mut notes = Vec::new();

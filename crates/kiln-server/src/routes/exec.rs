@@ -28,6 +28,8 @@ pub struct ExecBody {
     pub env: BTreeMap<String, String>,
     pub cwd: Option<String>,
     pub timeout_ms: Option<u64>,
+    /// Run as this guest user (name or numeric uid) instead of root.
+    pub user: Option<String>,
     /// Text fed to the command's standard input.
     pub stdin: Option<String>,
     /// Bytes (base64) fed to standard input.
@@ -85,7 +87,7 @@ pub enum ExecStreamEvent {
     },
 }
 
-fn text_or_b64(bytes: &[u8]) -> (Option<String>, Option<String>) {
+pub(crate) fn text_or_b64(bytes: &[u8]) -> (Option<String>, Option<String>) {
     match std::str::from_utf8(bytes) {
         Ok(s) => (Some(s.to_string()), None),
         Err(_) => (
@@ -123,6 +125,7 @@ pub async fn exec(
         env: body.env,
         cwd: body.cwd,
         timeout_ms: body.timeout_ms,
+        user: body.user,
     };
     let mut handle = engine.exec(&id, spec, stdin.is_some()).await?;
     if let Some(data) = stdin {

@@ -4,6 +4,7 @@ pub mod files;
 pub mod lifecycle;
 pub mod operations;
 pub mod ports;
+pub mod processes;
 pub mod sandboxes;
 pub mod snapshots;
 pub mod system;

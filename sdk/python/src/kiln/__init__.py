@@ -16,6 +16,7 @@ The daemon is found through ``KILN_SOCKET`` / ``KILN_URL`` + ``KILN_TOKEN`` or t
 """
 
 from ._async import AsyncCommands, AsyncFiles, AsyncOperation, AsyncSandbox, AsyncSnapshot, AsyncVolume
+from ._procs import AsyncProcesses, Processes
 from ._client import Client, default_socket, get_default_client, set_default_client
 from ._sync import Commands, Files, Operation, Sandbox, Snapshot, Volume
 from .errors import (
@@ -40,6 +41,8 @@ from .models import (
     ExecResult,
     FileStat,
     PortMapping,
+    ProcessInfo,
+    ProcessOutput,
     SnapshotDeleted,
     VolumeAttachment,
     VolumeMount,
@@ -65,6 +68,10 @@ __all__ = [
     "AsyncVolume",
     "AsyncCommands",
     "AsyncFiles",
+    "Processes",
+    "AsyncProcesses",
+    "ProcessInfo",
+    "ProcessOutput",
     "ExecResult",
     "DirEntry",
     "FileStat",

@@ -14,6 +14,7 @@ from typing import Any, BinaryIO, Literal, overload
 from . import _wire
 from ._client import Client, get_default_client, operation_path, sandbox_path, snapshot_path, volume_path
 from ._hybrid import hybridmethod
+from ._procs import AsyncProcesses
 from .errors import ConflictError, GuestPathNotFoundError, SandboxNotFoundError
 from .models import (
     DirEntry,
@@ -49,11 +50,14 @@ class AsyncCommands:
         stdin: str | bytes | None = None,
         on_stdout: AsyncOutputCallback | None = None,
         on_stderr: AsyncOutputCallback | None = None,
+        user: str | int | None = None,
     ) -> ExecResult:
         """Runs a command and waits for it; callbacks may be plain functions or coroutines.
         See :meth:`kiln.Commands.run`."""
         stream = on_stdout is not None or on_stderr is not None
         body = _wire.exec_body(cmd, env=env, cwd=cwd, timeout=timeout, stdin=stdin, stream=stream)
+        if user is not None:
+            body["user"] = str(user)
         path = sandbox_path(self._sb.id, "/exec")
         http_timeout = _wire.exec_http_timeout(timeout)
         client = self._sb._client
@@ -163,11 +167,13 @@ class AsyncSandbox(SandboxFields):
 
     commands: AsyncCommands
     files: AsyncFiles
+    processes: AsyncProcesses
 
     def __init__(self, data: dict[str, Any], client: Client) -> None:
         self._client = client
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
+        self.processes = AsyncProcesses(self)
         self._apply(data)
 
     @classmethod
@@ -252,10 +258,11 @@ class AsyncSandbox(SandboxFields):
         stdin: str | bytes | None = None,
         on_stdout: AsyncOutputCallback | None = None,
         on_stderr: AsyncOutputCallback | None = None,
+        user: str | int | None = None,
     ) -> ExecResult:
         """Shortcut for :meth:`AsyncCommands.run`."""
         return await self.commands.run(
-            cmd, env=env, cwd=cwd, timeout=timeout, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr
+            cmd, env=env, cwd=cwd, timeout=timeout, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr, user=user
         )
 
     async def logs(self) -> str:

@@ -11,6 +11,7 @@ from typing import Any, Literal, overload
 from . import _wire
 from ._client import Client, get_default_client, operation_path, sandbox_path, snapshot_path, volume_path
 from ._hybrid import hybridmethod
+from ._procs import Processes
 from .errors import ConflictError, GuestPathNotFoundError, SandboxNotFoundError
 from .models import (
     DirEntry,
@@ -46,6 +47,7 @@ class Commands:
         stdin: str | bytes | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
+        user: str | int | None = None,
     ) -> ExecResult:
         """Runs a command and waits for it.
 
@@ -57,11 +59,14 @@ class Commands:
             stdin: text or bytes fed to the command's standard input.
             on_stdout, on_stderr: called with each chunk of output as it arrives (the output is also
                 collected in the result).
+            user: run as this guest user (name or uid) instead of root.
 
         A non-zero exit is not an error: check :attr:`ExecResult.ok` or ``exit_code``.
         """
         stream = on_stdout is not None or on_stderr is not None
         body = _wire.exec_body(cmd, env=env, cwd=cwd, timeout=timeout, stdin=stdin, stream=stream)
+        if user is not None:
+            body["user"] = str(user)
         path = sandbox_path(self._sb.id, "/exec")
         http_timeout = _wire.exec_http_timeout(timeout)
         client = self._sb._client
@@ -181,11 +186,13 @@ class Sandbox(SandboxFields):
 
     commands: Commands
     files: Files
+    processes: Processes
 
     def __init__(self, data: dict[str, Any], client: Client) -> None:
         self._client = client
         self.commands = Commands(self)
         self.files = Files(self)
+        self.processes = Processes(self)
         self._apply(data)
 
     # -- making and finding sandboxes -----------------------------------------------------------
@@ -296,10 +303,11 @@ class Sandbox(SandboxFields):
         stdin: str | bytes | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
+        user: str | int | None = None,
     ) -> ExecResult:
         """Shortcut for :meth:`Commands.run`."""
         return self.commands.run(
-            cmd, env=env, cwd=cwd, timeout=timeout, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr
+            cmd, env=env, cwd=cwd, timeout=timeout, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr, user=user
         )
 
     def logs(self) -> str:

@@ -388,3 +388,54 @@ class OperationFields:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.id!r}, kind={self.kind!r}, state={self.state!r})"
+
+
+@dataclass
+class ProcessInfo:
+    """A background process in a sandbox (``sandbox.processes``)."""
+
+    pid: int
+    """The guest pid (also its process group id): the handle for the other calls."""
+    argv: list[str]
+    state: str
+    """``running`` or ``exited``."""
+    user: str | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    timed_out: bool = False
+    output_bytes: int = 0
+    dropped_bytes: int = 0
+    """Output pushed out of the process's 1 MiB ring, which later readers cannot see."""
+    started_uptime_ms: int = 0
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ProcessInfo:
+        return cls(
+            pid=int(d["pid"]),
+            argv=list(d.get("argv", [])),
+            state=str(d.get("state", "")),
+            user=d.get("user"),
+            exit_code=d.get("exit_code"),
+            signal=d.get("signal"),
+            timed_out=bool(d.get("timed_out", False)),
+            output_bytes=int(d.get("output_bytes", 0)),
+            dropped_bytes=int(d.get("dropped_bytes", 0)),
+            started_uptime_ms=int(d.get("started_uptime_ms", 0)),
+        )
+
+
+@dataclass
+class ProcessOutput:
+    """What :meth:`Processes.logs` read: the retained output, and how the process ended if it did."""
+
+    stdout: str
+    stderr: str
+    dropped_bytes: int = 0
+    """Bytes lost from the ring before the output here."""
+    exited: bool = False
+    exit_code: int | None = None
+    signal: int | None = None
