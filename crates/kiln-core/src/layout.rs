@@ -124,6 +124,10 @@ pub struct Layout {
     /// snapshot is refused if the origin has changed since. None in sandboxes made before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin_digest: Option<String>,
+    /// The CPU the guest saw when it booted (its TSC frequency is asked of KVM again on every restore).
+    /// None in machines made before it was recorded, or when QEMU could not report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<kiln_vmm::cpu::Identity>,
 }
 
 impl Layout {
@@ -173,6 +177,7 @@ mod tests {
             inherited_layers: 1,
             generation: 0,
             volume_slots: vec![VolumeSlot::Empty],
+            cpu: None,
             origin_digest: Some("sha256:00".into()),
         };
         let json = serde_json::to_string(&l).unwrap();

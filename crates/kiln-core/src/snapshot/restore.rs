@@ -183,6 +183,13 @@ impl Engine {
                 vec![VolumeSlot::Empty; VOLUME_SLOTS]
             },
             origin_digest: Some(self.base_digest(&format!("snapshot:{snap_id}"))?),
+            // A memory snapshot's guest keeps the CPU (and TSC frequency) it saw; a disk snapshot boots
+            // on this host's.
+            cpu: if m.kind.has_memory() {
+                m.depends.cpu_identity.clone()
+            } else {
+                kiln_vmm::cpu::identity(self.accel().accel)
+            },
         };
         self.place_mounts(
             &dir,
