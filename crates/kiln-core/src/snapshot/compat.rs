@@ -442,9 +442,9 @@ mod tests {
         check(&m, &h).unwrap();
         h.cpu_identity = Some(cpu(Some(2_500_000), Some(false)));
         let e = check(&m, &h).unwrap_err();
-        assert!(e
-            .message
-            .contains("tsc_frequency differs (snapshot: 2000000 kHz; this host: 2500000 kHz, no TSC scaling)"));
+        assert!(e.message.contains(
+            "tsc_frequency differs (snapshot: 2000000 kHz; this host: 2500000 kHz, no TSC scaling)"
+        ));
         h.cpu_identity = Some(cpu(Some(2_500_000), Some(true)));
         check(&m, &h).unwrap();
         let mut other = cpu(Some(2_000_000), None);
