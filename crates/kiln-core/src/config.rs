@@ -23,6 +23,8 @@ pub struct Config {
     pub default_cpus: u32,
     /// Copies of recently resumed snapshots kept resumed and paused, ready to hand out (0: none).
     pub warm_spares: usize,
+    /// `warm_spares` was not set: the accelerator's default applies (`Accel::tuning`).
+    pub warm_spares_default: bool,
     /// Run VMs even when they cannot be confined (`kiln serve --unconfined`); otherwise the daemon refuses
     /// to start.
     pub unconfined: bool,
@@ -45,7 +47,8 @@ pub struct Config {
 /// forks share their parent's pages.
 pub const DEFAULT_OVERCOMMIT: f64 = 2.0;
 
-/// Warm spares kept by default: enough for the last two snapshots a client stamps copies from.
+/// Warm spares kept by default under TCG: enough for the last two snapshots a client stamps copies from
+/// (none under KVM, see `Accel::tuning`).
 pub const DEFAULT_WARM_SPARES: usize = 2;
 
 impl Config {
@@ -72,6 +75,7 @@ impl Config {
             default_memory_mib: 256,
             default_cpus: 1,
             warm_spares: DEFAULT_WARM_SPARES,
+            warm_spares_default: false,
             unconfined: false,
             min_free_disk: crate::diskfloor::DEFAULT_FLOOR,
             max_storage: None,

@@ -151,22 +151,6 @@ impl Engine {
                 let _ = file.set_permissions(std::fs::Permissions::from_mode(0o600));
             }
         }
-        let accel = tokio::task::spawn_blocking({
-            let requested = cfg.accel;
-            move || kiln_vmm::accel::choose(requested)
-        })
-        .await
-        .map_err(|e| Error::internal(format!("accelerator probe panicked: {e}")))?;
-        info!(accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
-        // Cached for snapshot manifests and restore checks (snapshot/compat.rs); unknown if it fails.
-        let features = tokio::task::spawn_blocking({
-            let a = accel.accel;
-            move || kiln_vmm::cpu::probe_features(a)
-        })
-        .await;
-        if let Ok(Err(e)) = features {
-            tracing::warn!(error = %e, "CPU features unknown; snapshots will not record them");
-        }
         let confine = tokio::task::spawn_blocking({
             let (data, sandboxes, snapshots, allow_net) = (
                 cfg.data_dir.clone(),
@@ -183,6 +167,31 @@ impl Engine {
         })
         .await
         .map_err(|e| Error::internal(format!("confinement setup panicked: {e}")))??;
+        // The probe runs as a VM will: as a VM uid, confined, on the same machine and CPU model.
+        let probe_as = confine.run_as(Some(
+            crate::confine::UID_BASE + crate::confine::UID_COUNT - 1,
+        ));
+        let accel = tokio::task::spawn_blocking({
+            let requested = cfg.accel;
+            move || kiln_vmm::accel::choose(requested, probe_as.as_ref())
+        })
+        .await
+        .map_err(|e| Error::internal(format!("accelerator probe panicked: {e}")))?
+        .map_err(|e| Error::new(ErrorCode::InvalidRequest, e))?;
+        info!(accel = %accel.accel, reason = %accel.reason, cpu = %kiln_vmm::cpu::model(accel.accel), "accelerator chosen");
+        // Cached for snapshot manifests and restore checks (snapshot/compat.rs); unknown if it fails.
+        let features = tokio::task::spawn_blocking({
+            let a = accel.accel;
+            move || kiln_vmm::cpu::probe_features(a)
+        })
+        .await;
+        if let Ok(Err(e)) = features {
+            tracing::warn!(error = %e, "CPU features unknown; snapshots will not record them");
+        }
+        let mut cfg = cfg;
+        if cfg.warm_spares_default {
+            cfg.warm_spares = accel.accel.tuning().warm_spares;
+        }
         let ram = crate::ramdir::RamDir::setup(
             &cfg.data_dir,
             &cfg.ram_dir,
@@ -543,6 +552,7 @@ impl Engine {
             &kiln_image::CmdlineParams {
                 hostname: Some(sandbox.hostname.clone()),
                 resize: disk_size_bytes > template_size,
+                kvm: !self.accel.accel.tuning().tsc_cmdline,
                 // Extra guest kernel parameters for debugging boots, e.g. `loglevel=7`.
                 extra: std::env::var("KILN_GUEST_CMDLINE_EXTRA")
                     .map(|s| s.split_whitespace().map(str::to_string).collect())

@@ -135,6 +135,10 @@ pub struct Layout {
     /// the machine and everything restored from it. None in machines made before it existed (= `cpus`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_cpus: Option<u32>,
+    /// The CPU the guest saw when it booted (its TSC frequency is asked of KVM again on every restore).
+    /// None in machines made before it was recorded, or when QEMU could not report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<kiln_vmm::cpu::Identity>,
 }
 
 impl Layout {
@@ -184,6 +188,7 @@ mod tests {
             inherited_layers: 1,
             generation: 0,
             volume_slots: vec![VolumeSlot::Empty],
+            cpu: None,
             origin_digest: Some("sha256:00".into()),
             max_cpus: Some(2),
         };

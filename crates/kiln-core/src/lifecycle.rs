@@ -5,7 +5,7 @@ use std::time::Duration;
 use tracing::info;
 
 use crate::engine::{Engine, Locked};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorCode, Result};
 use crate::fsutil;
 use crate::layout::Memory;
 use crate::machine::Incoming;
@@ -134,6 +134,7 @@ impl Engine {
             .db()
             .layout(&sb.id)?
             .ok_or_else(|| Error::internal("sandbox has no layout"))?;
+        self.check_machine_accel(&sb)?;
         let dir = self.config().sandbox_dir(&sb.id);
         let state = dir.join(STATE_FILE);
         if !state.exists() {
@@ -180,6 +181,22 @@ impl Engine {
             .set_state(&sb.id, SandboxState::Running, Some(pid), None)?;
         info!(sandbox = %sb.id, pid, "sandbox started from hibernation");
         self.get(&sb.id)
+    }
+
+    /// A hibernated machine's saved vCPU state loads only under the accelerator it was saved under (a KVM
+    /// machine is never loaded into TCG, nor the reverse).
+    pub(crate) fn check_machine_accel(&self, sb: &Sandbox) -> Result<()> {
+        let here = self.accel().accel.to_string();
+        if sb.accel == here {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorCode::SnapshotIncompatible,
+            format!(
+                "sandbox {} cannot be started on this daemon: accel differs (machine: {}; this daemon: {here}); its saved state loads only under {}: start the daemon with `kiln serve --accel {}` (on a host where it works), or delete the sandbox",
+                sb.name, sb.accel, sb.accel, sb.accel
+            ),
+        ))
     }
 
     /// Whether a sandbox whose VM is gone left a complete saved state (a stop that finished).

@@ -86,6 +86,7 @@ impl Engine {
             volume_slots: vec![VolumeSlot::Empty; VOLUME_SLOTS],
             origin_digest: Some(self.base_digest(&format!("template:{}", sb.template))?),
             max_cpus: Some(self.machine_max_cpus(sb.cpus)),
+            cpu: kiln_vmm::cpu::identity(self.accel().accel),
         };
         self.place_mounts(&dir, sb.qemu_uid, &mut layout.volume_slots, mounts, false)?;
         let top = layout.next_top_path(&dir);
@@ -162,6 +163,7 @@ impl Engine {
             name: vm_name(&sb.id),
             run_dir: self.config().sandbox_dir(&sb.id).join(crate::vm::VM_DIR),
             accel: self.accel().accel,
+            tsc_khz: layout.cpu.as_ref().and_then(|c| c.tsc_khz),
             memory_mib: sb.memory_mib,
             vcpus: sb.cpus,
             max_vcpus: layout.max_cpus.unwrap_or(sb.cpus).max(sb.cpus),
@@ -334,7 +336,9 @@ impl Engine {
     }
 
     async fn set_clock_and_identity(&self, vm: &Vm, identity: Option<&NewIdentity>) -> Result<()> {
-        let agent = vm.agent(Duration::from_secs(20)).await?;
+        let agent = vm
+            .agent(self.accel().accel.tuning().agent_after_resume)
+            .await?;
         tracing::debug!(vm = %vm.name, "agent connected");
         let clock = agent.set_clock(SystemTime::now());
         let Some(identity) = identity else {

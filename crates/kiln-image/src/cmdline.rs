@@ -27,6 +27,9 @@ pub const CMDLINE_BASE: &str = "console=ttyS0 root=/dev/vda rw quiet loglevel=3 
     cryptomgr.notests tsc=reliable no_timer_check 8250.nr_uarts=1 mitigations=off random.trust_cpu=on \
     audit=0 nowatchdog";
 
+/// Base flags that only TCG needs (see [`CMDLINE_BASE`]).
+const TCG_ONLY: [&str; 2] = ["tsc=reliable", "no_timer_check"];
+
 /// Per-sandbox parameters appended to an image's base command line.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CmdlineParams {
@@ -44,18 +47,28 @@ pub struct CmdlineParams {
     /// the emulated PIT fails on a busy host (about one boot in six here), after which the guest hangs.
     /// Telling the kernel the frequency skips that calibration.
     pub tsc_khz: Option<u64>,
+    /// Under KVM: leave out the TCG-only clock flags (`tsc=reliable no_timer_check`, `tsc_early_khz=`);
+    /// the guest uses kvm-clock.
+    pub kvm: bool,
     /// Further parameters, appended verbatim, e.g. `kiln.ip=10.0.2.20/24`, `kiln.dns=1.1.1.1,8.8.8.8`.
     pub extra: Vec<String>,
 }
 
 /// The full kernel command line for booting a sandbox from `image`.
 pub fn kernel_cmdline(image: &Image, params: &CmdlineParams) -> String {
+    if params.kvm {
+        return build_cmdline(&image.manifest.cmdline_base, params, None);
+    }
     let tsc_khz = params.tsc_khz.or_else(host_tsc_khz).filter(|&khz| khz > 0);
     build_cmdline(&image.manifest.cmdline_base, params, tsc_khz)
 }
 
 fn build_cmdline(base: &str, params: &CmdlineParams, tsc_khz: Option<u64>) -> String {
-    let mut parts: Vec<String> = base.split_whitespace().map(str::to_string).collect();
+    let mut parts: Vec<String> = base
+        .split_whitespace()
+        .filter(|p| !(params.kvm && TCG_ONLY.contains(p)))
+        .map(str::to_string)
+        .collect();
     if let Some(khz) = tsc_khz {
         parts.push(format!("tsc_early_khz={khz}"));
     }
@@ -174,6 +187,7 @@ mod tests {
             resize: true,
             debug: true,
             tsc_khz: Some(2_596_144),
+            kvm: false,
             extra: vec!["kiln.ip=10.0.2.20/24 kiln.gw=10.0.2.2".into()],
         };
         assert_eq!(
@@ -219,5 +233,24 @@ mod tests {
     fn base_cmdline_has_console_and_no_double_spaces() {
         assert!(CMDLINE_BASE.starts_with("console=ttyS0 "));
         assert!(!CMDLINE_BASE.contains("  "));
+    }
+
+    #[test]
+    fn kvm_boots_without_the_tcg_clock_flags() {
+        let kvm = CmdlineParams {
+            kvm: true,
+            tsc_khz: Some(2_000_000),
+            ..Default::default()
+        };
+        let line = build_cmdline(CMDLINE_BASE, &kvm, None);
+        assert!(
+            !line.contains("tsc=reliable") && !line.contains("no_timer_check"),
+            "{line}"
+        );
+        assert!(!line.contains("tsc_early_khz"), "{line}");
+        let tcg = build_cmdline(CMDLINE_BASE, &CmdlineParams::default(), Some(2_000_000));
+        assert!(
+            tcg.contains("tsc=reliable no_timer_check") && tcg.contains("tsc_early_khz=2000000")
+        );
     }
 }

@@ -2,13 +2,26 @@
 //!
 //! The mere presence of `/dev/kvm` proves little: some hosts expose a paravirtual KVM (`kvm_pvm`) that opens
 //! and creates VMs but cannot run an ordinary Linux guest. So KVM is chosen only when a hardware KVM module
-//! (`kvm_intel` or `kvm_amd`) is loaded, `/dev/kvm` opens read-write, and a tiny guest runs to completion.
+//! (`kvm_intel` or `kvm_amd`) is loaded, `/dev/kvm` opens read-write, and a tiny guest runs to completion
+//! exactly as a VM will: as a VM uid, under seccomp, on `microvm`, with kiln's `-cpu`, given the daemon's
+//! `/dev/kvm` descriptor. Where a hardware module is loaded (or `--accel kvm` asked for it) a failing probe
+//! is a start-up error, never a silent fall back to TCG.
 
 use std::fmt;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::str::FromStr;
 use std::time::Duration;
+
+use crate::launch::RunAs;
+
+/// The descriptor number QEMU finds the daemon's `/dev/kvm` under, and the fd set it is added to
+/// (`-add-fd fd=3,set=1` with `-accel kvm,device=/dev/fdset/1`).
+pub const KVM_FD: i32 = 3;
+pub const KVM_FDSET: u32 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -24,6 +37,82 @@ impl Accel {
             Accel::Tcg => "tcg",
         }
     }
+}
+
+impl Accel {
+    /// The accelerator's QEMU arguments. KVM's device is the descriptor `launch` passes as [`KVM_FD`].
+    pub fn qemu_args(self) -> Vec<String> {
+        match self {
+            Accel::Kvm => vec![
+                "-add-fd".into(),
+                format!("fd={KVM_FD},set={KVM_FDSET},opaque=kiln-kvm"),
+                "-accel".into(),
+                format!("kvm,device=/dev/fdset/{KVM_FDSET}"),
+            ],
+            Accel::Tcg => vec!["-accel".into(), "tcg".into()],
+        }
+    }
+}
+
+/// Settings that differ by accelerator: what TCG needs to boot reliably, or to hide its slowness, is
+/// noise or waste under KVM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// `tsc=reliable no_timer_check tsc_early_khz=` on the kernel command line: TCG's emulated PIT makes
+    /// the guest's TSC calibration fail on a busy host; under KVM the guest has kvm-clock.
+    pub tsc_cmdline: bool,
+    /// Warm spares kept by default: a TCG restore costs a new QEMU's cold translation cache, a KVM one
+    /// tens of milliseconds, not worth a resident VM each.
+    pub warm_spares: usize,
+    /// How long a just-continued guest's agent may take to answer.
+    pub agent_after_resume: Duration,
+}
+
+impl Accel {
+    pub fn tuning(self) -> Tuning {
+        match self {
+            Accel::Tcg => Tuning {
+                tsc_cmdline: true,
+                warm_spares: 2,
+                agent_after_resume: Duration::from_secs(20),
+            },
+            Accel::Kvm => Tuning {
+                tsc_cmdline: false,
+                warm_spares: 0,
+                agent_after_resume: Duration::from_secs(5),
+            },
+        }
+    }
+}
+
+/// Opens `/dev/kvm` read-write, close-on-exec, at a descriptor number above stdio (which the child's
+/// stdio set-up would overwrite).
+pub fn open_kvm() -> std::io::Result<File> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")?;
+    if f.as_raw_fd() > 2 {
+        Ok(f)
+    } else {
+        // try_clone duplicates with F_DUPFD_CLOEXEC from 3 upwards.
+        f.try_clone()
+    }
+}
+
+/// Under KVM, opens `/dev/kvm` and has `cmd`'s child find it as [`KVM_FD`]; keep the returned file
+/// until the child is spawned.
+pub fn attach_kvm(cmd: &mut Command, accel: Accel) -> std::io::Result<Option<File>> {
+    if accel != Accel::Kvm {
+        return Ok(None);
+    }
+    let f = open_kvm()?;
+    let fd = f.as_raw_fd();
+    // SAFETY: the closure only makes raw syscalls (dup2/fcntl).
+    unsafe {
+        cmd.pre_exec(move || crate::launch::pass_kvm_fd(fd));
+    }
+    Ok(Some(f))
 }
 
 impl fmt::Display for Accel {
@@ -53,27 +142,48 @@ pub struct AccelChoice {
 }
 
 /// Picks the accelerator. `requested` is the user's override (`--accel`, config or `KILN_ACCEL`);
-/// `None` means probe.
-pub fn choose(requested: Option<Accel>) -> AccelChoice {
+/// `None` means probe. `run_as` is who VMs run as (the probe runs as they will). An error is a start-up
+/// failure: KVM was asked for, or a hardware KVM module is loaded, and no VM could run under it.
+pub fn choose(requested: Option<Accel>, run_as: Option<&RunAs>) -> Result<AccelChoice, String> {
     match requested {
-        Some(accel) => AccelChoice {
-            accel,
+        Some(Accel::Tcg) => Ok(AccelChoice {
+            accel: Accel::Tcg,
             reason: "requested explicitly".to_string(),
-        },
-        None => match probe_kvm() {
-            Ok(()) => AccelChoice {
+        }),
+        // Asked for: whatever module provides /dev/kvm, a VM must run under it.
+        Some(Accel::Kvm) => match run_probe_with(Accel::Kvm, run_as) {
+            Ok(()) => Ok(AccelChoice {
                 accel: Accel::Kvm,
-                reason: "hardware KVM module loaded and a probe guest ran under KVM".to_string(),
-            },
-            Err(why) => AccelChoice {
+                reason: "requested explicitly; a probe VM ran under KVM".to_string(),
+            }),
+            Err(why) => Err(format!(
+                "--accel kvm was requested but KVM cannot run VMs here: {why}. Fix KVM (see docs/kvm.md) or start with --accel tcg"
+            )),
+        },
+        None => match probe_kvm(run_as) {
+            Ok(module) => Ok(AccelChoice {
+                accel: Accel::Kvm,
+                reason: format!("{module} loaded and a probe VM ran under KVM"),
+            }),
+            Err(Probe::NoModule(why)) => Ok(AccelChoice {
                 accel: Accel::Tcg,
                 reason: format!("KVM not usable ({why}); using TCG software emulation"),
-            },
+            }),
+            Err(Probe::Failed(why)) => Err(format!(
+                "hardware KVM is loaded but a VM cannot run under it: {why}. Fix KVM (see docs/kvm.md), or accept software emulation with --accel tcg (10-50x slower)"
+            )),
         },
     }
 }
 
-fn probe_kvm() -> Result<(), String> {
+enum Probe {
+    /// No hardware KVM on this host: TCG is the expected choice.
+    NoModule(String),
+    /// Hardware KVM is there but does not work for kiln's VMs.
+    Failed(String),
+}
+
+fn probe_kvm(run_as: Option<&RunAs>) -> Result<&'static str, Probe> {
     let module = ["kvm_intel", "kvm_amd"]
         .into_iter()
         .find(|m| Path::new("/sys/module").join(m).exists());
@@ -83,14 +193,16 @@ fn probe_kvm() -> Result<(), String> {
         } else {
             "no kvm module is loaded"
         };
-        return Err(present.to_string());
+        return Err(Probe::NoModule(present.to_string()));
     };
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .map_err(|e| format!("{module} is loaded but /dev/kvm cannot be opened: {e}"))?;
-    run_probe_guest()
+    open_kvm().map_err(|e| {
+        Probe::Failed(format!(
+            "{module} is loaded but the daemon cannot open /dev/kvm read-write: {e}"
+        ))
+    })?;
+    run_probe_with(Accel::Kvm, run_as)
+        .map_err(|e| Probe::Failed(format!("{module} is loaded: {e}")))?;
+    Ok(module)
 }
 
 /// Machine code placed at the x86 reset vector: `mov al,0x2a; out 0xf4,al; hlt; jmp $-3`.
@@ -106,45 +218,110 @@ pub fn probe_firmware() -> Vec<u8> {
     image
 }
 
-/// Runs the probe firmware under `accel` and checks that it reached the exit port.
-pub fn run_probe_with(accel: Accel) -> Result<(), String> {
+/// Runs the probe firmware under `accel` as a VM runs (`run_as`, seccomp, `microvm`, kiln's `-cpu`, the
+/// daemon's `/dev/kvm` descriptor) and checks that it reached the exit port. QEMU's own words on failure.
+pub fn run_probe_with(accel: Accel, run_as: Option<&RunAs>) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = std::env::temp_dir().join(format!("kiln-accel-probe-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    // The VM's uid must read the firmware (nothing secret in it); QEMU writes nothing here.
+    let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755));
     let firmware = dir.join("probe.bin");
     let result = std::fs::write(&firmware, probe_firmware())
         .map_err(|e| format!("cannot write {}: {e}", firmware.display()))
         .and_then(|()| {
-            let mut child = Command::new(crate::qemu_binary())
-                .args(["-accel", accel.as_str(), "-M", "pc", "-m", "16"])
-                .args(["-nodefaults", "-no-user-config", "-display", "none"])
-                .arg("-bios")
-                .arg(&firmware)
-                .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .map_err(|e| format!("cannot run {}: {e}", crate::qemu_binary()))?;
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            loop {
-                match child.try_wait() {
-                    Ok(Some(status)) if status.code() == Some(PROBE_EXIT_STATUS) => return Ok(()),
-                    Ok(Some(status)) => return Err(format!("probe guest failed ({status})")),
-                    Ok(None) if std::time::Instant::now() > deadline => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        return Err("probe guest did not finish within 10 s".to_string());
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-                    Err(e) => return Err(format!("waiting for the probe guest: {e}")),
-                }
-            }
+            let _ = std::fs::set_permissions(&firmware, std::fs::Permissions::from_mode(0o644));
+            probe_once(accel, run_as, &firmware)
         });
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn run_probe_guest() -> Result<(), String> {
-    run_probe_with(Accel::Kvm)
+fn probe_once(accel: Accel, run_as: Option<&RunAs>, firmware: &Path) -> Result<(), String> {
+    let run_as = run_as.cloned();
+    let mut cmd = Command::new(crate::qemu_binary());
+    cmd.args(accel.qemu_args())
+        .args([
+            "-M",
+            &crate::qemu::machine(accel),
+            "-cpu",
+            &crate::cpu::model(accel),
+        ])
+        .args([
+            "-m",
+            "16",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+        ])
+        .args(["-object", "memory-backend-ram,id=mem,size=16M"])
+        .args(["-sandbox", crate::qemu::SECCOMP])
+        .arg("-bios")
+        .arg(firmware)
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: only raw syscalls on data prepared before the fork; nothing allocates.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(r) = &run_as {
+                for rc in [
+                    libc::setgroups(r.groups.len(), r.groups.as_ptr()),
+                    libc::setresgid(r.gid, r.gid, r.gid),
+                    libc::setresuid(r.uid, r.uid, r.uid),
+                ] {
+                    if rc < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+            }
+            Ok(())
+        });
+    }
+    let kvm = attach_kvm(&mut cmd, accel).map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", crate::qemu_binary()))?;
+    drop(kvm);
+    let stderr = child.stderr.take();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut s) = stderr {
+            use std::io::Read;
+            let _ = (&mut s).take(16 * 1024).read_to_string(&mut text);
+        }
+        text
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Ok(status),
+            Ok(None) if std::time::Instant::now() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break Err("the probe VM did not finish within 10 s".to_string());
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => break Err(format!("waiting for the probe VM: {e}")),
+        }
+    };
+    let said = reader.join().unwrap_or_default();
+    let said = said.trim();
+    match status? {
+        s if s.code() == Some(PROBE_EXIT_STATUS) => Ok(()),
+        s => Err(format!(
+            "the probe VM failed ({s}){}",
+            if said.is_empty() {
+                String::new()
+            } else {
+                format!(": QEMU said: {said}")
+            }
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -169,13 +346,32 @@ mod tests {
     }
 
     #[test]
+    fn tuning_per_accelerator() {
+        let (t, k) = (Accel::Tcg.tuning(), Accel::Kvm.tuning());
+        assert!(t.tsc_cmdline && !k.tsc_cmdline);
+        assert_eq!((t.warm_spares, k.warm_spares), (2, 0));
+        assert!(k.agent_after_resume < t.agent_after_resume);
+        assert_eq!(Accel::Tcg.qemu_args(), ["-accel", "tcg"]);
+        assert_eq!(
+            Accel::Kvm.qemu_args(),
+            [
+                "-add-fd",
+                "fd=3,set=1,opaque=kiln-kvm",
+                "-accel",
+                "kvm,device=/dev/fdset/1"
+            ]
+        );
+    }
+
+    #[test]
     fn explicit_choice_is_respected() {
-        assert_eq!(choose(Some(Accel::Tcg)).accel, Accel::Tcg);
+        assert_eq!(choose(Some(Accel::Tcg), None).unwrap().accel, Accel::Tcg);
     }
 
     #[test]
     fn probe_firmware_runs_under_tcg() {
         // Exercises the real probe path with the emulator every host has.
-        run_probe_with(Accel::Tcg).expect("probe firmware should exit through isa-debug-exit");
+        run_probe_with(Accel::Tcg, None)
+            .expect("probe firmware should exit through isa-debug-exit");
     }
 }

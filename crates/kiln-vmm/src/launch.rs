@@ -78,6 +78,14 @@ pub fn launch(spec: &VmSpec) -> Result<u32, VmmError> {
         })
         .collect::<Result<_, _>>()?;
     let cgroup_fds: Vec<i32> = cgroup_files.iter().map(|f| f.as_raw_fd()).collect();
+    // The VM's uid needs no access to /dev/kvm: the daemon opens it and QEMU gets the descriptor.
+    let kvm = match spec.accel {
+        crate::Accel::Kvm => Some(crate::accel::open_kvm().map_err(|e| VmmError::LaunchFailed {
+            detail: format!("cannot open /dev/kvm: {e}; check `kiln doctor` or start the daemon with --accel tcg"),
+        })?),
+        crate::Accel::Tcg => None,
+    };
+    let kvm_fd = kvm.as_ref().map(|f| f.as_raw_fd());
     let run_as = spec.confine.run_as.clone();
     let binary = crate::qemu_binary();
     let mut cmd = Command::new(&binary);
@@ -90,7 +98,7 @@ pub fn launch(spec: &VmSpec) -> Result<u32, VmmError> {
         .stderr(stderr);
     // SAFETY: the closure only makes raw syscalls on data prepared before the fork and allocates nothing.
     unsafe {
-        cmd.pre_exec(move || detach_and_confine(&cgroup_fds, run_as.as_ref()));
+        cmd.pre_exec(move || detach_and_confine(&cgroup_fds, run_as.as_ref(), kvm_fd));
     }
     let mut child = cmd.spawn().map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => VmmError::MissingTool {
@@ -100,6 +108,7 @@ pub fn launch(spec: &VmSpec) -> Result<u32, VmmError> {
         _ => VmmError::io(format!("starting {binary} (confinement: {:?})", spec.confine), e),
     })?;
     drop(cgroup_files);
+    drop(kvm);
     let pid = child.id();
     let started = Instant::now();
     loop {
@@ -138,8 +147,13 @@ pub fn launch(spec: &VmSpec) -> Result<u32, VmmError> {
     Ok(pid)
 }
 
-/// Runs in the forked child before exec: new session, join cgroups, drop to the VM's user, private umask.
-fn detach_and_confine(cgroup_fds: &[i32], run_as: Option<&RunAs>) -> std::io::Result<()> {
+/// Runs in the forked child before exec: new session, join cgroups, hand over /dev/kvm, drop to the VM's
+/// user, private umask.
+fn detach_and_confine(
+    cgroup_fds: &[i32],
+    run_as: Option<&RunAs>,
+    kvm_fd: Option<i32>,
+) -> std::io::Result<()> {
     let check = |r: libc::c_int| {
         if r < 0 {
             Err(std::io::Error::last_os_error())
@@ -156,6 +170,10 @@ fn detach_and_confine(cgroup_fds: &[i32], run_as: Option<&RunAs>) -> std::io::Re
                 return Err(std::io::Error::last_os_error());
             }
         }
+        // After the cgroup writes: the dup2 may replace one of their descriptors.
+        if let Some(fd) = kvm_fd {
+            pass_kvm_fd(fd)?;
+        }
         if let Some(r) = run_as {
             check(libc::setgroups(r.groups.len(), r.groups.as_ptr()))?;
             check(libc::setresgid(r.gid, r.gid, r.gid))?;
@@ -163,6 +181,24 @@ fn detach_and_confine(cgroup_fds: &[i32], run_as: Option<&RunAs>) -> std::io::Re
         }
         // Sockets, the RAM file, saved state and logs that QEMU creates are private to its user.
         libc::umask(0o077);
+    }
+    Ok(())
+}
+
+/// Makes `fd` (close-on-exec, as the daemon opened it) QEMU's `crate::accel::KVM_FD`, kept across exec.
+/// Async-signal-safe: only dup2/fcntl.
+pub(crate) fn pass_kvm_fd(fd: i32) -> std::io::Result<()> {
+    let target = crate::accel::KVM_FD;
+    // SAFETY: plain syscalls on descriptors; dup2 onto another number clears close-on-exec.
+    let r = unsafe {
+        if fd == target {
+            libc::fcntl(fd, libc::F_SETFD, 0)
+        } else {
+            libc::dup2(fd, target)
+        }
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }

@@ -58,6 +58,8 @@ pub struct VmSpec {
     /// only directory of a sandbox that its VM's uid may write (`<sandbox>/vm`).
     pub run_dir: PathBuf,
     pub accel: Accel,
+    /// Guest TSC frequency to ask KVM for (the machine's recorded one); ignored under TCG.
+    pub tsc_khz: Option<u64>,
     pub memory_mib: u64,
     /// vCPUs the guest runs (online).
     pub vcpus: u32,
@@ -116,10 +118,16 @@ impl VmSpec {
         let mut a: Vec<String> = Vec::with_capacity(64);
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
         push(&["-name", &format!("{},process={}", self.name, self.name)]);
-        push(&["-accel", self.accel.as_str()]);
-        // The PIT and PIC must stay on under TCG: without them the kernel hangs calibrating the TSC.
-        push(&["-M", MACHINE]);
-        push(&["-cpu", crate::cpu::model(self.accel)]);
+        let accel = self.accel.qemu_args();
+        push(&accel.iter().map(String::as_str).collect::<Vec<_>>());
+        push(&["-M", &machine(self.accel)]);
+        let mut cpu = crate::cpu::model(self.accel);
+        // The frequency the guest's TSC was recorded with: QEMU then fails (instead of warning) where KVM
+        // cannot run the TSC at it.
+        if let Some(khz) = self.tsc_khz.filter(|_| self.accel == Accel::Kvm) {
+            cpu.push_str(&format!(",tsc-frequency={}", khz * 1000));
+        }
+        push(&["-cpu", &cpu]);
         push(&["-smp", &self.vcpus.max(self.max_vcpus).to_string()]);
         push(&["-m", &format!("{}M", self.memory_mib)]);
         // A private mapping opens its (immutable, shared) file read-only with writable RAM on top
@@ -254,9 +262,23 @@ impl VmSpec {
     }
 }
 
-/// The machine type and options of every VM (`-M`); recorded in snapshots, whose saved state loads only
-/// into the same machine.
+/// The machine type and options of every TCG VM (`-M`); recorded in snapshots, whose saved state loads
+/// only into the same machine. The PIT and PIC must stay on under TCG: without them the kernel hangs
+/// calibrating the TSC.
 pub const MACHINE: &str = "microvm,acpi=on,pit=on,pic=on,rtc=on,isa-serial=on,memory-backend=mem";
+
+/// Under KVM the guest has kvm-clock and the in-kernel LAPIC timer, so the legacy PIT and PIC (whose
+/// emulation costs exits and whose ticks only add noise) are left out; the RTC stays for the boot clock.
+pub const MACHINE_KVM: &str =
+    "microvm,acpi=on,pit=off,pic=off,rtc=on,isa-serial=on,memory-backend=mem";
+
+/// The machine (`-M`) for `accel`.
+pub fn machine(accel: Accel) -> String {
+    match accel {
+        Accel::Tcg => MACHINE.to_string(),
+        Accel::Kvm => MACHINE_KVM.to_string(),
+    }
+}
 
 /// Where `qboot` is looked for: the only firmware kiln ever gives QEMU (snapshot manifests naming any
 /// other are refused).
@@ -344,6 +366,7 @@ mod tests {
             name: "kiln-sb1".into(),
             run_dir: "/data/sb1".into(),
             accel: Accel::Tcg,
+            tsc_khz: Some(2_000_000),
             memory_mib: 256,
             vcpus: 2,
             max_vcpus: 2,
@@ -476,12 +499,26 @@ mod tests {
     }
 
     #[test]
-    fn cpu_model_follows_accelerator() {
+    fn cpu_machine_and_device_follow_accelerator() {
         let mut s = spec();
+        // TCG: no fixed TSC frequency, the PIT and PIC on, no descriptor handed over.
         assert_eq!(value_after(&s.args(), "-cpu"), ["max"]);
+        assert_eq!(value_after(&s.args(), "-accel"), ["tcg"]);
+        assert!(value_after(&s.args(), "-M")[0].contains("pit=on,pic=on"));
+        assert!(value_after(&s.args(), "-add-fd").is_empty());
         s.accel = Accel::Kvm;
-        assert_eq!(value_after(&s.args(), "-cpu"), ["host"]);
-        assert_eq!(value_after(&s.args(), "-accel"), ["kvm"]);
+        let args = s.args();
+        assert_eq!(
+            value_after(&args, "-cpu"),
+            ["host,vmx=off,svm=off,pmu=off,tsc-frequency=2000000000"]
+        );
+        // KVM comes through the descriptor the daemon opened, not by path as the VM's uid.
+        assert_eq!(
+            value_after(&args, "-add-fd"),
+            ["fd=3,set=1,opaque=kiln-kvm"]
+        );
+        assert_eq!(value_after(&args, "-accel"), ["kvm,device=/dev/fdset/1"]);
+        assert!(value_after(&args, "-M")[0].contains("pit=off,pic=off,rtc=on"));
     }
 
     #[test]

@@ -49,8 +49,13 @@ pub struct ServeArgs {
     /// Copies of recently resumed snapshots to keep resumed and paused, so the next resume of such a
     /// snapshot only continues one (0 turns this off). Each holds a VM; they are given up first when
     /// capacity runs short.
-    #[arg(long, env = "KILN_WARM_SPARES", default_value_t = kiln_core::config::DEFAULT_WARM_SPARES)]
-    warm_spares: usize,
+    /// Default: 2 under TCG, 0 under KVM (where a resume is fast anyway).
+    #[arg(long, env = "KILN_WARM_SPARES")]
+    warm_spares: Option<usize>,
+    /// A named QEMU CPU model (e.g. EPYC-v4) instead of the host's CPU under KVM, for fleets whose
+    /// memory snapshots move between hosts; QEMU refuses to start VMs on a host that lacks a feature of it.
+    #[arg(long, env = "KILN_CPU_MODEL")]
+    cpu_model: Option<String>,
     /// vCPUs every new machine has: a sandbox's own `cpus` run, the rest are created offline so that
     /// copies resumed from its memory snapshots may use up to this many. Default: the host's cores, at
     /// most 8.
@@ -125,7 +130,14 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("--max-sandboxes must be at least 1");
     }
     cfg.max_sandboxes = args.max_sandboxes;
-    cfg.warm_spares = args.warm_spares;
+    cfg.warm_spares = args
+        .warm_spares
+        .unwrap_or(kiln_core::config::DEFAULT_WARM_SPARES);
+    cfg.warm_spares_default = args.warm_spares.is_none();
+    if let Some(model) = &args.cpu_model {
+        kiln_vmm::cpu::set_model_override(model)
+            .map_err(|e| anyhow::anyhow!("--cpu-model: {e}"))?;
+    }
     cfg.max_vcpus = args.max_vcpus;
     cfg.unconfined = args.unconfined;
     cfg.min_free_disk = args.min_free_disk;

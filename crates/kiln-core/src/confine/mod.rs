@@ -239,10 +239,12 @@ impl Confinement {
     /// The credentials for a sandbox's QEMU.
     pub fn run_as(&self, uid: Option<u32>) -> Option<kiln_vmm::RunAs> {
         match (&self.users, uid) {
-            (Users::PerSandbox { group, kvm }, Some(uid)) => Some(kiln_vmm::RunAs {
+            // No `kvm` group: the daemon hands QEMU an open /dev/kvm (kiln_vmm::accel::KVM_FD), and the
+            // group of that name need not own the device anyway.
+            (Users::PerSandbox { group, .. }, Some(uid)) => Some(kiln_vmm::RunAs {
                 uid,
                 gid: uid,
-                groups: std::iter::once(*group).chain(*kvm).collect(),
+                groups: vec![*group],
             }),
             _ => None,
         }
@@ -512,7 +514,7 @@ mod tests {
         assert!(!others.contains(&uid), "a uid was handed out twice");
         assert!((UID_BASE..UID_BASE + UID_COUNT).contains(&uid));
         let r = c.run_as(Some(uid)).unwrap();
-        assert_eq!((r.uid, r.gid, r.groups.clone()), (uid, uid, vec![4242, 36]));
+        assert_eq!((r.uid, r.gid, r.groups.clone()), (uid, uid, vec![4242]));
         assert!(
             c.run_as(None).is_none(),
             "sandboxes without a uid stay as they were"

@@ -17,6 +17,8 @@ pub struct Host {
     pub cpu_model: String,
     /// None when QEMU could not list them (then they are not compared).
     pub cpu_features: Option<Vec<String>>,
+    /// None when QEMU could not report it (then it is not compared).
+    pub cpu_identity: Option<kiln_vmm::cpu::Identity>,
 }
 
 impl Host {
@@ -24,19 +26,26 @@ impl Host {
         Host {
             accel: accel.to_string(),
             qemu_version: kiln_vmm::qemu_version(),
-            machine_options: kiln_vmm::qemu::MACHINE.to_string(),
-            cpu_model: kiln_vmm::cpu::model(accel).to_string(),
+            machine_options: kiln_vmm::qemu::machine(accel),
+            cpu_model: kiln_vmm::cpu::model(accel),
             cpu_features: kiln_vmm::cpu::features(accel),
+            cpu_identity: kiln_vmm::cpu::identity(accel),
         }
     }
 }
 
 /// The dependencies a new snapshot records (see [`Depends`]).
-pub fn recorded(accel: kiln_vmm::Accel, firmware: Option<&Path>) -> Depends {
+/// `cpu` is the machine's recorded CPU (this host's when the machine predates the record).
+pub fn recorded(
+    accel: kiln_vmm::Accel,
+    firmware: Option<&Path>,
+    cpu: Option<kiln_vmm::cpu::Identity>,
+) -> Depends {
     Depends {
-        machine_options: Some(kiln_vmm::qemu::MACHINE.to_string()),
+        machine_options: Some(kiln_vmm::qemu::machine(accel)),
         cpu_features: kiln_vmm::cpu::features(accel),
         firmware_checksum: firmware.and_then(|f| fsutil::checksum(f).ok()),
+        cpu_identity: cpu.or_else(|| kiln_vmm::cpu::identity(accel)),
     }
 }
 
@@ -154,6 +163,9 @@ pub fn check(m: &Manifest, host: &Host) -> Result<()> {
             ));
         }
     }
+    if let Some(snap) = &m.depends.cpu_identity {
+        check_identity(m, snap, host.cpu_identity.as_ref())?;
+    }
     if let Some(fw) = &m.firmware {
         let here = if fw.is_file() {
             m.depends
@@ -179,6 +191,62 @@ pub fn check(m: &Manifest, host: &Host) -> Result<()> {
     Ok(())
 }
 
+/// The guest's CPU must look the same after the resume: same vendor, family, model and stepping (the
+/// guest picked code paths and errata workarounds by them), same physical address width, and a TSC at
+/// the recorded frequency (the guest calibrated its clocks against it), which a host at another frequency
+/// can give only with TSC scaling. `here` unknown: the identity cannot be checked, so a snapshot
+/// recording a TSC frequency is refused and the rest is left to QEMU's own checks.
+fn check_identity(
+    m: &Manifest,
+    snap: &kiln_vmm::cpu::Identity,
+    here: Option<&kiln_vmm::cpu::Identity>,
+) -> Result<()> {
+    let advice = format!("the guest's CPU would change under it; {DISK_ADVICE}");
+    if let Some(h) = here {
+        let fields: [(&str, String, String); 5] = [
+            ("cpu_vendor", snap.vendor.clone(), h.vendor.clone()),
+            ("cpu_family", snap.family.to_string(), h.family.to_string()),
+            (
+                "cpu_model_number",
+                snap.model.to_string(),
+                h.model.to_string(),
+            ),
+            (
+                "cpu_stepping",
+                snap.stepping.to_string(),
+                h.stepping.to_string(),
+            ),
+            (
+                "cpu_phys_bits",
+                snap.phys_bits.to_string(),
+                h.phys_bits.to_string(),
+            ),
+        ];
+        for (field, s, h) in fields {
+            if s != h {
+                return Err(refuse(m, field, &s, &h, &advice));
+            }
+        }
+    }
+    if let Some(khz) = snap.tsc_khz {
+        let here_khz = here.and_then(|h| h.tsc_khz);
+        let scaling = here.and_then(|h| h.tsc_scaling) == Some(true);
+        if here_khz != Some(khz) && !scaling {
+            return Err(refuse(
+                m,
+                "tsc_frequency",
+                &format!("{khz} kHz"),
+                &match here_khz {
+                    Some(h) => format!("{h} kHz, no TSC scaling"),
+                    None => "no fixed TSC frequency, no TSC scaling".to_string(),
+                },
+                &format!("resume it on a KVM host with the same TSC frequency or with TSC scaling; {DISK_ADVICE}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +260,7 @@ mod tests {
             machine_options: "microvm,acpi=on".into(),
             cpu_model: "max".into(),
             cpu_features: Some(vec!["aes".into(), "sse2".into(), "sse4.1".into()]),
+            cpu_identity: None,
         }
     }
 
@@ -212,6 +281,7 @@ mod tests {
                 machine_options: Some("microvm,acpi=on".into()),
                 cpu_features: Some(vec!["aes".into(), "sse2".into()]),
                 firmware_checksum: None,
+                cpu_identity: None,
             },
             cmdline: String::new(),
             memory_mib: 256,
@@ -351,5 +421,45 @@ mod tests {
         }
         let back: Manifest = serde_json::from_value(serde_json::Value::Object(obj)).unwrap();
         assert_eq!(back.depends, Depends::default());
+    }
+
+    fn cpu(tsc_khz: Option<u64>, tsc_scaling: Option<bool>) -> kiln_vmm::cpu::Identity {
+        kiln_vmm::cpu::Identity {
+            vendor: "AuthenticAMD".into(),
+            family: 25,
+            model: 1,
+            stepping: 1,
+            phys_bits: 48,
+            tsc_khz,
+            tsc_scaling,
+        }
+    }
+
+    #[test]
+    fn cpu_identity_and_tsc_are_checked_with_scaling_allowing_another_frequency() {
+        let mut m = manifest();
+        let mut h = host();
+        m.depends.cpu_identity = Some(cpu(Some(2_000_000), Some(false)));
+        h.cpu_identity = Some(cpu(Some(2_000_000), Some(false)));
+        check(&m, &h).unwrap();
+        h.cpu_identity = Some(cpu(Some(2_500_000), Some(false)));
+        let e = check(&m, &h).unwrap_err();
+        assert!(e.message.contains(
+            "tsc_frequency differs (snapshot: 2000000 kHz; this host: 2500000 kHz, no TSC scaling)"
+        ));
+        h.cpu_identity = Some(cpu(Some(2_500_000), Some(true)));
+        check(&m, &h).unwrap();
+        let mut other = cpu(Some(2_000_000), None);
+        other.stepping = 2;
+        h.cpu_identity = Some(other);
+        assert!(check(&m, &h)
+            .unwrap_err()
+            .message
+            .contains("cpu_stepping differs (snapshot: 1; this host: 2)"));
+        // Unknown here: a snapshot that fixed its TSC frequency is refused, the rest is not compared.
+        h.cpu_identity = None;
+        assert!(check(&m, &h).unwrap_err().message.contains("tsc_frequency"));
+        m.depends.cpu_identity = Some(cpu(None, None));
+        check(&m, &h).unwrap();
     }
 }

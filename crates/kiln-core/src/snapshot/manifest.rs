@@ -118,6 +118,10 @@ pub struct Depends {
     /// Checksum of the `firmware` file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firmware_checksum: Option<String>,
+    /// The guest CPU's vendor/family/model/stepping, physical address bits, TSC frequency and whether the
+    /// recording host could scale the TSC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_identity: Option<kiln_vmm::cpu::Identity>,
 }
 
 /// Just the format version, read before anything else: a newer format may change the rest.

@@ -198,6 +198,13 @@ impl Engine {
             } else {
                 Some(self.machine_max_cpus(sb.cpus))
             },
+            // A memory snapshot's guest keeps the CPU (and TSC frequency) it saw; a disk snapshot boots
+            // on this host's.
+            cpu: if m.kind.has_memory() {
+                m.depends.cpu_identity.clone()
+            } else {
+                kiln_vmm::cpu::identity(self.accel().accel)
+            },
         };
         self.place_mounts(
             &dir,
