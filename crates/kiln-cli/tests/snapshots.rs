@@ -154,7 +154,7 @@ fn resumed_copies_continue_and_diverge() {
     let e = d.create(&["--snapshot", "cp", "--name", "e"]);
     assert_eq!(e["origin"], "snapshot:cp");
 
-    // Memory snapshots refuse other resources instead of ignoring them.
+    // Memory snapshots refuse memory they cannot have instead of ignoring it (tests/resources.rs).
     let (status, v) = d.api(
         "POST",
         "/v1/snapshots/cp/resume",
@@ -162,7 +162,7 @@ fn resumed_copies_continue_and_diverge() {
     );
     assert_eq!(
         (status, v["error"]["code"].as_str()),
-        (400, Some("invalid_request")),
+        (409, Some("resource_override_refused")),
         "{v}"
     );
     assert!(v["error"]["message"].as_str().unwrap().contains("256 MiB"));

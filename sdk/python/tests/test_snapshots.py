@@ -6,7 +6,6 @@ import pytest
 
 from kiln import (
     ConflictError,
-    InvalidRequestError,
     KilnError,
     Sandbox,
     SandboxNotFoundError,
@@ -53,8 +52,9 @@ def test_snapshot_restore_list_and_delete(sandbox: Sandbox, name: str, suite_id:
     with Sandbox.create(snapshot=name) as again:
         assert again.run("cat /root/marker").stdout == "at-snapshot"
 
-    with pytest.raises(InvalidRequestError, match="256 MiB"):
+    with pytest.raises(ConflictError, match="256 MiB") as refused:
         snap.restore(memory_mib=512)
+    assert refused.value.code == "resource_override_refused"
 
     deleted = Snapshot.delete(name)
     assert deleted.id == name
