@@ -6,8 +6,8 @@ pub mod compat;
 pub mod db;
 pub(crate) mod guard;
 pub mod manifest;
-pub(crate) mod resources;
 pub mod names;
+pub(crate) mod resources;
 pub mod restore;
 mod validate;
 
