@@ -46,6 +46,7 @@ fn qemu_as_unprivileged_uid_gets_kvm_from_the_daemon() {
         tsc_khz: None,
         memory_mib: 64,
         vcpus: 1,
+        max_vcpus: 1,
         memory_file: memory,
         memory_shared: true,
         firmware: None,
