@@ -87,7 +87,7 @@ fn booted_guest_ram_is_on_tmpfs_and_not_written_back_to_disk() {
     let d = Daemon::start_with(&["--ram-dir", "disk"]);
     let (disk_written, _) = workload(&d, "disk");
     assert!(
-        disk_written > 100.0,
+        disk_written > 32.0,
         "the comparison did not dirty disk-backed RAM ({disk_written:.1} MiB)"
     );
     assert!(
