@@ -369,7 +369,11 @@ impl Engine {
                 Ok(Ok(out)) => {
                     tracing::warn!(vm = %vm.name, mac, status = ?out.status, stderr = %String::from_utf8_lossy(&out.stderr), "could not give the guest's NIC its new MAC")
                 }
-                Ok(Err(e)) => return Err(named(e)),
+                // A guest without `ip` (the Debian `base` image) cannot run it; a lost agent shows at
+                // the next request.
+                Ok(Err(e)) => {
+                    tracing::warn!(vm = %vm.name, mac, error = %e, "could not give the guest's NIC its new MAC")
+                }
                 Err(_) => {
                     tracing::warn!(vm = %vm.name, mac, "setting the guest's NIC MAC timed out")
                 }

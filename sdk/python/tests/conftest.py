@@ -111,6 +111,8 @@ class Daemon:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        # The daemon mounts a tmpfs for guest RAM at <dir>/ram (it outlives the daemon, like its VMs).
+        subprocess.run(["umount", str(self.dir / "ram")], capture_output=True, check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

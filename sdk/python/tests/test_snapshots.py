@@ -6,6 +6,7 @@ import pytest
 
 from kiln import (
     ConflictError,
+    InvalidRequestError,
     KilnError,
     Sandbox,
     SandboxNotFoundError,

@@ -49,7 +49,7 @@ def test_volume_specs_in_every_form() -> None:
         {"volume": "g", "path": "/g", "read_only": False},
     ]
     assert volumes_json("a:/data") == [{"volume": "a", "path": "/data", "read_only": False}]
-    assert volumes_json([]) is None and volumes_json(None) is None
+    assert volumes_json([]) == [] and volumes_json(None) is None
     assert str(VolumeMount("a", "/d", read_only=True)) == "a:/d:ro"
     # Malformed specs are refused before anything is sent.
     nowhere = kiln.Client(socket="/nonexistent/kiln.sock")

@@ -1,6 +1,6 @@
 // A real `kiln serve` in a private data directory for a test file, with real QEMU VMs; on TCP too.
 // Environment: KILN_BIN (default target/release/kiln), KILN_TEST_IMAGES (default .kiln-data/images).
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { existsSync, mkdtempSync, openSync, readFileSync, readdirSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { connect, createServer } from "node:net";
@@ -91,6 +91,8 @@ export class Daemon {
         // already gone
       }
     }
+    // The daemon mounts a tmpfs for guest RAM at <dir>/ram (it outlives the daemon, like its VMs).
+    spawnSync("umount", [join(this.dir, "ram")], { stdio: "ignore" });
     rmSync(this.dir, { recursive: true, force: true });
   }
 }
