@@ -146,3 +146,26 @@ impl Client {
             .with_context(|| format!("unexpected response: {}", String::from_utf8_lossy(&bytes)))
     }
 }
+
+/// Reads an NDJSON response body event by event until `on_event` returns a value (`Some`) or the body ends
+/// (`None`).
+pub async fn read_ndjson<T>(
+    mut body: Incoming,
+    mut on_event: impl FnMut(serde_json::Value) -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<Option<T>> {
+    let mut pending: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
+        pending.extend_from_slice(data);
+        while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=pos).collect();
+            if let Some(done) = on_event(serde_json::from_slice(&line)?)? {
+                return Ok(Some(done));
+            }
+        }
+    }
+    Ok(None)
+}

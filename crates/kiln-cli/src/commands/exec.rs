@@ -7,7 +7,7 @@ use http_body_util::BodyExt;
 use hyper::Method;
 use serde_json::{json, Value};
 
-use crate::client::{encode, json_body};
+use crate::client::{encode, json_body, read_ndjson};
 use crate::Cli;
 
 #[derive(Args)]
@@ -79,21 +79,8 @@ pub async fn run(cli: &Cli, a: &ExecArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(exit_code_of(&v));
     }
-    let mut body = resp.into_body();
-    let mut pending: Vec<u8> = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame?;
-        let Some(data) = frame.data_ref() else {
-            continue;
-        };
-        pending.extend_from_slice(data);
-        while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=pos).collect();
-            let ev: Value = serde_json::from_slice(&line)?;
-            if let Some(code) = handle_event(&ev)? {
-                return Ok(code);
-            }
-        }
+    if let Some(code) = read_ndjson(resp.into_body(), |ev| handle_event(&ev)).await? {
+        return Ok(code);
     }
     anyhow::bail!("the daemon closed the output stream before the command finished")
 }

@@ -7,11 +7,10 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use clap::Subcommand;
-use http_body_util::BodyExt;
 use hyper::Method;
 use serde_json::{json, Value};
 
-use crate::client::{empty, encode};
+use crate::client::{empty, encode, read_ndjson};
 use crate::output::{print_json_or, table};
 use crate::Cli;
 
@@ -153,30 +152,20 @@ pub async fn run(cli: &Cli, cmd: &ProcessCmd) -> anyhow::Result<ExitCode> {
         } => {
             let path = format!("{}/{pid}/logs?follow={follow}", base(sandbox));
             let resp = client.call(Method::GET, &path, None, empty()).await?;
-            let mut body = resp.into_body();
-            let mut pending: Vec<u8> = Vec::new();
-            while let Some(frame) = body.frame().await {
-                let frame = frame?;
-                let Some(data) = frame.data_ref() else {
-                    continue;
-                };
-                pending.extend_from_slice(data);
-                while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = pending.drain(..=pos).collect();
-                    let ev: Value = serde_json::from_slice(&line)?;
-                    match ev["type"].as_str() {
-                        Some("dropped") => eprintln!(
-                            "kiln: {} earlier bytes of output were dropped (the ring keeps the last 1 MiB)",
-                            ev["bytes"]
-                        ),
-                        Some("running") => return Ok(ExitCode::SUCCESS),
-                        _ => {
-                            if let Some(code) = super::exec::handle_event(&ev)? {
-                                return Ok(code);
-                            }
-                        }
-                    }
+            let done = read_ndjson(resp.into_body(), |ev| match ev["type"].as_str() {
+                Some("dropped") => {
+                    eprintln!(
+                        "kiln: {} earlier bytes of output were dropped (the ring keeps the last 1 MiB)",
+                        ev["bytes"]
+                    );
+                    Ok(None)
                 }
+                Some("running") => Ok(Some(ExitCode::SUCCESS)),
+                _ => super::exec::handle_event(&ev),
+            })
+            .await?;
+            if let Some(code) = done {
+                return Ok(code);
             }
         }
         ProcessCmd::Write {
