@@ -136,6 +136,17 @@ fn confined(d: &Daemon) -> bool {
     true
 }
 
+/// A daemon that confines its VMs, or None (with the reason printed) where this host cannot run one.
+fn confined_root_daemon() -> Option<Daemon> {
+    require_image("tiny");
+    if !is_root() {
+        eprintln!("skipping: needs root");
+        return None;
+    }
+    let d = Daemon::start();
+    confined(&d).then_some(d)
+}
+
 fn health_ok(socket: &Path) -> bool {
     let socket = socket.to_path_buf();
     within(Duration::from_secs(10), move || {
@@ -145,15 +156,9 @@ fn health_ok(socket: &Path) -> bool {
 
 #[test]
 fn links_and_fifos_planted_by_the_vm_uid_are_never_followed() {
-    require_image("tiny");
-    if !is_root() {
-        eprintln!("skipping: needs root");
+    let Some(mut d) = confined_root_daemon() else {
         return;
-    }
-    let mut d = Daemon::start();
-    if !confined(&d) {
-        return;
-    }
+    };
     let victims = tempfile::Builder::new()
         .prefix("kthv")
         .tempdir_in("/tmp")
@@ -567,15 +572,9 @@ fn qemu_status(sbdir: &Path) -> String {
 
 #[test]
 fn sockets_swapped_by_the_vm_uid_are_not_trusted() {
-    require_image("tiny");
-    if !is_root() {
-        eprintln!("skipping: needs root");
+    let Some(mut d) = confined_root_daemon() else {
         return;
-    }
-    let mut d = Daemon::start();
-    if !confined(&d) {
-        return;
-    }
+    };
     let evil = d.create(&["--name", "evil"]);
     let victim = d.create(&["--name", "victim"]);
     let dir_of = |sb: &Value| {
