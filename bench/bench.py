@@ -185,7 +185,7 @@ def bench_qemu_savevm(d, runs):
     sb = d.api.create(template="tiny", memory_mib=256, cpus=1, name="savevm")
     start_counter(d, sb["id"])
     time.sleep(1)
-    qmp = Qmp(os.path.join(d.dir, "sandboxes", sb["id"], "qmp.sock"))
+    qmp = Qmp(os.path.join(d.dir, "sandboxes", sb["id"], "vm", "qmp.sock"))
     node = qmp.active_node()
     save_t, load_t = [], []
     for i in range(runs):
