@@ -41,13 +41,16 @@ if [ ! -x "$VENV/bin/python" ]; then
   fi
 fi
 # A regular (not editable) install, so the tests see the package as users get it (py.typed included).
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check "./sdk/python[test]"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check "./sdk/python[test,dev]"
 
 step "TypeScript SDK: npm ci and build"
 (cd sdk/typescript && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build)
 
 status=0
 started=$SECONDS
+
+step "Python SDK: the sync client (src/kiln/_sync) is what unasync generates from src/kiln/_async"
+"$VENV/bin/python" sdk/python/scripts/unasync.py --check || status=1
 
 step "Python SDK tests (pytest; includes examples/)"
 (cd sdk/python && "$ROOT/$VENV/bin/python" -m pytest -rsxf -p no:cacheprovider) 2>&1 | tee "$PY_LOG" || status=1

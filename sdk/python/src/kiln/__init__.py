@@ -15,10 +15,17 @@ The daemon is found through ``KILN_SOCKET`` / ``KILN_URL`` + ``KILN_TOKEN`` or t
 ``client=kiln.Client(...)`` to any class method to use another.
 """
 
-from ._async import AsyncCommands, AsyncFiles, AsyncOperation, AsyncSandbox, AsyncSnapshot, AsyncVolume
-from ._procs import AsyncProcesses, Processes
+from ._async import (
+    AsyncCommands,
+    AsyncFiles,
+    AsyncOperation,
+    AsyncProcesses,
+    AsyncSandbox,
+    AsyncSnapshot,
+    AsyncVolume,
+)
 from ._client import Client, default_socket, get_default_client, set_default_client
-from ._sync import Commands, Files, Operation, Sandbox, Snapshot, Volume
+from ._sync import Commands, Files, Operation, Processes, Sandbox, Snapshot, Volume
 from .errors import (
     AuthenticationError,
     CapacityError,

@@ -1,24 +1,15 @@
-"""Background processes (``sandbox.processes``): they outlive the client and are carried by snapshots,
-forks and stop/start, since they live in the guest."""
+"""Request bodies and the log decoder shared by the async and sync ``Processes`` classes."""
 
 from __future__ import annotations
 
 import base64
 import codecs
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from ._client import sandbox_path
 from .errors import error_from_code
-from .models import ProcessInfo, ProcessOutput
+from .models import ProcessOutput
 
-if TYPE_CHECKING:
-    from ._async import AsyncSandbox
-    from ._sync import Sandbox
-
-__all__ = ["Processes", "AsyncProcesses"]
-
-OutputCallback = Callable[[str], object]
 # The daemon takes at most this much per stdin write.
 _STDIN_CHUNK = 256 * 1024
 
@@ -70,7 +61,11 @@ class LogDecoder:
     def feed(self, ev: Mapping[str, Any]) -> tuple[str, str] | None:
         kind = ev.get("type")
         if kind in ("stdout", "stderr"):
-            raw = str(ev["data"]).encode("utf-8") if ev.get("data") is not None else base64.b64decode(ev.get("data_b64") or "")
+            raw = (
+                str(ev["data"]).encode("utf-8")
+                if ev.get("data") is not None
+                else base64.b64decode(ev.get("data_b64") or "")
+            )
             text = self._dec[kind].decode(raw)
             self._parts[kind].append(text)
             return (kind, text) if text else None
@@ -90,139 +85,3 @@ class LogDecoder:
         self.out.stdout = "".join(self._parts["stdout"])
         self.out.stderr = "".join(self._parts["stderr"])
         return self.out
-
-
-class Processes:
-    """Background processes of a sandbox (``sandbox.processes``)."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sb = sandbox
-
-    def _path(self, suffix: str = "") -> str:
-        return sandbox_path(self._sb.id, "/processes" + suffix)
-
-    def start(
-        self,
-        cmd: str | Sequence[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        user: str | int | None = None,
-        stdin: bool = False,
-        timeout: float | None = None,
-    ) -> ProcessInfo:
-        """Starts ``cmd`` (a shell line, or an argv list) in the background and returns at once.
-
-        ``stdin=True`` keeps its standard input open for :meth:`write`; ``user`` runs it as that guest
-        user (name or uid); ``timeout`` kills it after that many seconds."""
-        body = start_body(cmd, env=env, cwd=cwd, user=None if user is None else str(user), stdin=stdin, timeout=timeout)
-        return ProcessInfo.from_json(self._sb._client.request_json("POST", self._path(), json=body))
-
-    def list(self) -> list[ProcessInfo]:
-        """Running processes and recently finished ones (with their exit codes)."""
-        d = self._sb._client.request_json("GET", self._path())
-        return [ProcessInfo.from_json(p) for p in d["processes"]]
-
-    def get(self, pid: int) -> ProcessInfo:
-        return ProcessInfo.from_json(self._sb._client.request_json("GET", self._path(f"/{pid}")))
-
-    def logs(
-        self,
-        pid: int,
-        *,
-        follow: bool = False,
-        on_stdout: OutputCallback | None = None,
-        on_stderr: OutputCallback | None = None,
-    ) -> ProcessOutput:
-        """The output the process's ring still holds, from the start; with ``follow=True`` also live
-        output until it exits (callbacks get each chunk as it arrives)."""
-        dec = LogDecoder()
-        callbacks = {"stdout": on_stdout, "stderr": on_stderr}
-        client = self._sb._client
-        params = {"follow": "true" if follow else "false"}
-        with client.stream("GET", self._path(f"/{pid}/logs"), params=params, timeout=None) as resp:
-            for ev in client.iter_ndjson(resp):
-                chunk = dec.feed(ev)
-                if chunk is not None and (cb := callbacks[chunk[0]]) is not None:
-                    cb(chunk[1])
-        return dec.finish()
-
-    def write(self, pid: int, data: str | bytes = b"", *, close: bool = False) -> None:
-        """Writes to the process's stdin (it must have been started with ``stdin=True``)."""
-        for body in stdin_bodies(data, close):
-            self._sb._client.request("POST", self._path(f"/{pid}/stdin"), json=body)
-
-    def kill(self, pid: int, signal: int | str = "TERM") -> None:
-        """Sends ``signal`` (a name such as ``"TERM"``/``"KILL"`` or a number) to its process group."""
-        self._sb._client.request("POST", self._path(f"/{pid}/signal"), json={"signal": signal_value(signal)})
-
-    def wait(self, pid: int, timeout: float = 30) -> ProcessInfo:
-        """Waits up to ``timeout`` seconds for it to end; check :attr:`ProcessInfo.running` for which."""
-        ms = max(0, round(timeout * 1000))
-        d = self._sb._client.request_json(
-            "POST", self._path(f"/{pid}/wait"), params={"timeout_ms": str(ms)}, timeout=timeout + 30
-        )
-        return ProcessInfo.from_json(d)
-
-
-class AsyncProcesses:
-    """Background processes of a sandbox; see :class:`kiln.Processes`."""
-
-    def __init__(self, sandbox: AsyncSandbox) -> None:
-        self._sb = sandbox
-
-    def _path(self, suffix: str = "") -> str:
-        return sandbox_path(self._sb.id, "/processes" + suffix)
-
-    async def start(
-        self,
-        cmd: str | Sequence[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        user: str | int | None = None,
-        stdin: bool = False,
-        timeout: float | None = None,
-    ) -> ProcessInfo:
-        body = start_body(cmd, env=env, cwd=cwd, user=None if user is None else str(user), stdin=stdin, timeout=timeout)
-        return ProcessInfo.from_json(await self._sb._client.arequest_json("POST", self._path(), json=body))
-
-    async def list(self) -> list[ProcessInfo]:
-        d = await self._sb._client.arequest_json("GET", self._path())
-        return [ProcessInfo.from_json(p) for p in d["processes"]]
-
-    async def get(self, pid: int) -> ProcessInfo:
-        return ProcessInfo.from_json(await self._sb._client.arequest_json("GET", self._path(f"/{pid}")))
-
-    async def logs(
-        self,
-        pid: int,
-        *,
-        follow: bool = False,
-        on_stdout: OutputCallback | None = None,
-        on_stderr: OutputCallback | None = None,
-    ) -> ProcessOutput:
-        dec = LogDecoder()
-        callbacks = {"stdout": on_stdout, "stderr": on_stderr}
-        client = self._sb._client
-        params = {"follow": "true" if follow else "false"}
-        async with client.astream("GET", self._path(f"/{pid}/logs"), params=params, timeout=None) as resp:
-            async for ev in client.aiter_ndjson(resp):
-                chunk = dec.feed(ev)
-                if chunk is not None and (cb := callbacks[chunk[0]]) is not None:
-                    cb(chunk[1])
-        return dec.finish()
-
-    async def write(self, pid: int, data: str | bytes = b"", *, close: bool = False) -> None:
-        for body in stdin_bodies(data, close):
-            await self._sb._client.arequest("POST", self._path(f"/{pid}/stdin"), json=body)
-
-    async def kill(self, pid: int, signal: int | str = "TERM") -> None:
-        await self._sb._client.arequest("POST", self._path(f"/{pid}/signal"), json={"signal": signal_value(signal)})
-
-    async def wait(self, pid: int, timeout: float = 30) -> ProcessInfo:
-        ms = max(0, round(timeout * 1000))
-        d = await self._sb._client.arequest_json(
-            "POST", self._path(f"/{pid}/wait"), params={"timeout_ms": str(ms)}, timeout=timeout + 30
-        )
-        return ProcessInfo.from_json(d)

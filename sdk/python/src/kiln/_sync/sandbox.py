@@ -1,19 +1,21 @@
-"""The synchronous SDK: :class:`Sandbox`, :class:`Snapshot` and :class:`Volume`."""
+# Generated from src/kiln/_async/sandbox.py by scripts/unasync.py: do not edit; edit that file and rerun.
+"""Sandboxes, snapshots, volumes and operations. The asyncio classes in ``kiln/_async`` are the source;
+``kiln/_sync`` is generated from them by ``sdk/python/scripts/unasync.py``."""
 
 from __future__ import annotations
 
 import builtins
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, overload
 
-from . import _wire
-from ._client import Client, get_default_client, operation_path, sandbox_path, snapshot_path, volume_path
-from ._hybrid import hybridmethod
-from ._procs import Processes
-from .errors import ConflictError, GuestPathNotFoundError, SandboxNotFoundError
-from .models import (
+from .. import _io, _wire
+from .._client import Client, get_default_client, operation_path, sandbox_path, snapshot_path, volume_path
+from .._hybrid import hybridmethod
+from .._io import OutputCallback
+from ..errors import ConflictError, GuestPathNotFoundError, SandboxNotFoundError
+from ..models import (
     DirEntry,
     ExecResult,
     FileStat,
@@ -25,10 +27,9 @@ from .models import (
     VolumeFields,
     WriteResult,
 )
+from .processes import Processes
 
 __all__ = ["Sandbox", "Snapshot", "Volume", "Operation", "Commands", "Files"]
-
-OutputCallback = Callable[[str], object]
 
 
 class Commands:
@@ -78,7 +79,7 @@ class Commands:
             for event in client.iter_ndjson(resp):
                 chunk = decoder.feed(event)
                 if chunk is not None and (cb := callbacks[chunk[0]]) is not None:
-                    cb(chunk[1])
+                    _io.call(cb, chunk[1])
         return decoder.finish()
 
 
@@ -105,18 +106,18 @@ class Files:
             self._path(),
             params=_wire.file_params(path, mode=_wire.mode_param(mode)),
             content=content,
-            # An explicit length keeps streamed uploads from being sent chunked.
             headers={"Content-Type": "application/octet-stream", "Content-Length": str(length)},
         )
         return WriteResult(path=d["path"], bytes=int(d["bytes"]))
 
     def read_bytes(self, path: str) -> bytes:
         """A whole file's content."""
-        return self._sb._client.request("GET", self._path(), params=_wire.file_params(path)).content
+        resp = self._sb._client.request("GET", self._path(), params=_wire.file_params(path))
+        return resp.content
 
     def read(self, path: str, encoding: str = "utf-8") -> str:
         """A whole file's content as text."""
-        return self.read_bytes(path).decode(encoding)
+        return (self.read_bytes(path)).decode(encoding)
 
     def list(self, path: str) -> builtins.list[DirEntry]:
         """The entries of a guest directory."""
@@ -149,27 +150,26 @@ class Files:
         self, local_path: str | os.PathLike[str], remote_path: str, mode: int | str | None = None
     ) -> WriteResult:
         """Copies a local file into the guest, streaming it (any size)."""
-        with open(local_path, "rb") as f:
+        f = _io.offload(open, local_path, "rb")
+        try:
             size = os.fstat(f.fileno()).st_size
-            return self._put(remote_path, _read_chunks(f), mode, size)
+            return self._put(remote_path, _io.read_chunks(f), mode, size)
+        finally:
+            f.close()
 
     def download(self, remote_path: str, local_path: str | os.PathLike[str]) -> int:
         """Copies a guest file to a local path, streaming it; returns the number of bytes."""
         client = self._sb._client
         written = 0
-        with (
-            client.stream("GET", self._path(), params=_wire.file_params(remote_path)) as resp,
-            open(local_path, "wb") as f,
-        ):
-            for chunk in resp.iter_bytes(_wire.CHUNK):
-                f.write(chunk)
-                written += len(chunk)
+        with client.stream("GET", self._path(), params=_wire.file_params(remote_path)) as resp:
+            f = _io.offload(open, local_path, "wb")
+            try:
+                for chunk in resp.iter_bytes(_wire.CHUNK):
+                    _io.offload(f.write, chunk)
+                    written += len(chunk)
+            finally:
+                f.close()
         return written
-
-
-def _read_chunks(f: Any) -> Iterator[bytes]:
-    while chunk := f.read(_wire.CHUNK):
-        yield chunk
 
 
 class Sandbox(SandboxFields):
@@ -177,7 +177,7 @@ class Sandbox(SandboxFields):
 
     Used as a context manager, the sandbox is deleted on exit::
 
-        with Sandbox.create() as sb:
+        with Sandbox.create() as sb:  # asyncio: async with await AsyncSandbox.create() as sb:
             print(sb.run("uname -a").stdout)
 
     Attributes mirror the daemon's record (see :class:`kiln.models.SandboxFields`) as of the last call
@@ -194,8 +194,6 @@ class Sandbox(SandboxFields):
         self.files = Files(self)
         self.processes = Processes(self)
         self._apply(data)
-
-    # -- making and finding sandboxes -----------------------------------------------------------
 
     @classmethod
     def create(
@@ -268,7 +266,9 @@ class Sandbox(SandboxFields):
         return self
 
     @classmethod
-    def list(cls, metadata: Mapping[str, str] | None = None, *, client: Client | None = None) -> builtins.list[Sandbox]:
+    def list(
+        cls, metadata: Mapping[str, str] | None = None, *, client: Client | None = None
+    ) -> builtins.list[Sandbox]:
         """All sandboxes, or those carrying every ``metadata`` label given."""
         client = client or get_default_client()
         items = client.request_json("GET", "/v1/sandboxes", params=_wire.label_params(metadata))
@@ -283,10 +283,8 @@ class Sandbox(SandboxFields):
         snapshot again. For a *new* sandbox from a snapshot use :meth:`Snapshot.restore`.
         """
         client = client or get_default_client()
-        d = client.request_json("POST", snapshot_path(snapshot_id, "/restore"), json={"resume": resume, "force": force})
-        return cls(d, client)
-
-    # -- this sandbox ---------------------------------------------------------------------------
+        body = {"resume": resume, "force": force}
+        return cls(client.request_json("POST", snapshot_path(snapshot_id, "/restore"), json=body), client)
 
     def refresh(self) -> Sandbox:
         """Fetches the current record (state, pid, ...)."""
@@ -312,7 +310,7 @@ class Sandbox(SandboxFields):
 
     def logs(self) -> str:
         """The serial console output (kernel and init messages)."""
-        return self._client.request("GET", sandbox_path(self.id, "/logs")).text
+        return (self._client.request("GET", sandbox_path(self.id, "/logs"))).text
 
     def snapshot(
         self,
@@ -331,10 +329,10 @@ class Sandbox(SandboxFields):
             metadata: labels, for :meth:`Snapshot.list` filters.
         """
         body = _wire.snapshot_body(name, type, resume_source, metadata)
-        snap = Snapshot(self._client.request_json("POST", sandbox_path(self.id, "/snapshots"), json=body), self._client)
+        d = self._client.request_json("POST", sandbox_path(self.id, "/snapshots"), json=body)
         if not resume_source:
             self.state = "paused"
-        return snap
+        return Snapshot(d, self._client)
 
     create_snapshot = snapshot
 
@@ -368,7 +366,9 @@ class Sandbox(SandboxFields):
 
         Works on a running sandbox; publishing a published guest port again returns its mapping.
         """
-        d = self._client.request_json("POST", sandbox_path(self.id, "/ports"), json=_wire.publish_body(guest, host))
+        d = self._client.request_json(
+            "POST", sandbox_path(self.id, "/ports"), json=_wire.publish_body(guest, host)
+        )
         self.refresh()
         return PortMapping(host=d["host"], guest=d["guest"], auto=bool(d.get("auto", False)))
 
@@ -402,7 +402,7 @@ class Sandbox(SandboxFields):
         if isinstance(self_or_cls, Sandbox):
             return self_or_cls._lifecycle("resume")
         if sandbox_id is None:
-            raise TypeError("Sandbox.resume() needs the sandbox's id")
+            raise TypeError("resume() on the class needs the sandbox's id")
         return self_or_cls.connect(sandbox_id, client=client)
 
     def stop(self) -> Sandbox:
@@ -478,7 +478,7 @@ class Snapshot(SnapshotFields):
             snapshot_id = snapshot_id or self_or_cls.id
             client = client or self_or_cls._client
         if snapshot_id is None:
-            raise TypeError("Snapshot.delete() needs the snapshot's id")
+            raise TypeError("delete() on the class needs the snapshot's id")
         client = client or get_default_client()
         params = {"unless_restored": "true"} if unless_restored else None
         d = client.request_json("DELETE", snapshot_path(snapshot_id), params=params)
@@ -495,7 +495,8 @@ class Snapshot(SnapshotFields):
         Ids and names share one namespace: a name another snapshot has as its id or name raises
         :class:`SnapshotAlreadyExistsError`; a name this snapshot already has changes nothing.
         """
-        self._apply(self._client.request_json("POST", snapshot_path(self.id, "/names"), json={"name": name}))
+        d = self._client.request_json("POST", snapshot_path(self.id, "/names"), json={"name": name})
+        self._apply(d)
         return self
 
     def restore(
@@ -511,8 +512,9 @@ class Snapshot(SnapshotFields):
 
         Repeatable: every call makes another copy. A memory snapshot's copy may have another ``cpus``
         (1 up to the vCPUs its machine has), continuing the same processes, but keeps the RAM size it holds
-        (another ``memory_mib`` is refused with :class:`ConflictError`, code ``resource_override_refused``);
-        ``disk`` snapshots cold-boot, so their resources may change. To roll the *source* sandbox back instead, use :meth:`Sandbox.from_snapshot`.
+        (another ``memory_mib`` is refused with :class:`ResourceOverrideRefusedError`, a :class:`ConflictError`);
+        ``disk`` snapshots cold-boot, so their resources may change. To roll the *source* sandbox back
+        instead, use :meth:`Sandbox.from_snapshot`.
 
         Snapshots do not capture volumes. Without ``volumes`` the source's volumes are remounted where they
         are free (read-only ones always, a read-write one when no other sandbox has it); ``volume_notes`` on
@@ -520,7 +522,8 @@ class Snapshot(SnapshotFields):
         none) replace them.
         """
         body = _wire.resume_body(name, memory_mib, cpus, disk_size_gib, metadata, volumes)
-        return Sandbox(self._client.request_json("POST", snapshot_path(self.id, "/resume"), json=body), self._client)
+        d = self._client.request_json("POST", snapshot_path(self.id, "/resume"), json=body)
+        return Sandbox(d, self._client)
 
 
 class Volume(VolumeFields):
@@ -582,7 +585,7 @@ class Volume(VolumeFields):
             name = name or self_or_cls.name
             client = client or self_or_cls._client
         if name is None:
-            raise TypeError("Volume.delete() needs the volume's name")
+            raise TypeError("delete() on the class needs the volume's name")
         client = client or get_default_client()
         client.request("DELETE", volume_path(name))
 
@@ -595,7 +598,7 @@ class Volume(VolumeFields):
 class Operation(OperationFields):
     """A mutating request (snapshot, stop, fork, ...) the daemon runs to its end even if its client went away.
 
-    Every sync call waits for its operation already; use these to find the outcome of one whose client was
+    Every call waits for its operation already; use these to find the outcome of one whose client was
     cut off: ``Operation.list(target=sandbox.id)``, ``Operation.get(op_id)``, ``Operation.wait(op_id)``.
     """
 

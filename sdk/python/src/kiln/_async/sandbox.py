@@ -1,22 +1,20 @@
-"""The asyncio SDK: :class:`AsyncSandbox`, :class:`AsyncSnapshot` and :class:`AsyncVolume`, twins of the sync
-classes."""
+"""Sandboxes, snapshots, volumes and operations. The asyncio classes in ``kiln/_async`` are the source;
+``kiln/_sync`` is generated from them by ``sdk/python/scripts/unasync.py``."""
 
 from __future__ import annotations
 
-import asyncio
 import builtins
-import inspect
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, BinaryIO, Literal, overload
+from typing import Any, Literal, overload
 
-from . import _wire
-from ._client import Client, get_default_client, operation_path, sandbox_path, snapshot_path, volume_path
-from ._hybrid import hybridmethod
-from ._procs import AsyncProcesses
-from .errors import ConflictError, GuestPathNotFoundError, SandboxNotFoundError
-from .models import (
+from .. import _io, _wire
+from .._client import Client, get_default_client, operation_path, sandbox_path, snapshot_path, volume_path
+from .._hybrid import hybridmethod
+from .._io import AsyncOutputCallback
+from ..errors import ConflictError, GuestPathNotFoundError, SandboxNotFoundError
+from ..models import (
     DirEntry,
     ExecResult,
     FileStat,
@@ -28,14 +26,13 @@ from .models import (
     VolumeFields,
     WriteResult,
 )
+from .processes import AsyncProcesses
 
 __all__ = ["AsyncSandbox", "AsyncSnapshot", "AsyncVolume", "AsyncOperation", "AsyncCommands", "AsyncFiles"]
 
-AsyncOutputCallback = Callable[[str], "Awaitable[object] | object"]
-
 
 class AsyncCommands:
-    """Runs processes in a sandbox (``sandbox.commands``); see :class:`kiln.Commands`."""
+    """Runs processes in a sandbox (``sandbox.commands``)."""
 
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._sb = sandbox
@@ -52,8 +49,20 @@ class AsyncCommands:
         on_stderr: AsyncOutputCallback | None = None,
         user: str | int | None = None,
     ) -> ExecResult:
-        """Runs a command and waits for it; callbacks may be plain functions or coroutines.
-        See :meth:`kiln.Commands.run`."""
+        """Runs a command and waits for it.
+
+        Args:
+            cmd: a shell command line (run with ``/bin/sh -c``), or an argv list run directly.
+            env: extra environment variables.
+            cwd: working directory in the guest.
+            timeout: seconds after which the command is killed; the result then has ``timed_out=True``.
+            stdin: text or bytes fed to the command's standard input.
+            on_stdout, on_stderr: called with each chunk of output as it arrives (the output is also
+                collected in the result).
+            user: run as this guest user (name or uid) instead of root.
+
+        A non-zero exit is not an error: check :attr:`ExecResult.ok` or ``exit_code``.
+        """
         stream = on_stdout is not None or on_stderr is not None
         body = _wire.exec_body(cmd, env=env, cwd=cwd, timeout=timeout, stdin=stdin, stream=stream)
         if user is not None:
@@ -69,14 +78,12 @@ class AsyncCommands:
             async for event in client.aiter_ndjson(resp):
                 chunk = decoder.feed(event)
                 if chunk is not None and (cb := callbacks[chunk[0]]) is not None:
-                    ret = cb(chunk[1])
-                    if inspect.isawaitable(ret):
-                        await ret
+                    await _io.acall(cb, chunk[1])
         return decoder.finish()
 
 
 class AsyncFiles:
-    """Reads and writes files in a sandbox (``sandbox.files``); see :class:`kiln.Files`."""
+    """Reads and writes files in a sandbox (``sandbox.files``). Guest paths must be absolute."""
 
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._sb = sandbox
@@ -85,6 +92,10 @@ class AsyncFiles:
         return sandbox_path(self._sb.id, "/files" + suffix)
 
     async def write(self, path: str, data: str | bytes, mode: int | str | None = None) -> WriteResult:
+        """Writes a whole file (atomically replacing it; parent directories are created).
+
+        ``mode`` is the permission bits, e.g. ``0o755``.
+        """
         content = data.encode("utf-8") if isinstance(data, str) else data
         return await self._put(path, content, mode, len(content))
 
@@ -99,17 +110,21 @@ class AsyncFiles:
         return WriteResult(path=d["path"], bytes=int(d["bytes"]))
 
     async def read_bytes(self, path: str) -> bytes:
+        """A whole file's content."""
         resp = await self._sb._client.arequest("GET", self._path(), params=_wire.file_params(path))
         return resp.content
 
     async def read(self, path: str, encoding: str = "utf-8") -> str:
+        """A whole file's content as text."""
         return (await self.read_bytes(path)).decode(encoding)
 
     async def list(self, path: str) -> builtins.list[DirEntry]:
+        """The entries of a guest directory."""
         items = await self._sb._client.arequest_json("GET", self._path("/list"), params=_wire.file_params(path))
         return [DirEntry.from_listing(path, d) for d in items]
 
     async def stat(self, path: str) -> FileStat:
+        """Size, mode, kind and modification time of a guest path (raises GuestPathNotFoundError)."""
         return FileStat.from_json(
             await self._sb._client.arequest_json("GET", self._path("/stat"), params=_wire.file_params(path))
         )
@@ -122,47 +137,50 @@ class AsyncFiles:
         return True
 
     async def mkdir(self, path: str) -> None:
+        """Creates a directory and its missing parents."""
         await self._sb._client.arequest("POST", self._path("/mkdir"), json={"path": path})
 
     async def remove(self, path: str, recursive: bool = False) -> None:
+        """Removes a file, or a directory (non-empty ones only with ``recursive=True``)."""
         params = _wire.file_params(path, recursive="true" if recursive else None)
         await self._sb._client.arequest("DELETE", self._path(), params=params)
 
     async def upload(
         self, local_path: str | os.PathLike[str], remote_path: str, mode: int | str | None = None
     ) -> WriteResult:
-        """Copies a local file into the guest, streaming it (disk reads happen off the event loop)."""
-        f = await asyncio.to_thread(open, local_path, "rb")
+        """Copies a local file into the guest, streaming it (any size)."""
+        f = await _io.aoffload(open, local_path, "rb")
         try:
             size = os.fstat(f.fileno()).st_size
-            return await self._put(remote_path, _aread_chunks(f), mode, size)
+            return await self._put(remote_path, _io.aread_chunks(f), mode, size)
         finally:
             f.close()
 
     async def download(self, remote_path: str, local_path: str | os.PathLike[str]) -> int:
+        """Copies a guest file to a local path, streaming it; returns the number of bytes."""
         client = self._sb._client
         written = 0
         async with client.astream("GET", self._path(), params=_wire.file_params(remote_path)) as resp:
-            f = await asyncio.to_thread(open, local_path, "wb")
+            f = await _io.aoffload(open, local_path, "wb")
             try:
                 async for chunk in resp.aiter_bytes(_wire.CHUNK):
-                    await asyncio.to_thread(f.write, chunk)
+                    await _io.aoffload(f.write, chunk)
                     written += len(chunk)
             finally:
                 f.close()
         return written
 
 
-async def _aread_chunks(f: BinaryIO) -> AsyncIterator[bytes]:
-    while chunk := await asyncio.to_thread(f.read, _wire.CHUNK):
-        yield chunk
-
-
 class AsyncSandbox(SandboxFields):
-    """The asyncio twin of :class:`kiln.Sandbox`::
+    """A microVM sandbox. Make one with :meth:`create`, :meth:`connect` or :meth:`Snapshot.restore`.
 
-    async with await AsyncSandbox.create() as sb:
-        print((await sb.run("uname -a")).stdout)
+    Used as a context manager, the sandbox is deleted on exit::
+
+        with Sandbox.create() as sb:  # asyncio: async with await AsyncSandbox.create() as sb:
+            print(sb.run("uname -a").stdout)
+
+    Attributes mirror the daemon's record (see :class:`kiln.models.SandboxFields`) as of the last call
+    that returned it; :meth:`refresh` fetches it again.
     """
 
     commands: AsyncCommands
@@ -193,7 +211,23 @@ class AsyncSandbox(SandboxFields):
         snapshot_id: str | None = None,
         client: Client | None = None,
     ) -> AsyncSandbox:
-        """See :meth:`kiln.Sandbox.create`."""
+        """Boots a new sandbox and returns once its guest agent answers.
+
+        Args:
+            template: guest image to boot (ignored when ``snapshot`` is given).
+            name: unique name (default: the id).
+            memory_mib, cpus, disk_size_gib: resources (daemon defaults when omitted).
+            env: environment variables for every command run in it.
+            metadata: labels, for :meth:`list` filters.
+            snapshot, snapshot_id: make it from this snapshot instead of booting (see :meth:`Snapshot.restore`).
+            volumes: volumes to attach (at most 4), each ``"name:/path"``, ``"name:/path:ro"``, ``(name, path)``,
+                ``(name, path, read_only)``, ``{"volume": .., "path": .., "read_only": ..}`` or
+                :class:`VolumeMount`. A read-write volume belongs to one sandbox at a time; read-only ones may be
+                shared. With ``snapshot`` and no ``volumes``, the source's volumes are remounted where free
+                (``volume_notes`` says what happened); given ``volumes`` replace them.
+            ports: guest ports to publish on 127.0.0.1: a guest port (a free host port is picked; see
+                :meth:`get_host`), ``(host, guest)`` or :class:`PortMapping`.
+        """
         body = _wire.create_body(
             template=template,
             name=name,
@@ -211,12 +245,15 @@ class AsyncSandbox(SandboxFields):
 
     @classmethod
     async def connect(cls, sandbox_id: str, *, client: Client | None = None) -> AsyncSandbox:
-        """See :meth:`kiln.Sandbox.connect` (wakes a paused or hibernated sandbox)."""
+        """An existing sandbox, by id or name (raises :class:`SandboxNotFoundError`), woken up if it was
+        paused or hibernated (as :meth:`resume` on the class does)."""
         client = client or get_default_client()
         sb = cls(await client.arequest_json("GET", sandbox_path(sandbox_id)), client)
         return await sb._wake()
 
     async def _wake(self) -> AsyncSandbox:
+        # Another client may wake it between our look and our request: then the daemon refuses with
+        # sandbox_not_running and a fresh look finds it running.
         for _ in range(3):
             action = _wire.WAKE_ACTIONS.get(self.state)
             if action is None:
@@ -231,6 +268,7 @@ class AsyncSandbox(SandboxFields):
     async def list(
         cls, metadata: Mapping[str, str] | None = None, *, client: Client | None = None
     ) -> builtins.list[AsyncSandbox]:
+        """All sandboxes, or those carrying every ``metadata`` label given."""
         client = client or get_default_client()
         items = await client.arequest_json("GET", "/v1/sandboxes", params=_wire.label_params(metadata))
         return [cls(d, client) for d in items]
@@ -239,12 +277,16 @@ class AsyncSandbox(SandboxFields):
     async def from_snapshot(
         cls, snapshot_id: str, resume: bool = True, force: bool = False, *, client: Client | None = None
     ) -> AsyncSandbox:
-        """See :meth:`kiln.Sandbox.from_snapshot`."""
+        """Rolls the snapshot's source sandbox back to it, keeping the sandbox's id and name (it is
+        recreated if it was deleted). ``resume=False`` leaves it paused; ``force`` allows restoring a
+        snapshot again. For a *new* sandbox from a snapshot use :meth:`Snapshot.restore`.
+        """
         client = client or get_default_client()
         body = {"resume": resume, "force": force}
         return cls(await client.arequest_json("POST", snapshot_path(snapshot_id, "/restore"), json=body), client)
 
     async def refresh(self) -> AsyncSandbox:
+        """Fetches the current record (state, pid, ...)."""
         self._apply(await self._client.arequest_json("GET", sandbox_path(self.id)))
         return self
 
@@ -260,12 +302,13 @@ class AsyncSandbox(SandboxFields):
         on_stderr: AsyncOutputCallback | None = None,
         user: str | int | None = None,
     ) -> ExecResult:
-        """Shortcut for :meth:`AsyncCommands.run`."""
+        """Shortcut for :meth:`Commands.run`."""
         return await self.commands.run(
             cmd, env=env, cwd=cwd, timeout=timeout, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr, user=user
         )
 
     async def logs(self) -> str:
+        """The serial console output (kernel and init messages)."""
         return (await self._client.arequest("GET", sandbox_path(self.id, "/logs"))).text
 
     async def snapshot(
@@ -275,7 +318,15 @@ class AsyncSandbox(SandboxFields):
         resume_source: bool = True,
         metadata: Mapping[str, str] | None = None,
     ) -> AsyncSnapshot:
-        """See :meth:`kiln.Sandbox.snapshot`."""
+        """Captures the sandbox; snapshots are durable and outlive the sandbox.
+
+        Args:
+            name: the snapshot's id (default ``snap-<sandbox>-<unix time>``); must be unused.
+            type: ``full`` (memory and disk, self-contained), ``diff`` (only what changed since the
+                sandbox's origin) or ``disk`` (disk only; restores by cold boot, resources may change).
+            resume_source: ``False`` leaves the sandbox paused after the capture.
+            metadata: labels, for :meth:`Snapshot.list` filters.
+        """
         body = _wire.snapshot_body(name, type, resume_source, metadata)
         d = await self._client.arequest_json("POST", sandbox_path(self.id, "/snapshots"), json=body)
         if not resume_source:
@@ -297,7 +348,12 @@ class AsyncSandbox(SandboxFields):
     async def fork(
         self, count: int | None = None, name: str | None = None, metadata: Mapping[str, str] | None = None
     ) -> AsyncSandbox | builtins.list[AsyncSandbox]:
-        """See :meth:`kiln.Sandbox.fork` (no ``count``: the one child; a ``count``: a list)."""
+        """New running sandboxes that continue from this one's current state (memory and disk); this one
+        keeps running. ``fork()`` returns the one child; ``fork(count=N)`` a list of N.
+
+        All or nothing: if one child cannot start, none is left. Children are named ``NAME-1``, ``NAME-2``,
+        ... (default prefix: this sandbox's name plus ``-fork-XXXX``).
+        """
         d = await self._client.arequest_json(
             "POST", sandbox_path(self.id, "/fork"), json=_wire.fork_body(count or 1, name, metadata)
         )
@@ -305,7 +361,10 @@ class AsyncSandbox(SandboxFields):
         return children[0] if count is None else children
 
     async def publish_port(self, guest: int, host: int | None = None) -> PortMapping:
-        """Publishes a guest TCP port on ``127.0.0.1``: on ``host``, or on a free port the daemon picks."""
+        """Publishes a guest TCP port on ``127.0.0.1``: on ``host``, or on a free port the daemon picks.
+
+        Works on a running sandbox; publishing a published guest port again returns its mapping.
+        """
         d = await self._client.arequest_json(
             "POST", sandbox_path(self.id, "/ports"), json=_wire.publish_body(guest, host)
         )
@@ -313,11 +372,12 @@ class AsyncSandbox(SandboxFields):
         return PortMapping(host=d["host"], guest=d["guest"], auto=bool(d.get("auto", False)))
 
     async def unpublish_port(self, guest: int) -> None:
-        """Stops forwarding a guest port (``port_not_found`` if it is not published)."""
+        """Stops forwarding a guest port (:class:`NotFoundError` ``port_not_found`` if it is not published)."""
         self._apply(await self._client.arequest_json("DELETE", sandbox_path(self.id, f"/ports/{int(guest)}")))
 
     async def get_host(self, port: int) -> str:
-        """``127.0.0.1:HOST`` where the guest's TCP ``port`` is reachable; publishes it first if needed."""
+        """``127.0.0.1:HOST`` where the guest's TCP ``port`` is reachable from the host; publishes it on a
+        free host port first if it is not published yet. Copies (resume, fork) have host ports of their own."""
         p = _wire.find_port(self.ports, port) or await self.publish_port(port)
         return p.address
 
@@ -326,6 +386,7 @@ class AsyncSandbox(SandboxFields):
         return self
 
     async def pause(self) -> AsyncSandbox:
+        """Freezes the vCPUs; memory stays (see :meth:`resume`)."""
         return await self._lifecycle("pause")
 
     @hybridmethod
@@ -335,20 +396,24 @@ class AsyncSandbox(SandboxFields):
         *,
         client: Client | None = None,
     ) -> AsyncSandbox:
-        """See :meth:`kiln.Sandbox.resume`: ``sb.resume()`` continues, ``AsyncSandbox.resume("id")`` wakes."""
+        """``sb.resume()`` continues a paused sandbox. ``Sandbox.resume("id")`` wakes the sandbox with that
+        id or name, whether paused or hibernated (:meth:`stop`), and returns it (a running one as it is)."""
         if isinstance(self_or_cls, AsyncSandbox):
             return await self_or_cls._lifecycle("resume")
         if sandbox_id is None:
-            raise TypeError("AsyncSandbox.resume() needs the sandbox's id")
+            raise TypeError("resume() on the class needs the sandbox's id")
         return await self_or_cls.connect(sandbox_id, client=client)
 
     async def stop(self) -> AsyncSandbox:
+        """Hibernates: saves the whole machine to disk and frees its RAM (see :meth:`start`)."""
         return await self._lifecycle("stop")
 
     async def start(self) -> AsyncSandbox:
+        """Brings a hibernated sandbox back where it was."""
         return await self._lifecycle("start")
 
     async def delete(self) -> None:
+        """Deletes the sandbox: its VM, disk and memory are freed."""
         await self._client.arequest("DELETE", sandbox_path(self.id))
         self.state = "deleting"
 
@@ -367,7 +432,7 @@ class AsyncSandbox(SandboxFields):
 
 
 class AsyncSnapshot(SnapshotFields):
-    """The asyncio twin of :class:`kiln.Snapshot`."""
+    """A durable capture of a sandbox, identified by its name (:attr:`id`)."""
 
     def __init__(self, data: dict[str, Any], client: Client) -> None:
         self._client = client
@@ -375,6 +440,7 @@ class AsyncSnapshot(SnapshotFields):
 
     @classmethod
     async def get(cls, snapshot_id: str, *, client: Client | None = None) -> AsyncSnapshot:
+        """A snapshot by id (raises :class:`SnapshotNotFoundError`)."""
         client = client or get_default_client()
         return cls(await client.arequest_json("GET", snapshot_path(snapshot_id)), client)
 
@@ -386,6 +452,7 @@ class AsyncSnapshot(SnapshotFields):
         *,
         client: Client | None = None,
     ) -> builtins.list[AsyncSnapshot]:
+        """Snapshots, optionally only those of one source sandbox (id or name) and/or with labels."""
         client = client or get_default_client()
         params = _wire.label_params(metadata)
         if sandbox_id is not None:
@@ -400,12 +467,17 @@ class AsyncSnapshot(SnapshotFields):
         unless_restored: bool = False,
         client: Client | None = None,
     ) -> SnapshotDeleted:
-        """``await AsyncSnapshot.delete("id")`` or ``await snap.delete()``; see :meth:`kiln.Snapshot.delete`."""
+        """Deletes a snapshot: ``Snapshot.delete("id")`` or ``snap.delete()``.
+
+        Sandboxes running from it keep its files (listed in ``files_kept_for``). Refused with
+        :class:`ConflictError` while diff snapshots build on it, and with ``unless_restored=True`` while a
+        sandbox rolled back to it (:meth:`Sandbox.from_snapshot`) is running or paused.
+        """
         if isinstance(self_or_cls, AsyncSnapshot):
             snapshot_id = snapshot_id or self_or_cls.id
             client = client or self_or_cls._client
         if snapshot_id is None:
-            raise TypeError("AsyncSnapshot.delete() needs the snapshot's id")
+            raise TypeError("delete() on the class needs the snapshot's id")
         client = client or get_default_client()
         params = {"unless_restored": "true"} if unless_restored else None
         d = await client.arequest_json("DELETE", snapshot_path(snapshot_id), params=params)
@@ -416,7 +488,12 @@ class AsyncSnapshot(SnapshotFields):
         return self
 
     async def save_named(self, name: str) -> AsyncSnapshot:
-        """See :meth:`kiln.Snapshot.save_named`."""
+        """Keeps this snapshot under ``name`` too, beyond the life of its sandbox.
+
+        :meth:`get`, :meth:`delete`, :meth:`restore` (and the CLI and REST API) then find it by that name.
+        Ids and names share one namespace: a name another snapshot has as its id or name raises
+        :class:`SnapshotAlreadyExistsError`; a name this snapshot already has changes nothing.
+        """
         d = await self._client.arequest_json("POST", snapshot_path(self.id, "/names"), json={"name": name})
         self._apply(d)
         return self
@@ -430,14 +507,32 @@ class AsyncSnapshot(SnapshotFields):
         metadata: Mapping[str, str] | None = None,
         volumes: Iterable[_wire.VolumeSpec] | None = None,
     ) -> AsyncSandbox:
-        """A **new** sandbox from this snapshot; see :meth:`kiln.Snapshot.restore`."""
+        """A **new** sandbox that continues exactly where the snapshot was (new id, name and MAC).
+
+        Repeatable: every call makes another copy. A memory snapshot's copy may have another ``cpus``
+        (1 up to the vCPUs its machine has), continuing the same processes, but keeps the RAM size it holds
+        (another ``memory_mib`` is refused with :class:`ResourceOverrideRefusedError`, a :class:`ConflictError`);
+        ``disk`` snapshots cold-boot, so their resources may change. To roll the *source* sandbox back
+        instead, use :meth:`Sandbox.from_snapshot`.
+
+        Snapshots do not capture volumes. Without ``volumes`` the source's volumes are remounted where they
+        are free (read-only ones always, a read-write one when no other sandbox has it); ``volume_notes`` on
+        the copy says what happened. Given ``volumes`` (same forms as :meth:`Sandbox.create`; ``[]`` for
+        none) replace them.
+        """
         body = _wire.resume_body(name, memory_mib, cpus, disk_size_gib, metadata, volumes)
         d = await self._client.arequest_json("POST", snapshot_path(self.id, "/resume"), json=body)
         return AsyncSandbox(d, self._client)
 
 
 class AsyncVolume(VolumeFields):
-    """The asyncio twin of :class:`kiln.Volume`."""
+    """A durable ext4 disk that lives outside any sandbox, identified by its name.
+
+    Attach it when making a sandbox (``Sandbox.create(volumes=["cache:/cache"])`` or
+    ``snap.restore(volumes=...)``); its data outlives every sandbox that used it. Hibernation
+    (``stop``/``start``) keeps it attached; snapshots do not hold it, and restored copies and forks get it
+    back only where it is free (read-only always, read-write when no other sandbox has it).
+    """
 
     def __init__(self, data: dict[str, Any], client: Client) -> None:
         self._client = client
@@ -453,18 +548,24 @@ class AsyncVolume(VolumeFields):
         metadata: Mapping[str, str] | None = None,
         client: Client | None = None,
     ) -> AsyncVolume:
-        """See :meth:`kiln.Volume.create`."""
+        """Makes an empty volume of ``size_mib`` MiB (sparse: it takes host disk only as it fills).
+
+        ``labels`` (or ``metadata``, the SDK's usual name for labels) are stored with it. Raises
+        :class:`VolumeAlreadyExistsError` if the name is taken.
+        """
         client = client or get_default_client()
         body = _wire.volume_body(name, size_mib, {**(labels or {}), **(metadata or {})})
         return cls(await client.arequest_json("POST", "/v1/volumes", json=body), client)
 
     @classmethod
     async def get(cls, name: str, *, client: Client | None = None) -> AsyncVolume:
+        """A volume by name (raises :class:`VolumeNotFoundError`)."""
         client = client or get_default_client()
         return cls(await client.arequest_json("GET", volume_path(name)), client)
 
     @classmethod
     async def list(cls, *, client: Client | None = None) -> builtins.list[AsyncVolume]:
+        """Every volume."""
         client = client or get_default_client()
         return [cls(d, client) for d in await client.arequest_json("GET", "/v1/volumes")]
 
@@ -475,22 +576,30 @@ class AsyncVolume(VolumeFields):
         *,
         client: Client | None = None,
     ) -> None:
-        """``await AsyncVolume.delete("name")`` or ``await vol.delete()``; see :meth:`kiln.Volume.delete`."""
+        """Deletes a volume and its data: ``Volume.delete("name")`` or ``vol.delete()``.
+
+        Refused with :class:`VolumeInUseError` while any sandbox (even a stopped one) has it attached.
+        """
         if isinstance(self_or_cls, AsyncVolume):
             name = name or self_or_cls.name
             client = client or self_or_cls._client
         if name is None:
-            raise TypeError("AsyncVolume.delete() needs the volume's name")
+            raise TypeError("delete() on the class needs the volume's name")
         client = client or get_default_client()
         await client.arequest("DELETE", volume_path(name))
 
     async def refresh(self) -> AsyncVolume:
+        """Fetches the current record (attachments, allocated bytes)."""
         self._apply(await self._client.arequest_json("GET", volume_path(self.name)))
         return self
 
 
 class AsyncOperation(OperationFields):
-    """The asyncio twin of :class:`kiln.Operation`."""
+    """A mutating request (snapshot, stop, fork, ...) the daemon runs to its end even if its client went away.
+
+    Every call waits for its operation already; use these to find the outcome of one whose client was
+    cut off: ``Operation.list(target=sandbox.id)``, ``Operation.get(op_id)``, ``Operation.wait(op_id)``.
+    """
 
     def __init__(self, data: dict[str, Any], client: Client) -> None:
         self._client = client
