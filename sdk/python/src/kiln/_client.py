@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json as jsonlib
 import os
+import random
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -16,7 +20,7 @@ import httpx
 
 from .errors import KilnConnectionError, KilnError, TimeoutError, error_from_response
 
-__all__ = ["Client", "default_socket", "get_default_client", "set_default_client"]
+__all__ = ["Client", "RetryPolicy", "default_socket", "get_default_client", "set_default_client"]
 
 DEFAULT_TIMEOUT = 300.0
 """Seconds to wait for any one read from the daemon (a cold boot answers only once the guest is up)."""
@@ -31,6 +35,89 @@ class _Default:
 
 DEFAULT = _Default()
 Timeout = float | None | _Default
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When the SDK sends a request again by itself.
+
+    Retried: a 429 (``rate_limited``, ``capacity_exceeded``: the daemon refused the request before doing
+    anything) for every method, honouring ``Retry-After``; a 502/503 or a broken connection only for
+    idempotent requests (GET, HEAD, PUT, DELETE; a PUT whose body is a stream cannot be sent twice and is
+    not retried); a connection that could not be opened (nothing was sent) for every method. A POST that
+    got any other error response is never retried. Waits grow exponentially with jitter (a random
+    50-100 % of ``backoff * 2**n``, at most ``max_backoff``); a ``Retry-After`` is waited out as given.
+
+    Attributes:
+        max_attempts: tries in all, the first included (1 turns retries off).
+        backoff: seconds before the first retry (before jitter).
+        max_backoff: the longest wait between two tries, unless the daemon's ``Retry-After`` says more.
+        max_elapsed: seconds from the first try after which no new try starts; a ``Retry-After`` that
+            would end beyond it makes the error surface at once instead.
+    """
+
+    max_attempts: int = 4
+    backoff: float = 0.25
+    max_backoff: float = 8.0
+    max_elapsed: float = 30.0
+
+    @classmethod
+    def disabled(cls) -> RetryPolicy:
+        return cls(max_attempts=1)
+
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` header (seconds, or an HTTP date) in seconds from now."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class _Retry:
+    """One request's retry state: says how long to wait before the next try, or ``None`` to give up."""
+
+    def __init__(self, policy: RetryPolicy, method: str, idempotent: bool | None, content: Any) -> None:
+        self.policy = policy
+        replayable = content is None or isinstance(content, (bytes, str))
+        self.idempotent = replayable and (idempotent if idempotent is not None else method in IDEMPOTENT_METHODS)
+        self.started = time.monotonic()
+        self.attempt = 1
+
+    def after_response(self, resp: httpx.Response) -> float | None:
+        if resp.status_code == 429 or (resp.status_code in (502, 503) and self.idempotent):
+            return self._next(retry_after_seconds(resp.headers.get("retry-after")))
+        return None
+
+    def after_error(self, err: BaseException) -> float | None:
+        # ConnectError: the connection was never opened, so the daemon cannot have seen the request.
+        if isinstance(err, httpx.ConnectError) or (
+            self.idempotent and isinstance(err, httpx.TransportError) and not isinstance(err, httpx.TimeoutException)
+        ):
+            return self._next(None)
+        return None
+
+    def _next(self, retry_after: float | None) -> float | None:
+        p = self.policy
+        if self.attempt >= p.max_attempts:
+            return None
+        cap = min(p.max_backoff, p.backoff * 2 ** (self.attempt - 1))
+        delay = random.uniform(cap / 2, cap)
+        if retry_after is not None:
+            delay = retry_after + random.uniform(0, p.backoff)  # jitter spreads clients told the same time
+        if time.monotonic() - self.started + delay > p.max_elapsed:
+            return None
+        self.attempt += 1
+        return delay
 
 
 def default_data_dir() -> Path:
@@ -77,6 +164,7 @@ class Client:
         url: ``HOST:PORT`` or ``http://HOST:PORT`` of a daemon started with ``--listen``.
         token: bearer token for ``url`` (default ``$KILN_TOKEN``).
         timeout: seconds to wait for each read from the daemon; ``None`` waits forever.
+        retry: when to send a request again (see :class:`RetryPolicy`); ``RetryPolicy.disabled()`` never.
     """
 
     def __init__(
@@ -86,6 +174,7 @@ class Client:
         token: str | None = None,
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
     ) -> None:
         if socket is not None and url is not None:
             raise ValueError("give either socket or url, not both")
@@ -102,6 +191,7 @@ class Client:
             if token:
                 self._headers["Authorization"] = f"Bearer {token}"
         self.timeout = timeout
+        self.retry = retry if retry is not None else RetryPolicy()
         self._lock = threading.Lock()
         self._sync: httpx.Client | None = None
         # An httpx.AsyncClient's connections belong to the event loop that opened them, so keep one per loop.
@@ -193,7 +283,46 @@ class Client:
             body = resp.json()
         except ValueError:
             body = None
-        return error_from_response(resp.status_code, body, resp.text)
+        retry_after = retry_after_seconds(resp.headers.get("retry-after"))
+        return error_from_response(resp.status_code, body, resp.text, retry_after)
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        stream: bool,
+        json: Any = None,
+        params: Params = None,
+        content: Any = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: Timeout = DEFAULT,
+        idempotent: bool | None = None,
+    ) -> httpx.Response:
+        """Sends a request, retrying as :attr:`retry` allows; raises a :class:`KilnError` for error statuses.
+        With ``stream`` the body is left unread (the caller closes the response)."""
+        retry = _Retry(self.retry, method, idempotent, content)
+        http = self._http()
+        while True:
+            req = http.build_request(
+                method, path, json=json, params=params, content=content, headers=headers, timeout=self._timeout(timeout)
+            )
+            try:
+                with self._translate():
+                    resp = http.send(req, stream=stream)
+            except KilnError as e:
+                if e.__cause__ is None or (delay := retry.after_error(e.__cause__)) is None:
+                    raise
+                time.sleep(delay)
+                continue
+            if resp.status_code < 400:
+                return resp
+            with self._translate():
+                resp.read()
+            resp.close()
+            if (delay := retry.after_response(resp)) is None:
+                raise self._error(resp)
+            time.sleep(delay)
 
     def request(
         self,
@@ -205,21 +334,21 @@ class Client:
         content: Any = None,
         headers: Mapping[str, str] | None = None,
         timeout: Timeout = DEFAULT,
+        idempotent: bool | None = None,
     ) -> httpx.Response:
-        """Sends one request and returns the response, raising a :class:`KilnError` for error statuses."""
-        with self._translate():
-            resp = self._http().request(
-                method,
-                path,
-                json=json,
-                params=params,
-                content=content,
-                headers=headers,
-                timeout=self._timeout(timeout),
-            )
-        if resp.status_code >= 400:
-            raise self._error(resp)
-        return resp
+        """Sends one request and returns the response, raising a :class:`KilnError` for error statuses.
+        ``idempotent`` overrides the method's default for retries of 502/503 and broken connections."""
+        return self._send(
+            method,
+            path,
+            stream=False,
+            json=json,
+            params=params,
+            content=content,
+            headers=headers,
+            timeout=timeout,
+            idempotent=idempotent,
+        )
 
     def request_json(self, method: str, path: str, **kwargs: Any) -> Any:
         return self.request(method, path, **kwargs).json()
@@ -233,14 +362,16 @@ class Client:
         json: Any = None,
         params: Params = None,
         timeout: Timeout = DEFAULT,
+        idempotent: bool | None = None,
     ) -> Iterator[httpx.Response]:
-        """Like :meth:`request` but the body is read by the caller while it arrives."""
-        with self._translate():
-            with self._http().stream(method, path, json=json, params=params, timeout=self._timeout(timeout)) as resp:
-                if resp.status_code >= 400:
-                    resp.read()
-                    raise self._error(resp)
+        """Like :meth:`request` but the body is read by the caller while it arrives (retries happen only
+        before the first byte of a successful answer)."""
+        resp = self._send(method, path, stream=True, json=json, params=params, timeout=timeout, idempotent=idempotent)
+        try:
+            with self._translate():
                 yield resp
+        finally:
+            resp.close()
 
     @staticmethod
     def iter_ndjson(resp: httpx.Response) -> Iterator[dict[str, Any]]:
@@ -248,6 +379,43 @@ class Client:
         for line in resp.iter_lines():
             if line.strip():
                 yield jsonlib.loads(line)
+
+    async def _asend(
+        self,
+        method: str,
+        path: str,
+        *,
+        stream: bool,
+        json: Any = None,
+        params: Params = None,
+        content: Any = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: Timeout = DEFAULT,
+        idempotent: bool | None = None,
+    ) -> httpx.Response:
+        """Async :meth:`_send`."""
+        retry = _Retry(self.retry, method, idempotent, content)
+        http = self._ahttp()
+        while True:
+            req = http.build_request(
+                method, path, json=json, params=params, content=content, headers=headers, timeout=self._timeout(timeout)
+            )
+            try:
+                with self._translate():
+                    resp = await http.send(req, stream=stream)
+            except KilnError as e:
+                if e.__cause__ is None or (delay := retry.after_error(e.__cause__)) is None:
+                    raise
+                await asyncio.sleep(delay)
+                continue
+            if resp.status_code < 400:
+                return resp
+            with self._translate():
+                await resp.aread()
+            await resp.aclose()
+            if (delay := retry.after_response(resp)) is None:
+                raise self._error(resp)
+            await asyncio.sleep(delay)
 
     async def arequest(
         self,
@@ -259,21 +427,20 @@ class Client:
         content: Any = None,
         headers: Mapping[str, str] | None = None,
         timeout: Timeout = DEFAULT,
+        idempotent: bool | None = None,
     ) -> httpx.Response:
         """Async :meth:`request`."""
-        with self._translate():
-            resp = await self._ahttp().request(
-                method,
-                path,
-                json=json,
-                params=params,
-                content=content,
-                headers=headers,
-                timeout=self._timeout(timeout),
-            )
-        if resp.status_code >= 400:
-            raise self._error(resp)
-        return resp
+        return await self._asend(
+            method,
+            path,
+            stream=False,
+            json=json,
+            params=params,
+            content=content,
+            headers=headers,
+            timeout=timeout,
+            idempotent=idempotent,
+        )
 
     async def arequest_json(self, method: str, path: str, **kwargs: Any) -> Any:
         return (await self.arequest(method, path, **kwargs)).json()
@@ -287,16 +454,17 @@ class Client:
         json: Any = None,
         params: Params = None,
         timeout: Timeout = DEFAULT,
+        idempotent: bool | None = None,
     ) -> AsyncIterator[httpx.Response]:
         """Async :meth:`stream`."""
-        with self._translate():
-            async with self._ahttp().stream(
-                method, path, json=json, params=params, timeout=self._timeout(timeout)
-            ) as resp:
-                if resp.status_code >= 400:
-                    await resp.aread()
-                    raise self._error(resp)
+        resp = await self._asend(
+            method, path, stream=True, json=json, params=params, timeout=timeout, idempotent=idempotent
+        )
+        try:
+            with self._translate():
                 yield resp
+        finally:
+            await resp.aclose()
 
     @staticmethod
     async def aiter_ndjson(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:

@@ -87,6 +87,10 @@ class AsyncProcesses:
         """Waits up to ``timeout`` seconds for it to end; check :attr:`ProcessInfo.running` for which."""
         ms = max(0, round(timeout * 1000))
         d = await self._sb._client.arequest_json(
-            "POST", self._path(f"/{pid}/wait"), params={"timeout_ms": str(ms)}, timeout=timeout + 30
+            "POST",
+            self._path(f"/{pid}/wait"),
+            params={"timeout_ms": str(ms)},
+            timeout=timeout + 30,
+            idempotent=True,  # waiting changes nothing, so a 502/503 or broken connection is retried
         )
         return ProcessInfo.from_json(d)
