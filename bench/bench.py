@@ -246,12 +246,39 @@ def bench_fork(d, runs):
     return out
 
 
+def bench_process_first_output(d, runs):
+    """A background process: from the start request to the first byte of its output, read by a client
+    that attaches to its log stream (follow) right after the start answered."""
+    from kilnapi import UnixHTTPConnection
+
+    sb = d.api.create(template="tiny", memory_mib=256, cpus=1, name="proc-first-out")
+    samples = []
+    for _ in range(runs * 4):
+        t0 = time.perf_counter()
+        proc = d.api.call("POST", f"/v1/sandboxes/{sb['id']}/processes", {"cmd": "echo ready; sleep 30"})
+        conn = UnixHTTPConnection(d.socket)
+        conn.request("GET", f"/v1/sandboxes/{sb['id']}/processes/{proc['pid']}/logs?follow=true")
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.status
+        while True:
+            line = resp.readline()
+            assert line, "the log stream ended before any output"
+            if json.loads(line).get("type") == "stdout":
+                break
+        samples.append(time.perf_counter() - t0)
+        conn.close()
+        d.api.call("POST", f"/v1/sandboxes/{sb['id']}/processes/{proc['pid']}/signal", {"signal": "KILL"})
+    d.api.delete(sb["id"])
+    return summary(samples)
+
+
 BENCHES = {
     "cold_boot_to_first_exec": (bench_cold_boot, 2000.0),
     "exec_true_round_trip": (bench_exec, 10.0),
     "parallel_create_5_to_first_exec": (bench_parallel_create, None),
     "snapshots": (bench_snapshots, None),
     "fork": (bench_fork, None),
+    "process_start_to_first_output": (bench_process_first_output, None),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -81,10 +82,14 @@ def test_tcp_with_token_and_authentication_error(daemon: Daemon, sandbox: Sandbo
 def test_capacity_error() -> None:
     full = Daemon("--memory-overcommit", "0.001")
     try:
-        with pytest.raises(CapacityError) as e:
-            Sandbox.create(memory_mib=256, client=full.client())
+        t0 = time.monotonic()
+        with pytest.raises(kiln.CapacityExceededError) as e:
+            Sandbox.create(memory_mib=256, client=full.client(retry=kiln.RetryPolicy(max_attempts=2)))
+        assert isinstance(e.value, CapacityError)
         assert (e.value.code, e.value.status) == ("capacity_exceeded", 429)
         assert "limit" in e.value.message
+        # The daemon says when to look again, and the SDK tried once more after that before giving up.
+        assert e.value.retry_after == 2 and time.monotonic() - t0 >= 2
     finally:
         full.stop()
 

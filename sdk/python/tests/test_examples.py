@@ -22,7 +22,11 @@ EXPECT = {
     "disk_snapshot_cold_restore.py": "lines in /data/numbers: 100000",
     "snapshot_errors.py": "duplicate name -> SnapshotAlreadyExistsError",
     "volume_cache.py": "resumed copy with the volume re-attached: cache hit",
+    "dev-server-fork.py": "3 forks serving on their own host ports, the original still says: the original",
 }
+
+# Examples that need more than the `tiny` image.
+NEEDS_IMAGE = {"dev-server-fork.py": "base"}
 
 
 def test_every_example_is_checked() -> None:
@@ -42,6 +46,9 @@ def test_example_runs(example: os.PathLike[str], daemon: Daemon, sandbox: Sandbo
     name = os.path.basename(example)
     if name == "fork_and_compare.py" and not fork_available(sandbox):
         pytest.skip("the daemon has no fork route yet (route_not_found)")
+    image = NEEDS_IMAGE.get(name)
+    if image and not (daemon.dir / "images" / image / "image.json").is_file():
+        pytest.skip(f"image '{image}' is not built (`make image-{image}`)")
     sandboxes_before = {s.id for s in Sandbox.list()}
     snapshots_before = {s.id for s in Snapshot.list()}
     volumes_before = {v.name for v in Volume.list()}
@@ -49,7 +56,7 @@ def test_example_runs(example: os.PathLike[str], daemon: Daemon, sandbox: Sandbo
     env = {**os.environ, "KILN_SOCKET": str(daemon.socket)}
     env.pop("KILN_URL", None)
     proc = subprocess.run(
-        [sys.executable, str(example)], env=env, capture_output=True, text=True, timeout=180, cwd=REPO
+        [sys.executable, str(example)], env=env, capture_output=True, text=True, timeout=600, cwd=REPO
     )
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}\ndaemon log:\n{daemon.log_tail()}"
     assert EXPECT[name] in proc.stdout, proc.stdout

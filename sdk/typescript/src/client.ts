@@ -15,6 +15,42 @@ export interface ClientOptions {
   token?: string;
   /** Milliseconds to wait for a response (default 300 000: a cold boot answers once the guest is up). */
   timeoutMs?: number;
+  /** When to send a request again by itself (see {@link RetryPolicy}); `{ maxAttempts: 1 }` never. */
+  retry?: Partial<RetryPolicy>;
+}
+
+/**
+ * When the client sends a request again by itself. Retried: a 429 (`rate_limited`, `capacity_exceeded`: the
+ * daemon refused before doing anything) for every method, honouring `Retry-After`; a 502/503 or a broken
+ * connection only for idempotent requests (GET, HEAD, PUT, DELETE, or `idempotent: true`; a streamed body is
+ * never sent twice); a connection that could not be opened (nothing was sent) for every method. A POST that
+ * got any other error response is never retried. Waits grow exponentially with jitter (a random 50-100 % of
+ * `backoffMs * 2^n`, at most `maxBackoffMs`); a `Retry-After` is waited out as given.
+ */
+export interface RetryPolicy {
+  /** Tries in all, the first included (1 turns retries off). Default 4. */
+  maxAttempts: number;
+  /** Milliseconds before the first retry (before jitter). Default 250. */
+  backoffMs: number;
+  /** The longest wait between two tries unless the daemon's `Retry-After` says more. Default 8 000. */
+  maxBackoffMs: number;
+  /** No new try starts this long after the first; a `Retry-After` ending beyond it fails at once. Default 30 000. */
+  maxElapsedMs: number;
+}
+
+export const DEFAULT_RETRY: Readonly<RetryPolicy> = { maxAttempts: 4, backoffMs: 250, maxBackoffMs: 8_000, maxElapsedMs: 30_000 };
+
+const IDEMPOTENT_METHODS = new Set(["GET", "HEAD", "OPTIONS", "PUT", "DELETE"]);
+// Transport errors where the connection was never opened, so the daemon cannot have seen the request.
+const NOT_SENT = new Set(["ECONNREFUSED", "ENOENT", "EAI_AGAIN"]);
+
+/** A `Retry-After` header (seconds, or an HTTP date) in seconds from now. */
+export function retryAfterSeconds(value: string | string[] | undefined): number | undefined {
+  const v = (Array.isArray(value) ? value[0] : value)?.trim();
+  if (!v) return undefined;
+  if (/^\d+$/.test(v)) return Number(v);
+  const when = Date.parse(v);
+  return Number.isNaN(when) ? undefined : Math.max(0, (when - Date.now()) / 1000);
 }
 
 /** Options every operation that talks to the daemon accepts. */
@@ -32,6 +68,8 @@ export interface RequestOptions {
   headers?: Record<string, string | number>;
   /** `null`: wait as long as it takes; `undefined`: the client's timeout. */
   timeoutMs?: number | null;
+  /** Overrides the method's default for retries of 502/503 and broken connections (see {@link RetryPolicy}). */
+  idempotent?: boolean;
 }
 
 /** A response whose status was checked: read its body with `text()`/`json()` or iterate `body`. */
@@ -71,6 +109,7 @@ export class Client {
   readonly socket: string | undefined;
   readonly url: string | undefined;
   readonly timeoutMs: number;
+  readonly retry: Readonly<RetryPolicy>;
   readonly #host: string;
   readonly #port: number | undefined;
   readonly #headers: Record<string, string> = { "user-agent": "kiln-typescript" };
@@ -87,6 +126,7 @@ export class Client {
       if (url === undefined) socket = process.env.KILN_SOCKET || defaultSocket();
     }
     this.timeoutMs = options.timeoutMs ?? 300_000;
+    this.retry = { ...DEFAULT_RETRY, ...options.retry };
     this.socket = socket;
     this.#host = "kiln";
     if (url !== undefined) {
@@ -110,8 +150,38 @@ export class Client {
     this.#agent.destroy();
   }
 
-  /** Sends one request; rejects with a {@link KilnError} for error statuses and transport failures. */
-  request(method: string, path: string, options: RequestOptions = {}): Promise<Response> {
+  /**
+   * Sends a request, retrying as {@link Client.retry} allows; rejects with a {@link KilnError} for error
+   * statuses and transport failures.
+   */
+  async request(method: string, path: string, options: RequestOptions = {}): Promise<Response> {
+    const p = this.retry;
+    const replayable = !(options.body !== undefined && !(options.body instanceof Uint8Array));
+    const idempotent = replayable && (options.idempotent ?? IDEMPOTENT_METHODS.has(method.toUpperCase()));
+    const started = Date.now();
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.#requestOnce(method, path, options);
+      } catch (e) {
+        if (!(e instanceof KilnError) || attempt >= p.maxAttempts) throw e;
+        let retry: boolean;
+        if (e.status !== undefined) {
+          retry = e.status === 429 || ((e.status === 502 || e.status === 503) && idempotent);
+        } else {
+          const sysCode = ((e.cause ?? {}) as { code?: string }).code;
+          retry = e.code === "connection_failed" && (idempotent || (sysCode !== undefined && NOT_SENT.has(sysCode)));
+        }
+        if (!retry) throw e;
+        const cap = Math.min(p.maxBackoffMs, p.backoffMs * 2 ** (attempt - 1));
+        const delay =
+          e.retryAfter !== undefined ? e.retryAfter * 1000 + Math.random() * p.backoffMs : cap / 2 + (Math.random() * cap) / 2;
+        if (Date.now() - started + delay > p.maxElapsedMs) throw e;
+        await new Promise<void>((resolve) => setTimeout(() => resolve(), delay));
+      }
+    }
+  }
+
+  #requestOnce(method: string, path: string, options: RequestOptions): Promise<Response> {
     const headers: Record<string, string | number> = { ...this.#headers, ...options.headers };
     let payload: Uint8Array | AsyncIterable<Uint8Array> | undefined = options.body;
     if (options.json !== undefined) {
@@ -129,7 +199,8 @@ export class Client {
         (res) => {
           const status = res.statusCode ?? 0;
           if (status >= 400) {
-            readAll(res).then((b) => reject(errorFromResponse(status, Buffer.from(b).toString("utf8"))), reject);
+            const retryAfter = retryAfterSeconds(res.headers["retry-after"]);
+            readAll(res).then((b) => reject(errorFromResponse(status, Buffer.from(b).toString("utf8"), retryAfter)), reject);
             return;
           }
           resolve(wrapResponse(res, status, this.where));

@@ -15,6 +15,8 @@ declare class TextDecoder {
   decode(input?: Uint8Array, options?: { stream?: boolean }): string;
 }
 
+declare function setTimeout(callback: () => void, ms: number): unknown;
+
 declare const process: {
   env: Record<string, string | undefined>;
   getuid?: () => number;

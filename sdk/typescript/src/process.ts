@@ -191,6 +191,7 @@ export class Processes {
     const res = await this.#sandbox.client.request("POST", this.#path(`/${pid}/wait`), {
       query: { timeout_ms: String(ms) },
       timeoutMs: ms + 30_000,
+      idempotent: true, // waiting changes nothing, so a 502/503 or broken connection is retried
     });
     return toInfo(await res.json<ProcessJson>());
   }

@@ -511,6 +511,15 @@ export class Sandbox {
     }
   }
 
+  /**
+   * `await using sb = await Sandbox.create()` deletes the sandbox when the block is left, also by an
+   * exception (TypeScript >= 5.2 compiles `await using`; Node >= 20 has `Symbol.asyncDispose`). Same as
+   * {@link Sandbox.dispose}: a sandbox that is already gone is fine.
+   */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.dispose();
+  }
+
   toString(): string {
     return `Sandbox(${this.id}, ${this.name}, ${this.state})`;
   }

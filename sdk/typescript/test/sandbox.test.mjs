@@ -5,10 +5,14 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
+import { pathToFileURL } from "node:url";
+
+import ts from "typescript";
 
 import {
   AuthenticationError,
   CapacityError,
+  CapacityExceededError,
   Client,
   ConflictError,
   GuestPathNotFoundError,
@@ -265,9 +269,13 @@ test("connection errors name the socket", async () => {
 test("capacity and timeout errors from daemons with tight limits", async () => {
   const full = await Daemon.start("--memory-overcommit", "0.001");
   try {
-    await assert.rejects(Sandbox.create({ memoryMib: 256, client: new Client({ socket: full.socket }) }), (e) => {
-      return e instanceof CapacityError && e.code === "capacity_exceeded" && e.status === 429;
+    const t0 = Date.now();
+    const client = new Client({ socket: full.socket, retry: { maxAttempts: 2 } });
+    await assert.rejects(Sandbox.create({ memoryMib: 256, client }), (e) => {
+      // The daemon says when to look again (Retry-After: 2), and the client tried once more after that.
+      return e instanceof CapacityExceededError && e instanceof CapacityError && e.code === "capacity_exceeded" && e.status === 429 && e.retryAfter === 2;
     });
+    assert.ok(Date.now() - t0 >= 2000);
   } finally {
     full.stop();
   }
@@ -311,5 +319,34 @@ test("client configuration from the environment", () => {
       if (v === undefined) delete process.env[k];
       else process.env[k] = v;
     }
+  }
+});
+
+test("await using deletes the sandbox when the block is left, also by an exception", async () => {
+  // Node 20 cannot parse `await using`; TypeScript compiles it (as it does for SDK users) to calls of
+  // Symbol.asyncDispose, which is what this checks end to end.
+  const dist = pathToFileURL(join(import.meta.dirname, "../dist/index.js")).href;
+  const source = `
+    import { Sandbox } from ${JSON.stringify(dist)};
+    export async function run(client: any, fail: boolean): Promise<string> {
+      let id = "";
+      try {
+        await using sb = await Sandbox.create({ memoryMib: 256, diskSizeGib: 1, client });
+        id = sb.id;
+        if ((await sb.commands.run("echo in")).stdout !== "in\\n") throw new Error("exec failed");
+        if (fail) throw new Error("boom");
+      } catch (e) {
+        if (!fail || (e as Error).message !== "boom") throw e;
+      }
+      return id;
+    }`;
+  const js = ts.transpileModule(source, { compilerOptions: { target: ts.ScriptTarget.ES2022, module: ts.ModuleKind.ES2022 } }).outputText;
+  assert.ok(!js.includes("await using"), "TypeScript left `await using` for Node to parse");
+  const mod = await import(`data:text/javascript;base64,${Buffer.from(js).toString("base64")}`);
+  const client = new Client({ socket: daemon.socket });
+  for (const fail of [false, true]) {
+    const id = await mod.run(client, fail);
+    assert.ok(id);
+    await assert.rejects(Sandbox.connect(id, { client }), SandboxNotFoundError);
   }
 });
