@@ -54,15 +54,28 @@ impl From<Error> for ApiError {
     }
 }
 
+/// Seconds a `capacity_exceeded` answer asks clients to wait before trying again.
+pub const CAPACITY_RETRY_AFTER_SECS: &str = "2";
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let capacity = self.code == ErrorCode::CapacityExceeded.as_str();
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.code,
                 message: self.message,
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        // Capacity frees up as sandboxes stop or go away; tell clients when to look again (the SDKs
+        // retry a 429 after Retry-After), as the rate limiter does for `rate_limited`.
+        if capacity {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static(CAPACITY_RETRY_AFTER_SECS),
+            );
+        }
+        resp
     }
 }
 
