@@ -19,7 +19,7 @@ const COMMON_ERRORS: [(&str, &str); 3] = [
     ),
     (
         "429",
-        "too many requests from this client (`rate_limited`, see Retry-After) or not enough capacity (`capacity_exceeded`)",
+        "too many requests from this client (`rate_limited`) or not enough capacity (`capacity_exceeded`); both carry Retry-After (seconds)",
     ),
 ];
 
