@@ -22,6 +22,7 @@ EXPECT = {
     "disk_snapshot_cold_restore.py": "lines in /data/numbers: 100000",
     "snapshot_errors.py": "duplicate name -> SnapshotAlreadyExistsError",
     "volume_cache.py": "resumed copy with the volume re-attached: cache hit",
+    "agent_loop_autohibernate.py": "the agent loop survived an automatic hibernation",
 }
 
 

@@ -191,6 +191,10 @@ class AsyncSandbox(SandboxFields):
         ports: Iterable[_wire.PortSpec] | None = None,
         *,
         snapshot_id: str | None = None,
+        timeout: int | None = None,
+        idle_timeout: int | None = None,
+        on_timeout: Literal["hibernate", "delete"] | None = None,
+        auto_resume: bool | None = None,
         client: Client | None = None,
     ) -> AsyncSandbox:
         """See :meth:`kiln.Sandbox.create`."""
@@ -205,6 +209,7 @@ class AsyncSandbox(SandboxFields):
             volumes=volumes,
             disk_size_gib=disk_size_gib,
             ports=ports,
+            lifetime=_wire.lifetime_body(timeout, idle_timeout, on_timeout, auto_resume),
         )
         client = client or get_default_client()
         return cls(await client.arequest_json("POST", "/v1/sandboxes", json=body), client)
@@ -274,9 +279,10 @@ class AsyncSandbox(SandboxFields):
         type: Literal["full", "diff", "disk"] = "full",
         resume_source: bool = True,
         metadata: Mapping[str, str] | None = None,
+        ttl: int | None = None,
     ) -> AsyncSnapshot:
         """See :meth:`kiln.Sandbox.snapshot`."""
-        body = _wire.snapshot_body(name, type, resume_source, metadata)
+        body = _wire.snapshot_body(name, type, resume_source, metadata, ttl)
         d = await self._client.arequest_json("POST", sandbox_path(self.id, "/snapshots"), json=body)
         if not resume_source:
             self.state = "paused"
@@ -347,6 +353,19 @@ class AsyncSandbox(SandboxFields):
 
     async def start(self) -> AsyncSandbox:
         return await self._lifecycle("start")
+
+    async def set_timeout(
+        self,
+        timeout: int | None = None,
+        *,
+        idle_timeout: int | None = None,
+        on_timeout: Literal["hibernate", "delete"] | None = None,
+        auto_resume: bool | None = None,
+    ) -> AsyncSandbox:
+        """See :meth:`kiln.Sandbox.set_timeout`."""
+        body = _wire.lifetime_body(timeout, idle_timeout, on_timeout, auto_resume)
+        self._apply(await self._client.arequest_json("POST", sandbox_path(self.id, "/timeout"), json=body))
+        return self
 
     async def delete(self) -> None:
         await self._client.arequest("DELETE", sandbox_path(self.id))
@@ -429,9 +448,22 @@ class AsyncSnapshot(SnapshotFields):
         disk_size_gib: int | None = None,
         metadata: Mapping[str, str] | None = None,
         volumes: Iterable[_wire.VolumeSpec] | None = None,
+        *,
+        timeout: int | None = None,
+        idle_timeout: int | None = None,
+        on_timeout: Literal["hibernate", "delete"] | None = None,
+        auto_resume: bool | None = None,
     ) -> AsyncSandbox:
         """A **new** sandbox from this snapshot; see :meth:`kiln.Snapshot.restore`."""
-        body = _wire.resume_body(name, memory_mib, cpus, disk_size_gib, metadata, volumes)
+        body = _wire.resume_body(
+            name,
+            memory_mib,
+            cpus,
+            disk_size_gib,
+            metadata,
+            volumes,
+            _wire.lifetime_body(timeout, idle_timeout, on_timeout, auto_resume),
+        )
         d = await self._client.arequest_json("POST", snapshot_path(self.id, "/resume"), json=body)
         return AsyncSandbox(d, self._client)
 
