@@ -182,6 +182,11 @@ fn timeout_deletes_and_set_timeout_extends() {
 
     let took = wait_state(&d, "short", "gone", Duration::from_secs(40));
     eprintln!("deleted {took:?} after the check started");
+    // Past the renewed sandbox's first deadline: it lives on.
+    let renewed_at = Instant::now();
+    let created_timeout = Duration::from_secs(6);
+    std::thread::sleep(created_timeout + Duration::from_secs(2));
+    assert!(renewed_at.elapsed() > created_timeout);
     assert_eq!(get(&d, "renewed").1["state"], "running");
     // Its VM went with it: only the renewed sandbox's QEMU is left.
     assert_eq!(d.qemu_pids().len(), 1);
@@ -202,6 +207,16 @@ fn timeout_deletes_and_set_timeout_extends() {
     );
     let (status, _) = d.api("POST", "/v1/sandboxes/renewed/timeout", Some(json!({})));
     assert_eq!(status, 400);
+
+    // The API describes it.
+    let (_, doc) = d.api("GET", "/v1/openapi.json", None);
+    assert!(doc["paths"]["/v1/sandboxes/{id}/timeout"]["post"].is_object());
+    for schema in ["SetTimeout", "Lifetime", "OnTimeout"] {
+        assert!(doc["components"]["schemas"][schema].is_object(), "{schema} missing");
+    }
+    let create = &doc["components"]["schemas"]["CreateSandbox"]["properties"];
+    assert!(create["idle_timeout"].is_object(), "{create}");
+    assert!(doc["components"]["schemas"]["CreateSnapshot"]["properties"]["ttl"].is_object());
 }
 
 #[test]
