@@ -82,6 +82,21 @@ CREATE TABLE snapshot_names (
 );
 CREATE INDEX snapshot_names_by_snapshot ON snapshot_names(snapshot_id);
 "#,
+    // Sandbox lifetimes and snapshot expiry (lifetime/); times in unix milliseconds.
+    r#"
+CREATE TABLE lifetimes (
+    sandbox_id TEXT PRIMARY KEY REFERENCES sandboxes(id) ON DELETE CASCADE,
+    timeout_secs INTEGER,
+    expires_at_ms INTEGER,
+    idle_secs INTEGER,
+    on_timeout TEXT NOT NULL,
+    auto_resume INTEGER NOT NULL
+);
+CREATE TABLE snapshot_expiry (
+    snapshot_id TEXT PRIMARY KEY REFERENCES snapshots(id) ON DELETE CASCADE,
+    expires_at_ms INTEGER NOT NULL
+);
+"#,
 ];
 
 pub struct Db {
@@ -343,6 +358,7 @@ fn row_to_sandbox(r: &Row<'_>) -> rusqlite::Result<Sandbox> {
         // Filled in by the engine, which knows what this daemon enforces.
         confined: false,
         volume_notes: Vec::new(),
+        lifetime: None,
     })
 }
 
@@ -376,6 +392,7 @@ mod tests {
             qemu_uid: None,
             confined: false,
             volume_notes: Vec::new(),
+            lifetime: None,
         }
     }
 

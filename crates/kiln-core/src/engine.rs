@@ -51,6 +51,14 @@ pub struct CreateSandbox {
     /// Let the guest open connections out (default true). `false` cuts it off from the network (slirp
     /// `restrict=on`); ports forwarded into it still work. A guest never reaches the host's own addresses.
     pub egress: Option<bool>,
+    /// Seconds of life (renewable with `POST /v1/sandboxes/{id}/timeout`); then `on_timeout` applies.
+    pub timeout: Option<u64>,
+    /// Seconds without use (API requests for it, output of its background processes); then `on_timeout`.
+    pub idle_timeout: Option<u64>,
+    /// `hibernate` (default) or `delete`.
+    pub on_timeout: Option<crate::lifetime::OnTimeout>,
+    /// Start it again when a client uses it while hibernated (default true with a lifetime, else false).
+    pub auto_resume: Option<bool>,
 }
 
 /// A command to run in a sandbox.
@@ -108,6 +116,8 @@ pub struct Engine {
     ops: crate::operations::Registry,
     /// Where owned guest RAM lives while VMs run (ramdir.rs).
     ram: crate::ramdir::RamDir,
+    /// Activity and wake-ups for sandbox lifetimes (lifetime/).
+    life: crate::lifetime::Lifetimes,
 }
 
 /// Capacity held for sandboxes about to be recorded; released on drop.
@@ -214,6 +224,7 @@ impl Engine {
             me: Default::default(),
             ops: Default::default(),
             ram,
+            life: Default::default(),
         });
         let _ = engine.me.set(Arc::downgrade(&engine));
         engine.clean_snapshot_debris();
@@ -229,6 +240,7 @@ impl Engine {
         // After recovery rolled back or finished what they were doing.
         engine.settle_interrupted_operations()?;
         engine.spawn_watch();
+        engine.spawn_reaper();
         Ok(engine)
     }
 
@@ -298,6 +310,9 @@ impl Engine {
     pub(crate) fn ram(&self) -> &crate::ramdir::RamDir {
         &self.ram
     }
+    pub(crate) fn life(&self) -> &crate::lifetime::Lifetimes {
+        &self.life
+    }
     pub(crate) fn new_qemu_uid(&self) -> Result<Option<u32>> {
         self.confine.allocate_uid(&self.db.qemu_uids()?)
     }
@@ -365,6 +380,7 @@ impl Engine {
     /// Sets `confined`: the VM runs as its own uid and guests are firewalled off the host.
     fn with_confinement(&self, mut sb: Sandbox) -> Sandbox {
         sb.confined = sb.qemu_uid.is_some() && self.confine.netguard.is_some();
+        sb.lifetime = self.lifetime_of(&sb);
         sb
     }
 
@@ -472,6 +488,7 @@ impl Engine {
                         volumes: (!req.volumes.is_empty()).then_some(req.volumes),
                         egress: req.egress,
                         env: req.env,
+                        ..Default::default()
                     },
                 )
                 .await;
@@ -537,6 +554,7 @@ impl Engine {
             qemu_uid: self.new_qemu_uid()?,
             confined: false,
             volume_notes: Vec::new(),
+            lifetime: None,
         };
         {
             let _volumes = self.volume_lock().await;
@@ -595,7 +613,13 @@ impl Engine {
 
     /// Deletes a sandbox: stops its VM and frees its disk, memory file and sockets.
     pub async fn delete(&self, id_or_name: &str) -> Result<()> {
-        let Locked { sb, slot, _guard } = self.lock_sandbox(id_or_name).await?;
+        let locked = self.lock_sandbox(id_or_name).await?;
+        self.delete_locked(locked).await
+    }
+
+    /// `delete` with the sandbox's lock already held (the lifetime reaper checks first under it).
+    pub(crate) async fn delete_locked(&self, locked: Locked) -> Result<()> {
+        let Locked { sb, slot, _guard } = locked;
         self.db
             .set_state(&sb.id, SandboxState::Deleting, sb.pid, None)?;
         self.faults().hold("delete.marked").await;

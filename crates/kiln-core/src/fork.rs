@@ -75,6 +75,7 @@ impl Engine {
                 kind: SnapshotType::Full,
                 leave_paused: false,
                 labels: BTreeMap::new(),
+                ttl: None,
             },
             CreateSnapshotInternal { ephemeral: true },
         )

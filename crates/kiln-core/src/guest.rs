@@ -15,9 +15,7 @@ impl Engine {
     pub(crate) async fn agent_of(&self, sb: &Sandbox) -> Result<kiln_agent_client::AgentClient> {
         // Shared lifecycle lock while the VM is found and connected, not while the command runs (engine.rs
         // Slot). The record is read again under it: a stop or delete may have finished meanwhile.
-        let slot = self.slot(&sb.id);
-        let _shared = slot.op.read().await;
-        let sb = self.get(&sb.id)?;
+        let (_shared, sb) = self.read_locked_awake(&sb.id).await?;
         let vm = self.running_vm(&sb).await?;
         vm.agent(Duration::from_secs(10)).await
     }
@@ -28,10 +26,8 @@ impl Engine {
         let req = self.exec_request(&sb, spec, stdin)?;
         // As in `agent_of`: the shared lifecycle lock while the VM is found and the command started, and
         // the record read again under it, so a command never meets a VM a stop or delete is tearing down.
-        let slot = self.slot(&sb.id);
         let started = {
-            let _shared = slot.op.read().await;
-            let sb = self.get(&sb.id)?;
+            let (_shared, sb) = self.read_locked_awake(&sb.id).await?;
             let vm = self.running_vm(&sb).await?;
             let started = async {
                 let agent = vm.agent(Duration::from_secs(10)).await?;

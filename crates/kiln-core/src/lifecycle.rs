@@ -55,7 +55,11 @@ impl Engine {
         self.note_unresponsive(&sb, stopped)
     }
 
-    async fn stop_locked(&self, sb: &Sandbox, slot: &crate::engine::Slot) -> Result<Sandbox> {
+    pub(crate) async fn stop_locked(
+        &self,
+        sb: &Sandbox,
+        slot: &crate::engine::Slot,
+    ) -> Result<Sandbox> {
         if sb.state == SandboxState::Stopped {
             return Ok(sb.clone());
         }
@@ -180,6 +184,7 @@ impl Engine {
         self.db()
             .set_state(&sb.id, SandboxState::Running, Some(pid), None)?;
         info!(sandbox = %sb.id, pid, "sandbox started from hibernation");
+        self.lifetime_started(&sb.id);
         self.get(&sb.id)
     }
 

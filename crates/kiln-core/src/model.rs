@@ -153,6 +153,9 @@ pub struct Sandbox {
     /// had (remounted, or why not). Not stored.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volume_notes: Vec<String>,
+    /// Its timeout, idle timeout and what happens then (`POST /v1/sandboxes/{id}/timeout`); null: none.
+    #[serde(default)]
+    pub lifetime: Option<crate::lifetime::Lifetime>,
 }
 
 impl Sandbox {

@@ -129,6 +129,7 @@ impl Engine {
     /// Publishes a guest port of a running (or paused) sandbox; returns the mapping. Asking again for a
     /// published guest port (without a host port, or with the one it has) returns it as it is.
     pub async fn publish_port(&self, id_or_name: &str, req: PortRequest) -> Result<PortMapping> {
+        self.wake_for_use(id_or_name).await?;
         let Locked { sb, _guard, .. } = self.lock_sandbox(id_or_name).await?;
         if let Some(p) = sb.ports.iter().find(|p| p.guest == req.guest) {
             if req.host.is_none_or(|h| h == p.host) {

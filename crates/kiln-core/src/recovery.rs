@@ -305,5 +305,6 @@ pub(crate) fn snapshot_from_manifest(m: &Manifest, dir: &std::path::Path) -> Sna
         created_at: m.created_at.clone(),
         warm_spares: 0,
         names: Vec::new(),
+        expires_at: None,
     }
 }

@@ -1,6 +1,7 @@
 //! kiln-server: the REST API under `/v1`, its OpenAPI document, and the listeners (a 0600 unix socket by
 //! default; TCP only with a bearer token).
 
+mod activity;
 pub mod auth;
 mod drain;
 pub mod error;
@@ -43,6 +44,7 @@ use crate::routes::{
         sandboxes::get,
         sandboxes::delete,
         sandboxes::logs,
+        sandboxes::set_timeout,
         exec::exec,
         lifecycle::pause,
         lifecycle::resume,
@@ -105,6 +107,7 @@ pub fn router(engine: Arc<Engine>, limits: limits::Limits) -> Router {
             get(sandboxes::get).delete(sandboxes::delete),
         )
         .route("/v1/sandboxes/{id}/logs", get(sandboxes::logs))
+        .route("/v1/sandboxes/{id}/timeout", post(sandboxes::set_timeout))
         .route("/v1/sandboxes/{id}/exec", post(exec::exec))
         .route("/v1/sandboxes/{id}/pause", post(lifecycle::pause))
         .route("/v1/sandboxes/{id}/resume", post(lifecycle::resume))
@@ -181,6 +184,10 @@ pub fn router(engine: Arc<Engine>, limits: limits::Limits) -> Router {
             )
         })
         .layer(axum::middleware::from_fn(drain::read_small_bodies))
+        .layer(axum::middleware::from_fn_with_state(
+            engine.clone(),
+            activity::track,
+        ))
         .with_state(engine)
         // Extractors that buffer (JSON) stop at this; uploads stream and check `max_upload_bytes` themselves.
         .layer(axum::extract::DefaultBodyLimit::max(

@@ -23,6 +23,7 @@ EXPECT = {
     "snapshot_errors.py": "duplicate name -> SnapshotAlreadyExistsError",
     "volume_cache.py": "resumed copy with the volume re-attached: cache hit",
     "dev-server-fork.py": "3 forks serving on their own host ports, the original still says: the original",
+    "agent_loop_autohibernate.py": "the agent loop survived an automatic hibernation",
 }
 
 # Examples that need more than the `tiny` image.

@@ -8,10 +8,13 @@ import { GuestPathNotFoundError, SandboxNotFoundError, errorFromCode } from "./e
 import { Processes } from "./process.js";
 import { Snapshot } from "./snapshot.js";
 import { mountsFromRecord, volumesJson } from "./volume.js";
+import { lifetimeFromRecord, lifetimeJson } from "./types.js";
 import type {
   CommandResult,
   DirEntry,
   FileInfo,
+  Lifetime,
+  LifetimeOptions,
   PortMapping,
   PortSpec,
   SandboxRecord,
@@ -23,7 +26,7 @@ import type {
   WriteResult,
 } from "./types.js";
 
-export interface CreateSandboxOptions extends WithClient {
+export interface CreateSandboxOptions extends WithClient, LifetimeOptions {
   /** Guest image to boot (default `tiny`; ignored with `snapshot`). */
   template?: string;
   /** Unique name (default: the id). */
@@ -72,6 +75,8 @@ export interface SnapshotOptions {
    */
   resumeSource?: boolean;
   metadata?: Record<string, string>;
+  /** Seconds until the snapshot expires; it is then deleted once nothing depends on it. */
+  ttl?: number;
 }
 
 export interface ForkOptions {
@@ -327,6 +332,8 @@ export class Sandbox {
   volumes!: VolumeMount[];
   createdAt!: Date;
   updatedAt!: Date;
+  /** Its timeout, idle timeout and what happens then; null without one. */
+  lifetime!: Lifetime | null;
 
   /** @internal Use the static constructors. */
   constructor(record: SandboxRecord, client: Client) {
@@ -358,6 +365,7 @@ export class Sandbox {
     this.volumes = mountsFromRecord(r.volumes);
     this.createdAt = new Date(r.created_at);
     this.updatedAt = new Date(r.updated_at);
+    this.lifetime = lifetimeFromRecord(r.lifetime);
     return this;
   }
 
@@ -375,6 +383,7 @@ export class Sandbox {
       ports: options.ports?.map(portJson),
       snapshot: options.snapshot,
       volumes: volumesJson(options.volumes),
+      ...lifetimeJson(options),
     };
     return new Sandbox(await client.json<SandboxRecord>("POST", "/v1/sandboxes", { json: body }), client);
   }
@@ -425,7 +434,13 @@ export class Sandbox {
    */
   async snapshot(options: SnapshotOptions = {}): Promise<Snapshot> {
     const resumeSource = options.resumeSource ?? false;
-    const body = { name: options.name, type: options.type ?? "full", leave_paused: !resumeSource, labels: options.metadata };
+    const body = {
+      name: options.name,
+      type: options.type ?? "full",
+      leave_paused: !resumeSource,
+      labels: options.metadata,
+      ttl: options.ttl,
+    };
     const r = await this.client.json<SnapshotRecord>("POST", sandboxPath(this.id, "/snapshots"), { json: body });
     this.state = resumeSource ? "running" : "paused";
     return new Snapshot(r, this.client);
@@ -489,6 +504,15 @@ export class Sandbox {
   /** Brings a hibernated sandbox back where it was. */
   start(): Promise<this> {
     return this.#lifecycle("start");
+  }
+
+  /**
+   * Renews or changes the lifetime: `timeout` seconds of life from now (0 removes the limit); the other
+   * fields change when given. {@link Sandbox.lifetime} shows the new deadlines.
+   */
+  async setTimeout(timeout?: number, options: Omit<LifetimeOptions, "timeout"> = {}): Promise<this> {
+    const body = lifetimeJson({ ...options, timeout });
+    return this.#apply(await this.client.json<SandboxRecord>("POST", sandboxPath(this.id, "/timeout"), { json: body }));
   }
 
   /** Deletes the sandbox: its VM, disk and memory are freed. */

@@ -1,9 +1,10 @@
 import { Client, type WithClient, defaultClient, snapshotPath } from "./client.js";
 import { Sandbox } from "./sandbox.js";
-import type { SandboxRecord, SnapshotDeleted, SnapshotRecord, SnapshotType, VolumeSpec } from "./types.js";
+import type { LifetimeOptions, SandboxRecord, SnapshotDeleted, SnapshotRecord, SnapshotType, VolumeSpec } from "./types.js";
+import { lifetimeJson } from "./types.js";
 import { volumesJson } from "./volume.js";
 
-export interface RestoreOptions {
+export interface RestoreOptions extends LifetimeOptions {
   /**
    * Must equal the snapshot's for memory snapshots (else `resource_override_refused`, a
    * {@link ConflictError}); `disk` snapshots may change it.
@@ -53,6 +54,8 @@ export class Snapshot {
   warmSpares!: number;
   /** Names given with {@link Snapshot.saveNamed} (the id is not repeated here). */
   names!: string[];
+  /** When its `ttl` runs out; it is then deleted as soon as nothing depends on it. */
+  expiresAt!: Date | null;
 
   /** @internal Use {@link Snapshot.get} or `sandbox.snapshot()`. */
   constructor(record: SnapshotRecord, client: Client) {
@@ -77,6 +80,7 @@ export class Snapshot {
     this.createdAt = new Date(r.created_at);
     this.warmSpares = r.warm_spares ?? 0;
     this.names = r.names ?? [];
+    this.expiresAt = r.expires_at ? new Date(r.expires_at) : null;
     return this;
   }
 
@@ -134,6 +138,7 @@ export class Snapshot {
       disk_size_gib: options.diskSizeGib,
       labels: options.metadata,
       volumes: volumesJson(options.volumes),
+      ...lifetimeJson(options),
     };
     return new Sandbox(await this.client.json<SandboxRecord>("POST", snapshotPath(this.id, "/resume"), { json: body }), this.client);
   }

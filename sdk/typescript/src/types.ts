@@ -36,6 +36,65 @@ export interface SandboxRecord {
   origin: string;
   restored_from?: string | null;
   volumes?: VolumeMountRecord[];
+  lifetime?: LifetimeRecord | null;
+}
+
+/** @internal */
+export interface LifetimeRecord {
+  timeout?: number | null;
+  expires_at?: string | null;
+  idle_timeout?: number | null;
+  idle_expires_at?: string | null;
+  on_timeout: OnTimeout;
+  auto_resume: boolean;
+}
+
+/** What happens when a sandbox's timeout or idle timeout runs out. */
+export type OnTimeout = "hibernate" | "delete";
+
+/** A sandbox's lifetime policy and deadlines. */
+export interface Lifetime {
+  /** Seconds of life, counted from creation, every start or wake, and the last `setTimeout`. */
+  timeout: number | null;
+  expiresAt: Date | null;
+  /** Seconds without use (API calls, background process output) before `onTimeout` applies. */
+  idleTimeout: number | null;
+  /** When the idle timeout runs out if nothing happens before (only while the VM runs). */
+  idleExpiresAt: Date | null;
+  onTimeout: OnTimeout;
+  /** A hibernated sandbox is started again by the first exec, file, process or port call. */
+  autoResume: boolean;
+}
+
+/** Lifetime options of create, restore and `setTimeout`. */
+export interface LifetimeOptions {
+  /** Seconds of life (renew with `setTimeout`; 0 there removes the limit). */
+  timeout?: number;
+  /** Seconds without use before `onTimeout` applies (0 there removes it). */
+  idleTimeout?: number;
+  /** `hibernate` (default: RAM to disk, resumable) or `delete`. */
+  onTimeout?: OnTimeout;
+  /** Start it again when it is used while hibernated (default true with a lifetime). */
+  autoResume?: boolean;
+}
+
+/** @internal */
+export function lifetimeJson(o: LifetimeOptions): Record<string, unknown> {
+  return { timeout: o.timeout, idle_timeout: o.idleTimeout, on_timeout: o.onTimeout, auto_resume: o.autoResume };
+}
+
+/** @internal */
+export function lifetimeFromRecord(r: LifetimeRecord | null | undefined): Lifetime | null {
+  if (!r) return null;
+  const date = (s: string | null | undefined) => (s ? new Date(s) : null);
+  return {
+    timeout: r.timeout ?? null,
+    expiresAt: date(r.expires_at),
+    idleTimeout: r.idle_timeout ?? null,
+    idleExpiresAt: date(r.idle_expires_at),
+    onTimeout: r.on_timeout,
+    autoResume: r.auto_resume,
+  };
 }
 
 /** @internal */
@@ -73,6 +132,7 @@ export interface SnapshotRecord {
   created_at: string;
   warm_spares?: number;
   names?: string[];
+  expires_at?: string | null;
 }
 
 /** The outcome of a command. A non-zero exit is not an error: check `ok` or `exitCode`. */

@@ -19,8 +19,17 @@ pub enum SandboxCmd {
         #[arg(long = "label")]
         labels: Vec<String>,
     },
-    /// Show one sandbox.
+    /// Show one sandbox (with its lifetime: deadlines and policy).
+    #[command(alias = "get")]
     Inspect { sandbox: String },
+    /// Set or renew a sandbox's lifetime: SECONDS of life from now (0 removes the limit).
+    SetTimeout {
+        sandbox: String,
+        /// Seconds of life from now; 0 removes the limit.
+        seconds: Option<u64>,
+        #[command(flatten)]
+        life: LifetimeArgs,
+    },
     /// Delete sandboxes and free their resources.
     #[command(alias = "rm")]
     Delete {
@@ -76,6 +85,68 @@ pub struct CreateArgs {
     /// Cut the guest off from the network (no outgoing connections); forwarded ports still work.
     #[arg(long)]
     no_egress: bool,
+    /// Seconds of life (renew with `kiln sandbox set-timeout`).
+    #[arg(long)]
+    timeout: Option<u64>,
+    #[command(flatten)]
+    life: LifetimeArgs,
+}
+
+/// Lifetime flags shared by create, resume and set-timeout.
+#[derive(Args)]
+pub struct LifetimeArgs {
+    /// Seconds without use (API requests, background process output) before --on-timeout applies.
+    #[arg(long)]
+    idle_timeout: Option<u64>,
+    /// What happens when the timeout or idle timeout runs out: hibernate (default) or delete.
+    #[arg(long, value_parser = ["hibernate", "delete"])]
+    on_timeout: Option<String>,
+    /// Do not start the sandbox when a client uses it while hibernated.
+    #[arg(long)]
+    no_auto_resume: bool,
+    /// Start the sandbox when a client uses it while hibernated (the default with a lifetime).
+    #[arg(long, conflicts_with = "no_auto_resume")]
+    auto_resume: bool,
+}
+
+impl LifetimeArgs {
+    /// Adds the lifetime fields given to a request body.
+    pub fn apply(&self, timeout: Option<u64>, body: &mut Value) {
+        if let Some(t) = timeout {
+            body["timeout"] = json!(t);
+        }
+        if let Some(t) = self.idle_timeout {
+            body["idle_timeout"] = json!(t);
+        }
+        if let Some(o) = &self.on_timeout {
+            body["on_timeout"] = json!(o);
+        }
+        if self.no_auto_resume {
+            body["auto_resume"] = json!(false);
+        } else if self.auto_resume {
+            body["auto_resume"] = json!(true);
+        }
+    }
+}
+
+/// Prints a sandbox's lifetime (nothing when it has none).
+pub fn print_lifetime(s: &Value) {
+    let l = &s["lifetime"];
+    if !l.is_object() {
+        return;
+    }
+    let or_dash = |v: &Value| v.as_str().map_or("-".to_string(), str::to_string);
+    let secs = |v: &Value| v.as_u64().map_or("none".to_string(), |n| format!("{n} s"));
+    println!(
+        "{:<12} timeout {} (expires {}), idle timeout {} (idle expiry {}), on timeout: {}, auto-resume: {}",
+        "lifetime:",
+        secs(&l["timeout"]),
+        or_dash(&l["expires_at"]),
+        secs(&l["idle_timeout"]),
+        or_dash(&l["idle_expires_at"]),
+        l["on_timeout"].as_str().unwrap_or("hibernate"),
+        l["auto_resume"].as_bool().unwrap_or(false)
+    );
 }
 
 pub fn key_values(items: &[String], what: &str) -> anyhow::Result<serde_json::Map<String, Value>> {
@@ -135,6 +206,7 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
             if a.no_egress {
                 body["egress"] = json!(false);
             }
+            a.life.apply(a.timeout, &mut body);
             let ports = a
                 .ports
                 .iter()
@@ -222,10 +294,27 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
                         .collect();
                     println!("{:<12} {}", "volumes:", parts.join(", "));
                 }
+                print_lifetime(&s);
                 if let Some(e) = s["error"].as_str() {
                     println!("error:\n{e}");
                 }
             });
+        }
+        SandboxCmd::SetTimeout {
+            sandbox,
+            seconds,
+            life,
+        } => {
+            let mut body = json!({});
+            life.apply(*seconds, &mut body);
+            let s: Value = client
+                .json(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{}/timeout", encode(sandbox)),
+                    Some(body),
+                )
+                .await?;
+            print_json_or(cli, &s, || print_lifetime(&s));
         }
         SandboxCmd::Delete { sandboxes, yes } => {
             if !confirm(

@@ -28,6 +28,9 @@ pub enum SnapshotCmd {
         resume_source: bool,
         #[arg(long = "label", short = 'l')]
         labels: Vec<String>,
+        /// Seconds until the snapshot expires; it is then deleted once nothing depends on it.
+        #[arg(long)]
+        ttl: Option<u64>,
     },
     /// List snapshots.
     #[command(alias = "ls")]
@@ -69,6 +72,11 @@ pub enum SnapshotCmd {
         /// Cut the new sandbox off from the network (default: as the snapshot's source was).
         #[arg(long)]
         no_egress: bool,
+        /// Seconds of life of the new sandbox (renew with `kiln sandbox set-timeout`).
+        #[arg(long)]
+        timeout: Option<u64>,
+        #[command(flatten)]
+        life: crate::commands::sandbox::LifetimeArgs,
     },
     /// Give a snapshot a further name, under which every command finds it (ids and names share one
     /// namespace; the name goes when the snapshot is deleted).
@@ -137,9 +145,13 @@ pub async fn run_as(cli: &Cli, cmd: &SnapshotCmd, smolvm: bool) -> anyhow::Resul
             leave_paused,
             resume_source,
             labels,
+            ttl,
         } => {
             let leave_paused = *leave_paused || (smolvm && !*resume_source);
             let mut body = json!({"type": kind, "leave_paused": leave_paused, "labels": crate::commands::sandbox::key_values(labels, "--label")?});
+            if let Some(t) = ttl {
+                body["ttl"] = json!(t);
+            }
             if let Some(n) = name {
                 body["name"] = json!(n);
             }
@@ -202,6 +214,7 @@ pub async fn run_as(cli: &Cli, cmd: &SnapshotCmd, smolvm: bool) -> anyhow::Resul
                         "restored",
                         "restored_at",
                         "created_at",
+                        "expires_at",
                         "labels",
                         "warm_spares",
                         "names",
@@ -249,8 +262,11 @@ pub async fn run_as(cli: &Cli, cmd: &SnapshotCmd, smolvm: bool) -> anyhow::Resul
             disk_size,
             volumes,
             no_egress,
+            timeout,
+            life,
         } => {
             let mut body = json!({});
+            life.apply(*timeout, &mut body);
             if !volumes.is_empty() {
                 body["volumes"] = crate::commands::volume::volume_flags(volumes)?;
             }

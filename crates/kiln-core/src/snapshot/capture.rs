@@ -37,6 +37,9 @@ pub struct CreateSnapshot {
     pub leave_paused: bool,
     #[serde(default, alias = "metadata")]
     pub labels: BTreeMap<String, String>,
+    /// Seconds until it expires; it is then deleted once nothing depends on it (no diff snapshot builds
+    /// on it, no sandbox rolled back to it runs).
+    pub ttl: Option<u64>,
 }
 
 const SAVE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -45,8 +48,21 @@ impl Engine {
     /// Takes a snapshot of a running or paused sandbox.
     pub async fn create_snapshot(&self, sandbox: &str, req: CreateSnapshot) -> Result<Snapshot> {
         self.config().check_storage("create a snapshot")?;
-        self.create_snapshot_internal(sandbox, req, CreateSnapshotInternal::default())
-            .await
+        let ttl = req.ttl;
+        if ttl.is_some_and(|t| t == 0 || t > crate::lifetime::MAX_SECS) {
+            return Err(Error::invalid(format!(
+                "ttl must be from 1 to {} seconds",
+                crate::lifetime::MAX_SECS
+            )));
+        }
+        let mut snap = self
+            .create_snapshot_internal(sandbox, req, CreateSnapshotInternal::default())
+            .await?;
+        if let Some(ttl) = ttl {
+            self.set_snapshot_ttl(&snap.id, ttl)?;
+            snap.expires_at = self.snapshot_expires_at(&snap.id);
+        }
+        Ok(snap)
     }
 
     pub(crate) async fn create_snapshot_internal(
@@ -436,6 +452,7 @@ impl Engine {
             created_at,
             warm_spares: 0,
             names: Vec::new(),
+            expires_at: None,
         };
         if let Err(e) = self.db().insert_snapshot(&snapshot, ephemeral) {
             let _ = fsutil::remove_dir_durably(&dir);

@@ -101,5 +101,6 @@ fn row_to_snapshot(r: &Row<'_>) -> rusqlite::Result<Snapshot> {
         created_at: r.get("created_at")?,
         warm_spares: 0,
         names: Vec::new(),
+        expires_at: None,
     })
 }

@@ -78,6 +78,9 @@ pub struct Snapshot {
     /// Further names it was given (`POST /v1/snapshots/{id}/names`); every route finds it by any of them.
     #[serde(default)]
     pub names: Vec<String>,
+    /// When its `ttl` runs out (RFC 3339): then it is deleted as soon as nothing depends on it.
+    #[serde(default)]
+    pub expires_at: Option<String>,
 }
 
 impl Snapshot {

@@ -46,6 +46,14 @@ pub struct ResumeSnapshot {
     /// running in the snapshot keep their own).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Seconds of life of the new sandbox (renewable); then `on_timeout` applies. Nothing is inherited.
+    pub timeout: Option<u64>,
+    /// Seconds without use; then `on_timeout` applies.
+    pub idle_timeout: Option<u64>,
+    /// `hibernate` (default) or `delete`.
+    pub on_timeout: Option<crate::lifetime::OnTimeout>,
+    /// Start it again when a client uses it while hibernated (default true with a lifetime).
+    pub auto_resume: Option<bool>,
 }
 
 /// Result of deleting a snapshot.
@@ -70,6 +78,7 @@ impl Engine {
         Snapshot {
             warm_spares: self.warm_pool().ready_for(&snap.id),
             names: self.db().snapshot_names(&snap.id).unwrap_or_default(),
+            expires_at: self.snapshot_expires_at(&snap.id),
             ..snap
         }
     }
@@ -402,6 +411,7 @@ impl Engine {
             qemu_uid: self.new_qemu_uid()?,
             confined: false,
             volume_notes: Vec::new(),
+            lifetime: None,
         })
     }
 

@@ -35,7 +35,7 @@ pub async fn create(
         "sandbox.create",
         (target, res),
         StatusCode::CREATED,
-        move |e| async move { e.create(req).await },
+        move |e| async move { e.create_with_lifetime(req).await },
     )
     .await
 }
@@ -121,4 +121,27 @@ pub async fn logs(
         )],
         body,
     ))
+}
+
+/// Sets or renews a sandbox's lifetime: `timeout` counts from now (0 removes it), `idle_timeout`,
+/// `on_timeout` and `auto_resume` change when given. Answers with the sandbox and its new deadlines.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/timeout", request_body = kiln_core::SetTimeout,
+    params(("id" = String, Path, description = "id or name")),
+    responses((status = 200, body = Sandbox), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn set_timeout(
+    State(engine): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<kiln_core::SetTimeout>,
+) -> Response {
+    let res = sandbox_resources(&engine, &id);
+    run(
+        &engine,
+        &headers,
+        "sandbox.set_timeout",
+        res,
+        StatusCode::OK,
+        move |e| async move { e.set_timeout(&id, req).await },
+    )
+    .await
 }

@@ -114,7 +114,7 @@ pub async fn resume(
         "snapshot.resume",
         res,
         StatusCode::CREATED,
-        move |e| async move { e.resume_snapshot(&id, req).await },
+        move |e| async move { e.resume_with_lifetime(&id, req).await },
     )
     .await
 }

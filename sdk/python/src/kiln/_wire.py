@@ -119,9 +119,11 @@ def create_body(
     volumes: Iterable[VolumeSpec] | None,
     disk_size_gib: int | None,
     ports: Iterable[PortSpec] | None,
+    lifetime: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return drop_none(
         {
+            **(lifetime or {}),
             # A snapshot carries its own image, so the template only matters for a cold boot.
             "template": template if snapshot is None else None,
             "name": name,
@@ -144,9 +146,11 @@ def resume_body(
     disk_size_gib: int | None,
     metadata: Mapping[str, str] | None,
     volumes: Iterable[VolumeSpec] | None = None,
+    lifetime: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return drop_none(
         {
+            **(lifetime or {}),
             "name": name,
             "memory_mib": memory_mib,
             "cpus": cpus,
@@ -166,9 +170,11 @@ def snapshot_body(
     type: Literal["full", "diff", "disk"],
     resume_source: bool,
     metadata: Mapping[str, str] | None,
+    ttl: int | None = None,
 ) -> dict[str, Any]:
     return drop_none(
         {
+            "ttl": ttl,
             "name": name,
             "type": type,
             "leave_paused": not resume_source,
@@ -276,3 +282,15 @@ class ExecStream:
         if self.result is None:
             raise error_from_code("agent_unavailable", "the exec stream ended without an exit event")
         return self.result
+
+
+def lifetime_body(
+    timeout: int | None,
+    idle_timeout: int | None,
+    on_timeout: Literal["hibernate", "delete"] | None,
+    auto_resume: bool | None,
+) -> dict[str, Any]:
+    """Lifetime fields for create, resume and ``set_timeout`` (left out when not given)."""
+    return drop_none(
+        {"timeout": timeout, "idle_timeout": idle_timeout, "on_timeout": on_timeout, "auto_resume": auto_resume}
+    )

@@ -32,6 +32,35 @@ def parse_time(value: str | None) -> datetime | None:
 
 
 @dataclass(frozen=True)
+class Lifetime:
+    """A sandbox's lifetime policy and deadlines (``Sandbox.create(timeout=..., idle_timeout=...)``)."""
+
+    timeout: int | None
+    """Seconds of life, counted from creation, every start or wake, and the last ``set_timeout``."""
+    expires_at: datetime | None
+    idle_timeout: int | None
+    """Seconds without use (API requests, background process output) before ``on_timeout`` applies."""
+    idle_expires_at: datetime | None
+    """When the idle timeout runs out if nothing happens before (only while the VM runs)."""
+    on_timeout: Literal["hibernate", "delete"]
+    auto_resume: bool
+    """A hibernated sandbox is started again by the first exec, file, process or port call."""
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> Lifetime | None:
+        if not d:
+            return None
+        return cls(
+            timeout=d.get("timeout"),
+            expires_at=parse_time(d.get("expires_at")),
+            idle_timeout=d.get("idle_timeout"),
+            idle_expires_at=parse_time(d.get("idle_expires_at")),
+            on_timeout=d.get("on_timeout", "hibernate"),
+            auto_resume=bool(d.get("auto_resume", False)),
+        )
+
+
+@dataclass(frozen=True)
 class PortMapping:
     """A TCP port of the guest forwarded to ``127.0.0.1:host`` on the host."""
 
@@ -205,10 +234,13 @@ class SandboxFields:
     """After a resume from a snapshot: what happened to its source's volumes (remounted, or why not)."""
     created_at: datetime | None
     updated_at: datetime | None
+    lifetime: Lifetime | None
+    """Its timeout, idle timeout and what happens then; ``None`` without one."""
 
     def _apply(self, d: dict[str, Any]) -> None:
         self.id = d["id"]
         self.name = d["name"]
+        self.lifetime = Lifetime.from_json(d.get("lifetime"))
         self.template = d.get("template", "")
         self.state = d["state"]
         self.memory_mib = int(d.get("memory_mib", 0))
@@ -266,6 +298,8 @@ class SnapshotFields:
     continues one (see ``kiln serve --warm-spares``)."""
     names: list[str]
     """Further names given with ``save_named``; every lookup finds the snapshot by any of them."""
+    expires_at: datetime | None
+    """When its ``ttl`` runs out; it is then deleted as soon as nothing depends on it."""
 
     @property
     def name(self) -> str:
@@ -289,6 +323,7 @@ class SnapshotFields:
         self.created_at = parse_time(d.get("created_at"))
         self.warm_spares = int(d.get("warm_spares", 0))
         self.names = list(d.get("names") or [])
+        self.expires_at = parse_time(d.get("expires_at"))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.id!r}, type={self.type!r}, sandbox_id={self.sandbox_id!r})"

@@ -209,6 +209,10 @@ class AsyncSandbox(SandboxFields):
         ports: Iterable[_wire.PortSpec] | None = None,
         *,
         snapshot_id: str | None = None,
+        timeout: int | None = None,
+        idle_timeout: int | None = None,
+        on_timeout: Literal["hibernate", "delete"] | None = None,
+        auto_resume: bool | None = None,
         client: Client | None = None,
     ) -> AsyncSandbox:
         """Boots a new sandbox and returns once its guest agent answers.
@@ -227,6 +231,10 @@ class AsyncSandbox(SandboxFields):
                 (``volume_notes`` says what happened); given ``volumes`` replace them.
             ports: guest ports to publish on 127.0.0.1: a guest port (a free host port is picked; see
                 :meth:`get_host`), ``(host, guest)`` or :class:`PortMapping`.
+            timeout: seconds of life (renew with :meth:`set_timeout`); then ``on_timeout`` applies.
+            idle_timeout: seconds without use (API calls for it, background process output); then ``on_timeout``.
+            on_timeout: ``"hibernate"`` (default: RAM to disk, resumable) or ``"delete"``.
+            auto_resume: start it again when it is used while hibernated (default True with a lifetime).
         """
         body = _wire.create_body(
             template=template,
@@ -239,6 +247,7 @@ class AsyncSandbox(SandboxFields):
             volumes=volumes,
             disk_size_gib=disk_size_gib,
             ports=ports,
+            lifetime=_wire.lifetime_body(timeout, idle_timeout, on_timeout, auto_resume),
         )
         client = client or get_default_client()
         return cls(await client.arequest_json("POST", "/v1/sandboxes", json=body), client)
@@ -317,6 +326,7 @@ class AsyncSandbox(SandboxFields):
         type: Literal["full", "diff", "disk"] = "full",
         resume_source: bool = True,
         metadata: Mapping[str, str] | None = None,
+        ttl: int | None = None,
     ) -> AsyncSnapshot:
         """Captures the sandbox; snapshots are durable and outlive the sandbox.
 
@@ -326,8 +336,9 @@ class AsyncSandbox(SandboxFields):
                 sandbox's origin) or ``disk`` (disk only; restores by cold boot, resources may change).
             resume_source: ``False`` leaves the sandbox paused after the capture.
             metadata: labels, for :meth:`Snapshot.list` filters.
+            ttl: seconds after which the snapshot is deleted, once nothing depends on it.
         """
-        body = _wire.snapshot_body(name, type, resume_source, metadata)
+        body = _wire.snapshot_body(name, type, resume_source, metadata, ttl)
         d = await self._client.arequest_json("POST", sandbox_path(self.id, "/snapshots"), json=body)
         if not resume_source:
             self.state = "paused"
@@ -411,6 +422,20 @@ class AsyncSandbox(SandboxFields):
     async def start(self) -> AsyncSandbox:
         """Brings a hibernated sandbox back where it was."""
         return await self._lifecycle("start")
+
+    async def set_timeout(
+        self,
+        timeout: int | None = None,
+        *,
+        idle_timeout: int | None = None,
+        on_timeout: Literal["hibernate", "delete"] | None = None,
+        auto_resume: bool | None = None,
+    ) -> AsyncSandbox:
+        """Renews or changes the sandbox's lifetime: ``timeout`` seconds of life from now (0 removes the
+        limit); the other fields change when given. :attr:`lifetime` shows the new deadlines."""
+        body = _wire.lifetime_body(timeout, idle_timeout, on_timeout, auto_resume)
+        self._apply(await self._client.arequest_json("POST", sandbox_path(self.id, "/timeout"), json=body))
+        return self
 
     async def delete(self) -> None:
         """Deletes the sandbox: its VM, disk and memory are freed."""
@@ -506,6 +531,11 @@ class AsyncSnapshot(SnapshotFields):
         disk_size_gib: int | None = None,
         metadata: Mapping[str, str] | None = None,
         volumes: Iterable[_wire.VolumeSpec] | None = None,
+        *,
+        timeout: int | None = None,
+        idle_timeout: int | None = None,
+        on_timeout: Literal["hibernate", "delete"] | None = None,
+        auto_resume: bool | None = None,
     ) -> AsyncSandbox:
         """A **new** sandbox that continues exactly where the snapshot was (new id, name and MAC).
 
@@ -520,7 +550,15 @@ class AsyncSnapshot(SnapshotFields):
         the copy says what happened. Given ``volumes`` (same forms as :meth:`Sandbox.create`; ``[]`` for
         none) replace them.
         """
-        body = _wire.resume_body(name, memory_mib, cpus, disk_size_gib, metadata, volumes)
+        body = _wire.resume_body(
+            name,
+            memory_mib,
+            cpus,
+            disk_size_gib,
+            metadata,
+            volumes,
+            _wire.lifetime_body(timeout, idle_timeout, on_timeout, auto_resume),
+        )
         d = await self._client.arequest_json("POST", snapshot_path(self.id, "/resume"), json=body)
         return AsyncSandbox(d, self._client)
 

@@ -210,6 +210,10 @@ class Sandbox(SandboxFields):
         ports: Iterable[_wire.PortSpec] | None = None,
         *,
         snapshot_id: str | None = None,
+        timeout: int | None = None,
+        idle_timeout: int | None = None,
+        on_timeout: Literal["hibernate", "delete"] | None = None,
+        auto_resume: bool | None = None,
         client: Client | None = None,
     ) -> Sandbox:
         """Boots a new sandbox and returns once its guest agent answers.
@@ -228,6 +232,10 @@ class Sandbox(SandboxFields):
                 (``volume_notes`` says what happened); given ``volumes`` replace them.
             ports: guest ports to publish on 127.0.0.1: a guest port (a free host port is picked; see
                 :meth:`get_host`), ``(host, guest)`` or :class:`PortMapping`.
+            timeout: seconds of life (renew with :meth:`set_timeout`); then ``on_timeout`` applies.
+            idle_timeout: seconds without use (API calls for it, background process output); then ``on_timeout``.
+            on_timeout: ``"hibernate"`` (default: RAM to disk, resumable) or ``"delete"``.
+            auto_resume: start it again when it is used while hibernated (default True with a lifetime).
         """
         body = _wire.create_body(
             template=template,
@@ -240,6 +248,7 @@ class Sandbox(SandboxFields):
             volumes=volumes,
             disk_size_gib=disk_size_gib,
             ports=ports,
+            lifetime=_wire.lifetime_body(timeout, idle_timeout, on_timeout, auto_resume),
         )
         client = client or get_default_client()
         return cls(client.request_json("POST", "/v1/sandboxes", json=body), client)
@@ -318,6 +327,7 @@ class Sandbox(SandboxFields):
         type: Literal["full", "diff", "disk"] = "full",
         resume_source: bool = True,
         metadata: Mapping[str, str] | None = None,
+        ttl: int | None = None,
     ) -> Snapshot:
         """Captures the sandbox; snapshots are durable and outlive the sandbox.
 
@@ -327,8 +337,9 @@ class Sandbox(SandboxFields):
                 sandbox's origin) or ``disk`` (disk only; restores by cold boot, resources may change).
             resume_source: ``False`` leaves the sandbox paused after the capture.
             metadata: labels, for :meth:`Snapshot.list` filters.
+            ttl: seconds after which the snapshot is deleted, once nothing depends on it.
         """
-        body = _wire.snapshot_body(name, type, resume_source, metadata)
+        body = _wire.snapshot_body(name, type, resume_source, metadata, ttl)
         d = self._client.request_json("POST", sandbox_path(self.id, "/snapshots"), json=body)
         if not resume_source:
             self.state = "paused"
@@ -412,6 +423,20 @@ class Sandbox(SandboxFields):
     def start(self) -> Sandbox:
         """Brings a hibernated sandbox back where it was."""
         return self._lifecycle("start")
+
+    def set_timeout(
+        self,
+        timeout: int | None = None,
+        *,
+        idle_timeout: int | None = None,
+        on_timeout: Literal["hibernate", "delete"] | None = None,
+        auto_resume: bool | None = None,
+    ) -> Sandbox:
+        """Renews or changes the sandbox's lifetime: ``timeout`` seconds of life from now (0 removes the
+        limit); the other fields change when given. :attr:`lifetime` shows the new deadlines."""
+        body = _wire.lifetime_body(timeout, idle_timeout, on_timeout, auto_resume)
+        self._apply(self._client.request_json("POST", sandbox_path(self.id, "/timeout"), json=body))
+        return self
 
     def delete(self) -> None:
         """Deletes the sandbox: its VM, disk and memory are freed."""
@@ -507,6 +532,11 @@ class Snapshot(SnapshotFields):
         disk_size_gib: int | None = None,
         metadata: Mapping[str, str] | None = None,
         volumes: Iterable[_wire.VolumeSpec] | None = None,
+        *,
+        timeout: int | None = None,
+        idle_timeout: int | None = None,
+        on_timeout: Literal["hibernate", "delete"] | None = None,
+        auto_resume: bool | None = None,
     ) -> Sandbox:
         """A **new** sandbox that continues exactly where the snapshot was (new id, name and MAC).
 
@@ -521,7 +551,15 @@ class Snapshot(SnapshotFields):
         the copy says what happened. Given ``volumes`` (same forms as :meth:`Sandbox.create`; ``[]`` for
         none) replace them.
         """
-        body = _wire.resume_body(name, memory_mib, cpus, disk_size_gib, metadata, volumes)
+        body = _wire.resume_body(
+            name,
+            memory_mib,
+            cpus,
+            disk_size_gib,
+            metadata,
+            volumes,
+            _wire.lifetime_body(timeout, idle_timeout, on_timeout, auto_resume),
+        )
         d = self._client.request_json("POST", snapshot_path(self.id, "/resume"), json=body)
         return Sandbox(d, self._client)
 
