@@ -22,6 +22,8 @@ export class KilnError extends Error {
 export class KilnConnectionError extends KilnError {}
 /** A parameter is out of range or malformed (400); the message names the rule. */
 export class InvalidRequestError extends KilnError {}
+/** 400 `path_escape`: a tar entry of a directory upload would land outside the target directory. */
+export class PathEscapeError extends InvalidRequestError {}
 /** Missing or wrong bearer token over TCP (401). */
 export class AuthenticationError extends KilnError {}
 /** Something named in the request does not exist (404). */
@@ -49,6 +51,7 @@ export class TimeoutError extends KilnError {}
 /** The daemon's documented error codes and their HTTP statuses (docs/api.md). */
 export const STATUS_BY_CODE: Readonly<Record<string, number>> = {
   invalid_request: 400,
+  path_escape: 400,
   unauthorized: 401,
   sandbox_not_found: 404,
   snapshot_not_found: 404,
@@ -97,6 +100,7 @@ const BY_CODE: Record<string, ErrorClass> = {
   volume_not_found: VolumeNotFoundError,
   volume_already_exists: VolumeAlreadyExistsError,
   volume_in_use: VolumeInUseError,
+  path_escape: PathEscapeError,
 };
 
 const BY_STATUS: Record<number, ErrorClass> = {

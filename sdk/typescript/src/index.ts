@@ -25,6 +25,7 @@ export {
   KilnConnectionError,
   KilnError,
   NotFoundError,
+  PathEscapeError,
   SandboxNotFoundError,
   STATUS_BY_CODE,
   SnapshotAlreadyExistsError,
@@ -36,6 +37,7 @@ export {
   errorFromCode,
 } from "./errors.js";
 export { Commands, Files, Sandbox } from "./sandbox.js";
+export type { BatchFile, UnpackResult, WatchEvent } from "./dirs.js";
 export type { CreateSandboxOptions, ForkOptions, RunOptions, SnapshotOptions } from "./sandbox.js";
 export { Processes } from "./process.js";
 export type { LogsOptions, ProcessInfo, ProcessOutput, StartProcessOptions } from "./process.js";

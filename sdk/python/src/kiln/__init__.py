@@ -17,6 +17,7 @@ The daemon is found through ``KILN_SOCKET`` / ``KILN_URL`` + ``KILN_TOKEN`` or t
 
 from ._async import AsyncCommands, AsyncFiles, AsyncOperation, AsyncSandbox, AsyncSnapshot, AsyncVolume
 from ._procs import AsyncProcesses, Processes
+from ._dirs import UnpackResult, WatchEvent
 from ._client import Client, default_socket, get_default_client, set_default_client
 from ._sync import Commands, Files, Operation, Sandbox, Snapshot, Volume
 from .errors import (
@@ -28,6 +29,7 @@ from .errors import (
     KilnConnectionError,
     KilnError,
     NotFoundError,
+    PathEscapeError,
     SandboxNotFoundError,
     SnapshotAlreadyExistsError,
     SnapshotNotFoundError,
@@ -53,6 +55,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Client",
+    "PathEscapeError",
+    "UnpackResult",
+    "WatchEvent",
     "default_socket",
     "get_default_client",
     "set_default_client",

@@ -7,13 +7,16 @@ import asyncio
 import builtins
 import inspect
 import os
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, BinaryIO, Literal, overload
 
-from . import _wire
+from . import _dirs, _wire
 from ._client import Client, get_default_client, operation_path, sandbox_path, snapshot_path, volume_path
 from ._hybrid import hybridmethod
+from ._dirs import UnpackResult, WatchEvent
 from ._procs import AsyncProcesses
 from .errors import ConflictError, GuestPathNotFoundError, SandboxNotFoundError
 from .models import (
@@ -152,10 +155,64 @@ class AsyncFiles:
                 f.close()
         return written
 
+    async def upload_dir(self, local_dir: str | os.PathLike[str], remote_dir: str) -> UnpackResult:
+        """See :meth:`kiln.Files.upload_dir` (the tar is built off the event loop)."""
+        spool, size = await asyncio.to_thread(_dirs.pack, local_dir)
+
+        async def body() -> AsyncIterator[bytes]:
+            while chunk := await asyncio.to_thread(spool.read, _wire.CHUNK):
+                yield chunk
+
+        try:
+            d = await self._sb._client.arequest_json(
+                "PUT",
+                self._path("/dir"),
+                params=_wire.file_params(remote_dir),
+                content=body(),
+                headers={"Content-Type": "application/x-tar", "Content-Length": str(size)},
+            )
+        finally:
+            spool.close()
+        return UnpackResult(path=d["path"], entries=int(d["entries"]), bytes=int(d["bytes"]))
+
+    async def download_dir(self, remote_dir: str, local_dir: str | os.PathLike[str]) -> None:
+        """See :meth:`kiln.Files.download_dir` (spooled, then unpacked off the event loop)."""
+        spool = tempfile.SpooledTemporaryFile(max_size=_dirs.SPOOL)
+        try:
+            async with self._sb._client.astream(
+                "GET", self._path("/dir"), params=_wire.file_params(remote_dir)
+            ) as resp:
+                async for chunk in resp.aiter_bytes(_wire.CHUNK):
+                    await asyncio.to_thread(spool.write, chunk)
+            spool.seek(0)
+            await asyncio.to_thread(_dirs.unpack, spool, local_dir)  # type: ignore[arg-type]
+        finally:
+            spool.close()
+
+    async def write_files(self, files: _dirs.FileSpec) -> builtins.list[WriteResult]:
+        """See :meth:`kiln.Files.write_files`."""
+        d = await self._sb._client.arequest_json("POST", self._path("/batch"), json=_dirs.batch_body(files))
+        return [WriteResult(path=f["path"], bytes=int(f["bytes"])) for f in d["files"]]
+
+    @asynccontextmanager
+    async def watch(self, path: str, recursive: bool = False) -> AsyncIterator[AsyncIterator[WatchEvent]]:
+        """``async with sb.files.watch("/app") as events: async for ev in events: ...``; see
+        :meth:`kiln.Files.watch`."""
+        params = _wire.file_params(path, recursive="true" if recursive else None)
+        client = self._sb._client
+
+        async def events(resp: Any) -> AsyncIterator[WatchEvent]:
+            async for d in client.aiter_ndjson(resp):
+                yield WatchEvent.from_json(d)
+
+        async with client.astream("GET", self._path("/watch"), params=params, timeout=None) as resp:
+            yield events(resp)
+
 
 async def _aread_chunks(f: BinaryIO) -> AsyncIterator[bytes]:
     while chunk := await asyncio.to_thread(f.read, _wire.CHUNK):
         yield chunk
+
 
 
 class AsyncSandbox(SandboxFields):

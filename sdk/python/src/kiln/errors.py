@@ -58,6 +58,11 @@ class InvalidRequestError(KilnError):
     """A parameter is out of range or malformed (HTTP 400); the message names the rule."""
 
 
+class PathEscapeError(InvalidRequestError):
+    """HTTP 400 ``path_escape``: a tar entry of a directory upload would land outside the target directory
+    (an absolute name, ``..``, or a path through a symlink)."""
+
+
 class AuthenticationError(KilnError):
     """Missing or wrong bearer token on a TCP connection (HTTP 401)."""
 
@@ -117,11 +122,13 @@ _BY_CODE: dict[str, type[KilnError]] = {
     "volume_not_found": VolumeNotFoundError,
     "volume_already_exists": VolumeAlreadyExistsError,
     "volume_in_use": VolumeInUseError,
+    "path_escape": PathEscapeError,
 }
 
 # The daemon's documented codes and their HTTP statuses (docs/api.md).
 STATUS_BY_CODE: dict[str, int] = {
     "invalid_request": 400,
+    "path_escape": 400,
     "unauthorized": 401,
     **dict.fromkeys(
         [
