@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """kiln benchmarks: run against real VMs, print a table, save JSON.
 
-Usage: bench/bench.py [--runs N] [--out bench/results/NAME.json] [--only cold_boot,exec,...]
+Usage: bench/bench.py [--runs N] [--out bench/results/NAME.json] [--only cold_boot,exec,...,dirs]
 """
 import argparse
 import concurrent.futures
@@ -285,6 +285,47 @@ def bench_wake_on_exec(d, runs):
         assert r["stdout"] == "awake\n", r
     d.api.delete(sb["id"])
     return summary(samples)
+def bench_dirs(d, runs, files=500, size=16 << 10):
+    """A tree of `files` files (`size` bytes each, in 10 directories) into a sandbox: one tar upload
+    (PUT .../files/dir) against one PUT .../files per file. MiB/s counts file content."""
+    import io
+    import tarfile
+    import urllib.parse
+
+    src = tempfile.mkdtemp(prefix="kbtree", dir="/tmp")
+    payload = os.urandom(size)
+    for i in range(files):
+        sub = os.path.join(src, f"d{i % 10}")
+        os.makedirs(sub, exist_ok=True)
+        with open(os.path.join(sub, f"f{i:04}"), "wb") as f:
+            f.write(payload[i % 64:] + payload[:i % 64])
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in sorted(os.listdir(src)):
+            tar.add(os.path.join(src, name), arcname=name)
+    tar_bytes = buf.getvalue()
+    total = files * size
+    sb = d.api.create(template="tiny", memory_mib=256, cpus=1, name="dirs")
+    q = urllib.parse.quote
+    tar_s, single_s = [], []
+    for r in range(max(1, runs // 2)):
+        t0 = time.perf_counter()
+        d.api.put_bytes(f"/v1/sandboxes/{sb['id']}/files/dir?path={q(f'/root/tar{r}')}", tar_bytes, "application/x-tar")
+        tar_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for i in range(files):
+            rel = f"d{i % 10}/f{i:04}"
+            with open(os.path.join(src, rel), "rb") as f:
+                data = f.read()
+            d.api.put_bytes(f"/v1/sandboxes/{sb['id']}/files?path={q(f'/root/one{r}/{rel}')}", data)
+        single_s.append(time.perf_counter() - t0)
+    d.api.delete(sb["id"])
+    shutil.rmtree(src, ignore_errors=True)
+    mib = total / 2**20
+    out = {}
+    for name, samples in (("dir_upload_tar", tar_s), ("dir_upload_one_file_each", single_s)):
+        out[f"{name}_{files}x{size // 1024}k"] = dict(summary(samples), mib_per_s=round(mib / statistics.median(samples), 2))
+    return out
 
 
 BENCHES = {
@@ -296,6 +337,7 @@ BENCHES = {
     "process_start_to_first_output": (bench_process_first_output, None),
     # Issue 14: a hibernated sandbox wakes within the hibernate-start time.
     "wake_on_exec_to_first_output": (bench_wake_on_exec, 150.0),
+    "dirs": (bench_dirs, None),
 }
 
 
@@ -316,7 +358,7 @@ def main():
                 continue
             print(f"running {name} ...", file=sys.stderr, flush=True)
             res = fn(d, args.runs)
-            if name in ("snapshots", "fork"):
+            if name in ("snapshots", "fork", "dirs"):
                 results.update(res)
             else:
                 res["target_ms"] = target
@@ -340,6 +382,8 @@ def main():
     for name, r in results.items():
         if "child_pss_median_mib" in r:
             print(f"{name}: child PSS median {r['child_pss_median_mib']} MiB = {r['child_pss_percent_of_ram']}% of guest RAM (target 25%)")
+        if "mib_per_s" in r:
+            print(f"{name}: {r['mib_per_s']} MiB/s of file content")
         if "bytes_written_median" in r:
             extra = f" = {r['percent_of_ram']}% of guest RAM (target {r['target_percent_of_ram']}%)" if "percent_of_ram" in r else ""
             print(f"{name}: writes {r['bytes_written_median'] / 2**20:.1f} MiB{extra}")

@@ -44,6 +44,20 @@ class Api:
                 if attempt:
                     raise
 
+    def put_bytes(self, path, data, content_type="application/octet-stream"):
+        """PUT a raw body (a file or a tar) on a fresh connection; returns the JSON answer."""
+        conn = UnixHTTPConnection(self.socket_path)
+        try:
+            conn.request("PUT", path, body=data, headers={"Content-Type": content_type})
+            resp = conn.getresponse()
+            raw = resp.read()
+            value = json.loads(raw) if raw else None
+            if resp.status >= 400:
+                raise RuntimeError(f"PUT {path}: {resp.status} {value}")
+            return value
+        finally:
+            conn.close()
+
     def create(self, **kw):
         return self.call("POST", "/v1/sandboxes", kw)
 

@@ -42,7 +42,16 @@ impl AgentClient {
             offset,
             length,
         };
-        let mut stream = self.conn.request(&req).await?;
+        self.start_download(&req, "read_file").await
+    }
+
+    /// Sends a request answered by `ReadStart`, `Data` frames and `ReadDone`.
+    pub(crate) async fn start_download(
+        &self,
+        req: &Request,
+        what: &str,
+    ) -> Result<FileDownload, AgentError> {
+        let mut stream = self.conn.request(req).await?;
         let first = tokio::time::timeout(REQUEST_TIMEOUT, stream.recv())
             .await
             .map_err(|_| AgentError::timeout("the guest agent to open the file", REQUEST_TIMEOUT))?
@@ -58,7 +67,7 @@ impl AgentClient {
             },
             FrameKind::Response => {
                 let resp = parse_response(&first)?;
-                return Err(unexpected("read_file", &resp));
+                return Err(unexpected(what, &resp));
             }
             kind => {
                 return Err(AgentError::Protocol(format!(
@@ -111,7 +120,7 @@ impl AgentClient {
         mode: Option<u32>,
         create_parents: bool,
         append: bool,
-        mut body: R,
+        body: R,
     ) -> Result<u64, AgentError> {
         let req = Request::WriteFile {
             path: path.into(),
@@ -119,7 +128,21 @@ impl AgentClient {
             append,
             create_parents,
         };
-        let mut stream = self.conn.request(&req).await?;
+        match self.send_body(&req, body, "write_file").await? {
+            (Response::Written { bytes }, total) if bytes == total => Ok(bytes),
+            (other, _) => Err(unexpected("write_file", &other)),
+        }
+    }
+
+    /// Sends a request followed by `body` as flow-controlled `Data` frames and a `DataEnd`; returns
+    /// the agent's final response (an error response is an `Err`) and the bytes sent.
+    pub(crate) async fn send_body<R: AsyncRead + Unpin + Send>(
+        &self,
+        req: &Request,
+        mut body: R,
+        what: &str,
+    ) -> Result<(Response, u64), AgentError> {
+        let mut stream = self.conn.request(req).await?;
         let mut buf = vec![0u8; DATA_CHUNK];
         let mut total = 0u64;
         loop {
@@ -127,7 +150,7 @@ impl AgentClient {
             if let Some(frame) = stream.try_recv() {
                 if frame.kind == FrameKind::Response {
                     let resp = parse_response(&frame)?;
-                    return Err(unexpected("write_file", &resp));
+                    return Err(unexpected(what, &resp));
                 }
             }
             let n = match read_chunk(&mut body, &mut buf).await {
@@ -146,7 +169,7 @@ impl AgentClient {
             if !stream.window.reserve(total, n as u64).await {
                 // The agent answered early (an error), or the connection is gone.
                 let resp = final_response(&mut stream).await?;
-                return Err(unexpected("write_file", &resp));
+                return Err(unexpected(what, &resp));
             }
             self.conn
                 .send_frame(FrameKind::Data, stream.id, &buf[..n])
@@ -161,10 +184,7 @@ impl AgentClient {
             .map_err(|_| {
                 AgentError::timeout("the guest agent to finish writing", REQUEST_TIMEOUT)
             })??;
-        match resp {
-            Response::Written { bytes } if bytes == total => Ok(bytes),
-            other => Err(unexpected("write_file", &other)),
-        }
+        Ok((resp, total))
     }
 }
 

@@ -6,6 +6,7 @@
 //! The wire protocol is described in kiln-proto's PROTOCOL.md.
 
 mod conn;
+mod dirs;
 mod error;
 mod exec;
 mod files;
@@ -21,6 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::conn::{Conn, Queued, StreamRx};
 
+pub use crate::dirs::FileWatch;
 pub use crate::error::AgentError;
 pub use crate::exec::{
     append_capped, ExecEvent, ExecHandle, ExecOutput, COLLECT_LIMIT, TIMEOUT_GRACE,
@@ -31,8 +33,8 @@ pub use bytes::Bytes;
 /// The wire protocol, for callers that need more than the re-exported types.
 pub use kiln_proto as proto;
 pub use kiln_proto::{
-    DirEntry, ErrorCode, ExecRequest, ExitStatus, FileKind, FileStat, HelloInfo, ProcInfo,
-    ProcState, PROTOCOL_VERSION,
+    ChangeEvent, ChangeKind, DirEntry, ErrorCode, ExecRequest, ExitStatus, FileKind, FileStat,
+    HelloInfo, ProcInfo, ProcState, PROTOCOL_VERSION,
 };
 
 /// How long a metadata request (stat, mkdir, ...) may take.

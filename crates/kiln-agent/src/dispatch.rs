@@ -10,7 +10,7 @@ use kiln_proto::{ErrorCode, Frame, FrameKind, Request, Response};
 use crate::conn::{Inbound, Shared, Stream};
 use crate::failure::Failure;
 use crate::util::log;
-use crate::{exec, files, procs, system, volumes};
+use crate::{exec, files, procs, system, tarball, volumes, watch};
 
 pub fn dispatch(shared: &Arc<Shared>, frame: Frame) {
     let msg = match frame.kind {
@@ -128,6 +128,9 @@ fn serve_simple(
         } => procs::write_stdin(pid, &data_hex, close),
         Request::ProcSignal { pid, signal } => procs::signal(pid, signal),
         Request::ProcWait { pid, timeout_ms } => procs::wait(pid, timeout_ms),
+        Request::UnpackTar { path } => tarball::unpack(rx, &|n| stream.ack(n), &path),
+        Request::PackTar { path } => tarball::pack(stream, rx, &path),
+        Request::Watch { path, recursive } => watch::watch(stream, rx, &path, recursive),
         // Handled inline by `request`.
         Request::Hello | Request::Ping | Request::Exec(_) => {
             Err(Failure::new(ErrorCode::Protocol, "unexpected request"))

@@ -244,7 +244,7 @@ pub fn remove(path: &str, recursive: bool) -> Result<Response> {
 }
 
 /// Paths must be absolute: the agent's own working directory means nothing to the host.
-fn guest_path(path: &str) -> Result<&Path> {
+pub(crate) fn guest_path(path: &str) -> Result<&Path> {
     if !path.starts_with('/') || path.contains('\0') {
         return Err(Failure::invalid(format!("path must be absolute: {path:?}")));
     }

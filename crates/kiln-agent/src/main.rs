@@ -11,8 +11,10 @@ mod files;
 mod port;
 mod procs;
 mod system;
+mod tarball;
 mod util;
 mod volumes;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

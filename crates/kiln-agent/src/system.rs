@@ -29,7 +29,7 @@ pub fn hello_info() -> HelloInfo {
         hostname: hostname().unwrap_or_default(),
         uptime_ms: uptime_ms(),
         pid: std::process::id(),
-        features: vec!["procs".into(), "user".into()],
+        features: vec!["procs".into(), "user".into(), "tar".into(), "watch".into()],
     }
 }
 

@@ -92,7 +92,7 @@ enum Command {
     /// Move files in and out of a sandbox.
     #[command(subcommand)]
     Files(commands::files::FilesCmd),
-    /// Copy a file: `kiln cp LOCAL SANDBOX:/path` or `kiln cp SANDBOX:/path LOCAL`.
+    /// Copy a file: `kiln cp LOCAL SANDBOX:/path` or `kiln cp SANDBOX:/path LOCAL` (`-r`: a directory).
     Cp(commands::files::CpArgs),
     /// Build, list and remove guest images (templates). Runs locally, not through the daemon.
     #[command(subcommand)]

@@ -50,6 +50,8 @@ pub enum ErrorCode {
     ProcessNotFound,
     /// The sandbox's guest agent is too old for the request (rebuild the image).
     AgentOutdated,
+    /// A tar entry would land outside the guest directory it is unpacked into.
+    PathEscape,
 }
 
 impl ErrorCode {
@@ -93,6 +95,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::ProcessNotFound => "process_not_found",
             ErrorCode::AgentOutdated => "agent_outdated",
+            ErrorCode::PathEscape => "path_escape",
         }
     }
 
@@ -106,6 +109,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 401,
             ErrorCode::ProcessNotFound => 404,
             ErrorCode::AgentOutdated => 409,
+            ErrorCode::PathEscape => 400,
             ErrorCode::SandboxNotFound
             | ErrorCode::SnapshotNotFound
             | ErrorCode::ImageNotFound

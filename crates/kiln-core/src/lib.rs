@@ -7,6 +7,7 @@ pub mod confine;
 pub mod console;
 pub mod db;
 mod deadline;
+pub mod dirs;
 pub mod diskfloor;
 pub mod doctor;
 pub mod engine;

@@ -11,8 +11,8 @@ pub use frame::{
     HEADER_LEN, MAGIC, MAX_FRAME_LEN, MAX_PAYLOAD, SEND_WINDOW, TRAILER_LEN,
 };
 pub use message::{
-    DirEntry, ErrorCode, Event, ExecRequest, ExitStatus, FileKind, FileStat, HelloInfo, ProcInfo,
-    ProcState, Request, Response,
+    ChangeEvent, ChangeKind, DirEntry, ErrorCode, Event, ExecRequest, ExitStatus, FileKind,
+    FileStat, HelloInfo, ProcInfo, ProcState, Request, Response,
 };
 
 /// Bumped on incompatible changes; reported in [`HelloInfo::protocol_version`].

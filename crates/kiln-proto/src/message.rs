@@ -106,6 +106,21 @@ pub enum Request {
     ProcSignal { pid: u32, signal: i32 },
     /// Waits up to `timeout_ms` for it to end; answers [`Response::Proc`] either way.
     ProcWait { pid: u32, timeout_ms: u64 },
+    /// Unpacks a tar stream under `path` (created if missing): the host sends it in `Data` frames
+    /// and a `DataEnd`; answered by [`Response::Unpacked`]. Every entry must stay inside `path`
+    /// (no `..`, no absolute names, never through a symlink), else [`ErrorCode::PathEscape`].
+    /// Needs feature `tar`.
+    UnpackTar { path: String },
+    /// Streams a tar of the tree at `path` (symlinks stored as symlinks): [`Event::ReadStart`]
+    /// (size 0), `Data` frames, then [`Response::ReadDone`]. Needs feature `tar`.
+    PackTar { path: String },
+    /// Watches a directory with inotify: [`Event::Watching`], then one [`Event::Change`] per
+    /// change until the host sends `Cancel` (answered by [`Response::Ok`]). Needs feature `watch`.
+    Watch {
+        path: String,
+        #[serde(default)]
+        recursive: bool,
+    },
 }
 
 /// A process to run. Give exactly one of `argv` or `shell`.
@@ -205,6 +220,11 @@ pub enum Response {
     Procs {
         procs: Vec<ProcInfo>,
     },
+    /// A tar stream was unpacked: `entries` entries from `bytes` bytes of tar.
+    Unpacked {
+        entries: u64,
+        bytes: u64,
+    },
     Error {
         code: ErrorCode,
         message: String,
@@ -222,6 +242,35 @@ pub enum Event {
     /// First frame of a `ProcAttach`: `dropped` bytes of output were pushed out of the
     /// process's ring before the replay starts.
     Attached { pid: u32, dropped: u64 },
+    /// A `Watch` is in place; changes from now on are reported.
+    Watching,
+    /// One change under a watched directory.
+    Change(ChangeEvent),
+}
+
+/// What happened to a watched path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    Create,
+    Modify,
+    Delete,
+    /// Renamed away; the matching `MovedTo` carries the same `cookie`.
+    MovedFrom,
+    MovedTo,
+    /// The kernel's event queue overflowed: changes were lost, re-list to catch up.
+    Overflow,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeEvent {
+    pub change: ChangeKind,
+    /// Absolute guest path (the watched directory for `overflow`).
+    pub path: String,
+    #[serde(default)]
+    pub dir: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<u32>,
 }
 
 /// Whether a background process runs.
@@ -336,6 +385,8 @@ pub enum ErrorCode {
     Unsupported,
     /// The request could not be decoded or broke the stream rules.
     Protocol,
+    /// A path (e.g. a tar entry) would land outside the directory it is confined to.
+    PathEscape,
     #[serde(other)]
     Other,
 }
@@ -359,6 +410,7 @@ impl ErrorCode {
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::Protocol => "protocol",
+            ErrorCode::PathEscape => "path_escape",
             ErrorCode::Other => "other",
         }
     }
@@ -432,6 +484,12 @@ mod tests {
             },
             Request::SetMachineId {
                 machine_id: "0123456789abcdef0123456789abcdef".into(),
+            },
+            Request::UnpackTar { path: "/d".into() },
+            Request::PackTar { path: "/d".into() },
+            Request::Watch {
+                path: "/d".into(),
+                recursive: true,
             },
         ];
         for r in &reqs {
@@ -515,6 +573,20 @@ mod tests {
             round_trip(r);
         }
         round_trip(&Event::Started { pid: 7 });
+        round_trip(&Response::Unpacked {
+            entries: 2,
+            bytes: 3072,
+        });
+        let v = round_trip(&Event::Change(ChangeEvent {
+            change: ChangeKind::MovedTo,
+            path: "/d/x".into(),
+            dir: false,
+            cookie: Some(4),
+        }));
+        assert_eq!(
+            v,
+            json!({"type": "change", "change": "moved_to", "path": "/d/x", "dir": false, "cookie": 4})
+        );
         let v = round_trip(&Event::ReadStart {
             size: 3,
             mode: 0o644,

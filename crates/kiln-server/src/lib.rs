@@ -25,8 +25,8 @@ use utoipa::OpenApi;
 use crate::error::ApiError;
 use crate::openapi::AuthAndCommonErrors;
 use crate::routes::{
-    doctor, exec, files, lifecycle, operations, ports, processes, sandboxes, snapshots, system,
-    volumes,
+    dirs, doctor, exec, files, lifecycle, operations, ports, processes, sandboxes, snapshots,
+    system, volumes,
 };
 
 #[derive(OpenApi)]
@@ -67,6 +67,10 @@ use crate::routes::{
         files::list,
         files::stat,
         files::mkdir,
+        dirs::upload,
+        dirs::download,
+        dirs::batch,
+        dirs::watch,
         volumes::create,
         volumes::list,
         volumes::get,
@@ -84,7 +88,7 @@ use crate::routes::{
         processes::wait,
         processes::logs,
     ),
-    components(schemas(error::ErrorBody, error::ErrorDetail, exec::ExecStreamEvent, processes::ProcessLogEvent)),
+    components(schemas(error::ErrorBody, error::ErrorDetail, exec::ExecStreamEvent, processes::ProcessLogEvent, dirs::WatchEvent)),
     modifiers(&AuthAndCommonErrors)
 )]
 pub struct ApiDoc;
@@ -138,6 +142,12 @@ pub fn router(engine: Arc<Engine>, limits: limits::Limits) -> Router {
         .route("/v1/sandboxes/{id}/files/list", get(files::list))
         .route("/v1/sandboxes/{id}/files/stat", get(files::stat))
         .route("/v1/sandboxes/{id}/files/mkdir", post(files::mkdir))
+        .route(
+            "/v1/sandboxes/{id}/files/dir",
+            get(dirs::download).put(dirs::upload),
+        )
+        .route("/v1/sandboxes/{id}/files/batch", post(dirs::batch))
+        .route("/v1/sandboxes/{id}/files/watch", get(dirs::watch))
         .route("/v1/volumes", post(volumes::create).get(volumes::list))
         .route(
             "/v1/volumes/{name}",

@@ -24,6 +24,8 @@ export class KilnError extends Error {
 export class KilnConnectionError extends KilnError {}
 /** A parameter is out of range or malformed (400); the message names the rule. */
 export class InvalidRequestError extends KilnError {}
+/** 400 `path_escape`: a tar entry of a directory upload would land outside the target directory. */
+export class PathEscapeError extends InvalidRequestError {}
 /** Missing or wrong bearer token over TCP (401). */
 export class AuthenticationError extends KilnError {}
 /** Something named in the request does not exist (404). */
@@ -124,6 +126,7 @@ export class GuestDiskFullError extends ServerError {}
 /** The daemon's documented error codes and their HTTP statuses (docs/api.md). */
 export const STATUS_BY_CODE: Readonly<Record<string, number>> = {
   invalid_request: 400,
+  path_escape: 400,
   unauthorized: 401,
   guest_permission_denied: 403,
   process_not_found: 404,
@@ -213,6 +216,7 @@ export const BY_CODE: Readonly<Record<string, ErrorClass>> = {
   timeout: TimeoutError,
   insufficient_storage: InsufficientStorageError,
   guest_disk_full: GuestDiskFullError,
+  path_escape: PathEscapeError,
 };
 
 const BY_STATUS: Record<number, ErrorClass> = {

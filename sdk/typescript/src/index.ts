@@ -49,6 +49,7 @@ export {
   RouteNotFoundError,
   SandboxBusyError,
   SandboxNameTakenError,
+  PathEscapeError,
   SandboxNotFoundError,
   SandboxNotRunningError,
   SandboxUnresponsiveError,
@@ -70,6 +71,7 @@ export {
   errorFromCode,
 } from "./errors.js";
 export { Commands, Files, Sandbox } from "./sandbox.js";
+export type { BatchFile, UnpackResult, WatchEvent } from "./dirs.js";
 export type { CreateSandboxOptions, ForkOptions, RunOptions, SnapshotOptions } from "./sandbox.js";
 export { Processes } from "./process.js";
 export type { LogsOptions, ProcessInfo, ProcessOutput, StartProcessOptions } from "./process.js";

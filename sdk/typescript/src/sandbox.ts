@@ -5,6 +5,7 @@ import { pipeline } from "node:stream/promises";
 
 import { Client, type WithClient, defaultClient, sandboxPath, snapshotPath } from "./client.js";
 import { GuestPathNotFoundError, SandboxNotFoundError, errorFromCode } from "./errors.js";
+import { type BatchFile, type UnpackResult, type WatchEvent, batchBody, packDir, unpackTo, watchEvents } from "./dirs.js";
 import { Processes } from "./process.js";
 import { Snapshot } from "./snapshot.js";
 import { mountsFromRecord, volumesJson } from "./volume.js";
@@ -279,6 +280,48 @@ export class Files {
     }
     await pipeline(counted(), createWriteStream(localPath));
     return bytes;
+  }
+
+  /** Copies a local directory into the guest as one tar stream (modes, symlinks, empty directories and
+   * mtimes kept); `remoteDir` is created if missing. Entries that would land outside it are refused
+   * ({@link PathEscapeError}). */
+  async uploadDir(localDir: string, remoteDir: string): Promise<UnpackResult> {
+    return this.uploadTar(remoteDir, packDir(localDir));
+  }
+
+  /** Unpacks a tar stream (bytes or chunks) under the guest directory `remoteDir`. */
+  async uploadTar(remoteDir: string, tar: Uint8Array | AsyncIterable<Uint8Array>): Promise<UnpackResult> {
+    return this.#sandbox.client.json<UnpackResult>("PUT", this.#path("/dir"), {
+      query: { path: remoteDir },
+      body: tar,
+      headers: { "content-type": "application/x-tar" },
+      timeoutMs: null,
+    });
+  }
+
+  /** A guest directory as a tar stream (symlinks stored as symlinks). */
+  async downloadTar(remoteDir: string): Promise<AsyncIterable<Uint8Array>> {
+    return (await this.#sandbox.client.request("GET", this.#path("/dir"), { query: { path: remoteDir }, timeoutMs: null })).body;
+  }
+
+  /** Copies a guest directory into `localDir` (created if missing); resolves to the entries unpacked.
+   * Entries from the guest that would land outside `localDir` are refused. */
+  async downloadDir(remoteDir: string, localDir: string): Promise<number> {
+    return unpackTo(await this.downloadTar(remoteDir), localDir);
+  }
+
+  /** Writes several files in one request, in order, each atomically (parents created). */
+  async writeFiles(files: BatchFile[]): Promise<WriteResult[]> {
+    const r = await this.#sandbox.client.json<{ files: WriteResult[] }>("POST", this.#path("/batch"), { json: batchBody(files) });
+    return r.files;
+  }
+
+  /** Watches a guest directory; resolves once the watch is in place. Iterate the events with
+   * `for await`; leaving the loop (or `return()`) ends the watch in the guest. */
+  async watch(path: string, options: { recursive?: boolean } = {}): Promise<AsyncGenerator<WatchEvent>> {
+    const query = { path, recursive: options.recursive ? "true" : undefined };
+    const res = await this.#sandbox.client.request("GET", this.#path("/watch"), { query, timeoutMs: null });
+    return watchEvents(res.body);
   }
 }
 

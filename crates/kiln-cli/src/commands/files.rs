@@ -44,6 +44,27 @@ pub enum FilesCmd {
         #[arg(short = 'r', long)]
         recursive: bool,
     },
+    /// Copy a local directory into the guest (as a tar stream: modes, symlinks, empty dirs, mtimes).
+    UploadDir {
+        sandbox: String,
+        local_dir: PathBuf,
+        /// Guest directory (created if missing; existing entries are replaced).
+        dir: String,
+    },
+    /// Copy a guest directory to a local one (created if missing).
+    DownloadDir {
+        sandbox: String,
+        dir: String,
+        local_dir: PathBuf,
+    },
+    /// Print changes under a guest directory as they happen, until interrupted.
+    Watch {
+        sandbox: String,
+        dir: String,
+        /// Watch subdirectories too.
+        #[arg(short = 'r', long)]
+        recursive: bool,
+    },
 }
 
 #[derive(Args)]
@@ -54,6 +75,9 @@ pub struct CpArgs {
     dst: String,
     #[arg(long)]
     mode: Option<String>,
+    /// Copy a directory (as a tar stream).
+    #[arg(short = 'r', long)]
+    recursive: bool,
 }
 
 fn files_path(sandbox: &str, suffix: &str, guest: &str) -> String {
@@ -214,6 +238,29 @@ pub async fn run(cli: &Cli, cmd: &FilesCmd) -> anyhow::Result<ExitCode> {
                 .call(Method::DELETE, &p, None, crate::client::empty())
                 .await?;
         }
+        FilesCmd::UploadDir {
+            sandbox,
+            local_dir,
+            dir,
+        } => {
+            let v = super::dirs::upload_dir(cli, sandbox, local_dir, dir).await?;
+            super::dirs::report_upload(cli, &v, &format!("{sandbox}:{dir}"));
+        }
+        FilesCmd::DownloadDir {
+            sandbox,
+            dir,
+            local_dir,
+        } => {
+            let n = super::dirs::download_dir(cli, sandbox, dir, local_dir).await?;
+            if !cli.json {
+                eprintln!("copied {} of tar from {sandbox}:{dir}", human_bytes(n));
+            }
+        }
+        FilesCmd::Watch {
+            sandbox,
+            dir,
+            recursive,
+        } => return super::dirs::watch(cli, sandbox, dir, *recursive).await,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -225,6 +272,9 @@ fn remote(spec: &str) -> Option<(&str, &str)> {
 }
 
 pub async fn cp(cli: &Cli, a: &CpArgs) -> anyhow::Result<ExitCode> {
+    if a.recursive {
+        return cp_dir(cli, a).await;
+    }
     match (remote(&a.src), remote(&a.dst)) {
         (None, Some((sb, path))) => {
             let v = upload(
@@ -249,6 +299,23 @@ pub async fn cp(cli: &Cli, a: &CpArgs) -> anyhow::Result<ExitCode> {
             }
         }
         _ => anyhow::bail!("exactly one side of `kiln cp` must be SANDBOX:/absolute/path"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cp_dir(cli: &Cli, a: &CpArgs) -> anyhow::Result<ExitCode> {
+    match (remote(&a.src), remote(&a.dst)) {
+        (None, Some((sb, path))) => {
+            let v = super::dirs::upload_dir(cli, sb, std::path::Path::new(&a.src), path).await?;
+            super::dirs::report_upload(cli, &v, &a.dst);
+        }
+        (Some((sb, path)), None) => {
+            let n = super::dirs::download_dir(cli, sb, path, std::path::Path::new(&a.dst)).await?;
+            if !cli.json {
+                eprintln!("copied {} of tar from {sb}:{path}", human_bytes(n));
+            }
+        }
+        _ => anyhow::bail!("exactly one side of `kiln cp -r` must be SANDBOX:/absolute/path"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,3 +1,4 @@
+pub mod dirs;
 pub mod doctor;
 pub mod exec;
 pub mod files;

@@ -82,7 +82,7 @@ pub struct MkdirBody {
     pub path: String,
 }
 
-fn parse_mode(s: &str) -> Result<u32, ApiError> {
+pub(crate) fn parse_mode(s: &str) -> Result<u32, ApiError> {
     let digits = s.strip_prefix("0o").unwrap_or(s);
     u32::from_str_radix(digits, 8)
         .ok()
@@ -142,6 +142,24 @@ pub async fn write(
     let path = q.require("path")?.to_string();
     let mode = q.get("mode").map(parse_mode).transpose()?;
     let max = limits.max_upload_bytes;
+    let (mut reader, over) = capped_upload(&headers, body, max)?;
+    match engine.write_file(&id, &path, mode, &mut reader).await {
+        Ok(bytes) => Ok(Json(WriteResult { path, bytes })),
+        Err(_) if over.load(Ordering::Relaxed) => Err(upload_too_large(max)),
+        Err(e) => {
+            drain_rest_of_upload(&mut reader).await;
+            Err(e.into())
+        }
+    }
+}
+
+/// The request body as a reader cut off past `max` bytes (the flag says it was), refusing at once a
+/// body whose declared length is over.
+pub(crate) fn capped_upload(
+    headers: &HeaderMap,
+    body: Body,
+    max: u64,
+) -> Result<(impl tokio::io::AsyncRead + Unpin + Send, Arc<AtomicBool>), ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -166,22 +184,14 @@ pub async fn write(
             };
             futures::future::ready(res)
         });
-    let mut reader = tokio_util::io::StreamReader::new(stream);
-    match engine.write_file(&id, &path, mode, &mut reader).await {
-        Ok(bytes) => Ok(Json(WriteResult { path, bytes })),
-        Err(_) if over.load(Ordering::Relaxed) => Err(upload_too_large(max)),
-        Err(e) => {
-            drain_rest_of_upload(&mut reader).await;
-            Err(e.into())
-        }
-    }
+    Ok((tokio_util::io::StreamReader::new(stream), over))
 }
 
 /// Reads and discards what is left of a refused upload (bounded in time) before answering.
 ///
 /// A client that sends its whole body before reading (most do) would otherwise see the connection
 /// reset under its feet and never read the error, e.g. `guest_disk_full` halfway through a big file.
-async fn drain_rest_of_upload<R: tokio::io::AsyncRead + Unpin>(reader: &mut R) {
+pub(crate) async fn drain_rest_of_upload<R: tokio::io::AsyncRead + Unpin>(reader: &mut R) {
     const LINGER: std::time::Duration = std::time::Duration::from_secs(30);
     let mut sink = tokio::io::sink();
     let drain = tokio::io::copy(reader, &mut sink);

@@ -25,6 +25,7 @@ from ._async import (
     AsyncVolume,
 )
 from ._client import Client, RetryPolicy, default_socket, get_default_client, set_default_client
+from ._dirs import UnpackResult, WatchEvent
 from ._sync import Commands, Files, Operation, Processes, Sandbox, Snapshot, Volume
 from .errors import (
     AgentOutdatedError,
@@ -58,6 +59,7 @@ from .errors import (
     RouteNotFoundError,
     SandboxBusyError,
     SandboxNameTakenError,
+    PathEscapeError,
     SandboxNotFoundError,
     SandboxNotRunningError,
     SandboxUnresponsiveError,
@@ -95,6 +97,9 @@ __version__ = "0.1.0"
 __all__ = [
     "Client",
     "RetryPolicy",
+    "PathEscapeError",
+    "UnpackResult",
+    "WatchEvent",
     "default_socket",
     "get_default_client",
     "set_default_client",

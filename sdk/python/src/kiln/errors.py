@@ -95,6 +95,11 @@ class InvalidRequestError(KilnError):
     """A parameter is out of range or malformed (HTTP 400); the message names the rule."""
 
 
+class PathEscapeError(InvalidRequestError):
+    """HTTP 400 ``path_escape``: a tar entry of a directory upload would land outside the target directory
+    (an absolute name, ``..``, or a path through a symlink)."""
+
+
 class AuthenticationError(KilnError):
     """Missing or wrong bearer token on a TCP connection (HTTP 401)."""
 
@@ -328,11 +333,13 @@ _BY_CODE: dict[str, type[KilnError]] = {
     "timeout": TimeoutError,
     "insufficient_storage": InsufficientStorageError,
     "guest_disk_full": GuestDiskFullError,
+    "path_escape": PathEscapeError,
 }
 
 # The HTTP status of each code (for errors that arrive inside a stream, without one).
 STATUS_BY_CODE: dict[str, int] = {
     "invalid_request": 400,
+    "path_escape": 400,
     "unauthorized": 401,
     "guest_permission_denied": 403,
     **dict.fromkeys(

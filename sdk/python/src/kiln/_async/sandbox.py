@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import builtins
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import tempfile
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, Literal, overload
 
-from .. import _io, _wire
+from .. import _dirs, _io, _wire
 from .._client import Client, get_default_client, operation_path, sandbox_path, snapshot_path, volume_path
+from .._dirs import UnpackResult, WatchEvent
 from .._hybrid import hybridmethod
 from .._io import AsyncOutputCallback
 from ..errors import ConflictError, GuestPathNotFoundError, SandboxNotFoundError
@@ -169,6 +172,58 @@ class AsyncFiles:
             finally:
                 f.close()
         return written
+
+    async def upload_dir(self, local_dir: str | os.PathLike[str], remote_dir: str) -> UnpackResult:
+        """Copies a local directory into the guest as one tar stream: modes, symlinks, empty directories and
+        mtimes are kept. ``remote_dir`` is created if missing; entries that would land outside it are
+        refused (``PathEscapeError``)."""
+        spool, size = await _io.aoffload(_dirs.pack, local_dir)
+        try:
+            d = await self._sb._client.arequest_json(
+                "PUT",
+                self._path("/dir"),
+                params=_wire.file_params(remote_dir),
+                content=_io.aread_chunks(spool),
+                headers={"Content-Type": "application/x-tar", "Content-Length": str(size)},
+            )
+        finally:
+            spool.close()
+        return UnpackResult(path=d["path"], entries=int(d["entries"]), bytes=int(d["bytes"]))
+
+    async def download_dir(self, remote_dir: str, local_dir: str | os.PathLike[str]) -> None:
+        """Copies a guest directory to ``local_dir`` (created if missing), streaming it as a tar (spooled,
+        then unpacked)."""
+        spool = tempfile.SpooledTemporaryFile(max_size=_dirs.SPOOL)
+        try:
+            async with self._sb._client.astream(
+                "GET", self._path("/dir"), params=_wire.file_params(remote_dir)
+            ) as resp:
+                async for chunk in resp.aiter_bytes(_wire.CHUNK):
+                    await _io.aoffload(spool.write, chunk)
+            spool.seek(0)
+            await _io.aoffload(_dirs.unpack, spool, local_dir)
+        finally:
+            spool.close()
+
+    async def write_files(self, files: _dirs.FileSpec) -> builtins.list[WriteResult]:
+        """Writes several files in one request, in order, each atomically (parents created):
+        ``{path: content}`` or ``(path, content[, mode])`` tuples; ``bytes`` content goes as base64."""
+        d = await self._sb._client.arequest_json("POST", self._path("/batch"), json=_dirs.batch_body(files))
+        return [WriteResult(path=f["path"], bytes=int(f["bytes"])) for f in d["files"]]
+
+    @asynccontextmanager
+    async def watch(self, path: str, recursive: bool = False) -> AsyncIterator[AsyncIterator[WatchEvent]]:
+        """Watches a guest directory: ``with sb.files.watch("/app") as events: for ev in events: ...``.
+        The watch is in place when the ``with`` body starts and ends in the guest when it exits."""
+        params = _wire.file_params(path, recursive="true" if recursive else None)
+        client = self._sb._client
+
+        async def events(resp: Any) -> AsyncIterator[WatchEvent]:
+            async for d in client.aiter_ndjson(resp):
+                yield WatchEvent.from_json(d)
+
+        async with client.astream("GET", self._path("/watch"), params=params, timeout=None) as resp:
+            yield events(resp)
 
 
 class AsyncSandbox(SandboxFields):
