@@ -93,7 +93,12 @@ pub fn pack(stream: &Stream, rx: &Receiver<Inbound>, path: &str) -> Result<Respo
     Ok(Response::ReadDone { bytes: out.sent })
 }
 
+/// Stays on `root`'s filesystem (like `tar --one-file-system`): a mount point below it is stored as an
+/// empty directory, so a tar of `/` does not descend into /proc (whose kcore claims 128 TiB), /sys or /dev.
 fn pack_tree(builder: &mut tar::Builder<Outflow<'_>>, root: &Path) -> Result<()> {
+    let root_dev = fs::metadata(root)
+        .map_err(|e| Failure::io(&e, format!("cannot stat {}", root.display())))?
+        .dev();
     let mut todo: Vec<PathBuf> = vec![PathBuf::new()];
     while let Some(rel) = todo.pop() {
         let dir = root.join(&rel);
@@ -129,7 +134,7 @@ fn pack_tree(builder: &mut tar::Builder<Outflow<'_>>, root: &Path) -> Result<()>
                     ));
                 }
             }
-            if t.is_dir() {
+            if t.is_dir() && meta.dev() == root_dev {
                 subdirs.push(rel_child);
             }
         }
