@@ -318,6 +318,34 @@ fn tar_entries_cannot_escape_the_target_directory() {
     );
     assert_eq!((status, v["entries"].as_u64()), (200, Some(1)), "{v}");
     assert_eq!(sh(&d, "t", "cat /root/fresh/ok.txt"), "fine\n");
+    // A tar of `/` stays on the root filesystem: /proc (kcore claims 128 TiB) and /sys are empty mount points.
+    let (status, body) = d.http(
+        "GET",
+        "/v1/sandboxes/t/files/dir?path=/",
+        None,
+        "application/json",
+    );
+    assert_eq!(status, 200);
+    let names: Vec<String> = tar::Archive::new(body.as_slice())
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "root/fresh/ok.txt"),
+        "{} entries",
+        names.len()
+    );
+    assert!(names.iter().any(|n| n.trim_end_matches('/') == "proc"));
+    let below: Vec<_> = names
+        .iter()
+        .filter(|n| n.starts_with("proc/") || n.starts_with("sys/"))
+        .take(3)
+        .collect();
+    assert!(
+        below.is_empty(),
+        "descended into other filesystems: {below:?}"
+    );
     // Garbage is refused as a bad tar, not half-applied.
     let (status, v) = put_tar(&d, "t", "/root/fresh2", &[7u8; 2048]);
     assert_eq!(
