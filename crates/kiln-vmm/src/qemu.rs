@@ -60,7 +60,11 @@ pub struct VmSpec {
     pub accel: Accel,
     /// Guest TSC frequency to ask KVM for (the machine's recorded one); ignored under TCG.
     pub tsc_khz: Option<u64>,
+    /// RAM of the machine (`-m`): with a balloon, the most the guest can be given, not what it has.
     pub memory_mib: u64,
+    /// A `virtio-balloon-device` (the last virtio-mmio device, so the others keep their addresses): it
+    /// holds the part of `memory_mib` the guest is not given, so a restored copy can be given more.
+    pub balloon: bool,
     /// vCPUs the guest runs (online).
     pub vcpus: u32,
     /// vCPUs QEMU creates; those above `vcpus` stay offline in the guest until a resume asks for them.
@@ -210,6 +214,9 @@ impl VmSpec {
             "-device",
             &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
         ]);
+        if self.balloon {
+            push(&["-device", "virtio-balloon-device,id=balloon0"]);
+        }
         push(&[
             "-qmp",
             &format!(
@@ -368,6 +375,7 @@ mod tests {
             accel: Accel::Tcg,
             tsc_khz: Some(2_000_000),
             memory_mib: 256,
+            balloon: false,
             vcpus: 2,
             max_vcpus: 2,
             memory_file: "/data/sb1/mem,x".into(),
@@ -545,6 +553,22 @@ mod tests {
         assert_eq!(
             value_after(&plain.args(), "-append"),
             ["console=ttyS0 root=/dev/vda"]
+        );
+    }
+
+    #[test]
+    fn a_balloon_is_the_last_virtio_device_and_only_when_asked_for() {
+        let plain = spec().args();
+        assert!(!plain.iter().any(|a| a.contains("balloon")));
+        let mut s = spec();
+        s.balloon = true;
+        let args = s.args();
+        let devices = value_after(&args, "-device");
+        assert_eq!(devices.last(), Some(&"virtio-balloon-device,id=balloon0"));
+        // Everything else is as without it, so the other devices keep their virtio-mmio slots.
+        assert_eq!(
+            &devices[..devices.len() - 1],
+            &value_after(&plain, "-device")[..]
         );
     }
 

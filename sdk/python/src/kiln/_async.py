@@ -191,6 +191,7 @@ class AsyncSandbox(SandboxFields):
         ports: Iterable[_wire.PortSpec] | None = None,
         *,
         snapshot_id: str | None = None,
+        max_memory_mib: int | None = None,
         client: Client | None = None,
     ) -> AsyncSandbox:
         """See :meth:`kiln.Sandbox.create`."""
@@ -205,6 +206,7 @@ class AsyncSandbox(SandboxFields):
             volumes=volumes,
             disk_size_gib=disk_size_gib,
             ports=ports,
+            max_memory_mib=max_memory_mib,
         )
         client = client or get_default_client()
         return cls(await client.arequest_json("POST", "/v1/sandboxes", json=body), client)

@@ -212,6 +212,7 @@ class Sandbox(SandboxFields):
         ports: Iterable[_wire.PortSpec] | None = None,
         *,
         snapshot_id: str | None = None,
+        max_memory_mib: int | None = None,
         client: Client | None = None,
     ) -> Sandbox:
         """Boots a new sandbox and returns once its guest agent answers.
@@ -220,6 +221,8 @@ class Sandbox(SandboxFields):
             template: guest image to boot (ignored when ``snapshot`` is given).
             name: unique name (default: the id).
             memory_mib, cpus, disk_size_gib: resources (daemon defaults when omitted).
+            max_memory_mib: room for copies restored from its memory snapshots to have more memory
+                (up to this many MiB; default none).
             env: environment variables for every command run in it.
             metadata: labels, for :meth:`list` filters.
             snapshot, snapshot_id: make it from this snapshot instead of booting (see :meth:`Snapshot.restore`).
@@ -242,6 +245,7 @@ class Sandbox(SandboxFields):
             volumes=volumes,
             disk_size_gib=disk_size_gib,
             ports=ports,
+            max_memory_mib=max_memory_mib,
         )
         client = client or get_default_client()
         return cls(client.request_json("POST", "/v1/sandboxes", json=body), client)
@@ -510,8 +514,9 @@ class Snapshot(SnapshotFields):
         """A **new** sandbox that continues exactly where the snapshot was (new id, name and MAC).
 
         Repeatable: every call makes another copy. A memory snapshot's copy may have another ``cpus``
-        (1 up to the vCPUs its machine has), continuing the same processes, but keeps the RAM size it holds
-        (another ``memory_mib`` is refused with :class:`ConflictError`, code ``resource_override_refused``);
+        (1 up to the vCPUs its machine has) and more ``memory_mib`` (up to the ``max_memory_mib`` its sandbox
+        was created with), continuing the same processes; less memory, or more than that, is refused with
+        :class:`ConflictError`, code ``resource_override_refused``;
         ``disk`` snapshots cold-boot, so their resources may change. To roll the *source* sandbox back instead, use :meth:`Sandbox.from_snapshot`.
 
         Snapshots do not capture volumes. Without ``volumes`` the source's volumes are remounted where they
