@@ -6,6 +6,7 @@ Usage: bench/grow.py [--runs 3] [--images DIR]
 """
 import argparse
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -57,8 +58,8 @@ def main():
                                resume_512mib_2cpu_to_first_exec_ms=med(resume_grow) if resume_grow else None)
         # Balloon inflate at create (the daemon logs it at debug level: run with KILN_LOG=debug).
         with open(os.path.join(work, "daemon.log"), errors="replace") as f:
-            settled = [int(line.split(" ms=")[1].split()[0]) for line in f
-                       if "balloon settled" in line and " ms=" in line]
+            lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in f if "balloon settled" in line]
+            settled = [int(m.group(1)) for m in (re.search(r" ms=(\d+)", x) for x in lines) if m]
         print("balloon settle ms (create, then resumes):", settled)
     finally:
         d.stop()

@@ -242,12 +242,22 @@ impl VmSpec {
     /// The kernel command line: a cold boot with spare vCPUs brings up only `vcpus` of them (`maxcpus=`
     /// keeps the rest present but offline, never started, so they cost no host CPU). A restored guest has
     /// booted already: its command line is left as it was.
+    ///
+    /// With a balloon, `init_on_alloc=0`: the guest would otherwise zero every page before handing it to
+    /// the balloon, which made filling it 10 times slower under TCG (~4 s instead of ~0.4 s for 256 MiB).
+    /// The guest kernel still zeroes every page it gives to user space.
     fn guest_cmdline(&self) -> String {
-        if self.max_vcpus > self.vcpus && !self.incoming {
-            format!("{} maxcpus={}", self.cmdline, self.vcpus)
-        } else {
-            self.cmdline.clone()
+        let mut cmdline = self.cmdline.clone();
+        if self.incoming {
+            return cmdline;
         }
+        if self.max_vcpus > self.vcpus {
+            cmdline.push_str(&format!(" maxcpus={}", self.vcpus));
+        }
+        if self.balloon {
+            cmdline.push_str(" init_on_alloc=0");
+        }
+        cmdline
     }
 
     pub(crate) fn check_paths(&self) -> Result<(), VmmError> {
@@ -565,6 +575,10 @@ mod tests {
         let args = s.args();
         let devices = value_after(&args, "-device");
         assert_eq!(devices.last(), Some(&"virtio-balloon-device,id=balloon0"));
+        assert_eq!(
+            value_after(&args, "-append"),
+            ["console=ttyS0 root=/dev/vda init_on_alloc=0"]
+        );
         // Everything else is as without it, so the other devices keep their virtio-mmio slots.
         assert_eq!(
             &devices[..devices.len() - 1],
