@@ -156,6 +156,11 @@ fn a_copy_gets_more_memory_and_vcpus_and_keeps_running() {
     assert_eq!(guest(&d, "down", "nproc"), "1");
     assert_eq!(mem_total_mib(&d, "down"), grown);
     assert_counting(&d, "down", &counter_pid, at_two.saturating_sub(20));
+    // Hibernating and waking a grown copy keeps its memory (the balloon is part of its machine).
+    d.kiln_ok(&["stop", "down"]);
+    d.kiln_ok(&["start", "down"]);
+    assert_eq!(mem_total_mib(&d, "down"), grown);
+    assert_counting(&d, "down", &counter_pid, 0);
 
     // Refusals start nothing: less than the snapshot holds, more than the headroom.
     let qemus = d.qemu_pids().len();
