@@ -142,7 +142,7 @@ fn resources_a_memory_snapshot_cannot_take_are_refused_and_leave_nothing() {
         ),
         (
             json!({"name": "more", "memory_mib": 512}),
-            "cannot add memory",
+            "no room to grow",
         ),
         (json!({"name": "many", "cpus": 3}), "has 2 vCPUs"),
     ] {

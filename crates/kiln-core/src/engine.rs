@@ -32,6 +32,9 @@ pub struct CreateSandbox {
     pub template: Option<String>,
     pub name: Option<String>,
     pub memory_mib: Option<u64>,
+    /// Room for copies resumed from this sandbox's memory snapshots to have more memory, up to this many
+    /// MiB (at least `memory_mib`; default `memory_mib`: no headroom, no balloon device).
+    pub max_memory_mib: Option<u64>,
     pub cpus: Option<u32>,
     /// Disk size in GiB; at least the template's size.
     pub disk_size_gib: Option<u64>,
@@ -470,9 +473,9 @@ impl Engine {
         self.config().check_storage("create a sandbox")?;
         if let Some(snapshot) = req.snapshot.clone() {
             // `env` is merged over the snapshot's for the commands run from now on.
-            if req.template.is_some() || !req.ports.is_empty() {
+            if req.template.is_some() || !req.ports.is_empty() || req.max_memory_mib.is_some() {
                 return Err(Error::invalid(
-                    "a sandbox made from a snapshot takes its template and ports from the snapshot; drop 'template' and 'ports'",
+                    "a sandbox made from a snapshot takes its template, ports and max_memory_mib from the snapshot; drop 'template', 'ports' and 'max_memory_mib'",
                 ));
             }
             return self
@@ -500,6 +503,9 @@ impl Engine {
         let memory_mib = req.memory_mib.unwrap_or(self.cfg.default_memory_mib);
         let cpus = req.cpus.unwrap_or(self.cfg.default_cpus);
         validate::range("memory", memory_mib, MIN_MEMORY_MIB, MAX_MEMORY_MIB, " MiB")?;
+        if let Some(max) = req.max_memory_mib {
+            validate::range("max_memory", max, memory_mib, MAX_MEMORY_MIB, " MiB")?;
+        }
         validate::range("cpus", u64::from(cpus), 1, MAX_CPUS, "")?;
         validate::env(&req.env)?;
         validate::labels(&req.labels)?;
@@ -579,7 +585,13 @@ impl Engine {
             },
         );
         let booted = async {
-            let layout = self.provision_from_template(&sandbox, &image, cmdline, &req.volumes)?;
+            let layout = self.provision_from_template(
+                &sandbox,
+                &image,
+                cmdline,
+                &req.volumes,
+                req.max_memory_mib,
+            )?;
             self.db.set_layout(&id, &layout)?;
             let vm = self.start_vm(&sandbox, &layout, None).await?;
             // Every sandbox is its own machine: machine id and RNG seed of its own from the start.

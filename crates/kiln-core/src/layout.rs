@@ -135,6 +135,11 @@ pub struct Layout {
     /// the machine and everything restored from it. None in machines made before it existed (= `cpus`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_cpus: Option<u32>,
+    /// RAM of a machine made with growth headroom (`max_memory_mib` at create): QEMU gets this much and a
+    /// virtio balloon that holds what the sandbox's `memory_mib` leaves out, so a copy can be given up to
+    /// this. Part of the device set like `max_cpus`. None: no balloon, the machine has `memory_mib`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_mib: Option<u64>,
     /// The CPU the guest saw when it booted (its TSC frequency is asked of KVM again on every restore).
     /// None in machines made before it was recorded, or when QEMU could not report it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -154,6 +159,11 @@ impl Layout {
                 format: l.format.clone(),
             })
             .collect()
+    }
+
+    /// RAM QEMU gives the machine: its headroom if it has a balloon, else the sandbox's `memory_mib`.
+    pub fn machine_memory_mib(&self, memory_mib: u64) -> u64 {
+        self.max_memory_mib.unwrap_or(memory_mib).max(memory_mib)
     }
 
     /// The next writable layer's path in `dir`.
@@ -191,6 +201,7 @@ mod tests {
             cpu: None,
             origin_digest: Some("sha256:00".into()),
             max_cpus: Some(2),
+            max_memory_mib: Some(512),
         };
         let json = serde_json::to_string(&l).unwrap();
         assert!(json.contains(r#""mode":"private""#));
@@ -225,5 +236,6 @@ mod tests {
         let old = serde_json::from_str::<Layout>(json).unwrap();
         assert!(old.volume_slots.is_empty());
         assert_eq!(old.max_cpus, None);
+        assert_eq!(old.max_memory_mib, None);
     }
 }

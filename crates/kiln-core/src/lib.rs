@@ -2,6 +2,7 @@
 //! VMs (through kiln-vmm) and guest agents (through kiln-agent-client), and serialises lifecycle operations
 //! per sandbox while letting different sandboxes proceed in parallel.
 
+mod balloon;
 pub mod config;
 pub mod confine;
 pub mod console;

@@ -49,7 +49,10 @@ impl Engine {
         image: &Image,
         cmdline: String,
         mounts: &[crate::volume::VolumeMount],
+        max_memory_mib: Option<u64>,
     ) -> Result<Layout> {
+        // Headroom only when there is some: otherwise no balloon device at all.
+        let max_memory_mib = max_memory_mib.filter(|m| *m > sb.memory_mib);
         let dir = self.config().sandbox_dir(&sb.id);
         std::fs::create_dir_all(dir.join("layers"))
             .map_err(|e| fsutil::io_error(&format!("creating {}", dir.display()), e))?;
@@ -77,7 +80,7 @@ impl Engine {
                 format: "raw".into(),
                 checksum: Some(format!("sha256:{}", image.manifest.files.rootfs.sha256)),
             }],
-            memory: self.owned_memory(sb)?,
+            memory: self.owned_memory(sb, max_memory_mib.unwrap_or(sb.memory_mib))?,
             origin: Origin::Template {
                 name: sb.template.clone(),
             },
@@ -86,6 +89,7 @@ impl Engine {
             volume_slots: vec![VolumeSlot::Empty; VOLUME_SLOTS],
             origin_digest: Some(self.base_digest(&format!("template:{}", sb.template))?),
             max_cpus: Some(self.machine_max_cpus(sb.cpus)),
+            max_memory_mib,
             cpu: kiln_vmm::cpu::identity(self.accel().accel),
         };
         self.place_mounts(&dir, sb.qemu_uid, &mut layout.volume_slots, mounts, false)?;
@@ -164,7 +168,8 @@ impl Engine {
             run_dir: self.config().sandbox_dir(&sb.id).join(crate::vm::VM_DIR),
             accel: self.accel().accel,
             tsc_khz: layout.cpu.as_ref().and_then(|c| c.tsc_khz),
-            memory_mib: sb.memory_mib,
+            memory_mib: layout.machine_memory_mib(sb.memory_mib),
+            balloon: layout.max_memory_mib.is_some(),
             vcpus: sb.cpus,
             max_vcpus: layout.max_cpus.unwrap_or(sb.cpus).max(sb.cpus),
             memory_file,
@@ -236,10 +241,18 @@ impl Engine {
         tracing::debug!(sandbox = %sb.id, ms = t0.elapsed().as_millis() as u64, "QEMU launched");
         let result = async {
             self.apply_ports(sb, &vm).await?;
+            let settle = spec.balloon && incoming.as_ref().is_none_or(|i| i.resume);
             match incoming {
-                None => self.wait_for_agent(&vm).await,
-                Some(inc) => self.restore_into(sb, &vm, &inc).await,
+                None => self.wait_for_agent(&vm).await?,
+                Some(inc) => self.restore_into(sb, &vm, &inc).await?,
             }
+            // A restored guest may be asked for more than its snapshot had (a paused one is left as
+            // saved: it cannot move pages, and only a resume changes its size).
+            if settle {
+                let took = crate::balloon::settle(&vm, sb.memory_mib).await?;
+                tracing::debug!(sandbox = %sb.id, ms = took.as_millis() as u64, memory_mib = sb.memory_mib, "balloon settled");
+            }
+            Ok::<_, Error>(())
         }
         .await;
         match result {

@@ -224,12 +224,13 @@ impl RamDir {
 
 impl Engine {
     /// Owned RAM for a new sandbox: its file on the RAM directory (or on the data disk), empty.
-    pub(crate) fn owned_memory(&self, sb: &Sandbox) -> Result<Memory> {
+    /// `machine_mib` is the RAM QEMU maps (more than `memory_mib` when the machine has headroom).
+    pub(crate) fn owned_memory(&self, sb: &Sandbox, machine_mib: u64) -> Result<Memory> {
         let file = self.config().sandbox_dir(&sb.id).join("memory");
         let live = self.ram().live_path(&sb.id);
         match &live {
             Some(path) => {
-                self.ram().create(path, sb.memory_mib, None)?;
+                self.ram().create(path, machine_mib, None)?;
                 self.confine().own_file(path, sb.qemu_uid)?;
             }
             None => self.create_memory_file(sb, &file)?,
@@ -246,7 +247,11 @@ impl Engine {
         };
         let target = self.ram().live_path(&sb.id);
         if let Some(path) = &target {
-            let (src, dst, mib) = (file.clone(), path.clone(), sb.memory_mib);
+            let mib = layout
+                .max_memory_mib
+                .unwrap_or(sb.memory_mib)
+                .max(sb.memory_mib);
+            let (src, dst) = (file.clone(), path.clone());
             fsutil::off_runtime(|| self.ram().create(&dst, mib, Some(&src)))?;
             self.confine().own_file(path, sb.qemu_uid)?;
         }

@@ -32,6 +32,8 @@ pub(crate) const LATE_MODULES: &[&str] = &[
     // vsock for a future host<->guest transport; cheap to have and avoids an image rebuild later.
     "vsock",
     "vmw_vsock_virtio_transport",
+    // Memory headroom (`--max-memory`): the balloon holds what the guest is not given.
+    "virtio_balloon",
 ];
 
 /// A module chosen for the initramfs.

@@ -60,7 +60,11 @@ pub struct VmSpec {
     pub accel: Accel,
     /// Guest TSC frequency to ask KVM for (the machine's recorded one); ignored under TCG.
     pub tsc_khz: Option<u64>,
+    /// RAM of the machine (`-m`): with a balloon, the most the guest can be given, not what it has.
     pub memory_mib: u64,
+    /// A `virtio-balloon-device` (the last virtio-mmio device, so the others keep their addresses): it
+    /// holds the part of `memory_mib` the guest is not given, so a restored copy can be given more.
+    pub balloon: bool,
     /// vCPUs the guest runs (online).
     pub vcpus: u32,
     /// vCPUs QEMU creates; those above `vcpus` stay offline in the guest until a resume asks for them.
@@ -210,6 +214,9 @@ impl VmSpec {
             "-device",
             &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
         ]);
+        if self.balloon {
+            push(&["-device", "virtio-balloon-device,id=balloon0"]);
+        }
         push(&[
             "-qmp",
             &format!(
@@ -235,12 +242,22 @@ impl VmSpec {
     /// The kernel command line: a cold boot with spare vCPUs brings up only `vcpus` of them (`maxcpus=`
     /// keeps the rest present but offline, never started, so they cost no host CPU). A restored guest has
     /// booted already: its command line is left as it was.
+    ///
+    /// With a balloon, `init_on_alloc=0`: the guest would otherwise zero every page before handing it to
+    /// the balloon, which made filling it 10 times slower under TCG (~4 s instead of ~0.4 s for 256 MiB).
+    /// The guest kernel still zeroes every page it gives to user space.
     fn guest_cmdline(&self) -> String {
-        if self.max_vcpus > self.vcpus && !self.incoming {
-            format!("{} maxcpus={}", self.cmdline, self.vcpus)
-        } else {
-            self.cmdline.clone()
+        let mut cmdline = self.cmdline.clone();
+        if self.incoming {
+            return cmdline;
         }
+        if self.max_vcpus > self.vcpus {
+            cmdline.push_str(&format!(" maxcpus={}", self.vcpus));
+        }
+        if self.balloon {
+            cmdline.push_str(" init_on_alloc=0");
+        }
+        cmdline
     }
 
     pub(crate) fn check_paths(&self) -> Result<(), VmmError> {
@@ -368,6 +385,7 @@ mod tests {
             accel: Accel::Tcg,
             tsc_khz: Some(2_000_000),
             memory_mib: 256,
+            balloon: false,
             vcpus: 2,
             max_vcpus: 2,
             memory_file: "/data/sb1/mem,x".into(),
@@ -545,6 +563,26 @@ mod tests {
         assert_eq!(
             value_after(&plain.args(), "-append"),
             ["console=ttyS0 root=/dev/vda"]
+        );
+    }
+
+    #[test]
+    fn a_balloon_is_the_last_virtio_device_and_only_when_asked_for() {
+        let plain = spec().args();
+        assert!(!plain.iter().any(|a| a.contains("balloon")));
+        let mut s = spec();
+        s.balloon = true;
+        let args = s.args();
+        let devices = value_after(&args, "-device");
+        assert_eq!(devices.last(), Some(&"virtio-balloon-device,id=balloon0"));
+        assert_eq!(
+            value_after(&args, "-append"),
+            ["console=ttyS0 root=/dev/vda init_on_alloc=0"]
+        );
+        // Everything else is as without it, so the other devices keep their virtio-mmio slots.
+        assert_eq!(
+            &devices[..devices.len() - 1],
+            &value_after(&plain, "-device")[..]
         );
     }
 

@@ -173,3 +173,20 @@ def test_save_named_gives_a_snapshot_a_further_name(sandbox: Sandbox, name: str)
                 s.delete()
             except SnapshotNotFoundError:
                 pass
+
+
+def test_restore_with_more_memory_and_vcpus_within_the_headroom(daemon: object, name: str) -> None:
+    # Headroom at create (a balloon holds the rest); a copy may then have up to it, and other vCPU counts.
+    with Sandbox.create(template="tiny", name=name, memory_mib=256, max_memory_mib=512, cpus=1) as src:
+        src.run("echo kept > /root/marker")
+        snap = src.snapshot(name=f"{name}-s")
+        with snap.restore(name=f"{name}-big", memory_mib=512, cpus=2) as big:
+            assert (big.memory_mib, big.cpus) == (512, 2)
+            assert big.run("nproc").stdout.strip() == "2"
+            kib = int(big.run("awk '/^MemTotal:/ {print $2}' /proc/meminfo").stdout)
+            assert kib // 1024 > 400, kib
+            assert big.run("cat /root/marker").stdout.strip() == "kept"
+        with pytest.raises(ConflictError, match="at most 512 MiB") as refused:
+            snap.restore(memory_mib=1024)
+        assert refused.value.code == "resource_override_refused"
+        Snapshot.delete(snap.id)

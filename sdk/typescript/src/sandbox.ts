@@ -33,6 +33,8 @@ export interface CreateSandboxOptions extends WithClient, LifetimeOptions {
   /** Unique name (default: the id). */
   name?: string;
   memoryMib?: number;
+  /** Room for copies restored from its memory snapshots to have more memory, up to this many MiB. */
+  maxMemoryMib?: number;
   cpus?: number;
   diskSizeGib?: number;
   /** Environment variables for every command run in it. */
@@ -419,6 +421,7 @@ export class Sandbox {
       template: options.snapshot === undefined ? (options.template ?? "tiny") : undefined,
       name: options.name,
       memory_mib: options.memoryMib,
+      max_memory_mib: options.maxMemoryMib,
       cpus: options.cpus,
       disk_size_gib: options.diskSizeGib,
       env: options.env,

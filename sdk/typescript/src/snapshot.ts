@@ -6,8 +6,8 @@ import { volumesJson } from "./volume.js";
 
 export interface RestoreOptions extends LifetimeOptions {
   /**
-   * Must equal the snapshot's for memory snapshots (else `resource_override_refused`, a
-   * {@link ConflictError}); `disk` snapshots may change it.
+   * Memory snapshots: from the snapshot's own up to the `maxMemoryMib` its sandbox was created with
+   * (else `resource_override_refused`, a {@link ConflictError}); `disk` snapshots may change it.
    */
   memoryMib?: number;
   /** vCPUs of the copy: for memory snapshots 1 up to the vCPUs its machine has, the same processes go on. */

@@ -162,3 +162,23 @@ test("fork makes children that continue from the parent's state", async (t) => {
     await Promise.all(children.map((c) => c.delete()));
   }
 });
+
+test("restore({ memoryMib, cpus }) grows a memory snapshot's copy within its headroom", async () => {
+  const src = await Sandbox.create({ name: uniqueName("ts-grow"), memoryMib: 256, maxMemoryMib: 512, cpus: 1 });
+  try {
+    const snap = await src.snapshot({ name: uniqueName("ts-grow-s") });
+    const big = await snap.restore(uniqueName("ts-big"), { memoryMib: 512, cpus: 2 });
+    try {
+      assert.deepEqual([big.memoryMib, big.cpus], [512, 2]);
+      assert.equal((await big.run("nproc")).stdout.trim(), "2");
+      const kib = Number((await big.run("awk '/^MemTotal:/ {print $2}' /proc/meminfo")).stdout);
+      assert.ok(kib / 1024 > 400, `MemTotal ${kib} KiB`);
+    } finally {
+      await big.kill();
+    }
+    await assert.rejects(snap.restore(undefined, { memoryMib: 1024 }), (e) => e instanceof ConflictError && e.code === "resource_override_refused" && /at most 512 MiB/.test(e.message));
+    await Snapshot.delete(snap.id);
+  } finally {
+    await src.kill();
+  }
+});

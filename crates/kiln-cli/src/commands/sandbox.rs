@@ -62,6 +62,10 @@ pub struct CreateArgs {
     /// Guest RAM in MiB.
     #[arg(long)]
     memory: Option<u64>,
+    /// Room in MiB for copies resumed from this sandbox's memory snapshots to have more memory
+    /// (`snapshot resume --memory`, up to this); default: none.
+    #[arg(long)]
+    max_memory: Option<u64>,
     #[arg(long)]
     cpus: Option<u32>,
     /// Disk size in GiB.
@@ -196,6 +200,9 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
             }
             if let Some(m) = a.memory {
                 body["memory_mib"] = json!(m);
+            }
+            if let Some(m) = a.max_memory {
+                body["max_memory_mib"] = json!(m);
             }
             if let Some(c) = a.cpus {
                 body["cpus"] = json!(c);

@@ -57,7 +57,8 @@ pub enum SnapshotCmd {
         snapshot: String,
         #[arg(long)]
         name: Option<String>,
-        /// Memory in MiB: `disk` snapshots only (a memory snapshot keeps the RAM it holds).
+        /// Memory in MiB: a memory snapshot's copy may have from its own up to the `--max-memory` its
+        /// sandbox was created with; a `disk` snapshot boots with any.
         #[arg(long)]
         memory: Option<u64>,
         /// vCPUs of the copy; a memory snapshot's may have 1 up to the vCPUs its machine has.

@@ -411,6 +411,7 @@ impl Engine {
             memory_mib: sb.memory_mib,
             cpus: sb.cpus,
             max_cpus: layout.max_cpus,
+            max_memory_mib: layout.max_memory_mib,
             disk_size_bytes: sb.disk_size_bytes,
             source: Source {
                 sandbox_id: sb.id.clone(),

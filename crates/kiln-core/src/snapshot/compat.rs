@@ -287,6 +287,7 @@ mod tests {
             memory_mib: 256,
             cpus: 1,
             max_cpus: None,
+            max_memory_mib: None,
             disk_size_bytes: 1,
             source: Source {
                 sandbox_id: "sb".into(),

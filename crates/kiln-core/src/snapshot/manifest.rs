@@ -90,6 +90,10 @@ pub struct Manifest {
     /// up to this. Absent in snapshots of machines made before it existed: they resume with `cpus` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_cpus: Option<u32>,
+    /// RAM of a machine with growth headroom (it has a virtio balloon holding what `memory_mib` leaves
+    /// out): a memory snapshot resumes with any `memory_mib` from its own up to this. Absent: no balloon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_mib: Option<u64>,
     pub disk_size_bytes: u64,
     pub source: Source,
     pub parent: Option<String>,
@@ -328,6 +332,7 @@ pub(crate) mod tests {
             memory_mib: 256,
             cpus: 1,
             max_cpus: Some(2),
+            max_memory_mib: None,
             disk_size_bytes: 1,
             source: Source {
                 sandbox_id: "sb".into(),

@@ -3,9 +3,10 @@
 //!
 //! A saved machine loads only into the same device set, so what a copy can change is what existed from
 //! boot: every machine is created with `max_cpus` vCPUs (`kiln serve --max-vcpus`) of which only `cpus`
-//! are online in the guest, and a resume onlines or offlines them through the agent. Memory cannot grow:
-//! QEMU's `microvm` maps no memory device (virtio-mem and pc-dimm get no address there, checked with
-//! QEMU 10.0.2), so a copy has exactly the RAM its snapshot holds.
+//! are online in the guest, and a resume onlines or offlines them through the agent. Memory grows only
+//! within headroom made at create (`max_memory_mib`, a virtio balloon: see `crate::balloon`): QEMU's
+//! `microvm` maps no memory device (virtio-mem and pc-dimm get no address there, checked with QEMU
+//! 10.0.2). A copy never has less than its snapshot's guest holds.
 
 use std::time::Duration;
 
@@ -30,16 +31,23 @@ pub(crate) fn for_memory_snapshot(
                 m.id, m.memory_mib, m.memory_mib
             )))
         }
-        Some(asked) if asked > m.memory_mib => {
-            return Err(refuse(format!(
-                "snapshot {} holds a running machine with {} MiB of memory; kiln's microvm machines cannot add memory to a running guest, so a copy keeps {} MiB (asked for {asked} MiB). Take a `--type disk` snapshot and resume that with more memory",
-                m.id, m.memory_mib, m.memory_mib
-            )))
+        Some(asked) if asked > m.max_memory_mib.unwrap_or(m.memory_mib) => {
+            return Err(refuse(match m.max_memory_mib {
+                Some(max) => format!(
+                    "snapshot {} holds a running machine with {} MiB of memory and room to grow to {max} MiB; asked for {asked} MiB. Ask for at most {max} MiB, or create the sandbox with a larger --max-memory (or take a `--type disk` snapshot and resume that with more)",
+                    m.id, m.memory_mib
+                ),
+                None => format!(
+                    "snapshot {} holds a running machine with {} MiB of memory and no room to grow (it was created without --max-memory), so a copy keeps {} MiB (asked for {asked} MiB). Create the sandbox with --max-memory {asked} to resume copies with more, or take a `--type disk` snapshot and resume that with more memory",
+                    m.id, m.memory_mib, m.memory_mib
+                ),
+            }))
         }
         _ => {}
     }
+    let memory = memory_mib.unwrap_or(m.memory_mib);
     let Some(asked) = cpus.filter(|c| *c != m.cpus) else {
-        return Ok((m.memory_mib, m.cpus));
+        return Ok((memory, m.cpus));
     };
     let max = m.max_cpus.unwrap_or(m.cpus);
     if asked == 0 || asked > max {
@@ -55,7 +63,7 @@ pub(crate) fn for_memory_snapshot(
             m.id
         )));
     }
-    Ok((m.memory_mib, asked))
+    Ok((memory, asked))
 }
 
 /// Parses a kernel CPU list (`0-2,4`) into CPU numbers.
@@ -167,6 +175,27 @@ mod tests {
             .unwrap_err()
             .message
             .contains("cannot have less"));
+    }
+
+    #[test]
+    fn memory_grows_within_the_headroom_only() {
+        let mut m = manifest(1, Some(2));
+        m.max_memory_mib = Some(512);
+        assert_eq!(
+            for_memory_snapshot(&m, Some(512), Some(2)).unwrap(),
+            (512, 2)
+        );
+        assert_eq!(for_memory_snapshot(&m, Some(300), None).unwrap(), (300, 1));
+        let above = for_memory_snapshot(&m, Some(513), None).unwrap_err();
+        assert_eq!(above.code, ErrorCode::ResourceOverrideRefused);
+        assert!(above.message.contains("at most 512 MiB"), "{above}");
+        assert!(above.message.contains("--max-memory"), "{above}");
+        let less = for_memory_snapshot(&m, Some(128), None).unwrap_err();
+        assert!(less.message.contains("cannot have less"), "{less}");
+        // Without headroom: the message says how to get some.
+        let plain = manifest(1, Some(2));
+        let e = for_memory_snapshot(&plain, Some(512), None).unwrap_err();
+        assert!(e.message.contains("--max-memory 512"), "{e}");
     }
 
     #[test]

@@ -26,8 +26,8 @@ pub(crate) const RESTORING_MARK: &str = "being restored from snapshot ";
 #[serde(deny_unknown_fields)]
 pub struct ResumeSnapshot {
     pub name: Option<String>,
-    /// Memory snapshots keep the RAM they hold (asking for another size is `resource_override_refused`);
-    /// disk snapshots boot with this.
+    /// Memory snapshots may grow up to the headroom their machine was created with (`max_memory_mib`),
+    /// never shrink (else `resource_override_refused`); disk snapshots boot with this.
     pub memory_mib: Option<u64>,
     /// vCPUs online in the copy: for memory snapshots from 1 up to the vCPUs its machine has (`max_cpus`
     /// of the snapshot, set by `kiln serve --max-vcpus`), continuing the same processes.
@@ -163,6 +163,11 @@ impl Engine {
             });
         }
         let inherited = layers.len();
+        // A memory snapshot's machine keeps its RAM and balloon; a disk snapshot boots a new machine,
+        // keeping the headroom where it is still above the memory asked for.
+        let max_memory_mib = m
+            .max_memory_mib
+            .filter(|max| m.kind.has_memory() || *max > sb.memory_mib);
         let memory = if m.kind.has_memory() {
             let base = dir.join("memory.base");
             let f = need(Role::Memory)?;
@@ -175,7 +180,7 @@ impl Engine {
                 base_checksum: Some(f.checksum.clone()),
             }
         } else {
-            self.owned_memory(sb)?
+            self.owned_memory(sb, max_memory_mib.unwrap_or(sb.memory_mib))?
         };
         let mut layout = Layout {
             firmware: m.firmware.clone(),
@@ -207,6 +212,7 @@ impl Engine {
             } else {
                 Some(self.machine_max_cpus(sb.cpus))
             },
+            max_memory_mib,
             // A memory snapshot's guest keeps the CPU (and TSC frequency) it saw; a disk snapshot boots
             // on this host's.
             cpu: if m.kind.has_memory() {

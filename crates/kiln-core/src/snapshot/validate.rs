@@ -85,6 +85,12 @@ pub(super) fn check(m: &Manifest, dir: &Path, id: &str) -> Result<()> {
             validate::range("max_cpus", u64::from(max), u64::from(m.cpus), MAX_CPUS, ""),
         )?;
     }
+    if let Some(max) = m.max_memory_mib {
+        named(
+            "max_memory_mib",
+            validate::range("max_memory_mib", max, m.memory_mib, MAX_MEMORY_MIB, " MiB"),
+        )?;
+    }
     named(
         "disk_size_bytes",
         validate::range(

@@ -120,10 +120,12 @@ def create_body(
     disk_size_gib: int | None,
     ports: Iterable[PortSpec] | None,
     lifetime: dict[str, Any] | None = None,
+    max_memory_mib: int | None = None,
 ) -> dict[str, Any]:
     return drop_none(
         {
             **(lifetime or {}),
+            "max_memory_mib": max_memory_mib,
             # A snapshot carries its own image, so the template only matters for a cold boot.
             "template": template if snapshot is None else None,
             "name": name,

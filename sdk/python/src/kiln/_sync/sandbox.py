@@ -269,6 +269,7 @@ class Sandbox(SandboxFields):
         idle_timeout: int | None = None,
         on_timeout: Literal["hibernate", "delete"] | None = None,
         auto_resume: bool | None = None,
+        max_memory_mib: int | None = None,
         client: Client | None = None,
     ) -> Sandbox:
         """Boots a new sandbox and returns once its guest agent answers.
@@ -291,6 +292,8 @@ class Sandbox(SandboxFields):
             idle_timeout: seconds without use (API calls for it, background process output); then ``on_timeout``.
             on_timeout: ``"hibernate"`` (default: RAM to disk, resumable) or ``"delete"``.
             auto_resume: start it again when it is used while hibernated (default True with a lifetime).
+            max_memory_mib: room for copies restored from its memory snapshots to have more memory
+                (up to this many MiB; default none).
         """
         body = _wire.create_body(
             template=template,
@@ -304,6 +307,7 @@ class Sandbox(SandboxFields):
             disk_size_gib=disk_size_gib,
             ports=ports,
             lifetime=_wire.lifetime_body(timeout, idle_timeout, on_timeout, auto_resume),
+            max_memory_mib=max_memory_mib,
         )
         client = client or get_default_client()
         return cls(client.request_json("POST", "/v1/sandboxes", json=body), client)
@@ -596,8 +600,9 @@ class Snapshot(SnapshotFields):
         """A **new** sandbox that continues exactly where the snapshot was (new id, name and MAC).
 
         Repeatable: every call makes another copy. A memory snapshot's copy may have another ``cpus``
-        (1 up to the vCPUs its machine has), continuing the same processes, but keeps the RAM size it holds
-        (another ``memory_mib`` is refused with :class:`ResourceOverrideRefusedError`, a :class:`ConflictError`);
+        (1 up to the vCPUs its machine has) and more ``memory_mib`` (up to the ``max_memory_mib`` its sandbox
+        was created with), continuing the same processes; less memory, or more than that, is refused with
+        :class:`ResourceOverrideRefusedError` (a :class:`ConflictError`);
         ``disk`` snapshots cold-boot, so their resources may change. To roll the *source* sandbox back
         instead, use :meth:`Sandbox.from_snapshot`.
 
