@@ -111,6 +111,20 @@ fn serve_simple(
         Request::SetHostname { hostname } => system::set_hostname(&hostname),
         Request::Reseed { entropy_hex } => system::reseed(&entropy_hex),
         Request::SetMachineId { machine_id } => system::set_machine_id(&machine_id),
+        Request::SetIdentity {
+            secs,
+            nanos,
+            machine_id,
+            hostname,
+            entropy_hex,
+            mac,
+        } => system::set_identity(
+            (secs, nanos),
+            &machine_id,
+            &hostname,
+            &entropy_hex,
+            mac.as_deref(),
+        ),
         Request::MountVolume {
             serial,
             path,
