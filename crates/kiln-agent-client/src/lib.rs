@@ -41,9 +41,22 @@ pub use kiln_proto::{
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// `sync` may have a lot of dirty data to write back.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(300);
-/// Hello is resent this often until answered: the guest may not be listening yet.
-const HELLO_RETRY: Duration = Duration::from_millis(200);
-const CONNECT_RETRY: Duration = Duration::from_millis(50);
+/// How often a connect and an unanswered Hello are retried while the guest may not be listening yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    pub connect: Duration,
+    pub hello: Duration,
+}
+
+impl Default for Retry {
+    /// Suits a guest under TCG, where the agent's first answer after a restore takes tens of milliseconds.
+    fn default() -> Retry {
+        Retry {
+            connect: Duration::from_millis(50),
+            hello: Duration::from_millis(200),
+        }
+    }
+}
 
 /// A connection to one guest agent. Cheap to clone; all clones share the connection, which
 /// closes when the last clone (and every handle made from it) is dropped.
@@ -61,7 +74,7 @@ impl AgentClient {
         socket: &Path,
         timeout: Duration,
     ) -> Result<(AgentClient, HelloInfo), AgentError> {
-        AgentClient::connect_inner(socket, None, timeout).await
+        AgentClient::connect_inner(socket, None, timeout, Retry::default()).await
     }
 
     /// Like [`connect`](Self::connect), but only to a socket served by process `qemu_pid` (checked with
@@ -71,26 +84,28 @@ impl AgentClient {
         socket: &Path,
         qemu_pid: u32,
         timeout: Duration,
+        retry: Retry,
     ) -> Result<(AgentClient, HelloInfo), AgentError> {
-        AgentClient::connect_inner(socket, Some(qemu_pid), timeout).await
+        AgentClient::connect_inner(socket, Some(qemu_pid), timeout, retry).await
     }
 
     async fn connect_inner(
         socket: &Path,
         qemu_pid: Option<u32>,
         timeout: Duration,
+        retry: Retry,
     ) -> Result<(AgentClient, HelloInfo), AgentError> {
         let started = Instant::now();
         let stream = loop {
             match UnixStream::connect(socket).await {
                 Ok(stream) => break stream,
-                Err(source) if started.elapsed() + CONNECT_RETRY >= timeout => {
+                Err(source) if started.elapsed() + retry.connect >= timeout => {
                     return Err(AgentError::Connect {
                         path: socket.to_path_buf(),
                         source,
                     })
                 }
-                Err(_) => tokio::time::sleep(CONNECT_RETRY).await,
+                Err(_) => tokio::time::sleep(retry.connect).await,
             }
         };
         if let Some(qemu_pid) = qemu_pid {
@@ -106,7 +121,7 @@ impl AgentClient {
             }
         }
         let left = timeout.saturating_sub(started.elapsed());
-        AgentClient::from_stream(stream, left).await
+        AgentClient::from_stream_with(stream, left, retry.hello).await
     }
 
     /// Like [`connect`](Self::connect), over an already-connected stream.
@@ -114,11 +129,19 @@ impl AgentClient {
         stream: UnixStream,
         timeout: Duration,
     ) -> Result<(AgentClient, HelloInfo), AgentError> {
+        AgentClient::from_stream_with(stream, timeout, Retry::default().hello).await
+    }
+
+    async fn from_stream_with(
+        stream: UnixStream,
+        timeout: Duration,
+        hello_retry: Duration,
+    ) -> Result<(AgentClient, HelloInfo), AgentError> {
         let mut client = AgentClient {
             conn: Arc::new(Conn::start(stream)),
             features: Arc::from(Vec::new()),
         };
-        let hello = tokio::time::timeout(timeout, client.hello())
+        let hello = tokio::time::timeout(timeout, client.hello(hello_retry))
             .await
             .map_err(|_| AgentError::timeout("the guest agent's hello", timeout))??;
         if hello.protocol_version != PROTOCOL_VERSION {
@@ -131,16 +154,16 @@ impl AgentClient {
         Ok((client, hello))
     }
 
-    /// Sends Hello every [`HELLO_RETRY`] on a fresh stream until one is answered. Every Hello
+    /// Sends Hello every `retry` on a fresh stream until one is answered. Every Hello
     /// starts a new agent session, which is harmless here: nothing else is running yet.
-    async fn hello(&self) -> Result<HelloInfo, AgentError> {
+    async fn hello(&self, retry: Duration) -> Result<HelloInfo, AgentError> {
         let (tx, mut rx) = mpsc::channel::<Queued>(16);
         let mut ids = Vec::new();
         let result = loop {
             let id = self.conn.register(tx.clone(), Arc::default())?;
             ids.push(id);
             self.conn.send_request(id, &Request::Hello).await?;
-            match tokio::time::timeout(HELLO_RETRY, rx.recv()).await {
+            match tokio::time::timeout(retry, rx.recv()).await {
                 Err(_) => continue,
                 Ok(None) => break Err(AgentError::Disconnected),
                 Ok(Some((frame, _))) if frame.kind == FrameKind::Response => {
@@ -222,21 +245,7 @@ impl AgentClient {
 
     /// Sets the guest's wall clock.
     pub async fn set_clock(&self, time: SystemTime) -> Result<(), AgentError> {
-        let (secs, nanos) = match time.duration_since(UNIX_EPOCH) {
-            Ok(d) => (
-                i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-                d.subsec_nanos(),
-            ),
-            // Before the epoch: whole seconds down, positive nanoseconds up.
-            Err(e) => {
-                let d = e.duration();
-                let secs = -i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
-                match d.subsec_nanos() {
-                    0 => (secs, 0),
-                    n => (secs - 1, 1_000_000_000 - n),
-                }
-            }
-        };
+        let (secs, nanos) = unix_time(time);
         self.call_ok(
             Request::SetClock { secs, nanos },
             "set_clock",
@@ -258,6 +267,25 @@ impl AgentClient {
         let entropy_hex = entropy.iter().map(|b| format!("{b:02x}")).collect();
         self.call_ok(Request::Reseed { entropy_hex }, "reseed", REQUEST_TIMEOUT)
             .await
+    }
+
+    /// A restored machine's new identity in one request (agents with feature `identity`): clock,
+    /// machine id, hostname, RNG entropy, then `eth0`'s MAC if given. Ok(Some(why)) when all but the MAC
+    /// was set.
+    pub async fn set_identity(&self, id: &Identity<'_>) -> Result<Option<String>, AgentError> {
+        let (secs, nanos) = unix_time(id.time);
+        let req = Request::SetIdentity {
+            secs,
+            nanos,
+            machine_id: id.machine_id.into(),
+            hostname: id.hostname.into(),
+            entropy_hex: id.entropy.iter().map(|b| format!("{b:02x}")).collect(),
+            mac: id.mac.map(str::to_string),
+        };
+        match self.call(req, "set_identity", REQUEST_TIMEOUT).await? {
+            Response::Identity { mac_error } => Ok(mac_error),
+            other => Err(unexpected("set_identity", &other)),
+        }
     }
 
     /// Writes /etc/machine-id (32 hex digits).
@@ -321,6 +349,34 @@ impl AgentClient {
         match self.call(req, what, timeout).await? {
             Response::Ok => Ok(()),
             other => Err(unexpected(what, &other)),
+        }
+    }
+}
+
+/// What [`AgentClient::set_identity`] gives a restored machine.
+pub struct Identity<'a> {
+    pub time: SystemTime,
+    pub machine_id: &'a str,
+    pub hostname: &'a str,
+    /// At most 4096 bytes.
+    pub entropy: &'a [u8],
+    pub mac: Option<&'a str>,
+}
+
+/// Seconds and nanoseconds since the epoch; before it, whole seconds down and positive nanoseconds up.
+fn unix_time(time: SystemTime) -> (i64, u32) {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(d) => (
+            i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            d.subsec_nanos(),
+        ),
+        Err(e) => {
+            let d = e.duration();
+            let secs = -i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+            match d.subsec_nanos() {
+                0 => (secs, 0),
+                n => (secs - 1, 1_000_000_000 - n),
+            }
         }
     }
 }

@@ -46,6 +46,30 @@ fn request(shared: &Arc<Shared>, frame: Frame) {
         // Answered inline: cheap, and Hello must take effect before the next frame is read.
         Request::Hello => shared.new_session(frame.stream, &Response::Hello(system::hello_info())),
         Request::Ping => shared.reply(frame.stream, &Response::Pong),
+        // Also inline: a few syscalls, sent once right after a restore, when a new thread costs the
+        // guest more (cold code under TCG) than the work itself.
+        Request::SetClock { secs, nanos } => {
+            let r = system::set_clock(secs, nanos).unwrap_or_else(Response::from);
+            shared.reply(frame.stream, &r)
+        }
+        Request::SetIdentity {
+            secs,
+            nanos,
+            machine_id,
+            hostname,
+            entropy_hex,
+            mac,
+        } => {
+            let r = system::set_identity(
+                (secs, nanos),
+                &machine_id,
+                &hostname,
+                &entropy_hex,
+                mac.as_deref(),
+            )
+            .unwrap_or_else(Response::from);
+            shared.reply(frame.stream, &r)
+        }
         req => {
             let Some((stream, tx, rx)) = shared.open_stream(frame.stream) else {
                 let f = Failure::new(
@@ -107,7 +131,6 @@ fn serve_simple(
         } => files::mkdir(&path, parents, mode),
         Request::Remove { path, recursive } => files::remove(&path, recursive),
         Request::Sync => system::sync_all(),
-        Request::SetClock { secs, nanos } => system::set_clock(secs, nanos),
         Request::SetHostname { hostname } => system::set_hostname(&hostname),
         Request::Reseed { entropy_hex } => system::reseed(&entropy_hex),
         Request::SetMachineId { machine_id } => system::set_machine_id(&machine_id),
@@ -132,7 +155,11 @@ fn serve_simple(
         Request::PackTar { path } => tarball::pack(stream, rx, &path),
         Request::Watch { path, recursive } => watch::watch(stream, rx, &path, recursive),
         // Handled inline by `request`.
-        Request::Hello | Request::Ping | Request::Exec(_) => {
+        Request::Hello
+        | Request::Ping
+        | Request::Exec(_)
+        | Request::SetClock { .. }
+        | Request::SetIdentity { .. } => {
             Err(Failure::new(ErrorCode::Protocol, "unexpected request"))
         }
     }

@@ -29,7 +29,13 @@ pub fn hello_info() -> HelloInfo {
         hostname: hostname().unwrap_or_default(),
         uptime_ms: uptime_ms(),
         pid: std::process::id(),
-        features: vec!["procs".into(), "user".into(), "tar".into(), "watch".into()],
+        features: vec![
+            "procs".into(),
+            "user".into(),
+            "tar".into(),
+            "watch".into(),
+            "identity".into(),
+        ],
     }
 }
 
@@ -211,6 +217,66 @@ pub fn set_machine_id(id: &str) -> Result<Response> {
     Ok(Response::Ok)
 }
 
+/// A restored machine's new identity in one request (`set_identity`): one agent round trip, where the
+/// separate requests cost one each on a guest whose code is still cold. The MAC is set last and only
+/// reported when it cannot be: the guest's network works either way (its own user-mode network).
+pub fn set_identity(
+    (secs, nanos): (i64, u32),
+    machine_id: &str,
+    hostname: &str,
+    entropy_hex: &str,
+    mac: Option<&str>,
+) -> Result<Response> {
+    set_clock(secs, nanos)?;
+    set_machine_id(machine_id)?;
+    set_hostname(hostname)?;
+    reseed(entropy_hex)?;
+    let mac_error = mac.and_then(|mac| set_mac("eth0", mac).err());
+    Ok(Response::Identity { mac_error })
+}
+
+/// Sets a NIC's hardware address with SIOCSIFHWADDR, what `ip link set dev IF address MAC` does, without
+/// needing `ip` in the guest.
+fn set_mac(ifname: &str, mac: &str) -> std::result::Result<(), String> {
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| format!("invalid MAC {mac:?}"))?;
+    if bytes.len() != 6 || mac.len() != 17 {
+        return Err(format!("invalid MAC {mac:?}"));
+    }
+    // SAFETY: zeroed ifreq is a valid value; the name fits (checked) and stays NUL-terminated.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if ifname.len() >= req.ifr_name.len() {
+        return Err(format!("interface name {ifname:?} too long"));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(ifname.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: writing the sockaddr member of the union we own.
+    unsafe {
+        req.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+        for (dst, src) in req.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(&bytes) {
+            *dst = *src as libc::c_char;
+        }
+    }
+    // SAFETY: plain socket(2); closed below.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(format!("socket: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: SIOCSIFHWADDR reads a valid ifreq; `sock` is an open fd.
+    let rc = unsafe { libc::ioctl(sock, libc::SIOCSIFHWADDR, &req) };
+    let err = io::Error::last_os_error();
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(sock) };
+    if rc != 0 {
+        return Err(format!("cannot set {ifname}'s MAC to {mac}: {err}"));
+    }
+    Ok(())
+}
+
 /// Replaces `path` atomically, or overwrites it in place when it is a mount point (kiln's init and
 /// systemd bind-mount these files from /run), where a rename would fail with EBUSY. Checking first
 /// skips creating a temporary file on the root filesystem: under TCG, that cold path alone cost a
@@ -247,6 +313,25 @@ fn is_mount_point(path: &Path) -> bool {
 mod tests {
     use super::*;
     use kiln_proto::ErrorCode;
+
+    #[test]
+    fn set_mac_refuses_malformed_addresses_before_touching_a_nic() {
+        for bad in [
+            "",
+            "52:54:00:12:34",
+            "52:54:00:12:34:5g",
+            "52-54-00-12-34-56",
+            "52:54:00:12:34:56:78",
+        ] {
+            let e = set_mac("eth0", bad).unwrap_err();
+            assert!(e.contains("invalid MAC"), "{bad}: {e}");
+        }
+        let e = set_mac("an-interface-name-too-long", "52:54:00:12:34:56").unwrap_err();
+        assert!(e.contains("too long"), "{e}");
+        // A NIC that does not exist is reported, not a panic.
+        let e = set_mac("kiln-none0", "52:54:00:12:34:56").unwrap_err();
+        assert!(e.contains("kiln-none0"), "{e}");
+    }
 
     #[test]
     fn hello_describes_this_process() {

@@ -182,6 +182,58 @@ pub fn checksum(path: &Path) -> Result<String> {
     Ok(format!("xxh3:{:016x}", h.digest()))
 }
 
+/// Copies `src` to `dst` hole-preserving (see `kiln_vmm::memory::sparse_copy_inspect`) and returns the
+/// [`checksum`] of the file, computed in the same pass (holes hash as the zeros they read as), so a RAM
+/// file is read once, not copied and then read again. Does not fsync; writeback has started.
+pub fn copy_with_checksum(
+    src: &Path,
+    dst: &Path,
+) -> std::result::Result<String, kiln_vmm::VmmError> {
+    static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut pos = 0u64;
+    let zeros = |h: &mut xxhash_rust::xxh3::Xxh3, mut n: u64| {
+        while n > 0 {
+            let k = n.min(ZEROS.len() as u64) as usize;
+            h.update(&ZEROS[..k]);
+            n -= k as u64;
+        }
+    };
+    kiln_vmm::memory::sparse_copy_inspect(src, dst, |off, data| {
+        zeros(&mut h, off.saturating_sub(pos));
+        h.update(data);
+        pos = off + data.len() as u64;
+    })?;
+    let len = std::fs::metadata(dst)
+        .map_err(|e| kiln_vmm::VmmError::io(format!("stat {}", dst.display()), e))?
+        .len();
+    zeros(&mut h, len.saturating_sub(pos));
+    Ok(format!("xxh3:{:016x}", h.digest()))
+}
+
+/// [`checksum`] of a file kiln never changes once written (a kernel, an initrd, a sealed layer),
+/// remembered by device, inode, size and modification time: every snapshot links the same kernel and
+/// initrd, and hashing tens of MiB again each time is measurable.
+pub fn checksum_immutable(path: &Path) -> Result<String> {
+    use std::collections::HashMap;
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::{Mutex, OnceLock};
+    type Key = (u64, u64, u64, i64, i64);
+    static SEEN: OnceLock<Mutex<HashMap<Key, String>>> = OnceLock::new();
+    let m =
+        std::fs::metadata(path).map_err(|e| io_error(&format!("stat {}", path.display()), e))?;
+    let key = (m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec());
+    let seen = SEEN.get_or_init(Default::default);
+    if let Some(sum) = seen.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Ok(sum.clone());
+    }
+    let sum = checksum(path)?;
+    seen.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, sum.clone());
+    Ok(sum)
+}
+
 pub fn checksum_bytes(data: &[u8]) -> String {
     format!("xxh3:{:016x}", xxhash_rust::xxh3::xxh3_64(data))
 }
@@ -276,5 +328,22 @@ mod tests {
         assert!(!matches_checksum(&a, &checksum_bytes(b"other")).unwrap());
         assert_ne!(checksum_bytes(b"hello"), checksum_bytes(b"hellp"));
         assert!(checksum(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn copying_with_a_checksum_hashes_holes_as_zeros() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("ram");
+        let f = File::create(&src).unwrap();
+        f.set_len(20 << 20).unwrap();
+        f.write_all_at(b"guest page", 4 << 20).unwrap();
+        f.write_all_at(&[9u8; 70_000], 11 << 20).unwrap();
+        drop(f);
+        let dst = dir.path().join("copy");
+        let sum = copy_with_checksum(&src, &dst).unwrap();
+        assert_eq!(sum, checksum(&src).unwrap());
+        assert_eq!(sum, checksum(&dst).unwrap());
+        assert_eq!(checksum_immutable(&dst).unwrap(), sum);
     }
 }

@@ -29,6 +29,7 @@ mod procs;
 pub mod ramdir;
 mod recovery;
 pub mod snapshot;
+mod timing;
 pub mod validate;
 mod vm;
 pub mod volume;

@@ -65,6 +65,7 @@ impl Engine {
         }
         self.require_state(sb, &[SandboxState::Running, SandboxState::Paused])?;
         let vm = self.live_vm(sb).await?;
+        let mut ph = crate::timing::Phases::new("stop", &sb.id);
         let layout = self
             .db()
             .layout(&sb.id)?
@@ -77,6 +78,10 @@ impl Engine {
         if was_running {
             qmp.execute("stop", None).await?;
         }
+        ph.mark("stop");
+        // The vCPUs are stopped and QEMU's block I/O drained: RAM no longer changes. Its copy to the data
+        // disk runs while the device state is saved.
+        let ram_save = crate::ramdir::start_ram_save(&layout.memory);
         let saved = async {
             // QEMU writes in vm/; the checked, synced file moves into the root-owned directory.
             let written = self.vm_file(sb, "state.tmp")?;
@@ -87,15 +92,30 @@ impl Engine {
             taken?;
             Ok::<_, Error>(tmp_state)
         };
-        let tmp_state = match saved.await {
-            Ok(p) => p,
-            Err(e) => {
+        let saved = saved.await;
+        let ram_saved = match ram_save {
+            Some(copy) => copy
+                .await
+                .unwrap_or_else(|e| Err(Error::internal(format!("saving the RAM: {e}")))),
+            None => Ok(()),
+        };
+        let tmp_state = match (saved, ram_saved) {
+            (Ok(p), Ok(())) => p,
+            (saved, ram_saved) => {
+                let _ = std::fs::remove_file(dir.join("memory.tmp"));
+                if let Ok(p) = &saved {
+                    let _ = std::fs::remove_file(p);
+                }
                 if was_running {
                     let _ = qmp.execute("cont", None).await;
                 }
-                return Err(e);
+                return Err(saved
+                    .err()
+                    .or(ram_saved.err())
+                    .unwrap_or_else(|| Error::internal("saving the machine failed")));
             }
         };
+        ph.mark("save_state");
         self.faults().hold("stop.saved").await;
         // The machine is saved. Make the RAM file durable and publish the state file that marks the save
         // complete while QEMU still lives, its vCPUs stopped for good: a crash from here on leaves a
@@ -111,13 +131,17 @@ impl Engine {
             }
             return Err(e);
         }
+        ph.mark("save_ram_publish");
         self.faults().hold("stop.published").await;
         let _ = qmp.execute("quit", None).await;
         slot.vm.lock().await.take();
         vm.terminate().await;
+        ph.mark("quit");
         self.confine().remove_cgroup(&sb.id);
+        ph.mark("cgroup");
         // Saved on the data disk above; the copy on the RAM directory is stale once QEMU is gone.
         self.ram().remove(&sb.id);
+        ph.mark("ram_remove");
         self.faults().hold("stop.quit").await;
         self.db()
             .set_state(&sb.id, SandboxState::Stopped, None, None)?;
@@ -132,6 +156,7 @@ impl Engine {
             return Ok(sb);
         }
         self.require_state(&sb, &[SandboxState::Stopped])?;
+        let mut ph = crate::timing::Phases::new("start", &sb.id);
         // The row already exists (stopped), so it starts counting once its state says running.
         let _reservation = self.reserve(1, sb.memory_mib).await?;
         let mut layout = self
@@ -148,13 +173,18 @@ impl Engine {
                 state.display()
             )));
         }
+        ph.mark("checks");
+        let ram_fill = self.place_saved_ram(&sb, &mut layout)?;
+        let placed = ram_fill.is_some();
+        ph.mark("place_ram");
         let incoming = Incoming {
             state: state.clone(),
             resume: true,
             identity: None,
+            ram_fill,
         };
-        let placed = self.place_saved_ram(&sb, &mut layout)?;
         let started = self.start_vm(&sb, &layout, Some(incoming)).await;
+        ph.mark("start_vm");
         if started.is_err() && placed {
             self.ram().remove(&sb.id);
         }
@@ -213,6 +243,6 @@ impl Engine {
 /// Makes a stop's save durable and complete: the RAM saved to the data disk and synced, then `state.tmp`
 /// renamed to `state` and the directory synced (the state file is what marks the save complete).
 fn publish_save(memory: &Memory, tmp_state: &std::path::Path, dir: &std::path::Path) -> Result<()> {
-    crate::ramdir::save_ram(memory)?;
+    crate::ramdir::publish_saved_ram(memory)?;
     fsutil::publish(tmp_state, &dir.join(STATE_FILE))
 }

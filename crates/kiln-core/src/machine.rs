@@ -24,6 +24,8 @@ pub struct Incoming {
     pub resume: bool,
     /// Make the restored machine a new one (resume and fork); None keeps its identity (start, roll back).
     pub identity: Option<NewIdentity>,
+    /// The RAM file's copy still being made while QEMU starts (a start from hibernation).
+    pub ram_fill: Option<crate::ramdir::RamFill>,
 }
 
 /// What makes a copy of a machine its own: name, machine id, and a reseeded kernel RNG (otherwise two
@@ -211,7 +213,7 @@ impl Engine {
             // Warming a spare must not slow down the sandboxes clients are waiting for.
             self.confine().set_background(&sb.id, &limits, true);
         }
-        let t0 = std::time::Instant::now();
+        let mut ph = crate::timing::Phases::new("start_vm", &sb.id);
         let pid = {
             let spec = spec.clone();
             tokio::task::spawn_blocking(move || kiln_vmm::launch::launch(&spec))
@@ -220,12 +222,15 @@ impl Engine {
                 .map_err(|e| Error::new(ErrorCode::BootFailed, e.to_string()))?
         };
         self.db().set_state(&sb.id, sb.state, Some(pid), None)?;
-        let vm = Arc::new(Vm::new(
-            spec.name.clone(),
-            self.config().sandbox_dir(&sb.id),
-            pid,
-            None,
-        ));
+        let vm = Arc::new(
+            Vm::new(
+                spec.name.clone(),
+                self.config().sandbox_dir(&sb.id),
+                pid,
+                None,
+            )
+            .with_accel(self.accel().accel),
+        );
         if self.faults().kill_after_launch(&sb.name) {
             // SAFETY: kill(2) on the QEMU this call just launched.
             unsafe {
@@ -238,13 +243,14 @@ impl Engine {
             (_, false) => "create.launched",
         };
         self.faults().hold(point).await;
-        tracing::debug!(sandbox = %sb.id, ms = t0.elapsed().as_millis() as u64, "QEMU launched");
+        ph.mark("launch");
         let result = async {
             self.apply_ports(sb, &vm).await?;
             let settle = spec.balloon && incoming.as_ref().is_none_or(|i| i.resume);
+            ph.mark("ports");
             match incoming {
                 None => self.wait_for_agent(&vm).await?,
-                Some(inc) => self.restore_into(sb, &vm, &inc).await?,
+                Some(mut inc) => self.restore_into(sb, &vm, &mut inc, &mut ph).await?,
             }
             // A restored guest may be asked for more than its snapshot had (a paused one is left as
             // saved: it cannot move pages, and only a resume changes its size).
@@ -277,8 +283,20 @@ impl Engine {
         }
     }
 
-    async fn restore_into(&self, sb: &Sandbox, vm: &Vm, inc: &Incoming) -> Result<()> {
+    async fn restore_into(
+        &self,
+        sb: &Sandbox,
+        vm: &Vm,
+        inc: &mut Incoming,
+        ph: &mut crate::timing::Phases,
+    ) -> Result<()> {
         let qmp = vm.qmp().await?;
+        ph.mark("qmp_connect");
+        if let Some(fill) = inc.ram_fill.take() {
+            fill.await
+                .map_err(|e| Error::internal(format!("copying the saved RAM: {e}")))??;
+            ph.mark("ram_fill");
+        }
         // QEMU opens the state file itself, as the sandbox's user, which can only reach its own directory:
         // a snapshot's (immutable, sealed) state is hard-linked in for the load.
         let dir = self.config().sandbox_dir(&sb.id);
@@ -291,6 +309,7 @@ impl Engine {
             self.confine().seal(&link)?;
             link
         };
+        ph.mark("link_state");
         let loaded = kiln_vmm::migration::load_state(&qmp, &state, RESTORE_TIMEOUT).await;
         if state != inc.state {
             let _ = fsutil::remove_file_durably(&state);
@@ -304,7 +323,7 @@ impl Engine {
             };
             Error::new(code, format!("QEMU could not load the saved state: {e}"))
         })?;
-        tracing::debug!(vm = %vm.name, "state loaded");
+        ph.mark("load_state");
         if inc.resume {
             if state == inc.state {
                 // The sandbox's own hibernation state (a start): once its vCPUs run, the guest writes the
@@ -314,14 +333,15 @@ impl Engine {
                     .map_err(|e| fsutil::io_error("retiring the loaded hibernation state", e))?;
                 fsutil::fsync_path(&dir)?;
                 self.faults().hold("start.retired").await;
+                ph.mark("retire_state");
             }
             qmp.execute("cont", None).await?;
-            tracing::debug!(vm = %vm.name, "vCPUs running");
+            ph.mark("cont");
             if sb.state == SandboxState::Stopped {
                 self.faults().hold("start.continued").await;
             }
             self.after_resume(&sb.id, vm, inc.identity.as_ref()).await?;
-            tracing::debug!(vm = %vm.name, "agent answered, clock set");
+            ph.mark("after_resume");
         }
         Ok(())
     }
@@ -335,8 +355,11 @@ impl Engine {
         vm: &Vm,
         identity: Option<&NewIdentity>,
     ) -> Result<()> {
-        self.set_clock_and_identity(vm, identity).await?;
-        self.settle_volumes(sb_id, vm).await
+        let mut ph = crate::timing::Phases::new("after_resume", sb_id);
+        self.set_clock_and_identity(vm, identity, &mut ph).await?;
+        self.settle_volumes(sb_id, vm).await?;
+        ph.mark("settle_volumes");
+        Ok(())
     }
 
     /// Sets the guest's wall clock from the host's (after its vCPUs stood still).
@@ -348,11 +371,16 @@ impl Engine {
             .map_err(|e| agent_error(e, &vm.name))
     }
 
-    async fn set_clock_and_identity(&self, vm: &Vm, identity: Option<&NewIdentity>) -> Result<()> {
+    async fn set_clock_and_identity(
+        &self,
+        vm: &Vm,
+        identity: Option<&NewIdentity>,
+        ph: &mut crate::timing::Phases,
+    ) -> Result<()> {
         let agent = vm
             .agent(self.accel().accel.tuning().agent_after_resume)
             .await?;
-        tracing::debug!(vm = %vm.name, "agent connected");
+        ph.mark("agent_connect");
         let clock = agent.set_clock(SystemTime::now());
         let Some(identity) = identity else {
             return clock.await.map_err(|e| agent_error(e, &vm.name));
@@ -360,9 +388,29 @@ impl Engine {
         let mut entropy = [0u8; 64];
         rand::Rng::fill(&mut rand::thread_rng(), &mut entropy[..]);
         let machine_id = format!("{:032x}", rand::random::<u128>());
-        // One after the other: on a guest that has just been restored, concurrent requests cost more
-        // (each wakes its own agent thread through cold guest code) than they overlap (measured under TCG).
         let named = |e| agent_error(e, &vm.name);
+        if agent.has_feature("identity") {
+            // One round trip for all of it (each costs tens of milliseconds on a just-restored guest).
+            drop(clock);
+            let mac_error = agent
+                .set_identity(&kiln_agent_client::Identity {
+                    time: SystemTime::now(),
+                    machine_id: &machine_id,
+                    hostname: &identity.hostname,
+                    entropy: &entropy,
+                    mac: identity.mac.as_deref(),
+                })
+                .await
+                .map_err(named)?;
+            if let Some(why) = mac_error {
+                tracing::warn!(vm = %vm.name, mac = ?identity.mac, error = %why, "could not give the guest's NIC its new MAC");
+            }
+            ph.mark("identity");
+            return Ok(());
+        }
+        // An older agent: one request each, one after the other: on a guest that has just been restored,
+        // concurrent requests cost more (each wakes its own agent thread through cold guest code) than
+        // they overlap (measured under TCG).
         clock.await.map_err(named)?;
         agent.set_machine_id(&machine_id).await.map_err(named)?;
         agent
@@ -370,6 +418,7 @@ impl Engine {
             .await
             .map_err(named)?;
         agent.reseed(&entropy).await.map_err(named)?;
+        ph.mark("identity");
         if let Some(mac) = &identity.mac {
             // eth0 is the NIC the image's init configures. A guest without `ip` keeps its old address
             // (its network works either way: every sandbox has its own user-mode network).
@@ -391,6 +440,7 @@ impl Engine {
                     tracing::warn!(vm = %vm.name, mac, "setting the guest's NIC MAC timed out")
                 }
             }
+            ph.mark("mac");
         }
         Ok(())
     }

@@ -141,6 +141,29 @@ impl RamDir {
         made
     }
 
+    /// Creates `path` for a copy of `from` (sized at once, so QEMU may map it) and fills it with `from`'s
+    /// data in the background; the copy must have finished before the guest's state is loaded.
+    fn create_filling(&self, path: &Path, memory_mib: u64, from: &Path) -> Result<RamFill> {
+        let _room = self.room.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = std::fs::remove_file(path);
+        self.check_room(memory_mib)?;
+        let len = std::fs::metadata(from)
+            .map_err(|e| fsutil::io_error(&format!("stat {}", from.display()), e))?
+            .len();
+        let file = kiln_vmm::safefs::create_new(path, 0o600)
+            .and_then(|f| f.set_len(len).map(|()| f))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(path);
+                fsutil::io_error(&format!("creating {}", path.display()), e)
+            })?;
+        let (src, dst) = (from.to_path_buf(), path.to_path_buf());
+        Ok(tokio::task::spawn_blocking(move || {
+            kiln_vmm::memory::sparse_copy_into(&src, &file, &dst)
+                .map(drop)
+                .map_err(crate::snapshot::capture::storage_error)
+        }))
+    }
+
     /// Guest RAM is allocated lazily as the guest touches it, and a guest that touches a page the tmpfs
     /// has no room for kills its QEMU (SIGBUS). So a new file is admitted only if the free space covers
     /// it and what the files already there may still grow by.
@@ -239,44 +262,72 @@ impl Engine {
     }
 
     /// Before a stopped sandbox starts: its saved RAM (on the data disk) is copied to the RAM directory,
-    /// and the layout says where. True when a copy was made (the caller removes it if the start fails,
-    /// and the saved file once the VM runs).
-    pub(crate) fn place_saved_ram(&self, sb: &Sandbox, layout: &mut Layout) -> Result<bool> {
+    /// and the layout says where. The copy runs while QEMU starts (which maps the file but touches no
+    /// guest RAM while it waits for its incoming state); `Incoming::ram_fill` is awaited before the load.
+    /// Some when a copy is being made (the caller removes it if the start fails, and the saved file once
+    /// the VM runs).
+    pub(crate) fn place_saved_ram(
+        &self,
+        sb: &Sandbox,
+        layout: &mut Layout,
+    ) -> Result<Option<RamFill>> {
         let Memory::Owned { file, live } = &mut layout.memory else {
-            return Ok(false);
+            return Ok(None);
         };
         let target = self.ram().live_path(&sb.id);
-        if let Some(path) = &target {
-            let mib = layout
-                .max_memory_mib
-                .unwrap_or(sb.memory_mib)
-                .max(sb.memory_mib);
-            let (src, dst) = (file.clone(), path.clone());
-            fsutil::off_runtime(|| self.ram().create(&dst, mib, Some(&src)))?;
-            self.confine().own_file(path, sb.qemu_uid)?;
-        }
+        let fill = match &target {
+            Some(path) => {
+                // Room for the memory a copy may grow to (headroom), not only what it has now.
+                let mib = layout
+                    .max_memory_mib
+                    .unwrap_or(sb.memory_mib)
+                    .max(sb.memory_mib);
+                let fill = self.ram().create_filling(path, mib, file)?;
+                if let Err(e) = self.confine().own_file(path, sb.qemu_uid) {
+                    fill.abort();
+                    return Err(e);
+                }
+                Some(fill)
+            }
+            None => None,
+        };
         *live = target.clone();
         self.db().set_layout(&sb.id, layout)?;
-        Ok(target.is_some())
+        Ok(fill)
     }
 }
 
-/// Copies a running VM's RAM from the RAM directory to its file on the data disk (QEMU stopped), durably.
-/// Without a RAM directory the file is already there; it is synced.
-pub(crate) fn save_ram(memory: &Memory) -> Result<()> {
+/// A RAM file being filled in the background (`place_saved_ram`).
+pub(crate) type RamFill = tokio::task::JoinHandle<Result<()>>;
+
+/// Starts copying a stopped VM's RAM from the RAM directory to `<file>.tmp` on the data disk, in the
+/// background (while its device state is saved), with writeback started as it goes. None when the RAM
+/// already is on the data disk (or is a snapshot's, mapped privately).
+pub(crate) fn start_ram_save(memory: &Memory) -> Option<RamFill> {
+    let Memory::Owned {
+        file,
+        live: Some(live),
+    } = memory
+    else {
+        return None;
+    };
+    let (live, tmp) = (live.clone(), file.with_extension("tmp"));
+    Some(tokio::task::spawn_blocking(move || {
+        let _ = std::fs::remove_file(&tmp);
+        kiln_vmm::memory::sparse_copy_inspect(&live, &tmp, |_, _| {})
+            .map(drop)
+            .map_err(crate::snapshot::capture::storage_error)
+    }))
+}
+
+/// Makes the RAM saved by [`start_ram_save`] durable under its name (fsync, rename, fsync of the
+/// directory); without a RAM directory the file is already there and is synced.
+pub(crate) fn publish_saved_ram(memory: &Memory) -> Result<()> {
     match memory {
         Memory::Owned {
             file,
-            live: Some(live),
-        } => {
-            let tmp = file.with_extension("tmp");
-            let _ = std::fs::remove_file(&tmp);
-            fsutil::off_runtime(|| kiln_vmm::memory::sparse_copy(live, &tmp)).map_err(|e| {
-                let _ = std::fs::remove_file(&tmp);
-                crate::snapshot::capture::storage_error(e)
-            })?;
-            fsutil::publish(&tmp, file)
-        }
+            live: Some(_),
+        } => fsutil::publish(&file.with_extension("tmp"), file),
         Memory::Owned { file, live: None } => fsutil::fsync_path(file),
         Memory::Private { .. } => Ok(()),
     }

@@ -57,7 +57,7 @@ impl Engine {
                 }
                 s if s.has_vm() && alive.is_some() => {
                     let pid = alive.unwrap_or(0);
-                    let vm = Vm::new(name, dir.clone(), pid, None);
+                    let vm = Vm::new(name, dir.clone(), pid, None).with_accel(self.accel().accel);
                     let state = match vm.qmp().await {
                         // Recorded as running but found paused: kiln went down in the middle of an
                         // operation that pauses the VM briefly (a snapshot or a stop); let it run again.

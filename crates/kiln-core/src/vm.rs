@@ -19,6 +19,8 @@ pub struct Vm {
     pub run_dir: PathBuf,
     pub pid: u32,
     agent: Mutex<Option<AgentClient>>,
+    /// How often connecting to the agent is retried (per accelerator: `Accel::tuning`).
+    retry: kiln_agent_client::Retry,
     /// Copies the serial console into its ring while QEMU runs (see `console`).
     console_pump: Option<tokio::task::JoinHandle<()>>,
 }
@@ -38,8 +40,19 @@ impl Vm {
             run_dir,
             pid,
             agent: Mutex::new(agent),
+            retry: kiln_agent_client::Retry::default(),
             console_pump: console_pump.flatten(),
         }
+    }
+
+    /// The agent connection's retry intervals for this accelerator.
+    pub fn with_accel(mut self, accel: kiln_vmm::Accel) -> Vm {
+        let t = accel.tuning();
+        self.retry = kiln_agent_client::Retry {
+            connect: t.connect_retry,
+            hello: t.hello_retry,
+        };
+        self
     }
 
     /// A file QEMU created: in `vm/`, or directly in the sandbox directory for a VM launched by an older
@@ -90,9 +103,10 @@ impl Vm {
         if !self.is_alive() {
             return Err(self.died_error());
         }
-        let (client, _hello) = AgentClient::connect_to(&self.agent_socket(), self.pid, timeout)
-            .await
-            .map_err(|e| agent_error(e, &self.name))?;
+        let (client, _hello) =
+            AgentClient::connect_to(&self.agent_socket(), self.pid, timeout, self.retry)
+                .await
+                .map_err(|e| agent_error(e, &self.name))?;
         *slot = Some(client.clone());
         Ok(client)
     }

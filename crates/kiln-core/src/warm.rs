@@ -132,6 +132,9 @@ impl WarmPool {
     }
 }
 
+/// How long after the resume that asks for it a spare starts warming.
+const SPARE_DELAY: Duration = Duration::from_secs(1);
+
 impl Engine {
     /// Keeps a spare of memory snapshot `snapshot` warming in the background (if the pool has room).
     pub(crate) fn schedule_spare(&self, snapshot: &str) {
@@ -140,7 +143,12 @@ impl Engine {
         }
         let Some(engine) = self.me() else { return };
         let snapshot = snapshot.to_string();
-        tokio::spawn(async move { engine.make_spare(&snapshot).await });
+        tokio::spawn(async move {
+            // Not at once: the client of the copy just resumed runs its first commands now, and under
+            // TCG a spare's QEMU start and first guest code would take the CPU from them.
+            tokio::time::sleep(SPARE_DELAY).await;
+            engine.make_spare(&snapshot).await
+        });
     }
 
     async fn make_spare(&self, snapshot: &str) {

@@ -64,6 +64,18 @@ pub enum Request {
     Reseed { entropy_hex: String },
     /// Writes /etc/machine-id (32 lowercase hex digits); answers [`Response::Ok`].
     SetMachineId { machine_id: String },
+    /// A restored machine's new identity in one round trip (feature `identity`): sets the clock, then
+    /// machine id, hostname and RNG entropy as the requests above do (the first failure is the answer),
+    /// then `eth0`'s MAC if given; answers [`Response::Identity`].
+    SetIdentity {
+        secs: i64,
+        nanos: u32,
+        machine_id: String,
+        hostname: String,
+        entropy_hex: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mac: Option<String>,
+    },
     /// Mounts the ext4 volume on the virtio disk with this serial at `path` (created if missing);
     /// answers [`Response::Ok`]. `rescan`: the disk's backend changed since the guest kernel probed it
     /// (a restored machine), so the driver is re-bound to read its size again first.
@@ -214,6 +226,11 @@ pub enum Response {
     /// Disks (by serial) that no filesystem or process holds open.
     Volumes {
         free: Vec<String>,
+    },
+    /// Answer to `set_identity`: everything but the MAC is set; `mac_error` says why the MAC is not.
+    Identity {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mac_error: Option<String>,
     },
     /// One background process.
     Proc(ProcInfo),
@@ -490,6 +507,14 @@ mod tests {
             Request::Watch {
                 path: "/d".into(),
                 recursive: true,
+            },
+            Request::SetIdentity {
+                secs: 1,
+                nanos: 2,
+                machine_id: "0123456789abcdef0123456789abcdef".into(),
+                hostname: "box".into(),
+                entropy_hex: "00ff".into(),
+                mac: Some("52:54:00:12:34:56".into()),
             },
         ];
         for r in &reqs {

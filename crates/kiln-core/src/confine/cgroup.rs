@@ -245,15 +245,16 @@ impl Cgroups {
     /// Removes the sandbox's groups (after its VM exited). A group still holding a process is left alone.
     pub fn remove(&self, id: &str) {
         for d in self.dirs(id) {
-            // The last task leaves the group a moment after the process is reaped; retry briefly.
-            for attempt in 0..50 {
+            // The last task leaves the group a moment (usually a millisecond or two) after the process
+            // is reaped; retry often (a stop waits for this), for up to a second.
+            for attempt in 0..500 {
                 match std::fs::remove_dir(&d) {
                     Ok(()) => break,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                    Err(e) if attempt == 49 => {
+                    Err(e) if attempt == 499 => {
                         tracing::warn!(dir = %d.display(), error = %e, "could not remove cgroup")
                     }
-                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(2)),
                 }
             }
         }

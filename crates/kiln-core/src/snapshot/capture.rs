@@ -92,9 +92,14 @@ impl Engine {
             std::fs::write(tmp.join(crate::recovery::EPHEMERAL_MARK), b"fork capture\n")
                 .map_err(|e| fsutil::io_error("marking a fork capture", e))?;
         }
-        let result = self
-            .capture(&sb, &vm, &id, &req, &tmp, internal.ephemeral)
-            .await;
+        let mut ph = crate::timing::Phases::new("snapshot_create", &id);
+        let job = Job {
+            id: &id,
+            req: &req,
+            tmp: &tmp,
+            ephemeral: internal.ephemeral,
+        };
+        let result = self.capture(&sb, &vm, job, &mut ph).await;
         drop(claim);
         match result {
             Ok(snapshot) => {
@@ -112,11 +117,10 @@ impl Engine {
         &self,
         sb: &Sandbox,
         vm: &Vm,
-        id: &str,
-        req: &CreateSnapshot,
-        tmp: &Path,
-        ephemeral: bool,
+        job: Job<'_>,
+        ph: &mut crate::timing::Phases,
     ) -> Result<Snapshot> {
+        let req = job.req;
         let mut layout = self
             .db()
             .layout(&sb.id)?
@@ -124,7 +128,9 @@ impl Engine {
         let qmp = vm.qmp().await?;
         let status = qmp.status().await?;
         require_saveable(sb, &status)?;
+        ph.mark("status");
         self.reconcile_top(sb, &qmp, &mut layout).await?;
+        ph.mark("reconcile_top");
         if req.kind == SnapshotType::Disk {
             // Flush the guest's page cache so the disk holds what its programs wrote.
             let agent = vm.agent(Duration::from_secs(10)).await?;
@@ -141,15 +147,15 @@ impl Engine {
         create_top_layer(&new_top, &below, sb.disk_size_bytes)?;
         // QEMU opens it (blockdev-add) as the sandbox's user.
         self.confine().own_file(&new_top, sb.qemu_uid)?;
+        ph.mark("create_top_layer");
         let was_running = status == "running";
         if was_running {
             qmp.execute("stop", None).await?;
         }
         let paused_at = Instant::now();
+        ph.mark("stop");
         self.faults().hold("snapshot.paused").await;
-        let frozen = self
-            .freeze(sb, &qmp, &mut layout, req.kind, tmp, &new_top)
-            .await;
+        let frozen = self.freeze(sb, &qmp, &mut layout, &job, &new_top, ph).await;
         if frozen.is_err() && layout.top().map(|l| &l.path) != Some(&new_top) {
             let _ = fsutil::remove_file_durably(&new_top);
         }
@@ -160,27 +166,28 @@ impl Engine {
             qmp.execute("cont", None).await.map_err(Error::from)
         };
         let pause_ms = paused_at.elapsed().as_millis() as u64;
+        ph.mark("cont");
         if req.leave_paused && was_running {
             self.db()
                 .set_state(&sb.id, SandboxState::Paused, Some(vm.pid), None)?;
         }
         let captured = frozen?;
         resumed?;
-        tracing::debug!(snapshot = id, pause_ms, "source paused for capture");
-        if !keep_paused {
-            // The guest's clock stood still while it was paused: set it, as a resume does. The snapshot
-            // is taken either way; a guest that does not answer keeps its late clock (logged).
+        tracing::debug!(snapshot = job.id, pause_ms, "source paused for capture");
+        // The guest's clock stood still while it was paused: set it, as a resume does, while the
+        // snapshot's files are written (the request is sent at once; its answer is awaited at the end).
+        // The snapshot is taken either way; a guest that does not answer keeps its late clock (logged).
+        let clock = async {
+            if keep_paused {
+                return;
+            }
             if let Err(e) = self.set_clock(vm).await {
                 tracing::warn!(sandbox = %sb.id, error = %e.message, "could not set the guest's clock after the capture");
             }
-        }
-        let job = Job {
-            id,
-            req,
-            tmp,
-            ephemeral,
         };
-        self.finish_snapshot(sb, &layout, job, captured).await
+        let ((), snapshot) =
+            tokio::join!(clock, self.finish_snapshot(sb, &layout, job, captured, ph));
+        snapshot
     }
 
     /// While the VM is stopped: saves device state, freezes the disk's top layer and captures RAM.
@@ -189,10 +196,71 @@ impl Engine {
         sb: &Sandbox,
         qmp: &kiln_vmm::Qmp,
         layout: &mut Layout,
-        kind: SnapshotType,
-        tmp: &Path,
+        job: &Job<'_>,
         new_top: &Path,
+        ph: &mut crate::timing::Phases,
     ) -> Result<Captured> {
+        let (kind, tmp) = (job.req.kind, job.tmp);
+        // The vCPUs are stopped and QEMU's block I/O drained, so owned RAM no longer changes: its copy
+        // (from the RAM directory when it is there, checksummed in the same pass: never read back) runs
+        // while the device state is saved and the disk frozen.
+        let ram_copy = match (&layout.memory, kind.has_memory()) {
+            (Memory::Owned { file, live }, true) => {
+                let src = live.clone().unwrap_or_else(|| file.clone());
+                let dst = tmp.join("memory");
+                Some(tokio::task::spawn_blocking(move || {
+                    fsutil::copy_with_checksum(&src, &dst)
+                }))
+            }
+            _ => None,
+        };
+        let frozen = self
+            .freeze_device_and_disk(sb, qmp, layout, job, new_top, ph)
+            .await;
+        let copied = match ram_copy {
+            Some(copy) => Some(
+                copy.await
+                    .map_err(|e| Error::internal(e.to_string()))
+                    .and_then(|r| r.map_err(storage_error)),
+            ),
+            None => None,
+        };
+        frozen?;
+        let memory = match (copied, &layout.memory) {
+            (Some(checksum), _) => {
+                let checksum = checksum?;
+                self.confine().seal(&tmp.join("memory"))?;
+                CapturedMemory::Copied { checksum }
+            }
+            // QEMU migrates a privately mapped RAM block in full (only shared file-backed RAM can be
+            // skipped), so the saved state already holds every page; the base is kept for the mapping.
+            (
+                None,
+                Memory::Private {
+                    base,
+                    base_checksum,
+                },
+            ) if kind.has_memory() => CapturedMemory::OnBase {
+                base: base.clone(),
+                base_checksum: base_checksum.clone(),
+            },
+            (None, _) => CapturedMemory::None,
+        };
+        ph.mark("capture_ram");
+        Ok(Captured { memory })
+    }
+
+    /// `freeze` without the RAM: saves device state and switches the disk to its new top layer.
+    async fn freeze_device_and_disk(
+        &self,
+        sb: &Sandbox,
+        qmp: &kiln_vmm::Qmp,
+        layout: &mut Layout,
+        job: &Job<'_>,
+        new_top: &Path,
+        ph: &mut crate::timing::Phases,
+    ) -> Result<()> {
+        let (kind, tmp) = (job.req.kind, job.tmp);
         if kind.has_memory() {
             // QEMU writes the file as the sandbox's user, which can only write in its own directory; the
             // result moves into the snapshot and is sealed read-only.
@@ -202,6 +270,7 @@ impl Engine {
             let _ = std::fs::remove_file(&own);
             moved?;
             self.confine().seal(&tmp.join("state"))?;
+            ph.mark("save_state");
         }
         // Freeze the disk: the new empty top layer takes the writes from now on; the old top is immutable.
         let node = format!("top{}", layout.generation);
@@ -230,34 +299,8 @@ impl Engine {
         // The old top is immutable from now on and will be shared with the snapshot and its resumes.
         self.confine()
             .seal(&layout.disk_layers[layout.disk_layers.len() - 2].path)?;
-
-        let memory = if !kind.has_memory() {
-            CapturedMemory::None
-        } else {
-            match &layout.memory {
-                Memory::Owned { file, live } => {
-                    // From the RAM directory (tmpfs) when it is there.
-                    let src = live.clone().unwrap_or_else(|| file.clone());
-                    let dst = tmp.join("memory");
-                    tokio::task::spawn_blocking(move || kiln_vmm::memory::sparse_copy(&src, &dst))
-                        .await
-                        .map_err(|e| Error::internal(e.to_string()))?
-                        .map_err(storage_error)?;
-                    self.confine().seal(&tmp.join("memory"))?;
-                    CapturedMemory::Copied
-                }
-                // QEMU migrates a privately mapped RAM block in full (only shared file-backed RAM can be
-                // skipped), so the saved state already holds every page; the base is kept for the mapping.
-                Memory::Private {
-                    base,
-                    base_checksum,
-                } => CapturedMemory::OnBase {
-                    base: base.clone(),
-                    base_checksum: base_checksum.clone(),
-                },
-            }
-        };
-        Ok(Captured { memory })
+        ph.mark("switch_overlay");
+        Ok(())
     }
 
     /// After the VM runs again: links and checksums the files, writes the manifest and moves the snapshot
@@ -268,6 +311,7 @@ impl Engine {
         layout: &Layout,
         job: Job<'_>,
         captured: Captured,
+        ph: &mut crate::timing::Phases,
     ) -> Result<Snapshot> {
         let Job {
             id,
@@ -311,12 +355,13 @@ impl Engine {
         if req.kind.has_memory() {
             files.push(engine_files.internal(Role::State, "state", None)?);
         }
+        ph.mark("base_digest");
         match captured.memory {
             CapturedMemory::None => {}
-            CapturedMemory::Copied => {
+            CapturedMemory::Copied { checksum } => {
                 // Copied while the VM was paused; made durable now that it runs again.
                 fsutil::fsync_path(&tmp.join("memory"))?;
-                files.push(engine_files.internal(Role::Memory, "memory", None)?)
+                files.push(engine_files.internal_known(Role::Memory, "memory", None, checksum)?)
             }
             CapturedMemory::OnBase {
                 base,
@@ -345,6 +390,7 @@ impl Engine {
                 }
             }
         }
+        ph.mark("memory_file");
         // Disk layers, bottom first. The layer frozen just now gets its checksum here, once.
         let top_sum = fsutil::checksum(&layout.disk_layers[frozen_top].path)?;
         layout.disk_layers[frozen_top].checksum = Some(top_sum);
@@ -382,11 +428,19 @@ impl Engine {
                 checksum,
             )?);
         }
-        fsutil::link_or_copy(&layout.kernel, &tmp.join("kernel"))?;
-        files.push(engine_files.internal(Role::Kernel, "kernel", None)?);
-        fsutil::link_or_copy(&layout.initrd, &tmp.join("initrd"))?;
-        files.push(engine_files.internal(Role::Initrd, "initrd", None)?);
+        ph.mark("disk_files");
+        // The same kernel and initrd (hard links) go into every snapshot: hashed once per daemon.
+        for (role, name, src) in [
+            (Role::Kernel, "kernel", &layout.kernel),
+            (Role::Initrd, "initrd", &layout.initrd),
+        ] {
+            fsutil::link_or_copy(src, &tmp.join(name))?;
+            let checksum = fsutil::checksum_immutable(&tmp.join(name))?;
+            files.push(engine_files.internal_known(role, name, None, checksum)?);
+        }
+        ph.mark("kernel_initrd");
         self.db().set_layout(&sb.id, &layout)?;
+        ph.mark("db_layout");
 
         let created_at = now_rfc3339();
         let manifest = Manifest {
@@ -432,10 +486,13 @@ impl Engine {
         // Every file's data is durable before the manifest vouches for it (hard-linked layers may still
         // hold QEMU's unflushed writes in the page cache).
         fsutil::fsync_files_in(tmp)?;
+        ph.mark("fsync_files");
         manifest.write(tmp)?;
+        ph.mark("manifest");
         let dir = self.config().snapshot_dir(id);
         self.faults().hold("snapshot.written").await;
         fsutil::publish(tmp, &dir)?;
+        ph.mark("publish");
         let snapshot = Snapshot {
             id: id.to_string(),
             sandbox_id: sb.id.clone(),
@@ -459,6 +516,7 @@ impl Engine {
             let _ = fsutil::remove_dir_durably(&dir);
             return Err(e);
         }
+        ph.mark("db_insert");
         self.mark_verified(id);
         Ok(snapshot)
     }
@@ -532,7 +590,9 @@ struct Captured {
 
 enum CapturedMemory {
     None,
-    Copied,
+    Copied {
+        checksum: String,
+    },
     OnBase {
         base: PathBuf,
         base_checksum: Option<String>,

@@ -249,6 +249,7 @@ impl Engine {
                 hostname: sb.hostname.clone(),
                 mac: Some(sb.mac.clone()),
             }),
+            ram_fill: None,
         });
         Ok((layout, incoming))
     }
@@ -273,7 +274,9 @@ impl Engine {
         if let Some(name) = &req.name {
             validate::name("sandbox", name)?;
         }
+        let mut ph = crate::timing::Phases::new("resume", id);
         let (_, m) = self.load_manifest(id)?;
+        ph.mark("manifest");
         // Kept from deletion while its files are linked into the new sandbox.
         let _in_use = self.claim_use(id, ErrorCode::SnapshotNotFound)?;
         let (memory_mib, cpus, disk_size_bytes) = self.resume_resources(&m, &req)?;
@@ -333,9 +336,11 @@ impl Engine {
         let _guard = slot.op.write().await;
         let cmdline = with_hostname(&m.cmdline, &hostname, disk_size_bytes > m.disk_size_bytes);
         let started = async {
+            ph.mark("record");
             let (layout, incoming) =
                 self.provision_from_snapshot(&sb, id, &m, cmdline, &sb.volumes)?;
             self.db().set_layout(&sb.id, &layout)?;
+            ph.mark("provision");
             let booted = incoming.is_none();
             let max_cpus = layout.max_cpus.unwrap_or(m.cpus);
             let vm = self.start_vm(&sb, &layout, incoming).await?;
@@ -349,6 +354,7 @@ impl Engine {
             } else if cpus != m.cpus {
                 super::resources::set_online_cpus(&vm, cpus, max_cpus).await?;
             }
+            ph.mark("start_vm");
             Ok::<_, Error>(vm)
         };
         match started.await {
