@@ -212,7 +212,10 @@ fn timeout_deletes_and_set_timeout_extends() {
     let (_, doc) = d.api("GET", "/v1/openapi.json", None);
     assert!(doc["paths"]["/v1/sandboxes/{id}/timeout"]["post"].is_object());
     for schema in ["SetTimeout", "Lifetime", "OnTimeout"] {
-        assert!(doc["components"]["schemas"][schema].is_object(), "{schema} missing");
+        assert!(
+            doc["components"]["schemas"][schema].is_object(),
+            "{schema} missing"
+        );
     }
     let create = &doc["components"]["schemas"]["CreateSandbox"]["properties"];
     assert!(create["idle_timeout"].is_object(), "{create}");
