@@ -78,6 +78,11 @@ enum Command {
         /// Name prefix for the children (PREFIX-1, PREFIX-2, ...).
         #[arg(long)]
         name: Option<String>,
+        /// Seconds of life of each child (children inherit no lifetime from the source).
+        #[arg(long)]
+        timeout: Option<u64>,
+        #[command(flatten)]
+        life: commands::sandbox::LifetimeArgs,
     },
     /// Continue paused sandboxes.
     Resume {
@@ -175,7 +180,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             sandbox,
             count,
             name,
-        } => commands::snapshot::fork(&cli, sandbox, *count, name.as_deref()).await,
+            timeout,
+            life,
+        } => {
+            let mut lifetime = serde_json::json!({});
+            life.apply(*timeout, &mut lifetime);
+            commands::snapshot::fork(&cli, sandbox, *count, name.as_deref(), lifetime).await
+        }
         Command::Exec(args) => commands::exec::run(&cli, args).await,
         Command::Process(cmd) => commands::process::run(&cli, cmd).await,
         Command::Files(cmd) => commands::files::run(&cli, cmd).await,

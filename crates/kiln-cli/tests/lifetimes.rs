@@ -194,6 +194,21 @@ fn timeout_deletes_and_set_timeout_extends() {
     assert!(listing.contains("timeout 60 s"), "{listing}");
     assert!(listing.contains("on timeout: delete"), "{listing}");
 
+    // A fork child inherits no lifetime unless given one; given one, it applies to the child only.
+    let (status, v) = d.api(
+        "POST",
+        "/v1/sandboxes/renewed/fork",
+        Some(json!({"count": 1, "name": "kid", "timeout": 4, "on_timeout": "delete"})),
+    );
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["sandboxes"][0]["lifetime"]["timeout"], 4, "{v}");
+    let out = d.kiln_ok(&["--json", "fork", "renewed", "--name", "plain"]);
+    let plain: Value = serde_json::from_str(&out).unwrap();
+    assert!(plain["sandboxes"][0]["lifetime"].is_null(), "{plain}");
+    wait_state(&d, "kid-1", "gone", Duration::from_secs(30));
+    assert_eq!(get(&d, "renewed").1["lifetime"]["timeout"], 60);
+    assert_eq!(get(&d, "plain-1").1["state"], "running");
+
     // Bad input is refused with the stable code.
     let (status, v) = d.api(
         "POST",

@@ -28,6 +28,14 @@ pub struct ForkRequest {
     pub name: Option<String>,
     #[serde(default, alias = "metadata")]
     pub labels: BTreeMap<String, String>,
+    /// Lifetime of every child (children inherit none from the source): seconds of life.
+    pub timeout: Option<u64>,
+    /// Seconds without use before `on_timeout` applies to a child.
+    pub idle_timeout: Option<u64>,
+    /// `hibernate` (default) or `delete`.
+    pub on_timeout: Option<crate::lifetime::OnTimeout>,
+    /// Start a hibernated child again when it is used (default true with a lifetime).
+    pub auto_resume: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

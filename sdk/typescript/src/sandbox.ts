@@ -82,7 +82,8 @@ export interface SnapshotOptions {
   ttl?: number;
 }
 
-export interface ForkOptions {
+/** Fork options; lifetime fields apply to every child (children inherit none from the source). */
+export interface ForkOptions extends LifetimeOptions {
   /** How many children (default 1). */
   count?: number;
   /** Children are named `NAME-1`, `NAME-2`, ... (default: the source's name plus `-fork-XXXX`). */
@@ -497,7 +498,7 @@ export class Sandbox {
    * nothing: if one child cannot start, none is left.
    */
   async fork(options: ForkOptions = {}): Promise<Sandbox[]> {
-    const body = { count: options.count ?? 1, name: options.name, labels: options.metadata };
+    const body = { count: options.count ?? 1, name: options.name, labels: options.metadata, ...lifetimeJson(options) };
     const r = await this.client.json<{ sandboxes: SandboxRecord[] }>("POST", sandboxPath(this.id, "/fork"), { json: body });
     return r.sandboxes.map((s) => new Sandbox(s, this.client));
   }

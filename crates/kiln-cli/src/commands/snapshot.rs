@@ -369,8 +369,12 @@ pub async fn fork(
     sandbox: &str,
     count: u64,
     name: Option<&str>,
+    lifetime: Value,
 ) -> anyhow::Result<ExitCode> {
     let mut body = json!({ "count": count });
+    for (k, v) in lifetime.as_object().into_iter().flatten() {
+        body[k] = v.clone();
+    }
     if let Some(n) = name {
         body["name"] = json!(n);
     }

@@ -403,6 +403,40 @@ impl Engine {
         self.lifetime_after_create(sb, &life).await
     }
 
+    /// Forks a sandbox and gives every child the lifetime asked for (`POST /v1/sandboxes/{id}/fork`); all
+    /// or nothing, as the fork itself.
+    pub async fn fork_with_lifetime(
+        &self,
+        source: &str,
+        req: crate::ForkRequest,
+    ) -> Result<crate::ForkResult> {
+        let life = SetTimeout {
+            timeout: req.timeout,
+            idle_timeout: req.idle_timeout,
+            on_timeout: req.on_timeout,
+            auto_resume: req.auto_resume,
+        };
+        life.validate()?;
+        let mut forked = self.fork(source, req).await?;
+        if life.is_empty() {
+            return Ok(forked);
+        }
+        let applied = forked
+            .sandboxes
+            .iter()
+            .try_for_each(|c| self.apply_lifetime(&c.id, &life));
+        if let Err(e) = applied {
+            for c in &forked.sandboxes {
+                let _ = self.delete(&c.id).await;
+            }
+            return Err(e);
+        }
+        for c in &mut forked.sandboxes {
+            *c = self.get(&c.id)?;
+        }
+        Ok(forked)
+    }
+
     async fn lifetime_after_create(
         &self,
         sb: crate::Sandbox,

@@ -106,7 +106,7 @@ pub async fn fork(
         "sandbox.fork",
         res,
         StatusCode::CREATED,
-        move |e| async move { e.fork(&id, req).await },
+        move |e| async move { e.fork_with_lifetime(&id, req).await },
     )
     .await
 }
