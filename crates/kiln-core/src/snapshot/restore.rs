@@ -168,6 +168,16 @@ impl Engine {
         } else {
             self.owned_memory(sb)?
         };
+        // A memory snapshot's machine keeps its device set (None: one from before it was recorded); a
+        // disk snapshot boots a new machine.
+        let machine = if m.kind.has_memory() {
+            m.depends.machine_options.clone()
+        } else {
+            Some(kiln_vmm::qemu::machine_for_boot(
+                self.accel().accel,
+                &cmdline,
+            ))
+        };
         let mut layout = Layout {
             firmware: m.firmware.clone(),
             kernel,
@@ -205,6 +215,7 @@ impl Engine {
             } else {
                 kiln_vmm::cpu::identity(self.accel().accel)
             },
+            machine,
         };
         self.place_mounts(
             &dir,
