@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """kiln benchmarks: run against real VMs, print a table, save JSON.
 
-Usage: bench/bench.py [--runs N] [--out bench/results/NAME.json] [--only cold_boot,exec,...,dirs]
+Usage: bench/bench.py [--runs N] [--out bench/results/NAME.json] [--only cold_boot,exec,...,dirs,idle]
+`--only idle` measures idle host CPU and PSS of KILN_BENCH_IDLE_N sandboxes (default 5) over
+KILN_BENCH_IDLE_SECS (default 60).
 """
 import argparse
 import concurrent.futures
@@ -245,6 +247,78 @@ def bench_fork(d, runs):
     d.api.delete(src["id"])
     return out
 
+def thread_ticks(pid):
+    """{tid: (utime+stime clock ticks, context switches)} of one process's threads."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                st = f.read()
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                status = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        fields = st[st.rindex(")") + 2:].split()
+        switches = sum(int(line.split()[1]) for line in status.splitlines()
+                       if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")))
+        out[tid] = (int(fields[11]) + int(fields[12]), switches)
+    return out
+
+
+def bench_idle(d, runs, n=None, window=None):
+    """Host CPU and PSS of N idle sandboxes (KILN_BENCH_IDLE_N, default 5): utime+stime of every QEMU
+    thread over a window (KILN_BENCH_IDLE_SECS, default 60 s) after they settle, and the daemon's own."""
+    n = n or int(os.environ.get("KILN_BENCH_IDLE_N", "5"))
+    window = window or float(os.environ.get("KILN_BENCH_IDLE_SECS", "60"))
+    hz = os.sysconf("SC_CLK_TCK")
+    sbs = [d.api.create(template="tiny", memory_mib=256, cpus=1, name=f"idle-{i}") for i in range(n)]
+    for sb in sbs:
+        d.api.exec(sb["id"], ["true"])
+    time.sleep(10)  # let boot-time work (module loading, first writeback) finish
+    pids = [d.api.call("GET", f"/v1/sandboxes/{sb['id']}")["pid"] for sb in sbs]
+    before = {pid: thread_ticks(pid) for pid in pids}
+    daemon_before = thread_ticks(d.proc.pid)
+    t0 = time.monotonic()
+    time.sleep(window)
+    elapsed = time.monotonic() - t0
+    after = {pid: thread_ticks(pid) for pid in pids}
+    daemon_after = thread_ticks(d.proc.pid)
+
+    def pct(ticks):
+        return 100.0 * ticks / hz / elapsed
+
+    per_vm, main_thread, others, wakes_main = [], [], [], []
+    for pid in pids:
+        total = 0
+        for tid, (ticks, switches) in after[pid].items():
+            if tid not in before[pid]:
+                continue
+            dt = ticks - before[pid][tid][0]
+            total += dt
+            if tid == str(pid):
+                main_thread.append(pct(dt))
+                wakes_main.append((switches - before[pid][tid][1]) / elapsed)
+        per_vm.append(pct(total))
+        others.append(per_vm[-1] - main_thread[-1])
+    daemon = sum(t - daemon_before[tid][0] for tid, (t, _) in daemon_after.items() if tid in daemon_before)
+    pss = [pss_bytes(pid) for pid in pids]
+    for sb in sbs:
+        d.api.delete(sb["id"])
+    return {
+        f"idle_{n}_sandboxes": {
+            "sandboxes": n, "window_s": round(elapsed, 1),
+            "cpu_percent_of_a_core_per_sandbox_median": round(statistics.median(per_vm), 3),
+            "cpu_percent_of_a_core_all_sandboxes": round(sum(per_vm), 3),
+            "qemu_main_thread_percent_median": round(statistics.median(main_thread), 3),
+            "qemu_main_thread_wakeups_per_s_median": round(statistics.median(wakes_main), 1),
+            # vCPU, I/O and RCU threads (QEMU names them all alike).
+            "other_threads_percent_median": round(statistics.median(others), 3),
+            "daemon_cpu_percent": round(pct(daemon), 3),
+            "pss_mib_per_sandbox_median": round(statistics.median(pss) / 2**20, 1),
+            "pss_mib_all_sandboxes": round(sum(pss) / 2**20, 1),
+        }
+    }
+
 
 def bench_process_first_output(d, runs):
     """A background process: from the start request to the first byte of its output, read by a client
@@ -338,6 +412,7 @@ BENCHES = {
     # Issue 14: a hibernated sandbox wakes within the hibernate-start time.
     "wake_on_exec_to_first_output": (bench_wake_on_exec, 150.0),
     "dirs": (bench_dirs, None),
+    "idle": (bench_idle, None),
 }
 
 
@@ -358,7 +433,7 @@ def main():
                 continue
             print(f"running {name} ...", file=sys.stderr, flush=True)
             res = fn(d, args.runs)
-            if name in ("snapshots", "fork", "dirs"):
+            if name in ("snapshots", "fork", "dirs", "idle"):
                 results.update(res)
             else:
                 res["target_ms"] = target
@@ -376,6 +451,8 @@ def main():
     print()
     print(f"{'benchmark':<40} {'median':>9} {'min':>9} {'p90':>9} {'max':>9} {'target':>8} {'runs':>5}")
     for name, r in results.items():
+        if "median_ms" not in r:
+            continue
         tgt = f"{r['target_ms']:.0f}" if r.get("target_ms") else "-"
         print(f"{name:<40} {r['median_ms']:>9.1f} {r['min_ms']:>9.1f} {r['p90_ms']:>9.1f} {r['max_ms']:>9.1f} {tgt:>8} {r['runs']:>5}")
     print("(milliseconds)")
@@ -387,6 +464,11 @@ def main():
         if "bytes_written_median" in r:
             extra = f" = {r['percent_of_ram']}% of guest RAM (target {r['target_percent_of_ram']}%)" if "percent_of_ram" in r else ""
             print(f"{name}: writes {r['bytes_written_median'] / 2**20:.1f} MiB{extra}")
+        if "cpu_percent_of_a_core_per_sandbox_median" in r:
+            print(f"{name}: {r['cpu_percent_of_a_core_per_sandbox_median']}% of a core per idle sandbox (median; "
+                  f"QEMU main thread {r['qemu_main_thread_percent_median']}%, "
+                  f"{r['qemu_main_thread_wakeups_per_s_median']} wakeups/s), "
+                  f"PSS {r['pss_mib_per_sandbox_median']} MiB each, daemon {r['daemon_cpu_percent']}%")
     cold = results.get("cold_boot_to_first_exec", {}).get("median_ms")
     ratios = {}
     for name in ("resume_from_snapshot_to_first_exec", "resume_warm_spare_to_first_exec", "hibernate_start_to_first_exec", "wake_on_exec_to_first_output", "qemu_snapshot_load_qcow2_to_first_exec"):

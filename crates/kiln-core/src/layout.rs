@@ -144,9 +144,20 @@ pub struct Layout {
     /// None in machines made before it was recorded, or when QEMU could not report it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<kiln_vmm::cpu::Identity>,
+    /// The machine's `-M` options, part of its device set: fixed for the machine and everything
+    /// restored from it. None in machines made before it was recorded (see `machine_options`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
 }
 
 impl Layout {
+    /// The `-M` options this machine runs with: its recorded ones, or what kiln built before recording.
+    pub fn machine_options(&self, accel: kiln_vmm::Accel) -> String {
+        self.machine
+            .clone()
+            .unwrap_or_else(|| kiln_vmm::qemu::machine_unrecorded(accel))
+    }
+
     pub fn top(&self) -> Option<&Layer> {
         self.disk_layers.last()
     }
@@ -199,6 +210,7 @@ mod tests {
             generation: 0,
             volume_slots: vec![VolumeSlot::Empty],
             cpu: None,
+            machine: Some(kiln_vmm::qemu::MACHINE.into()),
             origin_digest: Some("sha256:00".into()),
             max_cpus: Some(2),
             max_memory_mib: Some(512),
@@ -237,5 +249,11 @@ mod tests {
         assert!(old.volume_slots.is_empty());
         assert_eq!(old.max_cpus, None);
         assert_eq!(old.max_memory_mib, None);
+        // A TCG machine from before machines were recorded had the PIT, and keeps it.
+        assert_eq!(old.machine, None);
+        assert_eq!(
+            old.machine_options(kiln_vmm::Accel::Tcg),
+            kiln_vmm::qemu::MACHINE_TCG_PIT
+        );
     }
 }

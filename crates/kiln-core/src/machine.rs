@@ -71,6 +71,7 @@ impl Engine {
         for f in [dir.join("kernel"), dir.join("initrd"), base.clone()] {
             self.confine().make_readable(&f)?;
         }
+        let machine = kiln_vmm::qemu::machine_for_boot(self.accel().accel, &cmdline);
         let mut layout = Layout {
             firmware,
             kernel: dir.join("kernel"),
@@ -93,6 +94,7 @@ impl Engine {
             max_cpus: Some(self.machine_max_cpus(sb.cpus)),
             max_memory_mib,
             cpu: kiln_vmm::cpu::identity(self.accel().accel),
+            machine: Some(machine),
         };
         self.place_mounts(&dir, sb.qemu_uid, &mut layout.volume_slots, mounts, false)?;
         let top = layout.next_top_path(&dir);
@@ -169,6 +171,7 @@ impl Engine {
             name: vm_name(&sb.id),
             run_dir: self.config().sandbox_dir(&sb.id).join(crate::vm::VM_DIR),
             accel: self.accel().accel,
+            machine: Some(layout.machine_options(self.accel().accel)),
             tsc_khz: layout.cpu.as_ref().and_then(|c| c.tsc_khz),
             memory_mib: layout.machine_memory_mib(sb.memory_mib),
             balloon: layout.max_memory_mib.is_some(),

@@ -27,6 +27,14 @@ pub const CMDLINE_BASE: &str = "console=ttyS0 root=/dev/vda rw quiet loglevel=3 
     cryptomgr.notests tsc=reliable no_timer_check 8250.nr_uarts=1 mitigations=off random.trust_cpu=on \
     audit=0 nowatchdog";
 
+/// Sysctls for every boot that spare an idle guest (and so its host) periodic wakeups: no proactive
+/// compaction (kcompactd woke twice a second) and per-CPU VM statistics folded every 10 s instead of
+/// every second. Together they cut an idle TCG VM's QEMU wakeups by about a third.
+pub const IDLE_SYSCTLS: [&str; 2] = [
+    "sysctl.vm.compaction_proactiveness=0",
+    "sysctl.vm.stat_interval=10",
+];
+
 /// Base flags that only TCG needs (see [`CMDLINE_BASE`]).
 const TCG_ONLY: [&str; 2] = ["tsc=reliable", "no_timer_check"];
 
@@ -69,6 +77,7 @@ fn build_cmdline(base: &str, params: &CmdlineParams, tsc_khz: Option<u64>) -> St
         .filter(|p| !(params.kvm && TCG_ONLY.contains(p)))
         .map(str::to_string)
         .collect();
+    parts.extend(IDLE_SYSCTLS.iter().map(|s| s.to_string()));
     if let Some(khz) = tsc_khz {
         parts.push(format!("tsc_early_khz={khz}"));
     }
@@ -192,14 +201,18 @@ mod tests {
         };
         assert_eq!(
             kernel_cmdline(&image(), &params),
-            "console=ttyS0 quiet tsc_early_khz=2596144 kiln.hostname=sbx-1 kiln.resize=1 kiln.debug=1 \
+            "console=ttyS0 quiet sysctl.vm.compaction_proactiveness=0 sysctl.vm.stat_interval=10 \
+             tsc_early_khz=2596144 kiln.hostname=sbx-1 kiln.resize=1 kiln.debug=1 \
              kiln.ip=10.0.2.20/24 kiln.gw=10.0.2.2"
         );
         let no_tsc = CmdlineParams {
             tsc_khz: Some(0),
             ..Default::default()
         };
-        assert_eq!(kernel_cmdline(&image(), &no_tsc), "console=ttyS0 quiet");
+        assert_eq!(
+            kernel_cmdline(&image(), &no_tsc),
+            "console=ttyS0 quiet sysctl.vm.compaction_proactiveness=0 sysctl.vm.stat_interval=10"
+        );
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub struct VmSpec {
     /// only directory of a sandbox that its VM's uid may write (`<sandbox>/vm`).
     pub run_dir: PathBuf,
     pub accel: Accel,
+    /// The machine's recorded `-M` options (see [`known_machines`]); None: [`machine`] for `accel`.
+    pub machine: Option<String>,
     /// Guest TSC frequency to ask KVM for (the machine's recorded one); ignored under TCG.
     pub tsc_khz: Option<u64>,
     /// RAM of the machine (`-m`): with a balloon, the most the guest can be given, not what it has.
@@ -124,7 +126,8 @@ impl VmSpec {
         push(&["-name", &format!("{},process={}", self.name, self.name)]);
         let accel = self.accel.qemu_args();
         push(&accel.iter().map(String::as_str).collect::<Vec<_>>());
-        push(&["-M", &machine(self.accel)]);
+        let machine = self.machine.clone().unwrap_or_else(|| machine(self.accel));
+        push(&["-M", &machine]);
         let mut cpu = crate::cpu::model(self.accel);
         // The frequency the guest's TSC was recorded with: QEMU then fails (instead of warning) where KVM
         // cannot run the TSC at it.
@@ -279,21 +282,57 @@ impl VmSpec {
     }
 }
 
-/// The machine type and options of every TCG VM (`-M`); recorded in snapshots, whose saved state loads
-/// only into the same machine. The PIT and PIC must stay on under TCG: without them the kernel hangs
-/// calibrating the TSC.
-pub const MACHINE: &str = "microvm,acpi=on,pit=on,pic=on,rtc=on,isa-serial=on,memory-backend=mem";
+/// The machine type and options of a TCG VM booted by this kiln (`-M`); recorded in its layout and
+/// snapshots, whose saved state loads only into the same machine. No PIT: a guest told its TSC frequency
+/// (`tsc_early_khz=`) calibrates nothing against it and runs on the LAPIC timer, but QEMU kept the PIT
+/// toggling as the firmware programmed it, waking its main loop ~36 times a second per idle VM. The PIC
+/// stays (the kernel expects the legacy interrupt controller under TCG).
+pub const MACHINE: &str = "microvm,acpi=on,pit=off,pic=on,rtc=on,isa-serial=on,memory-backend=mem";
+
+/// TCG machines with the PIT: those booted without a TSC frequency on the kernel command line (the
+/// kernel then hangs calibrating the TSC without a PIT) and every TCG machine of older kilns, whose
+/// saved state holds a PIT and loads only into a machine that has one.
+pub const MACHINE_TCG_PIT: &str =
+    "microvm,acpi=on,pit=on,pic=on,rtc=on,isa-serial=on,memory-backend=mem";
 
 /// Under KVM the guest has kvm-clock and the in-kernel LAPIC timer, so the legacy PIT and PIC (whose
 /// emulation costs exits and whose ticks only add noise) are left out; the RTC stays for the boot clock.
 pub const MACHINE_KVM: &str =
     "microvm,acpi=on,pit=off,pic=off,rtc=on,isa-serial=on,memory-backend=mem";
 
-/// The machine (`-M`) for `accel`.
+/// The machine (`-M`) this kiln builds for `accel` today.
 pub fn machine(accel: Accel) -> String {
     match accel {
         Accel::Tcg => MACHINE.to_string(),
         Accel::Kvm => MACHINE_KVM.to_string(),
+    }
+}
+
+/// The machine for a cold boot with kernel command line `cmdline`: under TCG the PIT is left out only
+/// when the command line gives the guest its TSC frequency.
+pub fn machine_for_boot(accel: Accel, cmdline: &str) -> String {
+    let tsc_given = cmdline
+        .split_whitespace()
+        .any(|p| p.starts_with("tsc_early_khz="));
+    match accel {
+        Accel::Tcg if !tsc_given => MACHINE_TCG_PIT.to_string(),
+        _ => machine(accel),
+    }
+}
+
+/// The machine of a machine that recorded none: what kiln built before it recorded machines.
+pub fn machine_unrecorded(accel: Accel) -> String {
+    match accel {
+        Accel::Tcg => MACHINE_TCG_PIT.to_string(),
+        Accel::Kvm => MACHINE_KVM.to_string(),
+    }
+}
+
+/// Every `-M` option string this kiln builds (and so restores saved state into) for `accel`.
+pub fn known_machines(accel: Accel) -> Vec<String> {
+    match accel {
+        Accel::Tcg => vec![MACHINE.to_string(), MACHINE_TCG_PIT.to_string()],
+        Accel::Kvm => vec![MACHINE_KVM.to_string()],
     }
 }
 
@@ -383,6 +422,7 @@ mod tests {
             name: "kiln-sb1".into(),
             run_dir: "/data/sb1".into(),
             accel: Accel::Tcg,
+            machine: None,
             tsc_khz: Some(2_000_000),
             memory_mib: 256,
             balloon: false,
@@ -519,10 +559,11 @@ mod tests {
     #[test]
     fn cpu_machine_and_device_follow_accelerator() {
         let mut s = spec();
-        // TCG: no fixed TSC frequency, the PIT and PIC on, no descriptor handed over.
+        // TCG: no fixed TSC frequency, the PIC on (the PIT only where the machine has it), no descriptor
+        // handed over.
         assert_eq!(value_after(&s.args(), "-cpu"), ["max"]);
         assert_eq!(value_after(&s.args(), "-accel"), ["tcg"]);
-        assert!(value_after(&s.args(), "-M")[0].contains("pit=on,pic=on"));
+        assert!(value_after(&s.args(), "-M")[0].contains("pit=off,pic=on"));
         assert!(value_after(&s.args(), "-add-fd").is_empty());
         s.accel = Accel::Kvm;
         let args = s.args();
@@ -537,6 +578,27 @@ mod tests {
         );
         assert_eq!(value_after(&args, "-accel"), ["kvm,device=/dev/fdset/1"]);
         assert!(value_after(&args, "-M")[0].contains("pit=off,pic=off,rtc=on"));
+    }
+
+    #[test]
+    fn tcg_machines_drop_the_pit_only_when_the_guest_knows_its_tsc_and_old_ones_keep_theirs() {
+        let tcg = |cmdline| machine_for_boot(Accel::Tcg, cmdline);
+        assert!(tcg("console=ttyS0 tsc=reliable tsc_early_khz=2445300").contains("pit=off,pic=on"));
+        // Without the frequency the kernel calibrates the TSC against the PIT.
+        assert_eq!(tcg("console=ttyS0 tsc=reliable"), MACHINE_TCG_PIT);
+        assert_eq!(tcg("x.tsc_early_khz=1"), MACHINE_TCG_PIT);
+        assert_eq!(machine_for_boot(Accel::Kvm, "console=ttyS0"), MACHINE_KVM);
+        // Machines that recorded no machine were built with the PIT under TCG; both stay restorable.
+        assert_eq!(machine_unrecorded(Accel::Tcg), MACHINE_TCG_PIT);
+        assert_eq!(machine_unrecorded(Accel::Kvm), MACHINE_KVM);
+        assert_eq!(known_machines(Accel::Tcg), [MACHINE, MACHINE_TCG_PIT]);
+        assert_eq!(known_machines(Accel::Kvm), [MACHINE_KVM]);
+        // A machine's recorded options win over today's default.
+        let mut s = spec();
+        s.machine = Some(MACHINE_TCG_PIT.into());
+        assert_eq!(value_after(&s.args(), "-M"), [MACHINE_TCG_PIT]);
+        s.machine = None;
+        assert_eq!(value_after(&s.args(), "-M"), [MACHINE]);
     }
 
     #[test]

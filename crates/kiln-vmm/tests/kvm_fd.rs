@@ -43,6 +43,7 @@ fn qemu_as_unprivileged_uid_gets_kvm_from_the_daemon() {
         name: format!("kiln-kvmfd{}", std::process::id()),
         run_dir: run_dir.clone(),
         accel: Accel::Kvm,
+        machine: None,
         tsc_khz: None,
         memory_mib: 64,
         balloon: false,

@@ -460,6 +460,7 @@ impl Engine {
                 self.accel().accel,
                 layout.firmware.as_deref(),
                 layout.cpu.clone(),
+                layout.machine_options(self.accel().accel),
             ),
             cmdline: layout.cmdline.clone(),
             memory_mib: sb.memory_mib,

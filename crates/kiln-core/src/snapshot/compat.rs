@@ -14,6 +14,8 @@ pub struct Host {
     pub accel: String,
     pub qemu_version: String,
     pub machine_options: String,
+    /// Older `-M` option strings this kiln still builds for machines that recorded them.
+    pub older_machine_options: Vec<String>,
     pub cpu_model: String,
     /// None when QEMU could not list them (then they are not compared).
     pub cpu_features: Option<Vec<String>>,
@@ -27,6 +29,10 @@ impl Host {
             accel: accel.to_string(),
             qemu_version: kiln_vmm::qemu_version(),
             machine_options: kiln_vmm::qemu::machine(accel),
+            older_machine_options: kiln_vmm::qemu::known_machines(accel)
+                .into_iter()
+                .filter(|m| *m != kiln_vmm::qemu::machine(accel))
+                .collect(),
             cpu_model: kiln_vmm::cpu::model(accel),
             cpu_features: kiln_vmm::cpu::features(accel),
             cpu_identity: kiln_vmm::cpu::identity(accel),
@@ -35,14 +41,16 @@ impl Host {
 }
 
 /// The dependencies a new snapshot records (see [`Depends`]).
-/// `cpu` is the machine's recorded CPU (this host's when the machine predates the record).
+/// `cpu` is the machine's recorded CPU (this host's when the machine predates the record), `machine` its
+/// `-M` options.
 pub fn recorded(
     accel: kiln_vmm::Accel,
     firmware: Option<&Path>,
     cpu: Option<kiln_vmm::cpu::Identity>,
+    machine: String,
 ) -> Depends {
     Depends {
-        machine_options: Some(kiln_vmm::qemu::machine(accel)),
+        machine_options: Some(machine),
         cpu_features: kiln_vmm::cpu::features(accel),
         firmware_checksum: firmware.and_then(|f| fsutil::checksum(f).ok()),
         cpu_identity: cpu.or_else(|| kiln_vmm::cpu::identity(accel)),
@@ -119,7 +127,8 @@ pub fn check(m: &Manifest, host: &Host) -> Result<()> {
         ));
     }
     if let Some(opts) = &m.depends.machine_options {
-        if *opts != host.machine_options {
+        // The recorded options go on the restored QEMU's command line: only strings this kiln builds.
+        if *opts != host.machine_options && !host.older_machine_options.contains(opts) {
             return Err(refuse(
                 m,
                 "machine_options",
@@ -258,6 +267,7 @@ mod tests {
             accel: "tcg".into(),
             qemu_version: "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)".into(),
             machine_options: "microvm,acpi=on".into(),
+            older_machine_options: vec!["microvm,acpi=on,pit=on".into()],
             cpu_model: "max".into(),
             cpu_features: Some(vec!["aes".into(), "sse2".into(), "sse4.1".into()]),
             cpu_identity: None,
@@ -373,6 +383,12 @@ mod tests {
         let mut h = host();
         h.machine_options = "microvm,acpi=off".into();
         assert!(refused_field(&manifest(), &h).contains("machine_options differs"));
+        // Options this kiln still builds for older machines restore; anything else is refused.
+        let mut m = manifest();
+        m.depends.machine_options = Some("microvm,acpi=on,pit=on".into());
+        check(&m, &host()).unwrap();
+        m.depends.machine_options = Some("microvm,acpi=on,pit=on,x-evil=1".into());
+        assert!(refused_field(&m, &host()).contains("machine_options differs"));
 
         let mut h = host();
         h.cpu_model = "host".into();

@@ -182,6 +182,16 @@ impl Engine {
         } else {
             self.owned_memory(sb, max_memory_mib.unwrap_or(sb.memory_mib))?
         };
+        // A memory snapshot's machine keeps its device set (None: one from before it was recorded); a
+        // disk snapshot boots a new machine.
+        let machine = if m.kind.has_memory() {
+            m.depends.machine_options.clone()
+        } else {
+            Some(kiln_vmm::qemu::machine_for_boot(
+                self.accel().accel,
+                &cmdline,
+            ))
+        };
         let mut layout = Layout {
             firmware: m.firmware.clone(),
             kernel,
@@ -220,6 +230,7 @@ impl Engine {
             } else {
                 kiln_vmm::cpu::identity(self.accel().accel)
             },
+            machine,
         };
         self.place_mounts(
             &dir,
