@@ -72,11 +72,12 @@ impl AgentClient {
             (Instant::now() + limit, limit)
         });
         let mut stream = self.conn.request(&Request::Exec(req)).await?;
-        let first = tokio::time::timeout(REQUEST_TIMEOUT, stream.recv())
+        // The command's deadline covers its start too: a guest that stalls (or stops its agent) before
+        // saying the process started must not hold the caller longer than timeout_ms + grace.
+        let first_wait = deadline.map_or(REQUEST_TIMEOUT, |(_, limit)| limit.min(REQUEST_TIMEOUT));
+        let first = tokio::time::timeout(first_wait, stream.recv())
             .await
-            .map_err(|_| {
-                AgentError::timeout("the guest agent to start the process", REQUEST_TIMEOUT)
-            })?
+            .map_err(|_| AgentError::timeout("the guest agent to start the process", first_wait))?
             .ok_or(AgentError::Disconnected)?;
         let pid = match first.kind {
             FrameKind::Event => match first.json::<Event>() {
