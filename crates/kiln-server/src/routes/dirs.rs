@@ -12,7 +12,7 @@ use kiln_core::dirs::BatchFile;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::files::{capped_upload, drain_rest_of_upload, WriteResult};
+use super::files::{capped_upload, download_body, drain_rest_of_upload, WriteResult};
 use super::AppState;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{ApiJson, QueryPairs};
@@ -112,17 +112,9 @@ pub async fn download(
 ) -> ApiResult<Response> {
     let path = q.require("path")?;
     let download = engine.download_dir(&id, path).await?;
-    let stream = futures::stream::unfold(Some(download), |state| async move {
-        let mut d = state?;
-        match d.next_chunk().await {
-            Some(Ok(chunk)) => Some((Ok::<_, std::io::Error>(chunk), Some(d))),
-            Some(Err(e)) => Some((Err(std::io::Error::other(e.to_string())), None)),
-            None => None,
-        }
-    });
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-tar")
-        .body(Body::from_stream(stream))
+        .body(download_body(download))
         .map_err(|e| kiln_core::Error::internal(e.to_string()).into())
 }
 

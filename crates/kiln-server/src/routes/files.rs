@@ -107,20 +107,12 @@ pub async fn read(
     let path = q.require("path")?;
     let download = engine.read_file(&id, path).await?;
     let size = download.size;
-    let stream = futures::stream::unfold(Some(download), |state| async move {
-        let mut d = state?;
-        match d.next_chunk().await {
-            Some(Ok(chunk)) => Some((Ok::<_, std::io::Error>(chunk), Some(d))),
-            Some(Err(e)) => Some((Err(std::io::Error::other(e.to_string())), None)),
-            None => None,
-        }
-    });
     Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
         // The size is a header of its own, not Content-Length: the file may change while it streams, and
         // a Content-Length the body does not match breaks the HTTP connection.
         .header("x-kiln-file-size", size)
-        .body(Body::from_stream(stream))
+        .body(download_body(download))
         .map_err(|e| kiln_core::Error::internal(e.to_string()).into())
 }
 
@@ -257,6 +249,22 @@ pub async fn mkdir(
 ) -> ApiResult<StatusCode> {
     engine.mkdir(&id, &b.path).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A response body streaming what the guest sends; a guest error mid-stream ends the body with an error,
+/// which cuts the HTTP response short (the client sees it incomplete, not a clean end).
+pub(super) fn download_body(download: kiln_core::FileDownload) -> Body {
+    Body::from_stream(futures::stream::unfold(
+        Some(download),
+        |state| async move {
+            let mut d = state?;
+            match d.next_chunk().await {
+                Some(Ok(chunk)) => Some((Ok::<_, std::io::Error>(chunk), Some(d))),
+                Some(Err(e)) => Some((Err(std::io::Error::other(e.to_string())), None)),
+                None => None,
+            }
+        },
+    ))
 }
 
 #[cfg(test)]
