@@ -188,7 +188,8 @@ fn a_copy_gets_more_memory_and_vcpus_and_keeps_running() {
 #[test]
 fn without_headroom_there_is_no_balloon_and_growth_is_refused() {
     require_image("tiny");
-    let d = Daemon::start_with(&["--warm-spares", "0"]);
+    // No default headroom (tests/headroom.rs covers the default).
+    let d = Daemon::start_with(&["--warm-spares", "0", "--memory-headroom", "1"]);
     let plain = d.create(&["--name", "plain", "--memory", "256"]);
     let cmd = qemu_cmdline(plain["pid"].as_u64().expect("pid") as u32);
     assert!(!cmd.contains("balloon"), "{cmd}");

@@ -41,6 +41,9 @@ pub struct Config {
     pub ram_dir: crate::ramdir::RamPlacement,
     /// Size of kiln's own RAM tmpfs in MiB (`--ram-size`); None: `max_total_memory_mib`.
     pub ram_size_mib: Option<u64>,
+    /// New machines get `memory_mib` × this of RAM behind a balloon, so copies resumed from their memory
+    /// snapshots may grow (`kiln serve --memory-headroom`; 1: none). See `crate::headroom`.
+    pub memory_headroom: f64,
 }
 
 /// Guest RAM may add up to this many times the host's RAM by default: idle guests touch little of it, and
@@ -83,6 +86,7 @@ impl Config {
             max_vcpus: default_max_vcpus(),
             ram_dir: crate::ramdir::RamPlacement::Auto,
             ram_size_mib: None,
+            memory_headroom: crate::headroom::DEFAULT_FACTOR,
         }
     }
 

@@ -97,6 +97,10 @@ CREATE TABLE snapshot_expiry (
     expires_at_ms INTEGER NOT NULL
 );
 "#,
+    // The headroom a snapshot's machine has (issue 12); NULL for none and for snapshots taken before.
+    r#"
+ALTER TABLE snapshots ADD COLUMN max_memory_mib INTEGER;
+"#,
 ];
 
 pub struct Db {
@@ -359,7 +363,22 @@ fn row_to_sandbox(r: &Row<'_>) -> rusqlite::Result<Sandbox> {
         confined: false,
         volume_notes: Vec::new(),
         lifetime: None,
+        max_memory_mib: r
+            .get::<_, Option<String>>("layout")?
+            .as_deref()
+            .and_then(layout_max_memory),
     })
+}
+
+/// `max_memory_mib` of a stored layout, without reading the rest of it.
+fn layout_max_memory(layout: &str) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Headroom {
+        max_memory_mib: Option<u64>,
+    }
+    serde_json::from_str::<Headroom>(layout)
+        .ok()
+        .and_then(|h| h.max_memory_mib)
 }
 
 #[cfg(test)]
@@ -393,6 +412,7 @@ mod tests {
             confined: false,
             volume_notes: Vec::new(),
             lifetime: None,
+            max_memory_mib: None,
         }
     }
 

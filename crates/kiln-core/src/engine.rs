@@ -561,6 +561,7 @@ impl Engine {
             confined: false,
             volume_notes: Vec::new(),
             lifetime: None,
+            max_memory_mib: None,
         };
         {
             let _volumes = self.volume_lock().await;
@@ -585,12 +586,13 @@ impl Engine {
             },
         );
         let booted = async {
+            let max_memory_mib = self.max_memory_for(&image, memory_mib, req.max_memory_mib);
             let layout = self.provision_from_template(
                 &sandbox,
                 &image,
                 cmdline,
                 &req.volumes,
-                req.max_memory_mib,
+                max_memory_mib,
             )?;
             self.db.set_layout(&id, &layout)?;
             let vm = self.start_vm(&sandbox, &layout, None).await?;
@@ -599,7 +601,8 @@ impl Engine {
                 hostname: sandbox.hostname.clone(),
                 mac: None,
             };
-            self.after_resume(&id, &vm, Some(&identity)).await?;
+            self.after_boot(&sandbox, &vm, &layout, Some(&identity))
+                .await?;
             Ok::<_, Error>(vm)
         };
         match booted.await {

@@ -17,6 +17,7 @@ pub mod faults;
 pub mod fork;
 pub mod fsutil;
 mod guest;
+pub mod headroom;
 pub mod ids;
 pub mod layout;
 mod lifecycle;

@@ -249,7 +249,8 @@ impl Engine {
         ph.mark("launch");
         let result = async {
             self.apply_ports(sb, &vm).await?;
-            let settle = spec.balloon && incoming.as_ref().is_none_or(|i| i.resume);
+            // A cold boot settles its balloon in `after_boot`, alongside the agent's first requests.
+            let settle = spec.balloon && incoming.as_ref().is_some_and(|i| i.resume);
             ph.mark("ports");
             match incoming {
                 None => self.wait_for_agent(&vm).await?,

@@ -156,6 +156,10 @@ pub struct Sandbox {
     /// Its timeout, idle timeout and what happens then (`POST /v1/sandboxes/{id}/timeout`); null: none.
     #[serde(default)]
     pub lifetime: Option<crate::lifetime::Lifetime>,
+    /// RAM its machine has (MiB): a balloon holds what `memory_mib` leaves out, so copies resumed from
+    /// its memory snapshots may have up to this much. null: no headroom (copies keep `memory_mib`).
+    #[serde(default)]
+    pub max_memory_mib: Option<u64>,
 }
 
 impl Sandbox {

@@ -120,16 +120,24 @@ impl RamDir {
         self.dir.as_ref().map(|d| d.join(format!("{id}{SUFFIX}")))
     }
 
-    /// Creates `path` for a guest of `memory_mib` (sized in full, so the next check counts it): a fresh
-    /// empty file, or a hole-preserving copy of `from`. Refused when the directory cannot hold it.
-    fn create(&self, path: &Path, memory_mib: u64, from: Option<&Path>) -> Result<()> {
+    /// Creates `path` for a machine of `machine_mib` whose guest is given `memory_mib` (less with
+    /// headroom: the balloon holds the rest): a fresh empty file of the machine's size, or a
+    /// hole-preserving copy of `from`. Refused when the directory cannot hold `memory_mib` more.
+    fn create(
+        &self,
+        path: &Path,
+        machine_mib: u64,
+        memory_mib: u64,
+        admitted: &Admitted,
+        from: Option<&Path>,
+    ) -> Result<()> {
         let _room = self.room.lock().unwrap_or_else(|p| p.into_inner());
         // Whatever had the name (a previous run's file) goes first; it would count against the room.
         let _ = std::fs::remove_file(path);
-        self.check_room(memory_mib)?;
+        self.check_room(memory_mib, admitted)?;
         let made = match from {
             None => kiln_vmm::safefs::create_new(path, 0o600)
-                .and_then(|f| f.set_len(memory_mib << 20))
+                .and_then(|f| f.set_len(machine_mib << 20))
                 .map_err(|e| fsutil::io_error(&format!("creating {}", path.display()), e)),
             Some(src) => kiln_vmm::memory::sparse_copy(src, path)
                 .map(drop)
@@ -143,10 +151,16 @@ impl RamDir {
 
     /// Creates `path` for a copy of `from` (sized at once, so QEMU may map it) and fills it with `from`'s
     /// data in the background; the copy must have finished before the guest's state is loaded.
-    fn create_filling(&self, path: &Path, memory_mib: u64, from: &Path) -> Result<RamFill> {
+    fn create_filling(
+        &self,
+        path: &Path,
+        memory_mib: u64,
+        admitted: &Admitted,
+        from: &Path,
+    ) -> Result<RamFill> {
         let _room = self.room.lock().unwrap_or_else(|p| p.into_inner());
         let _ = std::fs::remove_file(path);
-        self.check_room(memory_mib)?;
+        self.check_room(memory_mib, admitted)?;
         let len = std::fs::metadata(from)
             .map_err(|e| fsutil::io_error(&format!("stat {}", from.display()), e))?
             .len();
@@ -166,8 +180,10 @@ impl RamDir {
 
     /// Guest RAM is allocated lazily as the guest touches it, and a guest that touches a page the tmpfs
     /// has no room for kills its QEMU (SIGBUS). So a new file is admitted only if the free space covers
-    /// it and what the files already there may still grow by.
-    fn check_room(&self, memory_mib: u64) -> Result<()> {
+    /// it and what the files already there may still grow by: up to their length, or up to the memory
+    /// their guest is given (`admitted`, by sandbox id) where that is less (a machine with headroom, whose
+    /// balloon holds the rest and whose cgroup caps what it may touch).
+    fn check_room(&self, memory_mib: u64, admitted: &Admitted) -> Result<()> {
         let Some(dir) = &self.dir else {
             return Ok(());
         };
@@ -178,7 +194,13 @@ impl RamDir {
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             if let Ok(m) = entry.metadata() {
                 if m.is_file() {
-                    growth += m.len().saturating_sub(m.blocks() * 512);
+                    let name = entry.file_name();
+                    let given = name
+                        .to_str()
+                        .and_then(|n| n.strip_suffix(SUFFIX))
+                        .and_then(|id| admitted.get(id))
+                        .map_or(m.len(), |mib| m.len().min(mib << 20));
+                    growth += given.saturating_sub(m.blocks() * 512);
                 }
             }
         }
@@ -246,14 +268,27 @@ impl RamDir {
 }
 
 impl Engine {
+    /// Memory each sandbox's guest is given, by id: what its RAM file is admitted for.
+    fn ram_admitted(&self) -> Result<Admitted> {
+        Ok(self
+            .db()
+            .list_sandboxes()?
+            .into_iter()
+            .map(|s| (s.id, s.memory_mib))
+            .collect())
+    }
+
     /// Owned RAM for a new sandbox: its file on the RAM directory (or on the data disk), empty.
-    /// `machine_mib` is the RAM QEMU maps (more than `memory_mib` when the machine has headroom).
+    /// `machine_mib` is the RAM QEMU maps (more than `memory_mib` when the machine has headroom); the
+    /// RAM directory admits it for `memory_mib`.
     pub(crate) fn owned_memory(&self, sb: &Sandbox, machine_mib: u64) -> Result<Memory> {
         let file = self.config().sandbox_dir(&sb.id).join("memory");
         let live = self.ram().live_path(&sb.id);
         match &live {
             Some(path) => {
-                self.ram().create(path, machine_mib, None)?;
+                let admitted = self.ram_admitted()?;
+                self.ram()
+                    .create(path, machine_mib, sb.memory_mib, &admitted, None)?;
                 self.confine().own_file(path, sb.qemu_uid)?;
             }
             None => self.create_memory_file(sb, &file)?,
@@ -277,12 +312,11 @@ impl Engine {
         let target = self.ram().live_path(&sb.id);
         let fill = match &target {
             Some(path) => {
-                // Room for the memory a copy may grow to (headroom), not only what it has now.
-                let mib = layout
-                    .max_memory_mib
-                    .unwrap_or(sb.memory_mib)
-                    .max(sb.memory_mib);
-                let fill = self.ram().create_filling(path, mib, file)?;
+                // Admitted for the memory the guest is given (the balloon holds the rest of the file).
+                let admitted = self.ram_admitted()?;
+                let fill = self
+                    .ram()
+                    .create_filling(path, sb.memory_mib, &admitted, file)?;
                 if let Err(e) = self.confine().own_file(path, sb.qemu_uid) {
                     fill.abort();
                     return Err(e);
@@ -296,6 +330,9 @@ impl Engine {
         Ok(fill)
     }
 }
+
+/// Memory in MiB each sandbox's guest is given, by sandbox id (see `RamDir::check_room`).
+pub(crate) type Admitted = std::collections::HashMap<String, u64>;
 
 /// A RAM file being filled in the background (`place_saved_ram`).
 pub(crate) type RamFill = tokio::task::JoinHandle<Result<()>>;
@@ -451,15 +488,66 @@ mod tests {
         let half = (free_bytes(dir.path()).unwrap() >> 20) / 2;
         // A sparse file of half the free space takes no blocks but claims them.
         let big = dir.path().join("a.ram");
-        ram.create(&big, half, None).unwrap();
+        let none = Admitted::new();
+        ram.create(&big, half, half, &none, None).unwrap();
         let e = ram
-            .create(&dir.path().join("b.ram"), half + 1024, None)
+            .create(
+                &dir.path().join("b.ram"),
+                half + 1024,
+                half + 1024,
+                &none,
+                None,
+            )
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::InsufficientStorage);
         assert!(e.message.contains("--ram-size"), "{}", e.message);
         assert_eq!(std::fs::metadata(&big).unwrap().len(), half << 20);
         assert!(!dir.path().join("b.ram").exists());
         std::fs::remove_file(&big).unwrap();
-        ram.create(&dir.path().join("b.ram"), 64, None).unwrap();
+        ram.create(&dir.path().join("b.ram"), 64, 64, &none, None)
+            .unwrap();
+    }
+
+    #[test]
+    fn a_machine_with_headroom_is_admitted_for_the_memory_its_guest_is_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let ram = RamDir {
+            dir: Some(dir.path().to_path_buf()),
+            mounted: true,
+            room: Default::default(),
+        };
+        let free = free_bytes(dir.path()).unwrap() >> 20;
+        let quarter = free / 4;
+        // A file three quarters of the free space long whose guest is given a quarter...
+        let admitted: Admitted = [("a".to_string(), quarter)].into();
+        ram.create(
+            &dir.path().join("a.ram"),
+            3 * quarter,
+            quarter,
+            &admitted,
+            None,
+        )
+        .unwrap();
+        // ... leaves room for another half, not only for a quarter.
+        ram.create(
+            &dir.path().join("b.ram"),
+            free / 2,
+            free / 2 - 64,
+            &admitted,
+            None,
+        )
+        .unwrap();
+        std::fs::remove_file(dir.path().join("b.ram")).unwrap();
+        // Counted at its length, it would not have.
+        let e = ram
+            .create(
+                &dir.path().join("b.ram"),
+                free / 2,
+                free / 2 - 64,
+                &Admitted::new(),
+                None,
+            )
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InsufficientStorage);
     }
 }

@@ -306,5 +306,6 @@ pub(crate) fn snapshot_from_manifest(m: &Manifest, dir: &std::path::Path) -> Sna
         warm_spares: 0,
         names: Vec::new(),
         expires_at: None,
+        max_memory_mib: m.max_memory_mib,
     }
 }

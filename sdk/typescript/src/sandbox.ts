@@ -33,7 +33,10 @@ export interface CreateSandboxOptions extends WithClient, LifetimeOptions {
   /** Unique name (default: the id). */
   name?: string;
   memoryMib?: number;
-  /** Room for copies restored from its memory snapshots to have more memory, up to this many MiB. */
+  /**
+   * Room for copies restored from its memory snapshots to have more memory, up to this many MiB
+   * (default: `memoryMib` × the daemon's `--memory-headroom`, 2; `memoryMib` for none).
+   */
   maxMemoryMib?: number;
   cpus?: number;
   diskSizeGib?: number;
@@ -358,6 +361,8 @@ export class Sandbox {
   template!: string;
   state!: SandboxState;
   memoryMib!: number;
+  /** RAM its machine has: copies restored from its memory snapshots may have up to this (null: no headroom). */
+  maxMemoryMib!: number | null;
   cpus!: number;
   diskSizeBytes!: number;
   env!: Record<string, string>;
@@ -396,6 +401,7 @@ export class Sandbox {
     this.template = r.template;
     this.state = r.state;
     this.memoryMib = r.memory_mib;
+    this.maxMemoryMib = r.max_memory_mib ?? null;
     this.cpus = r.cpus;
     this.diskSizeBytes = r.disk_size_bytes;
     this.env = r.env ?? {};

@@ -40,6 +40,8 @@ export class Snapshot {
   parent!: string | null;
   template!: string;
   memoryMib!: number;
+  /** A copy restored from this memory snapshot may have from `memoryMib` up to this (null: no headroom). */
+  maxMemoryMib!: number | null;
   cpus!: number;
   diskSizeBytes!: number;
   /** Space its own files take on disk. */
@@ -71,6 +73,7 @@ export class Snapshot {
     this.parent = r.parent ?? null;
     this.template = r.template;
     this.memoryMib = r.memory_mib;
+    this.maxMemoryMib = r.max_memory_mib ?? null;
     this.cpus = r.cpus;
     this.diskSizeBytes = r.disk_size_bytes;
     this.sizeBytes = r.size_bytes;

@@ -21,6 +21,7 @@ export interface SandboxRecord {
   template: string;
   state: SandboxState;
   memory_mib: number;
+  max_memory_mib?: number | null;
   cpus: number;
   disk_size_bytes: number;
   env: Record<string, string>;
@@ -123,6 +124,7 @@ export interface SnapshotRecord {
   parent?: string | null;
   template: string;
   memory_mib: number;
+  max_memory_mib?: number | null;
   cpus: number;
   disk_size_bytes: number;
   size_bytes: number;

@@ -63,7 +63,8 @@ pub struct CreateArgs {
     #[arg(long)]
     memory: Option<u64>,
     /// Room in MiB for copies resumed from this sandbox's memory snapshots to have more memory
-    /// (`snapshot resume --memory`, up to this); default: none.
+    /// (`snapshot resume --memory`, up to this); default: --memory × the daemon's --memory-headroom
+    /// (2); equal to --memory for none.
     #[arg(long)]
     max_memory: Option<u64>,
     #[arg(long)]
@@ -279,9 +280,13 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
                     12,
                 );
                 println!(
-                    "{:<12} {} MiB, {} vCPU, disk {}",
+                    "{:<12} {} MiB{}, {} vCPU, disk {}",
                     "resources:",
                     s["memory_mib"],
+                    s["max_memory_mib"]
+                        .as_u64()
+                        .map(|m| format!(" (copies may grow to {m} MiB)"))
+                        .unwrap_or_default(),
                     s["cpus"],
                     human_bytes(s["disk_size_bytes"].as_u64().unwrap_or(0))
                 );

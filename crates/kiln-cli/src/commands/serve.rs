@@ -96,6 +96,12 @@ pub struct ServeArgs {
     /// × --memory-overcommit. A sandbox whose RAM would not fit is refused (507 insufficient_storage).
     #[arg(long, env = "KILN_RAM_SIZE")]
     ram_size: Option<kiln_core::diskfloor::DiskFloor>,
+    /// Memory headroom of new sandboxes: a sandbox created without `max_memory_mib` gets a machine of
+    /// its memory × FACTOR (at most 64 GiB) with a balloon holding the rest, so copies resumed from its
+    /// memory snapshots may have up to that much. Only its memory is admitted and capped; 1 turns it off.
+    #[arg(long, env = "KILN_MEMORY_HEADROOM", value_name = "FACTOR",
+          default_value_t = kiln_core::headroom::DEFAULT_FACTOR)]
+    memory_headroom: f64,
 }
 
 pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
@@ -155,6 +161,8 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .filter(|s| !s.trim().is_empty())
         .map(|s| s.parse().map_err(|e| anyhow::anyhow!("--allow-net: {e}")))
         .collect::<anyhow::Result<_>>()?;
+    cfg.memory_headroom =
+        kiln_core::headroom::check_factor(args.memory_headroom).map_err(anyhow::Error::msg)?;
     cfg.ram_dir = args.ram_dir.clone();
     cfg.ram_size_mib = match args.ram_size {
         None => None,

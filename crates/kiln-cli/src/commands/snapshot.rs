@@ -57,8 +57,8 @@ pub enum SnapshotCmd {
         snapshot: String,
         #[arg(long)]
         name: Option<String>,
-        /// Memory in MiB: a memory snapshot's copy may have from its own up to the `--max-memory` its
-        /// sandbox was created with; a `disk` snapshot boots with any.
+        /// Memory in MiB: a memory snapshot's copy may have from its own up to its `max_memory_mib`
+        /// (by default twice its own: `kiln serve --memory-headroom`); a `disk` snapshot boots with any.
         #[arg(long)]
         memory: Option<u64>,
         /// vCPUs of the copy; a memory snapshot's may have 1 up to the vCPUs its machine has.
@@ -210,6 +210,7 @@ pub async fn run_as(cli: &Cli, cmd: &SnapshotCmd, smolvm: bool) -> anyhow::Resul
                         "parent",
                         "template",
                         "memory_mib",
+                        "max_memory_mib",
                         "cpus",
                         "size_bytes",
                         "restored",

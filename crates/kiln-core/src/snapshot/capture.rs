@@ -512,6 +512,7 @@ impl Engine {
             warm_spares: 0,
             names: Vec::new(),
             expires_at: None,
+            max_memory_mib: layout.max_memory_mib,
         };
         if let Err(e) = self.db().insert_snapshot(&snapshot, ephemeral) {
             let _ = fsutil::remove_dir_durably(&dir);

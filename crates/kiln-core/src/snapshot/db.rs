@@ -11,8 +11,9 @@ impl Db {
         let conn = self.conn();
         conn.execute(
             "INSERT INTO snapshots (id, sandbox_id, sandbox_name, kind, parent, template, memory_mib, cpus,
-               disk_size_bytes, size_bytes, labels, restored, restored_at, ephemeral, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+               disk_size_bytes, size_bytes, labels, restored, restored_at, ephemeral, created_at,
+               max_memory_mib)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             params![
                 s.id,
                 s.sandbox_id,
@@ -28,7 +29,8 @@ impl Db {
                 s.restored,
                 s.restored_at,
                 ephemeral,
-                s.created_at
+                s.created_at,
+                s.max_memory_mib
             ],
         )
         .map_err(|e| match e {
@@ -102,5 +104,6 @@ fn row_to_snapshot(r: &Row<'_>) -> rusqlite::Result<Snapshot> {
         warm_spares: 0,
         names: Vec::new(),
         expires_at: None,
+        max_memory_mib: r.get("max_memory_mib")?,
     })
 }

@@ -81,6 +81,10 @@ pub struct Snapshot {
     /// When its `ttl` runs out (RFC 3339): then it is deleted as soon as nothing depends on it.
     #[serde(default)]
     pub expires_at: Option<String>,
+    /// RAM its machine has (MiB): a copy resumed from a memory snapshot may have from `memory_mib` up to
+    /// this. null: no headroom (copies keep `memory_mib`; a disk snapshot's copy may have any).
+    #[serde(default)]
+    pub max_memory_mib: Option<u64>,
 }
 
 impl Snapshot {

@@ -38,7 +38,7 @@ pub(crate) fn for_memory_snapshot(
                     m.id, m.memory_mib
                 ),
                 None => format!(
-                    "snapshot {} holds a running machine with {} MiB of memory and no room to grow (it was created without --max-memory), so a copy keeps {} MiB (asked for {asked} MiB). Create the sandbox with --max-memory {asked} to resume copies with more, or take a `--type disk` snapshot and resume that with more memory",
+                    "snapshot {} holds a running machine with {} MiB of memory and no room to grow (its sandbox was created without headroom: `max_memory_mib` equal to its memory, `kiln serve --memory-headroom 1`, an image without the balloon driver, or an older kiln), so a copy keeps {} MiB (asked for {asked} MiB). Create the sandbox with --max-memory {asked} to resume copies with more, or take a `--type disk` snapshot and resume that with more memory",
                     m.id, m.memory_mib, m.memory_mib
                 ),
             }))

@@ -165,9 +165,20 @@ impl Engine {
         let inherited = layers.len();
         // A memory snapshot's machine keeps its RAM and balloon; a disk snapshot boots a new machine,
         // keeping the headroom where it is still above the memory asked for.
-        let max_memory_mib = m
-            .max_memory_mib
-            .filter(|max| m.kind.has_memory() || *max > sb.memory_mib);
+        // A disk snapshot whose machine had headroom (its image has the balloon driver) gets at least the
+        // daemon's default for the memory it boots with.
+        let max_memory_mib = if m.kind.has_memory() {
+            m.max_memory_mib
+        } else {
+            m.max_memory_mib
+                .map(|max| {
+                    max.max(
+                        crate::headroom::default_max(self.config().memory_headroom, sb.memory_mib)
+                            .unwrap_or(0),
+                    )
+                })
+                .filter(|max| *max > sb.memory_mib)
+        };
         let memory = if m.kind.has_memory() {
             let base = dir.join("memory.base");
             let f = need(Role::Memory)?;
@@ -361,7 +372,7 @@ impl Engine {
                     hostname: sb.hostname.clone(),
                     mac: None,
                 };
-                self.after_resume(&sb.id, &vm, Some(&identity)).await?;
+                self.after_boot(&sb, &vm, &layout, Some(&identity)).await?;
             } else if cpus != m.cpus {
                 super::resources::set_online_cpus(&vm, cpus, max_cpus).await?;
             }
@@ -435,6 +446,7 @@ impl Engine {
             confined: false,
             volume_notes: Vec::new(),
             lifetime: None,
+            max_memory_mib: None,
         })
     }
 
@@ -584,7 +596,7 @@ impl Engine {
             if booted {
                 // A disk snapshot boots: wait for its agent and mount the sandbox's volumes, as a resume
                 // of one does (found by tests/model: a rolled-back sandbox's volume was not mounted).
-                self.after_resume(&sb.id, &vm, None).await?;
+                self.after_boot(&sb, &vm, &layout, None).await?;
             }
             Ok::<_, Error>(vm)
         };

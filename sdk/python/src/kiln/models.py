@@ -213,6 +213,9 @@ class SandboxFields:
     template: str
     state: SandboxState
     memory_mib: int
+    max_memory_mib: int | None
+    """RAM its machine has: copies restored from its memory snapshots may have up to this much memory
+    (``None``: no headroom, they keep ``memory_mib``)."""
     cpus: int
     disk_size_bytes: int
     env: dict[str, str]
@@ -244,6 +247,7 @@ class SandboxFields:
         self.template = d.get("template", "")
         self.state = d["state"]
         self.memory_mib = int(d.get("memory_mib", 0))
+        self.max_memory_mib = d.get("max_memory_mib")
         self.cpus = int(d.get("cpus", 0))
         self.disk_size_bytes = int(d.get("disk_size_bytes", 0))
         self.env = dict(d.get("env") or {})
@@ -283,6 +287,9 @@ class SnapshotFields:
     """What a diff or disk snapshot builds on: ``template:NAME`` or ``snapshot:ID``."""
     template: str
     memory_mib: int
+    max_memory_mib: int | None
+    """A copy restored from this memory snapshot may have from ``memory_mib`` up to this much memory
+    (``None``: no headroom)."""
     cpus: int
     disk_size_bytes: int
     size_bytes: int
@@ -314,6 +321,7 @@ class SnapshotFields:
         self.parent = d.get("parent")
         self.template = d.get("template", "")
         self.memory_mib = int(d.get("memory_mib", 0))
+        self.max_memory_mib = d.get("max_memory_mib")
         self.cpus = int(d.get("cpus", 0))
         self.disk_size_bytes = int(d.get("disk_size_bytes", 0))
         self.size_bytes = int(d.get("size_bytes", 0))

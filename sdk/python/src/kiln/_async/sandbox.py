@@ -292,7 +292,8 @@ class AsyncSandbox(SandboxFields):
             on_timeout: ``"hibernate"`` (default: RAM to disk, resumable) or ``"delete"``.
             auto_resume: start it again when it is used while hibernated (default True with a lifetime).
             max_memory_mib: room for copies restored from its memory snapshots to have more memory
-                (up to this many MiB; default none).
+                (up to this many MiB; default ``memory_mib`` × the daemon's ``--memory-headroom``, 2;
+                ``memory_mib`` for none).
         """
         body = _wire.create_body(
             template=template,
