@@ -2,6 +2,7 @@
 """kiln benchmarks: run against real VMs, print a table, save JSON.
 
 Usage: bench/bench.py [--runs N] [--out bench/results/NAME.json] [--only cold_boot,exec,...,dirs,idle]
+`--only disk,balloon,channel` compares QEMU device variants (bench/variants.py), each under a daemon of its own.
 `--only idle` measures idle host CPU and PSS of KILN_BENCH_IDLE_N sandboxes (default 5) over
 KILN_BENCH_IDLE_SECS (default 60).
 """
@@ -20,6 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kilnapi import Daemon  # noqa: E402
+import variants  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -415,6 +417,9 @@ BENCHES = {
     "idle": (bench_idle, None),
 }
 
+# Device variants, compared in one run (each starts daemons of its own): bench/variants.py.
+VARIANT_BENCHES = {"disk": variants.bench_disk, "balloon": variants.bench_balloon, "channel": variants.bench_channel}
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -425,7 +430,9 @@ def main():
     ap.add_argument("--images", default=os.path.join(os.environ.get("KILN_DATA_DIR", os.path.join(ROOT, ".kiln-data")), "images"))
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="kb", dir="/tmp")
-    d = Daemon(args.kiln, args.images, work)
+    only = args.only.split(",") if args.only else None
+    # Variant benches start daemons of their own.
+    d = None if only and all(n in VARIANT_BENCHES for n in only) else Daemon(args.kiln, args.images, work)
     results = {}
     try:
         for name, (fn, target) in BENCHES.items():
@@ -438,8 +445,13 @@ def main():
             else:
                 res["target_ms"] = target
                 results[name] = res
+        for name, fn in VARIANT_BENCHES.items():
+            if args.only and name in args.only.split(","):
+                print(f"running {name} variants ...", file=sys.stderr, flush=True)
+                results.update(fn(args.kiln, args.images, args.runs))
     finally:
-        d.stop()
+        if d:
+            d.stop()
         shutil.rmtree(work, ignore_errors=True)
     info = subprocess.run([args.kiln, "--version"], capture_output=True, text=True).stdout.strip()
     accel = "tcg" if not os.path.exists("/sys/module/kvm_intel") and not os.path.exists("/sys/module/kvm_amd") else "kvm?"
@@ -469,6 +481,9 @@ def main():
                   f"QEMU main thread {r['qemu_main_thread_percent_median']}%, "
                   f"{r['qemu_main_thread_wakeups_per_s_median']} wakeups/s), "
                   f"PSS {r['pss_mib_per_sandbox_median']} MiB each, daemon {r['daemon_cpu_percent']}%")
+    variant_rows = [(k, r) for k, r in results.items() if "variant" in r and "median_ms" not in r]
+    for name, r in variant_rows:
+        print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("variant",)))
     cold = results.get("cold_boot_to_first_exec", {}).get("median_ms")
     ratios = {}
     for name in ("resume_from_snapshot_to_first_exec", "resume_warm_spare_to_first_exec", "hibernate_start_to_first_exec", "wake_on_exec_to_first_output", "qemu_snapshot_load_qcow2_to_first_exec"):

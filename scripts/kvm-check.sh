@@ -8,6 +8,8 @@
 #   KVM_CHECK_TEMPLATE    template for the guest checks (default base, else tiny)
 #   KVM_CHECK_UNCONFINED  1: run the daemon with --unconfined (containers without iptables/cgroups)
 #   KVM_CHECK_SKIP_TESTS  1: skip the Rust integration tests   KVM_CHECK_SKIP_BENCH  1: skip make bench
+#   KVM_CHECK_SKIP_VARIANTS 1: skip the device-variant measurements (disk aio/iothread, balloon free page
+#                         reporting, virtio-serial against vhost-vsock; bench/bench.py --only disk,balloon,channel)
 #   KVM_CHECK_MEM_MIB     RAM of the memory-heavy guest (default 4096)
 #   KVM_CHECK_MEM_SECS    how long it runs (default 60)
 #   KVM_CHECK_MAX_DISK_MB host disk writes allowed during it (default 512)
@@ -95,7 +97,7 @@ finish() {
 skip_rest() {
   for c in "QEMU uid/seccomp/cgroup/kvm fd" "guest clocksource kvm-clock" "clock after snapshot/resume/fork" \
     "clock after pause/hibernate" "sleep 1 lasts 1.00 +- 0.02 s" "fork x64 distinct identities" \
-    "memory-heavy guest" "integration tests (KILN_ACCEL=kvm)" "make bench"; do
+    "memory-heavy guest" "integration tests (KILN_ACCEL=kvm)" "make bench" "device variants"; do
     record "$c" SKIP "$1"
   done
   finish
@@ -333,5 +335,20 @@ elif KILN_ACCEL=kvm make bench >"$WORK/bench.log" 2>&1; then
   record "make bench" PASS "results in bench/results (log $WORK/bench.log)"
 else
   record "make bench" FAIL "see $WORK/bench.log"
+fi
+# ---- device variants (issue 13 item 8): the same comparison as under TCG in docs/kvm.md ------------------
+if [[ ${KVM_CHECK_SKIP_VARIANTS:-0} == 1 ]]; then
+  record "device variants" SKIP "KVM_CHECK_SKIP_VARIANTS=1"
+else
+  # vhost-vsock is compared with virtio-serial only where the host has it.
+  [[ -e /dev/vhost-vsock ]] || modprobe vhost_vsock >>"$LOG" 2>&1 || true
+  say "/dev/vhost-vsock: $(stat -c '%A %U:%G' /dev/vhost-vsock 2>&1)"
+  out=$ROOT/bench/results/variants-kvm-$(hostname -s 2>/dev/null || echo host)-$(date -u +%Y%m%d).json
+  if KILN_ACCEL=kvm python3 bench/bench.py --runs 3 --only disk,balloon,channel --images "$IMAGES" \
+    --out "$out" >"$WORK/variants.log" 2>&1; then
+    record "device variants" PASS "measured, not judged: $out (table in $WORK/variants.log)"
+  else
+    record "device variants" FAIL "see $WORK/variants.log"
+  fi
 fi
 finish

@@ -148,6 +148,11 @@ pub struct Layout {
     /// restored from it. None in machines made before it was recorded (see `machine_options`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<String>,
+    /// Whether the machine's balloon (if it has one) reports free pages (`free-page-reporting=on`): part
+    /// of its device set, fixed for the machine and everything restored from it. None in machines made
+    /// before it existed: no reporting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_page_reporting: Option<bool>,
 }
 
 impl Layout {
@@ -214,6 +219,7 @@ mod tests {
             origin_digest: Some("sha256:00".into()),
             max_cpus: Some(2),
             max_memory_mib: Some(512),
+            free_page_reporting: Some(true),
         };
         let json = serde_json::to_string(&l).unwrap();
         assert!(json.contains(r#""mode":"private""#));
@@ -249,6 +255,7 @@ mod tests {
         assert!(old.volume_slots.is_empty());
         assert_eq!(old.max_cpus, None);
         assert_eq!(old.max_memory_mib, None);
+        assert_eq!(old.free_page_reporting, None);
         // A TCG machine from before machines were recorded had the PIT, and keeps it.
         assert_eq!(old.machine, None);
         assert_eq!(

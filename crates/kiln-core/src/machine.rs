@@ -38,6 +38,17 @@ pub struct NewIdentity {
 }
 
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Whether new machines' balloons report free pages, under either accelerator: a guest that freed memory
+/// gives it back to the host and its RAM file shrinks before a snapshot (measured in docs/kvm.md).
+/// `KILN_FREE_PAGE_REPORTING=0` makes machines without it (as older kilns did).
+pub(crate) fn free_page_reporting() -> bool {
+    !matches!(
+        std::env::var("KILN_FREE_PAGE_REPORTING").as_deref(),
+        Ok("0" | "off" | "false")
+    )
+}
+
 /// How long the guest gets to take its new MAC (`ip link set`) after a restore.
 const MAC_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -95,6 +106,7 @@ impl Engine {
             max_memory_mib,
             cpu: kiln_vmm::cpu::identity(self.accel().accel),
             machine: Some(machine),
+            free_page_reporting: Some(free_page_reporting()),
         };
         self.place_mounts(&dir, sb.qemu_uid, &mut layout.volume_slots, mounts, false)?;
         let top = layout.next_top_path(&dir);
@@ -175,6 +187,7 @@ impl Engine {
             tsc_khz: layout.cpu.as_ref().and_then(|c| c.tsc_khz),
             memory_mib: layout.machine_memory_mib(sb.memory_mib),
             balloon: layout.max_memory_mib.is_some(),
+            balloon_reporting: layout.free_page_reporting == Some(true),
             vcpus: sb.cpus,
             max_vcpus: layout.max_cpus.unwrap_or(sb.cpus).max(sb.cpus),
             memory_file,

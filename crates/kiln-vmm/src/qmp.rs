@@ -261,17 +261,24 @@ impl Qmp {
 
     /// Opens `overlay_path` (a qcow2 file already created on top of the current top image) as node
     /// `overlay_node`, not yet attached to anything. [`Qmp::switch_to_overlay`] makes it the active layer.
+    /// `aio` as the disk's other layers have it ([`crate::qemu::disk_io`]).
     pub async fn add_overlay(
         &self,
         overlay_path: &std::path::Path,
         overlay_node: &str,
+        aio: Option<&str>,
     ) -> Result<(), VmmError> {
+        let mut file =
+            serde_json::json!({"driver": "file", "filename": overlay_path.to_string_lossy()});
+        if let Some(aio) = aio {
+            file["aio"] = aio.into();
+        }
         self.execute(
             "blockdev-add",
             Some(serde_json::json!({
                 "driver": "qcow2",
                 "node-name": overlay_node,
-                "file": {"driver": "file", "filename": overlay_path.to_string_lossy()},
+                "file": file,
                 "backing": null,
                 "discard": "unmap",
             })),

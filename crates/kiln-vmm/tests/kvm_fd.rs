@@ -47,6 +47,7 @@ fn qemu_as_unprivileged_uid_gets_kvm_from_the_daemon() {
         tsc_khz: None,
         memory_mib: 64,
         balloon: false,
+        balloon_reporting: false,
         vcpus: 1,
         max_vcpus: 1,
         memory_file: memory,

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use tracing::info;
 use utoipa::ToSchema;
 
-use super::manifest::{FileEntry, Manifest, Role, Source, FORMAT_VERSION};
+use super::manifest::{FileEntry, Manifest, Role, Source};
 use super::{CreateSnapshotInternal, Snapshot, SnapshotType};
 use crate::engine::{Engine, Locked};
 use crate::error::{Error, ErrorCode, Result};
@@ -285,7 +285,8 @@ impl Engine {
         // recreate (same generation, same file name) under the running VM.
         let switched = async {
             self.db().set_layout(&sb.id, layout)?;
-            qmp.add_overlay(new_top, &node).await?;
+            let aio = kiln_vmm::qemu::disk_io(self.accel().accel).aio;
+            qmp.add_overlay(new_top, &node, aio).await?;
             self.faults().hold("snapshot.overlay_added").await;
             qmp.switch_to_overlay("rootdisk", &node).await?;
             Ok::<(), Error>(())
@@ -443,8 +444,18 @@ impl Engine {
         ph.mark("db_layout");
 
         let created_at = now_rfc3339();
+        // Only saved state depends on the balloon's features: a disk snapshot boots a new machine.
+        let depends = super::manifest::Depends {
+            free_page_reporting: layout.free_page_reporting.filter(|_| req.kind.has_memory()),
+            ..super::compat::recorded(
+                self.accel().accel,
+                layout.firmware.as_deref(),
+                layout.cpu.clone(),
+                layout.machine_options(self.accel().accel),
+            )
+        };
         let manifest = Manifest {
-            format_version: FORMAT_VERSION,
+            format_version: Manifest::format_for(&depends, layout.max_memory_mib),
             id: id.to_string(),
             kind: req.kind,
             created_at: created_at.clone(),
@@ -456,12 +467,7 @@ impl Engine {
             accel: sb.accel.clone(),
             kernel_version: layout.kernel_version.clone(),
             firmware: layout.firmware.clone(),
-            depends: super::compat::recorded(
-                self.accel().accel,
-                layout.firmware.as_deref(),
-                layout.cpu.clone(),
-                layout.machine_options(self.accel().accel),
-            ),
+            depends,
             cmdline: layout.cmdline.clone(),
             memory_mib: sb.memory_mib,
             cpus: sb.cpus,

@@ -54,6 +54,7 @@ pub fn recorded(
         cpu_features: kiln_vmm::cpu::features(accel),
         firmware_checksum: firmware.and_then(|f| fsutil::checksum(f).ok()),
         cpu_identity: cpu.or_else(|| kiln_vmm::cpu::identity(accel)),
+        free_page_reporting: None,
     }
 }
 
@@ -292,6 +293,7 @@ mod tests {
                 cpu_features: Some(vec!["aes".into(), "sse2".into()]),
                 firmware_checksum: None,
                 cpu_identity: None,
+                free_page_reporting: None,
             },
             cmdline: String::new(),
             memory_mib: 256,

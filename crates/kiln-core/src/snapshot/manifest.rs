@@ -12,7 +12,9 @@ use super::SnapshotType;
 use crate::error::{Error, ErrorCode, Result};
 use crate::fsutil;
 
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest snapshot format this kiln reads and writes. 2: the machine's balloon reports free pages;
+/// every other snapshot is still written as 1, which older kilns read.
+pub const FORMAT_VERSION: u32 = 2;
 pub const MANIFEST: &str = "manifest.json";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +128,11 @@ pub struct Depends {
     /// recording host could scale the TSC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_identity: Option<kiln_vmm::cpu::Identity>,
+    /// The machine's balloon reports free pages (a virtio feature and queue in its saved state). Such
+    /// snapshots are written as format 2, which older kilns refuse instead of loading them into a
+    /// balloon without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_page_reporting: Option<bool>,
 }
 
 /// Just the format version, read before anything else: a newer format may change the rest.
@@ -135,6 +142,15 @@ struct VersionOnly {
 }
 
 impl Manifest {
+    /// The format a snapshot of this machine is written as: the oldest that describes it.
+    pub fn format_for(depends: &Depends, max_memory_mib: Option<u64>) -> u32 {
+        if depends.free_page_reporting == Some(true) && max_memory_mib.is_some() {
+            2
+        } else {
+            1
+        }
+    }
+
     pub fn file(&self, role: Role) -> Option<&FileEntry> {
         self.files.iter().find(|f| f.role == role)
     }
@@ -197,7 +213,7 @@ impl Manifest {
         }
         let m: Manifest = serde_json::from_str(json)
             .map_err(|e| corrupt(id, format!("its manifest is not valid ({e})")))?;
-        if m.format_version != FORMAT_VERSION {
+        if m.format_version == 0 || m.format_version > FORMAT_VERSION {
             return Err(Error::new(
                 ErrorCode::SnapshotIncompatible,
                 format!(
@@ -423,6 +439,30 @@ pub(crate) mod tests {
             m.verify_state(dir.path()).unwrap_err().code,
             ErrorCode::SnapshotCorrupt
         );
+    }
+
+    #[test]
+    fn only_machines_whose_balloon_reports_free_pages_need_format_two() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = sample(dir.path());
+        // What older kilns wrote (and this one writes for every other machine) still reads.
+        m.format_version = Manifest::format_for(&m.depends, m.max_memory_mib);
+        assert_eq!(m.format_version, 1);
+        m.write(dir.path()).unwrap();
+        assert_eq!(Manifest::read(dir.path(), "s1").unwrap().format_version, 1);
+        // Reporting without a balloon changes no device: still 1.
+        m.depends.free_page_reporting = Some(true);
+        assert_eq!(Manifest::format_for(&m.depends, None), 1);
+        m.max_memory_mib = Some(512);
+        m.format_version = Manifest::format_for(&m.depends, m.max_memory_mib);
+        assert_eq!(m.format_version, 2);
+        m.write(dir.path()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(MANIFEST)).unwrap();
+        assert!(text.contains("\"free_page_reporting\": true"), "{text}");
+        let back = Manifest::read(dir.path(), "s1").unwrap();
+        assert_eq!(back.depends.free_page_reporting, Some(true));
+        m.depends.free_page_reporting = Some(false);
+        assert_eq!(Manifest::format_for(&m.depends, m.max_memory_mib), 1);
     }
 
     #[test]

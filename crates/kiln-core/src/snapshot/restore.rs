@@ -242,6 +242,12 @@ impl Engine {
                 kiln_vmm::cpu::identity(self.accel().accel)
             },
             machine,
+            // A memory snapshot's machine keeps its balloon as it was (None: from before reporting).
+            free_page_reporting: if m.kind.has_memory() {
+                m.depends.free_page_reporting
+            } else {
+                Some(crate::machine::free_page_reporting())
+            },
         };
         self.place_mounts(
             &dir,
