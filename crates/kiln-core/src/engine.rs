@@ -600,6 +600,7 @@ impl Engine {
                 mac: None,
             };
             self.after_resume(&id, &vm, Some(&identity)).await?;
+            self.start_image_cmd(&sandbox, &image, &vm).await?;
             Ok::<_, Error>(vm)
         };
         match booted.await {

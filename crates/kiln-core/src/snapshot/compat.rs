@@ -308,6 +308,7 @@ mod tests {
                 mac: "m".into(),
                 egress: true,
                 ports: vec![],
+                image_digest: None,
             },
             parent: None,
             base_digest: None,
