@@ -99,7 +99,7 @@ pub(crate) enum Contents<'a> {
     Tree {
         name: &'a str,
         description: String,
-        source: ImageSource,
+        source: Box<ImageSource>,
         stage: &'a dyn Fn(&Path) -> Result<()>,
     },
 }
@@ -226,7 +226,7 @@ pub(crate) fn build(
             description,
             source,
             ..
-        } => (description, Some(source)),
+        } => (description, Some(*source)),
     };
     let manifest = ImageManifest {
         format: FORMAT_VERSION,

@@ -262,7 +262,7 @@ impl ImageStore {
             builder::Contents::Tree {
                 name,
                 description,
-                source,
+                source: Box::new(source),
                 stage,
             },
             opts,

@@ -115,14 +115,7 @@ fn hostile_layer_stays_inside_the_root() {
         0o777,
     );
     entry(&mut l, "victimlink", T::Regular, b"replaced", "", 0o644);
-    entry(
-        &mut l,
-        "hard",
-        T::Link,
-        b"",
-        &format!("../outside/victim"),
-        0o644,
-    );
+    entry(&mut l, "hard", T::Link, b"", "../outside/victim", 0o644);
     let _ = apply_layer(&root, &finish(l)[..]);
     let names: Vec<_> = fs::read_dir(&outside)
         .unwrap()
