@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """kiln benchmarks: run against real VMs, print a table, save JSON.
 
-Usage: bench/bench.py [--runs N] [--out bench/results/NAME.json] [--only cold_boot,exec,...,dirs,idle]
+Usage: bench/bench.py [--runs N] [--out bench/results/NAME.json] [--only cold_boot,exec,...,dirs,idle,oci]
 `--only disk,balloon,channel` compares QEMU device variants (bench/variants.py), each under a daemon of its own.
 `--only idle` measures idle host CPU and PSS of KILN_BENCH_IDLE_N sandboxes (default 5) over
 KILN_BENCH_IDLE_SECS (default 60).
@@ -404,6 +404,129 @@ def bench_dirs(d, runs, files=500, size=16 << 10):
     return out
 
 
+def bench_oci(d, runs):
+    """Issue 18: `kiln image pull` of a ~100 MB image (the base rootfs as one gzip layer plus a small one)
+    from a registry on loopback, then the first boot of a sandbox from it to its first exec; and a second
+    image sharing the big layer, whose pull transfers only its small layer."""
+    import gzip
+    import hashlib
+    import socket
+
+    work = tempfile.mkdtemp(prefix="kboci", dir="/tmp")
+    images = os.path.join(d.dir, "images")
+    shared = os.path.realpath(images)
+    if os.path.islink(images):
+        os.remove(images)
+        os.makedirs(images)
+        for name in ("tiny", "base"):
+            if os.path.isdir(os.path.join(shared, name)):
+                os.symlink(os.path.join(shared, name), os.path.join(images, name))
+    kernel = os.path.join(shared, "../cache/kernel")
+    os.makedirs(os.path.join(d.dir, "cache"), exist_ok=True)
+    if os.path.isdir(kernel) and not os.path.exists(os.path.join(d.dir, "cache/kernel")):
+        subprocess.run(["cp", "-al", kernel, os.path.join(d.dir, "cache/kernel")], check=True)
+    base_tar = sorted(__import__("glob").glob(os.path.join(shared, "../cache/base/debootstrap-*.tar")))[-1]
+    layout = os.path.join(work, "layout")
+    blobs = os.path.join(layout, "blobs/sha256")
+    os.makedirs(blobs)
+
+    def put(data):
+        h = hashlib.sha256(data).hexdigest()
+        with open(os.path.join(blobs, h), "wb") as f:
+            f.write(data)
+        return "sha256:" + h, len(data)
+
+    def small_layer(text):
+        import io
+        import tarfile
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            info = tarfile.TarInfo("etc/kiln-bench")
+            payload = text.encode()
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        raw = buf.getvalue()
+        return raw, gzip.compress(raw)
+
+    with open(base_tar, "rb") as f:
+        raw = f.read()
+    big = gzip.compress(raw, compresslevel=1)
+    big_digest, big_size = put(big)
+    big_diff = "sha256:" + hashlib.sha256(raw).hexdigest()
+    manifests = []
+    for tag in ("a", "b"):
+        sraw, sgz = small_layer(f"image {tag}\n")
+        sd, ss = put(sgz)
+        config = json.dumps({"architecture": "amd64", "os": "linux",
+                             "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "WorkingDir": "/root"},
+                             "rootfs": {"type": "layers", "diff_ids": [big_diff, "sha256:" + hashlib.sha256(sraw).hexdigest()]}}).encode()
+        cd, cs = put(config)
+        manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                               "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
+                               "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": big_digest, "size": big_size},
+                                          {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": sd, "size": ss}]}).encode()
+        md, ms_ = put(manifest)
+        manifests.append({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms_,
+                          "annotations": {"org.opencontainers.image.ref.name": tag}})
+    with open(os.path.join(layout, "index.json"), "w") as f:
+        json.dump({"schemaVersion": 2, "manifests": manifests}, f)
+    with open(os.path.join(layout, "oci-layout"), "w") as f:
+        json.dump({"imageLayoutVersion": "1.0.0"}, f)
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with open(os.path.join(work, "registry.yml"), "w") as f:
+        f.write(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {work}/registry\nhttp:\n  addr: 127.0.0.1:{port}\n")
+    reg = subprocess.Popen(["docker-registry", "serve", os.path.join(work, "registry.yml")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = {}
+    try:
+        deadline = time.time() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.05)
+        for tag in ("a", "b"):
+            subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:{tag}",
+                            f"docker://127.0.0.1:{port}/bench/img:{tag}"], check=True)
+
+        def pull(tag):
+            t0 = time.perf_counter()
+            p = subprocess.run([d.kiln, "--data-dir", d.dir, "--json", "image", "pull", "--insecure",
+                                "--name", f"bench-{tag}", f"127.0.0.1:{port}/bench/img:{tag}"],
+                               capture_output=True, text=True, check=True)
+            return time.perf_counter() - t0, json.loads(p.stdout)
+
+        t, first = pull("a")
+        out["oci_pull_100mb_image"] = {"median_ms": ms(t), "min_ms": ms(t), "max_ms": ms(t), "p90_ms": ms(t), "runs": 1,
+                                       "fetched_bytes": first["fetched_bytes"], "layer_uncompressed_bytes": len(raw),
+                                       "fetch_ms": ms(first["fetch_seconds"]), "build_ms": ms(first["build_seconds"])}
+        t0 = time.perf_counter()
+        sb = d.api.create(template="bench-a", memory_mib=256, cpus=1, name="oci-first")
+        d.api.exec(sb["id"], ["true"])
+        boot = time.perf_counter() - t0
+        out["oci_first_boot_to_first_exec"] = {"median_ms": ms(boot), "min_ms": ms(boot), "max_ms": ms(boot), "p90_ms": ms(boot), "runs": 1}
+        total = t + boot
+        out["oci_pull_plus_first_boot_to_first_exec"] = {"median_ms": ms(total), "min_ms": ms(total), "max_ms": ms(total), "p90_ms": ms(total), "runs": 1}
+        d.api.delete(sb["id"])
+        t, second = pull("b")
+        out["oci_second_pull_sharing_layers"] = {"median_ms": ms(t), "min_ms": ms(t), "max_ms": ms(t), "p90_ms": ms(t), "runs": 1,
+                                                 "fetched_bytes": second["fetched_bytes"], "cached_bytes": second["cached_bytes"],
+                                                 "fetched_layers": second["fetched_layers"], "cached_layers": second["cached_layers"],
+                                                 "fetch_ms": ms(second["fetch_seconds"]), "build_ms": ms(second["build_seconds"])}
+    finally:
+        reg.kill()
+        reg.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
 BENCHES = {
     "cold_boot_to_first_exec": (bench_cold_boot, 2000.0),
     "exec_true_round_trip": (bench_exec, 10.0),
@@ -415,6 +538,7 @@ BENCHES = {
     "wake_on_exec_to_first_output": (bench_wake_on_exec, 150.0),
     "dirs": (bench_dirs, None),
     "idle": (bench_idle, None),
+    "oci": (bench_oci, None),
 }
 
 # Device variants, compared in one run (each starts daemons of its own): bench/variants.py.
@@ -440,7 +564,7 @@ def main():
                 continue
             print(f"running {name} ...", file=sys.stderr, flush=True)
             res = fn(d, args.runs)
-            if name in ("snapshots", "fork", "dirs", "idle"):
+            if name in ("snapshots", "fork", "dirs", "idle", "oci"):
                 results.update(res)
             else:
                 res["target_ms"] = target

@@ -29,6 +29,10 @@ command -v sqlite3 >/dev/null || need+=(sqlite3)
 command -v python3 >/dev/null || need+=(python3)
 command -v iptables >/dev/null || need+=(iptables)
 command -v strace >/dev/null || need+=(strace)  # tests/durability.rs records the daemon's fsyncs
+# tests/oci.rs builds OCI images and serves them from a registry on loopback.
+command -v skopeo >/dev/null || need+=(skopeo)
+command -v umoci >/dev/null || need+=(umoci)
+command -v docker-registry >/dev/null || need+=(docker-registry)
 
 qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -n1; }
 if command -v qemu-system-x86_64 >/dev/null && [ "$(qemu_major)" -lt 9 ]; then

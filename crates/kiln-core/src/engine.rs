@@ -603,6 +603,7 @@ impl Engine {
             };
             self.after_boot(&sandbox, &vm, &layout, Some(&identity))
                 .await?;
+            self.start_image_cmd(&sandbox, &image, &vm).await?;
             Ok::<_, Error>(vm)
         };
         match booted.await {

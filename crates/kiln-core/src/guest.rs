@@ -61,16 +61,20 @@ impl Engine {
         if let Some(cwd) = &spec.cwd {
             validate::guest_path(cwd)?;
         }
-        let mut env = sb.env.clone();
+        // An image pulled from a registry brings defaults (its config's Env, WorkingDir, User); the
+        // sandbox's env and then the request override them.
+        let defaults = self.image_defaults(&sb.template);
+        let mut env = defaults.env;
+        env.extend(sb.env.clone());
         env.extend(spec.env);
         Ok(ExecRequest {
             argv: spec.argv,
             shell: spec.cmd,
             env,
-            cwd: spec.cwd,
+            cwd: spec.cwd.or(defaults.cwd),
             stdin,
             timeout_ms: spec.timeout_ms,
-            user: spec.user,
+            user: spec.user.or(defaults.user),
         })
     }
 
@@ -151,6 +155,101 @@ impl Engine {
 }
 
 /// A guest user name or numeric uid; what the agent then looks up in the guest's /etc/passwd.
+/// What an image's config says about commands run in it (nothing for kiln's own images).
+#[derive(Default)]
+pub(crate) struct ImageDefaults {
+    pub env: std::collections::BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub user: Option<String>,
+}
+
+impl Engine {
+    /// The OCI digest of a pulled or imported template, recorded in its snapshots.
+    pub(crate) fn image_digest(&self, template: &str) -> Option<String> {
+        let path = self
+            .images()
+            .images_root()
+            .join(template)
+            .join(kiln_image::MANIFEST_FILE);
+        kiln_image::ImageManifest::load(template, &path)
+            .ok()
+            .and_then(|m| m.source)
+            .map(|s| s.digest)
+    }
+
+    /// Reads the template's image.json (a small file, read per command so a re-pulled template applies
+    /// at once). Values the agent could not take are left out rather than failing every command.
+    pub(crate) fn image_defaults(&self, template: &str) -> ImageDefaults {
+        let path = self
+            .images()
+            .images_root()
+            .join(template)
+            .join(kiln_image::MANIFEST_FILE);
+        let Some(src) = kiln_image::ImageManifest::load(template, &path)
+            .ok()
+            .and_then(|m| m.source)
+        else {
+            return ImageDefaults::default();
+        };
+        let env = src
+            .env
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let env = if validate::env(&env).is_ok() {
+            env
+        } else {
+            Default::default()
+        };
+        // The agent takes a user name or uid; an OCI `user:group` runs with the user's own group.
+        let user = src
+            .user
+            .as_deref()
+            .and_then(|u| u.split(':').next())
+            .filter(|u| validate_user(u).is_ok())
+            .map(str::to_string);
+        let cwd = src.working_dir.filter(|d| validate::guest_path(d).is_ok());
+        ImageDefaults { env, cwd, user }
+    }
+}
+
+impl Engine {
+    /// For an image pulled with `--start-cmd`: starts its Entrypoint + Cmd as a background process of a
+    /// freshly booted sandbox (with the image's env, working directory and user). The sandbox fails to
+    /// start if the command cannot be started, rather than running without it unnoticed.
+    pub(crate) async fn start_image_cmd(
+        &self,
+        sb: &Sandbox,
+        image: &kiln_image::Image,
+        vm: &crate::vm::Vm,
+    ) -> Result<()> {
+        let Some(src) = image.manifest.source.as_ref().filter(|s| s.start_cmd) else {
+            return Ok(());
+        };
+        let argv: Vec<String> = src.entrypoint.iter().chain(&src.cmd).cloned().collect();
+        let spec = ExecSpec {
+            argv: Some(argv),
+            ..Default::default()
+        };
+        let req = self.exec_request(sb, spec, false)?;
+        let agent = vm.agent(Duration::from_secs(10)).await?;
+        need_user_feature(&agent, &req, &sb.name)?;
+        let proc = agent.proc_start(req).await.map_err(|e| {
+            let e = agent_error(e, &sb.name);
+            Error::new(
+                e.code,
+                format!(
+                    "the image's start command could not be started: {}",
+                    e.message
+                ),
+            )
+        })?;
+        tracing::info!(sandbox = %sb.id, pid = proc.pid, "started the image's command");
+        Ok(())
+    }
+}
+
 fn validate_user(user: &str) -> Result<()> {
     let ok = !user.is_empty()
         && user.len() <= 32

@@ -15,8 +15,8 @@ use crate::error::{ImageError, IoContext, Result};
 use crate::initramfs::write_initramfs;
 use crate::kernel::ensure_kernel;
 use crate::manifest::{
-    sha256_file, AgentInfo, FileDigest, ImageFiles, ImageManifest, FORMAT_VERSION, INITRD_FILE,
-    KERNEL_FILE, MANIFEST_FILE, ROOTFS_FILE, VMLINUX_FILE,
+    sha256_file, AgentInfo, FileDigest, ImageFiles, ImageManifest, ImageSource, FORMAT_VERSION,
+    INITRD_FILE, KERNEL_FILE, MANIFEST_FILE, ROOTFS_FILE, VMLINUX_FILE,
 };
 use crate::modules::{ModuleFile, ModuleTree, BOOT_MODULES, LATE_MODULES};
 use crate::progress::BuildProgress;
@@ -92,14 +92,33 @@ impl Drop for BuildDir {
     }
 }
 
+/// What fills an image's root filesystem.
+pub(crate) enum Contents<'a> {
+    Template(Template),
+    /// A tree the caller stages (an OCI image's layers), named `name`, with where it came from.
+    Tree {
+        name: &'a str,
+        description: String,
+        source: Box<ImageSource>,
+        stage: &'a dyn Fn(&Path) -> Result<()>,
+    },
+}
+
+/// Room left in a tree image's filesystem beyond its files; the file is sparse, so it costs nothing
+/// until used.
+const TREE_HEADROOM_MIB: u64 = 1024;
+
 pub(crate) fn build(
     images_root: &Path,
     cache_root: &Path,
-    template: Template,
+    contents: Contents<'_>,
     opts: &BuildOptions,
     progress: &dyn BuildProgress,
 ) -> Result<ImageManifest> {
-    let name = template.name();
+    let name = match &contents {
+        Contents::Template(t) => t.name(),
+        Contents::Tree { name, .. } => name,
+    };
     let final_dir = images_root.join(name);
     if final_dir.join(MANIFEST_FILE).is_file() && !opts.force {
         return Err(ImageError::AlreadyExists {
@@ -107,7 +126,10 @@ pub(crate) fn build(
             dir: final_dir,
         });
     }
-    let size_mib = opts.rootfs_size_mib.unwrap_or(template.default_size_mib());
+    let mut size_mib = match &contents {
+        Contents::Template(t) => opts.rootfs_size_mib.unwrap_or(t.default_size_mib()),
+        Contents::Tree { .. } => opts.rootfs_size_mib.unwrap_or(MIN_SIZE_MIB),
+    };
     if size_mib < MIN_SIZE_MIB {
         return Err(ImageError::Build(format!(
             "a root filesystem of {size_mib} MiB is too small; use at least {MIN_SIZE_MIB} MiB"
@@ -117,7 +139,12 @@ pub(crate) fn build(
     progress.step("Checking the host tools and the agent");
     tools::find_tool(&MKFS_EXT4)?;
     let (busybox_path, busybox) = host_busybox()?;
-    let agent = read_agent(&opts.agent_bin, template, progress)?;
+    // Only the static agent runs whatever userland (or none) an imported image has.
+    let agent_kind = match &contents {
+        Contents::Template(t) => *t,
+        Contents::Tree { .. } => Template::Tiny,
+    };
+    let agent = read_agent(&opts.agent_bin, agent_kind, progress)?;
     let agent_version = agent_version(&opts.agent_bin);
 
     progress.step("Fetching the guest kernel");
@@ -162,14 +189,27 @@ pub(crate) fn build(
     ));
     write_initramfs(&dir.join(INITRD_FILE), &busybox, &boot_modules)?;
 
-    progress.step(match template {
-        Template::Tiny => "Assembling the busybox root filesystem",
-        Template::Base => "Assembling the Debian root filesystem",
+    progress.step(match &contents {
+        Contents::Template(Template::Tiny) => "Assembling the busybox root filesystem",
+        Contents::Template(Template::Base) => "Assembling the Debian root filesystem",
+        Contents::Tree { .. } => "Unpacking the image layers",
     });
     let staging = dir.join("staging");
-    match template {
-        Template::Tiny => stage_tiny(&staging, &busybox_path, &busybox)?,
-        Template::Base => debootstrap::stage_base(&staging, cache_root, progress)?,
+    match &contents {
+        Contents::Template(Template::Tiny) => stage_tiny(&staging, &busybox_path, &busybox)?,
+        Contents::Template(Template::Base) => {
+            debootstrap::stage_base(&staging, cache_root, progress)?
+        }
+        Contents::Tree { stage, .. } => {
+            fs::create_dir(&staging).at("create", &staging)?;
+            stage(&staging)?;
+            // /kiln is kiln's: whatever the image put there (a symlink out of the tree included) goes.
+            remove_kiln_dir(&staging)?;
+            if opts.rootfs_size_mib.is_none() {
+                size_mib =
+                    size_mib.max(tree_usage(&staging) / (1 << 20) * 5 / 4 + TREE_HEADROOM_MIB);
+            }
+        }
     }
     install_kiln_files(&staging, &busybox, &agent)?;
     install_late_modules(&staging, &late_modules)?;
@@ -180,10 +220,18 @@ pub(crate) fn build(
     fs::remove_dir_all(&staging).at("remove", &staging)?;
 
     progress.step("Writing the manifest");
+    let (description, source) = match contents {
+        Contents::Template(t) => (t.description().to_string(), None),
+        Contents::Tree {
+            description,
+            source,
+            ..
+        } => (description, Some(*source)),
+    };
     let manifest = ImageManifest {
         format: FORMAT_VERSION,
         name: name.to_string(),
-        description: template.description().to_string(),
+        description,
         kernel_version: kernel.info.release.clone(),
         kernel_package: format!("{} {}", kernel.info.package, kernel.info.package_version),
         cmdline_base: CMDLINE_BASE.to_string(),
@@ -205,11 +253,42 @@ pub(crate) fn build(
             initrd: FileDigest::of(&dir.join(INITRD_FILE))?,
             rootfs: FileDigest::of(&dir.join(ROOTFS_FILE))?,
         },
+        source,
     };
     manifest.save(&dir.join(MANIFEST_FILE))?;
 
     install(dir, &final_dir)?;
     Ok(manifest)
+}
+
+/// Removes `<root>/kiln` without following it if it is a symlink.
+fn remove_kiln_dir(root: &Path) -> Result<()> {
+    let kiln = root.join("kiln");
+    match fs::symlink_metadata(&kiln) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(&kiln).at("remove", &kiln),
+        Ok(_) => fs::remove_file(&kiln).at("remove", &kiln),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Bytes allocated by the files under `dir` (hard links counted once), without following symlinks.
+fn tree_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![dir.to_path_buf()];
+    let mut total = 0;
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+            if m.nlink() < 2 || m.is_dir() || seen.insert((m.dev(), m.ino())) {
+                total += m.blocks() * 512 + 4096;
+            }
+        }
+    }
+    total
 }
 
 /// Hard-links a cached file into the image (the kernels are large and never modified in place), or

@@ -33,8 +33,8 @@ use std::path::{Path, PathBuf};
 pub use cmdline::{host_tsc_khz, kernel_cmdline, CmdlineParams, CMDLINE_BASE};
 pub use error::ImageError;
 pub use manifest::{
-    AgentInfo, FileDigest, Image, ImageFiles, ImageInfo, ImageManifest, INITRD_FILE, KERNEL_FILE,
-    MANIFEST_FILE, ROOTFS_FILE, VMLINUX_FILE,
+    AgentInfo, FileDigest, Image, ImageFiles, ImageInfo, ImageManifest, ImageSource, INITRD_FILE,
+    KERNEL_FILE, MANIFEST_FILE, ROOTFS_FILE, VMLINUX_FILE,
 };
 pub use progress::{BuildProgress, NoProgress, StderrProgress};
 
@@ -222,7 +222,49 @@ impl ImageStore {
         let manifest = builder::build(
             &self.images_root,
             &self.cache_root,
-            template,
+            builder::Contents::Template(template),
+            opts,
+            progress,
+        )?;
+        let dir = self.images_root.join(name);
+        Ok(ImageInfo {
+            name: name.to_string(),
+            disk_usage_bytes: disk_usage(&dir),
+            dir,
+            manifest,
+        })
+    }
+}
+
+impl ImageStore {
+    /// Makes the image `name` from a root filesystem tree that `stage` writes into the (empty) directory
+    /// it is given, e.g. an OCI image's flattened layers; kiln's init, agent and modules are added
+    /// afterwards, so the tree needs nothing of its own to boot. Replaces an existing image only with
+    /// `opts.force`, and only on success.
+    pub fn build_from_tree(
+        &self,
+        name: &str,
+        description: String,
+        source: ImageSource,
+        stage: &dyn Fn(&Path) -> Result<(), ImageError>,
+        opts: &BuildOptions,
+        progress: &dyn BuildProgress,
+    ) -> Result<ImageInfo, ImageError> {
+        validate_image_name(name)?;
+        if builder::Template::from_name(name).is_some() {
+            return Err(ImageError::Build(format!(
+                "'{name}' is the name of an image kiln builds itself; choose another name with --name"
+            )));
+        }
+        let manifest = builder::build(
+            &self.images_root,
+            &self.cache_root,
+            builder::Contents::Tree {
+                name,
+                description,
+                source: Box::new(source),
+                stage,
+            },
             opts,
             progress,
         )?;

@@ -39,6 +39,40 @@ pub struct ImageManifest {
     /// Version of kiln-image that built the image.
     pub builder_version: String,
     pub files: ImageFiles,
+    /// Set for images made from an OCI/Docker image (`kiln image pull` / `import`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ImageSource>,
+}
+
+/// Where a pulled or imported image came from, and the run settings its config gives.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSource {
+    /// `registry`, `oci-layout`, `oci-archive` or `docker-archive`.
+    pub kind: String,
+    /// The registry reference, or the archive's tag or path.
+    pub reference: String,
+    /// The image's content identity: its manifest digest (a docker-save archive has no manifest: its
+    /// config digest, Docker's image id). The same image pulled twice has the same digest.
+    pub digest: String,
+    pub config_digest: String,
+    /// Layer blob digests, lowest first.
+    pub layers: Vec<String>,
+    /// `Env` of the config (`KEY=VALUE`): defaults for every command run in the sandbox.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// `WorkingDir`: the default working directory of commands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    /// `User` (`name`, `uid`, `uid:gid`...): the default user of commands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub entrypoint: Vec<String>,
+    #[serde(default)]
+    pub cmd: Vec<String>,
+    /// Whether `entrypoint` + `cmd` is started as a background process when a sandbox boots.
+    #[serde(default)]
+    pub start_cmd: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,6 +246,7 @@ pub(crate) mod tests {
                 initrd: digest("initrd.img"),
                 rootfs: digest("rootfs.img"),
             },
+            source: None,
         }
     }
 

@@ -55,11 +55,22 @@ fn create_skeleton(root: &Path) -> Result<()> {
         ("var/tmp", 0o1777),
     ] {
         let path = root.join(dir);
-        if !path.exists() {
+        // An imported image may have symlinks here (even to host paths, from the host's view): never
+        // create through one.
+        if !path.exists() && !through_symlink(root, Path::new(dir)) {
             create_dir(&path, mode)?;
         }
     }
     Ok(())
+}
+
+/// Whether `rel` or one of its ancestors under `root` is a symlink.
+fn through_symlink(root: &Path, rel: &Path) -> bool {
+    let mut path = root.to_path_buf();
+    rel.components().any(|c| {
+        path.push(c);
+        fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink())
+    })
 }
 
 /// Installs what kiln itself puts in every image: /kiln/init, the static busybox it runs on (so init
@@ -222,6 +233,19 @@ mod tests {
                 PathBuf::from("/lib64/ld-linux-x86-64.so.2"),
             ]
         );
+    }
+
+    #[test]
+    fn skeleton_never_goes_through_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, outside) = (dir.path().join("root"), dir.path().join("outside"));
+        fs::create_dir_all(&root).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        symlink(&outside, root.join("var")).unwrap();
+        symlink(outside.join("tmp"), root.join("tmp")).unwrap();
+        install_kiln_files(&root, b"bb", b"agent").unwrap();
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+        assert!(tools::is_executable(&root.join("kiln/init")));
     }
 
     #[test]

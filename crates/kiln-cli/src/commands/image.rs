@@ -21,6 +21,28 @@ pub enum ImageCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Make a template from an OCI/Docker image in a registry (Docker Hub, GHCR, a private registry).
+    Pull {
+        /// Image reference, e.g. docker.io/library/alpine:3.20 or localhost:5000/app@sha256:...
+        reference: String,
+        /// Talk plain HTTP to the registry (a local registry without TLS).
+        #[arg(long)]
+        insecure: bool,
+        /// Registry user for basic or token auth (or KILN_REGISTRY_USERNAME).
+        #[arg(long)]
+        username: Option<String>,
+        /// Read the registry password from stdin (or KILN_REGISTRY_PASSWORD).
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        template: super::oci::TemplateArgs,
+    },
+    /// Make a template from a `docker save` archive, an OCI archive or an OCI layout directory.
+    Import {
+        file: PathBuf,
+        #[command(flatten)]
+        template: super::oci::TemplateArgs,
+    },
     /// List built images.
     #[command(alias = "ls")]
     List,
@@ -45,7 +67,7 @@ impl BuildProgress for Spinner {
 }
 
 /// The agent binary: built by `make agent` into the cargo target dir, or installed beside `kiln`.
-fn find_agent() -> anyhow::Result<PathBuf> {
+pub(crate) fn find_agent() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
     let candidates = [
@@ -61,7 +83,7 @@ fn find_agent() -> anyhow::Result<PathBuf> {
     })
 }
 
-fn image_json(i: &kiln_image::ImageInfo) -> serde_json::Value {
+pub(crate) fn image_json(i: &kiln_image::ImageInfo) -> serde_json::Value {
     serde_json::json!({
         "name": i.name,
         "dir": i.dir,
@@ -111,6 +133,24 @@ pub async fn run(cli: &Cli, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+        ImageCmd::Pull {
+            reference,
+            insecure,
+            username,
+            password_stdin,
+            template,
+        } => {
+            super::oci::pull(
+                cli,
+                reference,
+                *insecure,
+                username.clone(),
+                *password_stdin,
+                template,
+            )
+            .await?
+        }
+        ImageCmd::Import { file, template } => super::oci::import(cli, file, template).await?,
         ImageCmd::List => {
             let list = store.list()?;
             if cli.json {
@@ -122,8 +162,16 @@ pub async fn run(cli: &Cli, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
                 let rows: Vec<Vec<String>> = list
                     .iter()
                     .map(|i| {
+                        let source = i.manifest.source.as_ref().map_or_else(
+                            || "kiln".to_string(),
+                            |s| {
+                                let hex = s.digest.strip_prefix("sha256:").unwrap_or(&s.digest);
+                                format!("{}@{}", s.reference, &hex[..hex.len().min(12)])
+                            },
+                        );
                         vec![
                             i.name.clone(),
+                            source,
                             i.manifest.kernel_version.clone(),
                             human_bytes(i.manifest.rootfs_size_bytes),
                             human_bytes(i.disk_usage_bytes),
@@ -131,13 +179,17 @@ pub async fn run(cli: &Cli, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
                         ]
                     })
                     .collect();
-                table(&["NAME", "KERNEL", "ROOTFS", "ON DISK", "CREATED"], &rows);
+                table(
+                    &["NAME", "SOURCE", "KERNEL", "ROOTFS", "ON DISK", "CREATED"],
+                    &rows,
+                );
             }
         }
         ImageCmd::Rm { name, yes } => {
             if !confirm(&format!("remove image {name}?"), *yes)? {
                 return Ok(ExitCode::from(1));
             }
+            refuse_if_used(&data, name)?;
             store.remove(name)?;
             if !cli.json {
                 println!("removed image {name}");
@@ -145,4 +197,34 @@ pub async fn run(cli: &Cli, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses to remove a template that sandboxes or snapshots were made from: their disks are overlays on
+/// its rootfs.img (and diff snapshots reference it), so they could not start or restore afterwards.
+fn refuse_if_used(data: &std::path::Path, name: &str) -> anyhow::Result<()> {
+    let db_path = data.join("kiln.db");
+    if !db_path.is_file() {
+        return Ok(());
+    }
+    let db = kiln_core::db::Db::open(&db_path)?;
+    let sandboxes: Vec<String> = db
+        .list_sandboxes()?
+        .into_iter()
+        .filter(|s| s.template == name)
+        .map(|s| s.name)
+        .collect();
+    let snapshots: Vec<String> = db
+        .list_snapshots()?
+        .into_iter()
+        .filter(|s| s.template == name)
+        .map(|s| s.id)
+        .collect();
+    if sandboxes.is_empty() && snapshots.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "image {name} is in use by sandboxes [{}] and snapshots [{}]; delete them first (`kiln sandbox rm`, `kiln snapshot rm`)",
+        sandboxes.join(", "),
+        snapshots.join(", ")
+    )
 }

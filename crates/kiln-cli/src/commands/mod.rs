@@ -3,6 +3,7 @@ pub mod doctor;
 pub mod exec;
 pub mod files;
 pub mod image;
+pub mod oci;
 pub mod operation;
 pub mod port;
 pub mod process;

@@ -483,6 +483,7 @@ impl Engine {
                 mac: sb.mac.clone(),
                 egress: sb.egress,
                 ports: sb.ports.clone(),
+                image_digest: self.image_digest(&sb.template),
             },
             parent: parent.clone(),
             base_digest,

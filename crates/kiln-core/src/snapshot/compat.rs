@@ -310,6 +310,7 @@ mod tests {
                 mac: "m".into(),
                 egress: true,
                 ports: vec![],
+                image_digest: None,
             },
             parent: None,
             base_digest: None,

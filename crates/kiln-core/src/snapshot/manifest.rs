@@ -59,6 +59,9 @@ pub struct Source {
     /// The source's published ports; copies publish the same guest ports on host ports of their own.
     #[serde(default)]
     pub ports: Vec<crate::model::PortMapping>,
+    /// For a template pulled or imported from an OCI image: that image's digest (its content identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
 }
 
 fn egress_default() -> bool {
@@ -359,6 +362,7 @@ pub(crate) mod tests {
                 mac: "52:54:00:12:34:56".into(),
                 egress: true,
                 ports: vec![],
+                image_digest: None,
             },
             parent: None,
             base_digest: None,
