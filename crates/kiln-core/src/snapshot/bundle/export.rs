@@ -37,11 +37,11 @@ impl BundleExport {
     }
 }
 
-struct Source {
-    name: String,
-    file: File,
-    size: u64,
-    checksum: String,
+pub(super) struct Source {
+    pub name: String,
+    pub file: File,
+    pub size: u64,
+    pub checksum: String,
 }
 
 impl Engine {
@@ -179,7 +179,7 @@ impl Write for ChannelWriter {
     }
 }
 
-fn write_bundle(
+pub(super) fn write_bundle(
     out: &mut impl Write,
     header: &BundleHeader,
     sources: Vec<Source>,

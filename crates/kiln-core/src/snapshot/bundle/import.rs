@@ -303,7 +303,11 @@ fn header_id(text: &str) -> Option<String> {
 
 /// Reads the files and the trailer of a bundle into `tmp`, checking each file against `m` (every own
 /// file exactly once, with its size and checksum) and the whole against the trailer.
-fn stage_files<R: Read>(r: &mut CountingReader<R>, m: &Manifest, tmp: &Path) -> Result<()> {
+pub(super) fn stage_files<R: Read>(
+    r: &mut CountingReader<R>,
+    m: &Manifest,
+    tmp: &Path,
+) -> Result<()> {
     let mut wanted: BTreeMap<&str, &FileEntry> = m
         .files
         .iter()
