@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """kiln benchmarks: run against real VMs, print a table, save JSON.
 
-Usage: bench/bench.py [--runs N] [--out bench/results/NAME.json] [--only cold_boot,exec,...,dirs,idle,oci]
+Usage: bench/bench.py [--runs N] [--out bench/results/NAME.json] [--only cold_boot,exec,...,dirs,idle,oci,bundle]
 `--only disk,balloon,channel` compares QEMU device variants (bench/variants.py), each under a daemon of its own.
 `--only idle` measures idle host CPU and PSS of KILN_BENCH_IDLE_N sandboxes (default 5) over
 KILN_BENCH_IDLE_SECS (default 60).
@@ -525,6 +525,46 @@ def bench_oci(d, runs):
         reg.wait()
         shutil.rmtree(work, ignore_errors=True)
     return out
+def allocated_bytes(path):
+    """Bytes a snapshot's files take on disk (holes excluded, hard-linked files counted)."""
+    return sum(os.stat(os.path.join(path, n)).st_blocks * 512 for n in os.listdir(path))
+
+
+def bench_bundle(d, runs):
+    """Export a full memory snapshot of a 256 MiB tiny sandbox to a bundle file and import it again (CLI,
+    unix socket): MiB/s of the snapshot's bytes on disk, and the bundle's size against them."""
+    sb = d.api.create(template="tiny", memory_mib=256, cpus=1, name="bundlesrc")
+    start_counter(d, sb["id"])
+    time.sleep(1)
+    d.api.call("POST", f"/v1/sandboxes/{sb['id']}/snapshots", {"name": "bsnap"})
+    d.api.delete(sb["id"])
+    on_disk = allocated_bytes(os.path.join(d.dir, "snapshots", "bsnap"))
+    cli = [d.kiln, "--socket", d.socket, "--data-dir", d.dir, "snapshot"]
+    bundle = os.path.join(d.dir, "bsnap.kiln")
+    export, imp, sizes = [], [], []
+    for i in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run([*cli, "export", "bsnap", "-o", bundle], check=True, capture_output=True)
+        export.append(time.perf_counter() - t0)
+        sizes.append(os.path.getsize(bundle))
+        t0 = time.perf_counter()
+        subprocess.run([*cli, "import", bundle, "--name", f"bimp-{i}"], check=True, capture_output=True)
+        imp.append(time.perf_counter() - t0)
+        d.api.call("DELETE", f"/v1/snapshots/bimp-{i}")
+    os.remove(bundle)
+    mib = on_disk / 2**20
+    e, i_ = summary(export), summary(imp)
+    e["mib_per_s"] = round(mib / (e["median_ms"] / 1000), 1)
+    i_["mib_per_s"] = round(mib / (i_["median_ms"] / 1000), 1)
+    return {
+        "bundle_export": e,
+        "bundle_import": i_,
+        "bundle_size": {
+            "snapshot_bytes_on_disk": on_disk,
+            "bundle_bytes_median": int(statistics.median(sizes)),
+            "bundle_percent_of_snapshot": round(100.0 * statistics.median(sizes) / on_disk, 1),
+        },
+    }
 
 
 BENCHES = {
@@ -539,6 +579,7 @@ BENCHES = {
     "dirs": (bench_dirs, None),
     "idle": (bench_idle, None),
     "oci": (bench_oci, None),
+    "bundle": (bench_bundle, None),
 }
 
 # Device variants, compared in one run (each starts daemons of its own): bench/variants.py.
@@ -564,7 +605,7 @@ def main():
                 continue
             print(f"running {name} ...", file=sys.stderr, flush=True)
             res = fn(d, args.runs)
-            if name in ("snapshots", "fork", "dirs", "idle", "oci"):
+            if name in ("snapshots", "fork", "dirs", "idle", "oci", "bundle"):
                 results.update(res)
             else:
                 res["target_ms"] = target

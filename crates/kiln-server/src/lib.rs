@@ -25,8 +25,8 @@ use utoipa::OpenApi;
 use crate::error::ApiError;
 use crate::openapi::AuthAndCommonErrors;
 use crate::routes::{
-    dirs, doctor, exec, files, lifecycle, operations, ports, processes, sandboxes, snapshots,
-    system, volumes,
+    bundles, dirs, doctor, exec, files, lifecycle, operations, ports, processes, sandboxes,
+    snapshots, system, volumes,
 };
 
 #[derive(OpenApi)]
@@ -61,6 +61,8 @@ use crate::routes::{
         snapshots::resume,
         snapshots::restore,
         snapshots::name,
+        bundles::export,
+        bundles::import,
         files::read,
         files::write,
         files::remove,
@@ -135,6 +137,14 @@ pub fn router(engine: Arc<Engine>, limits: limits::Limits) -> Router {
         .route("/v1/snapshots/{id}/resume", post(snapshots::resume))
         .route("/v1/snapshots/{id}/restore", post(snapshots::restore))
         .route("/v1/snapshots/{id}/names", post(snapshots::name))
+        .route("/v1/snapshots/{id}/export", get(bundles::export))
+        // A snapshot may be named `import`: GET and DELETE of that path still find it.
+        .route(
+            "/v1/snapshots/import",
+            post(bundles::import)
+                .get(bundles::get_named_import)
+                .delete(bundles::delete_named_import),
+        )
         .route(
             "/v1/sandboxes/{id}/files",
             get(files::read).put(files::write).delete(files::remove),

@@ -12,6 +12,7 @@ from kiln import (
     SandboxNotFoundError,
     Snapshot,
     SnapshotAlreadyExistsError,
+    SnapshotCorruptError,
     SnapshotNotFoundError,
 )
 
@@ -190,3 +191,33 @@ def test_restore_with_more_memory_and_vcpus_within_the_headroom(daemon: object, 
             snap.restore(memory_mib=1024)
         assert refused.value.code == "resource_override_refused"
         Snapshot.delete(snap.id)
+
+
+def test_export_and_import_a_bundle(sandbox: Sandbox, name: str, tmp_path: object) -> None:
+    # A disk snapshot: no VM is resumed, the bundle only travels out and back in.
+    sandbox.files.write("/root/bundled", "in-the-bundle")
+    snap = sandbox.snapshot(type="disk")
+    path = tmp_path / "snap.kiln"  # type: ignore[operator]
+    imported = None
+    try:
+        size = snap.export(path)
+        assert size == path.stat().st_size and size > 0
+        with pytest.raises(SnapshotAlreadyExistsError):
+            Snapshot.import_(path)
+        # Truncated: refused naming the byte where it ends, nothing added.
+        cut = tmp_path / "cut.kiln"  # type: ignore[operator]
+        cut.write_bytes(path.read_bytes()[: size // 2])
+        with pytest.raises(SnapshotCorruptError, match=f"at byte {size // 2}"):
+            Snapshot.import_(cut, name=f"{name}-cut")
+        with pytest.raises(SnapshotNotFoundError):
+            Snapshot.get(f"{name}-cut")
+        imported = Snapshot.import_(path, name=f"{name}-moved")
+        assert (imported.id, imported.type, imported.disk_size_bytes) == (
+            f"{name}-moved",
+            "disk",
+            snap.disk_size_bytes,
+        )
+    finally:
+        for s in (imported, snap):
+            if s is not None:
+                s.delete()

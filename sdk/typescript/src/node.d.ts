@@ -90,6 +90,7 @@ declare module "node:fs" {
 
 declare module "node:fs/promises" {
   export function stat(path: string): Promise<{ size: number }>;
+  export function rename(from: string, to: string): Promise<void>;
   export interface Stats {
     size: number;
     mode: number;

@@ -1,3 +1,6 @@
+import { createReadStream, createWriteStream } from "node:fs";
+import { rename, stat as fsStat, unlink } from "node:fs/promises";
+import { pipeline } from "node:stream/promises";
 import { Client, type WithClient, defaultClient, snapshotPath } from "./client.js";
 import { Sandbox } from "./sandbox.js";
 import type { LifetimeOptions, SandboxRecord, SnapshotDeleted, SnapshotRecord, SnapshotType, VolumeSpec } from "./types.js";
@@ -156,6 +159,53 @@ export class Snapshot {
     return this.#apply(
       await this.client.json<SnapshotRecord>("POST", snapshotPath(this.id, "/names"), { json: { name } }),
     );
+  }
+
+  /**
+   * Writes this snapshot to a bundle file (streamed; compressed, checksummed) for {@link Snapshot.import}
+   * on another host; resolves to the bundle's size. A diff snapshot carries its base and imports as a full
+   * one, unless `withoutBase`: then the importing host must have the same base. The file appears only once
+   * the export is complete.
+   */
+  async export(path: string, options: { withoutBase?: boolean } = {}): Promise<number> {
+    const res = await this.client.request("GET", snapshotPath(this.id, "/export"), {
+      query: { without_base: options.withoutBase ? "true" : undefined },
+      timeoutMs: null,
+    });
+    const partial = `${path}.kiln-partial`;
+    let bytes = 0;
+    async function* counted(): AsyncIterable<Uint8Array> {
+      for await (const chunk of res.body) {
+        bytes += chunk.byteLength;
+        yield chunk;
+      }
+    }
+    try {
+      await pipeline(counted(), createWriteStream(partial));
+    } catch (e) {
+      await unlink(partial).catch(() => undefined);
+      throw e;
+    }
+    await rename(partial, path);
+    return bytes;
+  }
+
+  /**
+   * Adds the snapshot in a bundle file (from {@link Snapshot.export}), verified whole before it appears.
+   * Rejects with {@link SnapshotCorruptError} (the message names the byte offset) for a damaged bundle,
+   * {@link SnapshotIncompatibleError} when this host cannot resume it, and
+   * {@link SnapshotAlreadyExistsError} when its id (or `name`) is taken.
+   */
+  static async import(path: string, options: WithClient & { name?: string } = {}): Promise<Snapshot> {
+    const client = options.client ?? defaultClient();
+    const { size } = await fsStat(path);
+    const record = await client.json<SnapshotRecord>("POST", "/v1/snapshots/import", {
+      query: { name: options.name },
+      body: createReadStream(path),
+      headers: { "content-type": "application/octet-stream", "content-length": size },
+      timeoutMs: null,
+    });
+    return new Snapshot(record, client);
   }
 
   toString(): string {

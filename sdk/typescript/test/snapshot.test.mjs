@@ -1,5 +1,8 @@
 // Snapshots, restore, roll back, saveNamed and fork against a real daemon.
 import assert from "node:assert/strict";
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { after, before, test } from "node:test";
 
 import {
@@ -11,6 +14,7 @@ import {
   SandboxNotFoundError,
   Snapshot,
   SnapshotAlreadyExistsError,
+  SnapshotCorruptError,
   SnapshotNotFoundError,
   setDefaultClient,
 } from "../dist/index.js";
@@ -180,5 +184,31 @@ test("restore({ memoryMib, cpus }) grows a memory snapshot's copy within its hea
     await Snapshot.delete(snap.id);
   } finally {
     await src.kill();
+  }
+});
+
+test("export to a bundle file and import it back under another name; a truncated one is refused", async () => {
+  // A disk snapshot: nothing is resumed, the bundle only travels out and back in.
+  const snap = await sb.snapshot({ name: uniqueName("bundled"), type: "disk", resumeSource: true });
+  const dir = mkdtempSync(join(tmpdir(), "kiln-bundle-"));
+  let imported;
+  try {
+    const path = join(dir, "snap.kiln");
+    const size = await snap.export(path);
+    assert.ok(size > 0 && statSync(path).size === size);
+    await assert.rejects(Snapshot.import(path), SnapshotAlreadyExistsError);
+    const cut = join(dir, "cut.kiln");
+    writeFileSync(cut, readFileSync(path).subarray(0, Math.floor(size / 2)));
+    await assert.rejects(Snapshot.import(cut, { name: uniqueName("cut") }), (e) => {
+      assert.ok(e instanceof SnapshotCorruptError && e.message.includes(`at byte ${Math.floor(size / 2)}`), String(e));
+      return true;
+    });
+    const name = uniqueName("moved");
+    imported = await Snapshot.import(path, { name });
+    assert.deepEqual([imported.id, imported.type, imported.diskSizeBytes], [name, "disk", snap.diskSizeBytes]);
+  } finally {
+    if (imported) await Snapshot.delete(imported.id);
+    await Snapshot.delete(snap.id);
+    rmSync(dir, { recursive: true, force: true });
   }
 });

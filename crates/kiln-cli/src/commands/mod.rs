@@ -1,3 +1,4 @@
+pub mod bundle;
 pub mod dirs;
 pub mod doctor;
 pub mod exec;

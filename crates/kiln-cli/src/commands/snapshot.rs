@@ -82,6 +82,23 @@ pub enum SnapshotCmd {
     /// Give a snapshot a further name, under which every command finds it (ids and names share one
     /// namespace; the name goes when the snapshot is deleted).
     Name { snapshot: String, name: String },
+    /// Write a snapshot to one bundle file (compressed, checksummed) to move it to another host.
+    Export {
+        snapshot: String,
+        /// The bundle file to write (written beside it and renamed when complete).
+        #[arg(short = 'o', long)]
+        output: std::path::PathBuf,
+        /// A diff snapshot leaves its base out (the importing host must have the same base).
+        #[arg(long)]
+        without_base: bool,
+    },
+    /// Add a snapshot from a bundle file (verified whole before it appears).
+    Import {
+        file: std::path::PathBuf,
+        /// Import under this id (default: the id it was exported under).
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Roll the snapshot's source sandbox back to it (same id and name); paused unless --resume.
     Restore {
         snapshot: String,
@@ -139,6 +156,14 @@ pub async fn run(cli: &Cli, cmd: &SnapshotCmd) -> anyhow::Result<ExitCode> {
 pub async fn run_as(cli: &Cli, cmd: &SnapshotCmd, smolvm: bool) -> anyhow::Result<ExitCode> {
     let client = cli.client()?;
     match cmd {
+        SnapshotCmd::Export {
+            snapshot,
+            output,
+            without_base,
+        } => return crate::commands::bundle::export(cli, snapshot, output, *without_base).await,
+        SnapshotCmd::Import { file, name } => {
+            return crate::commands::bundle::import(cli, file, name.as_deref()).await
+        }
         SnapshotCmd::Create {
             sandbox,
             name,

@@ -174,6 +174,25 @@ impl Engine {
         Ok(NameClaim { engine: self, name })
     }
 
+    /// Reserves `id` for a snapshot being imported (same namespace and rule as captures).
+    pub(crate) fn claim_import_name(&self, id: &str) -> Result<NameClaim<'_>> {
+        validate::name("snapshot", id)?;
+        self.with_claims(|c| {
+            if self.snapshot_name_taken(c, id)? {
+                return Err(Error::new(
+                    ErrorCode::SnapshotAlreadyExists,
+                    format!("a snapshot named '{id}' already exists (or is being taken); import under another name (`--name`) or delete it first"),
+                ));
+            }
+            c.names.insert(id.to_string());
+            Ok(())
+        })?;
+        Ok(NameClaim {
+            engine: self,
+            name: id.to_string(),
+        })
+    }
+
     /// Whether `name` is a snapshot's id, another name of one (snapshot/names.rs), or being taken by a
     /// capture: ids and names share one namespace. Called under the claims mutex.
     pub(crate) fn snapshot_name_taken(&self, c: &Claims, name: &str) -> Result<bool> {

@@ -174,13 +174,17 @@ impl Manifest {
     /// Writes `manifest.json` with a trailing checksum line of the JSON, so a torn or edited manifest is
     /// detected.
     pub fn write(&self, dir: &Path) -> Result<()> {
+        fsutil::write_atomic(&dir.join(MANIFEST), self.to_doc()?.as_bytes())
+    }
+
+    /// The text of `manifest.json`: the JSON and its checksum line.
+    pub(super) fn to_doc(&self) -> Result<String> {
         let json =
             serde_json::to_string_pretty(self).map_err(|e| Error::internal(e.to_string()))?;
-        let doc = format!(
+        Ok(format!(
             "{json}\n# checksum {}\n",
             fsutil::checksum_bytes(json.as_bytes())
-        );
-        fsutil::write_atomic(&dir.join(MANIFEST), doc.as_bytes())
+        ))
     }
 
     pub fn read(dir: &Path, id: &str) -> Result<Manifest> {
@@ -191,9 +195,15 @@ impl Manifest {
                 format!("its manifest {} cannot be read ({e})", path.display()),
             )
         })?;
-        let head = text
-            .rsplit_once("\n# checksum ")
-            .map_or(text.as_str(), |(j, _)| j);
+        let m = Self::parse_unchecked(&text, id)?;
+        super::validate::check(&m, dir, id)?;
+        Ok(m)
+    }
+
+    /// The manifest in `text` (format version and checksum line checked), its fields not yet validated:
+    /// callers run `validate::check` (a bundle's import first maps its base to this host's files).
+    pub(super) fn parse_unchecked(text: &str, id: &str) -> Result<Manifest> {
+        let head = text.rsplit_once("\n# checksum ").map_or(text, |(j, _)| j);
         if let Ok(v) = serde_json::from_str::<VersionOnly>(head) {
             if v.format_version > FORMAT_VERSION {
                 return Err(Error::new(
@@ -225,7 +235,6 @@ impl Manifest {
                 ),
             ));
         }
-        super::validate::check(&m, dir, id)?;
         Ok(m)
     }
 

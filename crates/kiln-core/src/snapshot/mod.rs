@@ -1,5 +1,6 @@
 //! Snapshots: the record, the on-disk format (manifest + files) and its verification.
 
+pub mod bundle;
 pub mod capture;
 mod chain;
 pub mod compat;

@@ -1,3 +1,4 @@
+pub mod bundles;
 pub mod dirs;
 pub mod doctor;
 pub mod exec;

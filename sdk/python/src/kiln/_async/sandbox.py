@@ -583,6 +583,56 @@ class AsyncSnapshot(SnapshotFields):
         self._apply(d)
         return self
 
+    async def export(self, path: str | os.PathLike[str], *, without_base: bool = False) -> int:
+        """Writes this snapshot to a bundle file (streamed; compressed, checksummed) for
+        :meth:`import_` on another host; returns the bundle's size in bytes.
+
+        A diff snapshot carries its base and imports as a full one, unless ``without_base``: then the
+        importing host must have the same base. The file appears only once the export is complete.
+        """
+        params = {"without_base": "true"} if without_base else None
+        partial = os.fspath(path) + ".kiln-partial"
+        written = 0
+        async with self._client.astream("GET", snapshot_path(self.id, "/export"), params=params) as resp:
+            f = await _io.aoffload(open, partial, "wb")
+            try:
+                async for chunk in resp.aiter_bytes(_wire.CHUNK):
+                    await _io.aoffload(f.write, chunk)
+                    written += len(chunk)
+            except BaseException:
+                f.close()
+                os.unlink(partial)
+                raise
+            f.close()
+        os.replace(partial, path)
+        return written
+
+    @classmethod
+    async def import_(
+        cls, path: str | os.PathLike[str], name: str | None = None, *, client: Client | None = None
+    ) -> AsyncSnapshot:
+        """Adds the snapshot in a bundle file (from :meth:`export`), verified whole before it appears.
+
+        Raises :class:`SnapshotCorruptError` (the message names the byte offset) for a damaged bundle,
+        :class:`SnapshotIncompatibleError` when this host cannot resume it, and
+        :class:`SnapshotAlreadyExistsError` when its id (or ``name``) is taken.
+        """
+        client = client or get_default_client()
+        params = {"name": name} if name else None
+        f = await _io.aoffload(open, path, "rb")
+        try:
+            size = os.fstat(f.fileno()).st_size
+            d = await client.arequest_json(
+                "POST",
+                "/v1/snapshots/import",
+                params=params,
+                content=_io.aread_chunks(f),
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            )
+        finally:
+            f.close()
+        return cls(d, client)
+
     async def restore(
         self,
         name: str | None = None,

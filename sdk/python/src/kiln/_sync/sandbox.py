@@ -584,6 +584,56 @@ class Snapshot(SnapshotFields):
         self._apply(d)
         return self
 
+    def export(self, path: str | os.PathLike[str], *, without_base: bool = False) -> int:
+        """Writes this snapshot to a bundle file (streamed; compressed, checksummed) for
+        :meth:`import_` on another host; returns the bundle's size in bytes.
+
+        A diff snapshot carries its base and imports as a full one, unless ``without_base``: then the
+        importing host must have the same base. The file appears only once the export is complete.
+        """
+        params = {"without_base": "true"} if without_base else None
+        partial = os.fspath(path) + ".kiln-partial"
+        written = 0
+        with self._client.stream("GET", snapshot_path(self.id, "/export"), params=params) as resp:
+            f = _io.offload(open, partial, "wb")
+            try:
+                for chunk in resp.iter_bytes(_wire.CHUNK):
+                    _io.offload(f.write, chunk)
+                    written += len(chunk)
+            except BaseException:
+                f.close()
+                os.unlink(partial)
+                raise
+            f.close()
+        os.replace(partial, path)
+        return written
+
+    @classmethod
+    def import_(
+        cls, path: str | os.PathLike[str], name: str | None = None, *, client: Client | None = None
+    ) -> Snapshot:
+        """Adds the snapshot in a bundle file (from :meth:`export`), verified whole before it appears.
+
+        Raises :class:`SnapshotCorruptError` (the message names the byte offset) for a damaged bundle,
+        :class:`SnapshotIncompatibleError` when this host cannot resume it, and
+        :class:`SnapshotAlreadyExistsError` when its id (or ``name``) is taken.
+        """
+        client = client or get_default_client()
+        params = {"name": name} if name else None
+        f = _io.offload(open, path, "rb")
+        try:
+            size = os.fstat(f.fileno()).st_size
+            d = client.request_json(
+                "POST",
+                "/v1/snapshots/import",
+                params=params,
+                content=_io.read_chunks(f),
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            )
+        finally:
+            f.close()
+        return cls(d, client)
+
     def restore(
         self,
         name: str | None = None,
