@@ -2,14 +2,17 @@
 //! directory. A sandbox prepared on A (a file written, a counter running) is exported, imported on B and
 //! resumed there: the file is there and the counter goes on. Diff snapshots travel with their base or
 //! without it (then B refuses until it has the base). Truncated, corrupted and incompatible bundles are
-//! refused with the byte offset or the field, and leave nothing behind.
+//! refused with the byte offset or the field, and leave nothing behind; so does an import whose client
+//! goes away, or whose daemon is killed, half-way.
 
 mod common;
 
 use std::collections::BTreeSet;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{require_image, Daemon};
 use serde_json::{json, Value};
@@ -111,6 +114,14 @@ fn offset_in(msg: &str) -> Option<u64> {
         .ok()
 }
 
+fn wait_for(mut ok: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn export(d: &Daemon, snap: &str, file: &Path, extra: &[&str]) -> Vec<u8> {
     let f = file.to_str().unwrap();
     let mut args = vec!["snapshot", "export", snap, "-o", f];
@@ -124,7 +135,7 @@ fn a_sandbox_moves_to_another_host_in_a_bundle() {
     require_image("tiny");
     let (na, nb) = (Netns::new("a"), Netns::new("b"));
     let a = na.daemon();
-    let b = nb.daemon();
+    let mut b = nb.daemon();
     let files = tempfile::tempdir().unwrap();
 
     // Host A: a file, a counting process, a full memory snapshot; then a copy with one more file and a
@@ -231,6 +242,28 @@ fn a_sandbox_moves_to_another_host_in_a_bundle() {
         "{msg}"
     );
     assert_eq!(traces(&b), empty);
+
+    // A client that goes away half-way, and a daemon killed half-way (then started again): the
+    // staging directory is gone either way, and no row appeared.
+    for kill in [false, true] {
+        let mut conn = UnixStream::connect(&b.socket).unwrap();
+        write!(
+            conn,
+            "POST /v1/snapshots/import HTTP/1.1\r\nHost: kiln\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\n\r\n"
+        )
+        .unwrap();
+        conn.write_all(&s1[..len / 2]).unwrap();
+        let staging = || traces(&b).1.iter().any(|n| n.starts_with(".tmp-"));
+        wait_for(staging, "the import to start staging");
+        if kill {
+            b.restart_hard();
+        }
+        drop(conn);
+        wait_for(
+            || traces(&b) == empty,
+            "the interrupted import to leave nothing",
+        );
+    }
 
     // The real ones: s1, then d1 without its base (now present), then d1 with its base as `d1full`.
     b.kiln_ok(&[
