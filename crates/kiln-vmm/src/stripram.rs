@@ -8,7 +8,8 @@
 //! named block. The loading QEMU then keeps what the mapping holds, which the daemon patches before `cont`.
 //!
 //! Format facts (QEMU 10 `migration/savevm.c`, `migration/ram.c`): after magic and version come sections
-//! tagged START/PART/END (iterable handlers such as `ram`) and FULL (devices); all iterable sections come
+//! tagged START/PART/END (iterable handlers such as `ram`) and FULL (devices), and commands to the
+//! destination (kept as they are); all iterable sections come
 //! before the first device section, so from the first FULL section on the rest is copied as it is.
 
 use std::io::{self, Read, Write};
@@ -23,6 +24,7 @@ const SEC_END: u8 = 0x03;
 const SEC_FULL: u8 = 0x04;
 const SUBSECTION: u8 = 0x05;
 const CONFIGURATION: u8 = 0x07;
+const COMMAND: u8 = 0x08;
 const FOOTER: u8 = 0x7e;
 
 const F_ZERO: u64 = 0x02;
@@ -248,6 +250,15 @@ impl<R: Read, W: Write> Filter<R, W> {
                     self.put(&[tag])?;
                     return self.rest();
                 }
+                COMMAND => {
+                    // A command to the destination (QEMU 10 sends `switchover-start` before the
+                    // final sections): be16 command, be16 length, data; kept as it is.
+                    self.put(&[tag])?;
+                    self.copy_bytes(2)?;
+                    let len = self.take(2)?;
+                    self.put(&len)?;
+                    self.copy_bytes(u16::from_be_bytes([len[0], len[1]]) as usize)?;
+                }
                 CONFIGURATION => {
                     self.put(&[tag])?;
                     return self.configuration();
@@ -337,6 +348,10 @@ mod tests {
         b.push(FOOTER);
         b.extend_from_slice(&2u32.to_be_bytes());
         want.extend_from_slice(&b);
+        // A command (switchover-start: 7, no data), kept.
+        let cmd = [COMMAND, 0, 7, 0, 0];
+        b.extend_from_slice(&cmd);
+        want.extend_from_slice(&cmd);
         // END: a mem page, a mem zero page (continue), a rom page, EOS.
         let mut end = vec![SEC_END];
         end.extend_from_slice(&2u32.to_be_bytes());

@@ -12,7 +12,11 @@ use super::SnapshotType;
 use crate::error::{Error, ErrorCode, Result};
 use crate::fsutil;
 
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: a snapshot of a sandbox resumed from a snapshot may hold a `memory_delta` (its changed pages
+/// against `memory`). Version 1 manifests still load.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this kiln reads.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 pub const MANIFEST: &str = "manifest.json";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,6 +26,9 @@ pub enum Role {
     State,
     /// Guest RAM, a whole image (sparse).
     Memory,
+    /// The pages of guest RAM that differ from `Memory` (`kiln_vmm::delta`), written into the restored
+    /// VM's mapping before it runs.
+    MemoryDelta,
     /// One disk layer; disk layers are listed bottom first.
     Disk,
     Kernel,
@@ -197,7 +204,7 @@ impl Manifest {
         }
         let m: Manifest = serde_json::from_str(json)
             .map_err(|e| corrupt(id, format!("its manifest is not valid ({e})")))?;
-        if m.format_version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&m.format_version) {
             return Err(Error::new(
                 ErrorCode::SnapshotIncompatible,
                 format!(
