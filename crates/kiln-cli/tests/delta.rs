@@ -61,9 +61,9 @@ fn file_of(dir: &Path, m: &Value, role: &str) -> Option<(PathBuf, String, u64)> 
 /// with random pages, and records their checksums.
 const FILL: &str = "dd if=/dev/urandom of=/dev/shm/s bs=4096 count=1024 2>/dev/null; \
     dd if=/dev/urandom of=/root/c bs=4096 count=512 2>/dev/null; \
-    (v=$(head -c 600000 /dev/urandom | od -An -tx1); echo \"$v\" | md5sum > /tmp/anon.sum; \
+    (v=$(head -c 200000 /dev/urandom | od -An -tx1); echo \"$v\" | md5sum > /tmp/anon.sum; \
      while true; do echo \"$v\" | md5sum > /tmp/anon.new; mv /tmp/anon.new /tmp/anon.now; sleep 0.3; done) \
-     >/dev/null 2>&1 & sleep 2; true";
+     >/dev/null 2>&1 & while [ ! -f /tmp/anon.now ]; do sleep 0.2; done";
 
 /// Rewrites a random subset of the pages of both files.
 const MUTATE: &str = "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do \
