@@ -414,8 +414,10 @@ def smaps_rollup(pid):
 
 def pause_ms_from_log(d, count_before):
     """The pause of the last capture, as the daemon logged it ("source paused for capture pause_ms=N")."""
+    import re
+    ansi = re.compile(r"\x1b\[[0-9;]*m")
     with open(os.path.join(d.dir, "daemon.log"), errors="replace") as f:
-        found = [line for line in f if "source paused for capture" in line]
+        found = [ansi.sub("", line) for line in f if "source paused for capture" in line]
     if len(found) <= count_before:
         return None, len(found)
     tail = found[-1].split("pause_ms=")[1]

@@ -292,8 +292,8 @@ pub fn read_index(
         };
         let kind = le32(e, 16);
         let ok = (kind == KIND_DATA || kind == KIND_ZERO)
-            && en.offset % PAGE == 0
-            && en.len % PAGE == 0
+            && en.offset.is_multiple_of(PAGE)
+            && en.len.is_multiple_of(PAGE)
             && en.len > 0
             && en.len <= MAX_RUN
             && en.offset >= end

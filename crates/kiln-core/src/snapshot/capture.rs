@@ -308,6 +308,8 @@ impl Engine {
     }
 
     /// `freeze` without the RAM: saves device state and switches the disk to its new top layer.
+    // The capture's pieces are distinct borrows of the caller's state; bundling them would only move them.
+    #[allow(clippy::too_many_arguments)]
     async fn freeze_device_and_disk(
         &self,
         sb: &Sandbox,
