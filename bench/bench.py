@@ -502,7 +502,11 @@ def bench_delta(d, runs):
     try:
         out.update(delta_one_path(old, runs, "before"))
     finally:
-        old.stop()
+        try:
+            old.stop()
+        except subprocess.TimeoutExpired:
+            old.proc.kill()
+            old.proc.wait()
         shutil.rmtree(work, ignore_errors=True)
     return out
 
