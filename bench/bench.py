@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """kiln benchmarks: run against real VMs, print a table, save JSON.
 
-Usage: bench/bench.py [--runs N] [--out bench/results/NAME.json] [--only cold_boot,exec,...,dirs,idle,oci,bundle]
+Usage: bench/bench.py [--runs N] [--out bench/results/NAME.json] [--only cold_boot,exec,...,dirs,idle,oci,bundle,delta]
 `--only disk,balloon,channel` compares QEMU device variants (bench/variants.py), each under a daemon of its own.
 `--only idle` measures idle host CPU and PSS of KILN_BENCH_IDLE_N sandboxes (default 5) over
 KILN_BENCH_IDLE_SECS (default 60).
@@ -567,6 +567,115 @@ def bench_bundle(d, runs):
     }
 
 
+def smaps_rollup(pid):
+    vals = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 2 and parts[1].isdigit():
+                vals[parts[0].rstrip(":")] = int(parts[1]) * 1024
+    return vals
+
+
+def pause_ms_from_log(d, count_before):
+    """The pause of the last capture, as the daemon logged it ("source paused for capture pause_ms=N")."""
+    import re
+    ansi = re.compile(r"\x1b\[[0-9;]*m")
+    with open(os.path.join(d.dir, "daemon.log"), errors="replace") as f:
+        found = [ansi.sub("", line) for line in f if "source paused for capture" in line]
+    if len(found) <= count_before:
+        return None, len(found)
+    tail = found[-1].split("pause_ms=")[1]
+    return int("".join(c for c in tail if c.isdigit()) or "0"), len(found)
+
+
+def delta_one_path(d, runs, label):
+    """Snapshots of a sandbox resumed from a snapshot that changed little, resumes of them, and the private
+    memory of the copies and of fork children (first generation: of a booted sandbox; second: of a copy)."""
+    ram = 256 << 20
+    src = d.api.create(template="tiny", memory_mib=256, cpus=1, name=f"{label}src")
+    start_counter(d, src["id"])
+    time.sleep(1)
+    d.api.call("POST", f"/v1/sandboxes/{src['id']}/snapshots", {"name": f"{label}base"})
+    res = d.api.call("POST", f"/v1/snapshots/{label}base/resume", {"name": f"{label}res"})
+    d.api.exec(res["id"], ["true"])
+    time.sleep(3)
+    seen = pause_ms_from_log(d, 10**9)[1]
+    create, pauses, sizes, state_sizes, resume, pss, private = [], [], [], [], [], [], []
+    for i in range(runs):
+        d.api.exec(res["id"], ["sh", "-c", f"echo {i} > /root/small"])
+        t0 = time.perf_counter()
+        snap = d.api.call("POST", f"/v1/sandboxes/{res['id']}/snapshots", {"name": f"{label}d{i}", "type": "diff"})
+        create.append(time.perf_counter() - t0)
+        p, seen = pause_ms_from_log(d, seen)
+        if p is not None:
+            pauses.append(p)
+        sdir = os.path.join(d.dir, "snapshots", snap["id"])
+        sizes.append(own_bytes(sdir))
+        state_sizes.append(os.stat(os.path.join(sdir, "state")).st_size)
+    for i in range(runs):
+        t0 = time.perf_counter()
+        child = d.api.call("POST", f"/v1/snapshots/{label}d{i}/resume", {"name": f"{label}c{i}"})
+        d.api.exec(child["id"], ["true"])
+        resume.append(time.perf_counter() - t0)
+        time.sleep(2)
+        r = smaps_rollup(child["pid"])
+        pss.append(r.get("Pss", 0))
+        private.append(r.get("Private_Dirty", 0) + r.get("Private_Clean", 0))
+        d.api.delete(child["id"])
+        # Its warm spare would compete with the next measurement.
+        for spare in range(50):
+            if d.api.call("GET", f"/v1/snapshots/{label}d{i}").get("warm_spares", 0) >= 1:
+                break
+            time.sleep(0.1)
+    gens = {}
+    for gen, parent in (("first", src), ("second", res)):
+        kids = d.api.call("POST", f"/v1/sandboxes/{parent['id']}/fork", {"count": 1, "name": f"{label}f{gen}"})["sandboxes"]
+        d.api.exec(kids[0]["id"], ["true"])
+        time.sleep(3)
+        r = smaps_rollup(kids[0]["pid"])
+        gens[gen] = dict(pss_mib=round(r.get("Pss", 0) / 2**20, 1),
+                         private_mib=round((r.get("Private_Dirty", 0) + r.get("Private_Clean", 0)) / 2**20, 1))
+        d.api.delete(kids[0]["id"])
+    for sb in (res, src):
+        d.api.delete(sb["id"])
+    for i in range(runs):
+        d.api.call("DELETE", f"/v1/snapshots/{label}d{i}")
+    d.api.call("DELETE", f"/v1/snapshots/{label}base")
+    med = statistics.median
+    return {
+        f"delta_{label}_snapshot_of_resumed_create": dict(summary(create), target_ms=None,
+            bytes_written_median=int(med(sizes)), percent_of_ram=round(100.0 * med(sizes) / ram, 2),
+            target_percent_of_ram=2.0, state_bytes_median=int(med(state_sizes))),
+        f"delta_{label}_capture_pause": dict(summary([p / 1000.0 for p in pauses]) if pauses else {}, target_ms=100.0),
+        f"delta_{label}_resume_to_first_exec": dict(summary(resume), target_ms=None,
+            copy_pss_median_mib=round(med(pss) / 2**20, 1), copy_private_median_mib=round(med(private) / 2**20, 1)),
+        f"delta_{label}_fork_children_idle": dict(gens),
+    }
+
+
+def bench_delta(d, runs):
+    """Issue 16: memory deltas (this daemon) beside the previous path (a second daemon with
+    KILN_MEMORY_DELTA=0), same machine, same run."""
+    out = delta_one_path(d, runs, "after")
+    os.environ["KILN_MEMORY_DELTA"] = "0"
+    work = tempfile.mkdtemp(prefix="kbd", dir="/tmp")
+    try:
+        old = Daemon(d.kiln, os.path.realpath(os.path.join(d.dir, "images")), work)
+    finally:
+        del os.environ["KILN_MEMORY_DELTA"]
+    try:
+        out.update(delta_one_path(old, runs, "before"))
+    finally:
+        try:
+            old.stop()
+        except subprocess.TimeoutExpired:
+            old.proc.kill()
+            old.proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
 BENCHES = {
     "cold_boot_to_first_exec": (bench_cold_boot, 2000.0),
     "exec_true_round_trip": (bench_exec, 10.0),
@@ -580,6 +689,7 @@ BENCHES = {
     "idle": (bench_idle, None),
     "oci": (bench_oci, None),
     "bundle": (bench_bundle, None),
+    "delta": (bench_delta, None),
 }
 
 # Device variants, compared in one run (each starts daemons of its own): bench/variants.py.
@@ -605,7 +715,7 @@ def main():
                 continue
             print(f"running {name} ...", file=sys.stderr, flush=True)
             res = fn(d, args.runs)
-            if name in ("snapshots", "fork", "dirs", "idle", "oci", "bundle"):
+            if name in ("snapshots", "fork", "dirs", "idle", "oci", "bundle", "delta"):
                 results.update(res)
             else:
                 res["target_ms"] = target

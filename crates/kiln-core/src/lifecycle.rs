@@ -12,6 +12,8 @@ use crate::machine::Incoming;
 use crate::model::{Sandbox, SandboxState};
 
 const STATE_FILE: &str = "state";
+/// A hibernated sandbox resumed from a snapshot: the pages of its RAM that differ from its base.
+const DELTA_FILE: &str = "memory.delta";
 
 impl Engine {
     /// Stops the vCPUs; memory stays as it is.
@@ -82,7 +84,35 @@ impl Engine {
         // The vCPUs are stopped and QEMU's block I/O drained: RAM no longer changes. Its copy to the data
         // disk runs while the device state is saved.
         let ram_save = crate::ramdir::start_ram_save(&layout.memory);
+        // A RAM privately mapped from a snapshot's file: its changed pages go to a delta and the state
+        // is saved without them (as for a snapshot, see snapshot/capture.rs).
+        let delta_tmp = dir.join("memory.delta.tmp");
+        let delta = self
+            .hibernation_delta(sb, vm.pid, &layout.memory, &delta_tmp)
+            .await;
         let saved = async {
+            if delta {
+                let saved = kiln_vmm::migration::save_state_without_ram(
+                    &qmp,
+                    vm.pid,
+                    &dir.join("migrate.sock"),
+                    &dir.join("state.tmp"),
+                    "mem",
+                    Duration::from_secs(60),
+                )
+                .await;
+                match saved {
+                    Ok(_) => {
+                        // Written by the daemon: QEMU reads it at the start.
+                        self.confine().seal(&dir.join("state.tmp"))?;
+                        return Ok::<_, Error>((dir.join("state.tmp"), true));
+                    }
+                    Err(e) => {
+                        tracing::warn!(sandbox = %sb.id, error = %e, "saving the device state without RAM failed; saving it with RAM");
+                        let _ = std::fs::remove_file(dir.join("state.tmp"));
+                    }
+                }
+            }
             // QEMU writes in vm/; the checked, synced file moves into the root-owned directory.
             let written = self.vm_file(sb, "state.tmp")?;
             kiln_vmm::migration::save_state(&qmp, &written, Duration::from_secs(60)).await?;
@@ -90,7 +120,7 @@ impl Engine {
             let taken = self.take_vm_file(sb, &written, &tmp_state);
             let _ = std::fs::remove_file(&written);
             taken?;
-            Ok::<_, Error>(tmp_state)
+            Ok::<_, Error>((tmp_state, false))
         };
         let saved = saved.await;
         let ram_saved = match ram_save {
@@ -99,11 +129,12 @@ impl Engine {
                 .unwrap_or_else(|e| Err(Error::internal(format!("saving the RAM: {e}")))),
             None => Ok(()),
         };
-        let tmp_state = match (saved, ram_saved) {
+        let (tmp_state, ramless) = match (saved, ram_saved) {
             (Ok(p), Ok(())) => p,
             (saved, ram_saved) => {
                 let _ = std::fs::remove_file(dir.join("memory.tmp"));
-                if let Ok(p) = &saved {
+                let _ = std::fs::remove_file(&delta_tmp);
+                if let Ok((p, _)) = &saved {
                     let _ = std::fs::remove_file(p);
                 }
                 if was_running {
@@ -120,8 +151,22 @@ impl Engine {
         // The machine is saved. Make the RAM file durable and publish the state file that marks the save
         // complete while QEMU still lives, its vCPUs stopped for good: a crash from here on leaves a
         // complete save, which recovery keeps (it never lets this VM run again). Only then end QEMU.
-        if let Err(e) = publish_save(&layout.memory, &tmp_state, &dir) {
+        // The delta goes before the state that needs it; a state saved with its RAM must not find an
+        // older delta next to it.
+        let delta_published = if ramless {
+            fsutil::publish(&delta_tmp, &dir.join(DELTA_FILE))
+        } else {
+            let _ = std::fs::remove_file(&delta_tmp);
+            match dir.join(DELTA_FILE).exists() {
+                true => fsutil::remove_file_durably(&dir.join(DELTA_FILE)),
+                false => Ok(()),
+            }
+        };
+        if let Err(e) =
+            delta_published.and_then(|()| publish_save(&layout.memory, &tmp_state, &dir))
+        {
             let _ = std::fs::remove_file(dir.join("memory.tmp"));
+            let _ = std::fs::remove_file(&delta_tmp);
             // Not published (or not durably): withdraw it before the vCPUs run again.
             let _ = std::fs::remove_file(&tmp_state);
             let _ = std::fs::remove_file(dir.join(STATE_FILE));
@@ -177,11 +222,25 @@ impl Engine {
         let ram_fill = self.place_saved_ram(&sb, &mut layout)?;
         let placed = ram_fill.is_some();
         ph.mark("place_ram");
+        // Saved by the stop next to its RAM-less state (only for RAM mapped from a snapshot's file).
+        let delta_file = dir.join(DELTA_FILE);
+        let delta = match &layout.memory {
+            Memory::Private {
+                base,
+                base_checksum: Some(id),
+            } if delta_file.exists() => Some(crate::machine::IncomingDelta {
+                file: delta_file.clone(),
+                base: base.clone(),
+                base_id: id.clone(),
+            }),
+            _ => None,
+        };
         let incoming = Incoming {
             state: state.clone(),
             resume: true,
             identity: None,
             ram_fill,
+            delta,
         };
         let started = self.start_vm(&sb, &layout, Some(incoming)).await;
         ph.mark("start_vm");
@@ -193,6 +252,10 @@ impl Engine {
                 if let (true, Memory::Owned { file, .. }) = (placed, &layout.memory) {
                     // The guest runs on its copy in the RAM directory; the saved file is stale now.
                     let _ = fsutil::remove_file_durably(file);
+                }
+                // Its pages are in the running VM now; the state it belonged to is retired.
+                if delta_file.exists() {
+                    let _ = fsutil::remove_file_durably(&delta_file);
                 }
                 vm
             }
@@ -216,6 +279,45 @@ impl Engine {
         info!(sandbox = %sb.id, pid, "sandbox started from hibernation");
         self.lifetime_started(&sb.id);
         self.get(&sb.id)
+    }
+
+    /// With the VM stopped: for RAM mapped privately from a snapshot's file, writes its changed pages to
+    /// `out` and says whether it did (false: the state is saved with the RAM, as before).
+    async fn hibernation_delta(
+        &self,
+        sb: &Sandbox,
+        pid: u32,
+        memory: &Memory,
+        out: &std::path::Path,
+    ) -> bool {
+        let Memory::Private {
+            base,
+            base_checksum: Some(id),
+        } = memory
+        else {
+            return false;
+        };
+        if !crate::snapshot::capture::memory_deltas() {
+            return false;
+        }
+        let (base, id, out2) = (base.clone(), id.clone(), out.to_path_buf());
+        let took = tokio::task::spawn_blocking(move || {
+            kiln_vmm::delta::capture(pid, &base, &id, &out2, false)
+        })
+        .await;
+        match took {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(sandbox = %sb.id, error = %e, "no memory delta; saving the RAM in the device state");
+                let _ = std::fs::remove_file(out);
+                false
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %sb.id, error = %e, "no memory delta");
+                let _ = std::fs::remove_file(out);
+                false
+            }
+        }
     }
 
     /// A hibernated machine's saved vCPU state loads only under the accelerator it was saved under (a KVM

@@ -26,6 +26,17 @@ pub struct Incoming {
     pub identity: Option<NewIdentity>,
     /// The RAM file's copy still being made while QEMU starts (a start from hibernation).
     pub ram_fill: Option<crate::ramdir::RamFill>,
+    /// A memory delta to write into the RAM mapping after the state is loaded, before `cont`.
+    pub delta: Option<IncomingDelta>,
+}
+
+/// A snapshot's memory delta and the RAM file it applies to.
+#[derive(Clone)]
+pub struct IncomingDelta {
+    pub file: PathBuf,
+    /// The file the VM maps privately, and its checksum (the delta's base identity).
+    pub base: PathBuf,
+    pub base_id: String,
 }
 
 /// What makes a copy of a machine its own: name, machine id, and a reseeded kernel RNG (otherwise two
@@ -314,6 +325,12 @@ impl Engine {
                 .map_err(|e| Error::internal(format!("copying the saved RAM: {e}")))??;
             ph.mark("ram_fill");
         }
+        // The guest RAM must be whole before the state loads: device post-load hooks read it (virtio
+        // reads its rings' indices from guest memory). The stream carries no page of it.
+        if let Some(d) = inc.delta.clone() {
+            self.apply_delta(vm.pid, d).await?;
+            ph.mark("apply_delta");
+        }
         // QEMU opens the state file itself, as the sandbox's user, which can only reach its own directory:
         // a snapshot's (immutable, sealed) state is hard-linked in for the load.
         let dir = self.config().sandbox_dir(&sb.id);
@@ -361,6 +378,39 @@ impl Engine {
             ph.mark("after_resume");
         }
         Ok(())
+    }
+
+    /// Writes a snapshot's memory delta into a loaded, not yet running VM's RAM mapping.
+    async fn apply_delta(&self, pid: u32, d: IncomingDelta) -> Result<()> {
+        let applied = tokio::task::spawn_blocking(move || {
+            kiln_vmm::delta::apply(pid, &d.base, &d.base_id, &d.file)
+        })
+        .await
+        .map_err(|e| Error::internal(e.to_string()))?;
+        match applied {
+            Ok(st) => {
+                tracing::debug!(
+                    pid,
+                    data_pages = st.data_pages,
+                    zero_pages = st.zero_pages,
+                    ms = st.total_ms,
+                    "memory delta applied"
+                );
+                Ok(())
+            }
+            Err(kiln_vmm::delta::DeltaError::Corrupt(m)) => Err(Error::new(
+                ErrorCode::SnapshotCorrupt,
+                format!("{m}; the snapshot cannot be restored, take a new one"),
+            )),
+            Err(kiln_vmm::delta::DeltaError::BaseMismatch(m)) => Err(Error::new(
+                ErrorCode::SnapshotBaseChanged,
+                format!("{m}; the snapshot's RAM file was replaced, so it cannot be restored"),
+            )),
+            Err(kiln_vmm::delta::DeltaError::Io(e)) => Err(Error::new(
+                ErrorCode::VmFailed,
+                format!("writing the memory delta into the restored VM failed: {e}"),
+            )),
+        }
     }
 
     /// After vCPUs run again: reconnect the agent and set the guest's wall clock (it stood still while the

@@ -3,16 +3,19 @@
 
 pub mod accel;
 pub mod cpu;
+pub mod delta;
 pub mod error;
 pub mod hostfwd;
 pub mod img;
 pub mod launch;
 pub mod memory;
 pub mod migration;
+pub mod pagemap;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
 pub mod safefs;
+pub mod stripram;
 
 pub use accel::{Accel, AccelChoice};
 pub use error::VmmError;

@@ -33,6 +33,78 @@ pub async fn save_state(qmp: &Qmp, path: &Path, timeout: Duration) -> Result<(),
     wait_for_migration(qmp, timeout, "saving VM state").await
 }
 
+/// Like [`save_state`], but QEMU streams to a unix socket at `sock` (in a directory only root may
+/// change, reachable by QEMU's uid) and the daemon writes the stream to `out` without the page records of
+/// RAM block `block` (see `stripram`): for a VM whose RAM is a private mapping of an immutable file, the
+/// pages that differ from it are saved separately, so the state stays tens of KiB. Only QEMU `qemu_pid`
+/// may connect. On a stream the filter does not understand, the save fails (the caller may save in full).
+pub async fn save_state_without_ram(
+    qmp: &Qmp,
+    qemu_pid: u32,
+    sock: &Path,
+    out: &Path,
+    block: &str,
+    timeout: Duration,
+) -> Result<crate::stripram::Stripped, VmmError> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(sock);
+    let listener = tokio::net::UnixListener::bind(sock)
+        .map_err(|e| VmmError::io(format!("listening on {}", sock.display()), e))?;
+    let result = async {
+        std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o666))
+            .map_err(|e| VmmError::io(format!("chmod {}", sock.display()), e))?;
+        set_ignore_shared(qmp).await?;
+        qmp.execute(
+            "migrate",
+            Some(json!({"uri": format!("unix:{}", sock.display())})),
+        )
+        .await?;
+        let accepted = tokio::time::timeout(timeout, listener.accept()).await;
+        let stream = match accepted {
+            Ok(Ok((s, _))) => s,
+            Ok(Err(e)) => return Err(VmmError::io("accepting QEMU's migration stream", e)),
+            Err(_) => {
+                let _ = qmp.execute("migrate_cancel", None).await;
+                return Err(VmmError::Timeout {
+                    what: "QEMU to connect its migration stream".into(),
+                    after_ms: timeout.as_millis() as u64,
+                });
+            }
+        };
+        if let Err(e) = crate::qmp::check_peer(&stream, sock, qemu_pid) {
+            let _ = qmp.execute("migrate_cancel", None).await;
+            return Err(e);
+        }
+        let stream = stream
+            .into_std()
+            .map_err(|e| VmmError::io("migration stream", e))?;
+        stream
+            .set_nonblocking(false)
+            .and_then(|()| stream.set_read_timeout(Some(timeout)))
+            .map_err(|e| VmmError::io("migration stream", e))?;
+        let out = out.to_path_buf();
+        let block = block.to_string();
+        let filter = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::create(&out)?;
+            let w = std::io::BufWriter::with_capacity(1 << 20, file);
+            let r = std::io::BufReader::with_capacity(1 << 20, stream);
+            // Returning drops the stream: QEMU's write fails and its migration ends, either way.
+            crate::stripram::strip(r, w, &block)
+        });
+        let (waited, filtered) =
+            tokio::join!(wait_for_migration(qmp, timeout, "saving VM state"), filter);
+        let filtered = filtered
+            .map_err(|e| VmmError::io("migration stream filter", std::io::Error::other(e)))?
+            .map_err(|e| VmmError::io("filtering QEMU's migration stream", e))?;
+        waited?;
+        Ok(filtered)
+    }
+    .await;
+    drop(listener);
+    let _ = std::fs::remove_file(sock);
+    result
+}
+
 /// Loads device state into a VM started with `-incoming defer` and waits until it is loaded.
 pub async fn load_state(qmp: &Qmp, path: &Path, timeout: Duration) -> Result<(), VmmError> {
     set_ignore_shared(qmp).await?;

@@ -94,6 +94,7 @@ impl Engine {
         }
         let mut ph = crate::timing::Phases::new("snapshot_create", &id);
         let job = Job {
+            pid: vm.pid,
             id: &id,
             req: &req,
             tmp: &tmp,
@@ -173,7 +174,7 @@ impl Engine {
         }
         let captured = frozen?;
         resumed?;
-        tracing::debug!(snapshot = job.id, pause_ms, "source paused for capture");
+        tracing::info!(snapshot = job.id, pause_ms, "source paused for capture");
         // The guest's clock stood still while it was paused: set it, as a resume does, while the
         // snapshot's files are written (the request is sent at once; its answer is awaited at the end).
         // The snapshot is taken either way; a guest that does not answer keeps its late clock (logged).
@@ -214,8 +215,50 @@ impl Engine {
             }
             _ => None,
         };
+        // A privately mapped RAM (a sandbox resumed from a snapshot): the pages that differ from the file
+        // it maps are read from the paused QEMU into a delta, while QEMU saves the state without them.
+        let delta = match (&layout.memory, kind.has_memory() && memory_deltas()) {
+            (
+                Memory::Private {
+                    base,
+                    base_checksum,
+                },
+                true,
+            ) => {
+                let base = base.clone();
+                let base_id = base_checksum.clone();
+                let out = tmp.join(DELTA_FILE);
+                let pid = job.pid;
+                Some(tokio::task::spawn_blocking(move || {
+                    let base_id = match base_id {
+                        Some(id) => id,
+                        None => fsutil::checksum(&base)?,
+                    };
+                    kiln_vmm::delta::capture(pid, &base, &base_id, &out, false)
+                        .map_err(|e| Error::internal(format!("capturing the memory delta: {e}")))
+                }))
+            }
+            _ => None,
+        };
+        // Taken first (milliseconds): if it fails, the state is saved with the RAM as before.
+        let delta = match delta {
+            Some(d) => match d
+                .await
+                .map_err(|e| Error::internal(e.to_string()))
+                .and_then(|r| r)
+            {
+                Ok(stats) => Some(stats),
+                Err(e) => {
+                    tracing::warn!(sandbox = %sb.id, error = %e.message, "no memory delta; saving the RAM in the device state");
+                    let _ = std::fs::remove_file(tmp.join(DELTA_FILE));
+                    None
+                }
+            },
+            None => None,
+        };
+        ph.mark("capture_delta");
         let frozen = self
-            .freeze_device_and_disk(sb, qmp, layout, job, new_top, ph)
+            .freeze_device_and_disk(sb, qmp, layout, job, new_top, delta.is_some(), ph)
             .await;
         let copied = match ram_copy {
             Some(copy) => Some(
@@ -225,7 +268,20 @@ impl Engine {
             ),
             None => None,
         };
-        frozen?;
+        let ramless = frozen?;
+        let delta = match (delta, ramless) {
+            (Some(stats), true) => {
+                self.confine().seal(&tmp.join(DELTA_FILE))?;
+                tracing::debug!(sandbox = %sb.id, data_pages = stats.data_pages, zero_pages = stats.zero_pages, ranges = stats.ranges, scan_ms = stats.scan_ms, ms = stats.total_ms, method = ?stats.method, "memory delta captured");
+                Some(stats)
+            }
+            // The state holds the RAM after all (the filter fell back): no delta.
+            (Some(_), false) => {
+                let _ = std::fs::remove_file(tmp.join(DELTA_FILE));
+                None
+            }
+            (None, _) => None,
+        };
         let memory = match (copied, &layout.memory) {
             (Some(checksum), _) => {
                 let checksum = checksum?;
@@ -243,6 +299,7 @@ impl Engine {
             ) if kind.has_memory() => CapturedMemory::OnBase {
                 base: base.clone(),
                 base_checksum: base_checksum.clone(),
+                delta,
             },
             (None, _) => CapturedMemory::None,
         };
@@ -251,6 +308,8 @@ impl Engine {
     }
 
     /// `freeze` without the RAM: saves device state and switches the disk to its new top layer.
+    // The capture's pieces are distinct borrows of the caller's state; bundling them would only move them.
+    #[allow(clippy::too_many_arguments)]
     async fn freeze_device_and_disk(
         &self,
         sb: &Sandbox,
@@ -258,10 +317,38 @@ impl Engine {
         layout: &mut Layout,
         job: &Job<'_>,
         new_top: &Path,
+        without_ram: bool,
         ph: &mut crate::timing::Phases,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let (kind, tmp) = (job.req.kind, job.tmp);
-        if kind.has_memory() {
+        let mut ramless = false;
+        if kind.has_memory() && without_ram {
+            // QEMU connects to a socket in the root-owned sandbox directory; the daemon writes the stream
+            // without the guest RAM's pages (they are in the delta).
+            let sock = self.config().sandbox_dir(&sb.id).join("migrate.sock");
+            match kiln_vmm::migration::save_state_without_ram(
+                qmp,
+                job.pid,
+                &sock,
+                &tmp.join("state"),
+                "mem",
+                SAVE_TIMEOUT,
+            )
+            .await
+            {
+                Ok(st) => {
+                    ramless = true;
+                    tracing::debug!(sandbox = %sb.id, pages_dropped = st.pages_dropped, bytes_in = st.bytes_in, bytes_out = st.bytes_out, "device state saved without RAM");
+                    self.confine().seal(&tmp.join("state"))?;
+                    ph.mark("save_state");
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = %sb.id, error = %e, "saving the device state without RAM failed; saving it with RAM");
+                    let _ = std::fs::remove_file(tmp.join("state"));
+                }
+            }
+        }
+        if kind.has_memory() && !ramless {
             // QEMU writes the file as the sandbox's user, which can only write in its own directory; the
             // result moves into the snapshot and is sealed read-only.
             let own = self.vm_file(sb, "snapshot.state")?;
@@ -301,7 +388,7 @@ impl Engine {
         self.confine()
             .seal(&layout.disk_layers[layout.disk_layers.len() - 2].path)?;
         ph.mark("switch_overlay");
-        Ok(())
+        Ok(ramless)
     }
 
     /// After the VM runs again: links and checksums the files, writes the manifest and moves the snapshot
@@ -315,6 +402,7 @@ impl Engine {
         ph: &mut crate::timing::Phases,
     ) -> Result<Snapshot> {
         let Job {
+            pid: _,
             id,
             req,
             tmp,
@@ -367,7 +455,11 @@ impl Engine {
             CapturedMemory::OnBase {
                 base,
                 base_checksum,
+                delta,
             } => {
+                if delta.is_some() {
+                    files.push(engine_files.internal(Role::MemoryDelta, DELTA_FILE, None)?);
+                }
                 let external_base = if req.kind == SnapshotType::Diff {
                     self.origin_memory(&layout.origin)?
                 } else {
@@ -455,7 +547,11 @@ impl Engine {
             )
         };
         let manifest = Manifest {
-            format_version: Manifest::format_for(&depends, layout.max_memory_mib),
+            format_version: Manifest::format_for(
+                &depends,
+                layout.max_memory_mib,
+                files.iter().any(|f| f.role == Role::MemoryDelta),
+            ),
             id: id.to_string(),
             kind: req.kind,
             created_at: created_at.clone(),
@@ -587,6 +683,8 @@ impl Engine {
 
 /// What is being written, for `finish_snapshot`.
 struct Job<'a> {
+    /// The source's QEMU.
+    pid: u32,
     id: &'a str,
     req: &'a CreateSnapshot,
     tmp: &'a Path,
@@ -605,7 +703,18 @@ enum CapturedMemory {
     OnBase {
         base: PathBuf,
         base_checksum: Option<String>,
+        /// The pages that differ from `base`, in `DELTA_FILE` (None: the state holds them).
+        delta: Option<kiln_vmm::delta::Stats>,
     },
+}
+
+/// A snapshot's memory delta file.
+pub(crate) const DELTA_FILE: &str = "memory.delta";
+
+/// Memory deltas are on unless `KILN_MEMORY_DELTA=0` (the previous path, full private RAM in the state,
+/// for comparisons).
+pub(crate) fn memory_deltas() -> bool {
+    std::env::var("KILN_MEMORY_DELTA").map_or(true, |v| v != "0")
 }
 
 struct FileCtx {

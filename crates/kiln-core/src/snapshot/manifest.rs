@@ -12,9 +12,12 @@ use super::SnapshotType;
 use crate::error::{Error, ErrorCode, Result};
 use crate::fsutil;
 
-/// The newest snapshot format this kiln reads and writes. 2: the machine's balloon reports free pages;
-/// every other snapshot is still written as 1, which older kilns read.
-pub const FORMAT_VERSION: u32 = 2;
+/// The newest snapshot format this kiln reads and writes. Each snapshot is written with the oldest format that
+/// can describe it, so older kilns keep reading what they can load: 2 = the machine's balloon reports free
+/// pages; 3 = a snapshot of a resumed sandbox holds a `memory_delta` (its changed pages against `memory`).
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest format this kiln reads.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 pub const MANIFEST: &str = "manifest.json";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,6 +27,9 @@ pub enum Role {
     State,
     /// Guest RAM, a whole image (sparse).
     Memory,
+    /// The pages of guest RAM that differ from `Memory` (`kiln_vmm::delta`), written into the restored
+    /// VM's mapping before it runs.
+    MemoryDelta,
     /// One disk layer; disk layers are listed bottom first.
     Disk,
     Kernel,
@@ -146,8 +152,10 @@ struct VersionOnly {
 
 impl Manifest {
     /// The format a snapshot of this machine is written as: the oldest that describes it.
-    pub fn format_for(depends: &Depends, max_memory_mib: Option<u64>) -> u32 {
-        if depends.free_page_reporting == Some(true) && max_memory_mib.is_some() {
+    pub fn format_for(depends: &Depends, max_memory_mib: Option<u64>, has_delta: bool) -> u32 {
+        if has_delta {
+            3
+        } else if depends.free_page_reporting == Some(true) && max_memory_mib.is_some() {
             2
         } else {
             1
@@ -226,7 +234,7 @@ impl Manifest {
         }
         let m: Manifest = serde_json::from_str(json)
             .map_err(|e| corrupt(id, format!("its manifest is not valid ({e})")))?;
-        if m.format_version == 0 || m.format_version > FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&m.format_version) {
             return Err(Error::new(
                 ErrorCode::SnapshotIncompatible,
                 format!(
@@ -459,15 +467,15 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut m = sample(dir.path());
         // What older kilns wrote (and this one writes for every other machine) still reads.
-        m.format_version = Manifest::format_for(&m.depends, m.max_memory_mib);
+        m.format_version = Manifest::format_for(&m.depends, m.max_memory_mib, false);
         assert_eq!(m.format_version, 1);
         m.write(dir.path()).unwrap();
         assert_eq!(Manifest::read(dir.path(), "s1").unwrap().format_version, 1);
         // Reporting without a balloon changes no device: still 1.
         m.depends.free_page_reporting = Some(true);
-        assert_eq!(Manifest::format_for(&m.depends, None), 1);
+        assert_eq!(Manifest::format_for(&m.depends, None, false), 1);
         m.max_memory_mib = Some(512);
-        m.format_version = Manifest::format_for(&m.depends, m.max_memory_mib);
+        m.format_version = Manifest::format_for(&m.depends, m.max_memory_mib, false);
         assert_eq!(m.format_version, 2);
         m.write(dir.path()).unwrap();
         let text = std::fs::read_to_string(dir.path().join(MANIFEST)).unwrap();
@@ -475,7 +483,7 @@ pub(crate) mod tests {
         let back = Manifest::read(dir.path(), "s1").unwrap();
         assert_eq!(back.depends.free_page_reporting, Some(true));
         m.depends.free_page_reporting = Some(false);
-        assert_eq!(Manifest::format_for(&m.depends, m.max_memory_mib), 1);
+        assert_eq!(Manifest::format_for(&m.depends, m.max_memory_mib, false), 1);
     }
 
     #[test]

@@ -179,10 +179,19 @@ impl Engine {
                 })
                 .filter(|max| *max > sb.memory_mib)
         };
+        let mut delta = None;
         let memory = if m.kind.has_memory() {
             let base = dir.join("memory.base");
             let f = need(Role::Memory)?;
             fsutil::link_or_copy(&m.resolve(&snap_dir, f), &base)?;
+            // Read by the daemon (never by QEMU) after the state is loaded.
+            delta = m
+                .file(Role::MemoryDelta)
+                .map(|d| crate::machine::IncomingDelta {
+                    file: m.resolve(&snap_dir, d),
+                    base: base.clone(),
+                    base_id: f.checksum.clone(),
+                });
             // Mapped privately: QEMU falls back to opening it read-only, and guest writes stay in its
             // own anonymous memory.
             self.confine().seal(&base)?;
@@ -278,6 +287,7 @@ impl Engine {
                 mac: Some(sb.mac.clone()),
             }),
             ram_fill: None,
+            delta,
         });
         Ok((layout, incoming))
     }

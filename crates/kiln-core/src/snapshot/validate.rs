@@ -175,6 +175,7 @@ fn own_name_ok(f: &FileEntry) -> bool {
     match f.role {
         Role::State => f.path == "state",
         Role::Memory => f.path == "memory",
+        Role::MemoryDelta => f.path == "memory.delta",
         Role::Kernel => f.path == "kernel",
         Role::Initrd => f.path == "initrd",
         Role::Disk => f

@@ -1,0 +1,194 @@
+//! Memory deltas on real VMs (issue 16): a snapshot of a sandbox resumed from a snapshot stores only the
+//! pages that differ from the RAM file it maps, plus a device state without RAM, and a restore writes
+//! those pages back before the vCPUs run. Exactness is checked on the guest RAM itself (the paused
+//! source's mapping against the restored VM's before `cont`, read with process_vm_readv) and inside the
+//! guest (files in /dev/shm, the page cache and a process's anonymous memory, mutated between captures).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{require_image, Daemon};
+use serde_json::Value;
+
+fn run(d: &Daemon, sb: &str, cmd: &str) -> String {
+    d.kiln_ok(&["exec", sb, "--", "sh", "-c", cmd])
+}
+
+fn sandbox(d: &Daemon, name: &str) -> Value {
+    serde_json::from_str(&d.kiln_ok(&["--json", "sandbox", "get", name])).unwrap()
+}
+
+/// The QEMU pid and the RAM file it maps privately.
+fn vm_ram(d: &Daemon, name: &str) -> (u32, PathBuf) {
+    let sb = sandbox(d, name);
+    let id = sb["id"].as_str().unwrap();
+    let pid = sb["pid"].as_u64().expect("pid") as u32;
+    let base = d.data_dir().join("sandboxes").join(id).join("memory.base");
+    assert!(base.exists(), "{name} maps no snapshot RAM file");
+    (pid, base)
+}
+
+fn manifest(d: &Daemon, snap: &str) -> (PathBuf, Value) {
+    let dir = d.data_dir().join("snapshots").join(snap);
+    let (_, m) = common::read_manifest(&dir.join("manifest.json"));
+    (dir, m)
+}
+
+fn file_of(dir: &Path, m: &Value, role: &str) -> Option<(PathBuf, String, u64)> {
+    m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["role"] == role)
+        .map(|f| {
+            let p = f["path"].as_str().unwrap();
+            let path = if f["external"].as_bool().unwrap_or(false) {
+                PathBuf::from(p)
+            } else {
+                dir.join(p)
+            };
+            (
+                path,
+                f["checksum"].as_str().unwrap().to_string(),
+                f["size"].as_u64().unwrap(),
+            )
+        })
+}
+
+/// In the guest: fills /dev/shm (shmem), a disk file (page cache) and a process's anonymous memory
+/// with random pages, and records their checksums.
+const FILL: &str = "dd if=/dev/urandom of=/dev/shm/s bs=4096 count=1024 2>/dev/null; \
+    dd if=/dev/urandom of=/root/c bs=4096 count=512 2>/dev/null; \
+    (v=$(head -c 200000 /dev/urandom | od -An -tx1); echo \"$v\" | md5sum > /tmp/anon.sum; \
+     while true; do echo \"$v\" | md5sum > /tmp/anon.new; mv /tmp/anon.new /tmp/anon.now; sleep 0.3; done) \
+     >/dev/null 2>&1 & while [ ! -f /tmp/anon.now ]; do sleep 0.2; done";
+
+/// Rewrites a random subset of the pages of both files.
+const MUTATE: &str = "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do \
+    n=$(( $(od -An -tu2 -N2 /dev/urandom) % 1024 )); \
+    dd if=/dev/urandom of=/dev/shm/s bs=4096 seek=$n count=1 conv=notrunc 2>/dev/null; \
+    dd if=/dev/urandom of=/root/c bs=4096 seek=$((n % 512)) count=1 conv=notrunc 2>/dev/null; done; true";
+
+const SUMS: &str = "md5sum /dev/shm/s /root/c | cut -d' ' -f1";
+
+/// The guest's checks: the files' sums, and that the anonymous memory still hashes as it did.
+fn verify(d: &Daemon, sb: &str, want: &str) {
+    assert_eq!(
+        run(d, sb, SUMS),
+        want,
+        "{sb}: /dev/shm or page-cache pages differ"
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        run(d, sb, "cat /tmp/anon.sum"),
+        run(d, sb, "cat /tmp/anon.now"),
+        "{sb}: anonymous memory differs"
+    );
+}
+
+#[test]
+fn snapshots_of_resumed_sandboxes_are_deltas_and_restore_exactly() {
+    require_image("tiny");
+    let d = Daemon::start();
+    d.create(&["--name", "src", "--memory", "256"]);
+    d.kiln_ok(&["snapshot", "create", "src", "--name", "a"]);
+    d.kiln_ok(&["snapshot", "resume", "a", "--name", "r1"]);
+    run(&d, "r1", FILL);
+    let sums1 = run(&d, "r1", SUMS);
+
+    // S1: the paused source's RAM, hashed; then the snapshot (left paused).
+    d.kiln_ok(&["pause", "r1"]);
+    let (pid1, base1) = vm_ram(&d, "r1");
+    let h1 = kiln_vmm::delta::mapping_digest(pid1, &base1).unwrap();
+    d.kiln_ok(&["snapshot", "create", "r1", "--name", "s1", "--type", "full"]);
+    assert_eq!(
+        kiln_vmm::delta::mapping_digest(pid1, &base1).unwrap(),
+        h1,
+        "the capture changed the source's RAM"
+    );
+    let (dir, m) = manifest(&d, "s1");
+    assert_eq!(m["format_version"], 3);
+    let (delta, _, delta_size) = file_of(&dir, &m, "memory_delta").expect("no memory delta");
+    let (mem, mem_sum, mem_size) = file_of(&dir, &m, "memory").unwrap();
+    let (_, _, state_size) = file_of(&dir, &m, "state").unwrap();
+    eprintln!("s1: state {state_size} B, delta {delta_size} B, RAM file {mem_size} B");
+    assert!(state_size < 1 << 20, "state holds RAM: {state_size} bytes");
+    assert!(delta_size < mem_size / 8, "delta of {delta_size} bytes");
+    // The snapshot's files rebuild exactly the source's RAM; without one of the delta's ranges they do
+    // not (the check can fail).
+    let len = std::fs::metadata(&mem).unwrap().len();
+    let rebuilt =
+        |skip| kiln_vmm::delta::patched_digest(&mem, &delta, &mem_sum, len, skip).unwrap();
+    assert_eq!(rebuilt(None), h1, "base + delta is not the source's RAM");
+    assert_ne!(rebuilt(Some(0)), h1, "dropping a range went unnoticed");
+
+    // Rolled back into r1, paused: the new QEMU's RAM before `cont` is the source's at the capture.
+    d.kiln_ok(&["snapshot", "restore", "s1"]);
+    let (pid2, base2) = vm_ram(&d, "r1");
+    assert_ne!(pid2, pid1);
+    assert_eq!(
+        kiln_vmm::delta::mapping_digest(pid2, &base2).unwrap(),
+        h1,
+        "restored RAM differs from the source's"
+    );
+    d.kiln_ok(&["resume", "r1"]);
+    verify(&d, "r1", &sums1);
+
+    // S1 -> S2 -> S3 with random pages rewritten in between, each resumed as a new sandbox.
+    let mut want = sums1;
+    for (snap, copy) in [("s2", "r2"), ("s3", "r3")] {
+        run(&d, "r1", MUTATE);
+        let now = run(&d, "r1", SUMS);
+        assert_ne!(now, want);
+        want = now;
+        d.kiln_ok(&["snapshot", "create", "r1", "--name", snap]);
+        let (dir, m) = manifest(&d, snap);
+        assert!(
+            file_of(&dir, &m, "memory_delta").is_some(),
+            "{snap} has no delta"
+        );
+        d.kiln_ok(&["snapshot", "resume", snap, "--name", copy]);
+        verify(&d, copy, &want);
+    }
+
+    // Hibernation of a resumed sandbox: a RAM-less state and a delta, then the same machine again.
+    let id = sandbox(&d, "r1")["id"].as_str().unwrap().to_string();
+    let sdir = d.data_dir().join("sandboxes").join(&id);
+    d.kiln_ok(&["stop", "r1"]);
+    let state = std::fs::metadata(sdir.join("state")).unwrap().len();
+    assert!(
+        state < 1 << 20,
+        "hibernation state holds RAM: {state} bytes"
+    );
+    assert!(sdir.join("memory.delta").exists());
+    d.kiln_ok(&["start", "r1"]);
+    assert!(
+        !sdir.join("memory.delta").exists(),
+        "the consumed delta stayed"
+    );
+    verify(&d, "r1", &want);
+
+    // A fork of a fork of a resumed sandbox.
+    d.kiln_ok(&["fork", "r3", "--name", "k"]);
+    run(&d, "k-1", MUTATE);
+    let kid = run(&d, "k-1", SUMS);
+    d.kiln_ok(&["fork", "k-1", "--name", "g"]);
+    verify(&d, "g-1", &kid);
+    verify(&d, "r3", &want);
+
+    // A damaged delta is refused (same size, one byte flipped) with a clear error.
+    let (dir, m) = manifest(&d, "s2");
+    let (delta, _, _) = file_of(&dir, &m, "memory_delta").unwrap();
+    let mut bytes = std::fs::read(&delta).unwrap();
+    bytes[5000] ^= 0xff;
+    // Root writes the sealed file; the daemon verified s2 in full when it was made, so only the delta's
+    // own checksums can catch this.
+    std::fs::write(&delta, &bytes).unwrap();
+    let out = d.kiln(&["snapshot", "resume", "s2", "--name", "bad"]);
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "a damaged delta was restored");
+    assert!(text.contains("snapshot_corrupt"), "{text}");
+}
