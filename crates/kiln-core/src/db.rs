@@ -276,14 +276,16 @@ impl Db {
         self.lock()
             .execute(
                 "UPDATE sandboxes SET name = ?2, hostname = ?3, labels = ?4, origin = ?5, created_at = ?6,
-                   updated_at = ?6 WHERE id = ?1",
+                   updated_at = ?6, env = ?7, ports = ?8 WHERE id = ?1",
                 params![
                     id,
                     claimed.name,
                     claimed.hostname,
                     to_json(&claimed.labels),
                     claimed.origin,
-                    now
+                    now,
+                    to_json(&claimed.env),
+                    to_json(&claimed.ports)
                 ],
             )
             .map_err(|e| match e {
@@ -359,6 +361,7 @@ fn row_to_sandbox(r: &Row<'_>) -> rusqlite::Result<Sandbox> {
         confined: false,
         volume_notes: Vec::new(),
         lifetime: None,
+        boot: None,
     })
 }
 
@@ -393,6 +396,7 @@ mod tests {
             confined: false,
             volume_notes: Vec::new(),
             lifetime: None,
+            boot: None,
         }
     }
 

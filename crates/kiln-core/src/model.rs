@@ -156,6 +156,10 @@ pub struct Sandbox {
     /// Its timeout, idle timeout and what happens then (`POST /v1/sandboxes/{id}/timeout`); null: none.
     #[serde(default)]
     pub lifetime: Option<crate::lifetime::Lifetime>,
+    /// Only in the answer to a create from a template: whether it resumed the template's snapshot or
+    /// booted cold, and why (docs/snapshots.md, "Create is a resume"). Not stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<crate::template_snap::BootInfo>,
 }
 
 impl Sandbox {

@@ -35,6 +35,8 @@ export interface CreateSandboxOptions extends WithClient, LifetimeOptions {
   memoryMib?: number;
   /** Room for copies restored from its memory snapshots to have more memory, up to this many MiB. */
   maxMemoryMib?: number;
+  /** Boot cold instead of resuming the template's snapshot (the answer's `boot` says how it started). */
+  boot?: boolean;
   cpus?: number;
   diskSizeGib?: number;
   /** Environment variables for every command run in it. */
@@ -423,6 +425,7 @@ export class Sandbox {
       name: options.name,
       memory_mib: options.memoryMib,
       max_memory_mib: options.maxMemoryMib,
+      boot: options.boot || undefined,
       cpus: options.cpus,
       disk_size_gib: options.diskSizeGib,
       env: options.env,

@@ -270,6 +270,7 @@ class Sandbox(SandboxFields):
         on_timeout: Literal["hibernate", "delete"] | None = None,
         auto_resume: bool | None = None,
         max_memory_mib: int | None = None,
+        boot: bool = False,
         client: Client | None = None,
     ) -> Sandbox:
         """Boots a new sandbox and returns once its guest agent answers.
@@ -294,6 +295,8 @@ class Sandbox(SandboxFields):
             auto_resume: start it again when it is used while hibernated (default True with a lifetime).
             max_memory_mib: room for copies restored from its memory snapshots to have more memory
                 (up to this many MiB; default none).
+            boot: boot cold instead of resuming the template's snapshot (the answer's ``boot`` says how it
+                started).
         """
         body = _wire.create_body(
             template=template,
@@ -308,6 +311,7 @@ class Sandbox(SandboxFields):
             ports=ports,
             lifetime=_wire.lifetime_body(timeout, idle_timeout, on_timeout, auto_resume),
             max_memory_mib=max_memory_mib,
+            boot=boot,
         )
         client = client or get_default_client()
         return cls(client.request_json("POST", "/v1/sandboxes", json=body), client)
