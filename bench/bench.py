@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """kiln benchmarks: run against real VMs, print a table, save JSON.
 
-Usage: bench/bench.py [--runs N] [--out bench/results/NAME.json] [--only cold_boot,exec,...,dirs,idle,oci,bundle,delta]
+Usage: bench/bench.py [--runs N] [--out bench/results/NAME.json] [--only cold_boot,exec,...,dirs,idle,oci,bundle,delta,create]
 `--only disk,balloon,channel` compares QEMU device variants (bench/variants.py), each under a daemon of its own.
 `--only idle` measures idle host CPU and PSS of KILN_BENCH_IDLE_N sandboxes (default 5) over
 KILN_BENCH_IDLE_SECS (default 60).
@@ -673,6 +673,121 @@ def bench_delta(d, runs):
             old.proc.kill()
             old.proc.wait()
         shutil.rmtree(work, ignore_errors=True)
+
+def wait_template_ready(d, timeout=240.0):
+    """Waits for the daemon's log line saying the default template's snapshot is ready."""
+    path = os.path.join(d.dir, "daemon.log")
+    deadline = time.monotonic() + timeout
+    while "template snapshot ready" not in open(path, errors="replace").read():
+        if time.monotonic() > deadline:
+            raise RuntimeError("no template snapshot ready; see " + path)
+        time.sleep(0.05)
+
+
+def create_to_exec(api, **kw):
+    t0 = time.perf_counter()
+    sb = api.create(template="tiny", memory_mib=256, cpus=1, **kw)
+    api.exec(sb["id"], ["true"])
+    return time.perf_counter() - t0, sb
+
+
+def parallel_create(d, n, tag, **kw):
+    """Wall time for n creates in parallel, each until it answers an exec; deletes them after."""
+    def one(i):
+        from kilnapi import Api
+        return create_to_exec(Api(d.socket), name=f"{tag}-{i}", **kw)[1]
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        sbs = list(pool.map(one, range(n)))
+    took = time.perf_counter() - t0
+    modes = sorted({(sb.get("boot") or {}).get("mode", "?") for sb in sbs})
+    for sb in sbs:
+        d.api.delete(sb["id"])
+    return took, modes
+
+
+def idle_of(d, sbs, window):
+    hz = os.sysconf("SC_CLK_TCK")
+    time.sleep(10)
+    pids = [d.api.call("GET", f"/v1/sandboxes/{sb['id']}")["pid"] for sb in sbs]
+    before = {pid: thread_ticks(pid) for pid in pids}
+    t0 = time.monotonic()
+    time.sleep(window)
+    elapsed = time.monotonic() - t0
+    after = {pid: thread_ticks(pid) for pid in pids}
+    cpu = [100.0 * sum(t - before[pid][tid][0] for tid, (t, _) in after[pid].items() if tid in before[pid]) / hz / elapsed for pid in pids]
+    pss = [pss_bytes(pid) / 2**20 for pid in pids]
+    return {"sandboxes": len(sbs), "window_s": round(elapsed, 1),
+            "cpu_percent_of_a_core_per_sandbox_median": round(statistics.median(cpu), 3),
+            "cpu_percent_of_a_core_all": round(sum(cpu), 2),
+            "pss_mib_per_sandbox_median": round(statistics.median(pss), 1),
+            "pss_mib_all": round(sum(pss), 1)}
+
+
+def bench_create(d, runs):
+    """Issue 15, create is a resume: create -> first exec from the template snapshot (first create of a
+    daemon whose snapshot is prepared, later ones from warm spares), 5 and 20 in parallel, against the
+    cold boot (`boot: true`) in the same run; idle PSS and CPU of 20 sandboxes made each way
+    (KILN_BENCH_CREATE_IDLE_SECS, default 30)."""
+    out = {}
+    wait_template_ready(d)
+    # First create of a daemon: the template snapshot is prepared (imported), no warm spare yet.
+    first = []
+    for r in range(max(1, runs // 2)):
+        work = tempfile.mkdtemp(prefix="kbf", dir="/tmp")
+        fresh = Daemon(d.kiln, os.path.join(d.dir, "images"), work)
+        try:
+            wait_template_ready(fresh)
+            took, sb = create_to_exec(fresh.api, name=f"first-{r}")
+            assert sb["boot"]["mode"] == "resume", sb
+            first.append(took)
+        finally:
+            fresh.stop()
+            shutil.rmtree(work, ignore_errors=True)
+    out["create_first_of_template_to_first_exec"] = {**summary(first), "target_ms": 600.0}
+    # Later creates: the daemon keeps a warm spare of the template snapshot.
+    later, snap = [], None
+    for i in range(runs):
+        if snap:
+            wait_warm(d, snap)
+        took, sb = create_to_exec(d.api, name=f"later-{i}")
+        snap = sb["boot"].get("snapshot")
+        later.append(took)
+        d.api.delete(sb["id"])
+    out["create_later_warm_to_first_exec"] = {**summary(later), "target_ms": 100.0}
+    cold = []
+    for i in range(max(1, runs // 2)):
+        took, sb = create_to_exec(d.api, name=f"cold-{i}", boot=True)
+        assert sb["boot"]["mode"] == "cold", sb
+        cold.append(took)
+        d.api.delete(sb["id"])
+    out["create_cold_boot_to_first_exec"] = summary(cold)
+    print(json.dumps(out), file=sys.stderr, flush=True)
+    # Under a loaded TCG host, 5 cold boots at once may exceed the 60 s boot timeout: recorded, not fatal.
+    for n, target, cold_too in ((5, 2000.0, True), (20, None, False)):
+        if snap:
+            try:
+                wait_warm(d, snap)
+            except RuntimeError as e:  # a loaded host may fail to warm one: measured without it
+                print(e, file=sys.stderr, flush=True)
+        took, modes = parallel_create(d, n, f"p{n}")
+        out[f"create_{n}_parallel_resume"] = {**summary([took]), "target_ms": target, "modes": modes}
+        if cold_too:
+            try:
+                took, modes = parallel_create(d, n, f"c{n}", boot=True)
+                out[f"create_{n}_parallel_cold_boot"] = {**summary([took]), "modes": modes}
+            except RuntimeError as e:
+                out[f"create_{n}_parallel_cold_boot"] = {"error": str(e)[:300]}
+                for sb in d.api.call("GET", "/v1/sandboxes") or []:
+                    d.api.delete(sb["id"])
+        print(json.dumps(out), file=sys.stderr, flush=True)
+    window = float(os.environ.get("KILN_BENCH_CREATE_IDLE_SECS", "30"))
+    for label, n, kw in (("resume", 20, {}), ("cold_boot", 5, {"boot": True})):
+        sbs = [create_to_exec(d.api, name=f"idle-{label}-{i}", **kw)[1] for i in range(n)]
+        out[f"idle_{n}_sandboxes_{label}"] = idle_of(d, sbs, window)
+        for sb in sbs:
+            d.api.delete(sb["id"])
+        print(json.dumps(out), file=sys.stderr, flush=True)
     return out
 
 
@@ -690,6 +805,7 @@ BENCHES = {
     "oci": (bench_oci, None),
     "bundle": (bench_bundle, None),
     "delta": (bench_delta, None),
+    "create": (bench_create, None),
 }
 
 # Device variants, compared in one run (each starts daemons of its own): bench/variants.py.
@@ -715,7 +831,7 @@ def main():
                 continue
             print(f"running {name} ...", file=sys.stderr, flush=True)
             res = fn(d, args.runs)
-            if name in ("snapshots", "fork", "dirs", "idle", "oci", "bundle", "delta"):
+            if name in ("snapshots", "fork", "dirs", "idle", "oci", "bundle", "delta", "create"):
                 results.update(res)
             else:
                 res["target_ms"] = target

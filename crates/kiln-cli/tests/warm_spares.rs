@@ -60,7 +60,8 @@ fn a_warm_spare_resumes_as_its_own_machine_and_never_stands_in_the_way() {
     require_image("tiny");
     let warm = [("KILN_WARM_SPARES", "2")];
     let mut d = Daemon::start_env(&[], &warm);
-    d.create(&["--name", "src"]);
+    // Booted, so that no spare of the template's snapshot joins the count below (create_resume.rs).
+    d.create(&["--name", "src", "--boot"]);
     run(&d, "src", "echo base > /root/shared; echo t > /tmp/mark; (i=0; while true; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.1; done) >/dev/null 2>&1 &");
     std::thread::sleep(Duration::from_millis(500));
     // The counter read just before the snapshot is a lower bound of the one it holds.

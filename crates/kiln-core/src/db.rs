@@ -280,14 +280,16 @@ impl Db {
         self.lock()
             .execute(
                 "UPDATE sandboxes SET name = ?2, hostname = ?3, labels = ?4, origin = ?5, created_at = ?6,
-                   updated_at = ?6 WHERE id = ?1",
+                   updated_at = ?6, env = ?7, ports = ?8 WHERE id = ?1",
                 params![
                     id,
                     claimed.name,
                     claimed.hostname,
                     to_json(&claimed.labels),
                     claimed.origin,
-                    now
+                    now,
+                    to_json(&claimed.env),
+                    to_json(&claimed.ports)
                 ],
             )
             .map_err(|e| match e {
@@ -367,6 +369,7 @@ fn row_to_sandbox(r: &Row<'_>) -> rusqlite::Result<Sandbox> {
             .get::<_, Option<String>>("layout")?
             .as_deref()
             .and_then(layout_max_memory),
+        boot: None,
     })
 }
 
@@ -413,6 +416,7 @@ mod tests {
             volume_notes: Vec::new(),
             lifetime: None,
             max_memory_mib: None,
+            boot: None,
         }
     }
 

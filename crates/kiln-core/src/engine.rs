@@ -62,6 +62,8 @@ pub struct CreateSandbox {
     pub on_timeout: Option<crate::lifetime::OnTimeout>,
     /// Start it again when a client uses it while hibernated (default true with a lifetime, else false).
     pub auto_resume: Option<bool>,
+    /// Boot it cold instead of resuming the template's snapshot (default false; see docs/snapshots.md).
+    pub boot: Option<bool>,
 }
 
 /// A command to run in a sandbox.
@@ -244,6 +246,7 @@ impl Engine {
         engine.settle_interrupted_operations()?;
         engine.spawn_watch();
         engine.spawn_reaper();
+        engine.spawn_template_prepare();
         Ok(engine)
     }
 
@@ -392,7 +395,11 @@ impl Engine {
             .db
             .list_sandboxes()?
             .into_iter()
-            .filter(|s| !crate::warm::is_spare(s) && s.matches_labels(labels))
+            .filter(|s| {
+                !crate::warm::is_spare(s)
+                    && !crate::template_snap::is_builder(s)
+                    && s.matches_labels(labels)
+            })
             .map(|s| self.with_confinement(s))
             .collect())
     }
@@ -530,6 +537,42 @@ impl Engine {
             }
             None => template_size,
         };
+        // Create is a resume of the template's boot snapshot unless something rules it out
+        // (template_snap.rs); a cold boot says why.
+        let reason = match self.template_route(&req, &image, disk_size_bytes) {
+            Ok(shape) => match self
+                .create_from_template_snapshot(&req, &template, &image, shape, &ports)
+                .await
+            {
+                Ok(sb) => return Ok(sb),
+                Err(crate::template_snap::NotResumed::Client(e)) => return Err(e),
+                Err(crate::template_snap::NotResumed::Fallback(why)) => why,
+            },
+            Err(why) => why,
+        };
+        info!(template = %template, reason = %reason, "cold boot");
+        let mut sb = self
+            .create_cold(req, &template, image, disk_size_bytes, ports, None)
+            .await?;
+        sb.boot = Some(crate::template_snap::BootInfo::cold(reason));
+        Ok(sb)
+    }
+
+    /// The boot path of `create`: a new machine booted from the template (validated by the caller).
+    /// `origin` replaces `template:T` (the hidden machine a template snapshot is captured from).
+    pub(crate) async fn create_cold(
+        &self,
+        req: CreateSandbox,
+        template: &str,
+        image: Image,
+        disk_size_bytes: u64,
+        ports: Vec<crate::model::PortMapping>,
+        origin: Option<String>,
+    ) -> Result<Sandbox> {
+        let template = template.to_string();
+        let template_size = image.manifest.rootfs_size_bytes;
+        let memory_mib = req.memory_mib.unwrap_or(self.cfg.default_memory_mib);
+        let cpus = req.cpus.unwrap_or(self.cfg.default_cpus);
         let reservation = self.reserve(1, memory_mib).await?;
 
         let id = ids::new_id("sb");
@@ -553,7 +596,7 @@ impl Engine {
             error: None,
             created_at: now.clone(),
             updated_at: now,
-            origin: format!("template:{template}"),
+            origin: origin.unwrap_or_else(|| format!("template:{template}")),
             restored_from: None,
             volumes: req.volumes.clone(),
             egress: req.egress.unwrap_or(true),
@@ -562,6 +605,7 @@ impl Engine {
             volume_notes: Vec::new(),
             lifetime: None,
             max_memory_mib: None,
+            boot: None,
         };
         {
             let _volumes = self.volume_lock().await;

@@ -30,6 +30,7 @@ mod procs;
 pub mod ramdir;
 mod recovery;
 pub mod snapshot;
+pub mod template_snap;
 mod timing;
 pub mod validate;
 mod vm;

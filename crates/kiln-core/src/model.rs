@@ -160,6 +160,10 @@ pub struct Sandbox {
     /// its memory snapshots may have up to this much. null: no headroom (copies keep `memory_mib`).
     #[serde(default)]
     pub max_memory_mib: Option<u64>,
+    /// Only in the answer to a create from a template: whether it resumed the template's snapshot or
+    /// booted cold, and why (docs/snapshots.md, "Create is a resume"). Not stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<crate::template_snap::BootInfo>,
 }
 
 impl Sandbox {

@@ -240,7 +240,6 @@ impl Engine {
         req: &ResumeSnapshot,
     ) -> Option<Result<Sandbox>> {
         if req.volumes.as_ref().is_some_and(|v| !v.is_empty())
-            || !req.env.is_empty()
             || req.egress.is_some_and(|e| e != m.source.egress)
         {
             return None;
@@ -259,11 +258,23 @@ impl Engine {
             return None;
         }
         let name = req.name.clone().unwrap_or_else(|| id.clone());
+        let template = req.from_template.as_ref();
         let claimed = Sandbox {
             name: name.clone(),
             hostname: name.replace('_', "-"),
             labels: req.labels.clone(),
-            origin: format!("snapshot:{snapshot}"),
+            origin: template.map_or_else(
+                || format!("snapshot:{snapshot}"),
+                |t| format!("template:{}", t.template),
+            ),
+            // Merged over the snapshot's, as a resume does (exec adds them host-side).
+            env: spare
+                .env
+                .clone()
+                .into_iter()
+                .chain(req.env.clone())
+                .collect(),
+            ports: template.map_or_else(|| spare.ports.clone(), |t| t.ports.clone()),
             ..spare
         };
         if let Err(e) = self.db().claim_spare(&id, &claimed) {
@@ -294,6 +305,10 @@ impl Engine {
             false,
         );
         let continued = async {
+            if template.is_some() {
+                // The spare published nothing (a template's machine has no ports); the client's ports now.
+                self.apply_ports(&claimed, &vm).await?;
+            }
             vm.qmp().await?.execute("cont", None).await?;
             self.after_resume(&id, &vm, Some(&identity)).await?;
             self.db()
@@ -308,7 +323,14 @@ impl Engine {
         Some(
             self.db()
                 .find_sandbox(&id)
-                .and_then(|s| s.ok_or_else(|| Error::sandbox_not_found(&id))),
+                .and_then(|s| s.ok_or_else(|| Error::sandbox_not_found(&id)))
+                .map(|s| Sandbox {
+                    boot: Some(crate::template_snap::BootInfo::resume(
+                        snapshot,
+                        "a warm spare of the snapshot",
+                    )),
+                    ..s
+                }),
         )
     }
 
@@ -319,6 +341,8 @@ impl Engine {
         let pool = self.warm_pool();
         pool.closed.store(true, Ordering::SeqCst);
         self.discard_spares(None).await;
+        // A template snapshot being made is not finished by this daemon (template_snap.rs).
+        self.remove_builders(None).await;
         let deadline = tokio::time::Instant::now() + WARM_TIMEOUT;
         while pool.warming.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;

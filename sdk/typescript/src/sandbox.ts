@@ -38,6 +38,8 @@ export interface CreateSandboxOptions extends WithClient, LifetimeOptions {
    * (default: `memoryMib` × the daemon's `--memory-headroom`, 2; `memoryMib` for none).
    */
   maxMemoryMib?: number;
+  /** Boot cold instead of resuming the template's snapshot (the answer's `boot` says how it started). */
+  boot?: boolean;
   cpus?: number;
   diskSizeGib?: number;
   /** Environment variables for every command run in it. */
@@ -429,6 +431,7 @@ export class Sandbox {
       name: options.name,
       memory_mib: options.memoryMib,
       max_memory_mib: options.maxMemoryMib,
+      boot: options.boot || undefined,
       cpus: options.cpus,
       disk_size_gib: options.diskSizeGib,
       env: options.env,

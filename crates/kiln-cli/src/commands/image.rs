@@ -92,6 +92,37 @@ pub(crate) fn image_json(i: &kiln_image::ImageInfo) -> serde_json::Value {
     })
 }
 
+/// Template snapshots kept for an image (docs/snapshots.md, "Create is a resume"): beside it, or in the
+/// data directory when the images directory is read-only. (count, bytes on disk)
+fn template_snapshots(data: &std::path::Path, i: &kiln_image::ImageInfo) -> (usize, u64) {
+    fn usage(p: &std::path::Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::symlink_metadata(p) {
+            Ok(m) if m.is_dir() => std::fs::read_dir(p)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| usage(&e.path()))
+                .sum(),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        }
+    }
+    let mut found = (0, 0);
+    for store in [
+        i.dir.join("snapshots"),
+        data.join("template-snapshots").join(&i.name),
+    ] {
+        for e in std::fs::read_dir(&store).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with("template-") {
+                found.0 += 1;
+                found.1 += usage(&e.path());
+            }
+        }
+    }
+    found
+}
+
 pub async fn run(cli: &Cli, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
     let data = cli.data_dir();
     let store = ImageStore::new(data.join("images"), data.join("cache"));
@@ -156,7 +187,18 @@ pub async fn run(cli: &Cli, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
             if cli.json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&list.iter().map(image_json).collect::<Vec<_>>())?
+                    serde_json::to_string_pretty(
+                        &list
+                            .iter()
+                            .map(|i| {
+                                let mut v = image_json(i);
+                                let (count, bytes) = template_snapshots(&data, i);
+                                v["template_snapshots"] = serde_json::json!(count);
+                                v["template_snapshot_bytes"] = serde_json::json!(bytes);
+                                v
+                            })
+                            .collect::<Vec<_>>()
+                    )?
                 );
             } else {
                 let rows: Vec<Vec<String>> = list
@@ -169,18 +211,31 @@ pub async fn run(cli: &Cli, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
                                 format!("{}@{}", s.reference, &hex[..hex.len().min(12)])
                             },
                         );
+                        let snaps = match template_snapshots(&data, i) {
+                            (0, _) => "none".to_string(),
+                            (n, bytes) => format!("{n} ({})", human_bytes(bytes)),
+                        };
                         vec![
                             i.name.clone(),
                             source,
                             i.manifest.kernel_version.clone(),
                             human_bytes(i.manifest.rootfs_size_bytes),
                             human_bytes(i.disk_usage_bytes),
+                            snaps,
                             i.manifest.created_at.to_rfc3339(),
                         ]
                     })
                     .collect();
                 table(
-                    &["NAME", "SOURCE", "KERNEL", "ROOTFS", "ON DISK", "CREATED"],
+                    &[
+                        "NAME",
+                        "SOURCE",
+                        "KERNEL",
+                        "ROOTFS",
+                        "ON DISK",
+                        "TEMPLATE SNAPSHOTS",
+                        "CREATED",
+                    ],
                     &rows,
                 );
             }

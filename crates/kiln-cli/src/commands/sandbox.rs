@@ -90,6 +90,9 @@ pub struct CreateArgs {
     /// Cut the guest off from the network (no outgoing connections); forwarded ports still work.
     #[arg(long)]
     no_egress: bool,
+    /// Boot cold instead of resuming the template's snapshot (docs/snapshots.md, "Create is a resume").
+    #[arg(long)]
+    boot: bool,
     /// Seconds of life (renew with `kiln sandbox set-timeout`).
     #[arg(long)]
     timeout: Option<u64>,
@@ -211,6 +214,9 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
             if let Some(d) = a.disk_size {
                 body["disk_size_gib"] = json!(d);
             }
+            if a.boot {
+                body["boot"] = json!(true);
+            }
             if a.no_egress {
                 body["egress"] = json!(false);
             }
@@ -235,6 +241,9 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
                     sb["name"].as_str().unwrap_or(""),
                     sb["id"].as_str().unwrap_or("")
                 );
+                if let Some(mode) = sb["boot"]["mode"].as_str() {
+                    println!("{mode}: {}", sb["boot"]["reason"].as_str().unwrap_or(""));
+                }
             });
         }
         SandboxCmd::List { labels } => {

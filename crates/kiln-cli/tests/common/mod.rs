@@ -454,6 +454,10 @@ pub fn private_image(d: &Daemon, name: &str) -> PathBuf {
     let copy = images.join(name);
     std::fs::create_dir(&copy).unwrap();
     for f in std::fs::read_dir(&tiny).unwrap().flatten() {
+        // The image's files; not the template snapshots kept beside them (`snapshots/`).
+        if f.path().is_dir() {
+            continue;
+        }
         std::fs::copy(f.path(), copy.join(f.file_name())).unwrap();
     }
     let path = copy.join("image.json");

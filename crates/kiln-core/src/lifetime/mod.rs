@@ -445,7 +445,7 @@ impl Engine {
         if life.is_empty() {
             return Ok(sb);
         }
-        let notes = sb.volume_notes.clone();
+        let (notes, boot) = (sb.volume_notes.clone(), sb.boot.clone());
         // The sandbox exists and runs; without its lifetime recorded it would live on unlimited, so a
         // failure here removes it again (all or nothing).
         if let Err(e) = self.apply_lifetime(&sb.id, life) {
@@ -454,6 +454,7 @@ impl Engine {
         }
         let mut sb = self.get(&sb.id)?;
         sb.volume_notes = notes;
+        sb.boot = boot;
         Ok(sb)
     }
 

@@ -54,6 +54,10 @@ pub struct ResumeSnapshot {
     pub on_timeout: Option<crate::lifetime::OnTimeout>,
     /// Start it again when a client uses it while hibernated (default true with a lifetime).
     pub auto_resume: Option<bool>,
+    /// Set by a create from a template (template_snap.rs): the copy becomes that template's sandbox, with
+    /// the request's published ports.
+    #[serde(skip)]
+    pub(crate) from_template: Option<crate::template_snap::TemplateUse>,
 }
 
 /// Result of deleting a snapshot.
@@ -95,6 +99,8 @@ impl Engine {
             .into_iter()
             .filter(|s| sandbox.is_none_or(|f| s.sandbox_id == f || s.sandbox_name == f))
             .filter(|s| s.matches_labels(labels))
+            // Template snapshots are kiln's own (template_snap.rs).
+            .filter(|s| !s.labels.contains_key(crate::template_snap::LABEL))
             .map(|s| self.with_spares(s))
             .collect())
     }
@@ -359,6 +365,12 @@ impl Engine {
                 .collect(),
             ..self.record_from_manifest(&m, id)?
         };
+        if let Some(t) = &req.from_template {
+            sb.origin = format!("template:{}", t.template);
+            sb.template = t.template.clone();
+            sb.ports = t.ports.clone();
+            self.check_host_ports_free("", &sb.ports)?;
+        }
         let mut notes = Vec::new();
         {
             let _volumes = self.volume_lock().await;
@@ -463,6 +475,7 @@ impl Engine {
             volume_notes: Vec::new(),
             lifetime: None,
             max_memory_mib: None,
+            boot: None,
         })
     }
 

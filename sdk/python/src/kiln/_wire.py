@@ -121,11 +121,13 @@ def create_body(
     ports: Iterable[PortSpec] | None,
     lifetime: dict[str, Any] | None = None,
     max_memory_mib: int | None = None,
+    boot: bool | None = None,
 ) -> dict[str, Any]:
     return drop_none(
         {
             **(lifetime or {}),
             "max_memory_mib": max_memory_mib,
+            "boot": boot or None,
             # A snapshot carries its own image, so the template only matters for a cold boot.
             "template": template if snapshot is None else None,
             "name": name,

@@ -270,6 +270,7 @@ class Sandbox(SandboxFields):
         on_timeout: Literal["hibernate", "delete"] | None = None,
         auto_resume: bool | None = None,
         max_memory_mib: int | None = None,
+        boot: bool = False,
         client: Client | None = None,
     ) -> Sandbox:
         """Boots a new sandbox and returns once its guest agent answers.
@@ -295,6 +296,8 @@ class Sandbox(SandboxFields):
             max_memory_mib: room for copies restored from its memory snapshots to have more memory
                 (up to this many MiB; default ``memory_mib`` × the daemon's ``--memory-headroom``, 2;
                 ``memory_mib`` for none).
+            boot: boot cold instead of resuming the template's snapshot (the answer's ``boot`` says how it
+                started).
         """
         body = _wire.create_body(
             template=template,
@@ -309,6 +312,7 @@ class Sandbox(SandboxFields):
             ports=ports,
             lifetime=_wire.lifetime_body(timeout, idle_timeout, on_timeout, auto_resume),
             max_memory_mib=max_memory_mib,
+            boot=boot,
         )
         client = client or get_default_client()
         return cls(client.request_json("POST", "/v1/sandboxes", json=body), client)

@@ -1,0 +1,564 @@
+//! Create is a resume (issue 15): each template boots once per machine shape, and that boot's memory
+//! snapshot (a *template snapshot*) is what every later create of that template and shape resumes, with the
+//! request's own identity, env, labels, ports, volumes and egress. A warm spare of it makes the common case a
+//! continue of an already-resumed copy.
+//!
+//! A template snapshot is an ordinary full snapshot in the daemon's store, id `template-<key>`, labelled
+//! [`LABEL`] and left out of `snapshot list`. `<key>` hashes everything the saved machine depends on
+//! (the image's `image.json` digest, which holds its files' SHA-256, the kernel command line, machine
+//! options, accelerator, QEMU version, CPU model, snapshot format and the shape), so a rebuilt template never
+//! resumes an old one. Daemons sharing an images directory share them: one is published (temp → fsync →
+//! rename → fsync dir) under `<images>/<template>/snapshots/<id>` by the daemon that made it, under a file
+//! lock, and the others hard-link it into their own store.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use kiln_image::Image;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+use utoipa::ToSchema;
+
+use crate::engine::{CreateSandbox, Engine};
+use crate::error::{Error, ErrorCode, Result};
+use crate::fsutil;
+use crate::model::{PortMapping, Sandbox};
+use crate::snapshot::manifest::{Manifest, MANIFEST};
+use crate::snapshot::restore::ResumeSnapshot;
+
+/// Label (key) on template snapshots; its value is the template's name.
+pub const LABEL: &str = "kiln.template-snapshot";
+/// Origin of the hidden sandbox a template snapshot is captured from (`building:<snapshot id>`).
+const BUILDER_ORIGIN: &str = "building:";
+/// How long a create waits for another daemon making the same template snapshot.
+const LOCK_WAIT: Duration = Duration::from_secs(180);
+/// `off`: every create boots cold; `lazy`: made on first use only; anything else (default `on`): the
+/// default template's default shape is also prepared when the daemon starts.
+pub const MODE_ENV: &str = "KILN_TEMPLATE_SNAPSHOTS";
+
+/// How a sandbox made from a template started (only in the create's answer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BootInfo {
+    /// `resume` (from the template's snapshot or a warm spare of it) or `cold` (booted).
+    pub mode: String,
+    /// Why: which of the two resumes, or what ruled a resume out.
+    pub reason: String,
+    /// The template snapshot resumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+}
+
+impl BootInfo {
+    pub(crate) fn cold(reason: String) -> BootInfo {
+        BootInfo {
+            mode: "cold".into(),
+            reason,
+            snapshot: None,
+        }
+    }
+    pub(crate) fn resume(snapshot: &str, reason: &str) -> BootInfo {
+        BootInfo {
+            mode: "resume".into(),
+            reason: reason.into(),
+            snapshot: Some(snapshot.into()),
+        }
+    }
+}
+
+/// What a resume from a template snapshot changes beyond a snapshot resume.
+#[derive(Debug, Clone)]
+pub(crate) struct TemplateUse {
+    pub template: String,
+    pub ports: Vec<PortMapping>,
+}
+
+/// The machine shape a template snapshot is made for: a create of another shape uses another snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Shape {
+    pub memory_mib: u64,
+    pub max_memory_mib: Option<u64>,
+    pub cpus: u32,
+}
+
+/// Why a create did not resume.
+pub(crate) enum NotResumed {
+    /// The request itself fails (name taken, port in use, capacity): a cold boot would fail the same way.
+    Client(Error),
+    /// Boot cold instead, for this reason.
+    Fallback(String),
+}
+
+#[derive(PartialEq)]
+enum Mode {
+    On,
+    Lazy,
+    Off,
+}
+
+fn mode() -> Mode {
+    match std::env::var(MODE_ENV).unwrap_or_default().as_str() {
+        "off" | "0" | "false" => Mode::Off,
+        "lazy" => Mode::Lazy,
+        _ => Mode::On,
+    }
+}
+
+pub(crate) fn is_builder(sb: &Sandbox) -> bool {
+    sb.origin.starts_with(BUILDER_ORIGIN)
+}
+
+/// Errors of a resume that a cold boot may not have: those fall back, the rest are the client's.
+fn falls_back(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::SnapshotNotFound
+            | ErrorCode::SnapshotCorrupt
+            | ErrorCode::SnapshotIncompatible
+            | ErrorCode::SnapshotBaseMissing
+            | ErrorCode::SnapshotBaseChanged
+            | ErrorCode::SnapshotInUse
+            | ErrorCode::VmFailed
+            | ErrorCode::BootFailed
+            | ErrorCode::SandboxUnresponsive
+            | ErrorCode::ResourceOverrideRefused
+            | ErrorCode::Internal
+    )
+}
+
+/// One async lock per template snapshot id: creates in this daemon wait for the one making it.
+fn key_lock(id: &str) -> Arc<tokio::sync::Mutex<()>> {
+    static LOCKS: OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> = OnceLock::new();
+    LOCKS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(id.to_string())
+        .or_default()
+        .clone()
+}
+
+impl Engine {
+    /// The shape to resume, or why this create boots cold (checked before anything is made).
+    pub(crate) fn template_route(
+        &self,
+        req: &CreateSandbox,
+        image: &Image,
+        disk_size_bytes: u64,
+    ) -> std::result::Result<Shape, String> {
+        if req.boot == Some(true) {
+            return Err("a cold boot was asked for (boot: true)".into());
+        }
+        if mode() == Mode::Off {
+            return Err(format!("template snapshots are off ({MODE_ENV}=off)"));
+        }
+        if std::env::var("KILN_GUEST_CMDLINE_EXTRA").is_ok_and(|s| !s.trim().is_empty()) {
+            return Err(
+                "KILN_GUEST_CMDLINE_EXTRA changes the kernel command line, which a saved machine cannot take"
+                    .into(),
+            );
+        }
+        if disk_size_bytes > image.manifest.rootfs_size_bytes {
+            return Err(format!(
+                "a disk of {} GiB is larger than the template's; the disk and its filesystem grow on a cold boot",
+                disk_size_bytes >> 30
+            ));
+        }
+        Ok(Shape {
+            memory_mib: req.memory_mib.unwrap_or(self.config().default_memory_mib),
+            max_memory_mib: req.max_memory_mib,
+            cpus: req.cpus.unwrap_or(self.config().default_cpus),
+        })
+    }
+
+    /// Resumes the template snapshot of `shape` (made first if missing) as the sandbox `req` asks for.
+    pub(crate) async fn create_from_template_snapshot(
+        &self,
+        req: &CreateSandbox,
+        template: &str,
+        image: &Image,
+        shape: Shape,
+        ports: &[PortMapping],
+    ) -> std::result::Result<Sandbox, NotResumed> {
+        let snap = match self.ensure_template_snapshot(template, image, shape).await {
+            Ok(id) => id,
+            Err(e) => {
+                warn!(template, error = %e, "no template snapshot");
+                return Err(NotResumed::Fallback(format!(
+                    "no template snapshot could be made: {}",
+                    e.message
+                )));
+            }
+        };
+        let resumed = self
+            .resume_within(
+                &snap,
+                ResumeSnapshot {
+                    name: req.name.clone(),
+                    labels: req.labels.clone(),
+                    // Given or not, these are the request's: the template's machine had none.
+                    volumes: Some(req.volumes.clone()),
+                    egress: Some(req.egress.unwrap_or(true)),
+                    env: req.env.clone(),
+                    from_template: Some(TemplateUse {
+                        template: template.to_string(),
+                        ports: ports.to_vec(),
+                    }),
+                    ..Default::default()
+                },
+                None,
+            )
+            .await;
+        match resumed {
+            Ok(mut sb) => {
+                if sb.boot.is_none() {
+                    sb.boot = Some(BootInfo::resume(&snap, "the template's snapshot"));
+                }
+                Ok(sb)
+            }
+            Err(e) if falls_back(e.code) => {
+                warn!(template, snapshot = %snap, error = %e, "resuming the template snapshot failed; booting cold");
+                Err(NotResumed::Fallback(format!(
+                    "resuming the template snapshot {snap} failed: {}",
+                    e.message
+                )))
+            }
+            Err(e) => Err(NotResumed::Client(e)),
+        }
+    }
+
+    /// The id of the template snapshot for this template's content, this host and `shape`.
+    fn template_snapshot_id(&self, template: &str, shape: Shape) -> Result<String> {
+        let accel = self.accel().accel;
+        let image = self
+            .images()
+            .get(template)
+            .map_err(|e| Error::new(ErrorCode::ImageNotFound, e.to_string()))?;
+        let cmdline = kiln_image::kernel_cmdline(
+            &image,
+            &kiln_image::CmdlineParams {
+                hostname: Some("kiln".into()),
+                kvm: !accel.tuning().tsc_cmdline,
+                ..Default::default()
+            },
+        );
+        // The host TSC frequency is measured per process (it varies in its last digits): not part of
+        // the machine's identity, as any snapshot resumes across daemons.
+        let cmdline: String = cmdline
+            .split_whitespace()
+            .filter(|p| !p.starts_with("tsc_early_khz="))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let parts = [
+            template.to_string(),
+            self.base_digest(&format!("template:{template}"))?,
+            kiln_vmm::qemu::machine_for_boot(accel, &cmdline),
+            cmdline,
+            accel.to_string(),
+            kiln_vmm::qemu_version(),
+            kiln_vmm::cpu::model(accel),
+            crate::snapshot::manifest::FORMAT_VERSION.to_string(),
+            format!(
+                "{} {:?} {} {}",
+                shape.memory_mib,
+                shape.max_memory_mib,
+                shape.cpus,
+                self.machine_max_cpus(shape.cpus)
+            ),
+        ];
+        let digest = Sha256::digest(parts.join("\n").as_bytes());
+        Ok(format!("template-{}", &hex::encode(digest)[..16]))
+    }
+
+    fn has_template_snapshot(&self, id: &str) -> bool {
+        matches!(self.db().find_snapshot(id), Ok(Some(_)))
+            && self.config().snapshot_dir(id).join(MANIFEST).is_file()
+    }
+
+    /// Where template snapshots of `template` are shared: beside the image, or in the data directory when
+    /// the images directory cannot be written.
+    pub fn template_store(&self, template: &str) -> PathBuf {
+        let beside = self.config().images_dir().join(template).join("snapshots");
+        if writable_dir(&beside) {
+            return beside;
+        }
+        self.config()
+            .data_dir
+            .join("template-snapshots")
+            .join(template)
+    }
+
+    /// The template snapshot for `shape`: this daemon's, else imported from the shared store, else made
+    /// (one daemon at a time per snapshot, under a file lock) and published there.
+    pub(crate) async fn ensure_template_snapshot(
+        &self,
+        template: &str,
+        image: &Image,
+        shape: Shape,
+    ) -> Result<String> {
+        let id = self.template_snapshot_id(template, shape)?;
+        if self.has_template_snapshot(&id) {
+            return Ok(id);
+        }
+        let lock = key_lock(&id);
+        let _held = lock.lock().await;
+        if self.has_template_snapshot(&id) {
+            return Ok(id);
+        }
+        let store = self.template_store(template);
+        std::fs::create_dir_all(&store)
+            .map_err(|e| fsutil::io_error(&format!("creating {}", store.display()), e))?;
+        let _file_lock = lock_file(store.join(format!(".lock-{id}"))).await?;
+        let shared = store.join(&id);
+        if shared.join(MANIFEST).is_file() {
+            let imported = {
+                let (shared, id) = (shared.clone(), id.clone());
+                fsutil::off_runtime(|| self.import_template_snapshot(&shared, &id))
+            };
+            match imported {
+                Ok(()) => return Ok(id),
+                // A damaged shared copy is moved aside (never deleted) and made again.
+                Err(e) => {
+                    warn!(snapshot = %id, error = %e, "the shared template snapshot fails its checks; making it again");
+                    let aside = store.join(format!(".bad-{id}-{}", std::process::id()));
+                    fsutil::rename_durably(&shared, &aside)?;
+                }
+            }
+        }
+        // Debris of a daemon that died publishing this one (the lock says none is at it now).
+        for entry in std::fs::read_dir(&store).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!(".tmp-{id}-")) {
+                let _ = fsutil::remove_dir_durably(&entry.path());
+            }
+        }
+        self.make_template_snapshot(template, image, shape, &id)
+            .await?;
+        let published = {
+            let (local, shared) = (self.config().snapshot_dir(&id), shared.clone());
+            fsutil::off_runtime(|| copy_published(&local, &shared))
+        };
+        if let Err(e) = published {
+            // This daemon has it all the same; others make their own.
+            warn!(snapshot = %id, error = %e, "could not share the template snapshot");
+        }
+        Ok(id)
+    }
+
+    /// Boots the template once as a hidden sandbox, captures it and deletes the sandbox.
+    async fn make_template_snapshot(
+        &self,
+        template: &str,
+        image: &Image,
+        shape: Shape,
+        id: &str,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let origin = format!("{BUILDER_ORIGIN}{id}");
+        let req = CreateSandbox {
+            template: Some(template.to_string()),
+            memory_mib: Some(shape.memory_mib),
+            max_memory_mib: shape.max_memory_mib,
+            cpus: Some(shape.cpus),
+            ..Default::default()
+        };
+        let booted = self
+            .create_cold(
+                req,
+                template,
+                image.clone(),
+                image.manifest.rootfs_size_bytes,
+                Vec::new(),
+                Some(origin.clone()),
+            )
+            .await;
+        let captured = match booted {
+            Ok(sb) => {
+                self.create_snapshot_internal(
+                    &sb.id,
+                    crate::CreateSnapshot {
+                        name: Some(id.to_string()),
+                        labels: BTreeMap::from([(LABEL.to_string(), template.to_string())]),
+                        ..Default::default()
+                    },
+                    Default::default(),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        self.remove_builders(Some(&origin)).await;
+        captured?;
+        info!(
+            template,
+            snapshot = id,
+            ms = started.elapsed().as_millis() as u64,
+            "template snapshot made"
+        );
+        Ok(())
+    }
+
+    /// Links a shared template snapshot into this daemon's store, checks it whole and records it.
+    fn import_template_snapshot(&self, shared: &Path, id: &str) -> Result<()> {
+        let dst = self.config().snapshot_dir(id);
+        let tmp = self.config().snapshots_dir().join(format!(
+            ".tmp-{id}-{:08x}-{}",
+            rand::random::<u32>(),
+            std::process::id()
+        ));
+        let linked = link_tree(shared, &tmp).and_then(|()| fsutil::publish(&tmp, &dst));
+        if let Err(e) = linked {
+            let _ = fsutil::remove_dir_durably(&tmp);
+            return Err(e);
+        }
+        let checked = Manifest::read(&dst, id).and_then(|m| m.verify(&dst, true).map(|()| m));
+        let m = match checked {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = fsutil::remove_dir_durably(&dst);
+                return Err(e);
+            }
+        };
+        let snap = crate::recovery::snapshot_from_manifest(&m, &dst);
+        self.db().insert_snapshot(&snap, false)?;
+        self.mark_verified(id);
+        info!(snapshot = id, from = %shared.display(), "template snapshot imported");
+        Ok(())
+    }
+
+    /// Deletes hidden template-building sandboxes: the one with `origin`, or all (at start-up: left by a
+    /// daemon that stopped while making one).
+    pub(crate) async fn remove_builders(&self, origin: Option<&str>) {
+        let rows = self.db().list_sandboxes().unwrap_or_default();
+        for sb in rows
+            .into_iter()
+            .filter(|s| origin.map_or(is_builder(s), |o| s.origin == o))
+        {
+            if let Err(e) = self.delete(&sb.id).await {
+                warn!(sandbox = %sb.id, error = %e, "could not remove a template-building sandbox");
+            }
+        }
+    }
+
+    /// At start: removes leftover builders, then prepares the default template's default shape in the
+    /// background (unless `KILN_TEMPLATE_SNAPSHOTS` is `off` or `lazy`), so the first create resumes.
+    pub(crate) fn spawn_template_prepare(&self) {
+        let Some(engine) = self.me() else { return };
+        tokio::spawn(async move {
+            engine.remove_builders(None).await;
+            if mode() != Mode::On {
+                return;
+            }
+            let template = engine.config().default_template.clone();
+            // Not built (yet): nothing to prepare; the first create tries again.
+            let Ok(image) = engine.images().get(&template) else {
+                return;
+            };
+            let shape = Shape {
+                memory_mib: engine.config().default_memory_mib,
+                max_memory_mib: None,
+                cpus: engine.config().default_cpus,
+            };
+            match engine
+                .ensure_template_snapshot(&template, &image, shape)
+                .await
+            {
+                Ok(id) => info!(template = %template, snapshot = %id, "template snapshot ready"),
+                Err(e) => {
+                    warn!(template = %template, error = %e, "could not prepare the template snapshot")
+                }
+            }
+        });
+    }
+}
+
+/// Whether `dir` exists (or can be made) and can be written: false on a read-only filesystem.
+fn writable_dir(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    if std::fs::create_dir_all(dir).is_err() {
+        return false;
+    }
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: access(2) on a NUL-terminated path.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+}
+
+/// Takes an exclusive `flock` on `path` (created if missing), waiting at most `LOCK_WAIT`.
+async fn lock_file(path: PathBuf) -> Result<std::fs::File> {
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| fsutil::io_error(&format!("opening {}", path.display()), e))?;
+        let deadline = Instant::now() + LOCK_WAIT;
+        loop {
+            // SAFETY: flock(2) on a descriptor this function owns.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(file);
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(fsutil::io_error(&format!("locking {}", path.display()), e));
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::new(
+                    ErrorCode::Internal,
+                    format!(
+                        "another kiln has been making the template snapshot locked by {} for {} s; try again, or boot cold (boot: true)",
+                        path.display(),
+                        LOCK_WAIT.as_secs()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await
+    .map_err(|e| Error::internal(format!("template snapshot lock: {e}")))?
+}
+
+/// Hard-links (or copies, across filesystems) every file under `src` into a new directory `dst`, and
+/// fsyncs what it made.
+fn link_tree(src: &Path, dst: &Path) -> Result<()> {
+    std::fs::create_dir(dst)
+        .map_err(|e| fsutil::io_error(&format!("creating {}", dst.display()), e))?;
+    let entries = std::fs::read_dir(src)
+        .map_err(|e| fsutil::io_error(&format!("reading {}", src.display()), e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| fsutil::io_error("reading a snapshot directory", e))?;
+        let kind = entry
+            .file_type()
+            .map_err(|e| fsutil::io_error("reading a snapshot directory", e))?;
+        let to = dst.join(entry.file_name());
+        if kind.is_dir() {
+            link_tree(&entry.path(), &to)?;
+        } else if kind.is_file() {
+            fsutil::link_or_copy(&entry.path(), &to)?;
+        }
+    }
+    fsutil::fsync_files_in(dst)
+}
+
+/// Publishes a copy (links) of the snapshot directory `local` as `shared`.
+fn copy_published(local: &Path, shared: &Path) -> Result<()> {
+    let parent = shared
+        .parent()
+        .ok_or_else(|| Error::internal("template snapshot store has no parent"))?;
+    let name = shared
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
+    let done = link_tree(local, &tmp).and_then(|()| fsutil::publish(&tmp, shared));
+    if done.is_err() {
+        let _ = fsutil::remove_dir_durably(&tmp);
+    }
+    done
+}
