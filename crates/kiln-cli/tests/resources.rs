@@ -132,7 +132,17 @@ fn resumed_copies_get_more_or_fewer_vcpus_and_keep_running() {
 fn resources_a_memory_snapshot_cannot_take_are_refused_and_leave_nothing() {
     require_image("tiny");
     let d = Daemon::start_with(&["--max-vcpus", "2"]);
-    d.create(&["--name", "src", "--memory", "256", "--cpus", "1"]);
+    // No headroom (`--max-memory` = `--memory`), so more memory is refused too.
+    d.create(&[
+        "--name",
+        "src",
+        "--memory",
+        "256",
+        "--max-memory",
+        "256",
+        "--cpus",
+        "1",
+    ]);
     d.kiln_ok(&["snapshot", "create", "src", "--name", "one"]);
     let qemus = d.qemu_pids().len();
     for (body, says) in [
