@@ -179,6 +179,12 @@ fn busybox_rootfs(root: &Path) {
 /// Gives the daemon a private images directory (the shared one stays untouched: it links the shared
 /// images one by one) and the shared kernel cache by hard links, so a pull builds without downloading.
 fn private_images(d: &Daemon) {
+    // Imported images need the static agent (target/release/kiln-agent may be a dynamic build).
+    let agent = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/x86_64-unknown-linux-gnu/agent/kiln-agent");
+    if std::env::var_os("KILN_AGENT_BIN").is_none() && agent.is_file() {
+        std::env::set_var("KILN_AGENT_BIN", agent);
+    }
     let images = d.data_dir().join("images");
     let shared = std::fs::read_link(&images).expect("shared images link");
     std::fs::remove_file(&images).unwrap();
@@ -321,7 +327,7 @@ fn pull_boot_exec_shared_layers_and_corrupt_blob() {
         .join(bad.trim_start_matches("sha256:"));
     assert!(!cached.exists(), "the corrupt blob was cached");
 
-    d.kiln_ok(&["sandbox", "rm", "busy1"]);
+    d.kiln_ok(&["sandbox", "rm", "-y", "busy1"]);
     d.kiln_ok(&["image", "rm", "-y", "busy"]);
 }
 
