@@ -47,7 +47,17 @@ fn ram_file_mib(d: &Daemon, id: &str) -> u64 {
 }
 
 fn create_with_balloon(d: &Daemon, name: &str) {
-    d.create(&["--name", name, "--memory", "384", "--max-memory", "448"]);
+    // Booted, not resumed from the template snapshot: the test watches the machine's own RAM file (a copy
+    // maps its snapshot's RAM file privately and read-only).
+    d.create(&[
+        "--name",
+        name,
+        "--memory",
+        "384",
+        "--max-memory",
+        "448",
+        "--boot",
+    ]);
 }
 
 #[test]

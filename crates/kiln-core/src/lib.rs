@@ -53,3 +53,9 @@ pub use snapshot::{Snapshot, SnapshotType};
 pub use volume::{CreateVolume, Volume, VolumeMount};
 
 pub use kiln_agent_client as agent;
+
+/// Whether `sb` is one of kiln's own machines (a warm spare, or a machine booted to make a template
+/// snapshot) rather than a sandbox a client made: such machines are not listed and never hold a template.
+pub fn is_internal_sandbox(sb: &Sandbox) -> bool {
+    warm::is_spare(sb) || template_snap::is_builder(sb)
+}
