@@ -30,7 +30,7 @@ fn boot_mode(v: &Value) -> &str {
 #[test]
 fn creates_resume_one_template_snapshot_as_separate_machines() {
     require_image("tiny");
-    let d = Daemon::start();
+    let d = Daemon::start_env(&[], &[("KILN_TEMPLATE_SNAPSHOTS", "on")]);
     // The daemon prepares the default template's snapshot at start (or imports the one another daemon
     // sharing these images made).
     assert!(
@@ -93,7 +93,7 @@ fn creates_resume_one_template_snapshot_as_separate_machines() {
     assert_eq!(run(&d, "big", "hostname").trim(), "big");
 
     // A second daemon on the same images uses the published snapshot instead of booting again.
-    let d2 = Daemon::start();
+    let d2 = Daemon::start_env(&[], &[("KILN_TEMPLATE_SNAPSHOTS", "on")]);
     assert!(
         d2.wait_log("template snapshot ready", 1, Duration::from_secs(60)),
         "{}",

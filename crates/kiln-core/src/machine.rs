@@ -117,7 +117,11 @@ impl Engine {
             max_memory_mib,
             cpu: kiln_vmm::cpu::identity(self.accel().accel),
             machine: Some(machine),
-            free_page_reporting: Some(free_page_reporting()),
+            // Not on a template snapshot's builder: its copies map the saved RAM read-only, so QEMU could not
+            // discard what their guests report (it logs an error for every report instead).
+            free_page_reporting: Some(
+                free_page_reporting() && !crate::template_snap::is_builder(sb),
+            ),
         };
         self.place_mounts(&dir, sb.qemu_uid, &mut layout.volume_slots, mounts, false)?;
         let top = layout.next_top_path(&dir);

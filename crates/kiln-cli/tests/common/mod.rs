@@ -121,6 +121,10 @@ impl Daemon {
             .env("KILN_LOG", "info,kiln=debug")
             // Warm spares are VMs of their own; tests that want them ask (tests/warm_spares.rs).
             .env("KILN_WARM_SPARES", "0")
+            // Likewise template snapshots: preparing one boots a machine of its own in the background and
+            // adds its files to the data dir, which tests counting VMs and files do not expect. The tests
+            // of create-as-resume ask for them (tests/create_resume.rs); the SDK tests run with the default.
+            .env("KILN_TEMPLATE_SNAPSHOTS", "off")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
