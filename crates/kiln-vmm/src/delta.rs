@@ -178,6 +178,10 @@ pub fn capture(
     let header = header_bytes(base_size, base_id, entries.len() as u64, pos, h64(&index));
     file.write_all_at(&header, 0)
         .map_err(|e| io_err(format!("writing {}", out.display()), e))?;
+    // Never publish a delta its own reader would refuse: check it as a restore will, so a bad capture
+    // falls back to the full stream instead of leaving a snapshot that cannot be restored.
+    let written = File::open(out).map_err(|e| io_err(format!("reopening {}", out.display()), e))?;
+    read_index(&written, &out.display().to_string(), base_id, base_size)?;
     Ok(Stats {
         data_pages,
         zero_pages,

@@ -62,6 +62,21 @@ pub fn file_regions(pid: u32, file: &Path) -> Result<Vec<Region>, VmmError> {
         }
     }
     out.sort_by_key(|r| r.offset);
+    // The same part of the file mapped twice would leave it unclear which mapping is guest RAM: reading
+    // or writing the wrong one would lose pages silently, so refuse (a capture then falls back to the
+    // full stream).
+    for w in out.windows(2) {
+        if w[1].offset < w[0].offset + (w[0].end - w[0].start) {
+            return Err(VmmError::io(
+                format!("guest RAM of pid {pid}"),
+                std::io::Error::other(format!(
+                    "{} is mapped more than once at file offset {:#x}",
+                    file.display(),
+                    w[1].offset
+                )),
+            ));
+        }
+    }
     Ok(out)
 }
 
