@@ -21,6 +21,12 @@ import pytest
 
 import kiln
 
+
+# As in the Rust tests: template snapshots (create-as-resume; crates/kiln-cli/tests/create_resume.rs)
+# add a background builder VM and change a create's console log and a diff's parent.
+DAEMON_ENV = {"KILN_TEMPLATE_SNAPSHOTS": "off"}
+
+
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -76,7 +82,11 @@ class Daemon:
         self.log_path = self.dir / "daemon.log"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env={**os.environ, "KILN_LOG": "info"}
+                args,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "KILN_LOG": "info", **DAEMON_ENV},
             )
         deadline = time.monotonic() + 30
         while not self._listening():
