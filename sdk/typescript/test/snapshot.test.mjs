@@ -65,7 +65,7 @@ test("snapshot, get, list, restore copies, duplicate names, delete", async () =>
   assert.equal((await again.run("cat /root/marker")).stdout, "at-snapshot");
   await again.delete();
 
-  await assert.rejects(snap.restore(undefined, { memoryMib: 512 }), (e) => e instanceof ConflictError && e.code === "resource_override_refused" && /256 MiB/.test(e.message));
+  await assert.rejects(snap.restore(undefined, { memoryMib: 1024 }), (e) => e instanceof ConflictError && e.code === "resource_override_refused" && /512 MiB/.test(e.message));
 
   assert.deepEqual(await Snapshot.delete(name), { id: name, filesKeptFor: [] });
   await assert.rejects(Snapshot.get(name), (e) => e instanceof SnapshotNotFoundError && e.code === "snapshot_not_found" && e.status === 404);
