@@ -90,6 +90,18 @@ pub struct ImageStore {
     cache_root: PathBuf,
 }
 
+impl ImageInfo {
+    /// An installed image at `dir`, with the space its files take now.
+    fn new(name: String, dir: PathBuf, manifest: ImageManifest) -> ImageInfo {
+        ImageInfo {
+            disk_usage_bytes: disk_usage(&dir),
+            name,
+            dir,
+            manifest,
+        }
+    }
+}
+
 impl ImageStore {
     pub fn new(images_root: PathBuf, cache_root: PathBuf) -> Self {
         ImageStore {
@@ -125,12 +137,7 @@ impl ImageStore {
                 continue;
             }
             match ImageManifest::load(&name, &dir.join(MANIFEST_FILE)) {
-                Ok(manifest) => images.push(ImageInfo {
-                    disk_usage_bytes: disk_usage(&dir),
-                    name,
-                    dir,
-                    manifest,
-                }),
+                Ok(manifest) => images.push(ImageInfo::new(name, dir, manifest)),
                 Err(e) => {
                     tracing::warn!(image = %name, error = %e, "skipping image with unreadable manifest")
                 }
@@ -226,13 +233,11 @@ impl ImageStore {
             opts,
             progress,
         )?;
-        let dir = self.images_root.join(name);
-        Ok(ImageInfo {
-            name: name.to_string(),
-            disk_usage_bytes: disk_usage(&dir),
-            dir,
+        Ok(ImageInfo::new(
+            name.to_string(),
+            self.images_root.join(name),
             manifest,
-        })
+        ))
     }
 }
 
@@ -268,13 +273,11 @@ impl ImageStore {
             opts,
             progress,
         )?;
-        let dir = self.images_root.join(name);
-        Ok(ImageInfo {
-            name: name.to_string(),
-            disk_usage_bytes: disk_usage(&dir),
-            dir,
+        Ok(ImageInfo::new(
+            name.to_string(),
+            self.images_root.join(name),
             manifest,
-        })
+        ))
     }
 }
 

@@ -635,11 +635,7 @@ impl Engine {
         let Ok(m) = Manifest::read(&dir, id) else {
             return Ok(None);
         };
-        Ok(m.file(Role::Memory).map(|f| FileEntry {
-            path: m.resolve(&dir, f).to_string_lossy().into_owned(),
-            external: true,
-            ..f.clone()
-        }))
+        Ok(m.file(Role::Memory).map(|f| m.external(&dir, f)))
     }
 
     /// The disk layers of a sandbox's origin (template rootfs, or a snapshot's layers), as external entries.
@@ -649,14 +645,7 @@ impl Engine {
                 let image = self.images().get(name).map_err(|e| {
                     Error::new(ErrorCode::SnapshotBaseMissing, format!("the template '{name}' this sandbox was made from is gone ({e}); take a full snapshot instead"))
                 })?;
-                Ok(vec![FileEntry {
-                    role: Role::Disk,
-                    path: image.rootfs.to_string_lossy().into_owned(),
-                    size: image.manifest.files.rootfs.size,
-                    checksum: format!("sha256:{}", image.manifest.files.rootfs.sha256),
-                    format: Some("raw".into()),
-                    external: true,
-                }])
+                Ok(vec![FileEntry::template_rootfs(&image)])
             }
             Origin::Snapshot { id } => {
                 let dir = self.config().snapshot_dir(id);
@@ -669,13 +658,7 @@ impl Engine {
                 let m = Manifest::read(&dir, id).map_err(|e| {
                     Error::new(ErrorCode::SnapshotBaseMissing, format!("the snapshot '{id}' this sandbox came from is unusable ({}); take a full snapshot instead", e.message))
                 })?;
-                Ok(m.disks()
-                    .map(|f| FileEntry {
-                        path: m.resolve(&dir, f).to_string_lossy().into_owned(),
-                        external: true,
-                        ..f.clone()
-                    })
-                    .collect())
+                Ok(m.disks().map(|f| m.external(&dir, f)).collect())
             }
         }
     }

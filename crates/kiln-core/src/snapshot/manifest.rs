@@ -150,6 +150,20 @@ struct VersionOnly {
     format_version: u32,
 }
 
+impl FileEntry {
+    /// A template's rootfs as the external disk a snapshot made on it builds on.
+    pub fn template_rootfs(image: &kiln_image::Image) -> FileEntry {
+        FileEntry {
+            role: Role::Disk,
+            path: image.rootfs.to_string_lossy().into_owned(),
+            size: image.manifest.files.rootfs.size,
+            checksum: format!("sha256:{}", image.manifest.files.rootfs.sha256),
+            format: Some("raw".into()),
+            external: true,
+        }
+    }
+}
+
 impl Manifest {
     /// The format a snapshot of this machine is written as: the oldest that describes it.
     pub fn format_for(depends: &Depends, max_memory_mib: Option<u64>, has_delta: bool) -> u32 {
@@ -176,6 +190,15 @@ impl Manifest {
             PathBuf::from(&entry.path)
         } else {
             dir.join(&entry.path)
+        }
+    }
+
+    /// `entry` of this snapshot (in `dir`) as an external entry of a snapshot built on it.
+    pub fn external(&self, dir: &Path, entry: &FileEntry) -> FileEntry {
+        FileEntry {
+            path: self.resolve(dir, entry).to_string_lossy().into_owned(),
+            external: true,
+            ..entry.clone()
         }
     }
 

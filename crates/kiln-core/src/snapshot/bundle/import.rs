@@ -222,14 +222,7 @@ impl Engine {
                         format!("template {name}: {e}"),
                     )
                 })?;
-                Ok(vec![FileEntry {
-                    role: Role::Disk,
-                    path: image.rootfs.to_string_lossy().into_owned(),
-                    size: image.manifest.files.rootfs.size,
-                    checksum: format!("sha256:{}", image.manifest.files.rootfs.sha256),
-                    format: Some("raw".into()),
-                    external: true,
-                }])
+                Ok(vec![FileEntry::template_rootfs(&image)])
             }
             Some(("snapshot", id)) => {
                 let dir = self.config().snapshot_dir(id);
@@ -238,11 +231,7 @@ impl Engine {
                     .files
                     .iter()
                     .filter(|f| matches!(f.role, Role::Disk | Role::Memory))
-                    .map(|f| FileEntry {
-                        path: pm.resolve(&dir, f).to_string_lossy().into_owned(),
-                        external: true,
-                        ..f.clone()
-                    })
+                    .map(|f| pm.external(&dir, f))
                     .collect())
             }
             _ => Err(Error::internal(format!("unknown base '{parent}'"))),
