@@ -63,6 +63,9 @@ k --json sandbox create --name fz --memory 128 >/dev/null || { tail -30 "$LOG"; 
 step "schemathesis for ${FUZZ_SECONDS}s: no 5xx allowed"
 status=0
 # From target/, so schemathesis' example database (.schemathesis/) stays out of the source tree.
+# One worker: with two threads, CPython 3.11's ast.parse (which hypothesis calls to describe its filters)
+# fails at random with "SystemError: AST constructor recursion depth mismatch" (CPython gh-106905), an
+# error of the fuzzer, not of kiln, that failed the run.
 # The tar upload is left out: schemathesis has no serializer for application/x-tar (tests/dirs.rs and the
 # agent's unit tests send it hostile tars instead).
 (cd target && "$ROOT/$VENV/bin/st" --config-file "$ROOT/scripts/fuzz-schemathesis.toml" run "http://127.0.0.1:$PORT/v1/openapi.json" \
@@ -71,7 +74,7 @@ status=0
   --checks not_a_server_error \
   --max-time "$FUZZ_SECONDS" \
   --exclude-name 'PUT /v1/sandboxes/{id}/files/dir' \
-  --workers 2 \
+  --workers 1 \
   --request-timeout 120 \
   --phases examples,coverage,fuzzing \
   --suppress-health-check all \
@@ -103,7 +106,9 @@ DAEMON=""
 sleep 1
 leaked=$(pgrep -f "qemu-system.*$DATA/" || true)
 [ -z "$leaked" ] || { echo "QEMU processes left behind: $leaked"; status=1; }
-debris=$(ls -A "$DATA/sandboxes" "$DATA/snapshots" "$DATA/volumes" 2>/dev/null | grep -v -e '^$' -e ':$' || true)
+# Template snapshots (snapshots/template-*) are the daemon's boot snapshots of its images, kept on purpose
+# for the next create (docs/snapshots.md, "Create is a resume"); anything else is debris.
+debris=$(ls -A "$DATA/sandboxes" "$DATA/snapshots" "$DATA/volumes" 2>/dev/null | grep -v -e '^$' -e ':$' -e '^template-' || true)
 [ -z "$debris" ] || { echo "files left behind in $DATA:"; ls -laR "$DATA/sandboxes" "$DATA/snapshots"; status=1; }
 [ ! -e "$DATA/lost+found" ] || { echo "lost+found appeared"; status=1; }
 

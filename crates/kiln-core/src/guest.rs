@@ -58,6 +58,13 @@ impl Engine {
                 ))
             }
         }
+        // execve takes C strings: a NUL would fail in the guest as a 502 instead of a 400 here.
+        let mut words = spec.argv.iter().flatten().chain(spec.cmd.iter());
+        if words.any(|w| w.contains('\0')) {
+            return Err(Error::invalid(
+                "'argv' and 'cmd' must not contain NUL bytes: a program's arguments are C strings",
+            ));
+        }
         if let Some(cwd) = &spec.cwd {
             validate::guest_path(cwd)?;
         }
