@@ -192,3 +192,65 @@ fn snapshots_of_resumed_sandboxes_are_deltas_and_restore_exactly() {
     assert!(!out.status.success(), "a damaged delta was restored");
     assert!(text.contains("snapshot_corrupt"), "{text}");
 }
+
+/// Copies resumed with other vCPUs or more memory (a balloon's headroom) take memory deltas too: their
+/// snapshots hold a delta and a RAM-less state (before the fix their own reader refused the delta's
+/// index, "malformed range", and the capture silently fell back to streaming the whole private RAM),
+/// and restore exactly.
+#[test]
+fn copies_resumed_with_other_resources_take_deltas() {
+    require_image("tiny");
+    let d = Daemon::start_with(&["--max-vcpus", "2", "--warm-spares", "0"]);
+    d.create(&[
+        "--name",
+        "src",
+        "--memory",
+        "256",
+        "--max-memory",
+        "512",
+        "--cpus",
+        "1",
+    ]);
+    d.kiln_ok(&["snapshot", "create", "src", "--name", "one"]);
+    for (copy, memory, cpus, snap) in [("up", 256, 2, "s-up"), ("big", 512, 2, "s-big")] {
+        let (status, v) = d.api(
+            "POST",
+            "/v1/snapshots/one/resume",
+            Some(serde_json::json!({"name": copy, "memory_mib": memory, "cpus": cpus})),
+        );
+        assert_eq!(status, 201, "{v}");
+        run(&d, copy, FILL);
+        let sums = run(&d, copy, SUMS);
+        d.kiln_ok(&["pause", copy]);
+        let (pid, base) = vm_ram(&d, copy);
+        let h = kiln_vmm::delta::mapping_digest(pid, &base).unwrap();
+        d.kiln_ok(&["snapshot", "create", copy, "--name", snap]);
+        let (dir, m) = manifest(&d, snap);
+        let (_, _, state_size) = file_of(&dir, &m, "state").unwrap();
+        let delta = file_of(&dir, &m, "memory_delta");
+        assert!(
+            delta.is_some() && state_size < 1 << 20,
+            "{snap} of {copy} ({memory} MiB, {cpus} vCPUs) fell back to the full stream: state {state_size} B\n{}",
+            common::tail(&d.log(), 30)
+        );
+        let (delta, _, delta_size) = delta.unwrap();
+        let (mem, mem_sum, _) = file_of(&dir, &m, "memory").unwrap();
+        eprintln!("{snap}: state {state_size} B, delta {delta_size} B");
+        let len = std::fs::metadata(&mem).unwrap().len();
+        assert_eq!(
+            kiln_vmm::delta::patched_digest(&mem, &delta, &mem_sum, len, None).unwrap(),
+            h,
+            "{snap}: base + delta is not the source's RAM"
+        );
+        d.kiln_ok(&["resume", copy]);
+        let again = format!("{copy}-again");
+        d.kiln_ok(&["snapshot", "resume", snap, "--name", &again]);
+        verify(&d, &again, &sums);
+        d.kiln_ok(&["sandbox", "delete", "-y", &again]);
+    }
+    assert!(
+        !d.log().contains("no memory delta"),
+        "a capture fell back:\n{}",
+        common::tail(&d.log(), 30)
+    );
+}

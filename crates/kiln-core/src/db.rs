@@ -101,6 +101,15 @@ CREATE TABLE snapshot_expiry (
     r#"
 ALTER TABLE snapshots ADD COLUMN max_memory_mib INTEGER;
 "#,
+    // Continuous checkpoints (issue 16): per-sandbox policies, and the pause each capture cost.
+    r#"
+CREATE TABLE checkpoint_policies (
+    sandbox_id TEXT PRIMARY KEY REFERENCES sandboxes(id) ON DELETE CASCADE,
+    every_secs INTEGER NOT NULL,
+    keep INTEGER NOT NULL
+);
+ALTER TABLE snapshots ADD COLUMN pause_ms INTEGER;
+"#,
 ];
 
 pub struct Db {
@@ -365,6 +374,7 @@ fn row_to_sandbox(r: &Row<'_>) -> rusqlite::Result<Sandbox> {
         confined: false,
         volume_notes: Vec::new(),
         lifetime: None,
+        checkpoint_policy: None,
         max_memory_mib: r
             .get::<_, Option<String>>("layout")?
             .as_deref()
@@ -415,6 +425,7 @@ mod tests {
             confined: false,
             volume_notes: Vec::new(),
             lifetime: None,
+            checkpoint_policy: None,
             max_memory_mib: None,
             boot: None,
         }

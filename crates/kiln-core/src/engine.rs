@@ -62,6 +62,10 @@ pub struct CreateSandbox {
     pub on_timeout: Option<crate::lifetime::OnTimeout>,
     /// Start it again when a client uses it while hibernated (default true with a lifetime, else false).
     pub auto_resume: Option<bool>,
+    /// Take a checkpoint (a memory snapshot labelled `kiln.checkpoint`) every this many seconds.
+    pub checkpoint_every: Option<u64>,
+    /// Checkpoints kept (default 10; needs `checkpoint_every`).
+    pub checkpoint_keep: Option<u32>,
     /// Boot it cold instead of resuming the template's snapshot (default false; see docs/snapshots.md).
     pub boot: Option<bool>,
 }
@@ -344,6 +348,26 @@ impl Engine {
 
     /// Finds a sandbox and takes its lifecycle lock; the record is read again under the lock, since another
     /// operation may have changed it while this one waited.
+    /// [`Engine::lock_sandbox`] that fails with `sandbox_busy` at once if an operation holds the sandbox.
+    pub(crate) fn try_lock_sandbox(&self, id_or_name: &str) -> Result<Locked> {
+        let sb = self.get(id_or_name)?;
+        let slot = self.slot(&sb.id);
+        let guard = slot.op.clone().try_write_owned().map_err(|_| {
+            Error::new(
+                crate::error::ErrorCode::SandboxBusy,
+                format!(
+                    "sandbox {} is busy with another operation; try again",
+                    sb.name
+                ),
+            )
+        })?;
+        Ok(Locked {
+            sb: self.get(&sb.id)?,
+            slot,
+            _guard: guard,
+        })
+    }
+
     pub(crate) async fn lock_sandbox(&self, id_or_name: &str) -> Result<Locked> {
         let sb = self.get(id_or_name)?;
         let slot = self.slot(&sb.id);
@@ -387,6 +411,7 @@ impl Engine {
     fn with_confinement(&self, mut sb: Sandbox) -> Sandbox {
         sb.confined = sb.qemu_uid.is_some() && self.confine.netguard.is_some();
         sb.lifetime = self.lifetime_of(&sb);
+        sb.checkpoint_policy = self.db().checkpoint_policy(&sb.id).ok().flatten();
         sb
     }
 
@@ -604,6 +629,7 @@ impl Engine {
             confined: false,
             volume_notes: Vec::new(),
             lifetime: None,
+            checkpoint_policy: None,
             max_memory_mib: None,
             boot: None,
         };

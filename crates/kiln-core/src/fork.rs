@@ -85,7 +85,10 @@ impl Engine {
                 labels: BTreeMap::new(),
                 ttl: None,
             },
-            CreateSnapshotInternal { ephemeral: true },
+            CreateSnapshotInternal {
+                ephemeral: true,
+                ..Default::default()
+            },
         )
         .await?;
         self.faults().hold("fork.captured").await;

@@ -44,6 +44,7 @@ pub use error::{Error, ErrorCode, Result};
 pub use fork::{ForkRequest, ForkResult};
 /// A file or tar streamed out of a guest, chunk by chunk (answers of `read_file` and `download_dir`).
 pub use kiln_agent_client::FileDownload;
+pub use lifetime::checkpoint::{CheckpointPolicy, Rewind, SetCheckpointPolicy};
 pub use lifetime::{Lifetime, OnTimeout, SetTimeout};
 pub use model::{PortMapping, PortRequest, Sandbox, SandboxState};
 pub use operations::{Operation, OperationError, OperationState, Resources};

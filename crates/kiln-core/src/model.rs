@@ -156,6 +156,9 @@ pub struct Sandbox {
     /// Its timeout, idle timeout and what happens then (`POST /v1/sandboxes/{id}/timeout`); null: none.
     #[serde(default)]
     pub lifetime: Option<crate::lifetime::Lifetime>,
+    /// Its continuous checkpoints (`PUT /v1/sandboxes/{id}/checkpoint-policy`); null: none.
+    #[serde(default)]
+    pub checkpoint_policy: Option<crate::lifetime::checkpoint::CheckpointPolicy>,
     /// RAM its machine has (MiB): a balloon holds what `memory_mib` leaves out, so copies resumed from
     /// its memory snapshots may have up to this much. null: no headroom (copies keep `memory_mib`).
     #[serde(default)]

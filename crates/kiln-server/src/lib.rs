@@ -25,8 +25,8 @@ use utoipa::OpenApi;
 use crate::error::ApiError;
 use crate::openapi::AuthAndCommonErrors;
 use crate::routes::{
-    bundles, dirs, doctor, exec, files, lifecycle, operations, ports, processes, sandboxes,
-    snapshots, system, volumes,
+    bundles, checkpoints, dirs, doctor, exec, files, lifecycle, operations, ports, processes,
+    sandboxes, snapshots, system, volumes,
 };
 
 #[derive(OpenApi)]
@@ -45,6 +45,10 @@ use crate::routes::{
         sandboxes::delete,
         sandboxes::logs,
         sandboxes::set_timeout,
+        checkpoints::set_policy,
+        checkpoints::clear_policy,
+        checkpoints::list,
+        checkpoints::rewind,
         exec::exec,
         lifecycle::pause,
         lifecycle::resume,
@@ -114,6 +118,12 @@ pub fn router(engine: Arc<Engine>, limits: limits::Limits) -> Router {
         )
         .route("/v1/sandboxes/{id}/logs", get(sandboxes::logs))
         .route("/v1/sandboxes/{id}/timeout", post(sandboxes::set_timeout))
+        .route(
+            "/v1/sandboxes/{id}/checkpoint-policy",
+            axum::routing::put(checkpoints::set_policy).delete(checkpoints::clear_policy),
+        )
+        .route("/v1/sandboxes/{id}/checkpoints", get(checkpoints::list))
+        .route("/v1/sandboxes/{id}/rewind", post(checkpoints::rewind))
         .route("/v1/sandboxes/{id}/exec", post(exec::exec))
         .route("/v1/sandboxes/{id}/pause", post(lifecycle::pause))
         .route("/v1/sandboxes/{id}/resume", post(lifecycle::resume))

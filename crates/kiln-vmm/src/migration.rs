@@ -82,17 +82,38 @@ pub async fn save_state_without_ram(
             .set_nonblocking(false)
             .and_then(|()| stream.set_read_timeout(Some(timeout)))
             .map_err(|e| VmmError::io("migration stream", e))?;
+        // Kept to end the filter's blocking read at once when QEMU reports the migration failed (it may
+        // hold the socket open; the read would otherwise wait out its timeout).
+        let closer = stream
+            .try_clone()
+            .map_err(|e| VmmError::io("migration stream", e))?;
         let out = out.to_path_buf();
         let block = block.to_string();
-        let filter = tokio::task::spawn_blocking(move || {
+        let mut filter = tokio::task::spawn_blocking(move || {
             let file = std::fs::File::create(&out)?;
             let w = std::io::BufWriter::with_capacity(1 << 20, file);
             let r = std::io::BufReader::with_capacity(1 << 20, stream);
             // Returning drops the stream: QEMU's write fails and its migration ends, either way.
             crate::stripram::strip(r, w, &block)
         });
-        let (waited, filtered) =
-            tokio::join!(wait_for_migration(qmp, timeout, "saving VM state"), filter);
+        let wait = wait_for_migration(qmp, timeout, "saving VM state");
+        tokio::pin!(wait);
+        let (waited, filtered) = tokio::select! {
+            w = &mut wait => {
+                if w.is_err() {
+                    let _ = closer.shutdown(std::net::Shutdown::Both);
+                }
+                (w, filter.await)
+            }
+            f = &mut filter => {
+                // The filter gave up (a stream it does not understand, a write error): QEMU need not
+                // run on into a closed socket.
+                if !matches!(f, Ok(Ok(_))) {
+                    let _ = qmp.execute("migrate_cancel", None).await;
+                }
+                (wait.await, f)
+            }
+        };
         let filtered = filtered
             .map_err(|e| VmmError::io("migration stream filter", std::io::Error::other(e)))?
             .map_err(|e| VmmError::io("filtering QEMU's migration stream", e))?;

@@ -114,12 +114,22 @@ pub fn private_ranges(
             push_merged(&mut out, s - r.start + r.offset, e - r.start + r.offset);
         }
     }
-    out.sort();
-    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(out.len());
-    for (s, e) in out {
-        push_merged(&mut merged, s, e);
+    Ok((union(out), method))
+}
+
+/// Sorted, disjoint ranges covering exactly the pages of `ranges`, which may overlap or repeat:
+/// `PAGEMAP_SCAN` can report a `walk_end` before the last region it returned (seen on 6.18 with a 512
+/// MiB mapping), so the next call reports those regions again.
+fn union(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (s, e) in ranges {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
     }
-    Ok((merged, method))
+    merged
 }
 
 fn push_merged(v: &mut Vec<(u64, u64)>, s: u64, e: u64) {
@@ -324,6 +334,23 @@ fn transfer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_and_overlapping_scan_regions_become_disjoint_ranges() {
+        let p = |a: u64, b: u64| (a * PAGE, b * PAGE);
+        // A second PAGEMAP_SCAN call from an early walk_end repeats regions already returned.
+        let got = union(vec![
+            p(0, 1),
+            p(5, 7),
+            p(9, 10),
+            p(5, 7),
+            p(9, 10),
+            p(6, 8),
+            p(1, 2),
+        ]);
+        assert_eq!(got, vec![p(0, 2), p(5, 8), p(9, 10)]);
+        assert_eq!(union(Vec::new()), Vec::new());
+    }
 
     /// A private mapping of a file made in this process: the pages written (and only those) are found,
     /// by both methods, and reads/writes through process_vm_{read,write}v see the mapping's bytes.

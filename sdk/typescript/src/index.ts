@@ -86,6 +86,7 @@ export type {
   DirEntry,
   FileInfo,
   Lifetime,
+  CheckpointPolicy,
   LifetimeOptions,
   OnTimeout,
   PortMapping,

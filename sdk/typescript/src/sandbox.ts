@@ -11,6 +11,7 @@ import { Snapshot } from "./snapshot.js";
 import { mountsFromRecord, volumesJson } from "./volume.js";
 import { lifetimeFromRecord, lifetimeJson } from "./types.js";
 import type {
+  CheckpointPolicy,
   CommandResult,
   DirEntry,
   FileInfo,
@@ -40,6 +41,10 @@ export interface CreateSandboxOptions extends WithClient, LifetimeOptions {
   maxMemoryMib?: number;
   /** Boot cold instead of resuming the template's snapshot (the answer's `boot` says how it started). */
   boot?: boolean;
+  /** Take a checkpoint every this many seconds (see `checkpoints()` and `rewind()`). */
+  checkpointEvery?: number;
+  /** Checkpoints kept (default 10). */
+  checkpointKeep?: number;
   cpus?: number;
   diskSizeGib?: number;
   /** Environment variables for every command run in it. */
@@ -387,6 +392,8 @@ export class Sandbox {
   updatedAt!: Date;
   /** Its timeout, idle timeout and what happens then; null without one. */
   lifetime!: Lifetime | null;
+  /** Its continuous checkpoints; null without. */
+  checkpointPolicy!: CheckpointPolicy | null;
 
   /** @internal Use the static constructors. */
   constructor(record: SandboxRecord, client: Client) {
@@ -420,6 +427,7 @@ export class Sandbox {
     this.createdAt = new Date(r.created_at);
     this.updatedAt = new Date(r.updated_at);
     this.lifetime = lifetimeFromRecord(r.lifetime);
+    this.checkpointPolicy = r.checkpoint_policy ?? null;
     return this;
   }
 
@@ -440,6 +448,8 @@ export class Sandbox {
       snapshot: options.snapshot,
       volumes: volumesJson(options.volumes),
       ...lifetimeJson(options),
+      checkpoint_every: options.checkpointEvery,
+      checkpoint_keep: options.checkpointKeep,
     };
     return new Sandbox(await client.json<SandboxRecord>("POST", "/v1/sandboxes", { json: body }), client);
   }
@@ -569,6 +579,36 @@ export class Sandbox {
   async setTimeout(timeout?: number, options: Omit<LifetimeOptions, "timeout"> = {}): Promise<this> {
     const body = lifetimeJson({ ...options, timeout });
     return this.#apply(await this.client.json<SandboxRecord>("POST", sandboxPath(this.id, "/timeout"), { json: body }));
+  }
+
+  /**
+   * Takes a checkpoint (a memory snapshot) every `every` seconds in the background, keeping the newest
+   * `keep` (default 10); `every` 0 removes the policy.
+   */
+  async setCheckpointPolicy(every: number, options: { keep?: number } = {}): Promise<this> {
+    const body = { every, keep: options.keep };
+    return this.#apply(
+      await this.client.json<SandboxRecord>("PUT", sandboxPath(this.id, "/checkpoint-policy"), { json: body }),
+    );
+  }
+
+  /** Removes the checkpoint policy; the checkpoints taken stay. */
+  async clearCheckpointPolicy(): Promise<this> {
+    return this.#apply(await this.client.json<SandboxRecord>("DELETE", sandboxPath(this.id, "/checkpoint-policy")));
+  }
+
+  /** The sandbox's checkpoints, oldest first (each with `pauseMs`, the pause it cost). */
+  async checkpoints(): Promise<Snapshot[]> {
+    const list = await this.client.json<SnapshotRecord[]>("GET", sandboxPath(this.id, "/checkpoints"));
+    return list.map((r) => new Snapshot(r, this.client));
+  }
+
+  /**
+   * Rolls the sandbox back to a checkpoint: `to` is a snapshot id, or a time (RFC 3339, or `"90s"`, `"5m"`,
+   * `"2h"` ago: the newest checkpoint taken at or before it). Same id and name; running afterwards.
+   */
+  async rewind(to: string): Promise<this> {
+    return this.#apply(await this.client.json<SandboxRecord>("POST", sandboxPath(this.id, "/rewind"), { json: { to } }));
   }
 
   /** Deletes the sandbox: its VM, disk and memory are freed. */

@@ -61,6 +61,8 @@ export class Snapshot {
   names!: string[];
   /** When its `ttl` runs out; it is then deleted as soon as nothing depends on it. */
   expiresAt!: Date | null;
+  /** How long its source was paused for the capture (ms; null for older snapshots). */
+  pauseMs!: number | null;
 
   /** @internal Use {@link Snapshot.get} or `sandbox.snapshot()`. */
   constructor(record: SnapshotRecord, client: Client) {
@@ -87,6 +89,7 @@ export class Snapshot {
     this.warmSpares = r.warm_spares ?? 0;
     this.names = r.names ?? [];
     this.expiresAt = r.expires_at ? new Date(r.expires_at) : null;
+    this.pauseMs = r.pause_ms ?? null;
     return this;
   }
 

@@ -38,6 +38,13 @@ export interface SandboxRecord {
   restored_from?: string | null;
   volumes?: VolumeMountRecord[];
   lifetime?: LifetimeRecord | null;
+  checkpoint_policy?: CheckpointPolicy | null;
+}
+
+/** A sandbox's continuous checkpoints: one every `every` seconds, the newest `keep` kept. */
+export interface CheckpointPolicy {
+  every: number;
+  keep: number;
 }
 
 /** @internal */
@@ -135,6 +142,7 @@ export interface SnapshotRecord {
   warm_spares?: number;
   names?: string[];
   expires_at?: string | null;
+  pause_ms?: number | null;
 }
 
 /** The outcome of a command. A non-zero exit is not an error: check `ok` or `exitCode`. */

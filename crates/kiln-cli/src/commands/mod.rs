@@ -1,4 +1,5 @@
 pub mod bundle;
+pub mod checkpoint;
 pub mod dirs;
 pub mod doctor;
 pub mod exec;

@@ -44,6 +44,29 @@ pub enum SandboxCmd {
     /// unless --resume-source and `delete` does not ask.
     #[command(subcommand)]
     Snapshot(crate::commands::snapshot::SnapshotCmd),
+    /// Set (or --clear) a sandbox's continuous checkpoints: a memory snapshot every DURATION, the newest
+    /// --keep kept.
+    CheckpointPolicy {
+        sandbox: String,
+        /// Interval: 90, 90s, 5m, 2h.
+        #[arg(long, required_unless_present = "clear")]
+        every: Option<String>,
+        /// Checkpoints kept (default 10).
+        #[arg(long)]
+        keep: Option<u32>,
+        /// Remove the policy (its checkpoints stay).
+        #[arg(long, conflicts_with_all = ["every", "keep"])]
+        clear: bool,
+    },
+    /// List a sandbox's checkpoints, oldest first, with the pause each cost.
+    Checkpoints { sandbox: String },
+    /// Roll a sandbox back to a checkpoint: --to SNAPSHOT, or a time (RFC 3339, or 90s/5m/2h ago: the
+    /// newest checkpoint at or before it).
+    Rewind {
+        sandbox: String,
+        #[arg(long)]
+        to: String,
+    },
     /// Print a sandbox's serial console log.
     Logs {
         sandbox: String,
@@ -98,6 +121,12 @@ pub struct CreateArgs {
     timeout: Option<u64>,
     #[command(flatten)]
     life: LifetimeArgs,
+    /// Take a checkpoint every DURATION (90, 90s, 5m, 2h): `kiln sandbox checkpoints`, `rewind`.
+    #[arg(long)]
+    checkpoint_every: Option<String>,
+    /// Checkpoints kept (default 10).
+    #[arg(long, requires = "checkpoint_every")]
+    keep: Option<u32>,
 }
 
 /// Lifetime flags shared by create, resume and set-timeout.
@@ -221,6 +250,11 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
                 body["egress"] = json!(false);
             }
             a.life.apply(a.timeout, &mut body);
+            crate::commands::checkpoint::apply_create(
+                a.checkpoint_every.as_deref(),
+                a.keep,
+                &mut body,
+            )?;
             let ports = a
                 .ports
                 .iter()
@@ -316,6 +350,7 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
                     println!("{:<12} {}", "volumes:", parts.join(", "));
                 }
                 print_lifetime(&s);
+                crate::commands::checkpoint::print_policy(&s);
                 if let Some(e) = s["error"].as_str() {
                     println!("error:\n{e}");
                 }
@@ -336,6 +371,21 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
                 )
                 .await?;
             print_json_or(cli, &s, || print_lifetime(&s));
+        }
+        SandboxCmd::CheckpointPolicy {
+            sandbox,
+            every,
+            keep,
+            clear,
+        } => {
+            crate::commands::checkpoint::set_policy(cli, sandbox, every.as_deref(), *keep, *clear)
+                .await?;
+        }
+        SandboxCmd::Checkpoints { sandbox } => {
+            crate::commands::checkpoint::list(cli, sandbox).await?;
+        }
+        SandboxCmd::Rewind { sandbox, to } => {
+            crate::commands::checkpoint::rewind(cli, sandbox, to).await?;
         }
         SandboxCmd::Delete { sandboxes, yes } => {
             if !confirm(

@@ -2,6 +2,7 @@
 //! (`hibernate` = kiln stop, or `delete`), waking a hibernated sandbox when a client uses it, and snapshot
 //! expiry (`ttl`). Deadlines live in SQLite (they survive a restart); activity is kept in memory only.
 
+pub mod checkpoint;
 mod reaper;
 mod wake;
 
@@ -219,6 +220,8 @@ pub(crate) struct Lifetimes {
     notify: Arc<tokio::sync::Notify>,
     /// When this daemon started (unix ms): idle time counts from here for sandboxes not used since.
     started_ms: std::sync::OnceLock<i64>,
+    /// Checkpoint policies changed (checkpoint.rs).
+    checkpoint_notify: Arc<tokio::sync::Notify>,
 }
 
 /// Marks a sandbox in use while it lives (a request being answered); its end counts as activity too.
@@ -382,8 +385,11 @@ impl Engine {
             auto_resume: req.auto_resume,
         };
         life.validate()?;
+        let (every, keep) = (req.checkpoint_every, req.checkpoint_keep);
+        Engine::check_checkpoint_options(every, keep)?;
         let sb = self.create(req).await?;
-        self.lifetime_after_create(sb, &life).await
+        let sb = self.lifetime_after_create(sb, &life).await?;
+        self.checkpoint_policy_after_create(sb, every, keep).await
     }
 
     /// Resumes a snapshot into a new sandbox with the lifetime asked for (`POST /v1/snapshots/{id}/resume`).
@@ -461,5 +467,6 @@ impl Engine {
     pub(crate) fn spawn_reaper(self: &Arc<Engine>) {
         let _ = self.life().started_ms.set(now_ms());
         reaper::spawn(self);
+        self.spawn_checkpointer();
     }
 }

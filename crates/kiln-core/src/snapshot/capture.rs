@@ -49,6 +49,12 @@ impl Engine {
     pub async fn create_snapshot(&self, sandbox: &str, req: CreateSnapshot) -> Result<Snapshot> {
         self.config().check_storage("create a snapshot")?;
         let ttl = req.ttl;
+        if req.labels.contains_key(crate::lifetime::checkpoint::LABEL) {
+            return Err(Error::invalid(format!(
+                "the label {} is kiln's own (checkpoints); use another key",
+                crate::lifetime::checkpoint::LABEL
+            )));
+        }
         if ttl.is_some_and(|t| t == 0 || t > crate::lifetime::MAX_SECS) {
             return Err(Error::invalid(format!(
                 "ttl must be from 1 to {} seconds",
@@ -76,7 +82,11 @@ impl Engine {
         // Held until the row exists (or the capture fails): a concurrent capture cannot take the name.
         let claim = self.claim_snapshot_name(&sb, req.name.clone())?;
         let id = claim.name.clone();
-        let Locked { sb, _guard, .. } = self.lock_sandbox(&sb.id).await?;
+        let Locked { sb, _guard, .. } = if internal.skip_if_busy {
+            self.try_lock_sandbox(&sb.id)?
+        } else {
+            self.lock_sandbox(&sb.id).await?
+        };
         self.require_state(&sb, &[SandboxState::Running, SandboxState::Paused])?;
         let vm = self.live_vm(&sb).await?;
         let started = Instant::now();
@@ -172,7 +182,8 @@ impl Engine {
             self.db()
                 .set_state(&sb.id, SandboxState::Paused, Some(vm.pid), None)?;
         }
-        let captured = frozen?;
+        let mut captured = frozen?;
+        captured.pause_ms = Some(pause_ms);
         resumed?;
         tracing::info!(snapshot = job.id, pause_ms, "source paused for capture");
         // The guest's clock stood still while it was paused: set it, as a resume does, while the
@@ -304,7 +315,10 @@ impl Engine {
             (None, _) => CapturedMemory::None,
         };
         ph.mark("capture_ram");
-        Ok(Captured { memory })
+        Ok(Captured {
+            memory,
+            pause_ms: None,
+        })
     }
 
     /// `freeze` without the RAM: saves device state and switches the disk to its new top layer.
@@ -616,6 +630,7 @@ impl Engine {
             names: Vec::new(),
             expires_at: None,
             max_memory_mib: layout.max_memory_mib,
+            pause_ms: captured.pause_ms,
         };
         if let Err(e) = self.db().insert_snapshot(&snapshot, ephemeral) {
             let _ = fsutil::remove_dir_durably(&dir);
@@ -676,6 +691,8 @@ struct Job<'a> {
 
 struct Captured {
     memory: CapturedMemory,
+    /// How long the guest stood still (set once it runs again).
+    pause_ms: Option<u64>,
 }
 
 enum CapturedMemory {

@@ -12,8 +12,8 @@ impl Db {
         conn.execute(
             "INSERT INTO snapshots (id, sandbox_id, sandbox_name, kind, parent, template, memory_mib, cpus,
                disk_size_bytes, size_bytes, labels, restored, restored_at, ephemeral, created_at,
-               max_memory_mib)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+               max_memory_mib, pause_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             params![
                 s.id,
                 s.sandbox_id,
@@ -30,7 +30,8 @@ impl Db {
                 s.restored_at,
                 ephemeral,
                 s.created_at,
-                s.max_memory_mib
+                s.max_memory_mib,
+                s.pause_ms
             ],
         )
         .map_err(|e| match e {
@@ -105,5 +106,6 @@ fn row_to_snapshot(r: &Row<'_>) -> rusqlite::Result<Snapshot> {
         names: Vec::new(),
         expires_at: None,
         max_memory_mib: r.get("max_memory_mib")?,
+        pause_ms: r.get("pause_ms")?,
     })
 }

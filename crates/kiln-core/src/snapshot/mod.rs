@@ -86,6 +86,9 @@ pub struct Snapshot {
     /// this. null: no headroom (copies keep `memory_mib`; a disk snapshot's copy may have any).
     #[serde(default)]
     pub max_memory_mib: Option<u64>,
+    /// How long the source's guest was paused for the capture (ms; null for snapshots from before).
+    #[serde(default)]
+    pub pause_ms: Option<u64>,
 }
 
 impl Snapshot {
@@ -99,4 +102,6 @@ impl Snapshot {
 pub(crate) struct CreateSnapshotInternal {
     /// Not listed (a fork's capture, deleted once the children run).
     pub ephemeral: bool,
+    /// Fail with `sandbox_busy` instead of waiting while an operation holds the sandbox (checkpoints).
+    pub skip_if_busy: bool,
 }

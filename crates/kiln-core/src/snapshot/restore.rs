@@ -474,6 +474,7 @@ impl Engine {
             confined: false,
             volume_notes: Vec::new(),
             lifetime: None,
+            checkpoint_policy: None,
             max_memory_mib: None,
             boot: None,
         })
@@ -523,6 +524,28 @@ impl Engine {
         resume: bool,
         force: bool,
     ) -> Result<Sandbox> {
+        self.restore_snapshot_with(id_or_name, resume, force, false)
+            .await
+    }
+
+    /// A rewind (lifetime/checkpoint.rs): like `--force`, and also into a sandbox running from this
+    /// snapshot right now (going back to the same checkpoint twice).
+    pub(crate) async fn restore_snapshot_again(
+        &self,
+        id_or_name: &str,
+        resume: bool,
+    ) -> Result<Sandbox> {
+        self.restore_snapshot_with(id_or_name, resume, true, true)
+            .await
+    }
+
+    async fn restore_snapshot_with(
+        &self,
+        id_or_name: &str,
+        resume: bool,
+        force: bool,
+        again: bool,
+    ) -> Result<Sandbox> {
         let id = &self.resolve_snapshot(id_or_name)?;
         let (_, m) = self.load_manifest(id)?;
         // Every check below is made under the source's lifecycle lock (its slot exists even when its row
@@ -542,7 +565,11 @@ impl Engine {
             ));
         }
         if let Some(sb) = &existing {
-            if snap.restored && sb.restored_from.as_deref() == Some(id) && sb.state.has_vm() {
+            if !again
+                && snap.restored
+                && sb.restored_from.as_deref() == Some(id)
+                && sb.state.has_vm()
+            {
                 return Err(Error::new(
                     ErrorCode::SnapshotInUse,
                     format!(

@@ -1,4 +1,5 @@
 pub mod bundles;
+pub mod checkpoints;
 pub mod dirs;
 pub mod doctor;
 pub mod exec;

@@ -239,11 +239,14 @@ class SandboxFields:
     updated_at: datetime | None
     lifetime: Lifetime | None
     """Its timeout, idle timeout and what happens then; ``None`` without one."""
+    checkpoint_policy: dict[str, int] | None
+    """Its continuous checkpoints, ``{"every": seconds, "keep": n}``; ``None`` without."""
 
     def _apply(self, d: dict[str, Any]) -> None:
         self.id = d["id"]
         self.name = d["name"]
         self.lifetime = Lifetime.from_json(d.get("lifetime"))
+        self.checkpoint_policy = d.get("checkpoint_policy")
         self.template = d.get("template", "")
         self.state = d["state"]
         self.memory_mib = int(d.get("memory_mib", 0))
@@ -307,6 +310,8 @@ class SnapshotFields:
     """Further names given with ``save_named``; every lookup finds the snapshot by any of them."""
     expires_at: datetime | None
     """When its ``ttl`` runs out; it is then deleted as soon as nothing depends on it."""
+    pause_ms: int | None
+    """How long its source was paused for the capture (ms)."""
 
     @property
     def name(self) -> str:
@@ -332,6 +337,7 @@ class SnapshotFields:
         self.warm_spares = int(d.get("warm_spares", 0))
         self.names = list(d.get("names") or [])
         self.expires_at = parse_time(d.get("expires_at"))
+        self.pause_ms = d.get("pause_ms")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.id!r}, type={self.type!r}, sandbox_id={self.sandbox_id!r})"

@@ -270,6 +270,8 @@ class AsyncSandbox(SandboxFields):
         auto_resume: bool | None = None,
         max_memory_mib: int | None = None,
         boot: bool = False,
+        checkpoint_every: int | None = None,
+        checkpoint_keep: int | None = None,
         client: Client | None = None,
     ) -> AsyncSandbox:
         """Boots a new sandbox and returns once its guest agent answers.
@@ -297,6 +299,8 @@ class AsyncSandbox(SandboxFields):
                 ``memory_mib`` for none).
             boot: boot cold instead of resuming the template's snapshot (the answer's ``boot`` says how it
                 started).
+            checkpoint_every, checkpoint_keep: take a checkpoint every this many seconds, keeping the newest
+                ``checkpoint_keep`` (default 10); see :meth:`checkpoints` and :meth:`rewind`.
         """
         body = _wire.create_body(
             template=template,
@@ -309,7 +313,10 @@ class AsyncSandbox(SandboxFields):
             volumes=volumes,
             disk_size_gib=disk_size_gib,
             ports=ports,
-            lifetime=_wire.lifetime_body(timeout, idle_timeout, on_timeout, auto_resume),
+            lifetime={
+                **_wire.lifetime_body(timeout, idle_timeout, on_timeout, auto_resume),
+                **_wire.drop_none({"checkpoint_every": checkpoint_every, "checkpoint_keep": checkpoint_keep}),
+            },
             max_memory_mib=max_memory_mib,
             boot=boot,
         )
@@ -499,6 +506,32 @@ class AsyncSandbox(SandboxFields):
         limit); the other fields change when given. :attr:`lifetime` shows the new deadlines."""
         body = _wire.lifetime_body(timeout, idle_timeout, on_timeout, auto_resume)
         self._apply(await self._client.arequest_json("POST", sandbox_path(self.id, "/timeout"), json=body))
+        return self
+
+    async def set_checkpoint_policy(self, every: int, *, keep: int | None = None) -> AsyncSandbox:
+        """Takes a checkpoint (a memory snapshot) every ``every`` seconds in the background, keeping the
+        newest ``keep`` (default 10); ``every=0`` removes the policy. :attr:`checkpoint_policy` shows it."""
+        body = _wire.drop_none({"every": every, "keep": keep})
+        self._apply(
+            await self._client.arequest_json("PUT", sandbox_path(self.id, "/checkpoint-policy"), json=body)
+        )
+        return self
+
+    async def clear_checkpoint_policy(self) -> AsyncSandbox:
+        """Removes the checkpoint policy; the checkpoints taken stay."""
+        self._apply(await self._client.arequest_json("DELETE", sandbox_path(self.id, "/checkpoint-policy")))
+        return self
+
+    async def checkpoints(self) -> builtins.list[AsyncSnapshot]:
+        """The sandbox's checkpoints, oldest first (each with ``pause_ms``, the pause it cost)."""
+        data = await self._client.arequest_json("GET", sandbox_path(self.id, "/checkpoints"))
+        return [AsyncSnapshot(d, self._client) for d in data]
+
+    async def rewind(self, to: str) -> AsyncSandbox:
+        """Rolls the sandbox back to a checkpoint: ``to`` is a snapshot id, or a time (RFC 3339, or
+        ``"90s"``/``"5m"``/``"2h"`` ago: the newest checkpoint taken at or before it). Same id and name;
+        running afterwards."""
+        self._apply(await self._client.arequest_json("POST", sandbox_path(self.id, "/rewind"), json={"to": to}))
         return self
 
     async def delete(self) -> None:

@@ -271,6 +271,8 @@ class Sandbox(SandboxFields):
         auto_resume: bool | None = None,
         max_memory_mib: int | None = None,
         boot: bool = False,
+        checkpoint_every: int | None = None,
+        checkpoint_keep: int | None = None,
         client: Client | None = None,
     ) -> Sandbox:
         """Boots a new sandbox and returns once its guest agent answers.
@@ -298,6 +300,8 @@ class Sandbox(SandboxFields):
                 ``memory_mib`` for none).
             boot: boot cold instead of resuming the template's snapshot (the answer's ``boot`` says how it
                 started).
+            checkpoint_every, checkpoint_keep: take a checkpoint every this many seconds, keeping the newest
+                ``checkpoint_keep`` (default 10); see :meth:`checkpoints` and :meth:`rewind`.
         """
         body = _wire.create_body(
             template=template,
@@ -310,7 +314,10 @@ class Sandbox(SandboxFields):
             volumes=volumes,
             disk_size_gib=disk_size_gib,
             ports=ports,
-            lifetime=_wire.lifetime_body(timeout, idle_timeout, on_timeout, auto_resume),
+            lifetime={
+                **_wire.lifetime_body(timeout, idle_timeout, on_timeout, auto_resume),
+                **_wire.drop_none({"checkpoint_every": checkpoint_every, "checkpoint_keep": checkpoint_keep}),
+            },
             max_memory_mib=max_memory_mib,
             boot=boot,
         )
@@ -500,6 +507,32 @@ class Sandbox(SandboxFields):
         limit); the other fields change when given. :attr:`lifetime` shows the new deadlines."""
         body = _wire.lifetime_body(timeout, idle_timeout, on_timeout, auto_resume)
         self._apply(self._client.request_json("POST", sandbox_path(self.id, "/timeout"), json=body))
+        return self
+
+    def set_checkpoint_policy(self, every: int, *, keep: int | None = None) -> Sandbox:
+        """Takes a checkpoint (a memory snapshot) every ``every`` seconds in the background, keeping the
+        newest ``keep`` (default 10); ``every=0`` removes the policy. :attr:`checkpoint_policy` shows it."""
+        body = _wire.drop_none({"every": every, "keep": keep})
+        self._apply(
+            self._client.request_json("PUT", sandbox_path(self.id, "/checkpoint-policy"), json=body)
+        )
+        return self
+
+    def clear_checkpoint_policy(self) -> Sandbox:
+        """Removes the checkpoint policy; the checkpoints taken stay."""
+        self._apply(self._client.request_json("DELETE", sandbox_path(self.id, "/checkpoint-policy")))
+        return self
+
+    def checkpoints(self) -> builtins.list[Snapshot]:
+        """The sandbox's checkpoints, oldest first (each with ``pause_ms``, the pause it cost)."""
+        data = self._client.request_json("GET", sandbox_path(self.id, "/checkpoints"))
+        return [Snapshot(d, self._client) for d in data]
+
+    def rewind(self, to: str) -> Sandbox:
+        """Rolls the sandbox back to a checkpoint: ``to`` is a snapshot id, or a time (RFC 3339, or
+        ``"90s"``/``"5m"``/``"2h"`` ago: the newest checkpoint taken at or before it). Same id and name;
+        running afterwards."""
+        self._apply(self._client.request_json("POST", sandbox_path(self.id, "/rewind"), json={"to": to}))
         return self
 
     def delete(self) -> None:
