@@ -1,6 +1,7 @@
 pub mod bundles;
 pub mod dirs;
 pub mod doctor;
+pub mod events;
 pub mod exec;
 pub mod files;
 pub mod lifecycle;
