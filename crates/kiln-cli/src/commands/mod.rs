@@ -1,9 +1,11 @@
 pub mod bundle;
 pub mod dirs;
 pub mod doctor;
+pub mod events;
 pub mod exec;
 pub mod files;
 pub mod image;
+pub mod mcp;
 pub mod oci;
 pub mod operation;
 pub mod port;
