@@ -15,3 +15,7 @@ if [ -x scripts/test-sdk.sh ]; then
   step "SDK tests (Python and TypeScript, against a real daemon)"
   bash scripts/test-sdk.sh
 fi
+if [ -x scripts/test-obs.sh ]; then
+  step "MCP server (official MCP Python SDK) and /metrics (Prometheus text parser), against a real daemon"
+  bash scripts/test-obs.sh
+fi

@@ -106,6 +106,10 @@ enum Command {
     Info,
     /// Check that the daemon's database, data directory and QEMU processes agree (--repair fixes).
     Doctor(commands::doctor::DoctorArgs),
+    /// Print the daemon's events (sandbox, snapshot, volume and operation changes) as they happen.
+    Events(commands::events::EventsArgs),
+    /// Serve kiln's tools to AI agents over the Model Context Protocol (stdio, or --http ADDR).
+    Mcp(commands::mcp::McpArgs),
     /// Manage the API token that TCP clients present (works on the data directory).
     #[command(subcommand)]
     Token(commands::token::TokenCmd),
@@ -194,6 +198,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Image(cmd) => commands::image::run(&cli, cmd).await,
         Command::Doctor(args) => commands::doctor::run(&cli, args).await,
         Command::Token(cmd) => commands::token::run(&cli, cmd),
+        Command::Events(args) => commands::events::run(&cli, args).await,
+        Command::Mcp(args) => commands::mcp::run(&cli, args).await,
         Command::Info => {
             let v: serde_json::Value = cli
                 .client()?

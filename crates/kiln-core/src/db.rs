@@ -114,6 +114,8 @@ ALTER TABLE snapshots ADD COLUMN pause_ms INTEGER;
 
 pub struct Db {
     conn: Mutex<Connection>,
+    /// Every committed change is published here (events.rs), after the connection's lock is released.
+    events: crate::events::Hub,
 }
 
 impl Db {
@@ -132,9 +134,21 @@ impl Db {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let db = Db {
             conn: Mutex::new(conn),
+            events: Default::default(),
         };
         db.migrate()?;
         Ok(db)
+    }
+
+    pub fn events(&self) -> &crate::events::Hub {
+        &self.events
+    }
+
+    /// Publishes a sandbox's change as it now stands in the database.
+    fn sandbox_changed(&self, kind: &str, id: &str) {
+        if let Ok(Some(sb)) = self.find_sandbox(id) {
+            self.events.sandbox(kind, &sb);
+        }
     }
 
     pub(crate) fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -199,6 +213,8 @@ impl Db {
             }
             other => other.into(),
         })?;
+        drop(conn);
+        self.sandbox_changed("sandbox.created", &s.id);
         Ok(())
     }
 
@@ -239,6 +255,8 @@ impl Db {
             "UPDATE sandboxes SET state = ?2, pid = ?3, error = ?4, updated_at = ?5 WHERE id = ?1",
             params![id, state.as_str(), pid, error, crate::model::now_rfc3339()],
         )?;
+        drop(conn);
+        self.sandbox_changed("sandbox.state", id);
         Ok(())
     }
 
@@ -309,6 +327,8 @@ impl Db {
                 }
                 other => other.into(),
             })?;
+        // A warm spare becomes a client's sandbox here: its creation as far as clients can tell.
+        self.sandbox_changed("sandbox.created", id);
         Ok(())
     }
 
@@ -322,8 +342,12 @@ impl Db {
     }
 
     pub fn delete_sandbox(&self, id: &str) -> Result<()> {
+        let before = self.find_sandbox(id)?;
         self.lock()
             .execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
+        if let Some(sb) = before.filter(|sb| sb.id == id) {
+            self.events.sandbox("sandbox.deleted", &sb);
+        }
         Ok(())
     }
 }

@@ -127,6 +127,8 @@ pub struct Engine {
     ram: crate::ramdir::RamDir,
     /// Activity and wake-ups for sandbox lifetimes (lifetime/).
     life: crate::lifetime::Lifetimes,
+    /// Counters and histograms for `GET /metrics` (metrics.rs).
+    metrics: crate::metrics::Metrics,
 }
 
 /// Capacity held for sandboxes about to be recorded; released on drop.
@@ -234,8 +236,10 @@ impl Engine {
             ops: Default::default(),
             ram,
             life: Default::default(),
+            metrics: Default::default(),
         });
         let _ = engine.me.set(Arc::downgrade(&engine));
+        engine.db.events().set_engine(Arc::downgrade(&engine));
         engine.clean_snapshot_debris();
         engine.clean_volume_debris();
         engine.adopt().await?;
@@ -329,6 +333,13 @@ impl Engine {
     pub(crate) fn db(&self) -> &Db {
         &self.db
     }
+    pub(crate) fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+    /// Capacity reserved by requests whose sandboxes have no row yet: (VMs, MiB).
+    pub(crate) fn pending_capacity(&self) -> (usize, u64) {
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
     pub(crate) async fn volume_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.volumes.lock().await
     }
@@ -408,7 +419,7 @@ impl Engine {
     }
 
     /// Sets `confined`: the VM runs as its own uid and guests are firewalled off the host.
-    fn with_confinement(&self, mut sb: Sandbox) -> Sandbox {
+    pub(crate) fn with_confinement(&self, mut sb: Sandbox) -> Sandbox {
         sb.confined = sb.qemu_uid.is_some() && self.confine.netguard.is_some();
         sb.lifetime = self.lifetime_of(&sb);
         sb.checkpoint_policy = self.db().checkpoint_policy(&sb.id).ok().flatten();

@@ -22,6 +22,7 @@ impl Engine {
 
     /// Starts a command; the handle streams its output and exit status.
     pub async fn exec(&self, id_or_name: &str, spec: ExecSpec, stdin: bool) -> Result<ExecHandle> {
+        let began = std::time::Instant::now();
         let sb = self.get(id_or_name)?;
         let req = self.exec_request(&sb, spec, stdin)?;
         // As in `agent_of`: the shared lifecycle lock while the VM is found and the command started, and
@@ -36,6 +37,8 @@ impl Engine {
             };
             crate::deadline::unless_stopped(vm.pid, started).await
         };
+        self.metrics()
+            .exec_started(started.is_ok(), began.elapsed());
         self.note_unresponsive(&sb, started)
     }
 

@@ -180,6 +180,7 @@ impl Db {
                 op.created_at
             ],
         )?;
+        self.operation_changed("operation.started", &op.id);
         Ok(())
     }
 
@@ -219,7 +220,20 @@ impl Db {
                 now_rfc3339()
             ],
         )?;
+        self.operation_changed("operation.finished", id);
         Ok(())
+    }
+
+    fn operation_changed(&self, kind: &str, id: &str) {
+        if let Ok(Some(op)) = self.get_operation(id) {
+            self.events().publish(
+                kind,
+                &op.id,
+                op.resources.sandboxes.first().map(String::as_str),
+                Some(op.state.as_str()),
+                serde_json::to_value(&op).ok(),
+            );
+        }
     }
 
     pub fn get_operation(&self, id: &str) -> Result<Option<Operation>> {
@@ -361,6 +375,7 @@ impl Engine {
         let (tx, rx) = oneshot::channel();
         let engine = self.clone();
         let (id, kind) = (operation.id.clone(), operation.kind.clone());
+        let began = std::time::Instant::now();
         tokio::spawn(async move {
             let current = Current {
                 id: id.clone(),
@@ -377,6 +392,9 @@ impl Engine {
             if let Ok(v) = &outcome {
                 resources.add_from_result(&kind, v);
             }
+            engine
+                .metrics()
+                .operation(&kind, outcome.is_ok(), began.elapsed());
             if let Err(e) = engine.db().finish_operation(&id, &resources, &outcome) {
                 warn!(operation = %id, error = %e, "could not record an operation's outcome");
             }

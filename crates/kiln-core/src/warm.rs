@@ -65,6 +65,11 @@ impl WarmPool {
         self.entries().len()
     }
 
+    /// Spares ready to hand out, of any snapshot.
+    pub(crate) fn ready(&self) -> usize {
+        self.entries().iter().filter(|e| e.ready).count()
+    }
+
     /// Ready spares of `snapshot`.
     pub(crate) fn ready_for(&self, snapshot: &str) -> usize {
         self.entries()
@@ -244,7 +249,12 @@ impl Engine {
         {
             return None;
         }
-        let id = self.warm_pool().take_ready(snapshot)?;
+        let Some(id) = self.warm_pool().take_ready(snapshot) else {
+            if self.config().warm_spares > 0 {
+                self.metrics().warm_spare(false);
+            }
+            return None;
+        };
         let slot = self.slot(&id);
         let _guard = slot.op.write().await;
         let vm = slot.vm.lock().await.clone();
@@ -320,6 +330,7 @@ impl Engine {
             return None;
         }
         info!(sandbox = %id, snapshot, "sandbox resumed from a warm spare");
+        self.metrics().warm_spare(true);
         Some(
             self.db()
                 .find_sandbox(&id)

@@ -25,7 +25,7 @@ use utoipa::OpenApi;
 use crate::error::ApiError;
 use crate::openapi::AuthAndCommonErrors;
 use crate::routes::{
-    bundles, checkpoints, dirs, doctor, exec, files, lifecycle, operations, ports, processes,
+    bundles, checkpoints, dirs, doctor, events, exec, files, lifecycle, operations, ports, processes,
     sandboxes, snapshots, system, volumes,
 };
 
@@ -93,8 +93,10 @@ use crate::routes::{
         processes::signal,
         processes::wait,
         processes::logs,
+        events::events,
+        events::metrics,
     ),
-    components(schemas(error::ErrorBody, error::ErrorDetail, exec::ExecStreamEvent, processes::ProcessLogEvent, dirs::WatchEvent)),
+    components(schemas(error::ErrorBody, kiln_core::events::Event, error::ErrorDetail, exec::ExecStreamEvent, processes::ProcessLogEvent, dirs::WatchEvent)),
     modifiers(&AuthAndCommonErrors)
 )]
 pub struct ApiDoc;
@@ -103,6 +105,8 @@ pub fn router(engine: Arc<Engine>, limits: limits::Limits) -> Router {
     Router::new()
         .route("/v1/health", get(system::health))
         .route("/v1/info", get(system::info))
+        .route("/v1/events", get(events::events))
+        .route("/metrics", get(events::metrics))
         .route("/v1/images", get(system::images))
         .route(
             "/v1/openapi.json",

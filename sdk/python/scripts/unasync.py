@@ -33,6 +33,7 @@ REPLACEMENTS = {
     "AsyncCommands": "Commands",
     "AsyncFiles": "Files",
     "AsyncProcesses": "Processes",
+    "AsyncEvents": "Events",
     "AsyncOutputCallback": "OutputCallback",
     # kiln.Client's method pairs.
     "arequest": "request",

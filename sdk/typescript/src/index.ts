@@ -79,6 +79,8 @@ export { Snapshot } from "./snapshot.js";
 export type { RestoreOptions } from "./snapshot.js";
 export { Volume, parseVolume } from "./volume.js";
 export { Operation } from "./operation.js";
+export { events } from "./events.js";
+export type { EventsOptions, KilnEvent } from "./events.js";
 export type { ListOperationsOptions, OperationRecord, OperationState } from "./operation.js";
 export type { CreateVolumeOptions } from "./volume.js";
 export type {

@@ -41,6 +41,8 @@ impl Db {
             ),
             other => other.into(),
         })?;
+        drop(conn);
+        self.events().snapshot("snapshot.created", s, ephemeral);
         Ok(())
     }
 
@@ -69,8 +71,19 @@ impl Db {
     }
 
     pub fn delete_snapshot(&self, id: &str) -> Result<()> {
+        let before = self.find_snapshot(id)?;
+        let ephemeral: bool = self
+            .conn()
+            .query_row("SELECT ephemeral FROM snapshots WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .unwrap_or(false);
         self.conn()
             .execute("DELETE FROM snapshots WHERE id = ?1", [id])?;
+        if let Some(snap) = before {
+            self.events().snapshot("snapshot.deleted", &snap, ephemeral);
+        }
         Ok(())
     }
 

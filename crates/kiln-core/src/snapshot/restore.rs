@@ -78,7 +78,7 @@ impl Engine {
             .ok_or_else(|| Error::snapshot_not_found(id_or_name))
     }
 
-    fn with_spares(&self, snap: Snapshot) -> Snapshot {
+    pub(crate) fn with_spares(&self, snap: Snapshot) -> Snapshot {
         Snapshot {
             warm_spares: self.warm_pool().ready_for(&snap.id),
             names: self.db().snapshot_names(&snap.id).unwrap_or_default(),

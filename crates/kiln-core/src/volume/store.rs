@@ -14,6 +14,11 @@ impl Db {
             "INSERT INTO volumes (name, size_bytes, labels, created_at) VALUES (?1, ?2, ?3, ?4)",
             params![v.name, v.size_bytes, to_json(&v.labels), v.created_at],
         )?;
+        let object = self
+            .find_volume(&v.name)?
+            .and_then(|v| serde_json::to_value(v).ok());
+        self.events()
+            .publish("volume.created", &v.name, None, None, object);
         Ok(())
     }
 
@@ -50,6 +55,8 @@ impl Db {
     pub fn delete_volume(&self, name: &str) -> Result<()> {
         self.conn()
             .execute("DELETE FROM volumes WHERE name = ?1", [name])?;
+        self.events()
+            .publish("volume.deleted", name, None, None, None);
         Ok(())
     }
 

@@ -2,6 +2,7 @@ pub mod bundles;
 pub mod checkpoints;
 pub mod dirs;
 pub mod doctor;
+pub mod events;
 pub mod exec;
 pub mod files;
 pub mod lifecycle;

@@ -26,6 +26,7 @@ from ._async import (
 )
 from ._client import Client, RetryPolicy, default_socket, get_default_client, set_default_client
 from ._dirs import UnpackResult, WatchEvent
+from ._events import Event
 from ._sync import Commands, Files, Operation, Processes, Sandbox, Snapshot, Volume
 from .errors import (
     AgentOutdatedError,
@@ -100,6 +101,7 @@ __all__ = [
     "PathEscapeError",
     "UnpackResult",
     "WatchEvent",
+    "Event",
     "default_socket",
     "get_default_client",
     "set_default_client",

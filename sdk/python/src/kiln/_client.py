@@ -9,16 +9,19 @@ import os
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
 
 from .errors import KilnConnectionError, KilnError, TimeoutError, error_from_response
+
+if TYPE_CHECKING:
+    from ._stream import EventStream
 
 __all__ = ["Client", "RetryPolicy", "default_socket", "get_default_client", "set_default_client"]
 
@@ -251,6 +254,20 @@ class Client:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+    def events(
+        self,
+        *,
+        kinds: str | Sequence[str] | None = None,
+        sandbox: str | None = None,
+        since: int | None = None,
+    ) -> EventStream:
+        """The daemon's events as they happen (docs/observability.md), both ``for event in ...`` and
+        ``async for event in ...``. ``kinds``: kinds or prefixes such as ``"sandbox."``; ``sandbox``: id or
+        name; ``since``: replay the events after this ``seq`` first (``0``: all the daemon keeps)."""
+        from ._stream import EventStream
+
+        return EventStream(self, kinds=kinds, sandbox=sandbox, since=since)
 
     # -- requests ---------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """The asyncio SDK, and the source the sync SDK (``kiln/_sync``) is generated from by
 ``sdk/python/scripts/unasync.py``: change code here, never in ``kiln/_sync``, then run that script."""
 
+from .events import AsyncEvents
 from .processes import AsyncProcesses
 from .sandbox import AsyncCommands, AsyncFiles, AsyncOperation, AsyncSandbox, AsyncSnapshot, AsyncVolume
 
@@ -12,4 +13,5 @@ __all__ = [
     "AsyncCommands",
     "AsyncFiles",
     "AsyncProcesses",
+    "AsyncEvents",
 ]

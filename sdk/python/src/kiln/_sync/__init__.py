@@ -2,6 +2,7 @@
 """The asyncio SDK, and the source the sync SDK (``kiln/_sync``) is generated from by
 ``sdk/python/scripts/unasync.py``: change code here, never in ``kiln/_sync``, then run that script."""
 
+from .events import Events
 from .processes import Processes
 from .sandbox import Commands, Files, Operation, Sandbox, Snapshot, Volume
 
@@ -13,4 +14,5 @@ __all__ = [
     "Commands",
     "Files",
     "Processes",
+    "Events",
 ]
