@@ -25,8 +25,8 @@ use utoipa::OpenApi;
 use crate::error::ApiError;
 use crate::openapi::AuthAndCommonErrors;
 use crate::routes::{
-    bundles, dirs, doctor, exec, files, lifecycle, operations, ports, processes, sandboxes,
-    snapshots, system, volumes,
+    bundles, dirs, doctor, exec, files, lifecycle, operations, ports, processes, remotes,
+    sandboxes, snapshots, system, volumes,
 };
 
 #[derive(OpenApi)]
@@ -89,6 +89,15 @@ use crate::routes::{
         processes::signal,
         processes::wait,
         processes::logs,
+        remotes::list,
+        remotes::add,
+        remotes::get,
+        remotes::remove,
+        remotes::snapshots,
+        remotes::delete_snapshot,
+        remotes::push,
+        remotes::pull,
+        remotes::gc,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail, exec::ExecStreamEvent, processes::ProcessLogEvent, dirs::WatchEvent)),
     modifiers(&AuthAndCommonErrors)
@@ -189,6 +198,19 @@ pub fn router(engine: Arc<Engine>, limits: limits::Limits) -> Router {
             "/v1/sandboxes/{id}/processes/{pid}/logs",
             get(processes::logs),
         )
+        .route("/v1/remotes", get(remotes::list).post(remotes::add))
+        .route(
+            "/v1/remotes/{name}",
+            get(remotes::get).delete(remotes::remove),
+        )
+        .route("/v1/remotes/{name}/snapshots", get(remotes::snapshots))
+        .route(
+            "/v1/remotes/{name}/snapshots/{snapshot}",
+            axum::routing::delete(remotes::delete_snapshot),
+        )
+        .route("/v1/remotes/{name}/push", post(remotes::push))
+        .route("/v1/remotes/{name}/pull", post(remotes::pull))
+        .route("/v1/remotes/{name}/gc", post(remotes::gc))
         .fallback(|| async {
             ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,
