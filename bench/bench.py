@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """kiln benchmarks: run against real VMs, print a table, save JSON.
 
-Usage: bench/bench.py [--runs N] [--out bench/results/NAME.json] [--only cold_boot,exec,...,dirs,idle,oci,bundle,delta,create]
+Usage: bench/bench.py [--runs N] [--out bench/results/NAME.json] [--only cold_boot,exec,...,dirs,idle,oci,bundle,delta,create,remote]
 `--only disk,balloon,channel` compares QEMU device variants (bench/variants.py), each under a daemon of its own.
 `--only idle` measures idle host CPU and PSS of KILN_BENCH_IDLE_N sandboxes (default 5) over
 KILN_BENCH_IDLE_SECS (default 60).
@@ -791,6 +791,99 @@ def bench_create(d, runs):
     return out
 
 
+def bench_remote(d, runs):
+    """Snapshots through an S3 remote (moto from target/moto-venv on 127.0.0.1; a file:// remote when it
+    is missing): push and pull MiB/s, bytes uploaded by the first and the second snapshot of a lineage,
+    and `resume REMOTE/SNAP` on a host with nothing cached (a fresh daemon) to first exec."""
+    import socket as _socket
+    venv_py = os.path.join(ROOT, "target/moto-venv/bin/python")
+    work = tempfile.mkdtemp(prefix="kbr", dir="/tmp")
+    moto = None
+    if os.path.exists(venv_py):
+        s = _socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        moto = subprocess.Popen([venv_py, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
+        deadline = time.time() + 60
+        while True:
+            r = subprocess.run([venv_py, "-c", "import boto3,sys; boto3.client('s3', endpoint_url=sys.argv[1]).create_bucket(Bucket='kiln-bench')",
+                                f"http://127.0.0.1:{port}"], capture_output=True)
+            if r.returncode == 0:
+                break
+            if time.time() > deadline:
+                raise RuntimeError("moto did not start")
+            time.sleep(0.5)
+        remote = {"name": "r", "url": "s3://kiln-bench/b", "endpoint": f"http://127.0.0.1:{port}"}
+    else:
+        remote = {"name": "r", "url": f"file://{work}/remote"}
+    hosts = []
+    try:
+        a = Daemon(d.kiln, os.path.join(d.dir, "images"), os.path.join(work, "a"))
+        hosts.append(a)
+        a.api.call("POST", "/v1/remotes", remote)
+        sb = a.api.create(template="tiny", memory_mib=256, cpus=1, name="rsrc")
+        start_counter(a, sb["id"])
+        time.sleep(1)
+        a.api.call("POST", f"/v1/sandboxes/{sb['id']}/snapshots", {"name": "rs1"})
+        a.api.delete(sb["id"])
+        first = a.api.call("POST", "/v1/remotes/r/push", {"snapshot": "rs1"})
+        x = a.api.call("POST", "/v1/snapshots/rs1/resume", {"name": "rx"})
+        a.api.exec(x["id"], ["sh", "-c", "echo change > /root/change && sync"])
+        a.api.call("POST", f"/v1/sandboxes/{x['id']}/snapshots", {"name": "rs2"})
+        a.api.delete(x["id"])
+        second = a.api.call("POST", "/v1/remotes/r/push", {"snapshot": "rs2"})
+        resume, pulls = [], []
+        for i in range(runs):
+            b = Daemon(d.kiln, os.path.join(d.dir, "images"), os.path.join(work, f"b{i}"))
+            hosts.append(b)
+            b.api.call("POST", "/v1/remotes", remote)
+            t0 = time.perf_counter()
+            pulled = b.api.call("POST", "/v1/remotes/r/pull", {"snapshot": "rs1"})
+            c = b.api.call("POST", "/v1/snapshots/rs1/resume", {"name": "c"})
+            b.api.exec(c["id"], ["true"])
+            resume.append(time.perf_counter() - t0)
+            pulls.append(pulled["pull"])
+            b.stop()
+            hosts.remove(b)
+        r = summary(resume)
+        mib = first["data_bytes"] / 2**20
+        pull_s = statistics.median(p["seconds"] for p in pulls)
+        return {
+            "remote_resume_empty_host_to_first_exec": r,
+            "remote_push": {
+                "backend": "moto (S3 on loopback)" if moto else "file://",
+                "first_push_data_bytes": first["data_bytes"],
+                "first_push_uploaded_bytes": first["bytes_uploaded"],
+                "first_push_seconds": round(first["seconds"], 2),
+                "first_push_mib_per_s": round(mib / first["seconds"], 1),
+                "second_push_new_data_bytes": second["new_data_bytes"],
+                "second_push_uploaded_bytes": second["bytes_uploaded"],
+                "second_push_seconds": round(second["seconds"], 2),
+                "second_over_first_data_percent": round(100.0 * second["new_data_bytes"] / first["data_bytes"], 2),
+            },
+            "remote_pull": {
+                "data_bytes": pulls[0]["data_bytes"],
+                "bytes_downloaded_median": int(statistics.median(p["bytes_downloaded"] for p in pulls)),
+                "files_copied_from_host": pulls[0]["files_local"],
+                "seconds_median": round(pull_s, 2),
+                "mib_per_s": round(pulls[0]["data_bytes"] / 2**20 / pull_s, 1) if pull_s else None,
+            },
+        }
+    finally:
+        for h in hosts:
+            try:
+                h.stop()
+            except Exception:
+                pass
+        if moto:
+            moto.terminate()
+            moto.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 BENCHES = {
     "cold_boot_to_first_exec": (bench_cold_boot, 2000.0),
     "exec_true_round_trip": (bench_exec, 10.0),
@@ -806,6 +899,7 @@ BENCHES = {
     "bundle": (bench_bundle, None),
     "delta": (bench_delta, None),
     "create": (bench_create, None),
+    "remote": (bench_remote, None),
 }
 
 # Device variants, compared in one run (each starts daemons of its own): bench/variants.py.
@@ -831,7 +925,7 @@ def main():
                 continue
             print(f"running {name} ...", file=sys.stderr, flush=True)
             res = fn(d, args.runs)
-            if name in ("snapshots", "fork", "dirs", "idle", "oci", "bundle", "delta", "create"):
+            if name in ("snapshots", "fork", "dirs", "idle", "oci", "bundle", "delta", "create", "remote"):
                 results.update(res)
             else:
                 res["target_ms"] = target

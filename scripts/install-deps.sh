@@ -33,6 +33,22 @@ command -v strace >/dev/null || need+=(strace)  # tests/durability.rs records th
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v umoci >/dev/null || need+=(umoci)
 command -v docker-registry >/dev/null || need+=(docker-registry)
+# tests/remote.rs runs moto (an S3-compatible server from PyPI) from a venv in target/.
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+
+# The S3 server of tests/remote.rs, installed into target/moto-venv (idempotent).
+install_moto() {
+  local root venv
+  root="$(cd "$(dirname "$0")/.." && pwd)"
+  venv="$root/target/moto-venv"
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import moto.server, boto3' 2>/dev/null; then
+    return 0
+  fi
+  say "installing moto (S3 server for tests/remote.rs) into target/moto-venv"
+  mkdir -p "$root/target"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q 'moto[server]'
+}
 
 qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -n1; }
 if command -v qemu-system-x86_64 >/dev/null && [ "$(qemu_major)" -lt 9 ]; then
@@ -42,6 +58,7 @@ fi
 
 if [ ${#need[@]} -eq 0 ]; then
   say "host packages: all present ($(qemu-system-x86_64 --version | head -n1))"
+  install_moto
   exit 0
 fi
 
@@ -71,3 +88,4 @@ if [ ${#qemu_pkgs[@]} -gt 0 ]; then
   fi
 fi
 say "host packages ready: $(qemu-system-x86_64 --version | head -n1)"
+install_moto

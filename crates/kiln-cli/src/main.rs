@@ -52,6 +52,9 @@ enum Command {
     /// Publish guest ports of a running sandbox on 127.0.0.1 (a free host port is picked by default).
     #[command(subcommand)]
     Port(commands::port::PortCmd),
+    /// Object-storage remotes that snapshots are pushed to and pulled from.
+    #[command(subcommand)]
+    Remote(commands::remote::RemoteCmd),
     /// Show the daemon's record of mutating requests and wait for them.
     #[command(subcommand, alias = "op")]
     Operation(commands::operation::OperationCmd),
@@ -170,6 +173,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Volume(cmd) => commands::volume::run(&cli, cmd).await,
         Command::Port(cmd) => commands::port::run(&cli, cmd).await,
         Command::Operation(cmd) => commands::operation::run(&cli, cmd).await,
+        Command::Remote(cmd) => commands::remote::run(&cli, cmd).await,
         Command::Stop { sandboxes } => commands::snapshot::lifecycle(&cli, "stop", sandboxes).await,
         Command::Start { sandboxes } => {
             commands::snapshot::lifecycle(&cli, "start", sandboxes).await

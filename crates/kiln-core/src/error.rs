@@ -52,6 +52,12 @@ pub enum ErrorCode {
     AgentOutdated,
     /// A tar entry would land outside the guest directory it is unpacked into.
     PathEscape,
+    /// No remote of that name is configured (`kiln remote add`).
+    RemoteNotFound,
+    /// A remote of that name is already configured.
+    RemoteAlreadyExists,
+    /// The remote's object storage could not be reached or refused the request.
+    RemoteUnavailable,
 }
 
 impl ErrorCode {
@@ -96,6 +102,9 @@ impl ErrorCode {
             ErrorCode::ProcessNotFound => "process_not_found",
             ErrorCode::AgentOutdated => "agent_outdated",
             ErrorCode::PathEscape => "path_escape",
+            ErrorCode::RemoteNotFound => "remote_not_found",
+            ErrorCode::RemoteAlreadyExists => "remote_already_exists",
+            ErrorCode::RemoteUnavailable => "remote_unavailable",
         }
     }
 
@@ -110,6 +119,9 @@ impl ErrorCode {
             ErrorCode::ProcessNotFound => 404,
             ErrorCode::AgentOutdated => 409,
             ErrorCode::PathEscape => 400,
+            ErrorCode::RemoteNotFound => 404,
+            ErrorCode::RemoteAlreadyExists => 409,
+            ErrorCode::RemoteUnavailable => 502,
             ErrorCode::SandboxNotFound
             | ErrorCode::SnapshotNotFound
             | ErrorCode::ImageNotFound

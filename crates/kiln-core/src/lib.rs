@@ -31,6 +31,7 @@ pub mod ports;
 mod procs;
 pub mod ramdir;
 mod recovery;
+pub mod remote;
 pub mod snapshot;
 pub mod template_snap;
 mod timing;

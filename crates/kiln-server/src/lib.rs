@@ -26,7 +26,7 @@ use crate::error::ApiError;
 use crate::openapi::AuthAndCommonErrors;
 use crate::routes::{
     bundles, checkpoints, dirs, doctor, events, exec, files, lifecycle, operations, ports, processes,
-    sandboxes, snapshots, system, volumes,
+    remotes, sandboxes, snapshots, system, volumes,
 };
 
 #[derive(OpenApi)]
@@ -95,6 +95,15 @@ use crate::routes::{
         processes::logs,
         events::events,
         events::metrics,
+        remotes::list,
+        remotes::add,
+        remotes::get,
+        remotes::remove,
+        remotes::snapshots,
+        remotes::delete_snapshot,
+        remotes::push,
+        remotes::pull,
+        remotes::gc,
     ),
     components(schemas(error::ErrorBody, kiln_core::events::Event, error::ErrorDetail, exec::ExecStreamEvent, processes::ProcessLogEvent, dirs::WatchEvent)),
     modifiers(&AuthAndCommonErrors)
@@ -203,6 +212,19 @@ pub fn router(engine: Arc<Engine>, limits: limits::Limits) -> Router {
             "/v1/sandboxes/{id}/processes/{pid}/logs",
             get(processes::logs),
         )
+        .route("/v1/remotes", get(remotes::list).post(remotes::add))
+        .route(
+            "/v1/remotes/{name}",
+            get(remotes::get).delete(remotes::remove),
+        )
+        .route("/v1/remotes/{name}/snapshots", get(remotes::snapshots))
+        .route(
+            "/v1/remotes/{name}/snapshots/{snapshot}",
+            axum::routing::delete(remotes::delete_snapshot),
+        )
+        .route("/v1/remotes/{name}/push", post(remotes::push))
+        .route("/v1/remotes/{name}/pull", post(remotes::pull))
+        .route("/v1/remotes/{name}/gc", post(remotes::gc))
         .fallback(|| async {
             ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,

@@ -11,6 +11,7 @@ pub mod oci;
 pub mod operation;
 pub mod port;
 pub mod process;
+pub mod remote;
 pub mod sandbox;
 pub mod serve;
 pub mod snapshot;

@@ -99,6 +99,21 @@ pub enum SnapshotCmd {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Upload a snapshot to a remote: only chunks the remote lacks travel; an interrupted push resumes.
+    Push {
+        snapshot: String,
+        remote: String,
+        /// Name on the remote (default: the snapshot's id).
+        #[arg(long = "as")]
+        as_name: Option<String>,
+    },
+    /// Download REMOTE/SNAPSHOT: only chunks this host lacks travel, each checked on arrival.
+    Pull {
+        reference: String,
+        /// Local id (default: the remote snapshot's name).
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Roll the snapshot's source sandbox back to it (same id and name); paused unless --resume.
     Restore {
         snapshot: String,
@@ -161,6 +176,16 @@ pub async fn run_as(cli: &Cli, cmd: &SnapshotCmd, smolvm: bool) -> anyhow::Resul
             output,
             without_base,
         } => return crate::commands::bundle::export(cli, snapshot, output, *without_base).await,
+        SnapshotCmd::Push {
+            snapshot,
+            remote,
+            as_name,
+        } => {
+            return crate::commands::remote::push(cli, snapshot, remote, as_name.as_deref()).await;
+        }
+        SnapshotCmd::Pull { reference, name } => {
+            crate::commands::remote::pull(cli, reference, name.as_deref(), false).await?;
+        }
         SnapshotCmd::Import { file, name } => {
             return crate::commands::bundle::import(cli, file, name.as_deref()).await
         }
@@ -292,6 +317,30 @@ pub async fn run_as(cli: &Cli, cmd: &SnapshotCmd, smolvm: bool) -> anyhow::Resul
             timeout,
             life,
         } => {
+            // REMOTE/SNAP: pulled first unless this host has it (a local snapshot of that id).
+            let snapshot = &match crate::commands::remote::split_ref(snapshot) {
+                Ok((_, snap)) if snapshot.contains('/') => {
+                    let here = client
+                        .json::<Value>(
+                            Method::GET,
+                            &format!("/v1/snapshots/{}", encode(snap)),
+                            None,
+                        )
+                        .await;
+                    match here {
+                        Ok(_) => {}
+                        Err(e)
+                            if e.downcast_ref::<crate::client::ApiError>()
+                                .is_some_and(|a| a.code == "snapshot_not_found") =>
+                        {
+                            crate::commands::remote::pull(cli, snapshot, None, true).await?;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    snap.to_string()
+                }
+                _ => snapshot.clone(),
+            };
             let mut body = json!({});
             life.apply(*timeout, &mut body);
             if !volumes.is_empty() {

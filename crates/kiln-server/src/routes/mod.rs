@@ -9,6 +9,7 @@ pub mod lifecycle;
 pub mod operations;
 pub mod ports;
 pub mod processes;
+pub mod remotes;
 pub mod sandboxes;
 pub mod snapshots;
 pub mod system;

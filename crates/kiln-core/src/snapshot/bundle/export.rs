@@ -37,7 +37,7 @@ impl BundleExport {
     }
 }
 
-pub(super) struct Source {
+pub(crate) struct Source {
     pub name: String,
     pub file: File,
     pub size: u64,
@@ -49,6 +49,40 @@ impl Engine {
     /// and becomes self-contained (`full`) unless `without_base`: then it names its base by content
     /// identity and the importing host must have that base.
     pub fn export_snapshot(&self, id_or_name: &str, without_base: bool) -> Result<BundleExport> {
+        let (id, header, sources) = self.open_for_export(id_or_name, without_base)?;
+        let data_bytes = sources
+            .iter()
+            .map(|s| {
+                use std::os::unix::fs::MetadataExt;
+                s.file
+                    .metadata()
+                    .map(|md| (md.blocks() * 512).min(md.len()))
+                    .unwrap_or(s.size)
+            })
+            .sum();
+        let (tx, rx) = mpsc::channel(8);
+        let snap = id.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut w = ChannelWriter {
+                tx: tx.clone(),
+                buf: Vec::with_capacity(CHANNEL_PIECE),
+            };
+            let res = write_bundle(&mut w, &header, sources).and_then(|()| w.flush());
+            if let Err(e) = res {
+                warn!(snapshot = %snap, error = %e, "snapshot export cut short");
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        Ok(BundleExport { id, data_bytes, rx })
+    }
+
+    /// Opens every file a bundle (or a remote push) of `id_or_name` carries, and says what it holds:
+    /// the snapshot's id, the header (its manifest as it travels) and the open files.
+    pub(crate) fn open_for_export(
+        &self,
+        id_or_name: &str,
+        without_base: bool,
+    ) -> Result<(String, BundleHeader, Vec<Source>)> {
         let id = self.resolve_snapshot(id_or_name)?;
         self.db()
             .find_snapshot(&id)?
@@ -122,30 +156,7 @@ impl Engine {
                 .collect(),
             without_base: keep_base,
         };
-        let data_bytes = sources
-            .iter()
-            .map(|s| {
-                use std::os::unix::fs::MetadataExt;
-                s.file
-                    .metadata()
-                    .map(|md| (md.blocks() * 512).min(md.len()))
-                    .unwrap_or(s.size)
-            })
-            .sum();
-        let (tx, rx) = mpsc::channel(8);
-        let snap = id.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut w = ChannelWriter {
-                tx: tx.clone(),
-                buf: Vec::with_capacity(CHANNEL_PIECE),
-            };
-            let res = write_bundle(&mut w, &header, sources).and_then(|()| w.flush());
-            if let Err(e) = res {
-                warn!(snapshot = %snap, error = %e, "snapshot export cut short");
-                let _ = tx.blocking_send(Err(e));
-            }
-        });
-        Ok(BundleExport { id, data_bytes, rx })
+        Ok((id, header, sources))
     }
 }
 
