@@ -819,6 +819,7 @@ def bench_remote(d, runs):
         remote = {"name": "r", "url": "s3://kiln-bench/b", "endpoint": f"http://127.0.0.1:{port}"}
     else:
         remote = {"name": "r", "url": f"file://{work}/remote"}
+        os.environ["KILN_REMOTE_DIRS"] = work  # the daemons allow a file:// remote only where told to
     hosts = []
     try:
         a = Daemon(d.kiln, os.path.join(d.dir, "images"), os.path.join(work, "a"))

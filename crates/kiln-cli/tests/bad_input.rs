@@ -157,6 +157,19 @@ fn requests_are_validated_before_anything_starts() {
     );
     assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
     expect_error(&d, "GET", "/v1/nothing-here", None, 404, "route_not_found");
+    // The root daemon writes a file:// remote's directory: only under its data dir or a directory its
+    // operator allowed (KILN_REMOTE_DIRS), never wherever a client points it.
+    for url in ["file:///etc/kiln-remote", "file:///tmp"] {
+        expect_error(
+            &d,
+            "POST",
+            "/v1/remotes",
+            Some(json!({"name": "r", "url": url})),
+            400,
+            "invalid_request",
+        );
+    }
+    assert!(!std::path::Path::new("/etc/kiln-remote").exists());
     // Nothing was created by any of that.
     let (_, list) = d.api("GET", "/v1/sandboxes", None);
     assert_eq!(list.as_array().map(Vec::len), Some(0));

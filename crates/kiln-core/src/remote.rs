@@ -89,6 +89,7 @@ impl Engine {
     /// Adds a remote; its URL and options are checked, nothing is contacted.
     pub fn add_remote(&self, spec: RemoteSpec) -> Result<RemoteSpec> {
         spec.check().map_err(map)?;
+        self.check_local_remote(&spec.url)?;
         let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
         let mut list = self.list_remotes()?;
         if list.iter().any(|r| r.name == spec.name) {
@@ -102,6 +103,31 @@ impl Engine {
         self.save_remotes(&list)?;
         info!(remote = %spec.name, url = %spec.url, "remote added");
         Ok(spec)
+    }
+
+    /// A `file://` remote is a directory the root daemon creates and writes: only under its data dir's
+    /// `remotes/` or a directory the operator listed in `KILN_REMOTE_DIRS` (colon-separated), never
+    /// wherever an API client points it.
+    fn check_local_remote(&self, url: &str) -> Result<()> {
+        let Some(path) = url.strip_prefix("file://") else {
+            return Ok(());
+        };
+        let mut roots = vec![self.config().data_dir.join("remotes")];
+        if let Ok(dirs) = std::env::var("KILN_REMOTE_DIRS") {
+            roots.extend(
+                dirs.split(':')
+                    .filter(|d| d.starts_with('/'))
+                    .map(PathBuf::from),
+            );
+        }
+        if roots.iter().any(|r| std::path::Path::new(path).starts_with(r)) {
+            return Ok(());
+        }
+        let allowed: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+        Err(Error::invalid(format!(
+            "a file:// remote must be a directory under {}; to use another, start the daemon with KILN_REMOTE_DIRS listing it",
+            allowed.join(" or ")
+        )))
     }
 
     /// Removes a remote's settings (its objects stay in the storage).
