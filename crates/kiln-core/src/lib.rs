@@ -30,6 +30,7 @@ mod procs;
 pub mod ramdir;
 mod recovery;
 pub mod snapshot;
+mod template_gc;
 pub mod template_snap;
 mod timing;
 pub mod validate;

@@ -307,5 +307,6 @@ pub(crate) fn snapshot_from_manifest(m: &Manifest, dir: &std::path::Path) -> Sna
         names: Vec::new(),
         expires_at: None,
         max_memory_mib: m.max_memory_mib,
+        template_snapshot: None,
     }
 }

@@ -105,5 +105,6 @@ fn row_to_snapshot(r: &Row<'_>) -> rusqlite::Result<Snapshot> {
         names: Vec::new(),
         expires_at: None,
         max_memory_mib: r.get("max_memory_mib")?,
+        template_snapshot: None,
     })
 }

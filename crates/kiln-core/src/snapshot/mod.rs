@@ -86,6 +86,11 @@ pub struct Snapshot {
     /// this. null: no headroom (copies keep `memory_mib`; a disk snapshot's copy may have any).
     #[serde(default)]
     pub max_memory_mib: Option<u64>,
+    /// For a diff of a sandbox whose create resumed its template's snapshot (`parent` is then
+    /// `template:NAME`, as for a booted one): that template snapshot, which the diff builds on and which
+    /// stays while the diff does (see `kiln image list`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_snapshot: Option<String>,
 }
 
 impl Snapshot {
