@@ -116,11 +116,13 @@ impl Engine {
         self.check_base_pin(&manifest)?;
         // A template snapshot's files, unchanged since a deep check (template_gc.rs), are not re-hashed.
         let template = snap.labels.contains_key(crate::template_snap::LABEL);
-        let deep = !self.is_verified(id)
-            && !(template && crate::template_gc::unchanged_since_verified(&dir, &manifest));
+        let verified = self.is_verified(id);
+        let unchanged =
+            !verified && template && crate::template_gc::unchanged_since_verified(&dir, &manifest);
+        let deep = !verified && !unchanged;
         if deep {
             tracing::debug!(snapshot = id, "reading every checksum of the snapshot");
-        } else if template && !self.is_verified(id) {
+        } else if unchanged {
             tracing::debug!(
                 snapshot = id,
                 "template snapshot files unchanged since verified; checksums not read again"
