@@ -291,8 +291,14 @@ fn qemu_dying_at_boot_marks_the_sandbox_failed_with_console_lines() {
 #[test]
 fn a_boot_that_never_reaches_the_agent_times_out_with_console_lines() {
     require_image("tiny");
+    // --boot-timeout bounds boots; a create that resumes its template's snapshot has a deadline of its
+    // own (tests/create_resume.rs), so this one asks for a boot.
     let d = Daemon::start_with(&["--boot-timeout", "1"]);
-    let (status, v) = d.api("POST", "/v1/sandboxes", Some(json!({"name": "slow"})));
+    let (status, v) = d.api(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"name": "slow", "boot": true})),
+    );
     assert_eq!(status, 504, "{v}");
     assert_eq!(v["error"]["code"], "timeout");
     assert!(

@@ -86,8 +86,11 @@ fn vms_run_unprivileged_under_seccomp_with_private_files() {
         return;
     }
     let group = kiln_qemu_gid();
-    let a = d.create(&["--name", "a"]);
+    // `a` boots cold: what is checked below is a booted machine's own RAM file on kiln's tmpfs (a copy
+    // resumed from the template's snapshot, like `b`, maps the snapshot's sealed RAM instead, as `c` does).
+    let a = d.create(&["--name", "a", "--boot"]);
     let b = d.create(&["--name", "b"]);
+    assert_eq!(b["boot"]["mode"], "resume", "{b}");
     let (ua, ub) = (uid_of(&a), uid_of(&b));
     assert_ne!(ua, ub, "each sandbox has a uid of its own");
     for sb in [&a, &b] {

@@ -3,8 +3,8 @@
 //! request's env, labels and ports; a rebuilt template is never resumed from its old snapshot; what a
 //! snapshot cannot serve boots cold and says why.
 //!
-//! Run with a private copy of the images (the tests write template snapshots beside them):
-//! `cp -a --sparse=always .kiln-data/images /tmp/x && KILN_TEST_IMAGES=/tmp/x cargo test ...`.
+//! The harness shares template snapshots between its daemons through a store of its own
+//! (`common::template_store()`, `KILN_TEMPLATE_STORE`), never beside the built images.
 
 mod common;
 
@@ -69,6 +69,42 @@ fn creates_resume_one_template_snapshot_as_separate_machines() {
         "absent"
     );
 
+    // Its console log starts with the template's boot, then says where it was resumed from.
+    let console = d.kiln_ok(&["sandbox", "logs", "a"]);
+    let snap = a["boot"]["snapshot"]
+        .as_str()
+        .expect("snapshot")
+        .to_string();
+    assert!(console.contains("kiln-agent"), "{console}");
+    assert!(
+        console.contains(&format!("resumed from template snapshot {snap} at ")),
+        "{console}"
+    );
+
+    // A diff of it builds on the template snapshot, shown as its template; the template snapshot stays
+    // while the diff needs it.
+    let (status, diff) = d.api(
+        "POST",
+        "/v1/sandboxes/a/snapshots",
+        Some(json!({"name": "a-diff", "type": "diff"})),
+    );
+    assert_eq!(status, 201, "{diff}");
+    assert_eq!(diff["parent"], "template:tiny", "{diff}");
+    assert_eq!(diff["template_snapshot"], snap.as_str(), "{diff}");
+    let (_, listed) = d.api("GET", "/v1/snapshots/a-diff", None);
+    assert_eq!(listed["parent"], "template:tiny", "{listed}");
+    let (status, refused) = d.api("DELETE", &format!("/v1/snapshots/{snap}"), None);
+    assert_eq!(status, 409, "{refused}");
+    let (status, copy) = d.api(
+        "POST",
+        "/v1/snapshots/a-diff/resume",
+        Some(json!({"name": "a-copy"})),
+    );
+    assert_eq!(status, 201, "{copy}");
+    assert_eq!(run(&d, "a-copy", "cat /root/only-a").trim(), "mine");
+    d.kiln_ok(&["sandbox", "delete", "-y", "a-copy"]);
+    d.kiln_ok(&["snapshot", "delete", "-y", "a-diff"]);
+
     // The published port of a resumed sandbox answers.
     let (_, a_now) = d.api("GET", "/v1/sandboxes/a", None);
     let host = a_now["ports"][0]["host"].as_u64().expect("host port") as u16;
@@ -92,8 +128,12 @@ fn creates_resume_one_template_snapshot_as_separate_machines() {
     assert!(d.log().contains("cold boot"), "the log says why");
     assert_eq!(run(&d, "big", "hostname").trim(), "big");
 
-    // A second daemon on the same images uses the published snapshot instead of booting again.
-    let d2 = Daemon::start_env(&[], &[("KILN_TEMPLATE_SNAPSHOTS", "on")]);
+    // A second daemon on the same images uses the published snapshot instead of booting again. Its
+    // --boot-timeout bounds boots, not resumes (which have a deadline of their own).
+    let d2 = Daemon::start_env(
+        &["--boot-timeout", "1"],
+        &[("KILN_TEMPLATE_SNAPSHOTS", "on")],
+    );
     assert!(
         d2.wait_log("template snapshot ready", 1, Duration::from_secs(60)),
         "{}",
@@ -103,6 +143,46 @@ fn creates_resume_one_template_snapshot_as_separate_machines() {
     let e = create(&d2, json!({"name": "e"}));
     assert_eq!(boot_mode(&e), "resume", "{e}");
     assert_eq!(e["boot"]["snapshot"], a["boot"]["snapshot"]);
+    // Started again, it does not read the template snapshot's GiBs again: its files are the ones it
+    // verified (inode, size, mtime); a changed one is read again.
+    let mut d2 = d2;
+    d2.restart_hard();
+    let unchanged = "template snapshot files unchanged since verified";
+    let e2 = create(&d2, json!({"name": "e2"}));
+    assert_eq!(boot_mode(&e2), "resume", "{e2}");
+    assert_eq!(
+        d2.log().matches(unchanged).count(),
+        1,
+        "{}",
+        common::tail(&d2.log(), 30)
+    );
+    let snap_dir = d2.data_dir().join("snapshots").join(&snap);
+    let memory = snap_dir.join("memory");
+    assert!(memory.is_file(), "{}", memory.display());
+    let out = std::process::Command::new("touch")
+        .arg("-m")
+        .arg(&memory)
+        .output()
+        .expect("touch");
+    assert!(out.status.success());
+    d2.restart_hard();
+    let reread = "reading every checksum of the snapshot";
+    let before = d2.log().matches(reread).count();
+    let e3 = create(&d2, json!({"name": "e3"}));
+    assert_eq!(boot_mode(&e3), "resume", "{e3}");
+    assert_eq!(d2.log().matches(unchanged).count(), 1);
+    assert!(
+        d2.log().matches(reread).count() > before,
+        "{}",
+        common::tail(&d2.log(), 30)
+    );
+    let (status, slow) = d2.api(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"name": "slow", "boot": true})),
+    );
+    assert_eq!(status, 504, "{slow}");
+    assert_eq!(slow["error"]["code"], "timeout", "{slow}");
 }
 
 #[test]
@@ -117,8 +197,8 @@ fn a_rebuilt_template_is_not_resumed_from_its_old_snapshot() {
         .as_str()
         .expect("snapshot")
         .to_string();
-    assert!(image
-        .join("snapshots")
+    assert!(common::template_store()
+        .join("tpl")
         .join(&old_snap)
         .join("manifest.json")
         .is_file());
@@ -137,7 +217,27 @@ fn a_rebuilt_template_is_not_resumed_from_its_old_snapshot() {
         new_snap, old_snap,
         "the rebuilt template resumed its old snapshot"
     );
-    // The sandbox resumed from the old snapshot goes on.
+    // The sandbox resumed from the old snapshot goes on, and keeps that snapshot.
     assert_eq!(run(&d, "old", "cat /root/here").trim(), "still");
     assert_eq!(run(&d, "new", "hostname").trim(), "new");
+    let own = d.data_dir().join("snapshots").join(&old_snap);
+    let shared = common::template_store().join("tpl").join(&old_snap);
+    assert!(own.is_dir() && shared.is_dir());
+
+    // Once its last user is gone, the stale one goes, here and in the shared store; the current one stays.
+    d.kiln_ok(&["sandbox", "delete", "-y", "old"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while own.exists() || shared.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stale template snapshot is still there:\n{}",
+            common::tail(&d.log(), 20)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (status, _) = d.api("GET", &format!("/v1/snapshots/{old_snap}"), None);
+    assert_eq!(status, 404);
+    let (status, _) = d.api("GET", &format!("/v1/snapshots/{new_snap}"), None);
+    assert_eq!(status, 200);
+    assert!(common::template_store().join("tpl").join(new_snap).is_dir());
 }

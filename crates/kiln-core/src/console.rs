@@ -106,6 +106,12 @@ impl RingWriter {
     }
 }
 
+/// Starts a VM's ring with `data` (what its machine printed before it was saved, for a copy resumed from
+/// a snapshot), before the pump appends what the copy prints; bounded like any ring.
+pub fn seed(ring: &Path, data: &[u8]) -> std::io::Result<()> {
+    RingWriter::open(ring.to_path_buf())?.append(data)
+}
+
 /// Reads `socket` into the ring until QEMU (`pid`, `name`) is gone, reconnecting after each break
 /// (QEMU serves one client at a time, so a second reader waits its turn).
 pub fn spawn_pump(

@@ -717,6 +717,7 @@ impl Engine {
     /// `delete` with the sandbox's lock already held (the lifetime reaper checks first under it).
     pub(crate) async fn delete_locked(&self, locked: Locked) -> Result<()> {
         let Locked { sb, slot, _guard } = locked;
+        let base = self.template_base_of(&sb.id);
         self.db
             .set_state(&sb.id, SandboxState::Deleting, sb.pid, None)?;
         self.faults().hold("delete.marked").await;
@@ -739,6 +740,7 @@ impl Engine {
         self.db.delete_sandbox(&sb.id)?;
         self.forget_slot(&sb.id);
         info!(sandbox = %sb.id, "sandbox deleted");
+        self.template_user_gone(base.as_deref());
         Ok(())
     }
 

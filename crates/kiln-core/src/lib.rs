@@ -33,6 +33,7 @@ pub mod ramdir;
 mod recovery;
 pub mod remote;
 pub mod snapshot;
+mod template_gc;
 pub mod template_snap;
 mod timing;
 pub mod validate;

@@ -308,5 +308,6 @@ pub(crate) fn snapshot_from_manifest(m: &Manifest, dir: &std::path::Path) -> Sna
         expires_at: None,
         max_memory_mib: m.max_memory_mib,
         pause_ms: None,
+        template_snapshot: None,
     }
 }

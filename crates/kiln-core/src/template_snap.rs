@@ -34,11 +34,20 @@ use crate::snapshot::restore::ResumeSnapshot;
 pub const LABEL: &str = "kiln.template-snapshot";
 /// Origin of the hidden sandbox a template snapshot is captured from (`building:<snapshot id>`).
 const BUILDER_ORIGIN: &str = "building:";
+/// The console of the boot a template snapshot was captured from, kept in its directory: a copy's
+/// console log starts with it (a resumed machine prints no boot lines of its own).
+pub(crate) const BOOT_CONSOLE: &str = "boot-console.log";
 /// How long a create waits for another daemon making the same template snapshot.
 const LOCK_WAIT: Duration = Duration::from_secs(180);
 /// `off`: every create boots cold; `lazy`: made on first use only; anything else (default `on`): the
 /// default template's default shape is also prepared when the daemon starts.
 pub const MODE_ENV: &str = "KILN_TEMPLATE_SNAPSHOTS";
+/// Where template snapshots are shared instead of beside the images (`<dir>/<template>/`): for an images
+/// directory this daemon must not write, e.g. tests run on another checkout's built images.
+pub const STORE_ENV: &str = "KILN_TEMPLATE_STORE";
+/// Logged once the start-up preparation is over, whatever its outcome (tests wait for it before counting
+/// VMs and files).
+pub const PREPARED_LOG: &str = "template snapshot preparation finished";
 
 /// How a sandbox made from a template started (only in the create's answer).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -230,8 +239,32 @@ impl Engine {
         }
     }
 
+    /// A diff built on a template snapshot shows its template as parent (`template:T`, as a diff of a
+    /// booted sandbox does: kiln's own snapshot is no parent a client made) and names the template
+    /// snapshot in `template_snapshot`. The record keeps `snapshot:<id>` (deletion checks and pins use it).
+    pub(crate) fn present_parent(&self, mut snap: crate::Snapshot) -> crate::Snapshot {
+        let Some(base) = snap
+            .parent
+            .as_deref()
+            .and_then(|p| p.strip_prefix("snapshot:"))
+        else {
+            return snap;
+        };
+        let template = self
+            .db()
+            .find_snapshot(base)
+            .ok()
+            .flatten()
+            .and_then(|b| b.labels.get(LABEL).cloned());
+        if let Some(template) = template {
+            snap.template_snapshot = Some(base.to_string());
+            snap.parent = Some(format!("template:{template}"));
+        }
+        snap
+    }
+
     /// The id of the template snapshot for this template's content, this host and `shape`.
-    fn template_snapshot_id(&self, template: &str, shape: Shape) -> Result<String> {
+    pub(crate) fn template_snapshot_id(&self, template: &str, shape: Shape) -> Result<String> {
         let accel = self.accel().accel;
         let image = self
             .images()
@@ -281,6 +314,9 @@ impl Engine {
     /// Where template snapshots of `template` are shared: beside the image, or in the data directory when
     /// the images directory cannot be written.
     pub fn template_store(&self, template: &str) -> PathBuf {
+        if let Some(dir) = std::env::var_os(STORE_ENV).filter(|d| !d.is_empty()) {
+            return PathBuf::from(dir).join(template);
+        }
         let beside = self.config().images_dir().join(template).join("snapshots");
         if writable_dir(&beside) {
             return beside;
@@ -345,6 +381,8 @@ impl Engine {
             // This daemon has it all the same; others make their own.
             warn!(snapshot = %id, error = %e, "could not share the template snapshot");
         }
+        // It may replace one of a rebuilt template.
+        self.template_user_gone(Some(&id));
         Ok(id)
     }
 
@@ -377,16 +415,43 @@ impl Engine {
             .await;
         let captured = match booted {
             Ok(sb) => {
-                self.create_snapshot_internal(
-                    &sb.id,
-                    crate::CreateSnapshot {
-                        name: Some(id.to_string()),
-                        labels: BTreeMap::from([(LABEL.to_string(), template.to_string())]),
-                        ..Default::default()
-                    },
-                    Default::default(),
-                )
-                .await
+                let ring = crate::console::ring_path(
+                    &crate::engine::vm_name(&sb.id),
+                    &self.config().sandbox_dir(&sb.id),
+                );
+                let boot_log = crate::console::tail_bytes(&ring, crate::console::RING_BYTES)
+                    .unwrap_or_default();
+                let captured = self
+                    .create_snapshot_internal(
+                        &sb.id,
+                        crate::CreateSnapshot {
+                            name: Some(id.to_string()),
+                            labels: BTreeMap::from([
+                                (LABEL.to_string(), template.to_string()),
+                                (
+                                    crate::template_gc::SHAPE_LABEL.to_string(),
+                                    crate::template_gc::shape_label(shape),
+                                ),
+                            ]),
+                            ..Default::default()
+                        },
+                        Default::default(),
+                    )
+                    .await;
+                if captured.is_ok() {
+                    let dir = self.config().snapshot_dir(id);
+                    if let Ok(m) = Manifest::read(&dir, id) {
+                        crate::template_gc::record_verified(&dir, &m);
+                    }
+                    let kept = fsutil::write_atomic(
+                        &self.config().snapshot_dir(id).join(BOOT_CONSOLE),
+                        &boot_log,
+                    );
+                    if let Err(e) = kept {
+                        warn!(snapshot = id, error = %e, "could not keep the template's boot console");
+                    }
+                }
+                captured
             }
             Err(e) => Err(e),
         };
@@ -424,6 +489,7 @@ impl Engine {
         };
         let snap = crate::recovery::snapshot_from_manifest(&m, &dst);
         self.db().insert_snapshot(&snap, false)?;
+        crate::template_gc::record_verified(&dst, &m);
         self.mark_verified(id);
         info!(snapshot = id, from = %shared.display(), "template snapshot imported");
         Ok(())
@@ -453,25 +519,55 @@ impl Engine {
                 return;
             }
             let template = engine.config().default_template.clone();
-            // Not built (yet): nothing to prepare; the first create tries again.
-            let Ok(image) = engine.images().get(&template) else {
-                return;
-            };
-            let shape = Shape {
-                memory_mib: engine.config().default_memory_mib,
-                max_memory_mib: None,
-                cpus: engine.config().default_cpus,
-            };
-            match engine
-                .ensure_template_snapshot(&template, &image, shape)
-                .await
-            {
-                Ok(id) => info!(template = %template, snapshot = %id, "template snapshot ready"),
-                Err(e) => {
-                    warn!(template = %template, error = %e, "could not prepare the template snapshot")
+            match engine.images().get(&template) {
+                // Not built (yet): nothing to prepare; the first create tries again.
+                Err(_) => {
+                    info!(template = %template, "no template snapshot prepared: the default template is not built")
+                }
+                Ok(image) => {
+                    let shape = Shape {
+                        memory_mib: engine.config().default_memory_mib,
+                        max_memory_mib: None,
+                        cpus: engine.config().default_cpus,
+                    };
+                    match engine
+                        .ensure_template_snapshot(&template, &image, shape)
+                        .await
+                    {
+                        Ok(id) => {
+                            info!(template = %template, snapshot = %id, "template snapshot ready")
+                        }
+                        Err(e) => {
+                            warn!(template = %template, error = %e, "could not prepare the template snapshot")
+                        }
+                    }
                 }
             }
+            engine.remove_stale_template_snapshots().await;
+            info!(template = %template, "{}", PREPARED_LOG);
         });
+    }
+}
+
+/// A copy's console log, for a copy of a template snapshot: the template's boot console, then a line
+/// saying which snapshot it was resumed from and when. Nothing for other snapshots.
+pub(crate) fn seed_console(snap_dir: &Path, snap_id: &str, sandbox_id: &str, sandbox_dir: &Path) {
+    let Ok(mut log) = std::fs::read(snap_dir.join(BOOT_CONSOLE)) else {
+        return;
+    };
+    if !log.ends_with(b"\n") {
+        log.extend_from_slice(b"\r\n");
+    }
+    log.extend_from_slice(
+        format!(
+            "[kiln] resumed from template snapshot {snap_id} at {} (the lines above are that snapshot's boot)\r\n",
+            crate::model::now_rfc3339()
+        )
+        .as_bytes(),
+    );
+    let ring = crate::console::ring_path(&crate::engine::vm_name(sandbox_id), sandbox_dir);
+    if let Err(e) = crate::console::seed(&ring, &log) {
+        warn!(sandbox = sandbox_id, error = %e, "could not start the console log with the template's boot");
     }
 }
 
@@ -489,7 +585,7 @@ fn writable_dir(dir: &Path) -> bool {
 }
 
 /// Takes an exclusive `flock` on `path` (created if missing), waiting at most `LOCK_WAIT`.
-async fn lock_file(path: PathBuf) -> Result<std::fs::File> {
+pub(crate) async fn lock_file(path: PathBuf) -> Result<std::fs::File> {
     tokio::task::spawn_blocking(move || {
         let file = std::fs::OpenOptions::new()
             .create(true)

@@ -22,12 +22,11 @@ import pytest
 import kiln
 
 
-# As in the Rust tests: template snapshots (create-as-resume; crates/kiln-cli/tests/create_resume.rs)
-# add a background builder VM and change a create's console log and a diff's parent.
-DAEMON_ENV = {"KILN_TEMPLATE_SNAPSHOTS": "off"}
-
-
 REPO = Path(__file__).resolve().parents[3]
+
+# Template snapshots are on, as users get them; the daemons share them through this checkout's own store
+# (the same one the Rust tests use), never beside the built images, which may be another checkout's.
+DAEMON_ENV = {"KILN_TEMPLATE_STORE": str(REPO / "target/tmp/kiln-template-store")}
 
 
 def kiln_bin() -> Path:

@@ -105,6 +105,8 @@ def test_diff_snapshot_restores(sandbox: Sandbox, name: str) -> None:
     snap = sandbox.snapshot(name=name, type="diff")
     try:
         assert snap.type == "diff" and snap.parent == "template:tiny"
+        # The sandbox was created by resuming the template's snapshot, which the diff builds on.
+        assert (snap.template_snapshot or "").startswith("template-")
         with snap.restore() as copy:
             assert copy.files.read("/root/diff") == "diff-data"
     finally:

@@ -41,6 +41,8 @@ export class Snapshot {
   type!: SnapshotType;
   /** What a diff or disk snapshot builds on: `template:NAME` or `snapshot:ID`. */
   parent!: string | null;
+  /** For a diff of a sandbox whose create resumed its template's snapshot: that template snapshot (`parent` is then `template:NAME`). */
+  templateSnapshot!: string | null;
   template!: string;
   memoryMib!: number;
   /** A copy restored from this memory snapshot may have from `memoryMib` up to this (null: no headroom). */
@@ -76,6 +78,7 @@ export class Snapshot {
     this.sandboxName = r.sandbox_name;
     this.type = r.type;
     this.parent = r.parent ?? null;
+    this.templateSnapshot = r.template_snapshot ?? null;
     this.template = r.template;
     this.memoryMib = r.memory_mib;
     this.maxMemoryMib = r.max_memory_mib ?? null;

@@ -129,6 +129,7 @@ export interface SnapshotRecord {
   sandbox_name: string;
   type: SnapshotType;
   parent?: string | null;
+  template_snapshot?: string | null;
   template: string;
   memory_mib: number;
   max_memory_mib?: number | null;

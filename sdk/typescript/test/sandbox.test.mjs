@@ -279,9 +279,10 @@ test("capacity and timeout errors from daemons with tight limits", async () => {
   } finally {
     full.stop();
   }
+  // --boot-timeout bounds boots; a create resuming the template's snapshot has its own deadline.
   const impatient = await Daemon.start("--boot-timeout", "1");
   try {
-    await assert.rejects(Sandbox.create({ memoryMib: 256, client: new Client({ socket: impatient.socket }) }), (e) => {
+    await assert.rejects(Sandbox.create({ memoryMib: 256, boot: true, client: new Client({ socket: impatient.socket }) }), (e) => {
       return e instanceof TimeoutError && e.code === "timeout" && e.status === 504 && /within 1 s/.test(e.message);
     });
   } finally {

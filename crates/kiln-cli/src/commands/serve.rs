@@ -24,7 +24,8 @@ pub struct ServeArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
-    /// Seconds a cold boot may take before the sandbox is marked failed.
+    /// Seconds a cold boot (also the one that makes a template snapshot) may take before the sandbox is
+    /// marked failed. Resumes, also creates that resume a template snapshot, have a deadline of their own.
     #[arg(long, default_value_t = 60)]
     boot_timeout: u64,
     /// Most sandboxes with a VM at once (creates, resumes, starts and forks beyond it get 429).

@@ -31,6 +31,12 @@ pub fn require_image(name: &str) {
     );
 }
 
+/// The template snapshot store the test daemons share: under this checkout's target directory (the same
+/// filesystem as the daemons' data dirs in /tmp, so they hard-link it).
+pub fn template_store() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kiln-template-store")
+}
+
 pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
@@ -98,6 +104,8 @@ impl Daemon {
         // that, right after a kill_hard, and the test then checked a half-started daemon's data dir.
         let listening = "API listening on unix socket";
         let before = self.log().matches(listening).count();
+        let prepared = "template snapshot preparation finished";
+        let prepared_before = self.log().matches(prepared).count();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -121,10 +129,10 @@ impl Daemon {
             .env("KILN_LOG", "info,kiln=debug")
             // Warm spares are VMs of their own; tests that want them ask (tests/warm_spares.rs).
             .env("KILN_WARM_SPARES", "0")
-            // Likewise template snapshots: preparing one boots a machine of its own in the background and
-            // adds its files to the data dir, which tests counting VMs and files do not expect. The tests
-            // of create-as-resume ask for them (tests/create_resume.rs); the SDK tests run with the default.
-            .env("KILN_TEMPLATE_SNAPSHOTS", "off")
+            // Template snapshots are on, as users get them (create resumes the template's boot snapshot);
+            // they are shared through a store of this checkout's own, never written beside the built
+            // images (`images_dir()` may be another checkout's), so only the first daemon boots a template.
+            .env("KILN_TEMPLATE_STORE", template_store())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -136,7 +144,7 @@ impl Daemon {
             if self.log().matches(listening).count() > before
                 && UnixStream::connect(&self.socket).is_ok()
             {
-                return;
+                break;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("kiln serve exited with {status}:\n{}", self.log());
@@ -148,6 +156,29 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        // With template snapshots on, the daemon prepares the default template's in the background (a
+        // builder VM when the store has none yet): wait for it, so tests count only their own VMs and files.
+        if self.template_snapshots_on() {
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while self.log().matches(prepared).count() <= prepared_before {
+                assert!(
+                    Instant::now() < deadline,
+                    "the daemon did not finish preparing its template snapshot within 300 s:\n{}",
+                    self.log()
+                );
+                if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Whether this daemon runs with template snapshots prepared at start (the default, `on`).
+    fn template_snapshots_on(&self) -> bool {
+        !self.env.iter().any(|(k, v)| {
+            k == "KILN_TEMPLATE_SNAPSHOTS" && matches!(v.as_str(), "off" | "lazy" | "0" | "false")
+        })
     }
 
     pub fn log(&self) -> String {

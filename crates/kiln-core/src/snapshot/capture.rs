@@ -68,7 +68,7 @@ impl Engine {
             self.set_snapshot_ttl(&snap.id, ttl)?;
             snap.expires_at = self.snapshot_expires_at(&snap.id);
         }
-        Ok(snap)
+        Ok(self.present_parent(snap))
     }
 
     pub(crate) async fn create_snapshot_internal(
@@ -631,6 +631,7 @@ impl Engine {
             expires_at: None,
             max_memory_mib: layout.max_memory_mib,
             pause_ms: captured.pause_ms,
+            template_snapshot: None,
         };
         if let Err(e) = self.db().insert_snapshot(&snapshot, ephemeral) {
             let _ = fsutil::remove_dir_durably(&dir);

@@ -120,5 +120,6 @@ fn row_to_snapshot(r: &Row<'_>) -> rusqlite::Result<Snapshot> {
         expires_at: None,
         max_memory_mib: r.get("max_memory_mib")?,
         pause_ms: r.get("pause_ms")?,
+        template_snapshot: None,
     })
 }

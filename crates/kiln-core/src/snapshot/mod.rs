@@ -89,6 +89,11 @@ pub struct Snapshot {
     /// How long the source's guest was paused for the capture (ms; null for snapshots from before).
     #[serde(default)]
     pub pause_ms: Option<u64>,
+    /// For a diff of a sandbox whose create resumed its template's snapshot (`parent` is then
+    /// `template:NAME`, as for a booted one): that template snapshot, which the diff builds on and which
+    /// stays while the diff does (see `kiln image list`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_snapshot: Option<String>,
 }
 
 impl Snapshot {

@@ -79,6 +79,7 @@ impl Engine {
     }
 
     pub(crate) fn with_spares(&self, snap: Snapshot) -> Snapshot {
+        let snap = self.present_parent(snap);
         Snapshot {
             warm_spares: self.warm_pool().ready_for(&snap.id),
             names: self.db().snapshot_names(&snap.id).unwrap_or_default(),
@@ -113,16 +114,30 @@ impl Engine {
         let manifest = Manifest::read(&dir, id)?;
         super::compat::check(&manifest, &super::compat::Host::this(self.accel().accel))?;
         self.check_base_pin(&manifest)?;
-        let deep = !self.is_verified(id);
+        // A template snapshot's files, unchanged since a deep check (template_gc.rs), are not re-hashed.
+        let template = snap.labels.contains_key(crate::template_snap::LABEL);
+        let verified = self.is_verified(id);
+        let unchanged =
+            !verified && template && crate::template_gc::unchanged_since_verified(&dir, &manifest);
+        let deep = !verified && !unchanged;
+        if deep {
+            tracing::debug!(snapshot = id, "reading every checksum of the snapshot");
+        } else if unchanged {
+            tracing::debug!(
+                snapshot = id,
+                "template snapshot files unchanged since verified; checksums not read again"
+            );
+        }
         manifest.verify(&dir, deep)?;
         // The device state is small: checked every time, so a torn or damaged one is `snapshot_corrupt`
         // and never reaches QEMU (whose load errors then mean something else).
         if !deep {
             manifest.verify_state(&dir)?;
         }
-        if deep {
-            self.mark_verified(id);
+        if deep && template {
+            crate::template_gc::record_verified(&dir, &manifest);
         }
+        self.mark_verified(id);
         Ok((snap, manifest))
     }
 
@@ -141,6 +156,7 @@ impl Engine {
         std::fs::create_dir_all(dir.join("layers"))
             .map_err(|e| fsutil::io_error(&format!("creating {}", dir.display()), e))?;
         self.own_sandbox_dir(sb)?;
+        crate::template_snap::seed_console(&snap_dir, snap_id, &sb.id, &dir);
         let need = |role: Role| {
             m.file(role).ok_or_else(|| {
                 Error::new(
@@ -744,6 +760,7 @@ impl Engine {
         let _ = fsutil::remove_dir_durably(&trash);
         self.forget_verified(id);
         info!(snapshot = id, kept_for = users.len(), "snapshot deleted");
+        self.template_user_gone(snap.template_snapshot.as_deref());
         Ok(SnapshotDeleted {
             id: snap.id,
             files_kept_for: users,

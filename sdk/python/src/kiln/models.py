@@ -288,6 +288,9 @@ class SnapshotFields:
     type: SnapshotType
     parent: str | None
     """What a diff or disk snapshot builds on: ``template:NAME`` or ``snapshot:ID``."""
+    template_snapshot: str | None
+    """For a diff of a sandbox whose create resumed its template's snapshot: that template snapshot,
+    which the diff builds on (``parent`` is then ``template:NAME``)."""
     template: str
     memory_mib: int
     max_memory_mib: int | None
@@ -324,6 +327,7 @@ class SnapshotFields:
         self.sandbox_name = d.get("sandbox_name", "")
         self.type = d["type"]
         self.parent = d.get("parent")
+        self.template_snapshot = d.get("template_snapshot")
         self.template = d.get("template", "")
         self.memory_mib = int(d.get("memory_mib", 0))
         self.max_memory_mib = d.get("max_memory_mib")
