@@ -10,6 +10,7 @@ pub mod limits;
 mod openapi;
 pub mod routes;
 pub mod tcp;
+pub mod ui;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -189,6 +190,7 @@ pub fn router(engine: Arc<Engine>, limits: limits::Limits) -> Router {
             "/v1/sandboxes/{id}/processes/{pid}/logs",
             get(processes::logs),
         )
+        .merge(ui::router())
         .fallback(|| async {
             ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,
