@@ -1,4 +1,5 @@
 pub mod bundle;
+pub mod config;
 pub mod dirs;
 pub mod doctor;
 pub mod exec;
