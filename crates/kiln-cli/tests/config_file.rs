@@ -42,7 +42,7 @@ fn serve(dir: &std::path::Path, args: &[&str]) -> Serve {
 fn wait_for(s: &mut Serve, needle: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+        let log = strip_ansi(&std::fs::read_to_string(&s.log).unwrap_or_default());
         if log.contains(needle) {
             return log;
         }
@@ -55,6 +55,24 @@ fn wait_for(s: &mut Serve, needle: &str) -> String {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The daemon colours its log; the fields are matched without the colour codes.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[test]

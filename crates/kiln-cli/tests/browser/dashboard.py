@@ -26,8 +26,10 @@ def api(method, path, body=None):
 
 def tree_child(parent_kind, parent_name, kind, name_prefix):
     # li > div.node + ul > li > div.node: a direct child in the lineage tree
+    # ([data-name^=""] would match nothing)
+    prefix = f'[data-name^="{name_prefix}"]' if name_prefix else ""
     return (f'.node[data-kind="{parent_kind}"][data-name="{parent_name}"] + ul > li > '
-            f'.node[data-kind="{kind}"][data-name^="{name_prefix}"]')
+            f'.node[data-kind="{kind}"]{prefix}')
 
 
 with sync_playwright() as p:

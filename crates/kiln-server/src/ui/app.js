@@ -133,7 +133,7 @@ function renderNode(n) {
   }
   const label = el("span", { class: "label" }, n.label);
   const row = el("div", { class: "node " + n.kind, "data-kind": n.kind, "data-name": n.label,
-    onclick: n.kind === "sandbox" ? () => select(d.id) : null }, label, el("span", { class: "info" }, info.map(i => [" ", i])), el("span", { class: "actions" }, btns));
+    onclick: n.kind === "sandbox" ? () => select(d.id) : null }, label, el("span", { class: "info" }, info.flatMap(i => [" ", i])), el("span", { class: "actions" }, btns));
   return el("li", {}, row, n.children.length ? el("ul", {}, n.children.map(renderNode)) : null);
 }
 
