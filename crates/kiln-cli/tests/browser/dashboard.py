@@ -50,6 +50,7 @@ with sync_playwright() as p:
     page.fill("#token", TOKEN)
     page.click("#login button")
     expect(page.locator("#app")).to_be_visible()
+    expect(page.locator("#login")).to_be_hidden()
     # /v1/events when the daemon has it, else the 2 s poll
     expect(page.locator("#live")).to_have_text(re.compile("^(live|polling every 2 s)$"))
 
