@@ -7,7 +7,7 @@ AGENT_BIN := target/$(AGENT_TARGET)/agent/kiln-agent
 KILN := target/release/kiln
 export KILN_DATA_DIR := $(DATA_DIR)
 
-.PHONY: all deps build agent images image-tiny image-base demo test test-unit test-images bench fuzz soak reliability lint fmt clean
+.PHONY: all deps build agent images image-tiny image-base demo test test-unit test-images bench fuzz soak reliability lint fmt clean install
 
 all: build
 
@@ -62,6 +62,34 @@ fuzz: deps image-tiny
 
 bench: deps image-tiny
 	@bash bench/run.sh $(ARGS)
+
+# Installs kiln on a host: the binary, the guest agent, the built images (in the service's data
+# directory), the systemd unit and a config file (kept if one is there). DESTDIR stages it elsewhere.
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+LIBDIR ?= $(PREFIX)/lib/kiln
+UNITDIR ?= /etc/systemd/system
+CONFDIR ?= /etc/kiln
+STATEDIR ?= /var/lib/kiln
+install:
+	@test -x $(KILN) -a -x $(AGENT_BIN) || { echo "run 'make build images' first"; exit 1; }
+	@test -f $(DATA_DIR)/images/tiny/image.json || { echo "no images in $(DATA_DIR)/images: run 'make images' first"; exit 1; }
+	install -d -m 0755 $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(CONFDIR)
+	install -d -m 0711 $(DESTDIR)$(STATEDIR) $(DESTDIR)$(STATEDIR)/images
+	install -m 0755 $(KILN) $(DESTDIR)$(BINDIR)/kiln
+	install -m 0755 $(AGENT_BIN) $(DESTDIR)$(LIBDIR)/kiln-agent
+	for img in $(DATA_DIR)/images/*/; do \
+	  name=$$(basename $$img); test -f $$img/image.json || continue; \
+	  rm -rf $(DESTDIR)$(STATEDIR)/images/.$$name.new; \
+	  cp -a $$img $(DESTDIR)$(STATEDIR)/images/.$$name.new && \
+	  rm -rf $(DESTDIR)$(STATEDIR)/images/$$name && \
+	  mv $(DESTDIR)$(STATEDIR)/images/.$$name.new $(DESTDIR)$(STATEDIR)/images/$$name || exit 1; \
+	done
+	sed 's|@BINDIR@|$(BINDIR)|g' contrib/kiln.service > $(DESTDIR)$(UNITDIR)/kiln.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/kiln.service
+	test -e $(DESTDIR)$(CONFDIR)/config.toml || install -m 0644 contrib/config.toml $(DESTDIR)$(CONFDIR)/config.toml
+	@if [ -z "$(DESTDIR)" ] && command -v systemctl >/dev/null; then systemctl daemon-reload || true; fi
+	@echo "installed; start it with: systemctl enable --now kiln"
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -27,6 +27,7 @@ command -v zstd >/dev/null || need+=(zstd)
 command -v file >/dev/null || need+=(file)
 command -v sqlite3 >/dev/null || need+=(sqlite3)
 command -v python3 >/dev/null || need+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 command -v iptables >/dev/null || need+=(iptables)
 command -v strace >/dev/null || need+=(strace)  # tests/durability.rs records the daemon's fsyncs
 # tests/oci.rs builds OCI images and serves them from a registry on loopback.
@@ -49,6 +50,9 @@ install_moto() {
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q 'moto[server]'
 }
+# tests/dashboard.rs drives the web dashboard in headless Chromium through Playwright (pip, below).
+command -v chromium >/dev/null || need+=(chromium)
+command -v curl >/dev/null || need+=(curl)
 
 qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -n1; }
 if command -v qemu-system-x86_64 >/dev/null && [ "$(qemu_major)" -lt 9 ]; then
@@ -56,7 +60,15 @@ if command -v qemu-system-x86_64 >/dev/null && [ "$(qemu_major)" -lt 9 ]; then
   need+=(qemu-system-x86)
 fi
 
+# Playwright's own browser download is not used (it drives /usr/bin/chromium), so the pip package is enough.
+python_playwright() {
+  python3 -c 'import playwright.sync_api' 2>/dev/null && return 0
+  say "installing Python playwright (pip)"
+  python3 -m pip install --quiet playwright 2>/dev/null || python3 -m pip install --quiet --break-system-packages playwright
+}
+
 if [ ${#need[@]} -eq 0 ]; then
+  python_playwright
   say "host packages: all present ($(qemu-system-x86_64 --version | head -n1))"
   install_moto
   exit 0
@@ -87,5 +99,6 @@ if [ ${#qemu_pkgs[@]} -gt 0 ]; then
     $SUDO apt-get install -y -qq --no-install-recommends qemu-system-x86 qemu-utils
   fi
 fi
+python_playwright
 say "host packages ready: $(qemu-system-x86_64 --version | head -n1)"
 install_moto

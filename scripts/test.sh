@@ -11,6 +11,8 @@ cargo clippy --release --workspace --all-targets -- -D warnings
 step "cargo test (unit + integration; integration tests boot real VMs)"
 export KILN_TEST_IMAGES="${KILN_DATA_DIR:-$PWD/.kiln-data}/images"
 cargo test --release --workspace --no-fail-fast 2>&1 | tee target/test-output.log
+step "make install into a staging directory (files, systemd unit, config file)"
+bash scripts/test-install.sh
 if [ -x scripts/test-sdk.sh ]; then
   step "SDK tests (Python and TypeScript, against a real daemon)"
   bash scripts/test-sdk.sh

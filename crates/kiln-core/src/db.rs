@@ -110,6 +110,10 @@ CREATE TABLE checkpoint_policies (
 );
 ALTER TABLE snapshots ADD COLUMN pause_ms INTEGER;
 "#,
+    // The sandbox a fork's child was forked from (the dashboard's lineage tree); NULL for others.
+    r#"
+ALTER TABLE sandboxes ADD COLUMN forked_from TEXT;
+"#,
 ];
 
 pub struct Db {
@@ -293,6 +297,14 @@ impl Db {
         }
     }
 
+    pub fn set_forked_from(&self, id: &str, source: &str) -> Result<()> {
+        self.lock().execute(
+            "UPDATE sandboxes SET forked_from = ?2 WHERE id = ?1",
+            params![id, source],
+        )?;
+        Ok(())
+    }
+
     pub fn set_restored_from(&self, id: &str, snapshot: Option<&str>) -> Result<()> {
         self.lock().execute(
             "UPDATE sandboxes SET restored_from = ?2 WHERE id = ?1",
@@ -391,6 +403,7 @@ fn row_to_sandbox(r: &Row<'_>) -> rusqlite::Result<Sandbox> {
         updated_at: r.get("updated_at")?,
         origin: r.get("origin")?,
         restored_from: r.get("restored_from")?,
+        forked_from: r.get("forked_from")?,
         volumes: Vec::new(),
         egress: r.get("egress")?,
         qemu_uid: r.get("qemu_uid")?,
@@ -443,6 +456,7 @@ mod tests {
             updated_at: crate::model::now_rfc3339(),
             origin: "template:tiny".into(),
             restored_from: None,
+            forked_from: None,
             volumes: vec![],
             egress: true,
             qemu_uid: None,

@@ -634,6 +634,7 @@ impl Engine {
             updated_at: now,
             origin: origin.unwrap_or_else(|| format!("template:{template}")),
             restored_from: None,
+            forked_from: None,
             volumes: req.volumes.clone(),
             egress: req.egress.unwrap_or(true),
             qemu_uid: self.new_qemu_uid()?,

@@ -113,7 +113,16 @@ impl Engine {
         let mut failures = Vec::new();
         for (name, r) in names.iter().zip(results) {
             match r {
-                Ok(child) => started.push(child),
+                Ok(mut child) => {
+                    // Recorded after the resume: a failure here only loses the lineage link, not the child.
+                    match self.db().set_forked_from(&child.id, &sb.id) {
+                        Ok(()) => child.forked_from = Some(sb.id.clone()),
+                        Err(e) => {
+                            warn!(child = %child.id, error = %e, "could not record the fork source")
+                        }
+                    }
+                    started.push(child)
+                }
                 Err(e) => failures.push((name.clone(), e)),
             }
         }

@@ -136,6 +136,10 @@ pub struct Sandbox {
     pub origin: String,
     /// The snapshot this sandbox was last rolled back to (`kiln snapshot restore`), if any.
     pub restored_from: Option<String>,
+    /// The sandbox this one was forked from (its `origin` names the fork's capture, which is deleted once
+    /// the children run); null for sandboxes not made by a fork.
+    #[serde(default)]
+    pub forked_from: Option<String>,
     /// Volumes attached to this sandbox.
     #[serde(default)]
     pub volumes: Vec<crate::volume::VolumeMount>,

@@ -10,6 +10,7 @@ pub mod limits;
 mod openapi;
 pub mod routes;
 pub mod tcp;
+pub mod ui;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -225,6 +226,7 @@ pub fn router(engine: Arc<Engine>, limits: limits::Limits) -> Router {
         .route("/v1/remotes/{name}/push", post(remotes::push))
         .route("/v1/remotes/{name}/pull", post(remotes::pull))
         .route("/v1/remotes/{name}/gc", post(remotes::gc))
+        .merge(ui::router())
         .fallback(|| async {
             ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,

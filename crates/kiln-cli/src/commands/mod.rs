@@ -1,5 +1,6 @@
 pub mod bundle;
 pub mod checkpoint;
+pub mod config;
 pub mod dirs;
 pub mod doctor;
 pub mod events;

@@ -10,6 +10,11 @@ use crate::Cli;
 
 #[derive(Args)]
 pub struct ServeArgs {
+    /// Read flags from this TOML file (keys are the flags' long names, e.g. `max_sandboxes = 8`; also
+    /// `data_dir` and `socket`). Flags and environment variables override it. Default:
+    /// /etc/kiln/config.toml if it exists.
+    #[arg(long, env = "KILN_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Also listen on TCP at ADDR (e.g. 127.0.0.1:7070); needs an API token (`kiln token rotate` or
     /// --token-file).
     #[arg(long)]

@@ -484,6 +484,7 @@ impl Engine {
             updated_at: now,
             origin: format!("snapshot:{snap_id}"),
             restored_from: None,
+            forked_from: None,
             volumes: Vec::new(),
             egress: m.source.egress,
             qemu_uid: self.new_qemu_uid()?,
