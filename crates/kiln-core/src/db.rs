@@ -101,6 +101,13 @@ CREATE TABLE snapshot_expiry (
     r#"
 ALTER TABLE snapshots ADD COLUMN max_memory_mib INTEGER;
 "#,
+    // Bridged networking (issue 19): the sandbox's named network and its address (net/mod.rs), unique
+    // so two sandboxes never hold one.
+    r#"
+ALTER TABLE sandboxes ADD COLUMN network TEXT;
+ALTER TABLE sandboxes ADD COLUMN address TEXT;
+CREATE UNIQUE INDEX sandboxes_address ON sandboxes(address);
+"#,
 ];
 
 pub struct Db {
@@ -370,6 +377,8 @@ fn row_to_sandbox(r: &Row<'_>) -> rusqlite::Result<Sandbox> {
             .as_deref()
             .and_then(layout_max_memory),
         boot: None,
+        network: r.get("network")?,
+        address: r.get("address")?,
     })
 }
 
@@ -417,6 +426,8 @@ mod tests {
             lifetime: None,
             max_memory_mib: None,
             boot: None,
+            network: None,
+            address: None,
         }
     }
 

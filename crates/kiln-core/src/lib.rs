@@ -24,6 +24,7 @@ mod lifecycle;
 pub mod lifetime;
 mod machine;
 pub mod model;
+pub mod net;
 pub mod operations;
 pub mod ports;
 mod procs;

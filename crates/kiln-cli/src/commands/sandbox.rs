@@ -90,6 +90,10 @@ pub struct CreateArgs {
     /// Cut the guest off from the network (no outgoing connections); forwarded ports still work.
     #[arg(long)]
     no_egress: bool,
+    /// Join this private network (bridged networking: `kiln serve --network bridged`); its members reach
+    /// each other, nothing else does.
+    #[arg(long)]
+    network: Option<String>,
     /// Boot cold instead of resuming the template's snapshot (docs/snapshots.md, "Create is a resume").
     #[arg(long)]
     boot: bool,
@@ -220,6 +224,9 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
             if a.no_egress {
                 body["egress"] = json!(false);
             }
+            if let Some(n) = &a.network {
+                body["network"] = json!(n);
+            }
             a.life.apply(a.timeout, &mut body);
             let ports = a
                 .ports
@@ -281,6 +288,8 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
                         "accel",
                         "pid",
                         "egress",
+                        "network",
+                        "address",
                         "qemu_uid",
                         "confined",
                         "created_at",
