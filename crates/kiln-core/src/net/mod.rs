@@ -236,9 +236,12 @@ impl Bridge {
         leases: &[Lease],
     ) -> std::result::Result<Bridge, String> {
         let br = cfg.bridge.as_str();
-        let exists = std::path::Path::new("/sys/class/net").join(br).exists();
-        if !exists {
-            ip(&["link", "add", br, "type", "bridge"])?;
+        // Not judged from /sys/class/net, which shows the namespace sysfs was mounted in (a daemon
+        // entered into a namespace with nsenter sees its parent's devices there).
+        if let Err(e) = ip(&["link", "add", br, "type", "bridge"]) {
+            if !e.contains("File exists") {
+                return Err(e);
+            }
         }
         let gw = format!("{}/32", cfg.subnet.gateway());
         ip(&["addr", "replace", &gw, "dev", br])?;
@@ -338,19 +341,30 @@ pub fn rules_installed() -> bool {
     rules::installed()
 }
 
-/// kiln's TAP devices on this host and the sandbox each belongs to (its alias).
+/// kiln's TAP devices in this network namespace and the sandbox each belongs to (its alias). From
+/// `ip -o -d link`, which asks the namespace itself (see `Bridge::setup` on /sys).
 pub fn taps() -> Vec<(String, String)> {
-    let Ok(dir) = std::fs::read_dir("/sys/class/net") else {
+    let Ok(out) = Command::new("ip")
+        .args(["-o", "-d", "link", "show"])
+        .output()
+    else {
         return Vec::new();
     };
     let mut found = Vec::new();
-    for e in dir.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with(tap::PREFIX) || !e.path().join("tun_flags").exists() {
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split(": ").nth(1) else {
+            continue;
+        };
+        let name = name.split('@').next().unwrap_or(name);
+        if !name.starts_with(tap::PREFIX) || !line.contains(" tun ") {
             continue;
         }
-        let alias = std::fs::read_to_string(e.path().join("ifalias")).unwrap_or_default();
-        found.push((name, alias.trim().to_string()));
+        let alias = line
+            .split("alias ")
+            .nth(1)
+            .and_then(|a| a.split_whitespace().next())
+            .unwrap_or_default();
+        found.push((name.to_string(), alias.to_string()));
     }
     found.sort();
     found

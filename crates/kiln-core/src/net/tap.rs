@@ -10,7 +10,6 @@ use std::os::unix::fs::OpenOptionsExt;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
 
 /// Host-side names of kiln's TAP devices: `kt0`, `kt1`, ... (the kernel picks the number).
 pub const PREFIX: &str = "kt";
@@ -28,7 +27,9 @@ pub struct Tap {
 }
 
 impl Tap {
-    /// Creates a new TAP device `kt<N>` with virtio-net headers (QEMU detects them on the descriptor).
+    /// Creates a new TAP device `kt<N>`. Without virtio-net headers: with them QEMU offers the guest
+    /// offloads user networking has not, and a machine saved under one mode would not load under the
+    /// other (its NIC's features are part of the saved state).
     pub fn open() -> std::io::Result<Tap> {
         let file = OpenOptions::new()
             .read(true)
@@ -37,7 +38,7 @@ impl Tap {
             .open("/dev/net/tun")?;
         let mut req = IfReq {
             name: [0; libc::IFNAMSIZ],
-            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            flags: IFF_TAP | IFF_NO_PI,
             _pad: [0; 22],
         };
         let pattern = format!("{PREFIX}%d");
