@@ -44,6 +44,8 @@ pub struct Config {
     /// New machines get `memory_mib` × this of RAM behind a balloon, so copies resumed from their memory
     /// snapshots may grow (`kiln serve --memory-headroom`; 1: none). See `crate::headroom`.
     pub memory_headroom: f64,
+    /// How guests are networked (`kiln serve --network`, see `crate::net`).
+    pub network: crate::net::NetMode,
 }
 
 /// Guest RAM may add up to this many times the host's RAM by default: idle guests touch little of it, and
@@ -87,6 +89,7 @@ impl Config {
             ram_dir: crate::ramdir::RamPlacement::Auto,
             ram_size_mib: None,
             memory_headroom: crate::headroom::DEFAULT_FACTOR,
+            network: crate::net::NetMode::User,
         }
     }
 

@@ -114,6 +114,13 @@ ALTER TABLE snapshots ADD COLUMN pause_ms INTEGER;
     r#"
 ALTER TABLE sandboxes ADD COLUMN forked_from TEXT;
 "#,
+    // Bridged networking (issue 19): the sandbox's named network and its address (net/mod.rs), unique
+    // so two sandboxes never hold one.
+    r#"
+ALTER TABLE sandboxes ADD COLUMN network TEXT;
+ALTER TABLE sandboxes ADD COLUMN address TEXT;
+CREATE UNIQUE INDEX sandboxes_address ON sandboxes(address);
+"#,
 ];
 
 pub struct Db {
@@ -417,6 +424,8 @@ fn row_to_sandbox(r: &Row<'_>) -> rusqlite::Result<Sandbox> {
             .as_deref()
             .and_then(layout_max_memory),
         boot: None,
+        network: r.get("network")?,
+        address: r.get("address")?,
     })
 }
 
@@ -466,6 +475,8 @@ mod tests {
             checkpoint_policy: None,
             max_memory_mib: None,
             boot: None,
+            network: None,
+            address: None,
         }
     }
 

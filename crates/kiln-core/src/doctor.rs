@@ -21,7 +21,7 @@ use crate::snapshot::restore::SnapshotDebris;
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Problem {
     /// Stable kind: `stray_qemu`, `sandbox_dir_missing`, `vm_gone`, `orphan_sandbox_dir`,
-    /// `snapshot_damaged`, `snapshot_unrecorded`, `snapshot_debris`.
+    /// `snapshot_damaged`, `snapshot_unrecorded`, `snapshot_debris`, `network_leftover`.
     pub kind: String,
     /// The sandbox, snapshot, path or process concerned.
     pub subject: String,
@@ -76,6 +76,7 @@ impl Engine {
             }
         }
         self.check_orphan_dirs(&rows, repair, &mut problems);
+        self.check_net_leftovers(&rows, &mut problems);
         let snapshots_checked = self.check_snapshots(repair, deep, &mut problems)?;
         for p in &problems {
             warn!(kind = %p.kind, subject = %p.subject, repaired = p.repaired, "doctor: {}", p.message);
@@ -88,6 +89,36 @@ impl Engine {
             skipped_busy,
             problems,
         })
+    }
+
+    /// kiln's TAP devices no VM of a sandbox accounts for, and bridged rules on a user-mode daemon. A TAP
+    /// lives as long as the QEMU holding it, so repairing the stray QEMU (`stray_qemu`) removes it.
+    fn check_net_leftovers(&self, rows: &HashMap<String, Sandbox>, problems: &mut Vec<Problem>) {
+        for (tap, owner) in crate::net::taps() {
+            let accounted = rows.get(&owner).is_some_and(|sb| {
+                sb.state.has_vm()
+                    || matches!(sb.state, SandboxState::Creating | SandboxState::Deleting)
+            });
+            if !accounted {
+                problems.push(Problem {
+                    kind: "network_leftover".into(),
+                    subject: tap.clone(),
+                    message: format!("TAP device {tap} belongs to '{owner}', which has no VM here"),
+                    repair: "none: it goes with the QEMU process holding it (see stray_qemu)"
+                        .into(),
+                    repaired: false,
+                });
+            }
+        }
+        if self.bridge().is_none() && crate::net::rules_installed() {
+            problems.push(Problem {
+                kind: "network_leftover".into(),
+                subject: "iptables".into(),
+                message: "bridged networking's rules (KILN-NET-*) are installed but the daemon runs on user networking".into(),
+                repair: "none: a daemon started on user networking removes them once no TAP is left".into(),
+                repaired: false,
+            });
+        }
     }
 
     /// QEMU processes of this data directory that no sandbox accounts for.

@@ -68,6 +68,9 @@ pub struct CreateSandbox {
     pub checkpoint_keep: Option<u32>,
     /// Boot it cold instead of resuming the template's snapshot (default false; see docs/snapshots.md).
     pub boot: Option<bool>,
+    /// Private network to join under bridged networking: members reach each other, nothing else does
+    /// (docs/networking.md). Default: none.
+    pub network: Option<String>,
 }
 
 /// A command to run in a sandbox.
@@ -129,6 +132,8 @@ pub struct Engine {
     life: crate::lifetime::Lifetimes,
     /// Counters and histograms for `GET /metrics` (metrics.rs).
     metrics: crate::metrics::Metrics,
+    /// Bridged networking's host side; None on user networking (net/).
+    net: Option<Arc<crate::net::Bridge>>,
 }
 
 /// Capacity held for sandboxes about to be recorded; released on drop.
@@ -220,6 +225,7 @@ impl Engine {
             accel.accel == kiln_vmm::Accel::Kvm,
         )?;
         let images = ImageStore::new(cfg.images_dir(), cfg.cache_dir());
+        let net = crate::net::setup(&mut cfg, &db).await?;
         let engine = Arc::new(Engine {
             cfg,
             db,
@@ -237,6 +243,7 @@ impl Engine {
             ram,
             life: Default::default(),
             metrics: Default::default(),
+            net,
         });
         let _ = engine.me.set(Arc::downgrade(&engine));
         engine.db.events().set_engine(Arc::downgrade(&engine));
@@ -287,6 +294,9 @@ impl Engine {
     }
     pub(crate) fn confine(&self) -> &crate::confine::Confinement {
         &self.confine
+    }
+    pub(crate) fn bridge(&self) -> Option<&Arc<crate::net::Bridge>> {
+        self.net.as_ref()
     }
     pub(crate) fn operations(&self) -> &crate::operations::Registry {
         &self.ops
@@ -514,6 +524,7 @@ impl Engine {
     /// Creates a sandbox and boots it; returns once its agent answers.
     pub async fn create(&self, req: CreateSandbox) -> Result<Sandbox> {
         self.config().check_storage("create a sandbox")?;
+        self.check_network(req.network.as_deref())?;
         if let Some(snapshot) = req.snapshot.clone() {
             // `env` is merged over the snapshot's for the commands run from now on.
             if req.template.is_some() || !req.ports.is_empty() || req.max_memory_mib.is_some() {
@@ -534,6 +545,7 @@ impl Engine {
                         volumes: (!req.volumes.is_empty()).then_some(req.volumes),
                         egress: req.egress,
                         env: req.env,
+                        network: req.network,
                         ..Default::default()
                     },
                 )
@@ -644,6 +656,8 @@ impl Engine {
             checkpoint_policy: None,
             max_memory_mib: None,
             boot: None,
+            network: req.network.clone(),
+            address: None,
         };
         {
             let _volumes = self.volume_lock().await;
@@ -739,6 +753,13 @@ impl Engine {
         self.reclaim_volumes(&sb.volumes);
         self.remove_sandbox_files(&sb.id);
         self.db.delete_sandbox(&sb.id)?;
+        if let Some(br) = self.bridge() {
+            br.proxies.unpublish_all(&sb.id);
+        }
+        // Its address is free: the rules naming it go (its TAP went with its QEMU).
+        if let Err(e) = self.refresh_net().await {
+            warn!(sandbox = %sb.id, error = %e, "network rules not updated after a delete");
+        }
         self.forget_slot(&sb.id);
         info!(sandbox = %sb.id, "sandbox deleted");
         self.template_user_gone(base.as_deref());

@@ -98,6 +98,7 @@ impl Engine {
                 ResumeSnapshot {
                     name: Some(name.clone()),
                     labels: req.labels.clone(),
+                    network: sb.network.clone(),
                     ..Default::default()
                 },
                 Some(&reservation),

@@ -26,6 +26,7 @@ pub mod lifetime;
 mod machine;
 pub mod metrics;
 pub mod model;
+pub mod net;
 pub mod operations;
 pub mod ports;
 mod procs;

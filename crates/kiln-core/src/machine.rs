@@ -223,6 +223,7 @@ impl Engine {
             incoming,
             start_paused: incoming,
             egress: sb.egress,
+            tap_fd: None,
             confine: kiln_vmm::Confine {
                 run_as: self.confine().run_as(sb.qemu_uid),
                 cgroup_procs: Vec::new(),
@@ -238,6 +239,11 @@ impl Engine {
         incoming: Option<Incoming>,
     ) -> Result<Arc<Vm>> {
         let mut spec = self.vm_spec(sb, layout, incoming.is_some());
+        let net = self.prepare_net(sb, incoming.is_some()).await?;
+        spec.tap_fd = net.tap.as_ref().map(|t| t.fd());
+        if let Some(params) = &net.cmdline {
+            spec.cmdline = format!("{} {params}", spec.cmdline);
+        }
         let limits = crate::confine::cgroup::Limits::for_vm(sb.memory_mib, sb.cpus);
         spec.confine.cgroup_procs = self.confine().cgroup_for(&sb.id, &limits);
         if crate::warm::is_spare(sb) {
@@ -252,6 +258,8 @@ impl Engine {
                 .map_err(|e| Error::internal(e.to_string()))?
                 .map_err(|e| Error::new(ErrorCode::BootFailed, e.to_string()))?
         };
+        // QEMU has its own descriptor now: the TAP lives as long as QEMU does.
+        drop(net.tap);
         self.db().set_state(&sb.id, sb.state, Some(pid), None)?;
         let vm = Arc::new(
             Vm::new(
@@ -280,9 +288,21 @@ impl Engine {
             // A cold boot settles its balloon in `after_boot`, alongside the agent's first requests.
             let settle = spec.balloon && incoming.as_ref().is_some_and(|i| i.resume);
             ph.mark("ports");
+            let resumes = incoming.as_ref().is_some_and(|i| i.resume);
             match incoming {
                 None => self.wait_for_agent(&vm).await?,
                 Some(mut inc) => self.restore_into(sb, &vm, &mut inc, &mut ph).await?,
+            }
+            // Before the restore returns: the guest answers on its own address (net/).
+            match &net.readdress {
+                Some(guest) if resumes => {
+                    self.readdress(&vm, guest).await?;
+                    ph.mark("readdress");
+                }
+                Some(guest) => {
+                    tracing::warn!(sandbox = %sb.id, address = %guest.address, "a paused restore keeps its guest's old address until it is re-addressed")
+                }
+                None => {}
             }
             // A restored guest may be asked for more than its snapshot had (a paused one is left as
             // saved: it cannot move pages, and only a resume changes its size).

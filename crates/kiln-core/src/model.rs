@@ -171,6 +171,14 @@ pub struct Sandbox {
     /// booted cold, and why (docs/snapshots.md, "Create is a resume"). Not stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<crate::template_snap::BootInfo>,
+    /// The private network it is in (`--network NAME` on create; forks inherit it): members reach each
+    /// other under bridged networking. null: none (reaches no other sandbox).
+    #[serde(default)]
+    pub network: Option<String>,
+    /// Its IPv4 address under bridged networking (`kiln serve --network bridged`); null on user
+    /// networking, where every guest is 10.0.2.15 behind its own QEMU.
+    #[serde(default)]
+    pub address: Option<String>,
 }
 
 impl Sandbox {

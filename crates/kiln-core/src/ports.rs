@@ -110,15 +110,59 @@ impl Engine {
         }
     }
 
+    /// Under bridged networking: the daemon relays the port to the guest's address (net/proxy.rs).
+    pub(crate) fn forward_bridged(
+        &self,
+        br: &crate::net::Bridge,
+        sb: &Sandbox,
+        p: PortMapping,
+    ) -> Result<PortMapping> {
+        let address = self
+            .db()
+            .find_sandbox(&sb.id)?
+            .filter(|s| s.id == sb.id)
+            .and_then(|s| s.address)
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| {
+                Error::internal(format!(
+                    "sandbox {} has no address to publish ports on",
+                    sb.id
+                ))
+            })?;
+        let bind = |host| {
+            br.proxies
+                .publish(&sb.id, address, p.guest, host)
+                .map_err(|e| Error::internal(format!("cannot listen on 127.0.0.1:{host}: {e}")))
+        };
+        if p.host != 0 {
+            if let Some(host) = bind(p.host)? {
+                return Ok(PortMapping { host, ..p });
+            }
+            if !p.auto {
+                return Err(in_use(p.host, p.guest));
+            }
+        }
+        match bind(0)? {
+            Some(host) => Ok(PortMapping { host, ..p }),
+            None => Err(Error::internal("no free host port to publish on")),
+        }
+    }
+
     /// Publishes a just-launched VM's ports and records the host ports they got.
     pub(crate) async fn apply_ports(&self, sb: &Sandbox, vm: &Vm) -> Result<()> {
         if sb.ports.is_empty() {
             return Ok(());
         }
-        let qmp = vm.qmp().await?;
         let mut got = Vec::with_capacity(sb.ports.len());
-        for p in &sb.ports {
-            got.push(self.forward(&qmp, *p).await?);
+        if let Some(br) = self.bridge() {
+            for p in &sb.ports {
+                got.push(self.forward_bridged(br, sb, *p)?);
+            }
+        } else {
+            let qmp = vm.qmp().await?;
+            for p in &sb.ports {
+                got.push(self.forward(&qmp, *p).await?);
+            }
         }
         if got != sb.ports {
             self.db().set_ports(&sb.id, &got)?;
@@ -142,6 +186,17 @@ impl Engine {
         };
         self.require_state(&sb, &[SandboxState::Running, SandboxState::Paused])?;
         self.check_host_ports_free(&sb.id, &ports)?;
+        if let Some(br) = self.bridge() {
+            let got = self.forward_bridged(br, &sb, new)?;
+            let mut all = sb.ports.clone();
+            all.push(got);
+            if let Err(e) = self.db().set_ports(&sb.id, &all) {
+                br.proxies.unpublish(&sb.id, got.guest);
+                return Err(e);
+            }
+            tracing::info!(sandbox = %sb.id, host = got.host, guest = got.guest, "port published");
+            return Ok(got);
+        }
         let vm = self.live_vm(&sb).await?;
         let added = async {
             let qmp = vm.qmp().await?;
@@ -172,7 +227,9 @@ impl Engine {
                 ),
             ));
         };
-        if sb.state.has_vm() {
+        if let Some(br) = self.bridge() {
+            br.proxies.unpublish(&sb.id, guest);
+        } else if sb.state.has_vm() {
             let vm = self.live_vm(&sb).await?;
             let removed = async {
                 let qmp = vm.qmp().await?;

@@ -159,7 +159,29 @@ impl Engine {
             }
         }
         self.remove_orphan_sandbox_dirs().await;
+        self.adopt_net().await;
         Ok(())
+    }
+
+    /// Bridged networking after a restart: rules for the addresses left after recovery, and the
+    /// published ports of running sandboxes bound again (the daemon relays them, net/proxy.rs).
+    async fn adopt_net(&self) {
+        let Some(br) = self.bridge() else {
+            return;
+        };
+        if let Err(e) = self.refresh_net().await {
+            warn!(error = %e, "network rules not updated after recovery");
+        }
+        for sb in self.db().list_sandboxes().unwrap_or_default() {
+            if !sb.state.has_vm() || sb.address.is_none() {
+                continue;
+            }
+            for p in &sb.ports {
+                if let Err(e) = self.forward_bridged(br, &sb, *p) {
+                    warn!(sandbox = %sb.id, guest = p.guest, error = %e, "published port not bound again");
+                }
+            }
+        }
     }
 
     /// A stopped sandbox with a live QEMU: kiln went down while starting it. If the vCPUs already ran, the

@@ -211,6 +211,7 @@ impl Engine {
                     // Given or not, these are the request's: the template's machine had none.
                     volumes: Some(req.volumes.clone()),
                     egress: Some(req.egress.unwrap_or(true)),
+                    network: req.network.clone(),
                     env: req.env.clone(),
                     from_template: Some(TemplateUse {
                         template: template.to_string(),

@@ -86,6 +86,7 @@ pub fn launch(spec: &VmSpec) -> Result<u32, VmmError> {
         crate::Accel::Tcg => None,
     };
     let kvm_fd = kvm.as_ref().map(|f| f.as_raw_fd());
+    let tap_fd = spec.tap_fd;
     let run_as = spec.confine.run_as.clone();
     let binary = crate::qemu_binary();
     let mut cmd = Command::new(&binary);
@@ -98,7 +99,7 @@ pub fn launch(spec: &VmSpec) -> Result<u32, VmmError> {
         .stderr(stderr);
     // SAFETY: the closure only makes raw syscalls on data prepared before the fork and allocates nothing.
     unsafe {
-        cmd.pre_exec(move || detach_and_confine(&cgroup_fds, run_as.as_ref(), kvm_fd));
+        cmd.pre_exec(move || detach_and_confine(&cgroup_fds, run_as.as_ref(), kvm_fd, tap_fd));
     }
     let mut child = cmd.spawn().map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => VmmError::MissingTool {
@@ -153,6 +154,7 @@ fn detach_and_confine(
     cgroup_fds: &[i32],
     run_as: Option<&RunAs>,
     kvm_fd: Option<i32>,
+    tap_fd: Option<i32>,
 ) -> std::io::Result<()> {
     let check = |r: libc::c_int| {
         if r < 0 {
@@ -170,9 +172,22 @@ fn detach_and_confine(
                 return Err(std::io::Error::last_os_error());
             }
         }
+        // The TAP first moves out of the way (it may sit on KVM_FD's number), close-on-exec.
+        let tap = match tap_fd {
+            Some(fd) => {
+                let moved = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 16);
+                check(moved)?;
+                Some(moved)
+            }
+            None => None,
+        };
         // After the cgroup writes: the dup2 may replace one of their descriptors.
         if let Some(fd) = kvm_fd {
             pass_kvm_fd(fd)?;
+        }
+        if let Some(fd) = tap {
+            // dup2 onto another number clears close-on-exec: QEMU gets it as `-netdev tap,fd=TAP_FD`.
+            check(libc::dup2(fd, crate::qemu::TAP_FD))?;
         }
         if let Some(r) = run_as {
             check(libc::setgroups(r.groups.len(), r.groups.as_ptr()))?;

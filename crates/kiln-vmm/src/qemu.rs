@@ -19,6 +19,8 @@ pub const SECCOMP: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,re
 
 /// Unix socket paths are limited to 107 bytes plus a NUL by the kernel.
 const MAX_SOCKET_PATH: usize = 107;
+/// The descriptor number a VM's TAP device has in QEMU (`launch` dup2s it there; /dev/kvm is 3).
+pub const TAP_FD: i32 = 4;
 
 /// One image of a disk chain.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -100,6 +102,10 @@ pub struct VmSpec {
     /// Whether the guest may open connections through user networking; `false` is slirp's `restrict=on`
     /// (port forwards into the guest still work).
     pub egress: bool,
+    /// A TAP device's descriptor (opened by the daemon, attached to its bridge): the NIC's backend is that
+    /// TAP, passed to QEMU as [`TAP_FD`], instead of user-mode networking (`forwards` and `egress` then do
+    /// not apply: the daemon's firewall and port proxy do that job).
+    pub tap_fd: Option<i32>,
     /// Who the process runs as and which cgroups it joins.
     pub confine: crate::launch::Confine,
 }
@@ -184,13 +190,20 @@ impl VmSpec {
             rootdisk.push_str(&format!(",iothread={DISK_IOTHREAD}"));
         }
         push(&["-device", &rootdisk]);
-        let mut netdev = "user,id=net0".to_string();
-        if !self.egress {
-            netdev.push_str(",restrict=on");
-        }
-        for f in &self.forwards {
-            netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:{}", f.host, f.guest));
-        }
+        // The same NIC (and so the same device state) either way: a machine saved in one mode restores
+        // in the other.
+        let netdev = if self.tap_fd.is_some() {
+            format!("tap,id=net0,fd={TAP_FD}")
+        } else {
+            let mut netdev = "user,id=net0".to_string();
+            if !self.egress {
+                netdev.push_str(",restrict=on");
+            }
+            for f in &self.forwards {
+                netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:{}", f.host, f.guest));
+            }
+            netdev
+        };
         push(&["-netdev", &netdev]);
         push(&[
             "-device",
@@ -527,6 +540,7 @@ mod tests {
             incoming: false,
             start_paused: false,
             egress: true,
+            tap_fd: None,
             confine: Default::default(),
         }
     }
@@ -615,6 +629,17 @@ mod tests {
             value_after(&args, "-netdev"),
             ["user,id=net0,hostfwd=tcp:127.0.0.1:8080-:80"]
         );
+    }
+
+    #[test]
+    fn a_tap_descriptor_replaces_user_networking_behind_the_same_nic() {
+        let mut s = spec();
+        s.tap_fd = Some(17);
+        let args = s.args();
+        assert_eq!(value_after(&args, "-netdev"), ["tap,id=net0,fd=4"]);
+        assert!(value_after(&args, "-device")
+            .iter()
+            .any(|d| d.starts_with("virtio-net-device,netdev=net0,mac=52:54:00:12:34:56")));
     }
 
     #[test]

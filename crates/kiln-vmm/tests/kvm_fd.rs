@@ -66,6 +66,7 @@ fn qemu_as_unprivileged_uid_gets_kvm_from_the_daemon() {
         incoming: false,
         start_paused: true,
         egress: false,
+        tap_fd: None,
         confine: kiln_vmm::Confine {
             run_as: Some(RunAs {
                 uid: UID,

@@ -113,6 +113,10 @@ pub struct CreateArgs {
     /// Cut the guest off from the network (no outgoing connections); forwarded ports still work.
     #[arg(long)]
     no_egress: bool,
+    /// Join this private network (bridged networking: `kiln serve --network bridged`); its members reach
+    /// each other, nothing else does.
+    #[arg(long)]
+    network: Option<String>,
     /// Boot cold instead of resuming the template's snapshot (docs/snapshots.md, "Create is a resume").
     #[arg(long)]
     boot: bool,
@@ -249,6 +253,9 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
             if a.no_egress {
                 body["egress"] = json!(false);
             }
+            if let Some(n) = &a.network {
+                body["network"] = json!(n);
+            }
             a.life.apply(a.timeout, &mut body);
             crate::commands::checkpoint::apply_create(
                 a.checkpoint_every.as_deref(),
@@ -315,6 +322,8 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
                         "accel",
                         "pid",
                         "egress",
+                        "network",
+                        "address",
                         "qemu_uid",
                         "confined",
                         "created_at",

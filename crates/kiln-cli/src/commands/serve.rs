@@ -92,6 +92,18 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     allow_net: Vec<String>,
+    /// How guests are networked: `user` (QEMU user-mode networking: every guest 10.0.2.15, ports on
+    /// 127.0.0.1) or `bridged` (each sandbox its own address on a TAP device, routed by the host through
+    /// --bridge, NAT out; needs root, /dev/net/tun and iptables). See docs/networking.md.
+    #[arg(long, env = "KILN_NETWORK", default_value = "user", value_parser = ["user", "bridged"])]
+    network: String,
+    /// Bridged networking: the host device that holds the guests' gateway address.
+    #[arg(long, env = "KILN_BRIDGE", default_value = kiln_core::net::DEFAULT_BRIDGE)]
+    bridge: String,
+    /// Bridged networking: the IPv4 pool guests get addresses from (prefix 16-29; the first address is
+    /// the gateway).
+    #[arg(long, env = "KILN_SUBNET", default_value = kiln_core::net::DEFAULT_SUBNET)]
+    subnet: String,
     /// Where guest RAM of booted sandboxes lives while they run: `auto` (a tmpfs kiln mounts at
     /// <data dir>/ram, so guest memory is not written back to disk; the data disk where mounting is not
     /// allowed), an absolute path of a root-owned 0711 directory (on a tmpfs), or `disk`. A stop copies
@@ -167,6 +179,12 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .filter(|s| !s.trim().is_empty())
         .map(|s| s.parse().map_err(|e| anyhow::anyhow!("--allow-net: {e}")))
         .collect::<anyhow::Result<_>>()?;
+    if args.network == "bridged" {
+        cfg.network = kiln_core::net::NetMode::Bridged(
+            kiln_core::net::BridgeConfig::new(&args.bridge, &args.subnet)
+                .map_err(|e| anyhow::anyhow!("--bridge/--subnet: {e}"))?,
+        );
+    }
     cfg.memory_headroom =
         kiln_core::headroom::check_factor(args.memory_headroom).map_err(anyhow::Error::msg)?;
     cfg.ram_dir = args.ram_dir.clone();

@@ -152,6 +152,16 @@ impl NetGuard {
     }
 }
 
+/// The same judgement for guests' routed traffic (bridged networking, `crate::net`) in `chain`: IPv4, any
+/// sender (no owner match: the packets are forwarded, not a VM process's own).
+pub(crate) fn forward_rules(chain: &str, resolvers: &[IpAddr], allow: &[Cidr]) -> Vec<String> {
+    rules(false, "0-0", resolvers, allow)
+        .into_iter()
+        .skip(1)
+        .map(|r| r.replacen(&format!("-A {CHAIN} "), &format!("-A {chain} "), 1))
+        .collect()
+}
+
 /// The chain's rules for one address family, in `iptables-restore` syntax, in order.
 fn rules(ipv6: bool, uids: &str, resolvers: &[IpAddr], allow: &[Cidr]) -> Vec<String> {
     let c = CHAIN;
@@ -208,7 +218,7 @@ fn install_with(tool: &str, rules: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-fn restore(tool: &str, input: &str) -> Result<(), String> {
+pub(crate) fn restore(tool: &str, input: &str) -> Result<(), String> {
     use std::io::Write;
     let program = format!("{tool}-restore");
     let mut child = Command::new(&program)
@@ -248,7 +258,7 @@ fn spawn_error(tool: &str, e: std::io::Error) -> String {
     }
 }
 
-fn run(tool: &str, args: &[&str]) -> Result<(), String> {
+pub(crate) fn run(tool: &str, args: &[&str]) -> Result<(), String> {
     let out = Command::new(tool)
         .args(args)
         .output()

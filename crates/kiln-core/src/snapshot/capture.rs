@@ -594,6 +594,7 @@ impl Engine {
                 egress: sb.egress,
                 ports: sb.ports.clone(),
                 image_digest: self.image_digest(&sb.template),
+                address: sb.address.clone(),
             },
             parent: parent.clone(),
             base_digest,

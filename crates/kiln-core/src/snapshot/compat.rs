@@ -309,6 +309,7 @@ mod tests {
                 env: Default::default(),
                 mac: "m".into(),
                 egress: true,
+                address: None,
                 ports: vec![],
                 image_digest: None,
             },

@@ -68,6 +68,10 @@ pub struct Source {
     /// For a template pulled or imported from an OCI image: that image's digest (its content identity).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_digest: Option<String>,
+    /// The address its guest was configured with under bridged networking (None: user networking's):
+    /// a copy resumed on user networking is re-addressed only when this is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 fn egress_default() -> bool {
@@ -401,6 +405,7 @@ pub(crate) mod tests {
                 env: Default::default(),
                 mac: "52:54:00:12:34:56".into(),
                 egress: true,
+                address: None,
                 ports: vec![],
                 image_digest: None,
             },

@@ -42,6 +42,9 @@ pub struct ResumeSnapshot {
     pub volumes: Option<Vec<crate::volume::VolumeMount>>,
     /// Let the guest open connections out; default: as the snapshot's source sandbox had it.
     pub egress: Option<bool>,
+    /// The private network the copy joins under bridged networking (docs/networking.md); default none.
+    /// Forks join their source's.
+    pub network: Option<String>,
     /// Environment for commands run in the new sandbox, merged over the snapshot's (processes already
     /// running in the snapshot keep their own).
     #[serde(default)]
@@ -330,6 +333,7 @@ impl Engine {
         held: Option<&Reservation>,
     ) -> Result<Sandbox> {
         validate::labels(&req.labels)?;
+        self.check_network(req.network.as_deref())?;
         validate::env(&req.env)?;
         if let Some(name) = &req.name {
             validate::name("sandbox", name)?;
@@ -372,6 +376,7 @@ impl Engine {
             mac: ids::new_mac(),
             volumes: req.volumes.clone().unwrap_or_default(),
             egress: req.egress.unwrap_or(m.source.egress),
+            network: req.network.clone(),
             env: m
                 .source
                 .env
@@ -494,6 +499,9 @@ impl Engine {
             checkpoint_policy: None,
             max_memory_mib: None,
             boot: None,
+            network: None,
+            // What the saved guest is configured with (see net/: a copy gets its own).
+            address: m.source.address.clone(),
         })
     }
 

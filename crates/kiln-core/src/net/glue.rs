@@ -1,0 +1,161 @@
+//! The engine's side of networking: a sandbox's address and TAP before its VM starts, the guest's
+//! re-addressing after a restore, the rules after every change of addresses.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_agent_client::ExecRequest;
+
+use super::{
+    allocate, check_network_name, leases, release, rules, taps, Bridge, GuestNet, NetMode,
+};
+use crate::config::Config;
+use crate::db::Db;
+use crate::engine::Engine;
+use crate::error::{Error, ErrorCode, Result};
+use crate::model::Sandbox;
+use crate::vm::{agent_error, Vm};
+
+/// How long the guest gets to take its new address after a restore.
+const READDRESS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a VM about to start gets: its TAP (bridged), its boot parameters (a cold boot), and the
+/// configuration the restored guest must switch to (None: it has the right one).
+pub(crate) struct NetPlan {
+    pub tap: Option<super::tap::Tap>,
+    pub cmdline: Option<String>,
+    pub readdress: Option<GuestNet>,
+}
+
+/// At daemon start: bridged networking's host side, with the rules the recorded sandboxes need; on user
+/// networking, removal of a previous bridged daemon's rules once no TAP of it is left.
+pub(crate) async fn setup(cfg: &mut Config, db: &Db) -> Result<Option<Arc<Bridge>>> {
+    let bc = match &cfg.network {
+        NetMode::User => {
+            let _ = tokio::task::spawn_blocking(|| {
+                if taps().is_empty() && rules::installed() {
+                    rules::remove();
+                }
+            })
+            .await;
+            return Ok(None);
+        }
+        NetMode::Bridged(bc) => bc.clone(),
+    };
+    // A warm spare is addressed when it is made, before anyone asks for a network (first slice).
+    cfg.warm_spares = 0;
+    let leases = leases(db)?;
+    let allow = cfg.allow_net.clone();
+    let bridge = tokio::task::spawn_blocking(move || Bridge::setup(bc, &allow, &leases))
+        .await
+        .map_err(|e| Error::internal(format!("network setup panicked: {e}")))?
+        .map_err(|e| {
+            Error::new(
+                ErrorCode::InvalidRequest,
+                format!("bridged networking could not be set up: {e}; the daemon needs root, /dev/net/tun and iptables (or start it with --network user)"),
+            )
+        })?;
+    tracing::info!(bridge = %bridge.cfg.bridge, subnet = %bridge.cfg.subnet, "bridged networking");
+    Ok(Some(Arc::new(bridge)))
+}
+
+impl Engine {
+    /// Refuses a named network the daemon cannot give (user networking) or a malformed name.
+    pub(crate) fn check_network(&self, network: Option<&str>) -> Result<()> {
+        let Some(name) = network else {
+            return Ok(());
+        };
+        if self.bridge().is_none() {
+            return Err(Error::new(
+                ErrorCode::InvalidRequest,
+                "named networks need bridged networking: start the daemon with `kiln serve --network bridged`, or leave out 'network'",
+            ));
+        }
+        check_network_name(name)
+    }
+
+    /// Before a VM of `sb` starts. `sb.address` is what the guest to be restored is configured with
+    /// (its source's for a new copy); the database has the address the sandbox holds, if any.
+    pub(crate) async fn prepare_net(&self, sb: &Sandbox, incoming: bool) -> Result<NetPlan> {
+        let stored = self
+            .db()
+            .find_sandbox(&sb.id)?
+            .filter(|s| s.id == sb.id)
+            .and_then(|s| s.address);
+        let guest_has = sb.address.clone();
+        let Some(br) = self.bridge() else {
+            if stored.is_some() {
+                release(self.db(), &sb.id)?;
+            }
+            return Ok(NetPlan {
+                tap: None,
+                cmdline: None,
+                readdress: (incoming && guest_has.is_some()).then(GuestNet::user),
+            });
+        };
+        let address = match stored.as_deref().and_then(|a| a.parse().ok()) {
+            Some(a) if br.cfg.subnet.contains(a) => a,
+            _ => allocate(self.db(), &sb.id, sb.network.as_deref(), &br.cfg.subnet)?,
+        };
+        // The rules for the address are in place before its guest runs (egress off, its network).
+        self.refresh_net().await?;
+        let tap = {
+            let (br, id) = (br.clone(), sb.id.clone());
+            tokio::task::spawn_blocking(move || br.open_tap(&id, address))
+                .await
+                .map_err(|e| Error::internal(format!("TAP setup panicked: {e}")))?
+                .map_err(|e| {
+                    Error::new(
+                        ErrorCode::VmFailed,
+                        format!("cannot give sandbox {} its network device: {e}; `kiln doctor` checks the host", sb.id),
+                    )
+                })?
+        };
+        let guest = br.guest(address);
+        Ok(NetPlan {
+            tap: Some(tap),
+            cmdline: (!incoming).then(|| guest.cmdline()),
+            readdress: (incoming && guest_has.as_deref() != Some(address.to_string().as_str()))
+                .then_some(guest),
+        })
+    }
+
+    /// Re-renders the rules from the recorded addresses (after an address was given or freed).
+    pub(crate) async fn refresh_net(&self) -> Result<()> {
+        let Some(br) = self.bridge() else {
+            return Ok(());
+        };
+        let leases = leases(self.db())?;
+        let br = br.clone();
+        tokio::task::spawn_blocking(move || br.apply(&leases))
+            .await
+            .map_err(|e| Error::internal(format!("rule update panicked: {e}")))?
+            .map_err(|e| Error::internal(format!("cannot update the network rules: {e}")))
+    }
+
+    /// Switches a restored guest to `guest` (its agent runs the image's busybox `ip`, see
+    /// `GuestNet::script`); the restore fails if it cannot, rather than leave a guest on an address the
+    /// host does not route to it.
+    pub(crate) async fn readdress(&self, vm: &Vm, guest: &GuestNet) -> Result<()> {
+        let agent = vm.agent(READDRESS_TIMEOUT).await?;
+        let mut req = ExecRequest::argv(["/kiln/busybox", "sh", "-c", &guest.script()]);
+        req.timeout_ms = Some(READDRESS_TIMEOUT.as_millis() as u64);
+        let what = format!("giving the guest its address {}", guest.address);
+        match tokio::time::timeout(READDRESS_TIMEOUT * 2, agent.exec_collect(req)).await {
+            Ok(Ok(out)) if out.status.code == Some(0) => Ok(()),
+            Ok(Ok(out)) => Err(Error::new(
+                ErrorCode::GuestError,
+                format!(
+                    "{what} failed ({:?}): {}; the image needs kiln's /kiln/busybox",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            )),
+            Ok(Err(e)) => Err(agent_error(e, &vm.name)),
+            Err(_) => Err(Error::new(
+                ErrorCode::Timeout,
+                format!("{what} took more than {}s", READDRESS_TIMEOUT.as_secs() * 2),
+            )),
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! A VM's TAP device, opened by the daemon (root) and handed to its unprivileged QEMU as a descriptor.
+//!
+//! The device is not persistent: it exists while a descriptor is open, so it (and the host route and
+//! settings that belong to it) goes away by itself when its QEMU exits, also after a daemon crash.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+
+/// Host-side names of kiln's TAP devices: `kt0`, `kt1`, ... (the kernel picks the number).
+pub const PREFIX: &str = "kt";
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+pub struct Tap {
+    file: File,
+    pub name: String,
+}
+
+impl Tap {
+    /// Creates a new TAP device `kt<N>`. Without virtio-net headers: with them QEMU offers the guest
+    /// offloads user networking has not, and a machine saved under one mode would not load under the
+    /// other (its NIC's features are part of the saved state).
+    pub fn open() -> std::io::Result<Tap> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open("/dev/net/tun")?;
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: IFF_TAP | IFF_NO_PI,
+            _pad: [0; 22],
+        };
+        let pattern = format!("{PREFIX}%d");
+        req.name[..pattern.len()].copy_from_slice(pattern.as_bytes());
+        // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is laid out as (name, flags, padding).
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let len = req
+            .name
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(req.name.len());
+        let name = String::from_utf8_lossy(&req.name[..len]).into_owned();
+        Ok(Tap { file, name })
+    }
+
+    pub fn fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+}
