@@ -2,6 +2,7 @@
 //! adopts QEMU processes, talks QMP and wraps `qemu-img`. It knows nothing about sandboxes or the database.
 
 pub mod accel;
+pub mod blockjob;
 pub mod cpu;
 pub mod delta;
 pub mod error;

@@ -306,6 +306,10 @@ impl Engine {
             }
             if due > now {
                 next = next.min(due);
+                // A compaction skipped while the sandbox was busy is tried again between checkpoints.
+                if !self.compact_after_checkpoint(&id).await {
+                    next = next.min(now_ms() + RETRY_MS);
+                }
                 continue;
             }
             match self.take_checkpoint(&sb).await {
@@ -313,6 +317,9 @@ impl Engine {
                     retry.remove(&id);
                     info!(sandbox = %id, snapshot = %snap.id, pause_ms = ?snap.pause_ms, size_bytes = snap.size_bytes, "checkpoint taken");
                     self.prune_checkpoints(&id, policy.keep).await;
+                    if !self.compact_after_checkpoint(&id).await {
+                        next = next.min(now_ms() + RETRY_MS);
+                    }
                     next = next.min(now_ms() + super::secs_to_ms(policy.every));
                 }
                 Err(e) if e.code == ErrorCode::SandboxBusy => {
@@ -353,6 +360,22 @@ impl Engine {
             },
         )
         .await
+    }
+
+    /// Each checkpoint adds a disk layer: a long chain is streamed into its top layer. False when an
+    /// operation held the sandbox (tried again next round: commands hold it briefly, often).
+    async fn compact_after_checkpoint(&self, id: &str) -> bool {
+        match self.compact_chain(id).await {
+            Ok(_) => true,
+            Err(e) if e.code == ErrorCode::SandboxBusy => {
+                debug!(sandbox = %id, "disk chain compaction skipped: an operation holds the sandbox");
+                false
+            }
+            Err(e) => {
+                warn!(sandbox = %id, error = %e.message, "disk chain compaction failed; the chain is left as it was");
+                true
+            }
+        }
     }
 
     /// Deletes the oldest checkpoints beyond `keep`; one that another snapshot depends on (or that is

@@ -3,6 +3,7 @@
 pub mod bundle;
 pub mod capture;
 mod chain;
+mod compact;
 pub mod compat;
 pub mod db;
 pub(crate) mod guard;

@@ -1,0 +1,188 @@
+//! A sandbox under a checkpoint policy keeps a bounded disk chain (issue 16 follow-up): every capture
+//! freezes the top qcow2 layer and puts a new one over it, so without compaction the running chain grew
+//! by one layer (and one open file in QEMU) per checkpoint, and layers of pruned checkpoints could never
+//! be freed. The daemon streams the layers above the template rootfs into the active layer once the chain
+//! is long; the guest's files stay intact, also across stop/start and a rewind.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{require_image, Daemon};
+use serde_json::Value;
+
+fn guest(d: &Daemon, sb: &str, cmd: &str) -> String {
+    d.kiln_ok(&["exec", sb, "--", "sh", "-c", cmd])
+        .trim()
+        .to_string()
+}
+
+fn checkpoint_ids(d: &Daemon, sb: &str) -> Vec<String> {
+    let out = d.kiln_ok(&["--json", "sandbox", "checkpoints", sb]);
+    serde_json::from_str::<Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Disk images (qcow2 layers, the rootfs link) QEMU holds open in the sandbox's directory.
+fn open_layers(dir: &Path) -> BTreeSet<PathBuf> {
+    let pids = common::qemu_pids_under(dir);
+    assert_eq!(
+        pids.len(),
+        1,
+        "QEMU processes of {}: {pids:?}",
+        dir.display()
+    );
+    let mut open = BTreeSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{}/fd", pids[0]))
+        .unwrap()
+        .flatten()
+    {
+        if let Ok(target) = std::fs::read_link(fd.path()) {
+            let name = target.to_string_lossy().to_string();
+            if target.starts_with(dir) && (name.ends_with(".qcow2") || name.ends_with(".img")) {
+                open.insert(target);
+            }
+        }
+    }
+    open
+}
+
+/// qcow2 files in the sandbox's directory and its `layers/` (inherited layers).
+fn qcow2_files(dir: &Path) -> BTreeSet<PathBuf> {
+    [dir.to_path_buf(), dir.join("layers")]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "qcow2"))
+        .collect()
+}
+
+fn sums(d: &Daemon, sb: &str, files: &[String]) -> String {
+    guest(d, sb, &format!("cd /root && md5sum {}", files.join(" ")))
+}
+
+#[test]
+fn checkpoints_keep_the_disk_chain_bounded_and_the_data_intact() {
+    require_image("tiny");
+    let d = Daemon::start_with(&["--warm-spares", "0"]);
+    d.create(&["--name", "src", "--memory", "256"]);
+    d.kiln_ok(&["snapshot", "create", "src", "--name", "base"]);
+    d.kiln_ok(&["snapshot", "resume", "base", "--name", "w"]);
+    let sb: Value = serde_json::from_str(&d.kiln_ok(&["--json", "sandbox", "get", "w"])).unwrap();
+    let id = sb["id"].as_str().unwrap().to_string();
+    let dir = d.data_dir().join("sandboxes").join(&id);
+    let mut files = vec!["f0".to_string()];
+    guest(&d, "w", "head -c 300000 /dev/urandom > /root/f0; sync");
+    d.kiln_ok(&[
+        "sandbox",
+        "checkpoint-policy",
+        "w",
+        "--every",
+        "2s",
+        "--keep",
+        "2",
+    ]);
+    // Checkpoints while the guest writes (each layer holds some data, some of it overwritten later).
+    let mut seen = BTreeSet::new();
+    let mut most_open = 0;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let wanted = 10;
+    while seen.len() < wanted {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {wanted} checkpoints in 300 s:\n{}",
+            seen.len(),
+            common::tail(&d.log(), 30)
+        );
+        let n = files.len();
+        let f = format!("f{n}");
+        guest(
+            &d,
+            "w",
+            &format!("head -c 200000 /dev/urandom > /root/{f}; head -c 4096 /dev/urandom >> /root/f0; sync"),
+        );
+        files.push(f);
+        for c in checkpoint_ids(&d, "w") {
+            seen.insert(c);
+        }
+        most_open = most_open.max(open_layers(&dir).len());
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let expected = sums(&d, "w", &files);
+    // One more checkpoint that holds every file; then the policy ends.
+    let before: BTreeSet<String> = checkpoint_ids(&d, "w").into_iter().collect();
+    let last = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint after the last write"
+        );
+        let now = checkpoint_ids(&d, "w");
+        if let Some(c) = now
+            .iter()
+            .find(|c| !before.contains(c.as_str()) && !seen.contains(c.as_str()))
+        {
+            break c.clone();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    d.kiln_ok(&["sandbox", "checkpoint-policy", "w", "--clear"]);
+    // A checkpoint may still be under way when the policy is cleared; let it and its compaction end.
+    std::thread::sleep(Duration::from_secs(3));
+    let open = open_layers(&dir);
+    let on_disk = qcow2_files(&dir);
+    eprintln!(
+        "{} checkpoints: QEMU holds {} layers (most seen {most_open}), {} qcow2 files in the sandbox dir",
+        seen.len(),
+        open.len(),
+        on_disk.len()
+    );
+    // Without compaction: the rootfs, the base's layer and one per checkpoint (13+).
+    assert!(
+        open.len() <= 2 + 6 && most_open <= 2 + 6,
+        "the running chain grew to {} layers (most {most_open}): {open:?}",
+        open.len()
+    );
+    // Layers that left the chain are unlinked from the sandbox, so pruned checkpoints free them.
+    let open_qcow2: BTreeSet<_> = open
+        .iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "qcow2"))
+        .cloned()
+        .collect();
+    assert_eq!(on_disk, open_qcow2, "layer files not in QEMU's chain");
+    let kept = checkpoint_ids(&d, "w");
+    assert!(kept.len() <= 2, "{kept:?}");
+    let snaps: Vec<_> = std::fs::read_dir(d.data_dir().join("snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("ckpt-"))
+        .collect();
+    assert!(snaps.len() <= 2, "checkpoint directories left: {snaps:?}");
+    assert!(
+        d.log().contains("disk chain compacted"),
+        "no compaction logged"
+    );
+
+    // The data is intact: now, after a stop/start, and after a rewind to a checkpoint.
+    assert_eq!(sums(&d, "w", &files), expected);
+    d.kiln_ok(&["stop", "w"]);
+    d.kiln_ok(&["start", "w"]);
+    assert_eq!(sums(&d, "w", &files), expected);
+    guest(&d, "w", "echo late > /root/late; sync");
+    d.kiln_ok(&["sandbox", "rewind", "w", "--to", &last]);
+    assert_eq!(sums(&d, "w", &files), expected);
+    assert_eq!(guest(&d, "w", "ls /root/late 2>/dev/null | wc -l"), "0");
+    // And a snapshot of the compacted sandbox resumes with the same data.
+    d.kiln_ok(&[
+        "snapshot", "create", "w", "--name", "after", "--type", "diff",
+    ]);
+    d.kiln_ok(&["snapshot", "resume", "after", "--name", "w2"]);
+    assert_eq!(sums(&d, "w2", &files), expected);
+}
