@@ -429,7 +429,6 @@ fn bridged_sandboxes_have_their_own_addresses_networks_and_egress() {
 }
 
 #[test]
-#[ignore = "known defect: QEMU exits loading a user-mode snapshot on a bridged daemon (docs/networking.md)"]
 fn snapshots_move_between_user_and_bridged_networking() {
     require_image("tiny");
     if !is_root() {
