@@ -317,6 +317,9 @@ impl Engine {
             Ok(()) => Ok(vm),
             Err(e) => {
                 let died = !vm.is_alive();
+                // QEMU says why a load failed on its stderr (e.g. a section of the stream it has no
+                // device for); read before `terminate` cleans up.
+                let said = qemu_said(&vm);
                 vm.terminate().await;
                 self.confine().remove_cgroup(&sb.id);
                 if died && e.code != ErrorCode::BootFailed {
@@ -325,7 +328,7 @@ impl Engine {
                     return Err(Error::new(
                         ErrorCode::VmFailed,
                         format!(
-                            "QEMU (pid {pid}) exited while its saved state was loaded ({}); it was killed or crashed. Try again; if it recurs, see the console:\n{tail}",
+                            "QEMU (pid {pid}) exited while its saved state was loaded ({}){said}; it was killed or crashed. Try again; if it recurs, see the console:\n{tail}",
                             e.message
                         ),
                     ));
@@ -667,4 +670,15 @@ pub(crate) fn create_top_layer(path: &Path, below: &Layer, size: u64) -> Result<
         ));
     }
     Ok(())
+}
+
+/// QEMU's last stderr lines (its own reports, e.g. a failed migration load) as ` (QEMU: ...)`, or "".
+fn qemu_said(vm: &crate::vm::Vm) -> String {
+    let text = std::fs::read_to_string(vm.qemu_file("qemu.stderr")).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let last = &lines[lines.len().saturating_sub(4)..];
+    if last.is_empty() {
+        return String::new();
+    }
+    format!(" (QEMU: {})", last.join(" | "))
 }

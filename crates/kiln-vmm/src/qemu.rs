@@ -21,6 +21,8 @@ pub const SECCOMP: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,re
 const MAX_SOCKET_PATH: usize = 107;
 /// The descriptor number a VM's TAP device has in QEMU (`launch` dup2s it there; /dev/kvm is 3).
 pub const TAP_FD: i32 = 4;
+/// A restore on a TAP: the unconnected user-mode netdev that receives a user-mode machine's slirp state.
+pub const SLIRP_SINK: &str = "user,id=slirp-sink,restrict=on";
 
 /// One image of a disk chain.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -205,6 +207,12 @@ impl VmSpec {
             netdev
         };
         push(&["-netdev", &netdev]);
+        // User networking saves its own state ("slirp") in the stream, and a stream holding a section
+        // the receiving QEMU has nowhere to put fails to load (QEMU exits): a restore on a TAP gets a
+        // slirp with no NIC and no egress to take it, so a machine saved on user networking loads.
+        if self.tap_fd.is_some() && self.incoming {
+            push(&["-netdev", SLIRP_SINK]);
+        }
         push(&[
             "-device",
             &format!("virtio-net-device,netdev=net0,mac={}", self.mac),
@@ -637,6 +645,11 @@ mod tests {
         s.tap_fd = Some(17);
         let args = s.args();
         assert_eq!(value_after(&args, "-netdev"), ["tap,id=net0,fd=4"]);
+        s.incoming = true;
+        assert_eq!(
+            value_after(&s.args(), "-netdev"),
+            ["tap,id=net0,fd=4", SLIRP_SINK]
+        );
         assert!(value_after(&args, "-device")
             .iter()
             .any(|d| d.starts_with("virtio-net-device,netdev=net0,mac=52:54:00:12:34:56")));
