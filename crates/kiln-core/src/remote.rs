@@ -120,7 +120,10 @@ impl Engine {
                     .map(PathBuf::from),
             );
         }
-        if roots.iter().any(|r| std::path::Path::new(path).starts_with(r)) {
+        if roots
+            .iter()
+            .any(|r| std::path::Path::new(path).starts_with(r))
+        {
             return Ok(());
         }
         let allowed: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();

@@ -26,8 +26,8 @@ use utoipa::OpenApi;
 use crate::error::ApiError;
 use crate::openapi::AuthAndCommonErrors;
 use crate::routes::{
-    bundles, checkpoints, dirs, doctor, events, exec, files, lifecycle, operations, ports, processes,
-    remotes, sandboxes, snapshots, system, volumes,
+    bundles, checkpoints, dirs, doctor, events, exec, files, lifecycle, operations, ports,
+    processes, remotes, sandboxes, snapshots, system, volumes,
 };
 
 #[derive(OpenApi)]
