@@ -174,7 +174,9 @@ fn console_files(dir: &Path) -> Vec<(String, u64)> {
                 continue;
             };
             let name = e.file_name().to_string_lossy().into_owned();
-            if meta.is_dir() && name != "images" {
+            // A template snapshot's boot log belongs to the template (shared by every sandbox resumed
+            // from it, removed with it), not to any sandbox.
+            if meta.is_dir() && name != "images" && !name.starts_with("template-") {
                 stack.push(e.path());
             } else if meta.is_file() && (name.contains("console") || d.ends_with("consoles")) {
                 out.push((e.path().display().to_string(), meta.len()));

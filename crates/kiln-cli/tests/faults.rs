@@ -316,13 +316,22 @@ fn daemon_killed_in_the_middle_of_each_operation_loses_nothing() {
             check_world(d, w, &mut tally, &format!("after a crash at {point}"));
         };
 
-    // Creating, resuming and forking are rolled back: the new sandboxes never existed.
+    // Creating, resuming and forking are rolled back: the new sandboxes never existed. A create is
+    // either a cold boot (`boot: true`) or a resume of the template snapshot; both are cut.
     step(
         &mut d,
         "create.launched",
         "POST",
         "/v1/sandboxes",
-        json!({"name": "new1"}),
+        json!({"name": "new1", "boot": true}),
+        &w,
+    );
+    step(
+        &mut d,
+        "resume.launched",
+        "POST",
+        "/v1/sandboxes",
+        json!({"name": "new2"}),
         &w,
     );
     step(

@@ -90,6 +90,8 @@ fn a_copy_gets_more_memory_and_vcpus_and_keeps_running() {
         "512",
         "--cpus",
         "1",
+        // Booted, not resumed from the template snapshot: the RAM-file check below is about a boot.
+        "--boot",
     ]);
     let src_id = src["id"].as_str().expect("id").to_string();
     // The guest has about 256 MiB (the kernel keeps some of it, as in any 256 MiB guest).

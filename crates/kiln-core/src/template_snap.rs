@@ -176,11 +176,26 @@ impl Engine {
                 disk_size_bytes >> 30
             ));
         }
-        Ok(Shape {
-            memory_mib: req.memory_mib.unwrap_or(self.config().default_memory_mib),
-            max_memory_mib: req.max_memory_mib,
-            cpus: req.cpus.unwrap_or(self.config().default_cpus),
-        })
+        Ok(self.shape_for(image, req.memory_mib, req.max_memory_mib, req.cpus))
+    }
+
+    /// The machine a create with these sizes boots: the daemon's defaults fill what is not asked for,
+    /// headroom included, so a daemon with another default never resumes a snapshot of another size.
+    fn shape_for(
+        &self,
+        image: &Image,
+        memory_mib: Option<u64>,
+        max_memory_mib: Option<u64>,
+        cpus: Option<u32>,
+    ) -> Shape {
+        let memory_mib = memory_mib.unwrap_or(self.config().default_memory_mib);
+        Shape {
+            memory_mib,
+            max_memory_mib: self
+                .max_memory_for(image, memory_mib, max_memory_mib)
+                .filter(|max| *max > memory_mib),
+            cpus: cpus.unwrap_or(self.config().default_cpus),
+        }
     }
 
     /// Resumes the template snapshot of `shape` (made first if missing) as the sandbox `req` asks for.
@@ -400,7 +415,8 @@ impl Engine {
         let req = CreateSandbox {
             template: Some(template.to_string()),
             memory_mib: Some(shape.memory_mib),
-            max_memory_mib: shape.max_memory_mib,
+            // Always explicit (equal to memory_mib for none): the daemon's default must not add any.
+            max_memory_mib: Some(shape.max_memory_mib.unwrap_or(shape.memory_mib)),
             cpus: Some(shape.cpus),
             ..Default::default()
         };
@@ -526,11 +542,7 @@ impl Engine {
                     info!(template = %template, "no template snapshot prepared: the default template is not built")
                 }
                 Ok(image) => {
-                    let shape = Shape {
-                        memory_mib: engine.config().default_memory_mib,
-                        max_memory_mib: None,
-                        cpus: engine.config().default_cpus,
-                    };
+                    let shape = engine.shape_for(&image, None, None, None);
                     match engine
                         .ensure_template_snapshot(&template, &image, shape)
                         .await

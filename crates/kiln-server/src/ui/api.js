@@ -34,12 +34,14 @@ export async function api(method, path, body) {
   return type.includes("json") && text ? JSON.parse(text) : text;
 }
 
-// Calls onEvent for each server-sent event of GET /v1/events. Resolves false at once when the daemon has
-// no event stream (404), so the caller polls instead; otherwise resolves true when the stream ends.
-export async function subscribe(onEvent, signal) {
+// Calls onOpen once the stream of GET /v1/events is open (a quiet daemon may send no event for a long
+// time), then onEvent for each server-sent event. Resolves false at once when the daemon has no event
+// stream (404), so the caller polls instead; otherwise resolves true when the stream ends.
+export async function subscribe(onOpen, onEvent, signal) {
   const res = await fetch("/v1/events", { headers: headers({ Accept: "text/event-stream" }), signal });
   if (res.status === 404) return false;
   if (!res.ok || !res.body) throw new ApiError(res.status, "events", "event stream refused: " + res.status);
+  onOpen();
   const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
   let buf = "";
   for (;;) {

@@ -195,9 +195,13 @@ async function live() {
   };
   for (;;) {
     try {
-      let opened = false;
-      const had = await subscribe(ev => {
-        if (!opened) { opened = true; polling(false); $("#live").textContent = "live"; }
+      const had = await subscribe(() => {
+        polling(false);
+        $("#live").textContent = "live";
+        $("#live").className = "badge";
+        // What changed while the stream was down.
+        refreshSoon();
+      }, ev => {
         if (ev.kind !== "heartbeat") refreshSoon();
         if (ev.sandbox && ev.sandbox === state.selected) loadLogs();
       });
