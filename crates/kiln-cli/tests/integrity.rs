@@ -328,7 +328,12 @@ fn snapshot_names_are_reserved_and_temporary_paths_are_unique() {
     // Every snapshot verifies in full (checksums), and no temporary directory is left.
     let (status, v) = d.api("GET", "/v1/doctor?deep=true", None);
     assert_eq!((status, &v["ok"]), (200, &json!(true)), "{v}");
-    assert_eq!(v["snapshots_checked"], 7, "{v}");
+    // The daemon's template snapshots (`template-*`) are verified too.
+    let templates = dir_names(d.data_dir().join("snapshots"))
+        .into_iter()
+        .filter(|n| n.starts_with("template-"))
+        .count();
+    assert_eq!(v["snapshots_checked"], 7 + templates, "{v}");
     let left: Vec<_> = dir_names(d.data_dir().join("snapshots"))
         .into_iter()
         .filter(|n| n.starts_with('.'))
@@ -383,7 +388,15 @@ fn diff_snapshots_are_pinned_to_their_base_by_content() {
     let d = Daemon::start();
     let mut tally = Tally::default();
     let tpl = private_image(&d, "tpl");
-    d.create(&["--name", "t", "--template", "tpl"]);
+    // Booted: its diffs build on the template's rootfs itself, pinned by content.
+    d.create(&["--name", "t", "--template", "tpl", "--boot"]);
+    // Resumed from the template's snapshot: its diffs build on that snapshot, which outlives a rebuild.
+    d.create(&["--name", "u", "--template", "tpl"]);
+    sh_ok(&d, "u", "echo u1 > /root/marker; sync");
+    assert_eq!(
+        snapshot(&d, "u", json!({"name": "du", "type": "diff"})).0,
+        201
+    );
     sh_ok(&d, "t", "echo t1 > /root/marker; sync");
     assert_eq!(snapshot(&d, "t", json!({"name": "p"})).0, 201);
     let (status, v) = post(&d, "/v1/snapshots/p/resume", json!({"name": "r"}));
@@ -425,6 +438,12 @@ fn diff_snapshots_are_pinned_to_their_base_by_content() {
     tally.survived += 1;
     let (status, v) = snapshot(&d, "t", json!({"name": "d3", "type": "diff"}));
     assert_eq!((status, code(&v)), (409, "snapshot_base_changed"), "{v}");
+    // A diff of a copy of the old template snapshot keeps working after the rebuild, with its own files.
+    tally.attempted += 1;
+    let (status, v) = post(&d, "/v1/snapshots/du/resume", json!({"name": "u2"}));
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(sh_ok(&d, "u2", "cat /root/marker").trim(), "u1");
+    tally.survived += 1;
     // Nothing half-made was left, and a full snapshot needs no base.
     assert_eq!(
         snapshot(&d, "t", json!({"name": "f", "type": "full"})).0,

@@ -49,7 +49,9 @@ fn dirty_guest_ram(d: &Daemon, sb: &str, mib: u32, rounds: u32) {
 /// Creates a sandbox under `d`, dirties 120 MiB of its RAM four times and returns (MiB QEMU wrote to
 /// storage meanwhile, seconds a snapshot then took).
 fn workload(d: &Daemon, placement: &str) -> (f64, f64) {
-    d.create(&["--name", "w", "--memory", "256"]);
+    // Booted (`--boot`): a copy of the template snapshot keeps its RAM in the snapshot's file plus private
+    // pages, not on the tmpfs.
+    d.create(&["--name", "w", "--memory", "256", "--boot"]);
     let pid = d.qemu_pids()[0];
     let ram = mem_path(pid);
     eprintln!("{placement}: guest RAM is {}", ram.display());
@@ -100,7 +102,9 @@ fn booted_guest_ram_is_on_tmpfs_and_not_written_back_to_disk() {
 fn ram_on_tmpfs_survives_daemon_restart_stop_start_and_snapshots() {
     require_image("tiny");
     let mut d = Daemon::start();
-    d.create(&["--name", "a"]);
+    // Booted: only a booted machine's RAM is a file on the tmpfs (copies of snapshots, this one's too,
+    // map the snapshot's RAM file privately).
+    d.create(&["--name", "a", "--boot"]);
     let ram_dir = d.data_dir().join("ram");
     d.kiln_ok(&["exec", "a", "--", "sh", "-c", "echo in-ram > /tmp/marker"]);
     let read = |d: &Daemon, sb: &str| d.kiln_ok(&["exec", sb, "--", "cat", "/tmp/marker"]);
@@ -156,7 +160,8 @@ fn a_ram_dir_too_small_for_the_guest_is_refused_clearly() {
     let (status, body) = d.api(
         "POST",
         "/v1/sandboxes",
-        Some(serde_json::json!({"name": "big", "memory_mib": 256})),
+        // A boot needs its RAM file on the tmpfs (a copy of the template snapshot does not).
+        Some(serde_json::json!({"name": "big", "memory_mib": 256, "boot": true})),
     );
     eprintln!("{status} {body}");
     assert_eq!(status, 507, "{body}");

@@ -361,8 +361,20 @@ fn diff_snapshots_need_their_base_and_full_ones_do_not() {
     let d = Daemon::start();
     // A private template this test may delete.
     common::private_image(&d, "mine");
-    d.create(&["--name", "base", "--template", "mine"]);
+    // Booted: its diff builds on the template's rootfs itself.
+    d.create(&["--name", "base", "--template", "mine", "--boot"]);
     d.kiln_ok(&["exec", "base", "--", "sh", "-c", "echo layered > /root/x"]);
+    // Resumed from the template's snapshot: its diff builds on that snapshot, kept while the diff needs it.
+    d.create(&["--name", "warm", "--template", "mine"]);
+    d.kiln_ok(&["exec", "warm", "--", "sh", "-c", "echo warm > /root/x"]);
+    let dw = json_of(
+        &d,
+        &[
+            "snapshot", "create", "warm", "--name", "dw", "--type", "diff",
+        ],
+    );
+    assert_eq!(dw["parent"], "template:mine");
+    d.kiln_ok(&["sandbox", "delete", "-y", "warm"]);
     let diff = json_of(
         &d,
         &[
@@ -395,6 +407,14 @@ fn diff_snapshots_need_their_base_and_full_ones_do_not() {
         d.qemu_pids().is_empty(),
         "a VM started for a snapshot that cannot be restored"
     );
+    // The diff of the template snapshot's copy still resumes: that snapshot outlives the image.
+    d.kiln_ok(&["snapshot", "resume", "dw", "--name", "warm2"]);
+    assert_eq!(
+        d.kiln_ok(&["exec", "warm2", "--", "cat", "/root/x"]),
+        "warm
+"
+    );
+    d.kiln_ok(&["sandbox", "delete", "-y", "warm2"]);
 
     // The full snapshot outlives its source and its template.
     d.kiln_ok(&["snapshot", "resume", "f1", "--name", "survivor"]);

@@ -97,15 +97,34 @@ impl DiskFloor {
 
 /// Bytes allocated (blocks, not apparent sizes: disks are sparse) under the data directory's `sandboxes`,
 /// `snapshots` and `volumes`, each inode counted once (snapshots and sandboxes share layers by hard link).
-/// Links are not followed.
+/// Links are not followed. The daemon's template snapshots (`snapshots/template-*`) are part of their
+/// templates, as images are: neither they nor the links sandboxes hold to their files are counted.
 pub fn used_bytes(data_dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
     let mut seen = std::collections::HashSet::new();
-    let mut total = 0u64;
-    let mut stack: Vec<std::path::PathBuf> = ["sandboxes", "snapshots", "volumes"]
-        .iter()
-        .map(|d| data_dir.join(d))
+    let templates: Vec<std::path::PathBuf> = std::fs::read_dir(data_dir.join("snapshots"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("template-"))
+        .map(|e| e.path())
         .collect();
+    walk_files(templates, &mut seen);
+    walk_files(
+        ["sandboxes", "snapshots", "volumes"]
+            .iter()
+            .map(|d| data_dir.join(d))
+            .collect(),
+        &mut seen,
+    )
+}
+
+/// Allocated bytes of the files under `dirs` whose inodes are not in `seen` yet (which it adds).
+fn walk_files(
+    mut stack: Vec<std::path::PathBuf>,
+    seen: &mut std::collections::HashSet<(u64, u64)>,
+) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0u64;
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             let Ok(m) = entry.metadata() else { continue };
@@ -165,6 +184,11 @@ mod tests {
             .set_len(1 << 30)
             .unwrap();
         std::fs::write(dir.path().join("kiln.db"), vec![1u8; 1 << 20]).unwrap();
+        // A template snapshot's RAM, and a sandbox's link to it, belong to the template: not counted.
+        let tpl = dir.path().join("snapshots/template-0123456789abcdef");
+        std::fs::create_dir_all(&tpl).unwrap();
+        std::fs::write(tpl.join("memory"), vec![1u8; 4 << 20]).unwrap();
+        std::fs::hard_link(tpl.join("memory"), sb.join("memory.base")).unwrap();
         let used = used_bytes(dir.path());
         assert!((1 << 20..(1 << 20) + (64 << 10)).contains(&used), "{used}");
         assert!(check_quota(dir.path(), None, "x").is_ok());

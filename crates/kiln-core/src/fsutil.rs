@@ -23,11 +23,15 @@ pub fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
                         .map_err(|e| kiln_vmm::VmmError::io("syncing the copy", e))
                 })
                 .map_err(|e| {
-                    Error::internal(format!(
-                        "copying {} to {}: {e}",
-                        src.display(),
-                        dst.display()
-                    ))
+                    let context = format!("copying {} to {}", src.display(), dst.display());
+                    match e {
+                        // A full disk is the client's to fix (507), not an internal error.
+                        kiln_vmm::VmmError::Io {
+                            context: what,
+                            source,
+                        } => io_error(&format!("{context}: {what}"), source),
+                        e => Error::internal(format!("{context}: {e}")),
+                    }
                 })
         }
         Err(e) => Err(io_error(

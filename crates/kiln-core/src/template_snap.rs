@@ -310,8 +310,10 @@ impl Engine {
             kiln_vmm::qemu_version(),
             kiln_vmm::cpu::model(accel),
             crate::snapshot::manifest::FORMAT_VERSION.to_string(),
+            // "2": the headroom a create boots with is part of the shape since this version; ids made
+            // before (which keyed only what the client asked for) must not be found again.
             format!(
-                "{} {:?} {} {}",
+                "2 {} {:?} {} {}",
                 shape.memory_mib,
                 shape.max_memory_mib,
                 shape.cpus,
@@ -368,7 +370,7 @@ impl Engine {
         if shared.join(MANIFEST).is_file() {
             let imported = {
                 let (shared, id) = (shared.clone(), id.clone());
-                fsutil::off_runtime(|| self.import_template_snapshot(&shared, &id))
+                fsutil::off_runtime(|| self.import_template_snapshot(&shared, &id, shape))
             };
             match imported {
                 Ok(()) => return Ok(id),
@@ -484,7 +486,7 @@ impl Engine {
     }
 
     /// Links a shared template snapshot into this daemon's store, checks it whole and records it.
-    fn import_template_snapshot(&self, shared: &Path, id: &str) -> Result<()> {
+    fn import_template_snapshot(&self, shared: &Path, id: &str, shape: Shape) -> Result<()> {
         let dst = self.config().snapshot_dir(id);
         let tmp = self.config().snapshots_dir().join(format!(
             ".tmp-{id}-{:08x}-{}",
@@ -496,7 +498,21 @@ impl Engine {
             let _ = fsutil::remove_dir_durably(&tmp);
             return Err(e);
         }
-        let checked = Manifest::read(&dst, id).and_then(|m| m.verify(&dst, true).map(|()| m));
+        let checked = Manifest::read(&dst, id)
+            .and_then(|m| m.verify(&dst, true).map(|()| m))
+            .and_then(|m| {
+                // The store is shared: what is there must be the machine this id names.
+                let made = (m.memory_mib, m.max_memory_mib, m.cpus);
+                let want = (shape.memory_mib, shape.max_memory_mib, shape.cpus);
+                if made == want {
+                    Ok(m)
+                } else {
+                    Err(Error::new(
+                        ErrorCode::SnapshotIncompatible,
+                        format!("the shared template snapshot {id} is of another machine (memory, headroom, cpus) {made:?}, not {want:?}"),
+                    ))
+                }
+            });
         let m = match checked {
             Ok(m) => m,
             Err(e) => {
