@@ -330,6 +330,18 @@ impl AgentClient {
         }
     }
 
+    /// Aborts the guest's TCP connections whose local address is one of `addresses` (feature
+    /// `net_reset`); returns how many.
+    pub async fn reset_connections(&self, addresses: &[String]) -> Result<u32, AgentError> {
+        let req = Request::ResetConnections {
+            addresses: addresses.to_vec(),
+        };
+        match self.call(req, "reset_connections", REQUEST_TIMEOUT).await? {
+            Response::Reset { connections } => Ok(connections),
+            other => Err(unexpected("reset_connections", &other)),
+        }
+    }
+
     /// Sends a request and waits for its final response, turning guest errors into `Err`.
     async fn call(
         &self,

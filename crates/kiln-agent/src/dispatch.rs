@@ -10,7 +10,7 @@ use kiln_proto::{ErrorCode, Frame, FrameKind, Request, Response};
 use crate::conn::{Inbound, Shared, Stream};
 use crate::failure::Failure;
 use crate::util::log;
-use crate::{exec, files, procs, system, tarball, volumes, watch};
+use crate::{exec, files, netreset, procs, system, tarball, volumes, watch};
 
 pub fn dispatch(shared: &Arc<Shared>, frame: Frame) {
     let msg = match frame.kind {
@@ -154,6 +154,7 @@ fn serve_simple(
         Request::UnpackTar { path } => tarball::unpack(rx, &|n| stream.ack(n), &path),
         Request::PackTar { path } => tarball::pack(stream, rx, &path),
         Request::Watch { path, recursive } => watch::watch(stream, rx, &path, recursive),
+        Request::ResetConnections { addresses } => netreset::reset_connections(&addresses),
         // Handled inline by `request`.
         Request::Hello
         | Request::Ping

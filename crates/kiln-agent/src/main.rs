@@ -8,6 +8,7 @@ mod dispatch;
 mod exec;
 mod failure;
 mod files;
+mod netreset;
 mod port;
 mod procs;
 mod system;

@@ -35,6 +35,7 @@ pub fn hello_info() -> HelloInfo {
             "tar".into(),
             "watch".into(),
             "identity".into(),
+            "net_reset".into(),
         ],
     }
 }

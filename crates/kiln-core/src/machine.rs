@@ -224,6 +224,7 @@ impl Engine {
             start_paused: incoming,
             egress: sb.egress,
             tap_fd: None,
+            vhost_fd: None,
             confine: kiln_vmm::Confine {
                 run_as: self.confine().run_as(sb.qemu_uid),
                 cgroup_procs: Vec::new(),
@@ -241,6 +242,7 @@ impl Engine {
         let mut spec = self.vm_spec(sb, layout, incoming.is_some());
         let net = self.prepare_net(sb, incoming.is_some()).await?;
         spec.tap_fd = net.tap.as_ref().map(|t| t.fd());
+        spec.vhost_fd = net.vhost.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
         if let Some(params) = &net.cmdline {
             spec.cmdline = format!("{} {params}", spec.cmdline);
         }
@@ -260,6 +262,7 @@ impl Engine {
         };
         // QEMU has its own descriptor now: the TAP lives as long as QEMU does.
         drop(net.tap);
+        drop(net.vhost);
         self.db().set_state(&sb.id, sb.state, Some(pid), None)?;
         let vm = Arc::new(
             Vm::new(
@@ -296,13 +299,18 @@ impl Engine {
             // Before the restore returns: the guest answers on its own address (net/).
             match &net.readdress {
                 Some(guest) if resumes => {
-                    self.readdress(&vm, guest).await?;
+                    self.readdress(&vm, guest, net.old_address.as_deref())
+                        .await?;
                     ph.mark("readdress");
                 }
                 Some(guest) => {
                     tracing::warn!(sandbox = %sb.id, address = %guest.address, "a paused restore keeps its guest's old address until it is re-addressed")
                 }
                 None => {}
+            }
+            if let Some(guest) = &net.boot6 {
+                self.readdress(&vm, guest, None).await?;
+                ph.mark("ipv6");
             }
             // A restored guest may be asked for more than its snapshot had (a paused one is left as
             // saved: it cannot move pages, and only a resume changes its size).

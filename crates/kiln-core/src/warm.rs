@@ -269,6 +269,7 @@ impl Engine {
         }
         let name = req.name.clone().unwrap_or_else(|| id.clone());
         let template = req.from_template.as_ref();
+        let spare_network = spare.network.clone();
         let claimed = Sandbox {
             name: name.clone(),
             hostname: name.replace('_', "-"),
@@ -285,6 +286,7 @@ impl Engine {
                 .chain(req.env.clone())
                 .collect(),
             ports: template.map_or_else(|| spare.ports.clone(), |t| t.ports.clone()),
+            network: req.network.clone(),
             ..spare
         };
         if let Err(e) = self.db().claim_spare(&id, &claimed) {
@@ -315,6 +317,12 @@ impl Engine {
             false,
         );
         let continued = async {
+            // Bridged: the spare has an address of its own (given when it was made, never a client's);
+            // it joins the client's network before its guest runs again.
+            if spare_network != claimed.network {
+                crate::net::set_network(self.db(), &id, claimed.network.as_deref())?;
+                self.refresh_net().await?;
+            }
             if template.is_some() {
                 // The spare published nothing (a template's machine has no ports); the client's ports now.
                 self.apply_ports(&claimed, &vm).await?;

@@ -133,6 +133,10 @@ pub enum Request {
         #[serde(default)]
         recursive: bool,
     },
+    /// Aborts (with a TCP reset) the guest's TCP connections whose local address is one of
+    /// `addresses`, addresses a re-addressed copy no longer has; answers [`Response::Reset`].
+    /// Needs feature `net_reset`.
+    ResetConnections { addresses: Vec<String> },
 }
 
 /// A process to run. Give exactly one of `argv` or `shell`.
@@ -241,6 +245,10 @@ pub enum Response {
     Unpacked {
         entries: u64,
         bytes: u64,
+    },
+    /// Answer to `reset_connections`: how many connections were aborted.
+    Reset {
+        connections: u32,
     },
     Error {
         code: ErrorCode,

@@ -87,6 +87,7 @@ pub fn launch(spec: &VmSpec) -> Result<u32, VmmError> {
     };
     let kvm_fd = kvm.as_ref().map(|f| f.as_raw_fd());
     let tap_fd = spec.tap_fd;
+    let vhost_fd = spec.tap_fd.and(spec.vhost_fd);
     let run_as = spec.confine.run_as.clone();
     let binary = crate::qemu_binary();
     let mut cmd = Command::new(&binary);
@@ -99,7 +100,9 @@ pub fn launch(spec: &VmSpec) -> Result<u32, VmmError> {
         .stderr(stderr);
     // SAFETY: the closure only makes raw syscalls on data prepared before the fork and allocates nothing.
     unsafe {
-        cmd.pre_exec(move || detach_and_confine(&cgroup_fds, run_as.as_ref(), kvm_fd, tap_fd));
+        cmd.pre_exec(move || {
+            detach_and_confine(&cgroup_fds, run_as.as_ref(), kvm_fd, tap_fd, vhost_fd)
+        });
     }
     let mut child = cmd.spawn().map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => VmmError::MissingTool {
@@ -155,6 +158,7 @@ fn detach_and_confine(
     run_as: Option<&RunAs>,
     kvm_fd: Option<i32>,
     tap_fd: Option<i32>,
+    vhost_fd: Option<i32>,
 ) -> std::io::Result<()> {
     let check = |r: libc::c_int| {
         if r < 0 {
@@ -173,14 +177,18 @@ fn detach_and_confine(
             }
         }
         // The TAP first moves out of the way (it may sit on KVM_FD's number), close-on-exec.
-        let tap = match tap_fd {
-            Some(fd) => {
-                let moved = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 16);
-                check(moved)?;
-                Some(moved)
+        let away = |fd: Option<i32>| -> std::io::Result<Option<i32>> {
+            match fd {
+                Some(fd) => {
+                    let moved = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 16);
+                    check(moved)?;
+                    Ok(Some(moved))
+                }
+                None => Ok(None),
             }
-            None => None,
         };
+        let tap = away(tap_fd)?;
+        let vhost = away(vhost_fd)?;
         // After the cgroup writes: the dup2 may replace one of their descriptors.
         if let Some(fd) = kvm_fd {
             pass_kvm_fd(fd)?;
@@ -188,6 +196,9 @@ fn detach_and_confine(
         if let Some(fd) = tap {
             // dup2 onto another number clears close-on-exec: QEMU gets it as `-netdev tap,fd=TAP_FD`.
             check(libc::dup2(fd, crate::qemu::TAP_FD))?;
+        }
+        if let Some(fd) = vhost {
+            check(libc::dup2(fd, crate::qemu::VHOST_FD))?;
         }
         if let Some(r) = run_as {
             check(libc::setgroups(r.groups.len(), r.groups.as_ptr()))?;

@@ -21,6 +21,8 @@ pub const SECCOMP: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,re
 const MAX_SOCKET_PATH: usize = 107;
 /// The descriptor number a VM's TAP device has in QEMU (`launch` dup2s it there; /dev/kvm is 3).
 pub const TAP_FD: i32 = 4;
+/// The descriptor number a `/dev/vhost-net` descriptor gets in QEMU (with a TAP).
+pub const VHOST_FD: i32 = 5;
 /// A restore on a TAP: the unconnected user-mode netdev that receives a user-mode machine's slirp state.
 pub const SLIRP_SINK: &str = "user,id=slirp-sink,restrict=on";
 
@@ -108,6 +110,9 @@ pub struct VmSpec {
     /// TAP, passed to QEMU as [`TAP_FD`], instead of user-mode networking (`forwards` and `egress` then do
     /// not apply: the daemon's firewall and port proxy do that job).
     pub tap_fd: Option<i32>,
+    /// An open `/dev/vhost-net` (the daemon's; the VM's uid cannot open it) for the TAP: the kernel
+    /// moves the NIC's packets instead of QEMU's thread. Passed as [`VHOST_FD`]; ignored without a TAP.
+    pub vhost_fd: Option<i32>,
     /// Who the process runs as and which cgroups it joins.
     pub confine: crate::launch::Confine,
 }
@@ -195,7 +200,11 @@ impl VmSpec {
         // The same NIC (and so the same device state) either way: a machine saved in one mode restores
         // in the other.
         let netdev = if self.tap_fd.is_some() {
-            format!("tap,id=net0,fd={TAP_FD}")
+            let mut netdev = format!("tap,id=net0,fd={TAP_FD}");
+            if self.vhost_fd.is_some() {
+                netdev.push_str(&format!(",vhost=on,vhostfd={VHOST_FD}"));
+            }
+            netdev
         } else {
             let mut netdev = "user,id=net0".to_string();
             if !self.egress {
@@ -549,6 +558,7 @@ mod tests {
             start_paused: false,
             egress: true,
             tap_fd: None,
+            vhost_fd: None,
             confine: Default::default(),
         }
     }
@@ -653,6 +663,11 @@ mod tests {
         assert!(value_after(&args, "-device")
             .iter()
             .any(|d| d.starts_with("virtio-net-device,netdev=net0,mac=52:54:00:12:34:56")));
+        s.vhost_fd = Some(18);
+        assert_eq!(
+            value_after(&s.args(), "-netdev")[0],
+            "tap,id=net0,fd=4,vhost=on,vhostfd=5"
+        );
     }
 
     #[test]

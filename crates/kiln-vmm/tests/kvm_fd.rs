@@ -67,6 +67,7 @@ fn qemu_as_unprivileged_uid_gets_kvm_from_the_daemon() {
         start_paused: true,
         egress: false,
         tap_fd: None,
+        vhost_fd: None,
         confine: kiln_vmm::Confine {
             run_as: Some(RunAs {
                 uid: UID,

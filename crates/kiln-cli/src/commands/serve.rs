@@ -104,6 +104,10 @@ pub struct ServeArgs {
     /// the gateway).
     #[arg(long, env = "KILN_SUBNET", default_value = kiln_core::net::DEFAULT_SUBNET)]
     subnet: String,
+    /// Bridged networking: the IPv6 /64 pool guests get addresses from where the host has IPv6 (each
+    /// guest's is the pool's prefix and its IPv4 address's host number), or `off`.
+    #[arg(long, env = "KILN_SUBNET6", default_value = kiln_core::net::DEFAULT_SUBNET6)]
+    subnet6: String,
     /// Where guest RAM of booted sandboxes lives while they run: `auto` (a tmpfs kiln mounts at
     /// <data dir>/ram, so guest memory is not written back to disk; the data disk where mounting is not
     /// allowed), an absolute path of a root-owned 0711 directory (on a tmpfs), or `disk`. A stop copies
@@ -182,7 +186,8 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     if args.network == "bridged" {
         cfg.network = kiln_core::net::NetMode::Bridged(
             kiln_core::net::BridgeConfig::new(&args.bridge, &args.subnet)
-                .map_err(|e| anyhow::anyhow!("--bridge/--subnet: {e}"))?,
+                .and_then(|b| b.with_subnet6(&args.subnet6))
+                .map_err(|e| anyhow::anyhow!("--bridge/--subnet/--subnet6: {e}"))?,
         );
     }
     cfg.memory_headroom =

@@ -162,6 +162,15 @@ pub(crate) fn forward_rules(chain: &str, resolvers: &[IpAddr], allow: &[Cidr]) -
         .collect()
 }
 
+/// `forward_rules` for IPv6 (`ip6tables`).
+pub(crate) fn forward_rules6(chain: &str, resolvers: &[IpAddr], allow: &[Cidr]) -> Vec<String> {
+    rules(true, "0-0", resolvers, allow)
+        .into_iter()
+        .skip(1)
+        .map(|r| r.replacen(&format!("-A {CHAIN} "), &format!("-A {chain} "), 1))
+        .collect()
+}
+
 /// The chain's rules for one address family, in `iptables-restore` syntax, in order.
 fn rules(ipv6: bool, uids: &str, resolvers: &[IpAddr], allow: &[Cidr]) -> Vec<String> {
     let c = CHAIN;

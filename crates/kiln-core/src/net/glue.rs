@@ -23,8 +23,15 @@ const READDRESS_TIMEOUT: Duration = Duration::from_secs(10);
 /// configuration the restored guest must switch to (None: it has the right one).
 pub(crate) struct NetPlan {
     pub tap: Option<super::tap::Tap>,
+    /// `/dev/vhost-net` for the TAP, where the host has it.
+    pub vhost: Option<std::fs::File>,
     pub cmdline: Option<String>,
     pub readdress: Option<GuestNet>,
+    /// The address the restored guest had (its connections are reset once it has the new one).
+    pub old_address: Option<String>,
+    /// A cold boot's IPv6 configuration, given by the agent once it runs (the image's init sets IPv4
+    /// only).
+    pub boot6: Option<GuestNet>,
 }
 
 /// At daemon start: bridged networking's host side, with the rules the recorded sandboxes need; on user
@@ -42,8 +49,10 @@ pub(crate) async fn setup(cfg: &mut Config, db: &Db) -> Result<Option<Arc<Bridge
         }
         NetMode::Bridged(bc) => bc.clone(),
     };
-    // A warm spare is addressed when it is made, before anyone asks for a network (first slice).
-    cfg.warm_spares = 0;
+    // Spares only when asked for: each holds a pool address and a TAP while it waits.
+    if cfg.warm_spares_default {
+        cfg.warm_spares = 0;
+    }
     let leases = leases(db)?;
     let allow = cfg.allow_net.clone();
     let bridge = tokio::task::spawn_blocking(move || Bridge::setup(bc, &allow, &leases))
@@ -83,14 +92,23 @@ impl Engine {
             .filter(|s| s.id == sb.id)
             .and_then(|s| s.address);
         let guest_has = sb.address.clone();
+        // A guest without a recorded address was on user networking.
+        let old_address = Some(
+            guest_has
+                .clone()
+                .unwrap_or_else(|| GuestNet::user().address.to_string()),
+        );
         let Some(br) = self.bridge() else {
             if stored.is_some() {
                 release(self.db(), &sb.id)?;
             }
             return Ok(NetPlan {
                 tap: None,
+                vhost: None,
                 cmdline: None,
                 readdress: (incoming && guest_has.is_some()).then(GuestNet::user),
+                old_address,
+                boot6: None,
             });
         };
         let address = match stored.as_deref().and_then(|a| a.parse().ok()) {
@@ -111,12 +129,24 @@ impl Engine {
                     )
                 })?
         };
+        let vhost = match br.vhost {
+            super::fastpath::Vhost::On => super::fastpath::open()
+                .map_err(
+                    |e| tracing::warn!(sandbox = %sb.id, error = %e, "no vhost-net for this VM"),
+                )
+                .ok(),
+            super::fastpath::Vhost::Off(_) => None,
+        };
         let guest = br.guest(address);
+        let boot6 = (!incoming && guest.address6.is_some()).then(|| guest.clone());
         Ok(NetPlan {
             tap: Some(tap),
+            vhost,
             cmdline: (!incoming).then(|| guest.cmdline()),
             readdress: (incoming && guest_has.as_deref() != Some(address.to_string().as_str()))
                 .then_some(guest),
+            old_address,
+            boot6,
         })
     }
 
@@ -136,8 +166,48 @@ impl Engine {
     /// Switches a restored guest to `guest` (its agent runs the image's busybox `ip`, see
     /// `GuestNet::script`); the restore fails if it cannot, rather than leave a guest on an address the
     /// host does not route to it.
-    pub(crate) async fn readdress(&self, vm: &Vm, guest: &GuestNet) -> Result<()> {
+    pub(crate) async fn readdress(
+        &self,
+        vm: &Vm,
+        guest: &GuestNet,
+        old: Option<&str>,
+    ) -> Result<()> {
         let agent = vm.agent(READDRESS_TIMEOUT).await?;
+        self.set_address(&agent, vm, guest).await?;
+        // The old address's connections are the source's: nothing answers them here any more, and an
+        // idle one would wait forever. Best effort: the guest works on its new address either way.
+        let Some(old) = old.filter(|o| *o != guest.address.to_string()) else {
+            return Ok(());
+        };
+        if !agent.has_feature("net_reset") {
+            tracing::info!(vm = %vm.name, "the guest agent predates connection resets; connections of the old address time out instead");
+            return Ok(());
+        }
+        let mut addresses = vec![old.to_string()];
+        if let (Some(br), Ok(v4)) = (self.bridge(), old.parse()) {
+            addresses.extend(br.address6_for(v4).map(|a| a.to_string()));
+        }
+        let reset = agent.reset_connections(&addresses);
+        match tokio::time::timeout(READDRESS_TIMEOUT, reset).await {
+            Ok(Ok(n)) => {
+                tracing::debug!(vm = %vm.name, old, connections = n, "reset the old address's connections")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(vm = %vm.name, old, error = %e, "could not reset the old address's connections")
+            }
+            Err(_) => {
+                tracing::warn!(vm = %vm.name, old, "resetting the old address's connections timed out")
+            }
+        }
+        Ok(())
+    }
+
+    async fn set_address(
+        &self,
+        agent: &kiln_agent_client::AgentClient,
+        vm: &Vm,
+        guest: &GuestNet,
+    ) -> Result<()> {
         let mut req = ExecRequest::argv(["/kiln/busybox", "sh", "-c", &guest.script()]);
         req.timeout_ms = Some(READDRESS_TIMEOUT.as_millis() as u64);
         let what = format!("giving the guest its address {}", guest.address);

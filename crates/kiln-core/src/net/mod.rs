@@ -12,15 +12,18 @@
 //! daemon. Addresses are stored with the sandbox (`sandboxes.address`, unique) and the rules are rendered
 //! from the database as a whole (`apply`), so a restarted daemon puts back exactly what its sandboxes need.
 
+pub mod fastpath;
 mod glue;
 pub mod proxy;
 mod rules;
 pub mod tap;
+mod v6;
 
 pub(crate) use glue::setup;
+pub use v6::{Subnet6, DEFAULT_SUBNET6};
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 use std::str::FromStr;
 
@@ -47,6 +50,8 @@ pub struct BridgeConfig {
     /// The host device holding the guests' gateway address.
     pub bridge: String,
     pub subnet: Subnet,
+    /// The IPv6 pool (None: IPv4 only); used where the host has IPv6.
+    pub subnet6: Option<Subnet6>,
 }
 
 impl BridgeConfig {
@@ -66,7 +71,17 @@ impl BridgeConfig {
         Ok(BridgeConfig {
             bridge: bridge.to_string(),
             subnet: subnet.parse()?,
+            subnet6: Some(DEFAULT_SUBNET6.parse()?),
         })
+    }
+
+    /// `--subnet6`: an IPv6 /64 pool, or `off`.
+    pub fn with_subnet6(mut self, subnet6: &str) -> std::result::Result<BridgeConfig, String> {
+        self.subnet6 = match subnet6.trim() {
+            "off" | "none" | "" => None,
+            s => Some(s.parse()?),
+        };
+        Ok(self)
     }
 }
 
@@ -78,6 +93,9 @@ pub struct Subnet {
 }
 
 impl Subnet {
+    pub fn network(&self) -> Ipv4Addr {
+        self.network
+    }
     pub fn gateway(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.network) + 1)
     }
@@ -130,6 +148,8 @@ pub struct GuestNet {
     pub prefix: u8,
     pub gateway: Ipv4Addr,
     pub dns: Vec<Ipv4Addr>,
+    /// Its IPv6 address (a /128 routed through `fe80::1`), if the daemon gives guests IPv6.
+    pub address6: Option<Ipv6Addr>,
 }
 
 impl GuestNet {
@@ -140,6 +160,7 @@ impl GuestNet {
             prefix: 24,
             gateway: Ipv4Addr::new(10, 0, 2, 2),
             dns: vec![Ipv4Addr::new(10, 0, 2, 3)],
+            address6: None,
         }
     }
 
@@ -178,6 +199,17 @@ impl GuestNet {
                 .collect();
             // In place: /etc/resolv.conf may be a file bind-mounted by init.
             s.push_str(&format!("printf '{lines}' >/etc/resolv.conf\n"));
+        }
+        // IPv6: the old global address goes; a new one comes without duplicate detection (the host
+        // routes it to this TAP alone), with the host's link-local address as the default route.
+        s.push_str("$b ip -6 addr flush dev eth0 scope global 2>/dev/null\n");
+        if let Some(a6) = self.address6 {
+            s.push_str(&format!(
+                "echo 0 >/proc/sys/net/ipv6/conf/eth0/accept_dad\n\
+                 $b ip -6 addr add {a6}/128 dev eth0 || exit 1\n\
+                 $b ip -6 route replace default via {} dev eth0 || exit 1\n",
+                v6::GATEWAY6
+            ));
         }
         // In the background with its own descriptors: the exec returns without waiting for it.
         s.push_str(&format!(
@@ -225,6 +257,10 @@ pub struct Bridge {
     rules: std::sync::Mutex<()>,
     /// Published ports (`proxy`).
     pub proxies: proxy::Proxies,
+    /// The IPv6 pool in use (None: the host has no IPv6 or `--subnet6 off`).
+    pub v6: Option<Subnet6>,
+    /// Whether VMs' NICs get vhost-net.
+    pub vhost: fastpath::Vhost,
 }
 
 impl Bridge {
@@ -259,15 +295,31 @@ impl Bridge {
             _ => None,
         })
         .collect();
+        let v6 = match cfg.subnet6 {
+            Some(p6) => match v6::host_has_ipv6() {
+                Ok(()) => {
+                    v6::enable_forwarding()?;
+                    ip(&["-6", "route", "replace", "unreachable", &p6.to_string()])?;
+                    Some(p6)
+                }
+                Err(why) => {
+                    tracing::info!(reason = %why, "bridged guests get no IPv6");
+                    None
+                }
+            },
+            None => None,
+        };
         let bridge = Bridge {
             cfg,
             resolvers,
             allow: allow.to_vec(),
             rules: Default::default(),
             proxies: Default::default(),
+            v6,
+            vhost: fastpath::probe(),
         };
         bridge.apply(leases)?;
-        rules::hook()?;
+        rules::hook(v6.is_some())?;
         Ok(bridge)
     }
 
@@ -277,6 +329,7 @@ impl Bridge {
             prefix: self.cfg.subnet.prefix(),
             gateway: self.cfg.subnet.gateway(),
             dns: self.resolvers.clone(),
+            address6: self.v6.map(|p6| p6.address_for(&self.cfg.subnet, address)),
         }
     }
 
@@ -290,8 +343,20 @@ impl Bridge {
         let n = t.name.as_str();
         // No IPv6 on the host side (a guest would reach the host's services over link-local), ARP answered
         // for the gateway and other guests at once, and only the guest's own address accepted from it.
-        // Absent when the kernel has no IPv6 at all, which is as good.
-        let _ = sysctl(&format!("net/ipv6/conf/{n}/disable_ipv6"), "1");
+        // Absent when the kernel has no IPv6 at all, which is as good. With IPv6 for guests the TAP
+        // gets only fe80::1 (no address of its own making, no router advertisements, no duplicate
+        // detection), and KILN-NET-IN keeps the guest off it but for neighbour discovery.
+        match self.v6 {
+            None => {
+                let _ = sysctl(&format!("net/ipv6/conf/{n}/disable_ipv6"), "1");
+            }
+            Some(_) => {
+                sysctl(&format!("net/ipv6/conf/{n}/addr_gen_mode"), "1")?;
+                sysctl(&format!("net/ipv6/conf/{n}/accept_ra"), "0")?;
+                sysctl(&format!("net/ipv6/conf/{n}/accept_dad"), "0")?;
+                sysctl(&format!("net/ipv6/conf/{n}/disable_ipv6"), "0")?;
+            }
+        }
         sysctl(&format!("net/ipv4/conf/{n}/proxy_arp"), "1")?;
         sysctl(&format!("net/ipv4/conf/{n}/rp_filter"), "1")?;
         sysctl(&format!("net/ipv4/neigh/{n}/proxy_delay"), "0")?;
@@ -303,6 +368,12 @@ impl Bridge {
         ip(&["link", "set", "dev", n, "up"])?;
         // `replace`: the route moves from a previous VM of the same sandbox whose TAP is still going.
         ip(&["route", "replace", &format!("{address}/32"), "dev", n])?;
+        if let Some(p6) = self.v6 {
+            let gw = format!("{}/64", v6::GATEWAY6);
+            ip(&["-6", "addr", "replace", &gw, "dev", n, "nodad"])?;
+            let a6 = p6.address_for(&self.cfg.subnet, address);
+            ip(&["-6", "route", "replace", &format!("{a6}/128"), "dev", n])?;
+        }
         Ok(t)
     }
 
@@ -319,7 +390,35 @@ impl Bridge {
             &self.allow,
         );
         let text = rules::render(&self.cfg.subnet, leases, &guard);
-        crate::confine::netguard::restore("iptables", &text)
+        crate::confine::netguard::restore("iptables", &text)?;
+        let Some(p6) = self.v6 else {
+            return Ok(());
+        };
+        let guard6 =
+            crate::confine::netguard::forward_rules6(rules::GUARD, &self.resolvers6(), &self.allow);
+        let leases6: Vec<(Lease, Ipv6Addr)> = leases
+            .iter()
+            .map(|l| (l.clone(), p6.address_for(&self.cfg.subnet, l.address)))
+            .collect();
+        let text = rules::render6(&p6, &leases6, &guard6);
+        crate::confine::netguard::restore("ip6tables", &text)
+    }
+
+    /// The host's IPv6 resolvers that guests may ask (none is given to guests: they get IPv4 ones).
+    fn resolvers6(&self) -> Vec<std::net::IpAddr> {
+        crate::confine::netguard::resolvers(
+            &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        )
+        .into_iter()
+        .filter(|a| a.is_ipv6() && !a.is_loopback())
+        .collect()
+    }
+
+    /// The IPv6 addresses a guest at IPv4 `address` had (for resetting its connections).
+    pub fn address6_for(&self, address: Ipv4Addr) -> Option<Ipv6Addr> {
+        self.v6
+            .filter(|_| self.cfg.subnet.contains(address))
+            .map(|p6| p6.address_for(&self.cfg.subnet, address))
     }
 
     /// Host-side leftovers: TAPs no running sandbox of `running` has.
@@ -434,6 +533,15 @@ pub(crate) fn release(db: &Db, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Puts sandbox `id` in private network `network` (a claimed warm spare, made in none).
+pub(crate) fn set_network(db: &Db, id: &str, network: Option<&str>) -> Result<()> {
+    db.conn().execute(
+        "UPDATE sandboxes SET network = ?2 WHERE id = ?1",
+        rusqlite::params![id, network],
+    )?;
+    Ok(())
+}
+
 fn ip(args: &[&str]) -> std::result::Result<(), String> {
     let out = Command::new("ip")
         .args(args)
@@ -494,6 +602,7 @@ mod tests {
             prefix: 24,
             gateway: Ipv4Addr::new(10, 213, 0, 1),
             dns: vec![Ipv4Addr::new(192, 0, 2, 53)],
+            address6: None,
         };
         let s = g.script();
         assert!(s.contains("ip addr flush dev eth0"));
@@ -502,6 +611,16 @@ mod tests {
         assert!(s.contains("ip neigh flush dev eth0"));
         assert!(s.contains("nameserver 192.0.2.53"));
         assert!(s.contains("arping -U -c 1 -I eth0 10.213.0.5"));
+        assert!(
+            s.contains("ip -6 addr flush dev eth0 scope global") && !s.contains("ip -6 addr add")
+        );
+        let g6 = GuestNet {
+            address6: Some("fd6b:696c:6e00::5".parse().unwrap()),
+            ..g.clone()
+        };
+        let s = g6.script();
+        assert!(s.contains("ip -6 addr add fd6b:696c:6e00::5/128 dev eth0"));
+        assert!(s.contains("ip -6 route replace default via fe80::1 dev eth0"));
         assert_eq!(
             g.cmdline(),
             "kiln.ip=10.213.0.5/24 kiln.gw=10.213.0.1 kiln.dns=192.0.2.53"
