@@ -357,10 +357,7 @@ fn hostile_names_ids_and_paths_are_refused_and_touch_nothing_on_the_host() {
         entries(&d.data_dir().join("sandboxes")),
         BTreeSet::from([sb["id"].as_str().unwrap().to_string()])
     );
-    assert_eq!(
-        snapshot_entries(&d),
-        BTreeSet::from(["s".to_string()])
-    );
+    assert_eq!(snapshot_entries(&d), BTreeSet::from(["s".to_string()]));
     let list: Value = serde_json::from_str(&d.kiln_ok(&["--json", "sandbox", "list"])).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
 }
