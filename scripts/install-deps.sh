@@ -34,6 +34,8 @@ command -v strace >/dev/null || need+=(strace)  # tests/durability.rs records th
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v umoci >/dev/null || need+=(umoci)
 command -v docker-registry >/dev/null || need+=(docker-registry)
+# `kiln image build -f Dockerfile` runs buildah (tests/oci.rs builds one).
+command -v buildah >/dev/null || need+=(buildah)
 # tests/remote.rs runs moto (an S3-compatible server from PyPI) from a venv in target/.
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 

@@ -369,9 +369,23 @@ struct Account {
     home: String,
 }
 
-/// Finds `user` (a name, or a numeric uid) in /etc/passwd; a numeric uid with no entry runs with
-/// the same gid and `/` as home, as `su`-less images need.
+/// Finds `user` in /etc/passwd: a name or a numeric uid, optionally `:group` (a name from /etc/group
+/// or a numeric gid), as an OCI image's `User` is written. Without a group the user's own from
+/// /etc/passwd applies; a numeric uid with no entry runs with gid = uid and `/` as home, as `su`-less
+/// images need. A name that is not listed is an error, never a silent root.
 fn lookup_user(user: &str) -> Result<Account> {
+    let (user, group) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let mut account = lookup_passwd(user)?;
+    if let Some(group) = group {
+        account.gid = lookup_group(group)?;
+    }
+    Ok(account)
+}
+
+fn lookup_passwd(user: &str) -> Result<Account> {
     let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
     let numeric = user.parse::<u32>().ok();
     for line in passwd.lines() {
@@ -399,10 +413,32 @@ fn lookup_user(user: &str) -> Result<Account> {
             home: "/".into(),
         }),
         None => Err(Failure::new(
-            ErrorCode::NotFound,
+            ErrorCode::InvalidArgument,
             format!("no user {user:?} in the guest's /etc/passwd (give a name it lists, or a numeric uid)"),
         )),
     }
+}
+
+/// A group name from /etc/group, or a numeric gid (listed or not).
+fn lookup_group(group: &str) -> Result<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let groups = fs::read_to_string("/etc/group").unwrap_or_default();
+    for line in groups.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() >= 3 && f[0] == group {
+            if let Ok(gid) = f[2].parse::<u32>() {
+                return Ok(gid);
+            }
+        }
+    }
+    Err(Failure::new(
+        ErrorCode::InvalidArgument,
+        format!(
+            "no group {group:?} in the guest's /etc/group (give a name it lists, or a numeric gid)"
+        ),
+    ))
 }
 
 fn spawn_failure(err: &io::Error, req: &ExecRequest) -> Failure {

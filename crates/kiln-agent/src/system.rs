@@ -32,6 +32,7 @@ pub fn hello_info() -> HelloInfo {
         features: vec![
             "procs".into(),
             "user".into(),
+            "user-group".into(),
             "tar".into(),
             "watch".into(),
             "identity".into(),

@@ -86,7 +86,8 @@ pub struct ExecSpec {
     pub cwd: Option<String>,
     /// Kill the command (its whole process group) after this many milliseconds.
     pub timeout_ms: Option<u64>,
-    /// Run as this guest user (a name from the guest's /etc/passwd, or a numeric uid) instead of root.
+    /// Run as this guest user (a name from the guest's /etc/passwd, or a numeric uid), optionally
+    /// `user:group` (a name from /etc/group, or a numeric gid), instead of root.
     pub user: Option<String>,
 }
 
@@ -450,6 +451,33 @@ impl Engine {
             .collect())
     }
 
+    /// The images lock (kiln_image::ImageStore::images_lock_path), shared; waits while an `image rm`
+    /// holds it, which is only for its check and rename.
+    async fn images_lock_shared(&self) -> Result<kiln_image::FileLock> {
+        let path = self.images.images_lock_path();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match kiln_image::FileLock::try_acquire(&path, false) {
+                Ok(Some(lock)) => return Ok(lock),
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Ok(None) => {
+                    return Err(Error::new(
+                        ErrorCode::Timeout,
+                        "an image removal held the images lock for 30 s; try again",
+                    ))
+                }
+                Err(e) => {
+                    return Err(Error::internal(format!(
+                        "cannot lock {}: {e}",
+                        path.display()
+                    )))
+                }
+            }
+        }
+    }
+
     fn resolve_image(&self, template: &str) -> Result<Image> {
         validate::name("template", template)?;
         self.images
@@ -569,7 +597,11 @@ impl Engine {
         }
         let ports = crate::ports::requested(&[], &req.ports)?;
         self.check_host_ports_free("", &ports)?;
+        // Held until this create returns (its sandbox is recorded by then, or it failed), so `kiln image
+        // rm` cannot remove the template between this lookup and the record it checks for.
+        let _images = self.images_lock_shared().await?;
         let image = self.resolve_image(&template)?;
+        self.faults().hold("create.image_resolved").await;
         let template_size = image.manifest.rootfs_size_bytes;
         let disk_size_bytes = match req.disk_size_gib {
             Some(gib) => {

@@ -58,6 +58,10 @@ pub enum ErrorCode {
     RemoteAlreadyExists,
     /// The remote's object storage could not be reached or refused the request.
     RemoteUnavailable,
+    /// `kiln image rm`: sandboxes use the image (or were still being created from images).
+    ImageInUse,
+    /// `kiln image build -f`: neither buildah nor a docker with a running daemon is installed.
+    ImageBuilderMissing,
 }
 
 impl ErrorCode {
@@ -105,6 +109,8 @@ impl ErrorCode {
             ErrorCode::RemoteNotFound => "remote_not_found",
             ErrorCode::RemoteAlreadyExists => "remote_already_exists",
             ErrorCode::RemoteUnavailable => "remote_unavailable",
+            ErrorCode::ImageInUse => "image_in_use",
+            ErrorCode::ImageBuilderMissing => "image_builder_missing",
         }
     }
 
@@ -122,6 +128,8 @@ impl ErrorCode {
             ErrorCode::RemoteNotFound => 404,
             ErrorCode::RemoteAlreadyExists => 409,
             ErrorCode::RemoteUnavailable => 502,
+            ErrorCode::ImageInUse => 409,
+            ErrorCode::ImageBuilderMissing => 501,
             ErrorCode::SandboxNotFound
             | ErrorCode::SnapshotNotFound
             | ErrorCode::ImageNotFound

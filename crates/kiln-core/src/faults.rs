@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 /// Where an operation can be held. Each is a moment when a crash leaves half-done work behind.
 pub const POINTS: &[&str] = &[
     "create.launched",        // QEMU of a new sandbox started, agent not yet answered
+    "create.image_resolved",  // the template found, the sandbox not yet recorded
     "snapshot.paused",        // source paused, state being saved
     "snapshot.overlay_added", // new top layer opened by QEMU, not yet its active layer
     "snapshot.written",       // files written to .tmp-*, not yet moved into place

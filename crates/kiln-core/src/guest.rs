@@ -49,9 +49,6 @@ impl Engine {
         stdin: bool,
     ) -> Result<ExecRequest> {
         validate::env(&spec.env)?;
-        if let Some(user) = &spec.user {
-            validate_user(user)?;
-        }
         match (&spec.argv, &spec.cmd) {
             (Some(argv), None) if !argv.is_empty() && !argv[0].is_empty() => {}
             (None, Some(cmd)) if !cmd.trim().is_empty() => {}
@@ -77,6 +74,11 @@ impl Engine {
         let mut env = defaults.env;
         env.extend(sb.env.clone());
         env.extend(spec.env);
+        // The image's User is checked like a request's: a bad one is an error, never a silent root.
+        let user = spec.user.or(defaults.user);
+        if let Some(user) = &user {
+            validate_user(user)?;
+        }
         Ok(ExecRequest {
             argv: spec.argv,
             shell: spec.cmd,
@@ -84,7 +86,7 @@ impl Engine {
             cwd: spec.cwd.or(defaults.cwd),
             stdin,
             timeout_ms: spec.timeout_ms,
-            user: spec.user.or(defaults.user),
+            user,
         })
     }
 
@@ -164,7 +166,6 @@ impl Engine {
     }
 }
 
-/// A guest user name or numeric uid; what the agent then looks up in the guest's /etc/passwd.
 /// What an image's config says about commands run in it (nothing for kiln's own images).
 #[derive(Default)]
 pub(crate) struct ImageDefaults {
@@ -212,13 +213,8 @@ impl Engine {
         } else {
             Default::default()
         };
-        // The agent takes a user name or uid; an OCI `user:group` runs with the user's own group.
-        let user = src
-            .user
-            .as_deref()
-            .and_then(|u| u.split(':').next())
-            .filter(|u| validate_user(u).is_ok())
-            .map(str::to_string);
+        // `user` or `user:group`, resolved by the agent from the guest's /etc/passwd and /etc/group.
+        let user = src.user.filter(|u| !u.is_empty());
         let cwd = src.working_dir.filter(|d| validate::guest_path(d).is_ok());
         ImageDefaults { env, cwd, user }
     }
@@ -260,18 +256,24 @@ impl Engine {
     }
 }
 
+/// `user` or `user:group`: names (letters, digits, '_', '-', '.') or numbers.
 fn validate_user(user: &str) -> Result<()> {
-    let ok = !user.is_empty()
-        && user.len() <= 32
-        && !user.starts_with('-')
-        && user
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    let part = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 32
+            && !p.starts_with('-')
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    };
+    let ok = match user.split_once(':') {
+        Some((u, g)) => part(u) && part(g),
+        None => part(user),
+    };
     if ok {
         Ok(())
     } else {
         Err(Error::invalid(format!(
-            "invalid user {user:?}: give a guest user name (letters, digits, '_', '-', '.') or a numeric uid"
+            "invalid user {user:?}: give a guest user name (letters, digits, '_', '-', '.') or a numeric uid, optionally with ':group' (a group name or numeric gid)"
         )))
     }
 }
@@ -282,6 +284,12 @@ pub(crate) fn need_user_feature(
     req: &ExecRequest,
     name: &str,
 ) -> Result<()> {
+    if req.user.as_deref().is_some_and(|u| u.contains(':')) && !agent.has_feature("user-group") {
+        return Err(Error::new(
+            crate::ErrorCode::AgentOutdated,
+            format!("the guest agent of sandbox {name} cannot run commands with a group (user:group); rebuild its image (kiln image build --force, or pull it again) and create the sandbox again"),
+        ));
+    }
     if req.user.is_some() && !agent.has_feature("user") {
         return Err(Error::new(
             crate::ErrorCode::AgentOutdated,

@@ -20,6 +20,7 @@ mod elf;
 mod error;
 mod initramfs;
 mod kernel;
+mod lock;
 mod manifest;
 mod modules;
 mod progress;
@@ -32,6 +33,7 @@ use std::path::{Path, PathBuf};
 
 pub use cmdline::{host_tsc_khz, kernel_cmdline, CmdlineParams, CMDLINE_BASE};
 pub use error::ImageError;
+pub use lock::FileLock;
 pub use manifest::{
     AgentInfo, FileDigest, Image, ImageFiles, ImageInfo, ImageManifest, ImageSource, INITRD_FILE,
     KERNEL_FILE, MANIFEST_FILE, ROOTFS_FILE, VMLINUX_FILE,
@@ -116,6 +118,14 @@ impl ImageStore {
 
     pub fn cache_root(&self) -> &Path {
         &self.cache_root
+    }
+
+    /// The lock that makes `image rm`'s "no sandbox uses it" check and the removal one step against
+    /// creates: a create holds it shared from finding the template until its sandbox is recorded (the
+    /// daemon), a removal holds it exclusively (the CLI). In the cache directory, which is the daemon's
+    /// own even when the images directory is shared and read-only.
+    pub fn images_lock_path(&self) -> PathBuf {
+        self.cache_root.join("images.lock")
     }
 
     /// All complete images (directories with a readable image.json), sorted by name. Unreadable

@@ -37,6 +37,42 @@ impl BlobCache {
         }
     }
 
+    /// The cache's lock file (see the CLI: pulls hold it shared, a prune exclusively).
+    pub fn lock_path(&self) -> PathBuf {
+        self.dir.with_file_name("blobs.lock")
+    }
+
+    /// Removes every cached blob whose digest is not in `keep`, durably (unlinks, then one fsync of
+    /// the directory). The caller holds the cache's lock exclusively, so no pull is writing or about
+    /// to use one. Returns (blobs, bytes) removed.
+    pub fn prune(&self, keep: &std::collections::HashSet<String>) -> Result<(usize, u64)> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, 0)),
+            Err(e) => return Err(e).with_context(|| format!("read {}", self.dir.display())),
+        };
+        let (mut count, mut bytes) = (0, 0);
+        for e in entries {
+            let e = e.with_context(|| format!("read {}", self.dir.display()))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let digest = format!("sha256:{name}");
+            // Only blob files; temporary files are `clean_temps`'s.
+            if sha256_hex(&digest).is_err() || keep.contains(&digest) {
+                continue;
+            }
+            let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+            fs::remove_file(e.path()).with_context(|| format!("remove {}", e.path().display()))?;
+            count += 1;
+            bytes += size;
+        }
+        if count > 0 {
+            fs::File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("sync {}", self.dir.display()))?;
+        }
+        Ok((count, bytes))
+    }
+
     pub fn path(&self, digest: &str) -> Result<PathBuf> {
         Ok(self.dir.join(sha256_hex(digest)?))
     }

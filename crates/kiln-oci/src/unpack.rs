@@ -106,6 +106,7 @@ pub fn apply_layer(root: &Path, layer: impl Read) -> Result<UnpackStats> {
             header.gid().unwrap_or(0) as u32,
         );
         let mtime = header.mtime().unwrap_or(0) as i64;
+        let xattrs = pax_xattrs(&mut entry)?;
         if kind.is_dir() {
             if !fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
                 remove_any(&target)?;
@@ -180,9 +181,66 @@ pub fn apply_layer(root: &Path, layer: impl Read) -> Result<UnpackStats> {
             }
         }
         set_owner_mode_time(&target, uid, gid, mode, mtime, kind.is_symlink())?;
+        // After the chown, which would clear a file capability.
+        set_xattrs(&target, &xattrs)?;
         created.insert(rel);
     }
     Ok(stats)
+}
+
+/// Extended attributes recorded for an entry as PAX `SCHILY.xattr.NAME` records (GNU tar, Docker,
+/// buildah and umoci write them so), e.g. `security.capability` for a file capability.
+fn pax_xattrs(entry: &mut tar::Entry<'_, impl Read>) -> Result<Vec<(CString, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let Some(pax) = entry.pax_extensions().context("read PAX records")? else {
+        return Ok(out);
+    };
+    for ext in pax {
+        let ext = ext.context("read PAX records")?;
+        let Ok(key) = ext.key() else { continue };
+        if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+            if let Ok(name) = CString::new(name) {
+                out.push((name, ext.value_bytes().to_vec()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Sets extended attributes without following a symlink. Attributes the host cannot hold here (an
+/// unprivileged run, `user.*` on a symlink, a namespace the filesystem lacks) are skipped with a
+/// warning; mkfs.ext4 -d then copies what was set into the image.
+fn set_xattrs(path: &Path, xattrs: &[(CString, Vec<u8>)]) -> Result<()> {
+    if xattrs.is_empty() {
+        return Ok(());
+    }
+    let c = cstr(path)?;
+    for (name, value) in xattrs {
+        // SAFETY: valid NUL-terminated strings and a buffer of the length given.
+        let rc = unsafe {
+            libc::lsetxattr(
+                c.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        if rc != 0 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EPERM | libc::EOPNOTSUPP | libc::EACCES) => {
+                    tracing::warn!(path = %path.display(), xattr = ?name, error = %err, "extended attribute not kept")
+                }
+                _ => {
+                    return Err(err).with_context(|| {
+                        format!("set extended attribute {name:?} on {}", path.display())
+                    })
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `path` made relative with `.` and leading `/` dropped and `..` refused by clamping: `a/../../b` is

@@ -154,3 +154,68 @@ fn clean_and_resolve_never_leave_the_root() {
         root.join("slash")
     );
 }
+
+/// A file's value of extended attribute `name`, if set (read without following symlinks).
+fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let p = cstr(path).unwrap();
+    let n = CString::new(name).unwrap();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: valid C strings and a buffer of the length given.
+    let len =
+        unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (len >= 0).then(|| buf[..len as usize].to_vec())
+}
+
+/// File capabilities and other extended attributes travel as PAX `SCHILY.xattr.*` records; they end up
+/// on the staged file (after the chown that would clear a capability), and `mkfs.ext4 -d` carries them
+/// into the image, where debugfs lists them.
+#[test]
+fn pax_xattrs_and_file_capabilities_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    fs::create_dir(&root).unwrap();
+    // VFS_CAP_REVISION_2 with cap_net_raw (bit 13) permitted and effective: what `setcap
+    // cap_net_raw+ep` writes.
+    let mut cap = vec![0u8; 20];
+    cap[..4].copy_from_slice(&0x0200_0001u32.to_le_bytes());
+    cap[4..8].copy_from_slice(&(1u32 << 13).to_le_bytes());
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([
+        ("SCHILY.xattr.security.capability", &cap[..]),
+        ("SCHILY.xattr.user.origin", &b"layer"[..]),
+    ])
+    .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(T::Regular);
+    h.set_size(4);
+    h.set_mode(0o755);
+    h.set_uid(1234);
+    h.set_gid(2345);
+    b.append_data(&mut h, "bin/ping", &b"ping"[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    apply_layer(&root, &tar[..]).unwrap();
+    let ping = root.join("bin/ping");
+    assert_eq!(fs::metadata(&ping).unwrap().uid(), 1234);
+    assert_eq!(get_xattr(&ping, "security.capability"), Some(cap.clone()));
+    assert_eq!(get_xattr(&ping, "user.origin"), Some(b"layer".to_vec()));
+
+    // Into the ext4 image as kiln makes it.
+    let img = dir.path().join("rootfs.img");
+    let ok = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&root)
+        .arg(&img)
+        .arg("16M")
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mkfs.ext4 -d failed");
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", "ea_list /bin/ping"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains("security.capability"), "{listed}");
+    assert!(listed.contains("user.origin"), "{listed}");
+}

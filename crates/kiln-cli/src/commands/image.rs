@@ -6,14 +6,31 @@ use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_image::{BuildOptions, BuildProgress, ImageStore};
 
+use crate::client::ApiError;
 use crate::output::{confirm, human_bytes, table};
 use crate::Cli;
 
 #[derive(Subcommand)]
 pub enum ImageCmd {
-    /// Build a guest image: `tiny` (busybox, seconds) or `base` (Debian bookworm with python3, minutes).
+    /// Build a guest image: `tiny` (busybox, seconds) or `base` (Debian bookworm with python3, minutes);
+    /// or, with `-f Dockerfile [CONTEXT]`, a template from a Dockerfile, built by buildah or docker.
     Build {
         name: String,
+        /// Build context directory for a Dockerfile (default: the Dockerfile's directory). Given alone,
+        /// its `Dockerfile` is built.
+        context: Option<PathBuf>,
+        /// The Dockerfile to build (with buildah, or docker when its daemon runs).
+        #[arg(short = 'f', long = "file")]
+        file: Option<PathBuf>,
+        /// The builder to use for a Dockerfile: buildah or docker (default: buildah when installed).
+        #[arg(long, env = "KILN_IMAGE_BUILDER")]
+        builder: Option<String>,
+        /// Give up a Dockerfile build after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+        /// Start the built image's Entrypoint + Cmd as a background process whenever a sandbox boots.
+        #[arg(long)]
+        start_cmd: bool,
         /// The static guest agent binary (default: found beside `kiln`, or KILN_AGENT_BIN).
         #[arg(long, env = "KILN_AGENT_BIN")]
         agent: Option<PathBuf>,
@@ -46,12 +63,17 @@ pub enum ImageCmd {
     /// List built images.
     #[command(alias = "ls")]
     List,
-    /// Remove an image.
+    /// Remove an image (refused while sandboxes use it); then prune the layer cache.
     Rm {
         name: String,
         #[arg(short = 'y', long)]
         yes: bool,
+        /// How long to wait for creates from images that are under way, in seconds.
+        #[arg(long, default_value_t = 300)]
+        wait: u64,
     },
+    /// Remove cached OCI layer blobs that no installed image uses.
+    Prune,
 }
 
 struct Spinner(ProgressBar);
@@ -127,7 +149,48 @@ pub async fn run(cli: &Cli, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
     let data = cli.data_dir();
     let store = ImageStore::new(data.join("images"), data.join("cache"));
     match cmd {
-        ImageCmd::Build { name, agent, force } => {
+        ImageCmd::Build {
+            name,
+            context,
+            file,
+            builder,
+            timeout,
+            start_cmd,
+            agent,
+            force,
+        } if file.is_some() || context.is_some() => {
+            let context = context.clone().unwrap_or_else(|| {
+                file.as_deref()
+                    .and_then(|f| f.parent())
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .map_or_else(|| PathBuf::from("."), PathBuf::from)
+            });
+            let file = file.clone().unwrap_or_else(|| context.join("Dockerfile"));
+            let args = super::dockerfile::BuildArgs {
+                name,
+                file,
+                context,
+                builder: builder.as_deref(),
+                timeout: Duration::from_secs(*timeout),
+                template: super::oci::TemplateArgs {
+                    name: Some(name.clone()),
+                    start_cmd: *start_cmd,
+                    force: *force,
+                    agent: agent.clone(),
+                },
+            };
+            super::dockerfile::build(cli, args).await?
+        }
+        ImageCmd::Build {
+            name,
+            agent,
+            force,
+            start_cmd,
+            ..
+        } => {
+            if *start_cmd {
+                anyhow::bail!("--start-cmd is for images built from a Dockerfile (-f)");
+            }
             let agent_bin = match agent {
                 Some(p) => p.clone(),
                 None => find_agent()?,
@@ -240,14 +303,63 @@ pub async fn run(cli: &Cli, cmd: &ImageCmd) -> anyhow::Result<ExitCode> {
                 );
             }
         }
-        ImageCmd::Rm { name, yes } => {
+        ImageCmd::Rm { name, yes, wait } => {
             if !confirm(&format!("remove image {name}?"), *yes)? {
                 return Ok(ExitCode::from(1));
             }
+            // Exclusive against creates, which hold the lock from finding the template until their
+            // sandbox is recorded: the check below then sees every sandbox that uses it.
+            let path = store.images_lock_path();
+            let wait = Duration::from_secs(*wait);
+            let lock = tokio::task::spawn_blocking(move || {
+                kiln_image::FileLock::acquire(&path, true, wait)
+            })
+            .await??;
+            let Some(lock) = lock else {
+                return Err(ApiError {
+                    code: kiln_core::ErrorCode::ImageInUse.as_str().into(),
+                    message: format!("sandboxes were still being created from images after {} s; try again (or pass a longer --wait)", wait.as_secs()),
+                }
+                .into());
+            };
             refuse_if_used(&data, name)?;
             store.remove(name)?;
-            if !cli.json {
+            drop(lock);
+            let pruned = super::oci::prune_cache(&data)?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "removed": name,
+                        "pruned_blobs": pruned.map(|p| p.0),
+                        "pruned_bytes": pruned.map(|p| p.1),
+                    })
+                );
+            } else {
                 println!("removed image {name}");
+                match pruned {
+                    Some((0, _)) => {}
+                    Some((n, bytes)) => println!(
+                        "removed {n} cached layers ({}) no image uses",
+                        human_bytes(bytes)
+                    ),
+                    None => println!(
+                        "the layer cache is in use by a pull; run `kiln image prune` later"
+                    ),
+                }
+            }
+        }
+        ImageCmd::Prune => {
+            let Some((n, bytes)) = super::oci::prune_cache(&data)? else {
+                anyhow::bail!("a pull, import or build is using the layer cache; try again when it has finished");
+            };
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"pruned_blobs": n, "pruned_bytes": bytes})
+                );
+            } else {
+                println!("removed {n} cached layers ({})", human_bytes(bytes));
             }
         }
     }
@@ -273,8 +385,12 @@ fn refuse_if_used(data: &std::path::Path, name: &str) -> anyhow::Result<()> {
     if sandboxes.is_empty() {
         return Ok(());
     }
-    anyhow::bail!(
-        "image {name} is in use by sandboxes [{}]; delete them first (`kiln sandbox rm`)",
-        sandboxes.join(", ")
-    )
+    Err(ApiError {
+        code: kiln_core::ErrorCode::ImageInUse.as_str().into(),
+        message: format!(
+            "image {name} is in use by sandboxes [{}]; delete them first (`kiln sandbox rm`)",
+            sandboxes.join(", ")
+        ),
+    }
+    .into())
 }

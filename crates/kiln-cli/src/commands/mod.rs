@@ -2,6 +2,7 @@ pub mod bundle;
 pub mod checkpoint;
 pub mod config;
 pub mod dirs;
+pub mod dockerfile;
 pub mod doctor;
 pub mod events;
 pub mod exec;

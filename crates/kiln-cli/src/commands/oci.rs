@@ -124,6 +124,7 @@ pub async fn pull(
     };
     let data = cli.data_dir();
     let cache = BlobCache::new(&data.join("cache"));
+    let _using = use_cache(&cache).await?;
     let started = Instant::now();
     let progress = bar();
     let fetched = kiln_oci::pull(&cache, reference, &opts, &progress).await;
@@ -132,18 +133,71 @@ pub async fn pull(
 }
 
 pub async fn import(cli: &Cli, file: &Path, args: &TemplateArgs) -> anyhow::Result<()> {
+    import_as(cli, file, "", "", args).await
+}
+
+/// `import`, recording the template's source as `kind` and `reference` when they are not empty (a
+/// Dockerfile build imports what its builder exported).
+pub async fn import_as(
+    cli: &Cli,
+    file: &Path,
+    kind: &'static str,
+    reference: &str,
+    args: &TemplateArgs,
+) -> anyhow::Result<()> {
     let data = cli.data_dir();
     let cache = BlobCache::new(&data.join("cache"));
+    let _using = use_cache(&cache).await?;
     let started = Instant::now();
     let (file, c) = (file.to_path_buf(), cache.clone());
-    let fetched = tokio::task::spawn_blocking(move || {
+    let mut fetched = tokio::task::spawn_blocking(move || {
         let progress = bar();
         let r = kiln_oci::import(&c, &file, &progress);
         progress.0.finish_and_clear();
         r
     })
     .await??;
+    if !kind.is_empty() {
+        fetched.kind = kind;
+        fetched.reference = reference.to_string();
+    }
     finish(cli, cache, fetched, args, started).await
+}
+
+/// The layer cache's lock, shared: held by a pull or import from its first blob until its template is
+/// published, so a prune (exclusive) never deletes a blob that is being written or about to be used.
+async fn use_cache(cache: &BlobCache) -> anyhow::Result<kiln_image::FileLock> {
+    let path = cache.lock_path();
+    tokio::task::spawn_blocking(move || {
+        kiln_image::FileLock::acquire(&path, false, Duration::from_secs(120))
+            .map_err(|e| anyhow::anyhow!("cannot lock {}: {e}", path.display()))?
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the layer cache stayed locked by `kiln image prune` for 120 s; try again"
+                )
+            })
+    })
+    .await?
+}
+
+/// Removes cached layer blobs that no installed image lists, unless a pull, import or build is using
+/// the cache right now (then None: nothing was removed). Returns (blobs, bytes) removed.
+pub fn prune_cache(data: &Path) -> anyhow::Result<Option<(usize, u64)>> {
+    let cache = BlobCache::new(&data.join("cache"));
+    let path = cache.lock_path();
+    let Some(_lock) = kiln_image::FileLock::try_acquire(&path, true)
+        .map_err(|e| anyhow::anyhow!("cannot lock {}: {e}", path.display()))?
+    else {
+        return Ok(None);
+    };
+    let store = ImageStore::new(data.join("images"), data.join("cache"));
+    let keep: std::collections::HashSet<String> = store
+        .list()?
+        .into_iter()
+        .filter_map(|i| i.manifest.source)
+        .flat_map(|s| s.layers)
+        .collect();
+    Ok(Some(cache.prune(&keep)?))
 }
 
 /// Flattens the fetched image into a new template and reports what was transferred.
