@@ -122,6 +122,16 @@ export class SandboxUnresponsiveError extends ServerError {}
 export class InsufficientStorageError extends ServerError {}
 /** The guest's disk is full (507). */
 export class GuestDiskFullError extends ServerError {}
+/** No remote by that name (404). */
+export class RemoteNotFoundError extends NotFoundError {}
+/** A remote by that name exists already (409). */
+export class RemoteAlreadyExistsError extends ConflictError {}
+/** The remote's object storage did not answer or refused (502). */
+export class RemoteUnavailableError extends ServerError {}
+/** Sandboxes made from the image exist, so it cannot be removed (409). */
+export class ImageInUseError extends ConflictError {}
+/** No image builder (buildah or docker) is installed for a Dockerfile build (501). */
+export class ImageBuilderMissingError extends ServerError {}
 
 /** The daemon's documented error codes and their HTTP statuses (docs/api.md). */
 export const STATUS_BY_CODE: Readonly<Record<string, number>> = {
@@ -168,6 +178,11 @@ export const STATUS_BY_CODE: Readonly<Record<string, number>> = {
   timeout: 504,
   insufficient_storage: 507,
   guest_disk_full: 507,
+  remote_not_found: 404,
+  remote_already_exists: 409,
+  remote_unavailable: 502,
+  image_in_use: 409,
+  image_builder_missing: 501,
 };
 
 type ErrorClass = new (message: string, code?: string, status?: number) => KilnError;
@@ -217,6 +232,11 @@ export const BY_CODE: Readonly<Record<string, ErrorClass>> = {
   insufficient_storage: InsufficientStorageError,
   guest_disk_full: GuestDiskFullError,
   path_escape: PathEscapeError,
+  remote_not_found: RemoteNotFoundError,
+  remote_already_exists: RemoteAlreadyExistsError,
+  remote_unavailable: RemoteUnavailableError,
+  image_in_use: ImageInUseError,
+  image_builder_missing: ImageBuilderMissingError,
 };
 
 const BY_STATUS: Record<number, ErrorClass> = {
@@ -226,6 +246,7 @@ const BY_STATUS: Record<number, ErrorClass> = {
   409: ConflictError,
   429: CapacityError,
   500: ServerError,
+  501: ServerError,
   502: ServerError,
   503: ServerError,
   504: TimeoutError,

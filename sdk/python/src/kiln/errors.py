@@ -58,6 +58,11 @@ __all__ = [
     "SandboxUnresponsiveError",
     "InsufficientStorageError",
     "GuestDiskFullError",
+    "RemoteNotFoundError",
+    "RemoteAlreadyExistsError",
+    "RemoteUnavailableError",
+    "ImageInUseError",
+    "ImageBuilderMissingError",
     "error_from_response",
     "error_from_code",
 ]
@@ -290,6 +295,26 @@ class GuestDiskFullError(ServerError):
     """The guest's disk is full (HTTP 507)."""
 
 
+class RemoteNotFoundError(NotFoundError):
+    """No remote by that name (HTTP 404)."""
+
+
+class RemoteAlreadyExistsError(ConflictError):
+    """A remote by that name exists already (HTTP 409)."""
+
+
+class RemoteUnavailableError(ServerError):
+    """The remote's object storage did not answer or refused (HTTP 502)."""
+
+
+class ImageInUseError(ConflictError):
+    """Sandboxes made from the image exist, so it cannot be removed (HTTP 409)."""
+
+
+class ImageBuilderMissingError(ServerError):
+    """No image builder (buildah or docker) is installed for a Dockerfile build (HTTP 501)."""
+
+
 _BY_CODE: dict[str, type[KilnError]] = {
     "invalid_request": InvalidRequestError,
     "unauthorized": AuthenticationError,
@@ -334,6 +359,11 @@ _BY_CODE: dict[str, type[KilnError]] = {
     "insufficient_storage": InsufficientStorageError,
     "guest_disk_full": GuestDiskFullError,
     "path_escape": PathEscapeError,
+    "remote_not_found": RemoteNotFoundError,
+    "remote_already_exists": RemoteAlreadyExistsError,
+    "remote_unavailable": RemoteUnavailableError,
+    "image_in_use": ImageInUseError,
+    "image_builder_missing": ImageBuilderMissingError,
 }
 
 # The HTTP status of each code (for errors that arrive inside a stream, without one).
@@ -353,6 +383,7 @@ STATUS_BY_CODE: dict[str, int] = {
             "port_not_found",
             "process_not_found",
             "route_not_found",
+            "remote_not_found",
         ],
         404,
     ),
@@ -373,6 +404,8 @@ STATUS_BY_CODE: dict[str, int] = {
             "port_in_use",
             "guest_path_conflict",
             "agent_outdated",
+            "remote_already_exists",
+            "image_in_use",
         ],
         409,
     ),
@@ -385,7 +418,9 @@ STATUS_BY_CODE: dict[str, int] = {
     "vm_failed": 500,
     "operation_interrupted": 500,
     "internal": 500,
+    "image_builder_missing": 501,
     "agent_unavailable": 502,
+    "remote_unavailable": 502,
     "guest_error": 502,
     "sandbox_unresponsive": 503,
     "timeout": 504,
@@ -401,6 +436,7 @@ _BY_STATUS: dict[int, type[KilnError]] = {
     409: ConflictError,
     429: CapacityError,
     500: ServerError,
+    501: ServerError,
     502: ServerError,
     503: ServerError,
     504: TimeoutError,
