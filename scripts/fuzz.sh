@@ -57,6 +57,15 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 
+# The daemon boots the default template once at start to keep its snapshot (create is a resume). With
+# --max-sandboxes 2 that boot holds the room a create needs until it is done, so wait for it.
+for _ in $(seq 1200); do
+  grep -q "template snapshot preparation finished" "$LOG" && break
+  kill -0 "$DAEMON" 2>/dev/null || { cat "$LOG"; die "the daemon exited at start-up"; }
+  sleep 0.1
+done
+grep -q "template snapshot preparation finished" "$LOG" || die "the daemon did not finish preparing its template snapshot in 120 s"
+
 step "a sandbox for the fuzzer to work on"
 k --json sandbox create --name fz --memory 128 >/dev/null || { tail -30 "$LOG"; die "could not create the target sandbox"; }
 
