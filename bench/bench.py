@@ -798,6 +798,8 @@ def bench_remote(d, runs):
     import socket as _socket
     venv_py = os.path.join(ROOT, "target/moto-venv/bin/python")
     work = tempfile.mkdtemp(prefix="kbr", dir="/tmp")
+    # mkdtemp makes it 0700; the daemons refuse to run VMs unconfined where per-sandbox uids cannot reach.
+    os.chmod(work, 0o711)
     moto = None
     if os.path.exists(venv_py):
         s = _socket.socket()

@@ -86,7 +86,9 @@ class Daemon:
         deadline = time.time() + 60
         while not os.path.exists(self.socket):
             if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"daemon did not start; see {workdir}/daemon.log")
+                self.log.flush()
+                tail = open(os.path.join(workdir, "daemon.log"), "rb").read()[-3000:].decode(errors="replace")
+                raise RuntimeError(f"daemon did not start; see {workdir}/daemon.log:\n{tail}")
             time.sleep(0.02)
         self.api = Api(self.socket)
 
