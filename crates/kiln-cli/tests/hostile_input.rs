@@ -75,13 +75,6 @@ fn entries(dir: &Path) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-/// The snapshot directories, without the daemon's own template snapshots (`template-*`, kept on purpose).
-fn snapshot_entries(d: &Daemon) -> BTreeSet<String> {
-    let mut names = entries(&d.data_dir().join("snapshots"));
-    names.retain(|n| !n.starts_with("template-"));
-    names
-}
-
 #[test]
 fn hostile_names_ids_and_paths_are_refused_and_touch_nothing_on_the_host() {
     require_image("tiny");
@@ -357,7 +350,10 @@ fn hostile_names_ids_and_paths_are_refused_and_touch_nothing_on_the_host() {
         entries(&d.data_dir().join("sandboxes")),
         BTreeSet::from([sb["id"].as_str().unwrap().to_string()])
     );
-    assert_eq!(snapshot_entries(&d), BTreeSet::from(["s".to_string()]));
+    assert_eq!(
+        common::world::snapshot_dirs(&d),
+        BTreeSet::from(["s".to_string()])
+    );
     let list: Value = serde_json::from_str(&d.kiln_ok(&["--json", "sandbox", "list"])).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
 }
@@ -402,7 +398,7 @@ fn a_sandbox_left_paused_by_a_snapshot_refuses_another_save_with_409() {
     let out = d.kiln_ok(&["exec", "lp", "--", "echo", "alive"]);
     assert_eq!(out.trim(), "alive");
     assert_eq!(
-        snapshot_entries(&d),
+        common::world::snapshot_dirs(&d),
         BTreeSet::from(["first".to_string(), "second".to_string()])
     );
 }

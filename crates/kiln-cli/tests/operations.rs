@@ -264,9 +264,7 @@ fn no_debris(d: &Daemon, ctx: &str) {
         .iter()
         .filter_map(|s| s["id"].as_str().map(str::to_string))
         .collect();
-    // The daemon's own template snapshots (`template-*`) are kept on purpose and never listed.
-    let mut on_disk = common::world::dir_names(d.data_dir().join("snapshots"));
-    on_disk.retain(|n| !n.starts_with("template-"));
+    let on_disk = common::world::snapshot_dirs(d);
     assert_eq!(
         on_disk, listed,
         "{ctx}: snapshots/ holds more than the snapshots"

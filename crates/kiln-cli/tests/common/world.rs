@@ -43,6 +43,14 @@ pub fn dir_names(dir: PathBuf) -> BTreeSet<String> {
         .collect()
 }
 
+/// The snapshot directories of `d`'s data directory, without the daemon's own template snapshots
+/// (`template-*`), which it keeps on purpose and never lists.
+pub fn snapshot_dirs(d: &Daemon) -> BTreeSet<String> {
+    let mut names = dir_names(d.data_dir().join("snapshots"));
+    names.retain(|n| !n.starts_with("template-"));
+    names
+}
+
 /// What must exist: sandboxes by name with the marker in /root/marker, and snapshots by id.
 #[derive(Default, Clone)]
 pub struct World {
@@ -135,9 +143,7 @@ pub fn check_world(d: &Daemon, w: &World, tally: &mut Tally, ctx: &str) {
     if sb_dirs != ids {
         problems.push(format!("sandbox dirs {sb_dirs:?} != sandbox ids {ids:?}"));
     }
-    // Template snapshots (`template-*`) are the daemon's own, kept on purpose, and never listed.
-    let mut snap_dirs = dir_names(d.data_dir().join("snapshots"));
-    snap_dirs.retain(|n| !n.starts_with("template-"));
+    let snap_dirs = snapshot_dirs(d);
     if snap_dirs != w.snapshots {
         problems.push(format!("snapshot dirs {snap_dirs:?} != {:?}", w.snapshots));
     }

@@ -757,9 +757,7 @@ impl Walker {
         if got != want {
             self.fail(format!("{ctx}: snapshots {got:?}, model {want:?}"));
         }
-        // The daemon's own template snapshots (`template-*`) are kept on purpose and never listed.
-        let mut dirs = crate::common::world::dir_names(self.d.data_dir().join("snapshots"));
-        dirs.retain(|n| !n.starts_with("template-"));
+        let dirs = crate::common::world::snapshot_dirs(&self.d);
         let want_dirs: std::collections::BTreeSet<String> = want.into_iter().collect();
         if dirs != want_dirs {
             self.fail(format!(
