@@ -455,26 +455,23 @@ impl Engine {
     /// holds it, which is only for its check and rename.
     async fn images_lock_shared(&self) -> Result<kiln_image::FileLock> {
         let path = self.images.images_lock_path();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            match kiln_image::FileLock::try_acquire(&path, false) {
-                Ok(Some(lock)) => return Ok(lock),
-                Ok(None) if std::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await
-                }
-                Ok(None) => {
-                    return Err(Error::new(
-                        ErrorCode::Timeout,
-                        "an image removal held the images lock for 30 s; try again",
-                    ))
-                }
-                Err(e) => {
-                    return Err(Error::internal(format!(
-                        "cannot lock {}: {e}",
-                        path.display()
-                    )))
-                }
-            }
+        let wait = Duration::from_secs(30);
+        let taken = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || kiln_image::FileLock::acquire(&path, false, wait))
+                .await
+                .map_err(|e| Error::internal(format!("images lock: {e}")))?
+        };
+        match taken {
+            Ok(Some(lock)) => Ok(lock),
+            Ok(None) => Err(Error::new(
+                ErrorCode::Timeout,
+                "an image removal held the images lock for 30 s; try again",
+            )),
+            Err(e) => Err(Error::internal(format!(
+                "cannot lock {}: {e}",
+                path.display()
+            ))),
         }
     }
 

@@ -12,7 +12,6 @@
 //! lock, and the others hard-link it into their own store.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -614,35 +613,19 @@ fn writable_dir(dir: &Path) -> bool {
 }
 
 /// Takes an exclusive `flock` on `path` (created if missing), waiting at most `LOCK_WAIT`.
-pub(crate) async fn lock_file(path: PathBuf) -> Result<std::fs::File> {
+pub(crate) async fn lock_file(path: PathBuf) -> Result<kiln_image::FileLock> {
     tokio::task::spawn_blocking(move || {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| fsutil::io_error(&format!("opening {}", path.display()), e))?;
-        let deadline = Instant::now() + LOCK_WAIT;
-        loop {
-            // SAFETY: flock(2) on a descriptor this function owns.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                return Ok(file);
-            }
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Err(fsutil::io_error(&format!("locking {}", path.display()), e));
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::new(
-                    ErrorCode::Internal,
-                    format!(
-                        "another kiln has been making the template snapshot locked by {} for {} s; try again, or boot cold (boot: true)",
-                        path.display(),
-                        LOCK_WAIT.as_secs()
-                    ),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        match kiln_image::FileLock::acquire(&path, true, LOCK_WAIT) {
+            Ok(Some(lock)) => Ok(lock),
+            Ok(None) => Err(Error::new(
+                ErrorCode::Internal,
+                format!(
+                    "another kiln has been making the template snapshot locked by {} for {} s; try again, or boot cold (boot: true)",
+                    path.display(),
+                    LOCK_WAIT.as_secs()
+                ),
+            )),
+            Err(e) => Err(fsutil::io_error(&format!("locking {}", path.display()), e)),
         }
     })
     .await
