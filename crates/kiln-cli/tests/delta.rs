@@ -110,6 +110,8 @@ fn snapshots_of_resumed_sandboxes_are_deltas_and_restore_exactly() {
     );
     let (dir, m) = manifest(&d, "s1");
     assert_eq!(m["format_version"], 3);
+    // Saved by QEMU's device-only save: it walked no guest RAM (the pause no longer grows with it).
+    assert_eq!(m["state_format"], "devices", "{m}");
     let (delta, _, delta_size) = file_of(&dir, &m, "memory_delta").expect("no memory delta");
     let (mem, mem_sum, mem_size) = file_of(&dir, &m, "memory").unwrap();
     let (_, _, state_size) = file_of(&dir, &m, "state").unwrap();
@@ -253,4 +255,47 @@ fn copies_resumed_with_other_resources_take_deltas() {
         "a capture fell back:\n{}",
         common::tail(&d.log(), 30)
     );
+}
+
+/// Snapshots and hibernation states written by the previous path (the migration stream without the
+/// RAM's pages, `KILN_DEVICE_STATE=stream`) still restore exactly once the daemon writes device-only
+/// states, and a snapshot of a sandbox resumed from such a snapshot is device-only.
+#[test]
+fn stream_states_of_the_previous_path_still_restore() {
+    require_image("tiny");
+    let mut d = Daemon::start_env(&[], &[("KILN_DEVICE_STATE", "stream")]);
+    d.create(&["--name", "src", "--memory", "256"]);
+    d.kiln_ok(&["snapshot", "create", "src", "--name", "a"]);
+    d.kiln_ok(&["snapshot", "resume", "a", "--name", "r1"]);
+    run(&d, "r1", FILL);
+    let sums = run(&d, "r1", SUMS);
+    d.kiln_ok(&["snapshot", "create", "r1", "--name", "old"]);
+    let (dir, m) = manifest(&d, "old");
+    assert!(m.get("state_format").is_none(), "{m}");
+    assert!(file_of(&dir, &m, "memory_delta").is_some());
+    let (state, _, state_size) = file_of(&dir, &m, "state").unwrap();
+    assert!(state_size < 1 << 20, "state holds RAM: {state_size} bytes");
+    // A stream begins with the configuration section; a device-only save has none of its own.
+    let head = std::fs::read(&state).unwrap();
+    assert_eq!(&head[..4], b"QEVM");
+    assert_eq!(head[8], 0x07, "not a migration stream");
+    // Hibernated the previous way too.
+    run(&d, "r1", MUTATE);
+    let sums_stopped = run(&d, "r1", SUMS);
+    d.kiln_ok(&["stop", "r1"]);
+
+    d.restart_with_env(&[]);
+    d.kiln_ok(&["snapshot", "resume", "old", "--name", "o1"]);
+    verify(&d, "o1", &sums);
+    d.kiln_ok(&["start", "r1"]);
+    verify(&d, "r1", &sums_stopped);
+    // The copy of the old snapshot is captured the new way, and restores exactly.
+    run(&d, "o1", MUTATE);
+    let sums_new = run(&d, "o1", SUMS);
+    d.kiln_ok(&["snapshot", "create", "o1", "--name", "new"]);
+    let (_, m) = manifest(&d, "new");
+    assert_eq!(m["state_format"], "devices", "{m}");
+    d.kiln_ok(&["snapshot", "resume", "new", "--name", "n1"]);
+    verify(&d, "n1", &sums_new);
+    verify(&d, "o1", &sums_new);
 }

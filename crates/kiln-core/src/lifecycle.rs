@@ -92,15 +92,15 @@ impl Engine {
             .await;
         let saved = async {
             if delta {
-                let saved = kiln_vmm::migration::save_state_without_ram(
-                    &qmp,
-                    vm.pid,
-                    &dir.join("migrate.sock"),
-                    &dir.join("state.tmp"),
-                    "mem",
-                    Duration::from_secs(60),
-                )
-                .await;
+                let saved = self
+                    .save_state_without_ram(
+                        sb,
+                        &qmp,
+                        vm.pid,
+                        &dir.join("state.tmp"),
+                        Duration::from_secs(60),
+                    )
+                    .await;
                 match saved {
                     Ok(_) => {
                         // Written by the daemon: QEMU reads it at the start.
@@ -108,8 +108,7 @@ impl Engine {
                         return Ok::<_, Error>((dir.join("state.tmp"), true));
                     }
                     Err(e) => {
-                        tracing::warn!(sandbox = %sb.id, error = %e, "saving the device state without RAM failed; saving it with RAM");
-                        let _ = std::fs::remove_file(dir.join("state.tmp"));
+                        tracing::warn!(sandbox = %sb.id, error = %e.message, "saving the device state without RAM failed; saving it with RAM");
                     }
                 }
             }

@@ -5,6 +5,7 @@ pub mod accel;
 pub mod blockjob;
 pub mod cpu;
 pub mod delta;
+pub mod devstate;
 pub mod error;
 pub mod hostfwd;
 pub mod img;

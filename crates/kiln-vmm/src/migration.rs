@@ -33,6 +33,19 @@ pub async fn save_state(qmp: &Qmp, path: &Path, timeout: Duration) -> Result<(),
     wait_for_migration(qmp, timeout, "saving VM state").await
 }
 
+/// Writes the device and vCPU state of a *stopped* VM, without any RAM, to `path` with
+/// `xen-save-devices-state` (milliseconds: QEMU does not walk guest RAM; see `devstate`). The VM stays
+/// stopped; `live: false` keeps QEMU from handing its disks off (it would inactivate them for a paused
+/// VM otherwise). The file is not loadable as it is: `devstate::complete` makes it so.
+pub async fn save_device_state(qmp: &Qmp, path: &Path) -> Result<(), VmmError> {
+    qmp.execute(
+        "xen-save-devices-state",
+        Some(json!({"filename": path.to_string_lossy(), "live": false})),
+    )
+    .await
+    .map(|_| ())
+}
+
 /// Like [`save_state`], but QEMU streams to a unix socket at `sock` (in a directory only root may
 /// change, reachable by QEMU's uid) and the daemon writes the stream to `out` without the page records of
 /// RAM block `block` (see `stripram`): for a VM whose RAM is a private mapping of an immutable file, the

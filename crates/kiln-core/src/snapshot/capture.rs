@@ -13,7 +13,7 @@ use serde::Deserialize;
 use tracing::info;
 use utoipa::ToSchema;
 
-use super::manifest::{FileEntry, Manifest, Role, Source};
+use super::manifest::{FileEntry, Manifest, Role, Source, StateFormat};
 use super::{CreateSnapshotInternal, Snapshot, SnapshotType};
 use crate::engine::{Engine, Locked};
 use crate::error::{Error, ErrorCode, Result};
@@ -281,13 +281,13 @@ impl Engine {
         };
         let ramless = frozen?;
         let delta = match (delta, ramless) {
-            (Some(stats), true) => {
+            (Some(stats), Some(_)) => {
                 self.confine().seal(&tmp.join(DELTA_FILE))?;
                 tracing::debug!(sandbox = %sb.id, data_pages = stats.data_pages, zero_pages = stats.zero_pages, ranges = stats.ranges, scan_ms = stats.scan_ms, ms = stats.total_ms, method = ?stats.method, "memory delta captured");
                 Some(stats)
             }
             // The state holds the RAM after all (the filter fell back): no delta.
-            (Some(_), false) => {
+            (Some(_), None) => {
                 let _ = std::fs::remove_file(tmp.join(DELTA_FILE));
                 None
             }
@@ -318,10 +318,12 @@ impl Engine {
         Ok(Captured {
             memory,
             pause_ms: None,
+            state_format: ramless.filter(|f| *f == StateFormat::Devices),
         })
     }
 
-    /// `freeze` without the RAM: saves device state and switches the disk to its new top layer.
+    /// `freeze` without the RAM: saves device state and switches the disk to its new top layer. Returns how
+    /// a state without guest RAM was written (None: the state holds the RAM).
     // The capture's pieces are distinct borrows of the caller's state; bundling them would only move them.
     #[allow(clippy::too_many_arguments)]
     async fn freeze_device_and_disk(
@@ -333,36 +335,26 @@ impl Engine {
         new_top: &Path,
         without_ram: bool,
         ph: &mut crate::timing::Phases,
-    ) -> Result<bool> {
+    ) -> Result<Option<StateFormat>> {
         let (kind, tmp) = (job.req.kind, job.tmp);
-        let mut ramless = false;
+        let mut ramless = None;
         if kind.has_memory() && without_ram {
-            // QEMU connects to a socket in the root-owned sandbox directory; the daemon writes the stream
-            // without the guest RAM's pages (they are in the delta).
-            let sock = self.config().sandbox_dir(&sb.id).join("migrate.sock");
-            match kiln_vmm::migration::save_state_without_ram(
-                qmp,
-                job.pid,
-                &sock,
-                &tmp.join("state"),
-                "mem",
-                SAVE_TIMEOUT,
-            )
-            .await
+            // The guest RAM's pages are in the delta: the state is saved without them.
+            match self
+                .save_state_without_ram(sb, qmp, job.pid, &tmp.join("state"), SAVE_TIMEOUT)
+                .await
             {
-                Ok(st) => {
-                    ramless = true;
-                    tracing::debug!(sandbox = %sb.id, pages_dropped = st.pages_dropped, bytes_in = st.bytes_in, bytes_out = st.bytes_out, "device state saved without RAM");
+                Ok(format) => {
+                    ramless = Some(format);
                     self.confine().seal(&tmp.join("state"))?;
                     ph.mark("save_state");
                 }
                 Err(e) => {
-                    tracing::warn!(sandbox = %sb.id, error = %e, "saving the device state without RAM failed; saving it with RAM");
-                    let _ = std::fs::remove_file(tmp.join("state"));
+                    tracing::warn!(sandbox = %sb.id, error = %e.message, "saving the device state without RAM failed; saving it with RAM");
                 }
             }
         }
-        if kind.has_memory() && !ramless {
+        if kind.has_memory() && ramless.is_none() {
             // QEMU writes the file as the sandbox's user, which can only write in its own directory; the
             // result moves into the snapshot and is sealed read-only.
             let own = self.vm_file(sb, "snapshot.state")?;
@@ -600,6 +592,7 @@ impl Engine {
             base_digest,
             labels: req.labels.clone(),
             files,
+            state_format: captured.state_format,
             volume_slots: layout.volume_slots.clone(),
         };
         // Every file's data is durable before the manifest vouches for it (hard-linked layers may still
@@ -695,6 +688,8 @@ struct Captured {
     memory: CapturedMemory,
     /// How long the guest stood still (set once it runs again).
     pause_ms: Option<u64>,
+    /// Recorded in the manifest (None: a migration stream).
+    state_format: Option<StateFormat>,
 }
 
 enum CapturedMemory {

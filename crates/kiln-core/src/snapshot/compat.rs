@@ -317,6 +317,7 @@ mod tests {
             base_digest: None,
             labels: Default::default(),
             files: vec![],
+            state_format: None,
             volume_slots: vec![],
         }
     }

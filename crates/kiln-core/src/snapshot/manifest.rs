@@ -118,6 +118,12 @@ pub struct Manifest {
     pub base_digest: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub files: Vec<FileEntry>,
+    /// How the `state` file was written when it holds no guest RAM (a memory delta beside it): absent for
+    /// a migration stream (with its RAM section, stripped of the delta's pages or not), `devices` for
+    /// QEMU's device-only save with a configuration section added. Both load the same way; recorded so
+    /// tests and tools can tell them apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_format: Option<StateFormat>,
     /// The machine's volume slots at capture (their number is part of the machine; volumes themselves
     /// are not captured). Absent in snapshots of machines made before volumes existed.
     #[serde(default)]
@@ -146,6 +152,16 @@ pub struct Depends {
     /// balloon without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub free_page_reporting: Option<bool>,
+}
+
+/// How a RAM-less state was saved (see `Manifest::state_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateFormat {
+    /// A migration stream (never written into a manifest: it is what an absent field means).
+    Stream,
+    /// `xen-save-devices-state` plus a configuration section (`kiln_vmm::devstate`).
+    Devices,
 }
 
 /// Just the format version, read before anything else: a newer format may change the rest.
@@ -420,6 +436,7 @@ pub(crate) mod tests {
                 format: None,
                 external: false,
             }],
+            state_format: None,
             volume_slots: vec![crate::layout::VolumeSlot::Empty; 4],
         }
     }

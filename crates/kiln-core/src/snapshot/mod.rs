@@ -9,6 +9,7 @@ pub mod db;
 pub(crate) mod guard;
 pub mod manifest;
 pub mod names;
+mod ramless;
 pub(crate) mod resources;
 pub mod restore;
 mod validate;
