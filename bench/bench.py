@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """kiln benchmarks: run against real VMs, print a table, save JSON.
 
-Usage: bench/bench.py [--runs N] [--out bench/results/NAME.json] [--only cold_boot,exec,...,dirs,idle,oci,bundle,delta,create,remote]
+Usage: bench/bench.py [--runs N] [--out bench/results/NAME.json] [--memory MIB] [--delta-baselines stream,nodelta] [--only cold_boot,exec,...,dirs,idle,oci,bundle,delta,create,remote]
 `--only disk,balloon,channel` compares QEMU device variants (bench/variants.py), each under a daemon of its own.
 `--only idle` measures idle host CPU and PSS of KILN_BENCH_IDLE_N sandboxes (default 5) over
 KILN_BENCH_IDLE_SECS (default 60).
@@ -589,11 +589,15 @@ def pause_ms_from_log(d, count_before):
     return int("".join(c for c in tail if c.isdigit()) or "0"), len(found)
 
 
+DELTA_MEMORY_MIB = 256
+DELTA_BASELINES = ["stream", "nodelta"]
+
+
 def delta_one_path(d, runs, label):
     """Snapshots of a sandbox resumed from a snapshot that changed little, resumes of them, and the private
     memory of the copies and of fork children (first generation: of a booted sandbox; second: of a copy)."""
-    ram = 256 << 20
-    src = d.api.create(template="tiny", memory_mib=256, cpus=1, name=f"{label}src")
+    ram = DELTA_MEMORY_MIB << 20
+    src = d.api.create(template="tiny", memory_mib=DELTA_MEMORY_MIB, cpus=1, name=f"{label}src")
     start_counter(d, src["id"])
     time.sleep(1)
     d.api.call("POST", f"/v1/sandboxes/{src['id']}/snapshots", {"name": f"{label}base"})
@@ -646,7 +650,7 @@ def delta_one_path(d, runs, label):
     return {
         f"delta_{label}_snapshot_of_resumed_create": dict(summary(create), target_ms=None,
             bytes_written_median=int(med(sizes)), percent_of_ram=round(100.0 * med(sizes) / ram, 2),
-            target_percent_of_ram=2.0, state_bytes_median=int(med(state_sizes))),
+            target_percent_of_ram=2.0, state_bytes_median=int(med(state_sizes)), memory_mib=DELTA_MEMORY_MIB),
         f"delta_{label}_capture_pause": dict(summary([p / 1000.0 for p in pauses]) if pauses else {}, target_ms=100.0),
         f"delta_{label}_resume_to_first_exec": dict(summary(resume), target_ms=None,
             copy_pss_median_mib=round(med(pss) / 2**20, 1), copy_private_median_mib=round(med(private) / 2**20, 1)),
@@ -655,24 +659,29 @@ def delta_one_path(d, runs, label):
 
 
 def bench_delta(d, runs):
-    """Issue 16: memory deltas (this daemon) beside the previous path (a second daemon with
-    KILN_MEMORY_DELTA=0), same machine, same run."""
+    """Issue 16: memory deltas with device-only states (this daemon) beside earlier paths, each a second
+    daemon in the same run: "stream" (KILN_DEVICE_STATE=stream: deltas, state from the migration stream
+    without the RAM's pages) and "before" (KILN_MEMORY_DELTA=0: the whole private RAM in the state)."""
     out = delta_one_path(d, runs, "after")
-    os.environ["KILN_MEMORY_DELTA"] = "0"
-    work = tempfile.mkdtemp(prefix="kbd", dir="/tmp")
-    try:
-        old = Daemon(d.kiln, os.path.realpath(os.path.join(d.dir, "images")), work)
-    finally:
-        del os.environ["KILN_MEMORY_DELTA"]
-    try:
-        out.update(delta_one_path(old, runs, "before"))
-    finally:
+    for label, (key, value) in (("stream", ("KILN_DEVICE_STATE", "stream")), ("before", ("KILN_MEMORY_DELTA", "0"))):
+        if (label if label == "stream" else "nodelta") not in DELTA_BASELINES:
+            continue
+        os.environ[key] = value
+        work = tempfile.mkdtemp(prefix="kbd", dir="/tmp")
         try:
-            old.stop()
-        except subprocess.TimeoutExpired:
-            old.proc.kill()
-            old.proc.wait()
-        shutil.rmtree(work, ignore_errors=True)
+            other = Daemon(d.kiln, os.path.realpath(os.path.join(d.dir, "images")), work)
+        finally:
+            del os.environ[key]
+        try:
+            out.update(delta_one_path(other, runs, label))
+        finally:
+            try:
+                other.stop()
+            except subprocess.TimeoutExpired:
+                other.proc.kill()
+                other.proc.wait()
+            shutil.rmtree(work, ignore_errors=True)
+    return out
 
 def wait_template_ready(d, timeout=240.0):
     """Waits for the daemon's log line saying the default template's snapshot is ready."""
@@ -915,8 +924,14 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default=None)
     ap.add_argument("--kiln", default=os.path.join(ROOT, "target/release/kiln"))
+    ap.add_argument("--memory", type=int, default=256, help="guest MiB of the delta bench's sandboxes")
+    ap.add_argument("--delta-baselines", default="stream,nodelta",
+                    help="earlier paths the delta bench also runs: stream (KILN_DEVICE_STATE=stream), nodelta (KILN_MEMORY_DELTA=0), or none")
     ap.add_argument("--images", default=os.path.join(os.environ.get("KILN_DATA_DIR", os.path.join(ROOT, ".kiln-data")), "images"))
     args = ap.parse_args()
+    global DELTA_MEMORY_MIB, DELTA_BASELINES
+    DELTA_MEMORY_MIB = args.memory
+    DELTA_BASELINES = [b for b in args.delta_baselines.split(",") if b and b != "none"]
     work = tempfile.mkdtemp(prefix="kb", dir="/tmp")
     only = args.only.split(",") if args.only else None
     # Variant benches start daemons of their own.

@@ -299,3 +299,111 @@ fn stream_states_of_the_previous_path_still_restore() {
     verify(&d, "n1", &sums_new);
     verify(&d, "o1", &sums_new);
 }
+
+/// Restores `path` to what it held when the guard was made (a host-wide setting a test changed).
+struct SysfsGuard {
+    path: &'static str,
+    was: String,
+}
+
+impl SysfsGuard {
+    fn set(path: &'static str, value: &str) -> Option<SysfsGuard> {
+        let text = std::fs::read_to_string(path).ok()?;
+        // "always [madvise] never": the bracketed word is the current value.
+        let was = text
+            .split_whitespace()
+            .find(|w| w.starts_with('['))
+            .map(|w| w.trim_matches(['[', ']']).to_string())?;
+        std::fs::write(path, value).ok()?;
+        Some(SysfsGuard { path, was })
+    }
+}
+
+impl Drop for SysfsGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path, &self.was);
+    }
+}
+
+/// The issue's pitfalls during a capture: transparent huge pages on in the host (QEMU's RAM mapping may
+/// be backed by huge pages, which the pagemap scan must still see page by page) and in the guest, and
+/// the host compacting memory in a loop while the changed pages are found and read (a page being
+/// migrated reads as a swap entry in the pagemap, and is counted). The capture must stay exact:
+/// base + delta is the paused source's RAM, and a copy sees the guest's files as they were. (Host swap
+/// under a cgroup limit is not exercised: this machine has no swap.)
+#[test]
+fn captures_stay_exact_under_thp_and_compaction() {
+    require_image("tiny");
+    let thp = SysfsGuard::set("/sys/kernel/mm/transparent_hugepage/enabled", "always");
+    let thp_defrag = SysfsGuard::set("/sys/kernel/mm/transparent_hugepage/defrag", "always");
+    let d = Daemon::start_with(&["--warm-spares", "0"]);
+    d.create(&["--name", "src", "--memory", "256"]);
+    d.kiln_ok(&["snapshot", "create", "src", "--name", "a"]);
+    d.kiln_ok(&["snapshot", "resume", "a", "--name", "r1"]);
+    let guest_thp = run(
+        &d,
+        "r1",
+        "f=/sys/kernel/mm/transparent_hugepage/enabled; \
+         if [ -w $f ]; then echo always > $f; cat $f; else echo none; fi",
+    );
+    eprintln!(
+        "host THP: {}, guest THP: {guest_thp}",
+        if thp.is_some() { "always" } else { "unchanged" }
+    );
+    run(&d, "r1", FILL);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let compactions = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if std::fs::write("/proc/sys/vm/compact_memory", b"1").is_ok() {
+                    n += 1;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            n
+        })
+    };
+    let mut want = run(&d, "r1", SUMS);
+    for (i, snap) in ["t1", "t2", "t3"].iter().enumerate() {
+        if i > 0 {
+            run(&d, "r1", MUTATE);
+            want = run(&d, "r1", SUMS);
+        }
+        d.kiln_ok(&["pause", "r1"]);
+        let (pid, base) = vm_ram(&d, "r1");
+        let h = kiln_vmm::delta::mapping_digest(pid, &base).unwrap();
+        d.kiln_ok(&["snapshot", "create", "r1", "--name", snap]);
+        let (dir, m) = manifest(&d, snap);
+        assert_eq!(m["state_format"], "devices", "{m}");
+        let (delta, _, _) = file_of(&dir, &m, "memory_delta").expect("no memory delta");
+        let (mem, mem_sum, _) = file_of(&dir, &m, "memory").unwrap();
+        let len = std::fs::metadata(&mem).unwrap().len();
+        assert_eq!(
+            kiln_vmm::delta::patched_digest(&mem, &delta, &mem_sum, len, None).unwrap(),
+            h,
+            "{snap}: base + delta is not the source's RAM"
+        );
+        d.kiln_ok(&["resume", "r1"]);
+        let copy = format!("c{i}");
+        d.kiln_ok(&["snapshot", "resume", snap, "--name", &copy]);
+        verify(&d, &copy, &want);
+        d.kiln_ok(&["sandbox", "delete", "-y", &copy]);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let n = compactions.join().unwrap();
+    eprintln!("{n} compactions ran during the captures");
+    for line in d.log().lines().filter(|l| {
+        l.contains("phase timing") && l.contains("snapshot_create") || l.contains("pause_ms")
+    }) {
+        eprintln!("{line}");
+    }
+    assert!(n > 0, "the host never compacted memory");
+    assert!(
+        !d.log().contains("no memory delta"),
+        "a capture fell back:\n{}",
+        common::tail(&d.log(), 30)
+    );
+    drop((thp, thp_defrag));
+}
