@@ -258,6 +258,17 @@ impl Engine {
         self.life().checkpoint_notify.notify_one();
     }
 
+    /// After a snapshot taken by hand: the checkpoint task compacts the sandbox's disk chain if it is
+    /// long, in the background (the request does not wait for the stream).
+    pub(crate) fn compact_soon(&self, id: &str) {
+        self.life()
+            .compact_pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string());
+        self.checkpoint_kick();
+    }
+
     pub(crate) fn spawn_checkpointer(self: &Arc<Engine>) {
         let weak: Weak<Engine> = Arc::downgrade(self);
         let notify = self.life().checkpoint_notify.clone();
@@ -281,6 +292,24 @@ impl Engine {
     async fn checkpoint_round(&self, retry: &mut BTreeMap<String, i64>) -> i64 {
         let now = now_ms();
         let mut next = now + MAX_SLEEP.as_millis() as i64;
+        let pending = std::mem::take(
+            &mut *self
+                .life()
+                .compact_pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for id in pending {
+            if !self.compact_after_checkpoint(&id).await {
+                // Busy: tried again shortly.
+                self.life()
+                    .compact_pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id);
+                next = next.min(now_ms() + RETRY_MS);
+            }
+        }
         let policies = match self.db().checkpoint_policies() {
             Ok(p) => p,
             Err(e) => {

@@ -222,6 +222,8 @@ pub(crate) struct Lifetimes {
     started_ms: std::sync::OnceLock<i64>,
     /// Checkpoint policies changed (checkpoint.rs).
     checkpoint_notify: Arc<tokio::sync::Notify>,
+    /// Sandboxes whose disk chain a snapshot taken by hand may have made long (checkpoint.rs compacts).
+    compact_pending: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// Marks a sandbox in use while it lives (a request being answered); its end counts as activity too.

@@ -68,6 +68,9 @@ impl Engine {
             self.set_snapshot_ttl(&snap.id, ttl)?;
             snap.expires_at = self.snapshot_expires_at(&snap.id);
         }
+        // Each snapshot froze a disk layer: a long chain is compacted in the background, as after a
+        // checkpoint.
+        self.compact_soon(&snap.sandbox_id);
         Ok(self.present_parent(snap))
     }
 
