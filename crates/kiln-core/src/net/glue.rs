@@ -37,35 +37,80 @@ pub(crate) struct NetPlan {
 /// At daemon start: bridged networking's host side, with the rules the recorded sandboxes need; on user
 /// networking, removal of a previous bridged daemon's rules once no TAP of it is left.
 pub(crate) async fn setup(cfg: &mut Config, db: &Db) -> Result<Option<Arc<Bridge>>> {
-    let bc = match &cfg.network {
+    let (bc, auto) = match &cfg.network {
         NetMode::User => {
-            let _ = tokio::task::spawn_blocking(|| {
-                if taps().is_empty() && rules::installed() {
-                    rules::remove();
-                }
-            })
-            .await;
+            cfg.network_reason = "--network user".into();
+            user_mode().await;
             return Ok(None);
         }
-        NetMode::Bridged(bc) => bc.clone(),
+        NetMode::Bridged(bc) => (bc.clone(), false),
+        NetMode::Auto(bc) => (bc.clone(), true),
+    };
+    if auto {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let (mode, why) = tokio::task::spawn_blocking(move || {
+            super::preflight::choose(&bc, root, super::preflight::check)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("network preflight panicked: {e}")))?;
+        if mode == NetMode::User {
+            tracing::info!(reason = %why, "user networking");
+            return Ok(fall_back(cfg, why).await);
+        }
+        cfg.network = mode;
+        cfg.network_reason = why;
+    } else {
+        cfg.network_reason = "--network bridged".into();
+    }
+    let NetMode::Bridged(bc) = cfg.network.clone() else {
+        return Ok(None);
     };
     // Spares only when asked for: each holds a pool address and a TAP while it waits.
+    let spares = (cfg.warm_spares, cfg.warm_spares_default);
     if cfg.warm_spares_default {
         cfg.warm_spares = 0;
     }
     let leases = leases(db)?;
     let allow = cfg.allow_net.clone();
-    let bridge = tokio::task::spawn_blocking(move || Bridge::setup(bc, &allow, &leases))
+    let built = tokio::task::spawn_blocking(move || Bridge::setup(bc, &allow, &leases))
         .await
-        .map_err(|e| Error::internal(format!("network setup panicked: {e}")))?
-        .map_err(|e| {
-            Error::new(
+        .map_err(|e| Error::internal(format!("network setup panicked: {e}")))?;
+    let bridge = match built {
+        Ok(b) => b,
+        // The default falls back whatever stopped it; an explicit `--network bridged` refuses to start.
+        Err(e) if auto => {
+            let why = format!("the default, since bridged networking could not be set up: {e}");
+            tracing::warn!(reason = %why, "user networking");
+            (cfg.warm_spares, cfg.warm_spares_default) = spares;
+            return Ok(fall_back(cfg, why).await);
+        }
+        Err(e) => {
+            return Err(Error::new(
                 ErrorCode::InvalidRequest,
                 format!("bridged networking could not be set up: {e}; the daemon needs root, /dev/net/tun and iptables (or start it with --network user)"),
-            )
-        })?;
-    tracing::info!(bridge = %bridge.cfg.bridge, subnet = %bridge.cfg.subnet, "bridged networking");
+            ))
+        }
+    };
+    tracing::info!(bridge = %bridge.cfg.bridge, subnet = %bridge.cfg.subnet, reason = %cfg.network_reason, "bridged networking");
     Ok(Some(Arc::new(bridge)))
+}
+
+async fn fall_back(cfg: &mut Config, why: String) -> Option<Arc<Bridge>> {
+    cfg.network = NetMode::User;
+    cfg.network_reason = why;
+    user_mode().await;
+    None
+}
+
+/// On user networking: a previous bridged daemon's rules go once no TAP of it is left.
+async fn user_mode() {
+    let _ = tokio::task::spawn_blocking(|| {
+        if taps().is_empty() && rules::installed() {
+            rules::remove();
+        }
+    })
+    .await;
 }
 
 impl Engine {

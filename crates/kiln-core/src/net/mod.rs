@@ -14,6 +14,7 @@
 
 pub mod fastpath;
 mod glue;
+mod preflight;
 pub mod proxy;
 mod rules;
 pub mod tap;
@@ -43,6 +44,19 @@ pub enum NetMode {
     #[default]
     User,
     Bridged(BridgeConfig),
+    /// No `--network`: bridged where the daemon can build it (root, and `preflight` passes), else user
+    /// networking; the daemon resolves it at start (`glue::setup`).
+    Auto(BridgeConfig),
+}
+
+impl NetMode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            NetMode::User => "user",
+            NetMode::Bridged(_) => "bridged",
+            NetMode::Auto(_) => "auto",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -274,11 +288,7 @@ impl Bridge {
         let br = cfg.bridge.as_str();
         // Not judged from /sys/class/net, which shows the namespace sysfs was mounted in (a daemon
         // entered into a namespace with nsenter sees its parent's devices there).
-        if let Err(e) = ip(&["link", "add", br, "type", "bridge"]) {
-            if !e.contains("File exists") {
-                return Err(e);
-            }
-        }
+        preflight::bridge_device(br)?;
         let gw = format!("{}/32", cfg.subnet.gateway());
         ip(&["addr", "replace", &gw, "dev", br])?;
         ip(&["link", "set", br, "up"])?;
