@@ -502,6 +502,7 @@ impl Engine {
             network: None,
             // What the saved guest is configured with (see net/: a copy gets its own).
             address: m.source.address.clone(),
+            address6: None,
         })
     }
 
