@@ -11,6 +11,8 @@ mod common;
 mod default_mode;
 #[path = "network/ipv6.rs"]
 mod ipv6;
+#[path = "network/multiqueue.rs"]
+mod multiqueue;
 #[path = "network/readdress.rs"]
 mod readdress;
 

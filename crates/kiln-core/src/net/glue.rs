@@ -23,8 +23,8 @@ const READDRESS_TIMEOUT: Duration = Duration::from_secs(10);
 /// configuration the restored guest must switch to (None: it has the right one).
 pub(crate) struct NetPlan {
     pub tap: Option<super::tap::Tap>,
-    /// `/dev/vhost-net` for the TAP, where the host has it.
-    pub vhost: Option<std::fs::File>,
+    /// `/dev/vhost-net` for each of the TAP's queues, where the host has it (else empty).
+    pub vhost: Vec<std::fs::File>,
     pub cmdline: Option<String>,
     pub readdress: Option<GuestNet>,
     /// The address the restored guest had (its connections are reset once it has the new one).
@@ -129,8 +129,14 @@ impl Engine {
     }
 
     /// Before a VM of `sb` starts. `sb.address` is what the guest to be restored is configured with
-    /// (its source's for a new copy); the database has the address the sandbox holds, if any.
-    pub(crate) async fn prepare_net(&self, sb: &Sandbox, incoming: bool) -> Result<NetPlan> {
+    /// (its source's for a new copy); the database has the address the sandbox holds, if any. `queues`:
+    /// the machine's NIC queue pairs (`Layout::net_queues`), which only a TAP can give beyond one.
+    pub(crate) async fn prepare_net(
+        &self,
+        sb: &Sandbox,
+        incoming: bool,
+        queues: usize,
+    ) -> Result<NetPlan> {
         let stored = self
             .db()
             .find_sandbox(&sb.id)?
@@ -144,12 +150,15 @@ impl Engine {
                 .unwrap_or_else(|| GuestNet::user().address.to_string()),
         );
         let Some(br) = self.bridge() else {
+            if queues > 1 {
+                return Err(super::queues_refused(&format!("sandbox {}", sb.id), queues));
+            }
             if stored.is_some() {
                 release(self.db(), &sb.id)?;
             }
             return Ok(NetPlan {
                 tap: None,
-                vhost: None,
+                vhost: Vec::new(),
                 cmdline: None,
                 readdress: (incoming && guest_has.is_some()).then(GuestNet::user),
                 old_address,
@@ -164,7 +173,7 @@ impl Engine {
         self.refresh_net().await?;
         let tap = {
             let (br, id) = (br.clone(), sb.id.clone());
-            tokio::task::spawn_blocking(move || br.open_tap(&id, address))
+            tokio::task::spawn_blocking(move || br.open_tap(&id, address, queues))
                 .await
                 .map_err(|e| Error::internal(format!("TAP setup panicked: {e}")))?
                 .map_err(|e| {
@@ -175,12 +184,14 @@ impl Engine {
                 })?
         };
         let vhost = match br.vhost {
-            super::fastpath::Vhost::On => super::fastpath::open()
+            super::fastpath::Vhost::On => (0..queues)
+                .map(|_| super::fastpath::open())
+                .collect::<std::io::Result<Vec<_>>>()
                 .map_err(
                     |e| tracing::warn!(sandbox = %sb.id, error = %e, "no vhost-net for this VM"),
                 )
-                .ok(),
-            super::fastpath::Vhost::Off(_) => None,
+                .unwrap_or_default(),
+            super::fastpath::Vhost::Off(_) => Vec::new(),
         };
         let guest = br.guest(address);
         let boot6 = (!incoming && guest.address6.is_some()).then(|| guest.clone());
