@@ -82,6 +82,9 @@ class Daemon:
         self.log = open(os.path.join(workdir, "daemon.log"), "ab")
         self.proc = subprocess.Popen(
             [kiln, "--data-dir", workdir, "--socket", self.socket, "serve", *extra],
+            # User networking unless `extra` says --network (a flag beats the variable): a root
+            # daemon's default (bridged) would build a bridge and NAT on the host.
+            env={**os.environ, "KILN_NETWORK": "user"},
             stdout=self.log, stderr=self.log)
         deadline = time.time() + 60
         while not os.path.exists(self.socket):

@@ -9,7 +9,7 @@ KILN="$PWD/target/release/kiln"
 say() { printf '\n\033[1;36m$ %s\033[0m\n' "$*"; }
 run() { say "$*"; "$@"; }
 
-"$KILN" --data-dir "$DATA_DIR" serve > "$DATA_DIR/demo-daemon.log" 2>&1 &
+"$KILN" --data-dir "$DATA_DIR" serve --network user > "$DATA_DIR/demo-daemon.log" 2>&1 &
 DAEMON=$!
 cleanup() {
   "$KILN" sandbox delete -y demo >/dev/null 2>&1 || true

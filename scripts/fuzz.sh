@@ -48,7 +48,7 @@ cleanup() {
 trap cleanup EXIT
 
 step "daemon on 127.0.0.1:$PORT, data in $DATA (log: $LOG)"
-"$KILN" --data-dir "$DATA" serve --listen "127.0.0.1:$PORT" --max-sandboxes 2 --rate-limit 0 \
+"$KILN" --data-dir "$DATA" serve --network user --listen "127.0.0.1:$PORT" --max-sandboxes 2 --rate-limit 0 \
   --boot-timeout 60 >"$LOG" 2>&1 &
 DAEMON=$!
 for _ in $(seq 100); do

@@ -133,7 +133,7 @@ fi
 # -cpu, the daemon's /dev/kvm descriptor) and refuses to start if it fails.
 if [[ -e /dev/kvm ]]; then
   mkdir -p "$WORK/probe"
-  timeout 60 "$KILN" --data-dir "$WORK/probe" --socket "$WORK/probe.sock" serve --accel kvm \
+  timeout 60 "$KILN" --data-dir "$WORK/probe" --socket "$WORK/probe.sock" serve --accel kvm --network user \
     >"$WORK/probe.log" 2>&1 &
   ppid=$!
   for _ in $(seq 1 300); do

@@ -73,7 +73,7 @@ class Daemon:
                 args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                 # As the other suites: no template snapshots (a background builder VM); warm spares (VMs of
                 # their own) only where a test asks.
-                env={**os.environ, "KILN_LOG": "info", "KILN_TEMPLATE_SNAPSHOTS": "off",
+                env={**os.environ, "KILN_LOG": "info", "KILN_TEMPLATE_SNAPSHOTS": "off", "KILN_NETWORK": "user",
                      "KILN_WARM_SPARES": str(warm_spares)},
             )
         deadline = time.monotonic() + 30

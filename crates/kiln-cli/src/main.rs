@@ -241,6 +241,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     v["accel_reason"].as_str().unwrap_or("")
                 );
                 println!("data dir:    {}", v["data_dir"].as_str().unwrap_or("?"));
+                println!(
+                    "network:     {} ({})",
+                    v["network"].as_str().unwrap_or("?"),
+                    v["network_reason"].as_str().unwrap_or("")
+                );
                 let c = &v["confinement"];
                 if c["confined"].as_bool() == Some(true) {
                     println!("confinement: VMs run as per-sandbox uids behind the firewall");

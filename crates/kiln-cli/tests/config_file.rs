@@ -31,6 +31,7 @@ fn serve(dir: &std::path::Path, args: &[&str]) -> Serve {
         .env_remove("KILN_SOCKET")
         .env("KILN_WARM_SPARES", "0")
         .env("KILN_TEMPLATE_SNAPSHOTS", "off")
+        .env("KILN_NETWORK", "user")
         .stdin(Stdio::null())
         .stdout(out.try_clone().expect("log"))
         .stderr(out)

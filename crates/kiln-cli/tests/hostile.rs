@@ -369,6 +369,7 @@ fn serve_in(data_dir: &Path, extra: &[&str]) -> std::process::Child {
         .arg("serve")
         .args(extra)
         .env("KILN_WARM_SPARES", "0")
+        .env("KILN_NETWORK", "user")
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()

@@ -27,7 +27,7 @@ fn accel_kvm_probes_and_is_a_start_up_error_where_vms_cannot_run() {
         .arg(dir.path())
         .arg("--socket")
         .arg(dir.path().join("kiln.sock"))
-        .args(["serve", "--accel", "kvm"])
+        .args(["serve", "--accel", "kvm", "--network", "user"])
         .env("KILN_WARM_SPARES", "0")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

@@ -7,8 +7,12 @@
 //! `S`, where a TCP server listens on 198.51.100.1:80. No packet leaves the two namespaces.
 
 mod common;
+#[path = "network/default_mode.rs"]
+mod default_mode;
 #[path = "network/ipv6.rs"]
 mod ipv6;
+#[path = "network/multiqueue.rs"]
+mod multiqueue;
 #[path = "network/readdress.rs"]
 mod readdress;
 

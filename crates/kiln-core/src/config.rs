@@ -46,6 +46,8 @@ pub struct Config {
     pub memory_headroom: f64,
     /// How guests are networked (`kiln serve --network`, see `crate::net`).
     pub network: crate::net::NetMode,
+    /// Why the daemon runs in that mode (set when it starts; shown by `GET /v1/info`).
+    pub network_reason: String,
 }
 
 /// Guest RAM may add up to this many times the host's RAM by default: idle guests touch little of it, and
@@ -90,6 +92,7 @@ impl Config {
             ram_size_mib: None,
             memory_headroom: crate::headroom::DEFAULT_FACTOR,
             network: crate::net::NetMode::User,
+            network_reason: String::new(),
         }
     }
 

@@ -426,6 +426,7 @@ fn row_to_sandbox(r: &Row<'_>) -> rusqlite::Result<Sandbox> {
         boot: None,
         network: r.get("network")?,
         address: r.get("address")?,
+        address6: None,
     })
 }
 
@@ -477,6 +478,7 @@ mod tests {
             boot: None,
             network: None,
             address: None,
+            address6: None,
         }
     }
 

@@ -434,6 +434,10 @@ impl Engine {
         sb.confined = sb.qemu_uid.is_some() && self.confine.netguard.is_some();
         sb.lifetime = self.lifetime_of(&sb);
         sb.checkpoint_policy = self.db().checkpoint_policy(&sb.id).ok().flatten();
+        sb.address6 = self.bridge().and_then(|br| {
+            let v4 = sb.address.as_deref()?.parse().ok()?;
+            br.address6_for(v4).map(|a| a.to_string())
+        });
         sb
     }
 
@@ -687,6 +691,7 @@ impl Engine {
             boot: None,
             network: req.network.clone(),
             address: None,
+            address6: None,
         };
         {
             let _volumes = self.volume_lock().await;

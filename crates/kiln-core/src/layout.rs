@@ -153,6 +153,10 @@ pub struct Layout {
     /// before it existed: no reporting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub free_page_reporting: Option<bool>,
+    /// Queue pairs of the machine's NIC (multiqueue, on a TAP; see `net::boot_queues`): part of its
+    /// saved state, fixed for the machine and everything restored from it. None: one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_queues: Option<u32>,
 }
 
 impl Layout {
@@ -220,6 +224,7 @@ mod tests {
             max_cpus: Some(2),
             max_memory_mib: Some(512),
             free_page_reporting: Some(true),
+            net_queues: Some(2),
         };
         let json = serde_json::to_string(&l).unwrap();
         assert!(json.contains(r#""mode":"private""#));

@@ -122,6 +122,11 @@ impl Engine {
             free_page_reporting: Some(
                 free_page_reporting() && !crate::template_snap::is_builder(sb),
             ),
+            // Not on a template's builder either: template snapshots stay loadable on user networking.
+            net_queues: crate::net::boot_queues(
+                self.bridge().is_some() && !crate::template_snap::is_builder(sb),
+                sb.cpus,
+            ),
         };
         self.place_mounts(&dir, sb.qemu_uid, &mut layout.volume_slots, mounts, false)?;
         let top = layout.next_top_path(&dir);
@@ -225,6 +230,7 @@ impl Engine {
             egress: sb.egress,
             tap_fd: None,
             vhost_fd: None,
+            tap_queues: Vec::new(),
             confine: kiln_vmm::Confine {
                 run_as: self.confine().run_as(sb.qemu_uid),
                 cgroup_procs: Vec::new(),
@@ -240,9 +246,24 @@ impl Engine {
         incoming: Option<Incoming>,
     ) -> Result<Arc<Vm>> {
         let mut spec = self.vm_spec(sb, layout, incoming.is_some());
-        let net = self.prepare_net(sb, incoming.is_some()).await?;
+        let queues = layout.net_queues.unwrap_or(1).max(1) as usize;
+        let net = self.prepare_net(sb, incoming.is_some(), queues).await?;
         spec.tap_fd = net.tap.as_ref().map(|t| t.fd());
-        spec.vhost_fd = net.vhost.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+        let vhost: Vec<i32> = net
+            .vhost
+            .iter()
+            .map(std::os::fd::AsRawFd::as_raw_fd)
+            .collect();
+        spec.vhost_fd = vhost.first().copied();
+        spec.tap_queues = net
+            .tap
+            .as_ref()
+            .map(|t| t.queue_fds())
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, fd)| (fd, vhost.get(i + 1).copied()))
+            .collect();
         if let Some(params) = &net.cmdline {
             spec.cmdline = format!("{} {params}", spec.cmdline);
         }

@@ -179,6 +179,10 @@ pub struct Sandbox {
     /// networking, where every guest is 10.0.2.15 behind its own QEMU.
     #[serde(default)]
     pub address: Option<String>,
+    /// Its IPv6 address under bridged networking where the daemon gives guests IPv6 (derived from
+    /// `address`, docs/networking.md); null otherwise.
+    #[serde(default)]
+    pub address6: Option<String>,
 }
 
 impl Sandbox {

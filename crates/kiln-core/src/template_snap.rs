@@ -319,7 +319,13 @@ impl Engine {
                 self.machine_max_cpus(shape.cpus)
             ),
         ];
-        let digest = Sha256::digest(parts.join("\n").as_bytes());
+        let mut key = parts.join("\n");
+        // A bridged builder's guest holds a pool address (and IPv6 routes) that a user-mode copy does not
+        // fully shed: each mode has template snapshots of its own (user mode's ids are unchanged).
+        if self.bridge().is_some() {
+            key.push_str("\nnetwork bridged");
+        }
+        let digest = Sha256::digest(key.as_bytes());
         Ok(format!("template-{}", &hex::encode(digest)[..16]))
     }
 

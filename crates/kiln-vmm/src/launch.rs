@@ -88,6 +88,13 @@ pub fn launch(spec: &VmSpec) -> Result<u32, VmmError> {
     let kvm_fd = kvm.as_ref().map(|f| f.as_raw_fd());
     let tap_fd = spec.tap_fd;
     let vhost_fd = spec.tap_fd.and(spec.vhost_fd);
+    // The further queues' descriptors, in a fixed array: the child may not allocate after fork.
+    let mut queues = [(-1, -1); crate::qemu::MAX_NET_QUEUES];
+    if tap_fd.is_some() {
+        for (slot, (t, v)) in queues[1..].iter_mut().zip(&spec.tap_queues) {
+            *slot = (*t, v.unwrap_or(-1));
+        }
+    }
     let run_as = spec.confine.run_as.clone();
     let binary = crate::qemu_binary();
     let mut cmd = Command::new(&binary);
@@ -101,7 +108,14 @@ pub fn launch(spec: &VmSpec) -> Result<u32, VmmError> {
     // SAFETY: the closure only makes raw syscalls on data prepared before the fork and allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
-            detach_and_confine(&cgroup_fds, run_as.as_ref(), kvm_fd, tap_fd, vhost_fd)
+            detach_and_confine(
+                &cgroup_fds,
+                run_as.as_ref(),
+                kvm_fd,
+                tap_fd,
+                vhost_fd,
+                &mut queues,
+            )
         });
     }
     let mut child = cmd.spawn().map_err(|e| match e.kind() {
@@ -159,6 +173,7 @@ fn detach_and_confine(
     kvm_fd: Option<i32>,
     tap_fd: Option<i32>,
     vhost_fd: Option<i32>,
+    queues: &mut [(i32, i32)],
 ) -> std::io::Result<()> {
     let check = |r: libc::c_int| {
         if r < 0 {
@@ -189,6 +204,10 @@ fn detach_and_confine(
         };
         let tap = away(tap_fd)?;
         let vhost = away(vhost_fd)?;
+        for (t, v) in queues.iter_mut() {
+            *t = away(Some(*t).filter(|fd| *fd >= 0))?.unwrap_or(-1);
+            *v = away(Some(*v).filter(|fd| *fd >= 0))?.unwrap_or(-1);
+        }
         // After the cgroup writes: the dup2 may replace one of their descriptors.
         if let Some(fd) = kvm_fd {
             pass_kvm_fd(fd)?;
@@ -199,6 +218,15 @@ fn detach_and_confine(
         }
         if let Some(fd) = vhost {
             check(libc::dup2(fd, crate::qemu::VHOST_FD))?;
+        }
+        for (i, (t, v)) in queues.iter().enumerate() {
+            let (tap_no, vhost_no) = crate::qemu::queue_fds(i);
+            if *t >= 0 {
+                check(libc::dup2(*t, tap_no))?;
+            }
+            if *v >= 0 {
+                check(libc::dup2(*v, vhost_no))?;
+            }
         }
         if let Some(r) = run_as {
             check(libc::setgroups(r.groups.len(), r.groups.as_ptr()))?;

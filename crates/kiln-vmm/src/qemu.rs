@@ -23,6 +23,15 @@ const MAX_SOCKET_PATH: usize = 107;
 pub const TAP_FD: i32 = 4;
 /// The descriptor number a `/dev/vhost-net` descriptor gets in QEMU (with a TAP).
 pub const VHOST_FD: i32 = 5;
+/// Most queue pairs a NIC on a TAP gets (multiqueue, one pair per vCPU of a multi-vCPU guest).
+pub const MAX_NET_QUEUES: usize = 8;
+
+/// Queue pair `i`'s TAP and vhost-net descriptor numbers in QEMU: [`TAP_FD`] and [`VHOST_FD`] for the
+/// first, then 6 and 7, 8 and 9, ...
+pub fn queue_fds(i: usize) -> (i32, i32) {
+    (TAP_FD + 2 * i as i32, VHOST_FD + 2 * i as i32)
+}
+
 /// A restore on a TAP: the unconnected user-mode netdev that receives a user-mode machine's slirp state.
 pub const SLIRP_SINK: &str = "user,id=slirp-sink,restrict=on";
 
@@ -113,11 +122,25 @@ pub struct VmSpec {
     /// An open `/dev/vhost-net` (the daemon's; the VM's uid cannot open it) for the TAP: the kernel
     /// moves the NIC's packets instead of QEMU's thread. Passed as [`VHOST_FD`]; ignored without a TAP.
     pub vhost_fd: Option<i32>,
+    /// The TAP's further queues (multiqueue), each a descriptor of the same device and its own
+    /// `/dev/vhost-net` one (vhost-net is used only when every queue has one). The queue-pair count is
+    /// part of the NIC's saved state: fixed for the machine and everything restored from it. Ignored
+    /// without `tap_fd`; at most [`MAX_NET_QUEUES`] in all.
+    pub tap_queues: Vec<(i32, Option<i32>)>,
     /// Who the process runs as and which cgroups it joins.
     pub confine: crate::launch::Confine,
 }
 
 impl VmSpec {
+    /// Queue pairs of the NIC: one, or the TAP's queues.
+    pub fn net_queues(&self) -> usize {
+        if self.tap_fd.is_some() {
+            (1 + self.tap_queues.len()).min(MAX_NET_QUEUES)
+        } else {
+            1
+        }
+    }
+
     pub fn qmp_socket(&self) -> PathBuf {
         self.run_dir.join("qmp.sock")
     }
@@ -199,12 +222,28 @@ impl VmSpec {
         push(&["-device", &rootdisk]);
         // The same NIC (and so the same device state) either way: a machine saved in one mode restores
         // in the other.
+        let queues = self.net_queues();
         let netdev = if self.tap_fd.is_some() {
-            let mut netdev = format!("tap,id=net0,fd={TAP_FD}");
-            if self.vhost_fd.is_some() {
-                netdev.push_str(&format!(",vhost=on,vhostfd={VHOST_FD}"));
+            let numbers = |pick: fn((i32, i32)) -> i32| {
+                (0..queues)
+                    .map(|i| pick(queue_fds(i)).to_string())
+                    .collect::<Vec<_>>()
+                    .join(":")
+            };
+            let vhost = self.vhost_fd.is_some() && self.tap_queues.iter().all(|(_, v)| v.is_some());
+            if queues == 1 {
+                let mut netdev = format!("tap,id=net0,fd={TAP_FD}");
+                if vhost {
+                    netdev.push_str(&format!(",vhost=on,vhostfd={VHOST_FD}"));
+                }
+                netdev
+            } else {
+                let mut netdev = format!("tap,id=net0,fds={}", numbers(|q| q.0));
+                if vhost {
+                    netdev.push_str(&format!(",vhost=on,vhostfds={}", numbers(|q| q.1)));
+                }
+                netdev
             }
-            netdev
         } else {
             let mut netdev = "user,id=net0".to_string();
             if !self.egress {
@@ -222,10 +261,11 @@ impl VmSpec {
         if self.tap_fd.is_some() && self.incoming {
             push(&["-netdev", SLIRP_SINK]);
         }
-        push(&[
-            "-device",
-            &format!("virtio-net-device,netdev=net0,mac={}", self.mac),
-        ]);
+        let mut nic = format!("virtio-net-device,netdev=net0,mac={}", self.mac);
+        if queues > 1 {
+            nic.push_str(",mq=on");
+        }
+        push(&["-device", &nic]);
         push(&["-device", "virtio-serial-device"]);
         for (i, backend) in self.volumes.iter().enumerate() {
             let node = format!("vol{i}");
@@ -559,6 +599,7 @@ mod tests {
             egress: true,
             tap_fd: None,
             vhost_fd: None,
+            tap_queues: Vec::new(),
             confine: Default::default(),
         }
     }
@@ -668,6 +709,29 @@ mod tests {
             value_after(&s.args(), "-netdev")[0],
             "tap,id=net0,fd=4,vhost=on,vhostfd=5"
         );
+    }
+
+    #[test]
+    fn a_multiqueue_tap_gets_one_descriptor_pair_per_queue_and_an_mq_nic() {
+        let mut s = spec();
+        s.tap_fd = Some(17);
+        s.tap_queues = vec![(19, None)];
+        let args = s.args();
+        assert_eq!(value_after(&args, "-netdev"), ["tap,id=net0,fds=4:6"]);
+        assert!(value_after(&args, "-device")
+            .iter()
+            .any(|d| d.starts_with("virtio-net-device,netdev=net0,mac=") && d.ends_with(",mq=on")));
+        // vhost-net only when every queue has a descriptor of it.
+        s.vhost_fd = Some(18);
+        assert_eq!(value_after(&s.args(), "-netdev")[0], "tap,id=net0,fds=4:6");
+        s.tap_queues = vec![(19, Some(20)), (21, Some(22))];
+        assert_eq!(
+            value_after(&s.args(), "-netdev")[0],
+            "tap,id=net0,fds=4:6:8,vhost=on,vhostfds=5:7:9"
+        );
+        // One queue: the NIC is the same as ever (no mq), so single-queue machines restore anywhere.
+        s.tap_queues.clear();
+        assert!(!s.args().iter().any(|a| a.contains("mq=on")));
     }
 
     #[test]

@@ -68,6 +68,7 @@ fn qemu_as_unprivileged_uid_gets_kvm_from_the_daemon() {
         egress: false,
         tap_fd: None,
         vhost_fd: None,
+        tap_queues: Vec::new(),
         confine: kiln_vmm::Confine {
             run_as: Some(RunAs {
                 uid: UID,

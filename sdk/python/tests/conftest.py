@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[3]
 
 # Template snapshots are on, as users get them; the daemons share them through this checkout's own store
 # (the same one the Rust tests use), never beside the built images, which may be another checkout's.
-DAEMON_ENV = {"KILN_TEMPLATE_STORE": str(REPO / "target/tmp/kiln-template-store")}
+# User networking: a root daemon's default (bridged) would build a bridge and NAT on the host.
+DAEMON_ENV = {"KILN_TEMPLATE_STORE": str(REPO / "target/tmp/kiln-template-store"), "KILN_NETWORK": "user"}
 
 
 def kiln_bin() -> Path:

@@ -394,6 +394,12 @@ export class Sandbox {
   lifetime!: Lifetime | null;
   /** Its continuous checkpoints; null without. */
   checkpointPolicy!: CheckpointPolicy | null;
+  /** The private network it is in (bridged networking); null: none. */
+  network!: string | null;
+  /** Its own IPv4 address under bridged networking; null on user networking (every guest 10.0.2.15). */
+  address!: string | null;
+  /** Its own IPv6 address under bridged networking where the daemon gives guests IPv6; else null. */
+  address6!: string | null;
 
   /** @internal Use the static constructors. */
   constructor(record: SandboxRecord, client: Client) {
@@ -428,6 +434,9 @@ export class Sandbox {
     this.updatedAt = new Date(r.updated_at);
     this.lifetime = lifetimeFromRecord(r.lifetime);
     this.checkpointPolicy = r.checkpoint_policy ?? null;
+    this.network = r.network ?? null;
+    this.address = r.address ?? null;
+    this.address6 = r.address6 ?? null;
     return this;
   }
 

@@ -39,6 +39,9 @@ export interface SandboxRecord {
   volumes?: VolumeMountRecord[];
   lifetime?: LifetimeRecord | null;
   checkpoint_policy?: CheckpointPolicy | null;
+  network?: string | null;
+  address?: string | null;
+  address6?: string | null;
 }
 
 /** A sandbox's continuous checkpoints: one every `every` seconds, the newest `keep` kept. */

@@ -62,7 +62,7 @@ export class Daemon {
     writeFileSync(join(d.dir, "token"), d.token);
     const log = openSync(join(d.dir, "daemon.log"), "a");
     const args = ["--data-dir", d.dir, "--socket", d.socket, "serve", "--listen", d.url, "--token-file", join(d.dir, "token"), ...extraArgs];
-    d.proc = spawn(bin, args, { stdio: ["ignore", log, log], env: { ...process.env, KILN_LOG: "info", KILN_TEMPLATE_STORE: join(REPO, "target/tmp/kiln-template-store") } });
+    d.proc = spawn(bin, args, { stdio: ["ignore", log, log], env: { ...process.env, KILN_LOG: "info", KILN_NETWORK: "user", KILN_TEMPLATE_STORE: join(REPO, "target/tmp/kiln-template-store") } });
     const deadline = Date.now() + 30_000;
     while (!(await canConnect(d.socket))) {
       if (d.proc.exitCode !== null || Date.now() > deadline) {

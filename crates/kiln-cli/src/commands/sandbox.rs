@@ -324,6 +324,7 @@ pub async fn run(cli: &Cli, cmd: &SandboxCmd) -> anyhow::Result<ExitCode> {
                         "egress",
                         "network",
                         "address",
+                        "address6",
                         "qemu_uid",
                         "confined",
                         "created_at",

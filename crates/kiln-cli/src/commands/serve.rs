@@ -93,9 +93,10 @@ pub struct ServeArgs {
     )]
     allow_net: Vec<String>,
     /// How guests are networked: `user` (QEMU user-mode networking: every guest 10.0.2.15, ports on
-    /// 127.0.0.1) or `bridged` (each sandbox its own address on a TAP device, routed by the host through
-    /// --bridge, NAT out; needs root, /dev/net/tun and iptables). See docs/networking.md.
-    #[arg(long, env = "KILN_NETWORK", default_value = "user", value_parser = ["user", "bridged"])]
+    /// 127.0.0.1), `bridged` (each sandbox its own address on a TAP device, routed by the host through
+    /// --bridge, NAT out; needs root, /dev/net/tun and iptables), or `auto`: bridged where the daemon can
+    /// build it, else user (`kiln info` says which and why). See docs/networking.md.
+    #[arg(long, env = "KILN_NETWORK", default_value = "auto", value_parser = ["auto", "user", "bridged"])]
     network: String,
     /// Bridged networking: the host device that holds the guests' gateway address.
     #[arg(long, env = "KILN_BRIDGE", default_value = kiln_core::net::DEFAULT_BRIDGE)]
@@ -183,12 +184,14 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .filter(|s| !s.trim().is_empty())
         .map(|s| s.parse().map_err(|e| anyhow::anyhow!("--allow-net: {e}")))
         .collect::<anyhow::Result<_>>()?;
-    if args.network == "bridged" {
-        cfg.network = kiln_core::net::NetMode::Bridged(
-            kiln_core::net::BridgeConfig::new(&args.bridge, &args.subnet)
-                .and_then(|b| b.with_subnet6(&args.subnet6))
-                .map_err(|e| anyhow::anyhow!("--bridge/--subnet/--subnet6: {e}"))?,
-        );
+    if args.network != "user" {
+        let bc = kiln_core::net::BridgeConfig::new(&args.bridge, &args.subnet)
+            .and_then(|b| b.with_subnet6(&args.subnet6))
+            .map_err(|e| anyhow::anyhow!("--bridge/--subnet/--subnet6: {e}"))?;
+        cfg.network = match args.network.as_str() {
+            "bridged" => kiln_core::net::NetMode::Bridged(bc),
+            _ => kiln_core::net::NetMode::Auto(bc),
+        };
     }
     cfg.memory_headroom =
         kiln_core::headroom::check_factor(args.memory_headroom).map_err(anyhow::Error::msg)?;

@@ -119,8 +119,7 @@ impl Daemon {
             }
             None => Command::new(KILN),
         };
-        let child = cmd
-            .arg("--data-dir")
+        cmd.arg("--data-dir")
             .arg(self.dir.path())
             .arg("--socket")
             .arg(&self.socket)
@@ -133,7 +132,20 @@ impl Daemon {
             // they are shared through a store of this checkout's own, never written beside the built
             // images (`images_dir()` may be another checkout's), so only the first daemon boots a template.
             .env("KILN_TEMPLATE_STORE", template_store())
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            // User networking unless a test asks for another mode: a root daemon's default (bridged,
+            // docs/networking.md) would build a bridge and NAT in the host's namespace. An empty value
+            // leaves the variable unset (the daemon's own default).
+            .env("KILN_NETWORK", "user")
+            .envs(
+                self.env
+                    .iter()
+                    .filter(|(_, v)| !v.is_empty())
+                    .map(|(k, v)| (k, v)),
+            );
+        for (k, _) in self.env.iter().filter(|(_, v)| v.is_empty()) {
+            cmd.env_remove(k);
+        }
+        let child = cmd
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()

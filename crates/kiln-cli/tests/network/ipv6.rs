@@ -62,6 +62,13 @@ fn address6(d: &Daemon, sb: &str) -> String {
         has.contains(&format!("{want}/128")),
         "{sb} ({v4}) should have {want}/128: {has}"
     );
+    // `sandbox get` shows it, in JSON and as text.
+    assert_eq!(get(d, sb)["address6"], want.as_str(), "{}", get(d, sb));
+    let shown = d.kiln_ok(&["sandbox", "get", sb]);
+    assert!(
+        shown.contains(&want),
+        "`sandbox get` does not show {want}:\n{shown}"
+    );
     want
 }
 

@@ -23,8 +23,8 @@ const READDRESS_TIMEOUT: Duration = Duration::from_secs(10);
 /// configuration the restored guest must switch to (None: it has the right one).
 pub(crate) struct NetPlan {
     pub tap: Option<super::tap::Tap>,
-    /// `/dev/vhost-net` for the TAP, where the host has it.
-    pub vhost: Option<std::fs::File>,
+    /// `/dev/vhost-net` for each of the TAP's queues, where the host has it (else empty).
+    pub vhost: Vec<std::fs::File>,
     pub cmdline: Option<String>,
     pub readdress: Option<GuestNet>,
     /// The address the restored guest had (its connections are reset once it has the new one).
@@ -37,35 +37,80 @@ pub(crate) struct NetPlan {
 /// At daemon start: bridged networking's host side, with the rules the recorded sandboxes need; on user
 /// networking, removal of a previous bridged daemon's rules once no TAP of it is left.
 pub(crate) async fn setup(cfg: &mut Config, db: &Db) -> Result<Option<Arc<Bridge>>> {
-    let bc = match &cfg.network {
+    let (bc, auto) = match &cfg.network {
         NetMode::User => {
-            let _ = tokio::task::spawn_blocking(|| {
-                if taps().is_empty() && rules::installed() {
-                    rules::remove();
-                }
-            })
-            .await;
+            cfg.network_reason = "--network user".into();
+            user_mode().await;
             return Ok(None);
         }
-        NetMode::Bridged(bc) => bc.clone(),
+        NetMode::Bridged(bc) => (bc.clone(), false),
+        NetMode::Auto(bc) => (bc.clone(), true),
+    };
+    if auto {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let (mode, why) = tokio::task::spawn_blocking(move || {
+            super::preflight::choose(&bc, root, super::preflight::check)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("network preflight panicked: {e}")))?;
+        if mode == NetMode::User {
+            tracing::info!(reason = %why, "user networking");
+            return Ok(fall_back(cfg, why).await);
+        }
+        cfg.network = mode;
+        cfg.network_reason = why;
+    } else {
+        cfg.network_reason = "--network bridged".into();
+    }
+    let NetMode::Bridged(bc) = cfg.network.clone() else {
+        return Ok(None);
     };
     // Spares only when asked for: each holds a pool address and a TAP while it waits.
+    let spares = (cfg.warm_spares, cfg.warm_spares_default);
     if cfg.warm_spares_default {
         cfg.warm_spares = 0;
     }
     let leases = leases(db)?;
     let allow = cfg.allow_net.clone();
-    let bridge = tokio::task::spawn_blocking(move || Bridge::setup(bc, &allow, &leases))
+    let built = tokio::task::spawn_blocking(move || Bridge::setup(bc, &allow, &leases))
         .await
-        .map_err(|e| Error::internal(format!("network setup panicked: {e}")))?
-        .map_err(|e| {
-            Error::new(
+        .map_err(|e| Error::internal(format!("network setup panicked: {e}")))?;
+    let bridge = match built {
+        Ok(b) => b,
+        // The default falls back whatever stopped it; an explicit `--network bridged` refuses to start.
+        Err(e) if auto => {
+            let why = format!("the default, since bridged networking could not be set up: {e}");
+            tracing::warn!(reason = %why, "user networking");
+            (cfg.warm_spares, cfg.warm_spares_default) = spares;
+            return Ok(fall_back(cfg, why).await);
+        }
+        Err(e) => {
+            return Err(Error::new(
                 ErrorCode::InvalidRequest,
                 format!("bridged networking could not be set up: {e}; the daemon needs root, /dev/net/tun and iptables (or start it with --network user)"),
-            )
-        })?;
-    tracing::info!(bridge = %bridge.cfg.bridge, subnet = %bridge.cfg.subnet, "bridged networking");
+            ))
+        }
+    };
+    tracing::info!(bridge = %bridge.cfg.bridge, subnet = %bridge.cfg.subnet, reason = %cfg.network_reason, "bridged networking");
     Ok(Some(Arc::new(bridge)))
+}
+
+async fn fall_back(cfg: &mut Config, why: String) -> Option<Arc<Bridge>> {
+    cfg.network = NetMode::User;
+    cfg.network_reason = why;
+    user_mode().await;
+    None
+}
+
+/// On user networking: a previous bridged daemon's rules go once no TAP of it is left.
+async fn user_mode() {
+    let _ = tokio::task::spawn_blocking(|| {
+        if taps().is_empty() && rules::installed() {
+            rules::remove();
+        }
+    })
+    .await;
 }
 
 impl Engine {
@@ -84,8 +129,14 @@ impl Engine {
     }
 
     /// Before a VM of `sb` starts. `sb.address` is what the guest to be restored is configured with
-    /// (its source's for a new copy); the database has the address the sandbox holds, if any.
-    pub(crate) async fn prepare_net(&self, sb: &Sandbox, incoming: bool) -> Result<NetPlan> {
+    /// (its source's for a new copy); the database has the address the sandbox holds, if any. `queues`:
+    /// the machine's NIC queue pairs (`Layout::net_queues`), which only a TAP can give beyond one.
+    pub(crate) async fn prepare_net(
+        &self,
+        sb: &Sandbox,
+        incoming: bool,
+        queues: usize,
+    ) -> Result<NetPlan> {
         let stored = self
             .db()
             .find_sandbox(&sb.id)?
@@ -99,12 +150,15 @@ impl Engine {
                 .unwrap_or_else(|| GuestNet::user().address.to_string()),
         );
         let Some(br) = self.bridge() else {
+            if queues > 1 {
+                return Err(super::queues_refused(&format!("sandbox {}", sb.id), queues));
+            }
             if stored.is_some() {
                 release(self.db(), &sb.id)?;
             }
             return Ok(NetPlan {
                 tap: None,
-                vhost: None,
+                vhost: Vec::new(),
                 cmdline: None,
                 readdress: (incoming && guest_has.is_some()).then(GuestNet::user),
                 old_address,
@@ -119,7 +173,7 @@ impl Engine {
         self.refresh_net().await?;
         let tap = {
             let (br, id) = (br.clone(), sb.id.clone());
-            tokio::task::spawn_blocking(move || br.open_tap(&id, address))
+            tokio::task::spawn_blocking(move || br.open_tap(&id, address, queues))
                 .await
                 .map_err(|e| Error::internal(format!("TAP setup panicked: {e}")))?
                 .map_err(|e| {
@@ -130,12 +184,14 @@ impl Engine {
                 })?
         };
         let vhost = match br.vhost {
-            super::fastpath::Vhost::On => super::fastpath::open()
+            super::fastpath::Vhost::On => (0..queues)
+                .map(|_| super::fastpath::open())
+                .collect::<std::io::Result<Vec<_>>>()
                 .map_err(
                     |e| tracing::warn!(sandbox = %sb.id, error = %e, "no vhost-net for this VM"),
                 )
-                .ok(),
-            super::fastpath::Vhost::Off(_) => None,
+                .unwrap_or_default(),
+            super::fastpath::Vhost::Off(_) => Vec::new(),
         };
         let guest = br.guest(address);
         let boot6 = (!incoming && guest.address6.is_some()).then(|| guest.clone());

@@ -14,6 +14,7 @@
 
 pub mod fastpath;
 mod glue;
+mod preflight;
 pub mod proxy;
 mod rules;
 pub mod tap;
@@ -43,6 +44,19 @@ pub enum NetMode {
     #[default]
     User,
     Bridged(BridgeConfig),
+    /// No `--network`: bridged where the daemon can build it (root, and `preflight` passes), else user
+    /// networking; the daemon resolves it at start (`glue::setup`).
+    Auto(BridgeConfig),
+}
+
+impl NetMode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            NetMode::User => "user",
+            NetMode::Bridged(_) => "bridged",
+            NetMode::Auto(_) => "auto",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -229,6 +243,22 @@ pub struct Lease {
     pub egress: bool,
 }
 
+/// NIC queue pairs a new machine gets: one per vCPU of a multi-vCPU guest on a TAP (at most
+/// `kiln_vmm::qemu::MAX_NET_QUEUES`), one on user networking, whose netdev has a single queue.
+pub(crate) fn boot_queues(bridged: bool, cpus: u32) -> Option<u32> {
+    let n = (cpus as usize).min(kiln_vmm::qemu::MAX_NET_QUEUES) as u32;
+    (bridged && n > 1).then_some(n)
+}
+
+/// A machine whose NIC has `queues` queue pairs cannot run on user networking (one queue; the count is
+/// part of the NIC's saved state).
+pub(crate) fn queues_refused(what: &str, queues: usize) -> Error {
+    Error::new(
+        ErrorCode::SnapshotIncompatible,
+        format!("{what} cannot run on this daemon: its NIC has {queues} queue pairs (it was made with several vCPUs on bridged networking), and user networking has one; run it on a daemon with bridged networking (`kiln serve --network bridged`), or resume a `--type disk` snapshot of it here"),
+    )
+}
+
 /// Whether `name` can be a private network's name (`--network NAME` on create).
 pub fn check_network_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
@@ -274,11 +304,7 @@ impl Bridge {
         let br = cfg.bridge.as_str();
         // Not judged from /sys/class/net, which shows the namespace sysfs was mounted in (a daemon
         // entered into a namespace with nsenter sees its parent's devices there).
-        if let Err(e) = ip(&["link", "add", br, "type", "bridge"]) {
-            if !e.contains("File exists") {
-                return Err(e);
-            }
-        }
+        preflight::bridge_device(br)?;
         let gw = format!("{}/32", cfg.subnet.gateway());
         ip(&["addr", "replace", &gw, "dev", br])?;
         ip(&["link", "set", br, "up"])?;
@@ -333,13 +359,14 @@ impl Bridge {
         }
     }
 
-    /// A new TAP for `sandbox`'s VM, routed to `address`.
+    /// A new TAP for `sandbox`'s VM with `queues` queues, routed to `address`.
     pub fn open_tap(
         &self,
         sandbox: &str,
         address: Ipv4Addr,
+        queues: usize,
     ) -> std::result::Result<tap::Tap, String> {
-        let t = tap::Tap::open().map_err(|e| format!("cannot create a TAP device: {e}"))?;
+        let t = tap::Tap::open(queues).map_err(|e| format!("cannot create a TAP device: {e}"))?;
         let n = t.name.as_str();
         // No IPv6 on the host side (a guest would reach the host's services over link-local), ARP answered
         // for the gateway and other guests at once, and only the guest's own address accepted from it.

@@ -548,6 +548,9 @@ impl Engine {
         // Only saved state depends on the balloon's features: a disk snapshot boots a new machine.
         let depends = super::manifest::Depends {
             free_page_reporting: layout.free_page_reporting.filter(|_| req.kind.has_memory()),
+            net_queues: layout
+                .net_queues
+                .filter(|n| *n > 1 && req.kind.has_memory()),
             ..super::compat::recorded(
                 self.accel().accel,
                 layout.firmware.as_deref(),

@@ -55,6 +55,7 @@ pub fn recorded(
         firmware_checksum: firmware.and_then(|f| fsutil::checksum(f).ok()),
         cpu_identity: cpu.or_else(|| kiln_vmm::cpu::identity(accel)),
         free_page_reporting: None,
+        net_queues: None,
     }
 }
 
@@ -294,6 +295,7 @@ mod tests {
                 firmware_checksum: None,
                 cpu_identity: None,
                 free_page_reporting: None,
+                net_queues: None,
             },
             cmdline: String::new(),
             memory_mib: 256,

@@ -14,8 +14,9 @@ use crate::fsutil;
 
 /// The newest snapshot format this kiln reads and writes. Each snapshot is written with the oldest format that
 /// can describe it, so older kilns keep reading what they can load: 2 = the machine's balloon reports free
-/// pages; 3 = a snapshot of a resumed sandbox holds a `memory_delta` (its changed pages against `memory`).
-pub const FORMAT_VERSION: u32 = 3;
+/// pages; 3 = a snapshot of a resumed sandbox holds a `memory_delta` (its changed pages against `memory`);
+/// 4 = the machine's NIC has several queue pairs (`Depends::net_queues`).
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest format this kiln reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 pub const MANIFEST: &str = "manifest.json";
@@ -152,6 +153,11 @@ pub struct Depends {
     /// balloon without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub free_page_reporting: Option<bool>,
+    /// Queue pairs of the machine's NIC when more than one (multiqueue on bridged networking): the
+    /// count is in the NIC's saved state, so a restore builds its NIC to match, which only a TAP can.
+    /// Written as format 4, which older kilns refuse. Absent: one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_queues: Option<u32>,
 }
 
 /// How a RAM-less state was saved (see `Manifest::state_format`).
@@ -187,7 +193,9 @@ impl FileEntry {
 impl Manifest {
     /// The format a snapshot of this machine is written as: the oldest that describes it.
     pub fn format_for(depends: &Depends, max_memory_mib: Option<u64>, has_delta: bool) -> u32 {
-        if has_delta {
+        if depends.net_queues.is_some_and(|n| n > 1) {
+            4
+        } else if has_delta {
             3
         } else if depends.free_page_reporting == Some(true) && max_memory_mib.is_some() {
             2
@@ -529,6 +537,25 @@ pub(crate) mod tests {
         assert_eq!(back.depends.free_page_reporting, Some(true));
         m.depends.free_page_reporting = Some(false);
         assert_eq!(Manifest::format_for(&m.depends, m.max_memory_mib, false), 1);
+    }
+
+    #[test]
+    fn a_multiqueue_nic_is_recorded_as_format_four_and_absent_reads_as_one_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = sample(dir.path());
+        m.write(dir.path()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(MANIFEST)).unwrap();
+        assert!(!text.contains("net_queues"), "{text}");
+        assert_eq!(
+            Manifest::read(dir.path(), "s1").unwrap().depends.net_queues,
+            None
+        );
+        m.depends.net_queues = Some(2);
+        m.format_version = Manifest::format_for(&m.depends, m.max_memory_mib, true);
+        assert_eq!(m.format_version, 4);
+        m.write(dir.path()).unwrap();
+        let back = Manifest::read(dir.path(), "s1").unwrap();
+        assert_eq!((back.format_version, back.depends.net_queues), (4, Some(2)));
     }
 
     #[test]

@@ -116,6 +116,14 @@ impl Engine {
         let dir = self.config().snapshot_dir(id);
         let manifest = Manifest::read(&dir, id)?;
         super::compat::check(&manifest, &super::compat::Host::this(self.accel().accel))?;
+        if let Some(n) = manifest.depends.net_queues.filter(|n| *n > 1) {
+            if self.bridge().is_none() && manifest.kind.has_memory() {
+                return Err(crate::net::queues_refused(
+                    &format!("snapshot {id}"),
+                    n as usize,
+                ));
+            }
+        }
         self.check_base_pin(&manifest)?;
         // A template snapshot's files, unchanged since a deep check (template_gc.rs), are not re-hashed.
         let template = snap.labels.contains_key(crate::template_snap::LABEL);
@@ -281,6 +289,12 @@ impl Engine {
                 m.depends.free_page_reporting
             } else {
                 Some(crate::machine::free_page_reporting())
+            },
+            // A memory snapshot's NIC keeps its queues; a disk snapshot boots a new machine.
+            net_queues: if m.kind.has_memory() {
+                m.depends.net_queues
+            } else {
+                crate::net::boot_queues(self.bridge().is_some(), sb.cpus)
             },
         };
         self.place_mounts(
@@ -502,6 +516,7 @@ impl Engine {
             network: None,
             // What the saved guest is configured with (see net/: a copy gets its own).
             address: m.source.address.clone(),
+            address6: None,
         })
     }
 

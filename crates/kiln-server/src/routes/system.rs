@@ -15,6 +15,10 @@ pub struct Info {
     pub data_dir: String,
     /// What the daemon enforces on VMs; `confined: false` only under `kiln serve --unconfined`.
     pub confinement: kiln_core::confine::Summary,
+    /// How guests are networked: `user` or `bridged` (docs/networking.md).
+    pub network: String,
+    /// Why: the flag that chose it, or what the default found on this host.
+    pub network_reason: String,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -47,6 +51,8 @@ pub async fn info(State(engine): State<AppState>) -> Json<Info> {
         accel_reason: engine.accel().reason.clone(),
         data_dir: engine.data_dir().display().to_string(),
         confinement: engine.confinement(),
+        network: engine.config().network.name().into(),
+        network_reason: engine.config().network_reason.clone(),
     })
 }
 

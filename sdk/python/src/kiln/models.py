@@ -241,6 +241,12 @@ class SandboxFields:
     """Its timeout, idle timeout and what happens then; ``None`` without one."""
     checkpoint_policy: dict[str, int] | None
     """Its continuous checkpoints, ``{"every": seconds, "keep": n}``; ``None`` without."""
+    network: str | None
+    """The private network it is in (bridged networking); ``None``: none."""
+    address: str | None
+    """Its own IPv4 address under bridged networking; ``None`` on user networking (every guest 10.0.2.15)."""
+    address6: str | None
+    """Its own IPv6 address under bridged networking where the daemon gives guests IPv6; else ``None``."""
 
     def _apply(self, d: dict[str, Any]) -> None:
         self.id = d["id"]
@@ -272,6 +278,9 @@ class SandboxFields:
         self.volume_notes = list(d.get("volume_notes") or [])
         self.created_at = parse_time(d.get("created_at"))
         self.updated_at = parse_time(d.get("updated_at"))
+        self.network = d.get("network")
+        self.address = d.get("address")
+        self.address6 = d.get("address6")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.id!r}, name={self.name!r}, state={self.state!r})"

@@ -1,0 +1,82 @@
+//! Multiqueue NICs: a multi-vCPU guest on bridged networking gets a queue pair per vCPU; the count is
+//! part of its saved state, so its snapshots resume on TAPs with as many queues, and a user-mode daemon
+//! (one queue) refuses them with `snapshot_incompatible`.
+
+use super::*;
+
+/// The guest's eth0 queues, e.g. "rx-0 rx-1 tx-0 tx-1".
+fn queues(d: &Daemon, sb: &str) -> String {
+    guest(d, sb, "ls /sys/class/net/eth0/queues | sort | tr '\\n' ' '")
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn a_two_vcpu_bridged_guest_has_two_queues_and_its_snapshot_resumes_only_where_they_can_be_given() {
+    require_image("tiny");
+    if !is_root() {
+        eprintln!("skipping: network namespaces, TAP devices and the firewall need root");
+        return;
+    }
+    let ns = Namespaces::create("q");
+    let _server = Server::start(&ns.servers, SERVER, 80);
+    let dir = tempfile::Builder::new()
+        .prefix("ktnq")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 192.0.2.1\n").unwrap();
+    // The mode in the environment, so a restart can change it.
+    let mut d = daemon_in(&ns.daemon, &resolv, &[], &[("KILN_NETWORK", "bridged")]);
+
+    // A cold-booted 2-vCPU guest: two queue pairs, and the network works over them.
+    d.create(&["--name", "mq", "--cpus", "2", "--boot"]);
+    assert_eq!(queues(&d, "mq"), "rx-0 rx-1 tx-0 tx-1");
+    let (ok, text) = tcp_reaches(&d, "mq", SERVER, 80);
+    assert!(ok, "the multiqueue guest has no egress:\n{text}");
+
+    // Its snapshot resumes with a NIC of two queues, on a new address that answers.
+    d.kiln_ok(&["snapshot", "create", "mq", "--name", "mqs"]);
+    d.kiln_ok(&["snapshot", "resume", "mqs", "--name", "mqc"]);
+    assert_eq!(queues(&d, "mqc"), "rx-0 rx-1 tx-0 tx-1");
+    let addr = address(&d, "mqc");
+    assert_ne!(addr, address(&d, "mq"));
+    serve_name(&d, "mqc");
+    let page = fetch_in(&ns.daemon, addr.clone(), 8000);
+    assert!(page.ends_with("mqc\n"), "mqc at {addr} answered: {page}");
+    let (ok, text) = tcp_reaches(&d, "mqc", SERVER, 80);
+    assert!(ok, "the resumed copy has no egress:\n{text}");
+    // Its own machine after a stop and start, and a fork child, keep the two queues too.
+    d.kiln_ok(&["stop", "mq"]);
+    d.kiln_ok(&["start", "mq"]);
+    assert_eq!(queues(&d, "mq"), "rx-0 rx-1 tx-0 tx-1");
+    let forked: Value = serde_json::from_str(
+        &d.kiln_ok(&["--json", "fork", "mq", "--count", "1", "--name", "kid"]),
+    )
+    .unwrap();
+    let kid = forked["sandboxes"][0]["name"].as_str().unwrap().to_string();
+    assert_eq!(queues(&d, &kid), "rx-0 rx-1 tx-0 tx-1");
+    for sb in ["mq", "mqc"] {
+        let (ok, text) = tcp_reaches(&d, sb, SERVER, 80);
+        assert!(ok, "{sb} has no egress:\n{text}");
+    }
+    let (ok, text) = tcp_reaches(&d, &kid, SERVER, 80);
+    assert!(ok, "the fork child has no egress:\n{text}");
+    for sb in ["mq", "mqc", kid.as_str()] {
+        d.kiln_ok(&["sandbox", "delete", "-y", sb]);
+    }
+
+    // User networking has one queue: the snapshot is refused before any VM starts, and nothing is left.
+    d.restart_with_env(&[("KILN_NETWORK", "user")]);
+    let out = d.kiln(&["snapshot", "resume", "mqs", "--name", "u"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("[snapshot_incompatible]")
+            && err.contains("2 queue pairs")
+            && err.contains("--network bridged"),
+        "{err}"
+    );
+    assert!(!d.kiln(&["sandbox", "get", "u"]).status.success());
+    d.terminate(Duration::from_secs(10));
+}
