@@ -616,9 +616,16 @@ impl Engine {
         };
         // Create is a resume of the template's boot snapshot unless something rules it out
         // (template_snap.rs); a cold boot says why.
-        let reason = match self.template_route(&req, &image, disk_size_bytes) {
+        let reason = match self.template_route(&req, &image) {
             Ok(shape) => match self
-                .create_from_template_snapshot(&req, &template, &image, shape, &ports)
+                .create_from_template_snapshot(
+                    &req,
+                    &template,
+                    &image,
+                    shape,
+                    &ports,
+                    disk_size_bytes,
+                )
                 .await
             {
                 Ok(sb) => return Ok(sb),
