@@ -105,11 +105,14 @@ impl Engine {
     }
 }
 
-/// Whether a copy of a snapshot of shape `have` (whose machine has `max_cpus` vCPUs) can be `want`.
+/// Whether a copy of a snapshot of shape `have` (whose machine has `max_cpus` vCPUs) can be `want`. A
+/// machine that would boot with headroom gets a copy with headroom (perhaps less), one that would boot
+/// without gets none.
 fn can_serve(have: Shape, want: Shape, asked_max: Option<u64>, max_cpus: u32) -> bool {
     let headroom = have.max_memory_mib.unwrap_or(have.memory_mib);
     (have.memory_mib..=headroom).contains(&want.memory_mib)
         && (1..=max_cpus).contains(&want.cpus)
+        && have.max_memory_mib.is_some() == want.max_memory_mib.is_some()
         && asked_max.is_none_or(|asked| asked == headroom)
 }
 
@@ -163,6 +166,14 @@ mod tests {
             None,
             1
         ));
+        // A create that would boot with headroom never gets a copy without, nor the other way round.
+        assert!(!can_serve(
+            shape(128, None, 1),
+            shape(128, Some(192), 1),
+            None,
+            2
+        ));
+        assert!(!can_serve(have, shape(256, None, 1), None, 2));
     }
 
     #[test]
