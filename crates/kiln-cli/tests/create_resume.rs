@@ -123,8 +123,16 @@ fn creates_resume_one_template_snapshot_as_separate_machines() {
         .as_str()
         .unwrap_or_default()
         .contains("boot: true"));
-    let out = d.kiln_ok(&["sandbox", "create", "--name", "big", "--disk-size", "3"]);
-    assert!(out.contains("cold: a disk of 3 GiB is larger"), "{out}");
+    let out = d.kiln_ok(&[
+        "sandbox",
+        "create",
+        "--name",
+        "big",
+        "--boot",
+        "--disk-size",
+        "3",
+    ]);
+    assert!(out.contains("cold: a cold boot was asked for"), "{out}");
     assert!(d.log().contains("cold boot"), "the log says why");
     assert_eq!(run(&d, "big", "hostname").trim(), "big");
 

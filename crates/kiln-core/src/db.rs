@@ -271,6 +271,15 @@ impl Db {
         Ok(())
     }
 
+    /// After the root disk grew online (template_fit.rs).
+    pub fn set_disk_size(&self, id: &str, bytes: u64) -> Result<()> {
+        self.lock().execute(
+            "UPDATE sandboxes SET disk_size_bytes = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, bytes as i64, crate::model::now_rfc3339()],
+        )?;
+        Ok(())
+    }
+
     pub fn set_ports(&self, id: &str, ports: &[crate::model::PortMapping]) -> Result<()> {
         self.lock().execute(
             "UPDATE sandboxes SET ports = ?2, updated_at = ?3 WHERE id = ?1",

@@ -144,6 +144,23 @@ pub(crate) struct Reservation {
     memory_mib: u64,
 }
 
+impl Reservation {
+    /// Records the new sandbox (`record` inserts its row) and releases this reservation in one step under
+    /// the capacity lock, so `try_reserve` never counts that sandbox twice, as its row and as pending (a
+    /// second template builder was refused that way while the first was being recorded).
+    pub(crate) fn record<T>(mut self, record: impl FnOnce() -> Result<T>) -> Result<T> {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let done = record();
+        if done.is_ok() {
+            p.0 -= self.count;
+            p.1 -= self.memory_mib;
+            self.count = 0;
+            self.memory_mib = 0;
+        }
+        done
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -620,9 +637,16 @@ impl Engine {
         };
         // Create is a resume of the template's boot snapshot unless something rules it out
         // (template_snap.rs); a cold boot says why.
-        let reason = match self.template_route(&req, &image, disk_size_bytes) {
+        let reason = match self.template_route(&req, &image) {
             Ok(shape) => match self
-                .create_from_template_snapshot(&req, &template, &image, shape, &ports)
+                .create_from_template_snapshot(
+                    &req,
+                    &template,
+                    &image,
+                    shape,
+                    &ports,
+                    disk_size_bytes,
+                )
                 .await
             {
                 Ok(sb) => return Ok(sb),
@@ -696,10 +720,10 @@ impl Engine {
         {
             let _volumes = self.volume_lock().await;
             self.check_mounts(&req.volumes)?;
-            self.db.insert_sandbox(&sandbox)?;
+            reservation.record(|| self.db.insert_sandbox(&sandbox))?;
             self.db.set_attachments(&id, &req.volumes)?;
         }
-        drop(reservation);
+        self.faults().hold("create.recorded").await;
         let slot = self.slot(&id);
         let _guard = slot.op.write().await;
         let cmdline = kiln_image::kernel_cmdline(

@@ -32,6 +32,8 @@ pub const POINTS: &[&str] = &[
     "snapshot.diff_based",    // a diff's parent files read, the diff not yet recorded
     "delete.marked",          // sandbox marked deleting, VM not yet ended
     "snapshot.deleting",      // snapshot moved to .trash-*, row not yet removed
+    "create.disk_resized",    // a resumed copy's disk grown by QEMU, its filesystem not yet
+    "create.recorded",        // a booting sandbox recorded, its QEMU not yet started
 ];
 
 #[derive(Debug, Clone)]

@@ -34,6 +34,7 @@ pub mod ramdir;
 mod recovery;
 pub mod remote;
 pub mod snapshot;
+mod template_fit;
 mod template_gc;
 pub mod template_snap;
 mod timing;

@@ -38,7 +38,7 @@ pub(crate) fn shape_label(shape: Shape) -> String {
     )
 }
 
-fn parse_shape(label: &str) -> Option<Shape> {
+pub(crate) fn parse_shape(label: &str) -> Option<Shape> {
     let mut it = label.split_whitespace();
     let memory_mib = it.next()?.parse().ok()?;
     let max_memory_mib = match it.next()? {

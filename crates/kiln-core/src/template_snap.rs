@@ -155,7 +155,6 @@ impl Engine {
         &self,
         req: &CreateSandbox,
         image: &Image,
-        disk_size_bytes: u64,
     ) -> std::result::Result<Shape, String> {
         if req.boot == Some(true) {
             return Err("a cold boot was asked for (boot: true)".into());
@@ -169,12 +168,7 @@ impl Engine {
                     .into(),
             );
         }
-        if disk_size_bytes > image.manifest.rootfs_size_bytes {
-            return Err(format!(
-                "a disk of {} GiB is larger than the template's; the disk and its filesystem grow on a cold boot",
-                disk_size_bytes >> 30
-            ));
-        }
+        // A larger disk than the template's is grown online after the resume (template_fit.rs).
         Ok(self.shape_for(image, req.memory_mib, req.max_memory_mib, req.cpus))
     }
 
@@ -197,7 +191,9 @@ impl Engine {
         }
     }
 
-    /// Resumes the template snapshot of `shape` (made first if missing) as the sandbox `req` asks for.
+    /// Resumes a template snapshot as the sandbox `req` asks for: the one of `shape` if this daemon has it,
+    /// else one whose copies can be resized to `shape` (template_fit.rs), else the one of `shape` made
+    /// (or imported) first. A disk larger than the snapshot's grows online before the create returns.
     pub(crate) async fn create_from_template_snapshot(
         &self,
         req: &CreateSandbox,
@@ -205,22 +201,37 @@ impl Engine {
         image: &Image,
         shape: Shape,
         ports: &[PortMapping],
+        disk_size_bytes: u64,
     ) -> std::result::Result<Sandbox, NotResumed> {
-        let snap = match self.ensure_template_snapshot(template, image, shape).await {
-            Ok(id) => id,
-            Err(e) => {
-                warn!(template, error = %e, "no template snapshot");
-                return Err(NotResumed::Fallback(format!(
-                    "no template snapshot could be made: {}",
-                    e.message
-                )));
-            }
+        let exact = self
+            .template_snapshot_id(template, shape)
+            .ok()
+            .filter(|id| self.has_template_snapshot(id));
+        let served = match exact {
+            Some(id) => Some((id, shape)),
+            None => self.template_snapshot_serving(template, shape, req.max_memory_mib),
+        };
+        let (snap, have) = match served {
+            Some(found) => found,
+            None => match self.ensure_template_snapshot(template, image, shape).await {
+                Ok(id) => (id, shape),
+                Err(e) => {
+                    warn!(template, error = %e, "no template snapshot");
+                    return Err(NotResumed::Fallback(format!(
+                        "no template snapshot could be made: {}",
+                        e.message
+                    )));
+                }
+            },
         };
         let resumed = self
             .resume_within(
                 &snap,
                 ResumeSnapshot {
                     name: req.name.clone(),
+                    // The snapshot's own sizes for its own shape (a warm spare may serve it).
+                    memory_mib: Some(shape.memory_mib),
+                    cpus: Some(shape.cpus),
                     labels: req.labels.clone(),
                     // Given or not, these are the request's: the template's machine had none.
                     volumes: Some(req.volumes.clone()),
@@ -236,22 +247,57 @@ impl Engine {
                 None,
             )
             .await;
-        match resumed {
-            Ok(mut sb) => {
-                if sb.boot.is_none() {
-                    sb.boot = Some(BootInfo::resume(&snap, "the template's snapshot"));
-                }
-                Ok(sb)
-            }
+        let mut sb = match resumed {
+            Ok(sb) => sb,
             Err(e) if falls_back(e.code) => {
                 warn!(template, snapshot = %snap, error = %e, "resuming the template snapshot failed; booting cold");
-                Err(NotResumed::Fallback(format!(
+                return Err(NotResumed::Fallback(format!(
                     "resuming the template snapshot {snap} failed: {}",
                     e.message
-                )))
+                )));
             }
-            Err(e) => Err(NotResumed::Client(e)),
+            Err(e) => return Err(NotResumed::Client(e)),
+        };
+        let mut how = if have == shape {
+            "the template's snapshot".to_string()
+        } else {
+            format!(
+                "the template's snapshot of {} MiB and {} vCPU(s), resized to {} MiB and {} vCPU(s)",
+                have.memory_mib, have.cpus, shape.memory_mib, shape.cpus
+            )
+        };
+        if disk_size_bytes > sb.disk_size_bytes {
+            let from = sb.disk_size_bytes;
+            if let Err(e) = self.grow_disk_online(&sb.id, disk_size_bytes).await {
+                warn!(template, snapshot = %snap, sandbox = %sb.id, error = %e, "growing the disk of the resumed copy failed; booting cold");
+                // Nothing of it is kept: the cold boot makes the sandbox again under the same name.
+                if let Err(del) = self.delete(&sb.id).await {
+                    warn!(sandbox = %sb.id, error = %del, "could not remove the copy whose disk did not grow");
+                    return Err(NotResumed::Client(e));
+                }
+                return Err(NotResumed::Fallback(format!(
+                    "growing the disk of the copy of {snap} to {} GiB online failed: {}",
+                    disk_size_bytes >> 30,
+                    e.message
+                )));
+            }
+            info!(sandbox = %sb.id, from, to = disk_size_bytes, "disk and filesystem grown online");
+            sb.disk_size_bytes = disk_size_bytes;
+            how.push_str(&format!(
+                ", its disk grown online to {} GiB",
+                disk_size_bytes >> 30
+            ));
         }
+        match &mut sb.boot {
+            // A warm spare (warm.rs) said so; the growth is added to it.
+            Some(boot) if have == shape => {
+                if let Some(grown) = how.strip_prefix("the template's snapshot") {
+                    boot.reason.push_str(grown);
+                }
+            }
+            _ => sb.boot = Some(BootInfo::resume(&snap, &how)),
+        }
+        Ok(sb)
     }
 
     /// A diff built on a template snapshot shows its template as parent (`template:T`, as a diff of a
@@ -329,7 +375,7 @@ impl Engine {
         Ok(format!("template-{}", &hex::encode(digest)[..16]))
     }
 
-    fn has_template_snapshot(&self, id: &str) -> bool {
+    pub(crate) fn has_template_snapshot(&self, id: &str) -> bool {
         matches!(self.db().find_snapshot(id), Ok(Some(_)))
             && self.config().snapshot_dir(id).join(MANIFEST).is_file()
     }

@@ -199,8 +199,7 @@ impl Engine {
             origin: format!("{SPARE_ORIGIN}{snapshot}"),
             ..self.record_from_manifest(&m, snapshot)?
         };
-        self.db().insert_sandbox(&sb)?;
-        drop(reservation);
+        reservation.record(|| self.db().insert_sandbox(&sb))?;
         let slot = self.slot(&sb.id);
         let _guard = slot.op.write().await;
         let cmdline = with_hostname(&m.cmdline, SPARE_HOSTNAME, false);

@@ -413,10 +413,12 @@ impl Engine {
                 (sb.volumes, notes) = self.remount_plan(&m);
             }
             self.check_mounts(&sb.volumes)?;
-            self.db().insert_sandbox(&sb)?;
+            match own {
+                Some(own) => own.record(|| self.db().insert_sandbox(&sb))?,
+                None => self.db().insert_sandbox(&sb)?,
+            }
             self.db().set_attachments(&sb.id, &sb.volumes)?;
         }
-        drop(own);
         let slot = self.slot(&sb.id);
         let _guard = slot.op.write().await;
         let cmdline = with_hostname(&m.cmdline, &hostname, disk_size_bytes > m.disk_size_bytes);
