@@ -360,11 +360,12 @@ fn hostile_names_ids_and_paths_are_refused_and_touch_nothing_on_the_host() {
 
 /// Found by `make fuzz`: a second save of a sandbox that a snapshot left paused made QEMU refuse the
 /// migration, reported as 500 vm_failed. Now it is a 409 that says to resume first, and nothing breaks.
+/// A booted sandbox (`--boot`) is saved through QEMU's migration stream, which leaves QEMU `postmigrate`.
 #[test]
 fn a_sandbox_left_paused_by_a_snapshot_refuses_another_save_with_409() {
     require_image("tiny");
     let d = Daemon::start();
-    d.create(&["--name", "lp", "--memory", "128"]);
+    d.create(&["--name", "lp", "--memory", "128", "--boot"]);
     d.kiln_ok(&[
         "snapshot",
         "create",
@@ -401,4 +402,49 @@ fn a_sandbox_left_paused_by_a_snapshot_refuses_another_save_with_409() {
         common::world::snapshot_dirs(&d),
         BTreeSet::from(["first".to_string(), "second".to_string()])
     );
+}
+
+/// A resumed sandbox (here: from its template snapshot) is saved as device state beside a memory delta,
+/// which leaves QEMU plainly paused with its disks in use: a second save of the same paused moment
+/// succeeds, as do a stop and a start, and both snapshots come back with the guest's files.
+#[test]
+fn a_resumed_sandbox_left_paused_by_a_snapshot_can_be_saved_again() {
+    require_image("tiny");
+    let d = Daemon::start();
+    let sb = d.create(&["--name", "lp", "--memory", "128"]);
+    assert_eq!(sb["boot"]["mode"], "resume", "{sb}");
+    d.kiln_ok(&[
+        "exec",
+        "lp",
+        "--",
+        "sh",
+        "-c",
+        "echo kept > /root/mark && sync",
+    ]);
+    d.kiln_ok(&[
+        "snapshot",
+        "create",
+        "lp",
+        "--name",
+        "first",
+        "--leave-paused",
+    ]);
+    let (status, v) = d.api(
+        "POST",
+        "/v1/sandboxes/lp/snapshots",
+        Some(json!({"name": "second"})),
+    );
+    assert_eq!(status, 201, "{v}");
+    d.kiln_ok(&["stop", "lp"]);
+    d.kiln_ok(&["start", "lp"]);
+    assert_eq!(
+        d.kiln_ok(&["exec", "lp", "--", "cat", "/root/mark"]).trim(),
+        "kept"
+    );
+    for snap in ["first", "second"] {
+        let name = format!("from-{snap}");
+        d.kiln_ok(&["snapshot", "resume", snap, "--name", &name]);
+        let out = d.kiln_ok(&["exec", &name, "--", "cat", "/root/mark"]);
+        assert_eq!(out.trim(), "kept", "{snap}");
+    }
 }
