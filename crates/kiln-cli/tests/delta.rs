@@ -5,6 +5,8 @@
 //! guest (files in /dev/shm, the page cache and a process's anonymous memory, mutated between captures).
 
 mod common;
+#[path = "delta/swap.rs"]
+mod swap;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -330,7 +332,7 @@ impl Drop for SysfsGuard {
 /// the host compacting memory in a loop while the changed pages are found and read (a page being
 /// migrated reads as a swap entry in the pagemap, and is counted). The capture must stay exact:
 /// base + delta is the paused source's RAM, and a copy sees the guest's files as they were. (Host swap
-/// under a cgroup limit is not exercised: this machine has no swap.)
+/// under a cgroup limit: `captures_stay_exact_with_guest_ram_in_host_swap`.)
 #[test]
 fn captures_stay_exact_under_thp_and_compaction() {
     require_image("tiny");
@@ -406,4 +408,161 @@ fn captures_stay_exact_under_thp_and_compaction() {
         common::tail(&d.log(), 30)
     );
     drop((thp, thp_defrag));
+}
+
+/// Tens of MiB of random pages in /dev/shm, and rewriting a few of them.
+const BIG: &str =
+    "dd if=/dev/urandom of=/dev/shm/big bs=1M count=32 2>/dev/null; md5sum /dev/shm/big";
+const BIG_MUTATE: &str = "for i in 1 2 3 4; do n=$(( $(od -An -tu2 -N2 /dev/urandom) % 31 )); \
+    dd if=/dev/urandom of=/dev/shm/big bs=1M seek=$n count=1 conv=notrunc 2>/dev/null; done; \
+    md5sum /dev/shm/big";
+const BIG_SUM: &str = "md5sum /dev/shm/big";
+
+/// The issue's other pitfall: host swap under a cgroup memory limit. A swap file is enabled for the test;
+/// with the resumed sandbox paused after its guest wrote tens of MiB, QEMU's memory cgroup is lowered
+/// until part of its private guest RAM is in swap (swap entries in the pagemap, not present pages), then
+/// the capture runs. Base + delta must be the paused source's RAM, every page that was in swap must be in
+/// the delta, and a copy must see the guest's files as they were. Hosts that refuse swap files (swapon
+/// fails) print a SKIP line and pass.
+#[test]
+fn captures_stay_exact_with_guest_ram_in_host_swap() {
+    require_image("tiny");
+    // Declared before the daemon: dropped after it, when no QEMU of the test holds swapped pages.
+    let swap = match swap::SwapFile::enable(256) {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!(
+                "SKIP captures_stay_exact_with_guest_ram_in_host_swap: this host refuses a swap file \
+                 ({why}); host swap under a cgroup limit was NOT exercised"
+            );
+            return;
+        }
+    };
+    let d = Daemon::start_with(&["--warm-spares", "0"]);
+    d.create(&["--name", "src", "--memory", "256"]);
+    d.kiln_ok(&["snapshot", "create", "src", "--name", "a"]);
+    d.kiln_ok(&["snapshot", "resume", "a", "--name", "r1"]);
+    run(&d, "r1", FILL);
+    let mut big = run(&d, "r1", BIG);
+    let mut want = run(&d, "r1", SUMS);
+    for (i, snap) in ["w1", "w2"].iter().enumerate() {
+        if i > 0 {
+            run(&d, "r1", MUTATE);
+            want = run(&d, "r1", SUMS);
+            big = run(&d, "r1", BIG_MUTATE);
+        }
+        d.kiln_ok(&["pause", "r1"]);
+        let (pid, base) = vm_ram(&d, "r1");
+        // Read (which swaps everything back in) before the limit is lowered: the VM is paused.
+        let h = kiln_vmm::delta::mapping_digest(pid, &base).unwrap();
+        // That read made every guest page recently used, so reclaim would keep them all: forget it (the
+        // pages of an idle guest are the cold ones a limit sends to swap).
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "1").unwrap();
+        let mut cg =
+            swap::MemoryCgroup::of(pid).expect("the sandbox's QEMU is in no memory cgroup");
+        cg.allow_swap().unwrap();
+        let usage = cg.usage();
+        let mut limit = usage;
+        let mut swapped = Vec::new();
+        // Down in steps until some guest RAM is in swap (QEMU's own memory, TCG's translation cache and
+        // its heap, goes first), never below half the usage: the capture reads swapped pages back in,
+        // charged to this group, and at 41 of 89 MiB the kernel OOM-killed QEMU during it.
+        while swapped.len() < 128 && limit >= usage / 2 + (8 << 20) {
+            limit -= 8 << 20;
+            // v1 refuses (EBUSY) when a reclaim pass freed nothing; the next pass may.
+            let mut tries = 0;
+            while let Err(e) = cg.limit(limit) {
+                tries += 1;
+                eprintln!(
+                    "limiting {} to {} MiB: {e}",
+                    cg.dir().display(),
+                    limit >> 20
+                );
+                if tries == 3 {
+                    break;
+                }
+            }
+            if tries == 3 {
+                limit += 8 << 20;
+                break;
+            }
+            swapped = swap::swapped_offsets(pid, &base);
+            eprintln!(
+                "  limit {} MiB: {} guest RAM pages in swap, VmSwap {} KiB",
+                limit >> 20,
+                swapped.len(),
+                swap::vm_swap_kib(pid)
+            );
+        }
+        eprintln!(
+            "{snap}: cgroup {} from {} MiB to {} MiB: {} guest RAM pages in swap, VmSwap {} KiB, \
+             cgroup swap {} KiB, swap file {} KiB used",
+            cg.dir().display(),
+            usage >> 20,
+            limit >> 20,
+            swapped.len(),
+            swap::vm_swap_kib(pid),
+            cg.swap() >> 10,
+            swap.used_kib()
+        );
+        assert!(
+            !swapped.is_empty() && swap::vm_swap_kib(pid) > 0,
+            "{snap}: no guest RAM went to swap"
+        );
+        let started = std::time::Instant::now();
+        d.kiln_ok(&["snapshot", "create", "r1", "--name", snap]);
+        let took = started.elapsed();
+        let still = swap::swapped_offsets(pid, &base).len();
+        cg.restore();
+        let (dir, m) = manifest(&d, snap);
+        assert_eq!(m["state_format"], "devices", "{m}");
+        let (delta, _, delta_size) = file_of(&dir, &m, "memory_delta").expect("no memory delta");
+        let (mem, mem_sum, _) = file_of(&dir, &m, "memory").unwrap();
+        let len = std::fs::metadata(&mem).unwrap().len();
+        eprintln!(
+            "{snap}: capture took {} ms, delta {} KiB, {still} pages still in swap after it",
+            took.as_millis(),
+            delta_size >> 10
+        );
+        let entries = kiln_vmm::delta::read_index(
+            &std::fs::File::open(&delta).unwrap(),
+            "delta",
+            &mem_sum,
+            len,
+        )
+        .unwrap();
+        let missed: Vec<_> = swapped
+            .iter()
+            .filter(|o| {
+                !entries
+                    .iter()
+                    .any(|e| **o >= e.offset && **o < e.offset + e.len)
+            })
+            .collect();
+        assert!(
+            missed.is_empty(),
+            "{snap}: {} of {} swapped pages are not in the delta (first at {:#x})",
+            missed.len(),
+            swapped.len(),
+            missed[0]
+        );
+        assert_eq!(
+            kiln_vmm::delta::patched_digest(&mem, &delta, &mem_sum, len, None).unwrap(),
+            h,
+            "{snap}: base + delta is not the source's RAM"
+        );
+        d.kiln_ok(&["resume", "r1"]);
+        let copy = format!("c{i}");
+        d.kiln_ok(&["snapshot", "resume", snap, "--name", &copy]);
+        verify(&d, &copy, &want);
+        assert_eq!(run(&d, &copy, BIG_SUM), big, "{copy}: /dev/shm/big differs");
+        d.kiln_ok(&["sandbox", "delete", "-y", &copy]);
+    }
+    assert!(
+        !d.log().contains("no memory delta"),
+        "a capture fell back:\n{}",
+        common::tail(&d.log(), 30)
+    );
+    drop(d);
+    drop(swap);
 }
