@@ -7,7 +7,7 @@ AGENT_BIN := target/$(AGENT_TARGET)/agent/kiln-agent
 KILN := target/release/kiln
 export KILN_DATA_DIR := $(DATA_DIR)
 
-.PHONY: all deps build agent images image-tiny image-base demo test test-unit test-images bench fuzz soak reliability lint fmt clean install
+.PHONY: all deps build agent images image-tiny image-base demo test test-unit test-swap test-images bench fuzz soak reliability lint fmt clean install
 
 all: build
 
@@ -50,6 +50,10 @@ soak: build image-tiny
 # docs/reliability.md.
 reliability: build image-tiny
 	KILN_TEST_IMAGES=$(DATA_DIR)/images KILN_MODEL_STEPS=$${KILN_MODEL_STEPS:-150} KILN_MODEL_SEED=$${KILN_MODEL_SEED:-random} bash scripts/reliability-report.sh
+
+# Memory-delta capture with guest RAM in host swap: turns on a 256 MiB swap file for the test's length.
+test-swap: build image-tiny
+	KILN_TEST_IMAGES=$(DATA_DIR)/images $(CARGO) test --release -p kiln-cli --test delta -- --ignored --nocapture captures_stay_exact_with_guest_ram_in_host_swap
 
 test-images:
 	$(CARGO) test --release -p kiln-image --test boot -- --ignored --nocapture

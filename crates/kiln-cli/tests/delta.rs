@@ -423,8 +423,10 @@ const BIG_SUM: &str = "md5sum /dev/shm/big";
 /// until part of its private guest RAM is in swap (swap entries in the pagemap, not present pages), then
 /// the capture runs. Base + delta must be the paused source's RAM, every page that was in swap must be in
 /// the delta, and a copy must see the guest's files as they were. Hosts that refuse swap files (swapon
-/// fails) print a SKIP line and pass.
+/// fails) print a SKIP line and pass. Not in `make test`: how far reclaim gets under the lowered limit
+/// varies run to run (it changes the host's swap too); `make test-swap` runs it.
 #[test]
+#[ignore = "turns on host swap and squeezes a cgroup; run by `make test-swap`"]
 fn captures_stay_exact_with_guest_ram_in_host_swap() {
     require_image("tiny");
     // Declared before the daemon: dropped after it, when no QEMU of the test holds swapped pages.
