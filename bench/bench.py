@@ -998,10 +998,13 @@ def main():
             extra = f" = {r['percent_of_ram']}% of guest RAM (target {r['target_percent_of_ram']}%)" if "percent_of_ram" in r else ""
             print(f"{name}: writes {r['bytes_written_median'] / 2**20:.1f} MiB{extra}")
         if "cpu_percent_of_a_core_per_sandbox_median" in r:
-            print(f"{name}: {r['cpu_percent_of_a_core_per_sandbox_median']}% of a core per idle sandbox (median; "
-                  f"QEMU main thread {r['qemu_main_thread_percent_median']}%, "
-                  f"{r['qemu_main_thread_wakeups_per_s_median']} wakeups/s), "
-                  f"PSS {r['pss_mib_per_sandbox_median']} MiB each, daemon {r['daemon_cpu_percent']}%")
+            # The create bench's idle rows carry no per-thread or daemon figures (the idle bench's do).
+            threads = (f"; QEMU main thread {r['qemu_main_thread_percent_median']}%, "
+                       f"{r['qemu_main_thread_wakeups_per_s_median']} wakeups/s"
+                       if "qemu_main_thread_percent_median" in r else "")
+            daemon = f", daemon {r['daemon_cpu_percent']}%" if "daemon_cpu_percent" in r else ""
+            print(f"{name}: {r['cpu_percent_of_a_core_per_sandbox_median']}% of a core per idle sandbox "
+                  f"(median{threads}), PSS {r['pss_mib_per_sandbox_median']} MiB each{daemon}")
     variant_rows = [(k, r) for k, r in results.items() if "variant" in r and "median_ms" not in r]
     for name, r in variant_rows:
         print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("variant",)))
