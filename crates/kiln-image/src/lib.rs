@@ -39,6 +39,7 @@ pub use manifest::{
     KERNEL_FILE, MANIFEST_FILE, ROOTFS_FILE, VMLINUX_FILE,
 };
 pub use progress::{BuildProgress, NoProgress, StderrProgress};
+pub use tools::on_path;
 
 use error::IoContext;
 

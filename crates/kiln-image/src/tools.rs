@@ -77,6 +77,14 @@ pub(crate) fn missing(tool: &Tool) -> ImageError {
     }
 }
 
+/// An executable called `name` on PATH alone (no sbin directories added, unlike `find_tool`).
+pub fn on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
+}
+
 pub(crate) fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use kiln_image::on_path;
+
 use crate::client::ApiError;
 use crate::Cli;
 
@@ -16,17 +18,6 @@ use crate::Cli;
 pub enum Builder {
     Buildah,
     Docker,
-}
-
-/// An executable called `name` on PATH.
-fn on_path(name: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| {
-            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
 }
 
 /// buildah when installed (it needs no daemon), else docker when its daemon answers.

@@ -75,19 +75,11 @@ pub(crate) fn bridge_device(bridge: &str) -> Result<(), String> {
 }
 
 fn which(program: &str) -> Result<(), String> {
-    let found = std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|d| {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::metadata(d.join(program))
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-    });
-    if found {
-        Ok(())
-    } else {
-        Err(format!(
+    match kiln_image::on_path(program) {
+        Some(_) => Ok(()),
+        None => Err(format!(
             "{program} is not installed (apt-get install iptables)"
-        ))
+        )),
     }
 }
 
