@@ -12,10 +12,18 @@ use serde_json::json;
 use crate::error::VmmError;
 use crate::qmp::Qmp;
 
+/// The migration capabilities kiln turns on for every save and load; a state's configuration section
+/// must name the same ones (`devstate::complete`).
+pub const CAPABILITIES: [&str; 1] = ["x-ignore-shared"];
+
 async fn set_ignore_shared(qmp: &Qmp) -> Result<(), VmmError> {
+    let caps: Vec<_> = CAPABILITIES
+        .iter()
+        .map(|c| json!({"capability": c, "state": true}))
+        .collect();
     qmp.execute(
         "migrate-set-capabilities",
-        Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
+        Some(json!({ "capabilities": caps })),
     )
     .await
     .map(|_| ())

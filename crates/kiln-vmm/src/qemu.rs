@@ -372,6 +372,9 @@ impl VmSpec {
     }
 }
 
+/// The machine type of every kiln VM (the first word of each `MACHINE*`): a saved state names it.
+pub const MACHINE_TYPE: &str = "microvm";
+
 /// The machine type and options of a TCG VM booted by this kiln (`-M`); recorded in its layout and
 /// snapshots, whose saved state loads only into the same machine. No PIT: a guest told its TSC frequency
 /// (`tsc_early_khz=`) calibrates nothing against it and runs on the LAPIC timer, but QEMU kept the PIT
@@ -559,6 +562,13 @@ pub fn tail_lines(path: &Path, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_machine_is_of_the_machine_type() {
+        for m in [MACHINE, MACHINE_TCG_PIT, MACHINE_KVM] {
+            assert_eq!(m.split(',').next(), Some(MACHINE_TYPE), "{m}");
+        }
+    }
 
     fn spec() -> VmSpec {
         VmSpec {

@@ -17,11 +17,6 @@ use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::model::Sandbox;
 
-/// The machine type whose name the loader checks (every kiln VM is a `microvm`), and the capabilities
-/// `kiln_vmm::migration::load_state` sets on the loader.
-const MACHINE: &str = "microvm";
-const LOADER_CAPABILITIES: [&str; 1] = ["x-ignore-shared"];
-
 /// Device-only states unless `KILN_DEVICE_STATE=stream` (the RAM-less migration stream, for comparisons
 /// and to make snapshots of the previous kind).
 pub(crate) fn device_state_only() -> bool {
@@ -90,7 +85,12 @@ impl Engine {
                 let output = kiln_vmm::safefs::create_new(&out, 0o600)?;
                 let r = std::io::BufReader::with_capacity(256 << 10, input);
                 let mut w = std::io::BufWriter::with_capacity(256 << 10, output);
-                let st = kiln_vmm::devstate::complete(r, &mut w, MACHINE, &LOADER_CAPABILITIES)?;
+                let st = kiln_vmm::devstate::complete(
+                    r,
+                    &mut w,
+                    kiln_vmm::qemu::MACHINE_TYPE,
+                    &kiln_vmm::migration::CAPABILITIES,
+                )?;
                 w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
                 Ok::<_, std::io::Error>(st)
             })
