@@ -258,11 +258,12 @@ impl Engine {
             }
             Err(e) => return Err(NotResumed::Client(e)),
         };
-        let mut how = if have == shape {
-            "the template's snapshot".to_string()
+        // Said after "the template's snapshot": how the copy differs from it.
+        let mut resized = if have == shape {
+            String::new()
         } else {
             format!(
-                "the template's snapshot of {} MiB and {} vCPU(s), resized to {} MiB and {} vCPU(s)",
+                " of {} MiB and {} vCPU(s), resized to {} MiB and {} vCPU(s)",
                 have.memory_mib, have.cpus, shape.memory_mib, shape.cpus
             )
         };
@@ -283,19 +284,18 @@ impl Engine {
             }
             info!(sandbox = %sb.id, from, to = disk_size_bytes, "disk and filesystem grown online");
             sb.disk_size_bytes = disk_size_bytes;
-            how.push_str(&format!(
+            resized.push_str(&format!(
                 ", its disk grown online to {} GiB",
                 disk_size_bytes >> 30
             ));
         }
         match &mut sb.boot {
             // A warm spare (warm.rs) said so; the growth is added to it.
-            Some(boot) if have == shape => {
-                if let Some(grown) = how.strip_prefix("the template's snapshot") {
-                    boot.reason.push_str(grown);
-                }
+            Some(boot) if have == shape => boot.reason.push_str(&resized),
+            _ => {
+                let how = format!("the template's snapshot{resized}");
+                sb.boot = Some(BootInfo::resume(&snap, &how));
             }
-            _ => sb.boot = Some(BootInfo::resume(&snap, &how)),
         }
         Ok(sb)
     }
