@@ -250,6 +250,55 @@ fn requests_are_validated_before_anything_starts() {
         400,
         "invalid_request",
     );
+    // A program the guest does not have is the caller's mistake, not a failing guest (found by
+    // `make fuzz`: it was a 502 guest_error). A working directory it lacks stays a path error.
+    for route in ["exec", "processes"] {
+        let path = format!("/v1/sandboxes/one/{route}");
+        for argv in [
+            json!(["/no/such/program"]),
+            json!(["no-such-program-anywhere", "x"]),
+        ] {
+            let msg = expect_error(
+                &d,
+                "POST",
+                &path,
+                Some(json!({ "argv": argv })),
+                422,
+                "command_not_found",
+            );
+            assert!(
+                msg.contains("no-such-program") || msg.contains("/no/such/program"),
+                "{msg}"
+            );
+        }
+        // Found but not runnable (a directory, a file without the execute bit).
+        for argv in [json!(["/etc"]), json!(["/etc/passwd"])] {
+            expect_error(
+                &d,
+                "POST",
+                &path,
+                Some(json!({ "argv": argv })),
+                422,
+                "exec_failed",
+            );
+        }
+        expect_error(
+            &d,
+            "POST",
+            &path,
+            Some(json!({"argv": ["true"], "cwd": "/no/such/dir"})),
+            404,
+            "guest_path_not_found",
+        );
+    }
+    // The CLI exits like a shell does: 127 for a missing program, 126 for one that cannot run.
+    let out = d.kiln(&["exec", "one", "--", "no-such-program-anywhere"]);
+    assert_eq!(out.status.code(), Some(127), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("command_not_found"));
+    assert_eq!(
+        d.kiln(&["exec", "one", "--", "/etc"]).status.code(),
+        Some(126)
+    );
     // The CLI reports the code and exits non-zero.
     let out = d.kiln(&["sandbox", "inspect", "ghost"]);
     assert_eq!(out.status.code(), Some(1));

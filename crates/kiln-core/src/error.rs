@@ -21,6 +21,8 @@ pub enum ErrorCode {
     GuestPermissionDenied,
     GuestDiskFull,
     GuestError,
+    CommandNotFound,
+    ExecFailed,
     CapacityExceeded,
     InsufficientStorage,
     SnapshotInUse,
@@ -80,6 +82,8 @@ impl ErrorCode {
             ErrorCode::GuestPermissionDenied => "guest_permission_denied",
             ErrorCode::GuestDiskFull => "guest_disk_full",
             ErrorCode::GuestError => "guest_error",
+            ErrorCode::CommandNotFound => "command_not_found",
+            ErrorCode::ExecFailed => "exec_failed",
             ErrorCode::CapacityExceeded => "capacity_exceeded",
             ErrorCode::InsufficientStorage => "insufficient_storage",
             ErrorCode::SnapshotInUse => "snapshot_in_use",
@@ -150,6 +154,8 @@ impl ErrorCode {
             | ErrorCode::ResourceOverrideRefused
             | ErrorCode::PortInUse => 409,
             ErrorCode::SnapshotCorrupt | ErrorCode::SnapshotIncompatible => 422,
+            // The command is the caller's: the guest ran fine, the program could not be started.
+            ErrorCode::CommandNotFound | ErrorCode::ExecFailed => 422,
             ErrorCode::InsufficientStorage => 507,
             ErrorCode::CapacityExceeded => 429,
             ErrorCode::GuestError | ErrorCode::AgentUnavailable => 502,

@@ -149,13 +149,6 @@ fn proc_error(e: AgentError, sb: &Sandbox, pid: Option<u32>) -> Error {
         ) => not_found(sb, pid),
         (
             AgentError::Guest {
-                code: Guest::NotFound,
-                message,
-            },
-            None,
-        ) => Error::invalid(message.clone()),
-        (
-            AgentError::Guest {
                 code: Guest::Busy,
                 message,
             },

@@ -91,11 +91,15 @@ def test_streaming_timeout(sandbox: Sandbox) -> None:
     assert r.timed_out and r.signal == 9
 
 
-def test_exec_of_missing_program_raises_guest_error(sandbox: Sandbox) -> None:
-    with pytest.raises(KilnError) as e:
+def test_exec_of_missing_program_raises_command_not_found(sandbox: Sandbox) -> None:
+    with pytest.raises(kiln.CommandNotFoundError) as e:
         sandbox.run(["/no/such/program"])
-    assert e.value.code == "guest_error" and e.value.status == 502
+    assert e.value.code == "command_not_found" and e.value.status == 422
+    assert isinstance(e.value, kiln.ExecFailedError)
     assert "/no/such/program" in str(e.value)
+    with pytest.raises(kiln.ExecFailedError) as e:
+        sandbox.run(["/etc"])
+    assert e.value.code == "exec_failed" and e.value.status == 422
 
 
 def test_files_write_read_stat_list(sandbox: Sandbox) -> None:

@@ -64,6 +64,8 @@ export {
   SnapshotBaseChangedError,
   SnapshotBaseMissingError,
   SnapshotCorruptError,
+  ExecFailedError,
+  CommandNotFoundError,
   SnapshotIncompatibleError,
   SnapshotInUseError,
   SnapshotNotFoundError,

@@ -14,7 +14,9 @@ import {
   CapacityError,
   CapacityExceededError,
   Client,
+  CommandNotFoundError,
   ConflictError,
+  ExecFailedError,
   GuestPathNotFoundError,
   InvalidRequestError,
   KilnConnectionError,
@@ -144,12 +146,18 @@ test("commands: streaming callbacks, incl. UTF-8 split across chunks", async () 
   assert.equal(t.timedOut, true);
 });
 
-test("commands: a missing program is a guest_error", async () => {
+test("commands: a missing program is command_not_found, an unrunnable one exec_failed", async () => {
   await assert.rejects(sb.run(["/no/such/program"]), (e) => {
-    assert.ok(e instanceof KilnError);
-    assert.equal(e.code, "guest_error");
-    assert.equal(e.status, 502);
+    assert.ok(e instanceof CommandNotFoundError && e instanceof ExecFailedError);
+    assert.equal(e.code, "command_not_found");
+    assert.equal(e.status, 422);
     assert.match(e.message, /\/no\/such\/program/);
+    return true;
+  });
+  await assert.rejects(sb.run(["/etc"]), (e) => {
+    assert.ok(e instanceof ExecFailedError);
+    assert.equal(e.code, "exec_failed");
+    assert.equal(e.status, 422);
     return true;
   });
 });

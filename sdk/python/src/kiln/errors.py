@@ -46,6 +46,8 @@ __all__ = [
     "GuestPathConflictError",
     "AgentOutdatedError",
     "SnapshotCorruptError",
+    "ExecFailedError",
+    "CommandNotFoundError",
     "SnapshotIncompatibleError",
     "CapacityExceededError",
     "RateLimitedError",
@@ -247,6 +249,16 @@ class SnapshotCorruptError(KilnError):
     """The snapshot's files fail their checks (HTTP 422); it cannot be used."""
 
 
+class ExecFailedError(KilnError):
+    """The guest could not start the command (HTTP 422 ``exec_failed``): not executable, a bad format, too
+    many arguments. The sandbox is fine; fix the command."""
+
+
+class CommandNotFoundError(ExecFailedError):
+    """The program does not exist in the guest (HTTP 422 ``command_not_found``): give an absolute path or one
+    on the guest's PATH."""
+
+
 class SnapshotIncompatibleError(KilnError):
     """The snapshot cannot run here, e.g. taken with another QEMU, CPU model or accelerator (HTTP 422)."""
 
@@ -345,6 +357,8 @@ _BY_CODE: dict[str, type[KilnError]] = {
     "guest_path_conflict": GuestPathConflictError,
     "agent_outdated": AgentOutdatedError,
     "snapshot_corrupt": SnapshotCorruptError,
+    "exec_failed": ExecFailedError,
+    "command_not_found": CommandNotFoundError,
     "snapshot_incompatible": SnapshotIncompatibleError,
     "capacity_exceeded": CapacityExceededError,
     "rate_limited": RateLimitedError,
@@ -411,6 +425,8 @@ STATUS_BY_CODE: dict[str, int] = {
     ),
     "payload_too_large": 413,
     "snapshot_corrupt": 422,
+    "exec_failed": 422,
+    "command_not_found": 422,
     "snapshot_incompatible": 422,
     "capacity_exceeded": 429,
     "rate_limited": 429,
