@@ -395,9 +395,10 @@ impl Kiln {
             .await
         {
             Err(e) if e.code == "snapshot_in_use" => {
-                // The source runs on this snapshot's memory since an earlier rollback to it, and kiln will
-                // not replace a machine that maps the files it restores from. Its state is about to be
-                // discarded anyway: hibernate it, then roll back again.
+                // The source runs on this snapshot's memory since an earlier rollback to it, which a
+                // plain restore refuses. Rewinding the source to it is the same rollback, done by the
+                // daemon under the sandbox's lock: it finishes or leaves the source as it was (stopping
+                // it first and retrying, as this did before, could leave it stopped).
                 let snap = attempt!(
                     self.json(
                         "GET",
@@ -407,15 +408,12 @@ impl Kiln {
                     .await
                 );
                 let source = snap["sandbox_id"].as_str().unwrap_or_default();
-                attempt!(
-                    self.json(
-                        "POST",
-                        format!("/v1/sandboxes/{}/stop", enc(source)),
-                        Body::None
-                    )
-                    .await
-                );
-                self.json("POST", path, Body::Json(body)).await
+                self.json(
+                    "POST",
+                    format!("/v1/sandboxes/{}/rewind", enc(source)),
+                    Body::Json(json!({ "to": snap["id"] })),
+                )
+                .await
             }
             other => other,
         };
