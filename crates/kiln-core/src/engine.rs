@@ -140,8 +140,10 @@ pub struct Engine {
 /// Capacity held for sandboxes about to be recorded; released on drop.
 pub(crate) struct Reservation {
     pending: Arc<Mutex<(usize, u64)>>,
-    count: usize,
-    memory_mib: u64,
+    /// What is still held: (VMs, MiB). A fork's children leave it one by one as they are recorded.
+    held: Mutex<(usize, u64)>,
+    /// MiB held per sandbox.
+    each_mib: u64,
 }
 
 impl Reservation {
@@ -152,10 +154,28 @@ impl Reservation {
         let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let done = record();
         if done.is_ok() {
-            p.0 -= self.count;
-            p.1 -= self.memory_mib;
-            self.count = 0;
-            self.memory_mib = 0;
+            let held = self.held.get_mut().unwrap_or_else(|p| p.into_inner());
+            p.0 -= held.0;
+            p.1 -= held.1;
+            *held = (0, 0);
+        }
+        done
+    }
+
+    /// `record` for one of several sandboxes reserved together (a fork's children): that sandbox's share
+    /// leaves the reservation as its row is inserted, the rest stays held.
+    pub(crate) fn record_one<T>(&self, record: impl FnOnce() -> Result<T>) -> Result<T> {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let done = record();
+        if done.is_ok() {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            if held.0 > 0 {
+                let mib = self.each_mib.min(held.1);
+                held.0 -= 1;
+                held.1 -= mib;
+                p.0 -= 1;
+                p.1 -= mib;
+            }
         }
         done
     }
@@ -164,8 +184,9 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        p.0 -= self.count;
-        p.1 -= self.memory_mib;
+        let held = self.held.get_mut().unwrap_or_else(|p| p.into_inner());
+        p.0 -= held.0;
+        p.1 -= held.1;
     }
 }
 
@@ -517,8 +538,8 @@ impl Engine {
 
     /// Reserves room for `count` more VMs of `memory_mib` each, or refuses with `capacity_exceeded` and
     /// the numbers. Checking and reserving happen under one lock, so concurrent requests cannot all pass
-    /// the check and overshoot; the reservation is held until the new sandboxes' rows exist (which count
-    /// from then on), so for a moment a sandbox may count twice: the limit errs on the safe side.
+    /// the check and overshoot; each sandbox's share is released in the same step (under this lock) as its
+    /// row is inserted or marked starting (`Reservation::record`/`record_one`), so it counts exactly once.
     pub(crate) fn try_reserve(&self, count: usize, memory_mib: u64) -> Result<Reservation> {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let active: Vec<Sandbox> = self
@@ -558,8 +579,8 @@ impl Engine {
         pending.1 += asked;
         Ok(Reservation {
             pending: self.pending.clone(),
-            count,
-            memory_mib: asked,
+            held: Mutex::new((count, asked)),
+            each_mib: memory_mib,
         })
     }
 

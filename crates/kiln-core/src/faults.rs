@@ -34,6 +34,7 @@ pub const POINTS: &[&str] = &[
     "snapshot.deleting",      // snapshot moved to .trash-*, row not yet removed
     "create.disk_resized",    // a resumed copy's disk grown by QEMU, its filesystem not yet
     "create.recorded",        // a booting sandbox recorded, its QEMU not yet started
+    "restore.recorded", // a rolled-back sandbox marked creating, its old VM gone, no new QEMU yet
 ];
 
 #[derive(Debug, Clone)]

@@ -74,6 +74,7 @@ impl Engine {
             }
         }
         // Room for all children is reserved before anything starts: a fork fits as a whole or not at all.
+        // Each child's share is released as its row is inserted (`record_one`), so it never counts twice.
         let reservation = self.reserve(count as usize, sb.memory_mib).await?;
         let capture_id = format!("fork-{}", &ids::new_id("x")[2..]);
         self.create_snapshot_internal(
@@ -105,6 +106,7 @@ impl Engine {
             )
         }))
         .await;
+        // Children recorded have released their shares already; what is left (failed children) goes now.
         drop(reservation);
         // The children hold their own links to the capture's files; the capture itself is not needed.
         if let Err(e) = self.delete_snapshot(&capture_id).await {

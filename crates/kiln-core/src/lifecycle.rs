@@ -202,7 +202,7 @@ impl Engine {
         self.require_state(&sb, &[SandboxState::Stopped])?;
         let mut ph = crate::timing::Phases::new("start", &sb.id);
         // The row already exists (stopped), so it starts counting once its state says running.
-        let _reservation = self.reserve(1, sb.memory_mib).await?;
+        let reservation = self.reserve(1, sb.memory_mib).await?;
         let mut layout = self
             .db()
             .layout(&sb.id)?
@@ -273,8 +273,11 @@ impl Engine {
         };
         let pid = vm.pid;
         *slot.vm.lock().await = Some(vm);
-        self.db()
-            .set_state(&sb.id, SandboxState::Running, Some(pid), None)?;
+        // Running rows count: the reservation goes in the same step.
+        reservation.record(|| {
+            self.db()
+                .set_state(&sb.id, SandboxState::Running, Some(pid), None)
+        })?;
         info!(sandbox = %sb.id, pid, "sandbox started from hibernation");
         self.lifetime_started(&sb.id);
         self.get(&sb.id)

@@ -413,9 +413,11 @@ impl Engine {
                 (sb.volumes, notes) = self.remount_plan(&m);
             }
             self.check_mounts(&sb.volumes)?;
-            match own {
-                Some(own) => own.record(|| self.db().insert_sandbox(&sb))?,
-                None => self.db().insert_sandbox(&sb)?,
+            // Its share of the capacity is released as its row appears: it never counts twice.
+            match (own, held) {
+                (Some(own), _) => own.record(|| self.db().insert_sandbox(&sb))?,
+                (None, Some(held)) => held.record_one(|| self.db().insert_sandbox(&sb))?,
+                (None, None) => self.db().insert_sandbox(&sb)?,
             }
             self.db().set_attachments(&sb.id, &sb.volumes)?;
         }
@@ -623,19 +625,23 @@ impl Engine {
             }
         }
         // Rolling back a sandbox that has no VM now starts one more.
-        let reservation = match &existing {
+        let mut reservation = match &existing {
             Some(sb) if sb.state.has_vm() || sb.state == SandboxState::Creating => None,
             _ => Some(self.reserve(1, m.memory_mib).await?),
         };
         let sb = match existing {
             Some(sb) => sb,
             None => {
-                // The source is gone: recreate it under its old id and name.
+                // The source is gone: recreate it under its old id and name. Its row (`creating`) counts
+                // from now on, so the reservation is released in the same step.
                 let sb = Sandbox {
                     labels: snap.labels.clone(),
                     ..self.record_from_manifest(&m, id)?
                 };
-                self.db().insert_sandbox(&sb)?;
+                match reservation.take() {
+                    Some(r) => r.record(|| self.db().insert_sandbox(&sb))?,
+                    None => self.db().insert_sandbox(&sb)?,
+                }
                 sb
             }
         };
@@ -669,13 +675,20 @@ impl Engine {
             .await;
         }
         self.remove_sandbox_files(&sb.id);
-        self.db().set_state(
-            &sb.id,
-            SandboxState::Creating,
-            None,
-            Some(&format!("{RESTORING_MARK}{id}")),
-        )?;
-        drop(reservation);
+        // A stopped sandbox starts counting as its row once it is `creating`: release the reservation then.
+        let mark = || {
+            self.db().set_state(
+                &sb.id,
+                SandboxState::Creating,
+                None,
+                Some(&format!("{RESTORING_MARK}{id}")),
+            )
+        };
+        match reservation {
+            Some(r) => r.record(mark)?,
+            None => mark()?,
+        }
+        self.faults().hold("restore.recorded").await;
         let mut incoming_resume = resume;
         let started = async {
             let cmdline = with_hostname(&m.cmdline, &sb.hostname, false);
