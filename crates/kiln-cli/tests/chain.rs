@@ -237,3 +237,55 @@ fn manual_snapshots_keep_the_disk_chain_bounded() {
     d.kiln_ok(&["start", "m"]);
     assert_eq!(sums(&d, "m", &files), want);
 }
+
+/// Fork captures compact the chain too (before, only snapshots and checkpoints asked for it, so each
+/// fork of a sandbox left one more layer open in its QEMU, without bound): after eight forks the source
+/// holds at most the bound, and its files and the last child's are intact.
+#[test]
+fn forks_keep_the_source_disk_chain_bounded() {
+    require_image("tiny");
+    let d = Daemon::start_with(&["--warm-spares", "0"]);
+    d.create(&["--name", "src", "--memory", "256"]);
+    let sb: Value = serde_json::from_str(&d.kiln_ok(&["--json", "sandbox", "get", "src"])).unwrap();
+    let dir = d
+        .data_dir()
+        .join("sandboxes")
+        .join(sb["id"].as_str().unwrap());
+    let mut files = Vec::new();
+    for i in 0..8 {
+        let f = format!("f{i}");
+        guest(
+            &d,
+            "src",
+            &format!("head -c 200000 /dev/urandom > /root/{f}; sync"),
+        );
+        files.push(f);
+        d.kiln_ok(&["fork", "src", "--name", &format!("k{i}")]);
+        if i < 7 {
+            d.kiln_ok(&["sandbox", "delete", "-y", &format!("k{i}-1")]);
+        }
+    }
+    let want = sums(&d, "src", &files);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut open = open_layers(&dir);
+    while open.len() > 2 + 6 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        open = open_layers(&dir);
+    }
+    eprintln!(
+        "after 8 forks the source's QEMU holds {} layers",
+        open.len()
+    );
+    assert!(
+        open.len() <= 2 + 6,
+        "the chain grew to {} layers: {open:?}\n{}",
+        open.len(),
+        common::tail(&d.log(), 20)
+    );
+    assert!(
+        d.log().contains("disk chain compacted"),
+        "no compaction logged"
+    );
+    assert_eq!(sums(&d, "src", &files), want);
+    assert_eq!(sums(&d, "k7-1", &files), want);
+}

@@ -108,6 +108,9 @@ impl Engine {
         .await;
         // Children recorded have released their shares already; what is left (failed children) goes now.
         drop(reservation);
+        // The capture froze the source's top disk layer, as a snapshot does: a long chain is compacted in
+        // the background (before, repeated forks grew it by one layer each, without bound).
+        self.compact_soon(&sb.id);
         // The children hold their own links to the capture's files; the capture itself is not needed.
         if let Err(e) = self.delete_snapshot(&capture_id).await {
             warn!(snapshot = %capture_id, error = %e, "could not remove a fork capture");
