@@ -11,11 +11,12 @@ use serde::Serialize;
 use tracing::{info, warn};
 use utoipa::ToSchema;
 
-use crate::engine::{vm_name, Engine};
+use crate::engine::Engine;
 use crate::error::Result;
 use crate::model::{now_rfc3339, Sandbox, SandboxState};
 use crate::snapshot::manifest::Manifest;
 use crate::snapshot::restore::SnapshotDebris;
+use crate::vm::vm_name;
 
 /// One inconsistency.
 #[derive(Debug, Clone, Serialize, ToSchema)]

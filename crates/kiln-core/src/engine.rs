@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kiln_image::{Image, ImageStore};
+use kiln_image::ImageStore;
 use kiln_vmm::AccelChoice;
 use serde::Deserialize;
 use tokio::sync::RwLock;
@@ -15,9 +15,11 @@ use utoipa::ToSchema;
 use crate::config::Config;
 use crate::db::Db;
 use crate::error::{Error, ErrorCode, Result};
-use crate::model::{now_rfc3339, PortRequest, Sandbox, SandboxState};
+use crate::model::{PortRequest, Sandbox, SandboxState};
 use crate::vm::Vm;
-use crate::{ids, validate};
+
+/// Moved to vm.rs (a lower module); still named here for callers that use this path.
+pub use crate::vm::vm_name;
 
 pub const MIN_MEMORY_MIB: u64 = 64;
 pub const MAX_MEMORY_MIB: u64 = 65536;
@@ -119,7 +121,7 @@ pub struct Engine {
     volumes: tokio::sync::Mutex<()>,
     confine: crate::confine::Confinement,
     /// Capacity reserved by requests whose sandboxes have no row yet: (VMs, MiB).
-    pending: Arc<Mutex<(usize, u64)>>,
+    pending: crate::capacity::Pending,
     warm: crate::warm::WarmPool,
     /// Snapshot names being taken, snapshots in use or being deleted (snapshot/guard.rs).
     snapshot_claims: Mutex<crate::snapshot::guard::Claims>,
@@ -135,59 +137,6 @@ pub struct Engine {
     metrics: crate::metrics::Metrics,
     /// Bridged networking's host side; None on user networking (net/).
     net: Option<Arc<crate::net::Bridge>>,
-}
-
-/// Capacity held for sandboxes about to be recorded; released on drop.
-pub(crate) struct Reservation {
-    pending: Arc<Mutex<(usize, u64)>>,
-    /// What is still held: (VMs, MiB). A fork's children leave it one by one as they are recorded.
-    held: Mutex<(usize, u64)>,
-    /// MiB held per sandbox.
-    each_mib: u64,
-}
-
-impl Reservation {
-    /// Records the new sandbox (`record` inserts its row) and releases this reservation in one step under
-    /// the capacity lock, so `try_reserve` never counts that sandbox twice, as its row and as pending (a
-    /// second template builder was refused that way while the first was being recorded).
-    pub(crate) fn record<T>(mut self, record: impl FnOnce() -> Result<T>) -> Result<T> {
-        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let done = record();
-        if done.is_ok() {
-            let held = self.held.get_mut().unwrap_or_else(|p| p.into_inner());
-            p.0 -= held.0;
-            p.1 -= held.1;
-            *held = (0, 0);
-        }
-        done
-    }
-
-    /// `record` for one of several sandboxes reserved together (a fork's children): that sandbox's share
-    /// leaves the reservation as its row is inserted, the rest stays held.
-    pub(crate) fn record_one<T>(&self, record: impl FnOnce() -> Result<T>) -> Result<T> {
-        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let done = record();
-        if done.is_ok() {
-            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-            if held.0 > 0 {
-                let mib = self.each_mib.min(held.1);
-                held.0 -= 1;
-                held.1 -= mib;
-                p.0 -= 1;
-                p.1 -= mib;
-            }
-        }
-        done
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let held = self.held.get_mut().unwrap_or_else(|p| p.into_inner());
-        p.0 -= held.0;
-        p.1 -= held.1;
-    }
 }
 
 impl Engine {
@@ -274,7 +223,7 @@ impl Engine {
             verified: Mutex::new(Default::default()),
             volumes: tokio::sync::Mutex::new(()),
             confine,
-            pending: Arc::new(Mutex::new((0, 0))),
+            pending: Default::default(),
             warm: Default::default(),
             snapshot_claims: Default::default(),
             me: Default::default(),
@@ -385,9 +334,8 @@ impl Engine {
     pub(crate) fn metrics(&self) -> &crate::metrics::Metrics {
         &self.metrics
     }
-    /// Capacity reserved by requests whose sandboxes have no row yet: (VMs, MiB).
-    pub(crate) fn pending_capacity(&self) -> (usize, u64) {
-        *self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn pending(&self) -> &crate::capacity::Pending {
+        &self.pending
     }
     pub(crate) async fn volume_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.volumes.lock().await
@@ -493,313 +441,8 @@ impl Engine {
             .collect())
     }
 
-    /// The images lock (kiln_image::ImageStore::images_lock_path), shared; waits while an `image rm`
-    /// holds it, which is only for its check and rename.
-    async fn images_lock_shared(&self) -> Result<kiln_image::FileLock> {
-        let path = self.images.images_lock_path();
-        let wait = Duration::from_secs(30);
-        let taken = {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || kiln_image::FileLock::acquire(&path, false, wait))
-                .await
-                .map_err(|e| Error::internal(format!("images lock: {e}")))?
-        };
-        match taken {
-            Ok(Some(lock)) => Ok(lock),
-            Ok(None) => Err(Error::new(
-                ErrorCode::Timeout,
-                "an image removal held the images lock for 30 s; try again",
-            )),
-            Err(e) => Err(Error::internal(format!(
-                "cannot lock {}: {e}",
-                path.display()
-            ))),
-        }
-    }
-
-    fn resolve_image(&self, template: &str) -> Result<Image> {
-        validate::name("template", template)?;
-        self.images
-            .get(template)
-            .map_err(|e| Error::new(ErrorCode::ImageNotFound, e.to_string()))
-    }
-
-    /// `try_reserve`, giving up warm spares when they stand in the way: a client's request comes first.
-    pub(crate) async fn reserve(&self, count: usize, memory_mib: u64) -> Result<Reservation> {
-        match self.try_reserve(count, memory_mib) {
-            Err(e) if e.code == ErrorCode::CapacityExceeded && self.warm.count() > 0 => {
-                info!("giving up warm spares to make room");
-                self.discard_spares(None).await;
-                self.try_reserve(count, memory_mib)
-            }
-            other => other,
-        }
-    }
-
-    /// Reserves room for `count` more VMs of `memory_mib` each, or refuses with `capacity_exceeded` and
-    /// the numbers. Checking and reserving happen under one lock, so concurrent requests cannot all pass
-    /// the check and overshoot; each sandbox's share is released in the same step (under this lock) as its
-    /// row is inserted or marked starting (`Reservation::record`/`record_one`), so it counts exactly once.
-    pub(crate) fn try_reserve(&self, count: usize, memory_mib: u64) -> Result<Reservation> {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let active: Vec<Sandbox> = self
-            .db
-            .list_sandboxes()?
-            .into_iter()
-            .filter(|s| s.state.has_vm() || s.state == SandboxState::Creating)
-            .collect();
-        let what = if count == 1 {
-            "1 more sandbox".to_string()
-        } else {
-            format!("{count} more sandboxes")
-        };
-        let running = active.len() + pending.0;
-        if running + count > self.cfg.max_sandboxes {
-            return Err(Error::new(
-                ErrorCode::CapacityExceeded,
-                format!(
-                    "{running} sandboxes are running or starting and the limit is {}, so {what} do not fit; stop or delete some first (or raise `kiln serve --max-sandboxes`)",
-                    self.cfg.max_sandboxes
-                ),
-            ));
-        }
-        let used: u64 = active.iter().map(|s| s.memory_mib).sum::<u64>() + pending.1;
-        let asked = memory_mib.saturating_mul(count as u64);
-        if used.saturating_add(asked) > self.cfg.max_total_memory_mib {
-            return Err(Error::new(
-                ErrorCode::CapacityExceeded,
-                format!(
-                    "guest memory would reach {} MiB (in use {used} MiB + requested {count} × {memory_mib} MiB), over the limit of {} MiB; stop or delete some sandboxes first (or raise `kiln serve --memory-overcommit`)",
-                    used.saturating_add(asked),
-                    self.cfg.max_total_memory_mib
-                ),
-            ));
-        }
-        pending.0 += count;
-        pending.1 += asked;
-        Ok(Reservation {
-            pending: self.pending.clone(),
-            held: Mutex::new((count, asked)),
-            each_mib: memory_mib,
-        })
-    }
-
     pub(crate) fn faults(&self) -> &crate::faults::Faults {
         &self.cfg.faults
-    }
-
-    /// Creates a sandbox and boots it; returns once its agent answers.
-    pub async fn create(&self, req: CreateSandbox) -> Result<Sandbox> {
-        self.config().check_storage("create a sandbox")?;
-        self.check_network(req.network.as_deref())?;
-        if let Some(snapshot) = req.snapshot.clone() {
-            // `env` is merged over the snapshot's for the commands run from now on.
-            if req.template.is_some() || !req.ports.is_empty() || req.max_memory_mib.is_some() {
-                return Err(Error::invalid(
-                    "a sandbox made from a snapshot takes its template, ports and max_memory_mib from the snapshot; drop 'template', 'ports' and 'max_memory_mib'",
-                ));
-            }
-            return self
-                .resume_snapshot(
-                    &snapshot,
-                    crate::ResumeSnapshot {
-                        name: req.name,
-                        memory_mib: req.memory_mib,
-                        cpus: req.cpus,
-                        disk_size_gib: req.disk_size_gib,
-                        labels: req.labels,
-                        // No volumes given: the source's are remounted where free (see ResumeSnapshot).
-                        volumes: (!req.volumes.is_empty()).then_some(req.volumes),
-                        egress: req.egress,
-                        env: req.env,
-                        network: req.network,
-                        ..Default::default()
-                    },
-                )
-                .await;
-        }
-        let template = req
-            .template
-            .clone()
-            .unwrap_or_else(|| self.cfg.default_template.clone());
-        let memory_mib = req.memory_mib.unwrap_or(self.cfg.default_memory_mib);
-        let cpus = req.cpus.unwrap_or(self.cfg.default_cpus);
-        validate::range("memory", memory_mib, MIN_MEMORY_MIB, MAX_MEMORY_MIB, " MiB")?;
-        if let Some(max) = req.max_memory_mib {
-            validate::range("max_memory", max, memory_mib, MAX_MEMORY_MIB, " MiB")?;
-        }
-        validate::range("cpus", u64::from(cpus), 1, MAX_CPUS, "")?;
-        validate::env(&req.env)?;
-        validate::labels(&req.labels)?;
-        if let Some(name) = &req.name {
-            validate::name("sandbox", name)?;
-        }
-        let ports = crate::ports::requested(&[], &req.ports)?;
-        self.check_host_ports_free("", &ports)?;
-        // Held until this create returns (its sandbox is recorded by then, or it failed), so `kiln image
-        // rm` cannot remove the template between this lookup and the record it checks for.
-        let _images = self.images_lock_shared().await?;
-        let image = self.resolve_image(&template)?;
-        self.faults().hold("create.image_resolved").await;
-        let template_size = image.manifest.rootfs_size_bytes;
-        let disk_size_bytes = match req.disk_size_gib {
-            Some(gib) => {
-                validate::range("disk size", gib, 1, MAX_DISK_GIB, " GiB")?;
-                let bytes = gib << 30;
-                if bytes < template_size {
-                    return Err(Error::invalid(format!(
-                        "disk size {gib} GiB is smaller than the '{template}' template's {:.1} GiB",
-                        template_size as f64 / (1u64 << 30) as f64
-                    )));
-                }
-                bytes
-            }
-            None => template_size,
-        };
-        // Create is a resume of the template's boot snapshot unless something rules it out
-        // (template_snap.rs); a cold boot says why.
-        let reason = match self.template_route(&req, &image) {
-            Ok(shape) => match self
-                .create_from_template_snapshot(
-                    &req,
-                    &template,
-                    &image,
-                    shape,
-                    &ports,
-                    disk_size_bytes,
-                )
-                .await
-            {
-                Ok(sb) => return Ok(sb),
-                Err(crate::template_snap::NotResumed::Client(e)) => return Err(e),
-                Err(crate::template_snap::NotResumed::Fallback(why)) => why,
-            },
-            Err(why) => why,
-        };
-        info!(template = %template, reason = %reason, "cold boot");
-        let mut sb = self
-            .create_cold(req, &template, image, disk_size_bytes, ports, None)
-            .await?;
-        sb.boot = Some(crate::template_snap::BootInfo::cold(reason));
-        Ok(sb)
-    }
-
-    /// The boot path of `create`: a new machine booted from the template (validated by the caller).
-    /// `origin` replaces `template:T` (the hidden machine a template snapshot is captured from).
-    pub(crate) async fn create_cold(
-        &self,
-        req: CreateSandbox,
-        template: &str,
-        image: Image,
-        disk_size_bytes: u64,
-        ports: Vec<crate::model::PortMapping>,
-        origin: Option<String>,
-    ) -> Result<Sandbox> {
-        let template = template.to_string();
-        let template_size = image.manifest.rootfs_size_bytes;
-        let memory_mib = req.memory_mib.unwrap_or(self.cfg.default_memory_mib);
-        let cpus = req.cpus.unwrap_or(self.cfg.default_cpus);
-        let reservation = self.reserve(1, memory_mib).await?;
-
-        let id = ids::new_id("sb");
-        let name = req.name.clone().unwrap_or_else(|| id.clone());
-        let now = now_rfc3339();
-        let sandbox = Sandbox {
-            id: id.clone(),
-            name: name.clone(),
-            template: template.clone(),
-            state: SandboxState::Creating,
-            memory_mib,
-            cpus,
-            disk_size_bytes,
-            env: req.env,
-            labels: req.labels,
-            ports,
-            hostname: name.replace('_', "-"),
-            mac: ids::new_mac(),
-            accel: self.accel.accel.to_string(),
-            pid: None,
-            error: None,
-            created_at: now.clone(),
-            updated_at: now,
-            origin: origin.unwrap_or_else(|| format!("template:{template}")),
-            restored_from: None,
-            forked_from: None,
-            volumes: req.volumes.clone(),
-            egress: req.egress.unwrap_or(true),
-            qemu_uid: self.new_qemu_uid()?,
-            confined: false,
-            volume_notes: Vec::new(),
-            lifetime: None,
-            checkpoint_policy: None,
-            max_memory_mib: None,
-            boot: None,
-            network: req.network.clone(),
-            address: None,
-            address6: None,
-        };
-        {
-            let _volumes = self.volume_lock().await;
-            self.check_mounts(&req.volumes)?;
-            reservation.record(|| self.db.insert_sandbox(&sandbox))?;
-            self.db.set_attachments(&id, &req.volumes)?;
-        }
-        self.faults().hold("create.recorded").await;
-        let slot = self.slot(&id);
-        let _guard = slot.op.write().await;
-        let cmdline = kiln_image::kernel_cmdline(
-            &image,
-            &kiln_image::CmdlineParams {
-                hostname: Some(sandbox.hostname.clone()),
-                resize: disk_size_bytes > template_size,
-                kvm: !self.accel.accel.tuning().tsc_cmdline,
-                // Extra guest kernel parameters for debugging boots, e.g. `loglevel=7`.
-                extra: std::env::var("KILN_GUEST_CMDLINE_EXTRA")
-                    .map(|s| s.split_whitespace().map(str::to_string).collect())
-                    .unwrap_or_default(),
-                ..Default::default()
-            },
-        );
-        let booted = async {
-            let max_memory_mib = self.max_memory_for(&image, memory_mib, req.max_memory_mib);
-            let layout = self.provision_from_template(
-                &sandbox,
-                &image,
-                cmdline,
-                &req.volumes,
-                max_memory_mib,
-            )?;
-            self.db.set_layout(&id, &layout)?;
-            let vm = self.start_vm(&sandbox, &layout, None).await?;
-            // Every sandbox is its own machine: machine id and RNG seed of its own from the start.
-            let identity = crate::machine::NewIdentity {
-                hostname: sandbox.hostname.clone(),
-                mac: None,
-            };
-            self.after_boot(&sandbox, &vm, &layout, Some(&identity))
-                .await?;
-            self.start_image_cmd(&sandbox, &image, &vm).await?;
-            Ok::<_, Error>(vm)
-        };
-        match booted.await {
-            Ok(vm) => {
-                let pid = vm.pid;
-                *slot.vm.lock().await = Some(vm);
-                self.db
-                    .set_state(&id, SandboxState::Running, Some(pid), None)?;
-                info!(sandbox = %id, name = %name, pid, "sandbox running");
-                self.get(&id)
-            }
-            Err(e) => {
-                warn!(sandbox = %id, error = %e, "sandbox failed to start");
-                self.db
-                    .set_state(&id, SandboxState::Failed, None, Some(&e.message))?;
-                Err(Error::new(
-                    e.code,
-                    format!("sandbox {id} failed to start: {}", e.message),
-                ))
-            }
-        }
     }
 
     /// Deletes a sandbox: stops its VM and frees its disk, memory file and sockets.
@@ -866,8 +509,4 @@ impl Engine {
     pub fn data_dir(&self) -> &Path {
         &self.cfg.data_dir
     }
-}
-
-pub fn vm_name(id: &str) -> String {
-    format!("kiln-{id}")
 }

@@ -3,9 +3,11 @@
 //! per sandbox while letting different sandboxes proceed in parallel.
 
 mod balloon;
+mod capacity;
 pub mod config;
 pub mod confine;
 pub mod console;
+mod create;
 pub mod db;
 mod deadline;
 pub mod dirs;

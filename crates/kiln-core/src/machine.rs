@@ -9,11 +9,12 @@ use kiln_agent_client::ExecRequest;
 use kiln_image::Image;
 use kiln_vmm::VmSpec;
 
-use crate::engine::{vm_name, Engine};
+use crate::engine::Engine;
 use crate::error::{Error, ErrorCode, Result};
 use crate::fsutil;
 use crate::layout::{Layer, Layout, Memory, Origin, VolumeSlot, VOLUME_SLOTS};
 use crate::model::{Sandbox, SandboxState};
+use crate::vm::vm_name;
 use crate::vm::{agent_error, Vm};
 
 /// Saved state to restore instead of booting.

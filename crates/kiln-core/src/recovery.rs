@@ -11,13 +11,14 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::engine::{vm_name, Engine};
+use crate::engine::Engine;
 use crate::error::Result;
 use crate::fsutil;
 use crate::model::{Sandbox, SandboxState};
 use crate::snapshot::manifest::Manifest;
 use crate::snapshot::restore::RESTORING_MARK;
 use crate::snapshot::Snapshot;
+use crate::vm::vm_name;
 use crate::vm::Vm;
 
 /// Written into a fork capture's directory, so a capture found after a crash is removed, not listed.

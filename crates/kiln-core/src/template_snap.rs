@@ -486,7 +486,7 @@ impl Engine {
         let captured = match booted {
             Ok(sb) => {
                 let ring = crate::console::ring_path(
-                    &crate::engine::vm_name(&sb.id),
+                    &crate::vm::vm_name(&sb.id),
                     &self.config().sandbox_dir(&sb.id),
                 );
                 let boot_log = crate::console::tail_bytes(&ring, crate::console::RING_BYTES)
@@ -645,7 +645,7 @@ pub(crate) fn seed_console(snap_dir: &Path, snap_id: &str, sandbox_id: &str, san
         )
         .as_bytes(),
     );
-    let ring = crate::console::ring_path(&crate::engine::vm_name(sandbox_id), sandbox_dir);
+    let ring = crate::console::ring_path(&crate::vm::vm_name(sandbox_id), sandbox_dir);
     if let Err(e) = crate::console::seed(&ring, &log) {
         warn!(sandbox = sandbox_id, error = %e, "could not start the console log with the template's boot");
     }

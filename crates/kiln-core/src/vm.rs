@@ -13,6 +13,10 @@ use crate::error::{Error, ErrorCode, Result};
 /// sockets, pid file, logs and migration output there, and nowhere else.
 pub(crate) const VM_DIR: &str = "vm";
 
+pub fn vm_name(id: &str) -> String {
+    format!("kiln-{id}")
+}
+
 pub struct Vm {
     pub name: String,
     /// The sandbox's directory.

@@ -392,12 +392,8 @@ impl Engine {
             (Some(vm), _) => vm.terminate().await,
             // Warming was cut short (timeout) after QEMU started: its pid is recorded.
             (None, Some(pid)) => {
-                kiln_vmm::process::terminate(
-                    pid,
-                    &crate::engine::vm_name(id),
-                    Duration::from_secs(3),
-                )
-                .await
+                kiln_vmm::process::terminate(pid, &crate::vm::vm_name(id), Duration::from_secs(3))
+                    .await
             }
             (None, None) => {}
         }

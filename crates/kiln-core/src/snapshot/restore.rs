@@ -8,7 +8,8 @@ use utoipa::ToSchema;
 
 use super::manifest::{Manifest, Role};
 use super::{Snapshot, SnapshotType};
-use crate::engine::{Engine, Reservation};
+use crate::capacity::Reservation;
+use crate::engine::Engine;
 use crate::error::{Error, ErrorCode, Result};
 use crate::fsutil;
 use crate::ids;
@@ -669,7 +670,7 @@ impl Engine {
         } else if let Some(pid) = sb.pid {
             kiln_vmm::process::terminate(
                 pid,
-                &crate::engine::vm_name(&sb.id),
+                &crate::vm::vm_name(&sb.id),
                 std::time::Duration::from_secs(3),
             )
             .await;
@@ -895,10 +896,7 @@ impl Engine {
         self.confine().remove_cgroup(id);
         self.ram().remove(id);
         let dir = self.config().sandbox_dir(id);
-        crate::console::remove(&crate::console::ring_path(
-            &crate::engine::vm_name(id),
-            &dir,
-        ));
+        crate::console::remove(&crate::console::ring_path(&crate::vm::vm_name(id), &dir));
         if let Err(e) = fsutil::remove_dir_durably(&dir) {
             warn!(dir = %dir.display(), error = %e, "could not remove sandbox directory");
         }
