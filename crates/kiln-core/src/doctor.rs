@@ -14,8 +14,8 @@ use utoipa::ToSchema;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::model::{now_rfc3339, Sandbox, SandboxState};
+use crate::snapshot::delete::SnapshotDebris;
 use crate::snapshot::manifest::Manifest;
-use crate::snapshot::restore::SnapshotDebris;
 use crate::vm::vm_name;
 
 /// One inconsistency.

@@ -57,7 +57,8 @@ pub use lifetime::{Lifetime, OnTimeout, SetTimeout};
 pub use model::{PortMapping, PortRequest, Sandbox, SandboxState};
 pub use operations::{Operation, OperationError, OperationState, Resources};
 pub use snapshot::capture::CreateSnapshot;
-pub use snapshot::restore::{ResumeSnapshot, SnapshotDeleted};
+pub use snapshot::delete::SnapshotDeleted;
+pub use snapshot::restore::ResumeSnapshot;
 pub use snapshot::{Snapshot, SnapshotType};
 pub use volume::{CreateVolume, Volume, VolumeMount};
 

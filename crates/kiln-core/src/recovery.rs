@@ -16,7 +16,7 @@ use crate::error::Result;
 use crate::fsutil;
 use crate::model::{Sandbox, SandboxState};
 use crate::snapshot::manifest::Manifest;
-use crate::snapshot::restore::RESTORING_MARK;
+use crate::snapshot::rollback::RESTORING_MARK;
 use crate::snapshot::Snapshot;
 use crate::vm::vm_name;
 use crate::vm::Vm;

@@ -6,12 +6,14 @@ mod chain;
 mod compact;
 pub mod compat;
 pub mod db;
+pub mod delete;
 pub(crate) mod guard;
 pub mod manifest;
 pub mod names;
 mod ramless;
 pub(crate) mod resources;
 pub mod restore;
+pub(crate) mod rollback;
 mod validate;
 
 use std::collections::BTreeMap;
