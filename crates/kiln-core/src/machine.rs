@@ -122,10 +122,15 @@ impl Engine {
             free_page_reporting: Some(
                 free_page_reporting() && !crate::template_snap::is_builder(sb),
             ),
-            // Not on a template's builder either: template snapshots stay loadable on user networking.
+            // A template's builder gets a queue pair per vCPU its machine has (not only those online):
+            // its copies may get more vCPUs. Its snapshots are this network mode's own (template_snap.rs).
             net_queues: crate::net::boot_queues(
-                self.bridge().is_some() && !crate::template_snap::is_builder(sb),
-                sb.cpus,
+                self.bridge().is_some(),
+                if crate::template_snap::is_builder(sb) {
+                    self.machine_max_cpus(sb.cpus)
+                } else {
+                    sb.cpus
+                },
             ),
         };
         self.place_mounts(&dir, sb.qemu_uid, &mut layout.volume_slots, mounts, false)?;

@@ -145,3 +145,48 @@ fn a_multiqueue_memory_snapshot_is_refused_with_422_on_user_networking_and_leave
     );
     d.terminate(Duration::from_secs(10));
 }
+
+#[test]
+fn template_snapshot_creates_get_a_queue_pair_per_vcpu_on_a_bridged_daemon() {
+    require_image("tiny");
+    if !is_root() {
+        eprintln!("skipping: network namespaces, TAP devices and the firewall need root");
+        return;
+    }
+    let ns = Namespaces::create("t");
+    let _server = Server::start(&ns.servers, SERVER, 80);
+    let dir = tempfile::Builder::new()
+        .prefix("ktnt")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 192.0.2.1\n").unwrap();
+    // Lazy: no start-up template snapshot, so the first create makes the one of its own shape.
+    let env = [
+        ("KILN_NETWORK", "bridged"),
+        ("KILN_TEMPLATE_SNAPSHOTS", "lazy"),
+    ];
+    let mut d = daemon_in(&ns.daemon, &resolv, &["--max-vcpus", "2"], &env);
+
+    // A default create (a template snapshot's copy) with 2 vCPUs: its builder had two queue pairs.
+    let two = d.create(&["--name", "two", "--cpus", "2"]);
+    assert_eq!(two["boot"]["mode"], "resume", "{two}");
+    assert_eq!(queues(&d, "two"), "rx-0 rx-1 tx-0 tx-1");
+    let (ok, text) = tcp_reaches(&d, "two", SERVER, 80);
+    assert!(ok, "the 2-vCPU copy has no egress:\n{text}");
+
+    // A 1-vCPU copy of the same snapshot (a vCPU offlined on resume) keeps the NIC and its egress.
+    let one = d.create(&["--name", "one", "--cpus", "1"]);
+    assert_eq!(one["boot"]["mode"], "resume", "{one}");
+    assert_eq!(one["boot"]["snapshot"], two["boot"]["snapshot"], "{one}");
+    eprintln!(
+        "1-vCPU copy of a 2-queue snapshot shows: {}",
+        queues(&d, "one")
+    );
+    let (ok, text) = tcp_reaches(&d, "one", SERVER, 80);
+    assert!(ok, "the 1-vCPU copy has no egress:\n{text}");
+    for sb in ["two", "one"] {
+        d.kiln_ok(&["sandbox", "delete", "-y", sb]);
+    }
+    d.terminate(Duration::from_secs(10));
+}
