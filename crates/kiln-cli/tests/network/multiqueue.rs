@@ -190,3 +190,40 @@ fn template_snapshot_creates_get_a_queue_pair_per_vcpu_on_a_bridged_daemon() {
     }
     d.terminate(Duration::from_secs(10));
 }
+
+#[test]
+fn a_one_vcpu_template_copy_of_a_bridged_daemon_moves_to_user_networking() {
+    require_image("tiny");
+    if !is_root() {
+        eprintln!("skipping: network namespaces, TAP devices and the firewall need root");
+        return;
+    }
+    let ns = Namespaces::create("o");
+    let dir = tempfile::Builder::new()
+        .prefix("ktno")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 192.0.2.1\n").unwrap();
+    let env = [
+        ("KILN_NETWORK", "bridged"),
+        ("KILN_TEMPLATE_SNAPSHOTS", "lazy"),
+    ];
+    let mut d = daemon_in(&ns.daemon, &resolv, &["--max-vcpus", "2"], &env);
+
+    // A 1-vCPU default create: its machine has a spare vCPU, but its NIC has one queue (the guest's
+    // driver would use one channel even with the spare onlined), so its memory snapshots stay portable.
+    let one = d.create(&["--name", "one", "--cpus", "1"]);
+    assert_eq!(one["boot"]["mode"], "resume", "{one}");
+    assert_eq!(queues(&d, "one"), "rx-0 tx-0");
+    d.kiln_ok(&["snapshot", "create", "one", "--name", "ones"]);
+    d.kiln_ok(&["sandbox", "delete", "-y", "one"]);
+    d.restart_with_env(&[
+        ("KILN_NETWORK", "user"),
+        ("KILN_TEMPLATE_SNAPSHOTS", "lazy"),
+    ]);
+    d.kiln_ok(&["snapshot", "resume", "ones", "--name", "back"]);
+    assert_eq!(queues(&d, "back"), "rx-0 tx-0");
+    d.kiln_ok(&["sandbox", "delete", "-y", "back"]);
+    d.terminate(Duration::from_secs(10));
+}
