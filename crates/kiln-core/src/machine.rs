@@ -123,11 +123,11 @@ impl Engine {
             free_page_reporting: Some(
                 free_page_reporting() && !crate::template_snap::is_builder(sb),
             ),
-            // Not on a template's builder either: template snapshots stay loadable on user networking.
-            net_queues: crate::net::boot_queues(
-                self.bridge().is_some() && !crate::template_snap::is_builder(sb),
-                sb.cpus,
-            ),
+            // A template's builder too (its snapshots are this network mode's own, template_snap.rs): per
+            // vCPU online, not per vCPU its machine has, as the guest's driver sets its channels at probe
+            // from the CPUs online and a copy given more would not use them; a 1-vCPU machine keeps one
+            // queue, so its memory snapshots still resume on user networking.
+            net_queues: crate::net::boot_queues(self.bridge().is_some(), sb.cpus),
         };
         self.place_mounts(&dir, sb.qemu_uid, &mut layout.volume_slots, mounts, false)?;
         let top = layout.next_top_path(&dir);

@@ -370,6 +370,11 @@ impl Engine {
         // fully shed: each mode has template snapshots of its own (user mode's ids are unchanged).
         if self.bridge().is_some() {
             key.push_str("\nnetwork bridged");
+            // The builder's NIC queue pairs when several (machine.rs): older kilns' single-queue
+            // snapshots of multi-vCPU shapes are not found again; single-queue ids are unchanged.
+            if let Some(queues) = crate::net::boot_queues(true, shape.cpus) {
+                key.push_str(&format!("\nnet_queues {queues}"));
+            }
         }
         let digest = Sha256::digest(key.as_bytes());
         Ok(format!("template-{}", &hex::encode(digest)[..16]))
