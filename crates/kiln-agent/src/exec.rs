@@ -441,24 +441,11 @@ fn lookup_group(group: &str) -> Result<u32> {
     ))
 }
 
-/// Why `req` could not be started. The working directory was checked before the spawn, so
-/// ENOENT here means the program (or its #! interpreter) is missing: command_not_found.
-pub(crate) fn spawn_failure(err: &io::Error, req: &ExecRequest) -> Failure {
+fn spawn_failure(err: &io::Error, req: &ExecRequest) -> Failure {
     let prog = match (&req.argv, &req.shell) {
         (Some(argv), _) => argv.first().map_or("", String::as_str),
         _ => "/bin/sh",
     };
-    if err.raw_os_error() == Some(libc::ENOENT) {
-        let hint = if prog.contains('/') {
-            "no such file in the guest (or its #! interpreter is missing)"
-        } else {
-            "not found on the guest's PATH (give an absolute path, or install it in the image)"
-        };
-        return Failure::new(
-            ErrorCode::CommandNotFound,
-            format!("cannot execute {prog}: {hint}"),
-        );
-    }
     let mut f = Failure::io(err, format!("cannot execute {prog}"));
     // Bad input (a NUL in an argument) stays invalid_argument; anything else is exec_failed.
     if f.code != ErrorCode::InvalidArgument {

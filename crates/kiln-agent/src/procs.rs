@@ -18,7 +18,7 @@ use kiln_proto::{
 };
 
 use crate::conn::{Inbound, Stream};
-use crate::exec::{command, kill_group, spawn_failure, wait_exited};
+use crate::exec::{command, kill_group, wait_exited};
 use crate::failure::{Failure, Result};
 use crate::util::{decode_hex, lock};
 
@@ -136,7 +136,12 @@ pub fn start(req: &ExecRequest) -> Result<Response> {
             ));
         }
     }
-    let mut child = cmd.spawn().map_err(|e| spawn_failure(&e, req))?;
+    let mut child = cmd.spawn().map_err(|e| {
+        Failure::new(
+            ErrorCode::ExecFailed,
+            format!("cannot start the process: {e}"),
+        )
+    })?;
     let pid = child.id();
     let argv = match (&req.argv, &req.shell) {
         (Some(argv), _) => argv.clone(),

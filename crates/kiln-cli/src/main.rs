@@ -184,12 +184,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            // Like a shell: 127 for a program that is not there, 126 for one that cannot run.
+            // Like a shell's 126: the command could not be executed.
             match e
                 .downcast_ref::<client::ApiError>()
                 .map(|a| a.code.as_str())
             {
-                Some("command_not_found") => ExitCode::from(127),
                 Some("exec_failed") => ExitCode::from(126),
                 _ => ExitCode::from(1),
             }

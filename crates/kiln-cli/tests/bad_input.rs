@@ -264,10 +264,13 @@ fn requests_are_validated_before_anything_starts() {
                 &path,
                 Some(json!({ "argv": argv })),
                 422,
-                "command_not_found",
+                "exec_failed",
             );
+            // exec names the program (a process start says only why).
             assert!(
-                msg.contains("no-such-program") || msg.contains("/no/such/program"),
+                route != "exec"
+                    || msg.contains("no-such-program")
+                    || msg.contains("/no/such/program"),
                 "{msg}"
             );
         }
@@ -291,10 +294,10 @@ fn requests_are_validated_before_anything_starts() {
             "guest_path_not_found",
         );
     }
-    // The CLI exits like a shell does: 127 for a missing program, 126 for one that cannot run.
+    // The CLI exits like a shell that cannot execute a command: 126.
     let out = d.kiln(&["exec", "one", "--", "no-such-program-anywhere"]);
-    assert_eq!(out.status.code(), Some(127), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("command_not_found"));
+    assert_eq!(out.status.code(), Some(126), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exec_failed"));
     assert_eq!(
         d.kiln(&["exec", "one", "--", "/etc"]).status.code(),
         Some(126)

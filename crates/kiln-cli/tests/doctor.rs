@@ -87,14 +87,34 @@ fn doctor_reports_and_repairs_damage_and_leaves_the_rest_alone() {
     let p = problem(&report, "sandbox_dir_missing", "nodir");
     assert!(p["message"].as_str().unwrap().contains("missing"), "{p}");
     assert_eq!(p["repaired"], false);
-    problem(&report, "vm_gone", "dead");
+    // The daemon's reaper checks its VMs every second and may mark `dead` failed before doctor looks
+    // (seen in a full `make test` under load); then doctor rightly has nothing to say about it.
+    let reaped = !report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["kind"] == "vm_gone" && p["subject"] == "dead");
+    if reaped {
+        let sb: Value =
+            serde_json::from_str(&d.kiln_ok(&["--json", "sandbox", "inspect", "dead"])).unwrap();
+        assert_eq!(sb["state"], "failed", "{report:#}\n{sb}");
+        assert!(
+            sb["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("snapshots are unaffected"),
+            "{sb}"
+        );
+    } else {
+        problem(&report, "vm_gone", "dead");
+    }
     problem(&report, "orphan_sandbox_dir", "sb-orphan");
     let p = problem(&report, "snapshot_damaged", "bad");
     assert_eq!(p["repaired"], false);
     problem(&report, "stray_qemu", &format!("pid {stray_pid}"));
     assert_eq!(
         report["problems"].as_array().unwrap().len(),
-        5,
+        if reaped { 4 } else { 5 },
         "{report:#}"
     );
     assert!(sandboxes.join("sb-orphan").exists());

@@ -512,7 +512,8 @@ fn corruption_and_crashes_lose_nothing() {
         });
         std::thread::sleep(Duration::from_millis(*delay_ms));
         d.restart_hard();
-        let _ = req.join();
+        let r = req.join();
+        eprintln!("DEBUG crash{i} response: {r:?}");
         let debris: Vec<_> = std::fs::read_dir(d.data_dir().join("snapshots"))
             .unwrap()
             .flatten()

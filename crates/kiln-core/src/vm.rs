@@ -156,7 +156,6 @@ pub fn agent_error(e: AgentError, what: &str) -> Error {
                 kiln_agent_client::ErrorCode::PermissionDenied => ErrorCode::GuestPermissionDenied,
                 kiln_agent_client::ErrorCode::InvalidArgument => ErrorCode::InvalidRequest,
                 kiln_agent_client::ErrorCode::NoSpace => ErrorCode::GuestDiskFull,
-                kiln_agent_client::ErrorCode::CommandNotFound => ErrorCode::CommandNotFound,
                 kiln_agent_client::ErrorCode::ExecFailed => ErrorCode::ExecFailed,
                 _ => ErrorCode::GuestError,
             };

@@ -405,8 +405,6 @@ pub enum ErrorCode {
     Io,
     Timeout,
     ExecFailed,
-    /// The program to run does not exist in the guest (spawn failed with ENOENT).
-    CommandNotFound,
     Busy,
     Cancelled,
     Unsupported,
@@ -433,7 +431,6 @@ impl ErrorCode {
             ErrorCode::Io => "io",
             ErrorCode::Timeout => "timeout",
             ErrorCode::ExecFailed => "exec_failed",
-            ErrorCode::CommandNotFound => "command_not_found",
             ErrorCode::Busy => "busy",
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::Unsupported => "unsupported",
@@ -644,7 +641,6 @@ mod tests {
             ErrorCode::NotFound,
             ErrorCode::DirectoryNotEmpty,
             ErrorCode::ExecFailed,
-            ErrorCode::CommandNotFound,
             ErrorCode::Other,
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), json!(code.as_str()));

@@ -91,11 +91,10 @@ def test_streaming_timeout(sandbox: Sandbox) -> None:
     assert r.timed_out and r.signal == 9
 
 
-def test_exec_of_missing_program_raises_command_not_found(sandbox: Sandbox) -> None:
-    with pytest.raises(kiln.CommandNotFoundError) as e:
+def test_exec_of_missing_program_raises_exec_failed(sandbox: Sandbox) -> None:
+    with pytest.raises(kiln.ExecFailedError) as e:
         sandbox.run(["/no/such/program"])
-    assert e.value.code == "command_not_found" and e.value.status == 422
-    assert isinstance(e.value, kiln.ExecFailedError)
+    assert e.value.code == "exec_failed" and e.value.status == 422
     assert "/no/such/program" in str(e.value)
     with pytest.raises(kiln.ExecFailedError) as e:
         sandbox.run(["/etc"])

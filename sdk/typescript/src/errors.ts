@@ -98,10 +98,8 @@ export class GuestPathConflictError extends ConflictError {}
 export class AgentOutdatedError extends ConflictError {}
 /** The snapshot's files fail their checks (422); it cannot be used. */
 export class SnapshotCorruptError extends KilnError {}
-/** The guest could not start the command (422 exec_failed): not executable, a bad format; fix the command. */
+/** The guest could not start the command (422 exec_failed): no such program, not executable; fix the command. */
 export class ExecFailedError extends KilnError {}
-/** The program does not exist in the guest (422 command_not_found): give an absolute path or one on its PATH. */
-export class CommandNotFoundError extends ExecFailedError {}
 /** The snapshot cannot run here, e.g. taken with another QEMU, CPU model or accelerator (422). */
 export class SnapshotIncompatibleError extends KilnError {}
 /** The daemon's sandbox count or memory limit is reached (429). */
@@ -168,7 +166,6 @@ export const STATUS_BY_CODE: Readonly<Record<string, number>> = {
   port_not_found: 404,
   snapshot_corrupt: 422,
   exec_failed: 422,
-  command_not_found: 422,
   snapshot_incompatible: 422,
   method_not_allowed: 405,
   payload_too_large: 413,
@@ -225,7 +222,6 @@ export const BY_CODE: Readonly<Record<string, ErrorClass>> = {
   agent_outdated: AgentOutdatedError,
   snapshot_corrupt: SnapshotCorruptError,
   exec_failed: ExecFailedError,
-  command_not_found: CommandNotFoundError,
   snapshot_incompatible: SnapshotIncompatibleError,
   capacity_exceeded: CapacityExceededError,
   rate_limited: RateLimitedError,

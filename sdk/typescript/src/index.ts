@@ -65,7 +65,6 @@ export {
   SnapshotBaseMissingError,
   SnapshotCorruptError,
   ExecFailedError,
-  CommandNotFoundError,
   SnapshotIncompatibleError,
   SnapshotInUseError,
   SnapshotNotFoundError,

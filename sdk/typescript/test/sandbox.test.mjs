@@ -14,7 +14,6 @@ import {
   CapacityError,
   CapacityExceededError,
   Client,
-  CommandNotFoundError,
   ConflictError,
   ExecFailedError,
   GuestPathNotFoundError,
@@ -146,10 +145,10 @@ test("commands: streaming callbacks, incl. UTF-8 split across chunks", async () 
   assert.equal(t.timedOut, true);
 });
 
-test("commands: a missing program is command_not_found, an unrunnable one exec_failed", async () => {
+test("commands: a missing or unrunnable program is exec_failed (422)", async () => {
   await assert.rejects(sb.run(["/no/such/program"]), (e) => {
-    assert.ok(e instanceof CommandNotFoundError && e instanceof ExecFailedError);
-    assert.equal(e.code, "command_not_found");
+    assert.ok(e instanceof ExecFailedError);
+    assert.equal(e.code, "exec_failed");
     assert.equal(e.status, 422);
     assert.match(e.message, /\/no\/such\/program/);
     return true;

@@ -47,7 +47,6 @@ __all__ = [
     "AgentOutdatedError",
     "SnapshotCorruptError",
     "ExecFailedError",
-    "CommandNotFoundError",
     "SnapshotIncompatibleError",
     "CapacityExceededError",
     "RateLimitedError",
@@ -250,13 +249,8 @@ class SnapshotCorruptError(KilnError):
 
 
 class ExecFailedError(KilnError):
-    """The guest could not start the command (HTTP 422 ``exec_failed``): not executable, a bad format, too
-    many arguments. The sandbox is fine; fix the command."""
-
-
-class CommandNotFoundError(ExecFailedError):
-    """The program does not exist in the guest (HTTP 422 ``command_not_found``): give an absolute path or one
-    on the guest's PATH."""
+    """The guest could not start the command (HTTP 422 ``exec_failed``): no such program, not executable, a
+    bad format. The sandbox is fine; fix the command."""
 
 
 class SnapshotIncompatibleError(KilnError):
@@ -358,7 +352,6 @@ _BY_CODE: dict[str, type[KilnError]] = {
     "agent_outdated": AgentOutdatedError,
     "snapshot_corrupt": SnapshotCorruptError,
     "exec_failed": ExecFailedError,
-    "command_not_found": CommandNotFoundError,
     "snapshot_incompatible": SnapshotIncompatibleError,
     "capacity_exceeded": CapacityExceededError,
     "rate_limited": RateLimitedError,
@@ -426,7 +419,6 @@ STATUS_BY_CODE: dict[str, int] = {
     "payload_too_large": 413,
     "snapshot_corrupt": 422,
     "exec_failed": 422,
-    "command_not_found": 422,
     "snapshot_incompatible": 422,
     "capacity_exceeded": 429,
     "rate_limited": 429,
