@@ -390,10 +390,7 @@ impl Kiln {
     ) -> Result<CallToolResult, ErrorData> {
         let body = json!({"resume": true, "force": p.force.unwrap_or(true)});
         let path = format!("/v1/snapshots/{}/restore", enc(&p.snapshot));
-        let restored = match self
-            .json("POST", path.clone(), Body::Json(body.clone()))
-            .await
-        {
+        let restored = match self.json("POST", path, Body::Json(body)).await {
             Err(e) if e.code == "snapshot_in_use" => {
                 // The source runs on this snapshot's memory since an earlier rollback to it, which a
                 // plain restore refuses. Rewinding the source to it is the same rollback, done by the
