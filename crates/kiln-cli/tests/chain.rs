@@ -289,3 +289,89 @@ fn forks_keep_the_source_disk_chain_bounded() {
     assert_eq!(sums(&d, "src", &files), want);
     assert_eq!(sums(&d, "k7-1", &files), want);
 }
+
+/// Snapshots `sb` with a new file each time until the daemon logs that it streams the chain; returns the
+/// files' checksums from before that snapshot (a stream holds the sandbox's lifecycle lock, which a
+/// command waits for).
+fn snapshot_until_streaming(d: &Daemon, sb: &str, tag: &str, files: &mut Vec<String>) -> String {
+    const STREAMING: &str = "streaming the disk chain into its active layer";
+    let seen = d.log().matches(STREAMING).count();
+    for i in 0..10 {
+        let f = format!("{tag}{i}");
+        guest(
+            d,
+            sb,
+            &format!("head -c 1000000 /dev/urandom > /root/{f}; sync"),
+        );
+        files.push(f);
+        let want = sums(d, sb, files);
+        d.kiln_ok(&["snapshot", "create", sb, "--name", &format!("{tag}-s{i}")]);
+        if d.wait_log(STREAMING, seen + 1, Duration::from_secs(3)) {
+            return want;
+        }
+    }
+    panic!(
+        "no compaction started after 10 snapshots\n{}",
+        common::tail(&d.log(), 20)
+    );
+}
+
+/// A daemon that dies while it compacts a chain leaves QEMU's stream running, writing the active layer.
+/// The next daemon must end it before a capture freezes that layer (in CI the source's QEMU exited on
+/// the snapshot after such a crash), and must record a stream that completed while no daemon watched;
+/// the guest's files stay intact in the source, its snapshots and across stop/start.
+#[test]
+fn streams_left_by_a_dead_daemon_are_settled_before_the_next_capture() {
+    require_image("tiny");
+    // 64 KiB/s: the stream outlives the daemon by minutes.
+    let mut d = Daemon::start_env(
+        &["--warm-spares", "0"],
+        &[("KILN_FAULTS", "compact.stream_speed=65536")],
+    );
+    d.create(&["--name", "m", "--memory", "256"]);
+    let mut files = Vec::new();
+    let want = snapshot_until_streaming(&d, "m", "a", &mut files);
+    d.kill_hard();
+    d.restart_with_env(&[]);
+    d.kiln_ok(&["snapshot", "create", "m", "--name", "after-crash"]);
+    assert!(
+        d.log()
+            .contains("ended disk streams a daemon that died left running"),
+        "{}",
+        common::tail(&d.log(), 30)
+    );
+    assert_eq!(sums(&d, "m", &files), want);
+    d.kiln_ok(&["snapshot", "resume", "after-crash", "--name", "copy"]);
+    assert_eq!(sums(&d, "copy", &files), want);
+
+    // Fast enough to complete while no daemon runs: the next one finds QEMU's chain short.
+    d.restart_with_env(&[("KILN_FAULTS", "compact.stream_speed=8388608")]);
+    let want = snapshot_until_streaming(&d, "m", "b", &mut files);
+    d.kill_hard();
+    // About 13 MB of layers at 8 MiB/s.
+    std::thread::sleep(Duration::from_secs(10));
+    d.restart_with_env(&[]);
+    d.kiln_ok(&["snapshot", "create", "m", "--name", "after-complete"]);
+    assert!(
+        d.log()
+            .contains("recorded a disk chain compaction that completed while no daemon watched it"),
+        "{}",
+        common::tail(&d.log(), 30)
+    );
+    let sb: Value = serde_json::from_str(&d.kiln_ok(&["--json", "sandbox", "get", "m"])).unwrap();
+    let dir = d
+        .data_dir()
+        .join("sandboxes")
+        .join(sb["id"].as_str().unwrap());
+    let open = open_layers(&dir);
+    assert!(
+        open.len() <= 3,
+        "QEMU still holds the merged layers: {open:?}"
+    );
+    assert_eq!(sums(&d, "m", &files), want);
+    d.kiln_ok(&["snapshot", "resume", "after-complete", "--name", "copy2"]);
+    assert_eq!(sums(&d, "copy2", &files), want);
+    d.kiln_ok(&["stop", "m"]);
+    d.kiln_ok(&["start", "m"]);
+    assert_eq!(sums(&d, "m", &files), want);
+}

@@ -294,6 +294,54 @@ fn cgroups_cap_a_guest_that_eats_all_its_ram_and_cpu() {
     }
 }
 
+/// A VM the kernel ends at its cgroup's memory cap is reported as such: the sandbox's error says the OOM
+/// killer ended it, beside the console's last lines (it used to say only "QEMU exited").
+#[test]
+fn a_vm_killed_at_its_memory_cap_says_so() {
+    require_image("tiny");
+    let d = Daemon::start();
+    if d.log().contains("without cgroup limits") {
+        eprintln!("skipping: no usable cgroups on this host:\n{}", d.log());
+        return;
+    }
+    let sb = d.create(&["--name", "big", "--memory", "256"]);
+    let id = sb["id"].as_str().unwrap().to_string();
+    let dirs = cgroup_dirs(&id);
+    // The cap made tight (as an operator's outer limit could): what QEMU uses now and 32 MiB more.
+    let (max, cur) = if dirs.len() == 1 {
+        (dirs[0].join("memory.max"), dirs[0].join("memory.current"))
+    } else {
+        (
+            dirs[0].join("memory.limit_in_bytes"),
+            dirs[0].join("memory.usage_in_bytes"),
+        )
+    };
+    let tight = read_u64(&cur) + (32 << 20);
+    std::fs::write(&max, tight.to_string()).unwrap();
+    // Guest RAM is shared memory: with no swap it cannot be reclaimed, so filling it ends QEMU.
+    let _ = d.kiln(&[
+        "exec",
+        "big",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /mnt/h && mount -t tmpfs -o size=100% tmpfs /mnt/h && dd if=/dev/zero of=/mnt/h/fill bs=1M count=200",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut v = serde_json::Value::Null;
+    while Instant::now() < deadline {
+        v = serde_json::from_str(&d.kiln_ok(&["--json", "sandbox", "get", "big"])).unwrap();
+        if v["state"] == "failed" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(v["state"], "failed", "{v}");
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(error.contains("OOM killer"), "{error}");
+    assert!(error.contains("Last console lines"), "{error}");
+}
+
 /// From inside the guest: try a TCP connection; returns nc's combined output and whether it connected.
 fn guest_connect(d: &Daemon, sandbox: &str, host: &str, port: u16) -> (bool, String) {
     let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {host} {port}; echo rc=$?");

@@ -387,6 +387,18 @@ impl Engine {
         })
     }
 
+    /// Why a sandbox's QEMU is gone: its console's and stderr's last lines (`Vm::died_error`), and
+    /// whether the kernel's OOM killer ended it at the sandbox's memory cap.
+    pub(crate) fn vm_died(&self, id: &str, vm: &Vm) -> Error {
+        let mut err = vm.died_error();
+        if let Some(n) = self.confine().oom_kills(id).filter(|n| *n > 0) {
+            err.message.push_str(&format!(
+                "\nThe kernel's OOM killer ended {n} process(es) in the sandbox's memory cgroup: QEMU reached its memory cap (guest RAM plus overhead)"
+            ));
+        }
+        err
+    }
+
     /// A sandbox recorded with a VM whose QEMU is gone: stopped if a hibernation finished saving its
     /// state, else failed with the console's last lines. Used on start-up and by `kiln doctor`.
     pub(crate) fn settle_dead_vm(&self, id: &str, when: &str) -> Result<SandboxState> {
@@ -396,7 +408,7 @@ impl Engine {
             return Ok(SandboxState::Stopped);
         }
         let vm = Vm::new(vm_name(id), self.cfg.sandbox_dir(id), 0, None);
-        let err = vm.died_error().message;
+        let err = self.vm_died(id, &vm).message;
         warn!(sandbox = %id, "VM process gone {when}");
         self.db.set_state(
             id,

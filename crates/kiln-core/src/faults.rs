@@ -6,6 +6,8 @@
 //! - `hold.POINT=MS`: sleep MS milliseconds at POINT (every time), leaving a window in which a test can
 //!   kill the daemon mid-operation. Points are listed in [`POINTS`]; the daemon logs
 //!   `fault injection: holding at POINT` when it gets there.
+//! - `compact.stream_speed=BYTES`: disk chain compactions stream at most BYTES per second, so a test can
+//!   end the daemon while QEMU still runs the stream.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -41,6 +43,7 @@ pub const POINTS: &[&str] = &[
 enum Rule {
     KillAfterLaunch { name: String, fired: bool },
     Hold { point: String, ms: u64 },
+    StreamSpeed(u64),
 }
 
 /// The parsed `KILN_FAULTS` rules; cheap to clone (shared).
@@ -55,7 +58,7 @@ impl Faults {
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let bad = |why: &str| {
                 Error::invalid(format!(
-                    "KILN_FAULTS rule '{item}': {why}; use qemu.kill_after_launch=NAME or hold.POINT=MS with POINT one of {}",
+                    "KILN_FAULTS rule '{item}': {why}; use qemu.kill_after_launch=NAME, compact.stream_speed=BYTES or hold.POINT=MS with POINT one of {}",
                     POINTS.join(", ")
                 ))
             };
@@ -65,6 +68,12 @@ impl Faults {
                     name: value.to_string(),
                     fired: false,
                 });
+            } else if key == "compact.stream_speed" {
+                let speed =
+                    value.parse().ok().filter(|b| *b > 0).ok_or_else(|| {
+                        bad("the speed is not a positive number of bytes per second")
+                    })?;
+                rules.push(Rule::StreamSpeed(speed));
             } else if let Some(point) = key.strip_prefix("hold.") {
                 if !POINTS.contains(&point) {
                     return Err(bad("unknown point"));
@@ -107,6 +116,15 @@ impl Faults {
         false
     }
 
+    /// The bytes per second a rule limits disk streams to, if one does.
+    pub fn stream_speed(&self) -> Option<u64> {
+        let rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
+        rules.iter().find_map(|r| match r {
+            Rule::StreamSpeed(b) => Some(*b),
+            _ => None,
+        })
+    }
+
     /// Sleeps if a rule holds operations at `point`.
     pub async fn hold(&self, point: &str) {
         // These points are the milestones an operation reports as its stage.
@@ -134,6 +152,9 @@ mod tests {
     #[test]
     fn rules_parse_and_fire_once() {
         let f = Faults::parse("qemu.kill_after_launch=kid-3, hold.fork.captured=10").unwrap();
+        assert_eq!(f.stream_speed(), None);
+        let slow = Faults::parse("compact.stream_speed=65536").unwrap();
+        assert_eq!(slow.stream_speed(), Some(65536));
         assert!(!f.kill_after_launch("kid-2"));
         assert!(f.kill_after_launch("kid-3"));
         assert!(!f.kill_after_launch("kid-3"));
@@ -147,6 +168,7 @@ mod tests {
             "hold.nowhere=5",
             "hold.exec.running=soon",
             "x=1",
+            "compact.stream_speed=0",
         ] {
             let e = Faults::parse(spec).unwrap_err();
             assert!(e.message.contains("KILN_FAULTS"), "{spec}: {e}");

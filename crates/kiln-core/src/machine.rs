@@ -617,7 +617,7 @@ impl Engine {
         match vm {
             Some(vm) if vm.is_alive() => Ok(vm),
             Some(vm) => {
-                let err = vm.died_error();
+                let err = self.vm_died(&sb.id, &vm);
                 self.db()
                     .set_state(&sb.id, SandboxState::Failed, None, Some(&err.message))?;
                 Err(err)

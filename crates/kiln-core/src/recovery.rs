@@ -86,7 +86,7 @@ impl Engine {
                 }
                 s if s.has_vm() => {
                     let vm = Vm::new(name, dir, 0, None);
-                    let err = vm.died_error().message;
+                    let err = self.vm_died(&sb.id, &vm).message;
                     warn!(sandbox = %sb.id, "VM process gone while kiln was down");
                     self.db().set_state(
                         &sb.id,
@@ -294,8 +294,8 @@ impl Engine {
             if !self.get(&sb.id).is_ok_and(|s| s.state.has_vm()) {
                 continue;
             }
-            let err = vm.died_error();
-            warn!(sandbox = %sb.id, "the VM process died; marking the sandbox failed");
+            let err = self.vm_died(&sb.id, &vm);
+            warn!(sandbox = %sb.id, error = %err.message, "the VM process died; marking the sandbox failed");
             let _ = self.db().set_state(
                 &sb.id,
                 SandboxState::Failed,

@@ -121,13 +121,26 @@ impl Vm {
 
     pub fn died_error(&self) -> Error {
         let tail = crate::console::tail_lines(&self.console_log(), 15);
-        Error::new(
-            ErrorCode::VmFailed,
-            format!(
-                "the VM process of {} is gone (QEMU exited). Last console lines:\n{}",
-                self.name, tail
-            ),
-        )
+        let mut message = format!(
+            "the VM process of {} is gone (QEMU exited). Last console lines:\n{}",
+            self.name, tail
+        );
+        // An abort or assertion in QEMU says why on its stderr; the guest's console cannot.
+        let stderr = self.qemu_stderr_tail();
+        if !stderr.is_empty() {
+            message.push_str(&format!("\nQEMU's last stderr lines:\n{stderr}"));
+        }
+        Error::new(ErrorCode::VmFailed, message)
+    }
+
+    /// The last lines QEMU wrote to its stderr (a file in the VM's directory: read without following a
+    /// link its uid may have planted, and bounded).
+    fn qemu_stderr_tail(&self) -> String {
+        let bytes =
+            kiln_vmm::safefs::read_tail(&self.qemu_file("qemu.stderr"), 2048).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        lines[lines.len().saturating_sub(8)..].join("\n")
     }
 
     pub async fn terminate(&self) {

@@ -12,7 +12,7 @@ use crate::qmp::Qmp;
 /// How often a running job is looked at.
 const POLL: Duration = Duration::from_millis(50);
 /// How long a cancelled job may take to end.
-const CANCEL_GRACE: Duration = Duration::from_secs(10);
+pub const CANCEL_GRACE: Duration = Duration::from_secs(10);
 
 impl Qmp {
     /// Depth of the chain behind the block device whose qdev path contains `device_id` (1: no backing).
@@ -51,8 +51,8 @@ impl Qmp {
             .collect())
     }
 
-    /// Streams every layer above `base_node` into the active layer of `device_id` and waits for the job,
-    /// at most `timeout`; past it the job is cancelled. Ok once the job ended without error (the layers
+    /// Streams every layer above `base_node` into the active layer of `device_id` (at most `speed` bytes
+    /// a second, if given) and waits for the job, at most `timeout`; past it the job is cancelled. Ok once the job ended without error (the layers
     /// left the chain; their nodes stay open until removed); on an error or a cancel QEMU leaves the chain
     /// as it was (what was copied already is the same data the chain reads).
     pub async fn stream_into_top(
@@ -60,20 +60,21 @@ impl Qmp {
         device_id: &str,
         base_node: &str,
         job_id: &str,
+        speed: Option<u64>,
         timeout: Duration,
     ) -> Result<(), VmmError> {
         let top = self.active_node(device_id).await?;
-        self.execute(
-            "block-stream",
-            Some(json!({
-                "job-id": job_id,
-                "device": top,
-                "base-node": base_node,
-                "auto-finalize": true,
-                "auto-dismiss": false,
-            })),
-        )
-        .await?;
+        let mut args = json!({
+            "job-id": job_id,
+            "device": top,
+            "base-node": base_node,
+            "auto-finalize": true,
+            "auto-dismiss": false,
+        });
+        if let Some(speed) = speed {
+            args["speed"] = speed.into();
+        }
+        self.execute("block-stream", Some(args)).await?;
         let started = tokio::time::Instant::now();
         let mut cancelled: Option<tokio::time::Instant> = None;
         loop {
@@ -117,6 +118,56 @@ impl Qmp {
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    /// Ends every job whose id starts with `prefix`: cancels those still going, waits (at most
+    /// `grace`) until each has concluded and dismisses it. For jobs a daemon that died left behind: a
+    /// stream still writing the active layer must not run on under a capture that freezes that layer.
+    /// Returns the ids ended. A stream that had already completed keeps its effect (the chain is short).
+    pub async fn end_jobs(&self, prefix: &str, grace: Duration) -> Result<Vec<String>, VmmError> {
+        let ours = |jobs: &Value| -> Vec<(String, String)> {
+            jobs.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|j| {
+                    let id = j["id"].as_str()?;
+                    id.starts_with(prefix).then(|| {
+                        (
+                            id.to_string(),
+                            j["status"].as_str().unwrap_or("").to_string(),
+                        )
+                    })
+                })
+                .collect()
+        };
+        let found = ours(&self.execute("query-jobs", None).await?);
+        for (id, status) in &found {
+            if status != "concluded" && status != "null" {
+                // May race with the job concluding on its own: then the cancel fails, harmlessly.
+                let _ = self.execute("job-cancel", Some(json!({"id": id}))).await;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let left = ours(&self.execute("query-jobs", None).await?);
+            if left
+                .iter()
+                .all(|(_, status)| status == "concluded" || status == "null")
+            {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(VmmError::Timeout {
+                    what: format!("block jobs {:?} to end after their cancel", left),
+                    after_ms: grace.as_millis() as u64,
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        for (id, _) in &found {
+            let _ = self.execute("job-dismiss", Some(json!({"id": id}))).await;
+        }
+        Ok(found.into_iter().map(|(id, _)| id).collect())
     }
 
     async fn job(&self, job_id: &str) -> Result<Option<Value>, VmmError> {

@@ -242,6 +242,16 @@ impl Cgroups {
         }
     }
 
+    /// How many times the kernel's OOM killer ended a process of the sandbox's group (its memory cap
+    /// was reached); None when the group or the counter is not there.
+    pub fn oom_kills(&self, id: &str) -> Option<u64> {
+        let file = match self {
+            Cgroups::V2 { root } => root.join(PARENT).join(id).join("memory.events"),
+            Cgroups::V1 { memory, .. } => memory.join(PARENT).join(id).join("memory.oom_control"),
+        };
+        oom_kill_count(&std::fs::read_to_string(file).ok()?)
+    }
+
     /// Removes the sandbox's groups (after its VM exited). A group still holding a process is left alone.
     pub fn remove(&self, id: &str) {
         for d in self.dirs(id) {
@@ -265,9 +275,25 @@ fn write(path: &Path, value: &str) -> Result<(), String> {
     std::fs::write(path, value).map_err(|e| format!("writing '{value}' to {}: {e}", path.display()))
 }
 
+/// The `oom_kill N` line of v2's `memory.events` and v1's `memory.oom_control`.
+fn oom_kill_count(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oom_kills_are_read_from_either_hierarchy() {
+        let v2 = "low 0\nhigh 0\nmax 12\noom 2\noom_kill 2\noom_group_kill 0\n";
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n";
+        assert_eq!(oom_kill_count(v2), Some(2));
+        assert_eq!(oom_kill_count(v1), Some(1));
+        assert_eq!(oom_kill_count("oom_kill_disable 0\n"), None);
+    }
 
     #[test]
     fn limits_cover_guest_ram_plus_overhead() {

@@ -367,6 +367,11 @@ impl Confinement {
         }
     }
 
+    /// See `Cgroups::oom_kills`.
+    pub fn oom_kills(&self, id: &str) -> Option<u64> {
+        self.cgroups.as_ref().and_then(|cg| cg.oom_kills(id))
+    }
+
     pub fn remove_cgroup(&self, id: &str) {
         if let Some(cg) = &self.cgroups {
             cg.remove(id);

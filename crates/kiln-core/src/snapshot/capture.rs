@@ -143,8 +143,8 @@ impl Engine {
         let status = qmp.status().await?;
         require_saveable(sb, &status)?;
         ph.mark("status");
-        self.reconcile_top(sb, &qmp, &mut layout).await?;
-        ph.mark("reconcile_top");
+        self.reconcile_chain(sb, &qmp, &mut layout).await?;
+        ph.mark("reconcile_chain");
         if req.kind == SnapshotType::Disk {
             // Flush the guest's page cache so the disk holds what its programs wrote.
             let agent = vm.agent(Duration::from_secs(10)).await?;

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use tracing::warn;
 
+use super::compact::STREAM_JOB_PREFIX;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -17,9 +18,36 @@ use crate::layout::Layout;
 use crate::model::Sandbox;
 
 impl Engine {
+    /// Brings the record of a running sandbox's disk chain in line with QEMU before a capture or a
+    /// compaction changes it. A daemon that died mid-compaction leaves its stream running in QEMU,
+    /// writing the active layer a capture is about to freeze (and share with every copy): it is cancelled.
+    /// One that completed before that daemon recorded it left QEMU's chain at `[bottom, active]`
+    /// under a longer record: the compaction is recorded now. Then the top a crashed capture never
+    /// attached is settled (`reconcile_top`).
+    pub(crate) async fn reconcile_chain(
+        &self,
+        sb: &Sandbox,
+        qmp: &kiln_vmm::Qmp,
+        layout: &mut Layout,
+    ) -> Result<()> {
+        let ended = qmp
+            .end_jobs(STREAM_JOB_PREFIX, kiln_vmm::blockjob::CANCEL_GRACE)
+            .await?;
+        if !ended.is_empty() {
+            warn!(sandbox = %sb.id, jobs = ?ended, "ended disk streams a daemon that died left running");
+        }
+        self.reconcile_top(sb, qmp, layout).await?;
+        if layout.disk_layers.len() > 2 && qmp.chain_depth("rootdisk").await? == 2 {
+            let nodes = qmp.node_names().await?;
+            self.record_compaction(sb, qmp, layout, &nodes).await?;
+            warn!(sandbox = %sb.id, "recorded a disk chain compaction that completed while no daemon watched it");
+        }
+        Ok(())
+    }
+
     /// Makes the recorded top layer the one QEMU writes: a top QEMU never switched to is closed in QEMU,
     /// dropped from the record and deleted. Refuses when QEMU's open files match neither.
-    pub(crate) async fn reconcile_top(
+    async fn reconcile_top(
         &self,
         sb: &Sandbox,
         qmp: &kiln_vmm::Qmp,

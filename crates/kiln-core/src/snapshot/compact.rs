@@ -13,15 +13,18 @@ use tracing::{info, warn};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::fsutil;
-use crate::model::SandboxState;
+use crate::layout::Layout;
+use crate::model::{Sandbox, SandboxState};
 
 /// A running chain longer than this is compacted (a checkpoint or snapshot adds one layer each).
 pub const MAX_LAYERS: usize = 6;
 /// Longest a stream may run before it is cancelled (it copies what the guest wrote since its origin).
 const STREAM_TIMEOUT: Duration = Duration::from_secs(300);
+/// Ids of the streams kiln starts; one found when no compaction runs was left by a daemon that died.
+pub(crate) const STREAM_JOB_PREFIX: &str = "kiln-stream-";
 /// The bottom layer's node: QEMU's command line names the lower layers `layerN` (`kiln_vmm::qemu`), and
 /// captures only add layers on top.
-const BASE_NODE: &str = "layer0";
+pub(crate) const BASE_NODE: &str = "layer0";
 
 /// Whether a node belongs to the root disk's chain (`disk0`/`layerN` from the command line, `topN` added
 /// by captures; volumes are `volN…`).
@@ -57,10 +60,16 @@ impl Engine {
         }
         let vm = self.live_vm(&sb).await?;
         let qmp = vm.qmp().await?;
-        // A top a crashed capture recorded but never attached is settled first, as a capture does.
-        self.reconcile_top(&sb, &qmp, &mut layout).await?;
+        // What a daemon that died left (a stream, a top it never attached) is settled first, as a
+        // capture does; a stream that completed meanwhile may have done the work already.
+        self.reconcile_chain(&sb, &qmp, &mut layout).await?;
+        if layout.disk_layers.len() <= MAX_LAYERS {
+            return Ok(
+                (layout.disk_layers.len() < before).then_some((before, layout.disk_layers.len()))
+            );
+        }
         let started = Instant::now();
-        let job = format!("kiln-stream-{:08x}", rand::random::<u32>());
+        let job = format!("{STREAM_JOB_PREFIX}{:08x}", rand::random::<u32>());
         let nodes = qmp.node_names().await?;
         if !nodes.iter().any(|n| n == BASE_NODE) {
             return Err(Error::internal(format!(
@@ -68,7 +77,9 @@ impl Engine {
                 sb.id
             )));
         }
-        qmp.stream_into_top("rootdisk", BASE_NODE, &job, STREAM_TIMEOUT)
+        info!(sandbox = %sb.id, job = %job, layers = before, "streaming the disk chain into its active layer");
+        let speed = self.faults().stream_speed();
+        qmp.stream_into_top("rootdisk", BASE_NODE, &job, speed, STREAM_TIMEOUT)
             .await?;
         // QEMU's own view decides: the active layer must now sit right on the bottom image.
         let depth = qmp.chain_depth("rootdisk").await?;
@@ -78,12 +89,29 @@ impl Engine {
                 sb.id
             )));
         }
+        self.record_compaction(&sb, &qmp, &mut layout, &nodes)
+            .await?;
+        let after = layout.disk_layers.len();
+        info!(sandbox = %sb.id, layers_before = before, layers_after = after, ms = started.elapsed().as_millis() as u64, "disk chain compacted");
+        Ok(Some((before, after)))
+    }
+
+    /// Records a chain QEMU has streamed down to `[bottom, active]`: the layers in between leave the
+    /// record, their nodes (`nodes`: the node names from before the stream) are closed and the sandbox's
+    /// own links to their files removed.
+    pub(crate) async fn record_compaction(
+        &self,
+        sb: &Sandbox,
+        qmp: &kiln_vmm::Qmp,
+        layout: &mut Layout,
+        nodes: &[String],
+    ) -> Result<()> {
         let n = layout.disk_layers.len();
         let merged: Vec<_> = layout.disk_layers.drain(1..n - 1).collect();
         layout.inherited_layers = layout.inherited_layers.min(1);
         // Recorded before the files go: a crash in between leaves unused files in the sandbox directory,
         // never a record naming files that are gone.
-        self.db().set_layout(&sb.id, &layout)?;
+        self.db().set_layout(&sb.id, layout)?;
         let active = qmp.active_node("rootdisk").await?;
         for node in nodes
             .iter()
@@ -102,9 +130,7 @@ impl Engine {
                 }
             }
         }
-        let after = layout.disk_layers.len();
-        info!(sandbox = %sb.id, layers_before = before, layers_after = after, ms = started.elapsed().as_millis() as u64, "disk chain compacted");
-        Ok(Some((before, after)))
+        Ok(())
     }
 }
 
