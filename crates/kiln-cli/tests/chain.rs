@@ -45,7 +45,10 @@ fn open_layers(dir: &Path) -> BTreeSet<PathBuf> {
         .flatten()
     {
         if let Ok(target) = std::fs::read_link(fd.path()) {
+            // A file unlinked while open still holds its data: it counts.
             let name = target.to_string_lossy().to_string();
+            let name = name.strip_suffix(" (deleted)").unwrap_or(&name).to_string();
+            let target = PathBuf::from(&name);
             if target.starts_with(dir) && (name.ends_with(".qcow2") || name.ends_with(".img")) {
                 open.insert(target);
             }
@@ -290,6 +293,33 @@ fn forks_keep_the_source_disk_chain_bounded() {
     assert_eq!(sums(&d, "k7-1", &files), want);
 }
 
+/// QEMU's `query-jobs` over its QMP socket (only while no daemon talks to it).
+fn qmp_jobs(sock: &Path) -> Vec<Value> {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::os::unix::net::UnixStream::connect(sock).expect("connect QMP");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut w = stream.try_clone().unwrap();
+    let mut r = BufReader::new(stream);
+    let mut answer = |cmd: &str| -> Value {
+        writeln!(w, "{{\"execute\":\"{cmd}\"}}").unwrap();
+        loop {
+            let mut line = String::new();
+            assert!(r.read_line(&mut line).unwrap() > 0, "QMP closed");
+            let v: Value = serde_json::from_str(&line).unwrap();
+            if v.get("return").is_some() || v.get("error").is_some() {
+                return v;
+            }
+        }
+    };
+    answer("qmp_capabilities");
+    answer("query-jobs")["return"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
 /// Snapshots `sb` with a new file each time until the daemon logs that it streams the chain; returns the
 /// files' checksums from before that snapshot (a stream holds the sandbox's lifecycle lock, which a
 /// command waits for).
@@ -317,8 +347,8 @@ fn snapshot_until_streaming(d: &Daemon, sb: &str, tag: &str, files: &mut Vec<Str
 }
 
 /// A daemon that dies while it compacts a chain leaves QEMU's stream running, writing the active layer.
-/// The next daemon must end it before a capture freezes that layer (in CI the source's QEMU exited on
-/// the snapshot after such a crash), and must record a stream that completed while no daemon watched;
+/// The next daemon must end it before a capture freezes that layer (the snapshot failed, "Node is busy:
+/// in use by block job"; CI's source QEMU exited in that window), and must record a stream that completed while no daemon watched;
 /// the guest's files stay intact in the source, its snapshots and across stop/start.
 #[test]
 fn streams_left_by_a_dead_daemon_are_settled_before_the_next_capture() {
@@ -346,23 +376,43 @@ fn streams_left_by_a_dead_daemon_are_settled_before_the_next_capture() {
 
     // Fast enough to complete while no daemon runs: the next one finds QEMU's chain short.
     d.restart_with_env(&[("KILN_FAULTS", "compact.stream_speed=8388608")]);
-    let want = snapshot_until_streaming(&d, "m", "b", &mut files);
-    d.kill_hard();
-    // About 13 MB of layers at 8 MiB/s.
-    std::thread::sleep(Duration::from_secs(10));
-    d.restart_with_env(&[]);
-    d.kiln_ok(&["snapshot", "create", "m", "--name", "after-complete"]);
-    assert!(
-        d.log()
-            .contains("recorded a disk chain compaction that completed while no daemon watched it"),
-        "{}",
-        common::tail(&d.log(), 30)
-    );
     let sb: Value = serde_json::from_str(&d.kiln_ok(&["--json", "sandbox", "get", "m"])).unwrap();
     let dir = d
         .data_dir()
         .join("sandboxes")
         .join(sb["id"].as_str().unwrap());
+    const RECORDED: &str =
+        "recorded a disk chain compaction that completed while no daemon watched it";
+    let recorded = d.log().matches(RECORDED).count();
+    let want = snapshot_until_streaming(&d, "m", "b", &mut files);
+    d.kill_hard();
+    // With no daemon, QEMU's own job list says when the stream is done.
+    let qmp = dir.join("vm/qmp.sock");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let jobs = qmp_jobs(&qmp);
+        if jobs.iter().any(|j| j["status"] == "concluded") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stream did not conclude: {jobs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    d.restart_with_env(&[]);
+    d.kiln_ok(&["snapshot", "create", "m", "--name", "after-complete"]);
+    assert_eq!(
+        d.log().matches(RECORDED).count(),
+        recorded + 1,
+        "{}",
+        common::tail(&d.log(), 30)
+    );
+    assert!(
+        !d.log().contains("could not close a merged disk layer"),
+        "{}",
+        common::tail(&d.log(), 30)
+    );
     let open = open_layers(&dir);
     assert!(
         open.len() <= 3,

@@ -15,6 +15,7 @@ use crate::engine::Engine;
 use crate::error::Result;
 use crate::fsutil;
 use crate::model::{Sandbox, SandboxState};
+use crate::snapshot::compact::STREAM_JOB_PREFIX;
 use crate::snapshot::manifest::Manifest;
 use crate::snapshot::rollback::RESTORING_MARK;
 use crate::snapshot::Snapshot;
@@ -62,14 +63,31 @@ impl Engine {
                     let state = match vm.qmp().await {
                         // Recorded as running but found paused: kiln went down in the middle of an
                         // operation that pauses the VM briefly (a snapshot or a stop); let it run again.
-                        Ok(qmp) => match (sb.state, qmp.status().await.as_deref()) {
-                            (SandboxState::Running, Ok(status)) if status != "running" => {
-                                let _ = qmp.execute("cont", None).await;
-                                SandboxState::Running
+                        Ok(qmp) => {
+                            // A disk stream of a compaction this daemon's predecessor did not finish
+                            // runs on in QEMU with nobody holding the sandbox: ended before any
+                            // operation can meet it (a capture would freeze the layer it writes).
+                            match qmp
+                                .end_jobs(STREAM_JOB_PREFIX, kiln_vmm::blockjob::CANCEL_GRACE)
+                                .await
+                            {
+                                Ok(ended) if !ended.is_empty() => {
+                                    warn!(sandbox = %sb.id, jobs = ?ended, "ended disk streams a daemon that died left running")
+                                }
+                                Ok(_) => {}
+                                Err(e) => {
+                                    warn!(sandbox = %sb.id, error = %e, "could not end disk streams a daemon that died left running; the next snapshot tries again")
+                                }
                             }
-                            (_, Ok("paused")) => SandboxState::Paused,
-                            _ => SandboxState::Running,
-                        },
+                            match (sb.state, qmp.status().await.as_deref()) {
+                                (SandboxState::Running, Ok(status)) if status != "running" => {
+                                    let _ = qmp.execute("cont", None).await;
+                                    SandboxState::Running
+                                }
+                                (_, Ok("paused")) => SandboxState::Paused,
+                                _ => SandboxState::Running,
+                            }
+                        }
                         Err(_) => sb.state,
                     };
                     // A stop cut short before its save was published: the VM runs on, the partial save goes.

@@ -136,10 +136,17 @@ impl Vm {
     /// The last lines QEMU wrote to its stderr (a file in the VM's directory: read without following a
     /// link its uid may have planted, and bounded).
     fn qemu_stderr_tail(&self) -> String {
+        const MAX: u64 = 2048;
         let bytes =
-            kiln_vmm::safefs::read_tail(&self.qemu_file("qemu.stderr"), 2048).unwrap_or_default();
+            kiln_vmm::safefs::read_tail(&self.qemu_file("qemu.stderr"), MAX).unwrap_or_default();
         let text = String::from_utf8_lossy(&bytes);
-        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        // A full read may start mid-line: that first piece goes.
+        let skip = usize::from(bytes.len() as u64 == MAX);
+        let lines: Vec<&str> = text
+            .lines()
+            .skip(skip)
+            .filter(|l| !l.trim().is_empty())
+            .collect();
         lines[lines.len().saturating_sub(8)..].join("\n")
     }
 

@@ -51,17 +51,14 @@ impl Qmp {
             .collect())
     }
 
-    /// Streams every layer above `base_node` into the active layer of `device_id` (at most `speed` bytes
-    /// a second, if given) and waits for the job, at most `timeout`; past it the job is cancelled. Ok once the job ended without error (the layers
-    /// left the chain; their nodes stay open until removed); on an error or a cancel QEMU leaves the chain
-    /// as it was (what was copied already is the same data the chain reads).
-    pub async fn stream_into_top(
+    /// Starts streaming every layer above `base_node` into the active layer of `device_id` (at most
+    /// `speed` bytes a second, if given) as job `job_id`; [`Qmp::wait_stream`] waits for it.
+    pub async fn start_stream(
         &self,
         device_id: &str,
         base_node: &str,
         job_id: &str,
         speed: Option<u64>,
-        timeout: Duration,
     ) -> Result<(), VmmError> {
         let top = self.active_node(device_id).await?;
         let mut args = json!({
@@ -74,7 +71,14 @@ impl Qmp {
         if let Some(speed) = speed {
             args["speed"] = speed.into();
         }
-        self.execute("block-stream", Some(args)).await?;
+        self.execute("block-stream", Some(args)).await.map(|_| ())
+    }
+
+    /// Waits for the stream `job_id` ([`Qmp::start_stream`]), at most `timeout`; past it the job is
+    /// cancelled. Ok once the job ended without error (the layers left the chain; their nodes stay open
+    /// until removed); on an error or a cancel QEMU leaves the chain as it was (what was copied already
+    /// is the same data the chain reads).
+    pub async fn wait_stream(&self, job_id: &str, timeout: Duration) -> Result<(), VmmError> {
         let started = tokio::time::Instant::now();
         let mut cancelled: Option<tokio::time::Instant> = None;
         loop {
@@ -158,7 +162,7 @@ impl Qmp {
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(VmmError::Timeout {
-                    what: format!("block jobs {:?} to end after their cancel", left),
+                    what: format!("block jobs {left:?} to end after their cancel"),
                     after_ms: grace.as_millis() as u64,
                 });
             }

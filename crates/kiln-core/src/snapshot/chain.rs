@@ -19,11 +19,13 @@ use crate::model::Sandbox;
 
 impl Engine {
     /// Brings the record of a running sandbox's disk chain in line with QEMU before a capture or a
-    /// compaction changes it. A daemon that died mid-compaction leaves its stream running in QEMU,
-    /// writing the active layer a capture is about to freeze (and share with every copy): it is cancelled.
-    /// One that completed before that daemon recorded it left QEMU's chain at `[bottom, active]`
-    /// under a longer record: the compaction is recorded now. Then the top a crashed capture never
-    /// attached is settled (`reconcile_top`).
+    /// compaction changes it, in this order:
+    /// 1. A daemon that died mid-compaction left its stream running in QEMU, writing the active layer a
+    ///    capture is about to freeze (and share with every copy): it is cancelled (`recovery::adopt`
+    ///    does the same at start-up).
+    /// 2. A top a crashed capture recorded but never attached is dropped (`reconcile_top`).
+    /// 3. A stream that completed before its daemon recorded it left QEMU's chain at `[bottom, active]`
+    ///    under a longer record: the compaction is recorded now.
     pub(crate) async fn reconcile_chain(
         &self,
         sb: &Sandbox,
@@ -38,6 +40,19 @@ impl Engine {
         }
         self.reconcile_top(sb, qmp, layout).await?;
         if layout.disk_layers.len() > 2 && qmp.chain_depth("rootdisk").await? == 2 {
+            // Only when QEMU writes the recorded top: then the short chain is that top on the bottom
+            // image, and the layers in between are the streamed ones.
+            let top = layout.disk_layers[layout.disk_layers.len() - 1]
+                .path
+                .clone();
+            let open = qmp.open_files().await?;
+            if !open.iter().any(|(f, w)| *f == top && *w) {
+                return Err(Error::internal(format!(
+                    "QEMU of sandbox {} has a 2-layer disk chain that does not end in the recorded top {}; stop and start the sandbox before snapshotting it",
+                    sb.name,
+                    top.display()
+                )));
+            }
             let nodes = qmp.node_names().await?;
             self.record_compaction(sb, qmp, layout, &nodes).await?;
             warn!(sandbox = %sb.id, "recorded a disk chain compaction that completed while no daemon watched it");

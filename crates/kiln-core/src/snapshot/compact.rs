@@ -26,6 +26,19 @@ pub(crate) const STREAM_JOB_PREFIX: &str = "kiln-stream-";
 /// captures only add layers on top.
 pub(crate) const BASE_NODE: &str = "layer0";
 
+/// Where a root chain node sits, bottom lowest: `layerN` (the command line's lower layers), then `disk0`
+/// (the active layer at launch), then `topN` (added by captures, N the generation).
+fn close_order(name: &str) -> (u8, u64) {
+    let num = |s: &str| s.parse::<u64>().unwrap_or(0);
+    if let Some(n) = name.strip_prefix("top") {
+        (2, num(n))
+    } else if name == "disk0" {
+        (1, 0)
+    } else {
+        (0, name.strip_prefix("layer").map(num).unwrap_or(0))
+    }
+}
+
 /// Whether a node belongs to the root disk's chain (`disk0`/`layerN` from the command line, `topN` added
 /// by captures; volumes are `volN…`).
 fn is_root_chain_node(name: &str) -> bool {
@@ -77,10 +90,10 @@ impl Engine {
                 sb.id
             )));
         }
-        info!(sandbox = %sb.id, job = %job, layers = before, "streaming the disk chain into its active layer");
         let speed = self.faults().stream_speed();
-        qmp.stream_into_top("rootdisk", BASE_NODE, &job, speed, STREAM_TIMEOUT)
-            .await?;
+        qmp.start_stream("rootdisk", BASE_NODE, &job, speed).await?;
+        info!(sandbox = %sb.id, job = %job, layers = before, "streaming the disk chain into its active layer");
+        qmp.wait_stream(&job, STREAM_TIMEOUT).await?;
         // QEMU's own view decides: the active layer must now sit right on the bottom image.
         let depth = qmp.chain_depth("rootdisk").await?;
         if depth != 2 {
@@ -107,19 +120,37 @@ impl Engine {
         nodes: &[String],
     ) -> Result<()> {
         let n = layout.disk_layers.len();
+        if n < 3 {
+            return Ok(());
+        }
         let merged: Vec<_> = layout.disk_layers.drain(1..n - 1).collect();
         layout.inherited_layers = layout.inherited_layers.min(1);
         // Recorded before the files go: a crash in between leaves unused files in the sandbox directory,
         // never a record naming files that are gone.
         self.db().set_layout(&sb.id, layout)?;
         let active = qmp.active_node("rootdisk").await?;
-        for node in nodes
+        let mut left: Vec<&String> = nodes
             .iter()
             .filter(|n| is_root_chain_node(n) && *n != BASE_NODE && **n != active)
-        {
-            if let Err(e) = qmp.remove_node(node).await {
-                warn!(sandbox = %sb.id, node, error = %e, "could not close a merged disk layer");
+            .collect();
+        // The merged nodes still back one another (QEMU refuses to close a node something uses), so
+        // they close from the top of that detached chain down: newest first, then again while any closes.
+        left.sort_by_key(|n| std::cmp::Reverse(close_order(n)));
+        loop {
+            let mut failed = Vec::new();
+            for node in &left {
+                if let Err(e) = qmp.remove_node(node).await {
+                    failed.push((*node, e));
+                }
             }
+            // Done when all closed, or when a pass closed none (something else uses those left).
+            if failed.is_empty() || failed.len() == left.len() {
+                for (node, e) in &failed {
+                    warn!(sandbox = %sb.id, node = %node, error = %e, "could not close a merged disk layer");
+                }
+                break;
+            }
+            left = failed.into_iter().map(|(n, _)| n).collect();
         }
         let dir = self.config().sandbox_dir(&sb.id);
         for layer in &merged {
@@ -137,6 +168,16 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merged_nodes_close_from_the_top_down() {
+        let mut nodes = vec!["layer1", "layer2", "disk0", "top1", "top10", "top2"];
+        nodes.sort_by_key(|n| std::cmp::Reverse(close_order(n)));
+        assert_eq!(
+            nodes,
+            ["top10", "top2", "top1", "disk0", "layer2", "layer1"]
+        );
+    }
 
     #[test]
     fn only_root_disk_nodes_are_chain_nodes() {

@@ -3,7 +3,7 @@
 pub mod bundle;
 pub mod capture;
 mod chain;
-mod compact;
+pub(crate) mod compact;
 pub mod compat;
 pub mod db;
 pub mod delete;
