@@ -185,9 +185,13 @@ impl Engine {
         let probe_as = confine.run_as(Some(
             crate::confine::UID_BASE + crate::confine::UID_COUNT - 1,
         ));
+        // The KVM probe boots the default template's kernel when it is built: only a real guest kernel
+        // tells a KVM that runs Linux guests from one that runs a firmware stub only.
+        let probe_kernel = cfg.images_dir().join(&cfg.default_template).join("vmlinuz");
+        let probe_kernel = probe_kernel.is_file().then_some(probe_kernel);
         let accel = tokio::task::spawn_blocking({
             let requested = cfg.accel;
-            move || kiln_vmm::accel::choose(requested, probe_as.as_ref())
+            move || kiln_vmm::accel::choose(requested, probe_as.as_ref(), probe_kernel.as_deref())
         })
         .await
         .map_err(|e| Error::internal(format!("accelerator probe panicked: {e}")))?

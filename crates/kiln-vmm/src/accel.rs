@@ -153,26 +153,37 @@ pub struct AccelChoice {
 /// Picks the accelerator. `requested` is the user's override (`--accel`, config or `KILN_ACCEL`);
 /// `None` means probe. `run_as` is who VMs run as (the probe runs as they will). An error is a start-up
 /// failure: KVM was asked for, or a hardware KVM module is loaded, and no VM could run under it.
-pub fn choose(requested: Option<Accel>, run_as: Option<&RunAs>) -> Result<AccelChoice, String> {
+/// `kernel`: a guest kernel for the KVM probe to boot (see [`run_probe_with`]); without one the probe runs
+/// a firmware stub, which some hosts run under KVM although no Linux guest can.
+pub fn choose(
+    requested: Option<Accel>,
+    run_as: Option<&RunAs>,
+    kernel: Option<&Path>,
+) -> Result<AccelChoice, String> {
+    let what = if kernel.is_some() {
+        "a probe VM booted the guest kernel under KVM"
+    } else {
+        "a probe VM ran under KVM (no guest kernel built yet: a firmware stub)"
+    };
     match requested {
         Some(Accel::Tcg) => Ok(AccelChoice {
             accel: Accel::Tcg,
             reason: "requested explicitly".to_string(),
         }),
         // Asked for: whatever module provides /dev/kvm, a VM must run under it.
-        Some(Accel::Kvm) => match run_probe_with(Accel::Kvm, run_as) {
+        Some(Accel::Kvm) => match run_probe_with(Accel::Kvm, run_as, kernel) {
             Ok(()) => Ok(AccelChoice {
                 accel: Accel::Kvm,
-                reason: "requested explicitly; a probe VM ran under KVM".to_string(),
+                reason: format!("requested explicitly; {what}"),
             }),
             Err(why) => Err(format!(
                 "--accel kvm was requested but KVM cannot run VMs here: {why}. Fix KVM (see docs/kvm.md) or start with --accel tcg"
             )),
         },
-        None => match probe_kvm(run_as) {
+        None => match probe_kvm(run_as, kernel) {
             Ok(module) => Ok(AccelChoice {
                 accel: Accel::Kvm,
-                reason: format!("{module} loaded and a probe VM ran under KVM"),
+                reason: format!("{module} loaded and {what}"),
             }),
             Err(Probe::NoModule(why)) => Ok(AccelChoice {
                 accel: Accel::Tcg,
@@ -192,7 +203,7 @@ enum Probe {
     Failed(String),
 }
 
-fn probe_kvm(run_as: Option<&RunAs>) -> Result<&'static str, Probe> {
+fn probe_kvm(run_as: Option<&RunAs>, kernel: Option<&Path>) -> Result<&'static str, Probe> {
     let module = ["kvm_intel", "kvm_amd"]
         .into_iter()
         .find(|m| Path::new("/sys/module").join(m).exists());
@@ -209,7 +220,7 @@ fn probe_kvm(run_as: Option<&RunAs>) -> Result<&'static str, Probe> {
             "{module} is loaded but the daemon cannot open /dev/kvm read-write: {e}"
         ))
     })?;
-    run_probe_with(Accel::Kvm, run_as)
+    run_probe_with(Accel::Kvm, run_as, kernel)
         .map_err(|e| Probe::Failed(format!("{module} is loaded: {e}")))?;
     Ok(module)
 }
@@ -227,9 +238,17 @@ pub fn probe_firmware() -> Vec<u8> {
     image
 }
 
-/// Runs the probe firmware under `accel` as a VM runs (`run_as`, seccomp, `microvm`, kiln's `-cpu`, the
-/// daemon's `/dev/kvm` descriptor) and checks that it reached the exit port. QEMU's own words on failure.
-pub fn run_probe_with(accel: Accel, run_as: Option<&RunAs>) -> Result<(), String> {
+/// Runs a probe VM under `accel` as a VM runs (`run_as`, seccomp, `microvm`, kiln's `-cpu`, the daemon's
+/// `/dev/kvm` descriptor). With `kernel`, it boots that guest kernel with no disk: the kernel finds no
+/// root, panics and reboots, which `-no-reboot` makes QEMU's clean exit. That is the test that counts: a
+/// paravirtual KVM (kvm_pvm) runs the firmware stub's few real-mode instructions, then fails every Linux
+/// guest ("KVM internal error", QEMU stops and waits). Without a kernel, the firmware stub must reach the
+/// exit port. QEMU's own words on failure.
+pub fn run_probe_with(
+    accel: Accel,
+    run_as: Option<&RunAs>,
+    kernel: Option<&Path>,
+) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     let dir = std::env::temp_dir().join(format!("kiln-accel-probe-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -241,13 +260,29 @@ pub fn run_probe_with(accel: Accel, run_as: Option<&RunAs>) -> Result<(), String
         .map_err(|e| format!("cannot write {}: {e}", firmware.display()))
         .and_then(|()| {
             let _ = std::fs::set_permissions(&firmware, std::fs::Permissions::from_mode(0o644));
-            probe_once(accel, run_as, &firmware)
+            // A copy the VM's uid can read, wherever the image lives.
+            let kernel = match kernel {
+                Some(k) => {
+                    let copy = dir.join("kernel");
+                    std::fs::copy(k, &copy)
+                        .map_err(|e| format!("cannot copy {}: {e}", k.display()))?;
+                    let _ = std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644));
+                    Some(copy)
+                }
+                None => None,
+            };
+            probe_once(accel, run_as, &firmware, kernel.as_deref())
         });
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn probe_once(accel: Accel, run_as: Option<&RunAs>, firmware: &Path) -> Result<(), String> {
+fn probe_once(
+    accel: Accel,
+    run_as: Option<&RunAs>,
+    firmware: &Path,
+    kernel: Option<&Path>,
+) -> Result<(), String> {
     let run_as = run_as.cloned();
     let mut cmd = Command::new(crate::qemu_binary());
     cmd.args(accel.qemu_args())
@@ -257,20 +292,30 @@ fn probe_once(accel: Accel, run_as: Option<&RunAs>, firmware: &Path) -> Result<(
             "-cpu",
             &crate::cpu::model(accel),
         ])
-        .args([
-            "-m",
-            "16",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-        ])
-        .args(["-object", "memory-backend-ram,id=mem,size=16M"])
-        .args(["-sandbox", crate::qemu::SECCOMP])
-        .arg("-bios")
-        .arg(firmware)
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-        .env_clear()
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-sandbox", crate::qemu::SECCOMP]);
+    match kernel {
+        Some(k) => {
+            cmd.args(["-m", "128"])
+                .args(["-object", "memory-backend-ram,id=mem,size=128M"])
+                .arg("-kernel")
+                .arg(k)
+                .args(["-append", "panic=-1 reboot=t quiet", "-no-reboot"]);
+        }
+        None => {
+            cmd.args(["-m", "16"])
+                .args(["-object", "memory-backend-ram,id=mem,size=16M"])
+                .arg("-bios")
+                .arg(firmware)
+                .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+        }
+    }
+    let expected = if kernel.is_some() {
+        0
+    } else {
+        PROBE_EXIT_STATUS
+    };
+    cmd.env_clear()
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
@@ -305,14 +350,19 @@ fn probe_once(accel: Accel, run_as: Option<&RunAs>, firmware: &Path) -> Result<(
         }
         text
     });
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // A kernel booting to its panic takes well under a second under KVM; the stub, milliseconds.
+    let limit = Duration::from_secs(if kernel.is_some() { 20 } else { 10 });
+    let deadline = std::time::Instant::now() + limit;
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break Ok(status),
             Ok(None) if std::time::Instant::now() > deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                break Err("the probe VM did not finish within 10 s".to_string());
+                break Err(format!(
+                    "the probe VM did not finish within {} s",
+                    limit.as_secs()
+                ));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(10)),
             Err(e) => break Err(format!("waiting for the probe VM: {e}")),
@@ -321,7 +371,7 @@ fn probe_once(accel: Accel, run_as: Option<&RunAs>, firmware: &Path) -> Result<(
     let said = reader.join().unwrap_or_default();
     let said = said.trim();
     match status? {
-        s if s.code() == Some(PROBE_EXIT_STATUS) => Ok(()),
+        s if s.code() == Some(expected) => Ok(()),
         s => Err(format!(
             "the probe VM failed ({s}){}",
             if said.is_empty() {
@@ -379,13 +429,16 @@ mod tests {
 
     #[test]
     fn explicit_choice_is_respected() {
-        assert_eq!(choose(Some(Accel::Tcg), None).unwrap().accel, Accel::Tcg);
+        assert_eq!(
+            choose(Some(Accel::Tcg), None, None).unwrap().accel,
+            Accel::Tcg
+        );
     }
 
     #[test]
     fn probe_firmware_runs_under_tcg() {
         // Exercises the real probe path with the emulator every host has.
-        run_probe_with(Accel::Tcg, None)
+        run_probe_with(Accel::Tcg, None, None)
             .expect("probe firmware should exit through isa-debug-exit");
     }
 }
