@@ -187,7 +187,10 @@ impl Engine {
         ));
         // The KVM probe boots the default template's kernel when it is built: only a real guest kernel
         // tells a KVM that runs Linux guests from one that runs a firmware stub only.
-        let probe_kernel = cfg.images_dir().join(&cfg.default_template).join("vmlinuz");
+        let probe_kernel = cfg
+            .images_dir()
+            .join(&cfg.default_template)
+            .join(kiln_image::KERNEL_FILE);
         let probe_kernel = probe_kernel.is_file().then_some(probe_kernel);
         let accel = tokio::task::spawn_blocking({
             let requested = cfg.accel;

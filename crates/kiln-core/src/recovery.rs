@@ -15,7 +15,7 @@ use crate::engine::Engine;
 use crate::error::Result;
 use crate::fsutil;
 use crate::model::{Sandbox, SandboxState};
-use crate::snapshot::compact::STREAM_JOB_PREFIX;
+use crate::snapshot::chain::end_left_streams;
 use crate::snapshot::manifest::Manifest;
 use crate::snapshot::rollback::RESTORING_MARK;
 use crate::snapshot::Snapshot;
@@ -67,17 +67,8 @@ impl Engine {
                             // A disk stream of a compaction this daemon's predecessor did not finish
                             // runs on in QEMU with nobody holding the sandbox: ended before any
                             // operation can meet it (a capture would freeze the layer it writes).
-                            match qmp
-                                .end_jobs(STREAM_JOB_PREFIX, kiln_vmm::blockjob::CANCEL_GRACE)
-                                .await
-                            {
-                                Ok(ended) if !ended.is_empty() => {
-                                    warn!(sandbox = %sb.id, jobs = ?ended, "ended disk streams a daemon that died left running")
-                                }
-                                Ok(_) => {}
-                                Err(e) => {
-                                    warn!(sandbox = %sb.id, error = %e, "could not end disk streams a daemon that died left running; the next snapshot tries again")
-                                }
+                            if let Err(e) = end_left_streams(&sb.id, &qmp).await {
+                                warn!(sandbox = %sb.id, error = %e.message, "could not end disk streams a daemon that died left running; the next snapshot tries again");
                             }
                             match (sb.state, qmp.status().await.as_deref()) {
                                 (SandboxState::Running, Ok(status)) if status != "running" => {

@@ -253,35 +253,35 @@ pub fn run_probe_with(
     let dir = std::env::temp_dir().join(format!("kiln-accel-probe-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    // The VM's uid must read the firmware (nothing secret in it); QEMU writes nothing here.
+    // The VM's uid must read what it boots (nothing secret in it): the firmware stub, or a copy of the
+    // kernel wherever the image lives. QEMU writes nothing here.
     let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755));
-    let firmware = dir.join("probe.bin");
-    let result = std::fs::write(&firmware, probe_firmware())
-        .map_err(|e| format!("cannot write {}: {e}", firmware.display()))
-        .and_then(|()| {
-            let _ = std::fs::set_permissions(&firmware, std::fs::Permissions::from_mode(0o644));
-            // A copy the VM's uid can read, wherever the image lives.
-            let kernel = match kernel {
-                Some(k) => {
-                    let copy = dir.join("kernel");
-                    std::fs::copy(k, &copy)
-                        .map_err(|e| format!("cannot copy {}: {e}", k.display()))?;
-                    let _ = std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644));
-                    Some(copy)
-                }
-                None => None,
-            };
-            probe_once(accel, run_as, &firmware, kernel.as_deref())
-        });
+    let guest = dir.join(if kernel.is_some() {
+        "kernel"
+    } else {
+        "probe.bin"
+    });
+    let placed = match kernel {
+        Some(k) => std::fs::copy(k, &guest)
+            .map(|_| ())
+            .map_err(|e| format!("cannot copy {}: {e}", k.display())),
+        None => std::fs::write(&guest, probe_firmware())
+            .map_err(|e| format!("cannot write {}: {e}", guest.display())),
+    };
+    let result = placed.and_then(|()| {
+        let _ = std::fs::set_permissions(&guest, std::fs::Permissions::from_mode(0o644));
+        probe_once(accel, run_as, &guest, kernel.is_some())
+    });
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
+/// `guest`: a kernel to boot when `is_kernel`, else the firmware stub.
 fn probe_once(
     accel: Accel,
     run_as: Option<&RunAs>,
-    firmware: &Path,
-    kernel: Option<&Path>,
+    guest: &Path,
+    is_kernel: bool,
 ) -> Result<(), String> {
     let run_as = run_as.cloned();
     let mut cmd = Command::new(crate::qemu_binary());
@@ -294,27 +294,20 @@ fn probe_once(
         ])
         .args(["-nodefaults", "-no-user-config", "-display", "none"])
         .args(["-sandbox", crate::qemu::SECCOMP]);
-    match kernel {
-        Some(k) => {
-            cmd.args(["-m", "128"])
-                .args(["-object", "memory-backend-ram,id=mem,size=128M"])
-                .arg("-kernel")
-                .arg(k)
-                .args(["-append", "panic=-1 reboot=t quiet", "-no-reboot"]);
-        }
-        None => {
-            cmd.args(["-m", "16"])
-                .args(["-object", "memory-backend-ram,id=mem,size=16M"])
-                .arg("-bios")
-                .arg(firmware)
-                .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
-        }
-    }
-    let expected = if kernel.is_some() {
-        0
+    if is_kernel {
+        cmd.args(["-m", "128"])
+            .args(["-object", "memory-backend-ram,id=mem,size=128M"])
+            .arg("-kernel")
+            .arg(guest)
+            .args(["-append", "panic=-1 reboot=t quiet", "-no-reboot"]);
     } else {
-        PROBE_EXIT_STATUS
-    };
+        cmd.args(["-m", "16"])
+            .args(["-object", "memory-backend-ram,id=mem,size=16M"])
+            .arg("-bios")
+            .arg(guest)
+            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+    }
+    let expected = if is_kernel { 0 } else { PROBE_EXIT_STATUS };
     cmd.env_clear()
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -351,7 +344,7 @@ fn probe_once(
         text
     });
     // A kernel booting to its panic takes well under a second under KVM; the stub, milliseconds.
-    let limit = Duration::from_secs(if kernel.is_some() { 20 } else { 10 });
+    let limit = Duration::from_secs(if is_kernel { 20 } else { 10 });
     let deadline = std::time::Instant::now() + limit;
     let status = loop {
         match child.try_wait() {

@@ -32,12 +32,7 @@ impl Engine {
         qmp: &kiln_vmm::Qmp,
         layout: &mut Layout,
     ) -> Result<()> {
-        let ended = qmp
-            .end_jobs(STREAM_JOB_PREFIX, kiln_vmm::blockjob::CANCEL_GRACE)
-            .await?;
-        if !ended.is_empty() {
-            warn!(sandbox = %sb.id, jobs = ?ended, "ended disk streams a daemon that died left running");
-        }
+        end_left_streams(&sb.id, qmp).await?;
         self.reconcile_top(sb, qmp, layout).await?;
         if layout.disk_layers.len() > 2 && qmp.chain_depth("rootdisk").await? == 2 {
             // Only when QEMU writes the recorded top: then the short chain is that top on the bottom
@@ -108,6 +103,18 @@ impl Engine {
         warn!(sandbox = %sb.id, layer = %phantom.path.display(), "dropped a disk layer an interrupted snapshot recorded but never switched to");
         Ok(())
     }
+}
+
+/// Ends the disk streams (`kiln-stream-*` jobs) a daemon that died left running in a sandbox's QEMU:
+/// cancelled and waited for, or dismissed once concluded (`Qmp::end_jobs`).
+pub(crate) async fn end_left_streams(id: &str, qmp: &kiln_vmm::Qmp) -> Result<()> {
+    let ended = qmp
+        .end_jobs(STREAM_JOB_PREFIX, kiln_vmm::blockjob::CANCEL_GRACE)
+        .await?;
+    if !ended.is_empty() {
+        warn!(sandbox = %id, jobs = ?ended, "ended disk streams a daemon that died left running");
+    }
+    Ok(())
 }
 
 /// Whether `top` is the layer the last capture created (named after the recorded generation), the only

@@ -129,28 +129,17 @@ impl Engine {
         // never a record naming files that are gone.
         self.db().set_layout(&sb.id, layout)?;
         let active = qmp.active_node("rootdisk").await?;
-        let mut left: Vec<&String> = nodes
+        let mut merged_nodes: Vec<&String> = nodes
             .iter()
             .filter(|n| is_root_chain_node(n) && *n != BASE_NODE && **n != active)
             .collect();
         // The merged nodes still back one another (QEMU refuses to close a node something uses), so
-        // they close from the top of that detached chain down: newest first, then again while any closes.
-        left.sort_by_key(|n| std::cmp::Reverse(close_order(n)));
-        loop {
-            let mut failed = Vec::new();
-            for node in &left {
-                if let Err(e) = qmp.remove_node(node).await {
-                    failed.push((*node, e));
-                }
+        // they close from the top of that detached chain down, newest first.
+        merged_nodes.sort_by_key(|n| std::cmp::Reverse(close_order(n)));
+        for node in merged_nodes {
+            if let Err(e) = qmp.remove_node(node).await {
+                warn!(sandbox = %sb.id, node = %node, error = %e, "could not close a merged disk layer");
             }
-            // Done when all closed, or when a pass closed none (something else uses those left).
-            if failed.is_empty() || failed.len() == left.len() {
-                for (node, e) in &failed {
-                    warn!(sandbox = %sb.id, node = %node, error = %e, "could not close a merged disk layer");
-                }
-                break;
-            }
-            left = failed.into_iter().map(|(n, _)| n).collect();
         }
         let dir = self.config().sandbox_dir(&sb.id);
         for layer in &merged {

@@ -2,7 +2,7 @@
 
 pub mod bundle;
 pub mod capture;
-mod chain;
+pub(crate) mod chain;
 pub(crate) mod compact;
 pub mod compat;
 pub mod db;
